@@ -1,0 +1,3 @@
+from bloom_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""Backends: token ids in, token ids out, on this rank's devices. Chosen by setting and imported lazily, so
+DeepSpeed is imported only when chosen. Backends never import FastAPI."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bloom_server.backends.base import Backend
+    from bloom_server.model_dir import ModelDir
+    from bloom_server.settings import Settings
+    from bloom_server.types import RankContext
+
+_BACKENDS = {
+    "hf": ("bloom_server.backends.hf", "HFBackend"),
+    "ds_inference": ("bloom_server.backends.ds_inference", "DSInferenceBackend"),
+    "ds_zero": ("bloom_server.backends.ds_zero", "DSZeroBackend"),
+}
+
+
+def create_backend(settings: "Settings", model_dir: "ModelDir", ctx: "RankContext") -> "Backend":
+    module_name, class_name = _BACKENDS[settings.backend]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(settings, model_dir, ctx)

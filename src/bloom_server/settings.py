@@ -1,0 +1,113 @@
+"""The one settings object: flags override `BLOOM_*` environment variables, which override defaults.
+
+The original server's variables (MODEL_NAME, DEPLOYMENT_FRAMEWORK, DTYPE, MAX_INPUT_LENGTH, MAX_BATCH_SIZE,
+ALLOWED_MAX_NEW_TOKENS) are read too, so existing manifests keep working; a `BLOOM_*` variable wins over its legacy twin.
+Nothing is read at import: call `load_settings()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Backend = Literal["hf", "ds_inference", "ds_zero"]
+DType = Literal["auto", "fp16", "bf16", "int8", "fp32"]
+
+# The original DEPLOYMENT_FRAMEWORK values and what they mean here.
+LEGACY_BACKENDS = {"hf_accelerate": "hf", "hf_cpu": "hf", "ds_inference": "ds_inference", "ds_zero": "ds_zero"}
+
+
+def _env(name: str, *legacy: str) -> AliasChoices:
+    # Only the BLOOM_* name and the legacy names: env lookup is case-insensitive, so a bare field name would
+    # also match e.g. MODEL. Flags arrive as init kwargs under the BLOOM_* name (load_settings).
+    return AliasChoices(f"BLOOM_{name.upper()}", *legacy)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    # What to serve
+    model: str | None = Field(
+        None,
+        validation_alias=_env("model", "MODEL_NAME", "STORAGE_URI"),
+        description="Model directory, Hub cache name (org/name), or pvc:// URI. Empty: the embedded tiny model.",
+    )
+    model_id: str | None = Field(None, validation_alias=_env("model_id"), description="Name reported to clients.")
+    backend: Backend = Field("hf", validation_alias=_env("backend", "DEPLOYMENT_FRAMEWORK"))
+    dtype: DType = Field("auto", validation_alias=_env("dtype", "DTYPE"))
+    kernel_inject: bool = Field(True, validation_alias=_env("kernel_inject"))
+    cpu_offload: bool = Field(False, validation_alias=_env("cpu_offload"), description="ds_zero: offload to CPU.")
+
+    # HTTP
+    host: str = Field("0.0.0.0", validation_alias=_env("host"))
+    port: int = Field(8080, ge=0, le=65535, validation_alias=_env("port"))
+    max_body_bytes: int = Field(1 << 20, ge=1024, validation_alias=_env("max_body_bytes"))
+
+    # Limits
+    max_input_length: int = Field(512, ge=1, validation_alias=_env("max_input_length", "MAX_INPUT_LENGTH"))
+    max_new_tokens: int = Field(100, ge=1, validation_alias=_env("max_new_tokens", "ALLOWED_MAX_NEW_TOKENS"))
+    cap_max_new_tokens: bool = Field(
+        False,
+        validation_alias=_env("cap_max_new_tokens"),
+        description="Cap a larger max_new_tokens to the limit (the original's silent behaviour) instead of a 422.",
+    )
+    max_total_tokens: int | None = Field(
+        None,
+        ge=2,
+        validation_alias=_env("max_total_tokens"),
+        description="Input + output tokens the engine is built for (DeepSpeed's max_tokens). "
+        "Default: max_input_length + max_new_tokens.",
+    )
+    max_batch_size: int = Field(32, ge=1, validation_alias=_env("max_batch_size", "MAX_BATCH_SIZE"))
+    max_queued_requests: int = Field(256, ge=1, validation_alias=_env("max_queued_requests"))
+    batch_wait_ms: float = Field(5.0, ge=0, validation_alias=_env("batch_wait_ms"))
+    default_remove_input_from_output: bool = Field(True, validation_alias=_env("remove_input_from_output"))
+
+    # Lifecycle
+    warmup: bool = Field(True, validation_alias=_env("warmup"))
+    heartbeat_s: float = Field(2.0, gt=0, validation_alias=_env("heartbeat_s"))
+    drain_timeout_s: float = Field(30.0, ge=0, validation_alias=_env("drain_timeout_s"))
+    log_level: str = Field("info", validation_alias=_env("log_level"))
+    debug: bool = Field(False, validation_alias=_env("debug", "DEBUG"))
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _legacy_backend(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return LEGACY_BACKENDS.get(v.strip().lower(), v.strip().lower())
+        return v
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_names(cls, v: Any) -> Any:
+        names = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
+        if isinstance(v, str):
+            return names.get(v.strip().lower(), v.strip().lower())
+        return v
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @model_validator(mode="after")
+    def _limits(self) -> "Settings":
+        if self.max_total_tokens is not None and self.max_total_tokens <= self.max_input_length:
+            raise ValueError(
+                f"max_total_tokens ({self.max_total_tokens}) must exceed max_input_length ({self.max_input_length})"
+            )
+        return self
+
+    @property
+    def total_tokens_limit(self) -> int:
+        return self.max_total_tokens or (self.max_input_length + self.max_new_tokens)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Environment plus explicit overrides (flags). Overrides that are None are ignored."""
+    unknown = set(overrides) - set(Settings.model_fields)
+    if unknown:
+        raise TypeError(f"unknown settings: {sorted(unknown)}")
+    return Settings(**{f"BLOOM_{k.upper()}": v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,131 @@
+"""Plain data passed between layers. No torch, no FastAPI: these cross the rank boundary (pickled) and the API boundary."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+# The generate() keyword arguments of the original server, in its order. All optional.
+GENERATE_KWARGS: tuple[str, ...] = (
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "bos_token_id",
+    "pad_token_id",
+    "eos_token_id",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "max_time",
+    "max_new_tokens",
+    "decoder_start_token_id",
+    "diversity_penalty",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "remove_input_from_output",
+)
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_new_tokens reached
+    EOS = "eos_token"  # the model produced its end-of-sequence token
+    TIME = "max_time"  # max_time ran out
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Settings that every row of one generate call must share, as keyword arguments for `generate()`.
+
+    `kwargs` holds only what the client set (validated), never max_new_tokens: the batch runs to the largest
+    max_new_tokens of its rows and each row is cut at its own.
+    """
+
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+        return cls(tuple(sorted((k, _freeze(v)) for k, v in d.items())))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: _thaw(v) for k, v in self.kwargs}
+
+    @property
+    def do_sample(self) -> bool:
+        return bool(dict(self.kwargs).get("do_sample", False))
+
+
+def _freeze(v: Any) -> Any:
+    return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+def _thaw(v: Any) -> Any:
+    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
+
+
+@dataclass(frozen=True)
+class GenerateBatch:
+    """One generate call: what rank 0 broadcasts and every rank runs.
+
+    input_ids: one list of token ids per row (no padding; backends pad on their side).
+    max_new_tokens: per row; the call runs to the largest and cuts each row at its own.
+    seed: every rank seeds its RNG from it, so sampled tokens agree across tensor-parallel ranks.
+    """
+
+    input_ids: tuple[tuple[int, ...], ...]
+    max_new_tokens: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    pad_token_id: int
+    eos_token_id: int | None
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """Per row: the new token ids (prompt excluded, cut at EOS inclusive and at the row's max_new_tokens)."""
+
+    token_ids: tuple[tuple[int, ...], ...]
+    finish_reasons: tuple[FinishReason, ...]
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Negative log-likelihood of each response given its conditioning text (token ids, no padding)."""
+
+    conditioning_ids: tuple[tuple[int, ...], ...]
+    response_ids: tuple[tuple[int, ...], ...]
+    pad_token_id: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the loaded model is, as rank 0 reports it."""
+
+    model_id: str
+    model_dir: str
+    backend: str
+    dtype: str
+    world_size: int
+    revision: str | None = None
+    max_total_tokens: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Where this process sits among the launcher's ranks. Built by the runtime, read by backends."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device_type: str = "cpu"  # "cuda" or "cpu"
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0

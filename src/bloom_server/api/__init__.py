@@ -1,0 +1,1 @@
+"""HTTP, rank 0 only. Never imports torch or backends."""

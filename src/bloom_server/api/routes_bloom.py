@@ -1,0 +1,102 @@
+"""The original server's routes, with and without the trailing slash (never a redirect)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Callable
+
+from fastapi import APIRouter, Request, Response
+
+from bloom_server.api.schemas import (
+    ErrorResponse,
+    ForwardRequest,
+    ForwardResponse,
+    GenerateRequest,
+    GenerateResponse,
+    QueryIdResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from bloom_server.engine.core import Engine
+
+ERRORS = {
+    413: {"model": ErrorResponse, "description": "Body larger than the limit"},
+    422: {"model": ErrorResponse, "description": "Invalid request: the message names the field and the limit"},
+    429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds"},
+    503: {"model": ErrorResponse, "description": "Model not ready (loading, draining) or engine failed"},
+}
+
+
+class QueryIds:
+    def __init__(self) -> None:
+        self.counters = {name: itertools.count() for name in ("generate", "tokenize", "forward")}
+        self.next = {name: 0 for name in self.counters}
+
+    def take(self, name: str) -> int:
+        qid = next(self.counters[name])
+        self.next[name] = qid + 1
+        return qid
+
+
+def secs(t: float) -> str:
+    return f"{round(t, 2)} secs"
+
+
+def msecs(t: float) -> str:
+    return f"{round(t * 1000, 2)} msecs"
+
+
+def build_router(engine: Engine) -> APIRouter:
+    router = APIRouter(tags=["bloom"])
+    ids = QueryIds()
+
+    def both(path: str, method: str, **kw) -> Callable:
+        def deco(fn: Callable) -> Callable:
+            router.add_api_route(path, fn, methods=[method], **kw)
+            router.add_api_route(path + "/", fn, methods=[method], include_in_schema=False, **kw)
+            return fn
+
+        return deco
+
+    @both("/generate", "POST", response_model=GenerateResponse, responses=ERRORS)
+    async def generate(body: GenerateRequest, response: Response) -> GenerateResponse:
+        """Generate a completion for each prompt. Keyword arguments are those of transformers' generate()."""
+        start = time.perf_counter()
+        ignored = body.ignored_fields()
+        if ignored:
+            response.headers["x-ignored-fields"] = ",".join(ignored)
+        completions, _ = await engine.generate(body.text, body.generate_kwargs())
+        return GenerateResponse(
+            text=[c.text for c in completions],
+            num_generated_tokens=[len(c.token_ids) for c in completions],
+            query_id=ids.take("generate"),
+            total_time_taken=secs(time.perf_counter() - start),
+        )
+
+    @both("/tokenize", "POST", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """Token ids of each text, as the model sees them."""
+        start = time.perf_counter()
+        token_ids = engine.tokenize(body.text)
+        return TokenizeResponse(
+            token_ids=token_ids, query_id=ids.take("tokenize"), total_time_taken=msecs(time.perf_counter() - start)
+        )
+
+    @both("/forward", "POST", response_model=ForwardResponse, responses=ERRORS)
+    async def forward(body: ForwardRequest) -> ForwardResponse:
+        """Negative log-likelihood of each response given its conditioning text (mean over response tokens)."""
+        start = time.perf_counter()
+        nll = await engine.forward(body.conditioning_text, body.response)
+        return ForwardResponse(nll=nll, query_id=ids.take("forward"), total_time_taken=secs(time.perf_counter() - start))
+
+    @both("/query_id", "GET", response_model=QueryIdResponse)
+    async def query_id() -> QueryIdResponse:
+        """How many requests each method has answered (the next query_id of each)."""
+        return QueryIdResponse(
+            generate_query_id=ids.next["generate"],
+            tokenize_query_id=ids.next["tokenize"],
+            forward_query_id=ids.next["forward"],
+        )
+
+    return router

@@ -1,0 +1,37 @@
+"""Liveness, readiness, and KServe's model status. Liveness answers from process start; readiness only after the
+model is loaded and a warm-up generate ran on every rank."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from bloom_server.api.errors import error_body
+from bloom_server.api.schemas import Health, ModelStatus
+from bloom_server.engine.core import Engine
+
+
+def build_router(engine: Engine, model_name: str) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/health", response_model=Health, responses={500: {"model": Health}})
+    async def health() -> JSONResponse:
+        """Liveness: 200 while the process can still serve (loading included); 500 once the engine died."""
+        status = 200 if engine.alive else 500
+        return JSONResponse({"status": engine.state.value, "detail": engine.state_detail}, status_code=status)
+
+    @router.get("/ready", response_model=Health, responses={503: {"model": Health}})
+    async def ready() -> JSONResponse:
+        """Readiness: 200 once the model is loaded and warmed up, 503 before (and while draining)."""
+        return JSONResponse(
+            {"status": engine.state.value, "detail": engine.state_detail}, status_code=200 if engine.ready else 503
+        )
+
+    @router.get("/v1/models/{name}", response_model=ModelStatus, responses={404: {}, 503: {"model": ModelStatus}})
+    async def model_status(name: str) -> JSONResponse:
+        """KServe v1 model status: {"name", "ready"}, 503 until ready."""
+        if name != model_name:
+            return JSONResponse(error_body("not_found", f"name: no model named {name!r}", "name"), status_code=404)
+        return JSONResponse({"name": name, "ready": engine.ready}, status_code=200 if engine.ready else 503)
+
+    return router

@@ -1,0 +1,117 @@
+"""Request and response bodies of the original server's routes (API.md). Types are parsed leniently, as the original
+did ("true" -> True, "10" -> 10); limits are checked in the engine, which knows them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from bloom_server.types import GENERATE_KWARGS
+
+Prompt = Annotated[str, StringConstraints(min_length=1)]
+
+
+def _as_list(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
+class GenerateKwargs(BaseModel):
+    """The 22 generate() keyword arguments of the original server; all optional."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    min_length: int | None = Field(None, description="Minimum total length (prompt + output), in tokens.")
+    do_sample: bool | None = Field(None, description="Sample instead of greedy decoding.")
+    early_stopping: bool | None = None
+    temperature: float | None = Field(None, description="> 0 when sampling.")
+    top_k: int | None = Field(None, description=">= 0; 0 disables.")
+    top_p: float | None = Field(None, description="In (0, 1].")
+    typical_p: float | None = Field(None, description="In (0, 1].")
+    repetition_penalty: float | None = Field(None, description="> 0.")
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    length_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
+    encoder_no_repeat_ngram_size: int | None = None
+    max_time: float | None = Field(None, description="Seconds; generation stops when it runs out.")
+    max_new_tokens: int | None = Field(None, description="New tokens to generate; at most the server's limit.")
+    decoder_start_token_id: int | None = None
+    diversity_penalty: float | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | None = None
+    exponential_decay_length_penalty: tuple[int, float] | None = None
+    remove_input_from_output: bool | None = Field(None, description="Return only the new text (default true).")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in GENERATE_KWARGS if getattr(self, k) is not None}
+
+    def ignored_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+class GenerateRequest(GenerateKwargs):
+    text: Annotated[list[Prompt], Field(min_length=1, description="Prompts (a single string is accepted too).")]
+
+    _text_list = field_validator("text", mode="before")(_as_list)
+
+
+class GenerateResponse(BaseModel):
+    text: list[str]
+    num_generated_tokens: list[int]
+    query_id: int
+    total_time_taken: str
+    method: str = "generate"
+    is_encoder_decoder: bool = False
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: Annotated[list[Prompt], Field(min_length=1)]
+
+    _text_list = field_validator("text", mode="before")(_as_list)
+
+
+class TokenizeResponse(BaseModel):
+    token_ids: list[list[int]]
+    query_id: int
+    total_time_taken: str
+    method: str = "tokenize"
+
+
+class ForwardRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    conditioning_text: Annotated[list[str], Field(min_length=1)]
+    response: Annotated[list[Prompt], Field(min_length=1)]
+
+    _lists = field_validator("conditioning_text", "response", mode="before")(_as_list)
+
+
+class ForwardResponse(BaseModel):
+    nll: float
+    query_id: int
+    total_time_taken: str
+
+
+class QueryIdResponse(BaseModel):
+    generate_query_id: int
+    tokenize_query_id: int
+    forward_query_id: int
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+    limit: Union[int, float, str, None] = None
+
+
+class ModelStatus(BaseModel):
+    name: str
+    ready: bool
+
+
+class Health(BaseModel):
+    status: str
+    detail: str

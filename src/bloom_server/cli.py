@@ -1,0 +1,136 @@
+"""Composition root: `bloom-server serve | download | launch | make-tiny-model`.
+
+Parsing happens in main(), never at import. Every serve flag maps to a Settings field; a flag that is not given
+leaves the environment (BLOOM_* or the original server's variables) or the default in force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from typing import Sequence
+
+# flag -> (Settings field, type, help). Booleans are handled by BooleanOptionalAction.
+_SERVE_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--model", "model", str, "model directory, Hub cache repo id, or pvc:// URI (default: the embedded tiny model)"),
+    ("--model-id", "model_id", str, "name reported to clients and used in /v1/models/{name}"),
+    ("--backend", "backend", str, "hf | ds_inference | ds_zero"),
+    ("--dtype", "dtype", str, "auto | fp16 | bf16 | int8 | fp32"),
+    ("--host", "host", str, "address to listen on (default 0.0.0.0)"),
+    ("--port", "port", int, "port (default 8080)"),
+    ("--max-input-length", "max_input_length", int, "max prompt tokens (default 512)"),
+    ("--max-new-tokens", "max_new_tokens", int, "max new tokens a request may ask for (default 100)"),
+    ("--max-total-tokens", "max_total_tokens", int, "prompt + new tokens the engine is built for"),
+    ("--max-batch-size", "max_batch_size", int, "max rows in one generate call, and prompts per request (32)"),
+    ("--max-queued-requests", "max_queued_requests", int, "requests waiting before 429 (default 256)"),
+    ("--batch-wait-ms", "batch_wait_ms", float, "how long to gather a batch (default 5 ms)"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body (default 1 MiB)"),
+    ("--drain-timeout-s", "drain_timeout_s", float, "how long in-flight requests may finish on SIGTERM"),
+    ("--log-level", "log_level", str, "debug | info | warning | error"),
+]
+_SERVE_BOOLS: list[tuple[str, str, str]] = [
+    ("--cap-max-new-tokens", "cap_max_new_tokens", "cap max_new_tokens at the limit instead of rejecting"),
+    ("--warmup", "warmup", "run one generate before reporting ready (default on)"),
+    ("--kernel-inject", "kernel_inject", "ds_inference: DeepSpeed kernel injection (default on)"),
+    ("--cpu-offload", "cpu_offload", "ds_zero: offload parameters to CPU"),
+]
+
+
+def _add_local_rank(p: argparse.ArgumentParser, dest: str) -> None:
+    # The deepspeed launcher passes --local_rank=N right after the module name; torchrun sets LOCAL_RANK instead.
+    p.add_argument("--local_rank", "--local-rank", dest=dest, type=int, default=None, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bloom-server", description=__doc__.splitlines()[0])
+    _add_local_rank(parser, "local_rank_top")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model over HTTP (every rank, under a launcher or alone)")
+    for flag, dest, typ, help_ in _SERVE_FLAGS:
+        serve.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+    for flag, dest, help_ in _SERVE_BOOLS:
+        serve.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    _add_local_rank(serve, "local_rank")
+
+    download = sub.add_parser("download", help="download a model repository to a directory (resumable, verified)")
+    from bloom_server import download as download_mod
+
+    download_mod.add_arguments(download)
+
+    launch = sub.add_parser(
+        "launch",
+        help="start `serve` under the deepspeed launcher on BLOOM_NUM_GPUS GPUs (all visible by default)",
+        description="Arguments after `launch` are passed to `serve`.",
+    )
+    launch.add_argument("serve_args", nargs=argparse.REMAINDER)
+
+    tiny = sub.add_parser("make-tiny-model", help="write the embedded tiny BLOOM checkpoint to a directory")
+    tiny.add_argument("out_dir")
+    return parser
+
+
+def _settings_from_args(args: argparse.Namespace):
+    from bloom_server.settings import load_settings
+
+    fields = [d for _, d, _, _ in _SERVE_FLAGS] + [d for _, d, _ in _SERVE_BOOLS]
+    return load_settings(**{f: getattr(args, f) for f in fields})
+
+
+def _gpu_count() -> int:
+    if os.environ.get("BLOOM_NUM_GPUS"):
+        return int(os.environ["BLOOM_NUM_GPUS"])
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _launch(serve_args: list[str]) -> int:
+    n = _gpu_count()
+    if n <= 0:
+        argv = [sys.executable, "-m", "bloom_server", "serve", *serve_args]
+    else:
+        launcher = shutil.which("deepspeed")
+        if launcher is None:
+            print("bloom-server launch: the deepspeed launcher is not on PATH", file=sys.stderr)
+            return 2
+        argv = [launcher, "--num_gpus", str(n), "--module", "bloom_server", "serve", *serve_args]
+    print("bloom-server launch: exec " + " ".join(argv), file=sys.stderr, flush=True)
+    os.execv(argv[0], argv)
+    return 1  # not reached
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from pydantic import ValidationError
+
+        from bloom_server.serve import configure_logging, serve
+
+        try:
+            settings = _settings_from_args(args)
+        except ValidationError as exc:
+            print(f"bloom-server serve: invalid settings:\n{exc}", file=sys.stderr)
+            return 2
+        configure_logging(settings.log_level)
+        local_rank = args.local_rank if args.local_rank is not None else args.local_rank_top
+        return serve(settings, local_rank)
+    if args.command == "download":
+        from bloom_server import download as download_mod
+
+        return download_mod.run(args)
+    if args.command == "launch":
+        return _launch([a for a in args.serve_args if a != "--"])
+    if args.command == "make-tiny-model":
+        from pathlib import Path
+
+        from bloom_server.tiny import build_tiny_model
+
+        print(build_tiny_model(Path(args.out_dir)))
+        return 0
+    return 2

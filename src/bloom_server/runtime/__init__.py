@@ -1,0 +1,1 @@
+"""Same code on every rank: process groups, the control channel, and the lockstep loop."""

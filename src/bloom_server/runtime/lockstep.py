@@ -1,0 +1,185 @@
+"""One loop on every rank. Rank 0 (the Leader) broadcasts a step, then runs it; followers receive, then run the same.
+
+Any exception inside a step, a disagreement between ranks, or a peer that disappears is fatal: the other ranks may
+be blocked in a collective, so the process exits non-zero and Kubernetes restarts the pod.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from bloom_server.errors import EngineDead
+from bloom_server.runtime.distributed import ControlChannel
+
+log = logging.getLogger(__name__)
+
+NOOP, GENERATE, FORWARD, SHUTDOWN = "noop", "generate", "forward", "shutdown"
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str
+    payload: Any = None
+
+
+def execute(backend: Any, step: Step) -> Any:
+    if step.kind == GENERATE:
+        return backend.generate(step.payload)
+    if step.kind == FORWARD:
+        return backend.forward_nll(step.payload)
+    return None
+
+
+def die(reason: str, code: int = 1) -> None:
+    """Leave now: other ranks may be stuck in a collective that will never complete."""
+    log.critical("fatal: %s; exiting with %d", reason, code)
+    for h in logging.getLogger().handlers:
+        h.flush()
+    os._exit(code)
+
+
+class Leader:
+    """Rank 0's single engine thread. `submit()` is thread-safe and returns a concurrent Future."""
+
+    def __init__(
+        self,
+        backend: Any,
+        channel: ControlChannel | None,
+        heartbeat_s: float = 2.0,
+        on_fatal: Callable[[str], None] = die,
+        fatal_grace_s: float = 0.5,
+    ):
+        self.backend = backend
+        self.channel = channel
+        self.heartbeat_s = heartbeat_s
+        self.on_fatal = on_fatal
+        self.fatal_grace_s = fatal_grace_s
+        self._queue: queue.Queue[tuple[Step, concurrent.futures.Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="bloom-engine", daemon=True)
+        self.dead: str | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> "Leader":
+        self._thread.start()
+        return self
+
+    def submit(self, kind: str, payload: Any = None) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self.dead:
+            fut.set_exception(EngineDead(self.dead))
+            return fut
+        self._queue.put((Step(kind, payload), fut))
+        return fut
+
+    def run(self, kind: str, payload: Any = None) -> Any:
+        """submit() and wait: for callers on a plain thread (warm-up)."""
+        return self.submit(kind, payload).result()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Tell the followers to exit, then end the engine thread (after the steps already queued)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _broadcast(self, step: Step) -> None:
+        if self.channel is not None:
+            self.channel.broadcast(step)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self.heartbeat_s)
+            except queue.Empty:
+                item = (Step(NOOP), None)
+            if item is None:
+                try:
+                    self._broadcast(Step(SHUTDOWN))
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("followers did not take the shutdown step: %s", exc)
+                self._stopped.set()
+                return
+            step, fut = item
+            if fut is not None and not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                self._broadcast(step)
+                result = execute(self.backend, step)
+                if self.channel is not None and step.kind != NOOP and not self.channel.agree(result):
+                    raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
+            except BaseException as exc:  # noqa: BLE001 - every failure here is fatal by design
+                self._fail(f"{step.kind} step failed: {type(exc).__name__}: {exc}", fut)
+                return
+            if fut is not None:
+                fut.set_result(result)
+
+    def _fail(self, reason: str, current: concurrent.futures.Future | None) -> None:
+        self.dead = reason
+        log.error("engine failure: %s", reason, exc_info=True)
+        pending = [current] if current is not None else []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                pending.append(item[1])
+        for fut in pending:
+            if fut is not None and not fut.done():
+                fut.set_exception(EngineDead(reason))
+        # Let the HTTP layer answer the requests that were in flight before the process goes.
+        threading.Timer(self.fatal_grace_s, self.on_fatal, args=(reason,)).start()
+
+
+def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0) -> int:
+    """A follower's whole life after load: run what rank 0 sends until it says shutdown. Returns the exit code.
+
+    SIGTERM does not stop a follower at once: rank 0 may still be draining and need it for those steps. The follower
+    keeps running steps until rank 0 sends shutdown or the drain timeout passes, then exits 0.
+    """
+    terminating = threading.Event()
+
+    def on_term(signum: int, frame: Any) -> None:
+        terminating.set()
+        threading.Timer(drain_timeout_s + 5.0, lambda: die("rank 0 sent no shutdown after SIGTERM", 0)).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    done = threading.Event()
+    outcome: dict[str, int] = {}
+
+    def loop() -> None:
+        while True:
+            try:
+                step = channel.broadcast()
+            except BaseException as exc:  # noqa: BLE001
+                if terminating.is_set():
+                    outcome["code"] = 0
+                else:
+                    log.error("lost rank 0: %s", exc)
+                    outcome["code"] = 1
+                break
+            if step.kind == SHUTDOWN:
+                outcome["code"] = 0
+                break
+            try:
+                result = execute(backend, step)
+                if step.kind != NOOP and not channel.agree(result):
+                    raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
+            except BaseException as exc:  # noqa: BLE001
+                log.exception("step %s failed on this rank", step.kind)
+                outcome["code"] = 1
+                break
+        done.set()
+
+    threading.Thread(target=loop, name="bloom-follower", daemon=True).start()
+    # The main thread only waits, so signal handlers run even while the loop is blocked inside a collective.
+    while not done.wait(0.5):
+        pass
+    return outcome.get("code", 1)

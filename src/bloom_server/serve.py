@@ -1,0 +1,146 @@
+"""`bloom-server serve` on every rank: rank 0 opens the port at once and loads in the background; followers load,
+then follow rank 0's steps. This module wires the layers together; it holds no logic of its own beyond that."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+
+from bloom_server.errors import BloomServerError
+from bloom_server.model_dir import ModelDir, resolve_model_dir
+from bloom_server.settings import Settings
+from bloom_server.types import ModelInfo, RankContext
+
+log = logging.getLogger("bloom_server")
+
+
+def resolve(settings: Settings) -> ModelDir:
+    if settings.model is None:
+        from bloom_server.tiny import ensure_tiny_model
+
+        return resolve_model_dir(str(ensure_tiny_model()), model_id=settings.model_id or "bloom-tiny")
+    return resolve_model_dir(settings.model, model_id=settings.model_id)
+
+
+def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext):
+    from bloom_server.backends import create_backend
+
+    backend = create_backend(settings, model_dir, ctx)
+    backend.load()
+    return backend
+
+
+def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
+    from bloom_server.runtime.distributed import rank_context
+
+    ctx = rank_context(local_rank_flag)
+    try:
+        model_dir = resolve(settings)  # cheap checks first: refuse a bad directory before opening the port
+    except BloomServerError as exc:
+        log.error("cannot serve: %s", exc)
+        return 2
+    if ctx.rank != 0:
+        return _follower(settings, model_dir, ctx)
+    return _leader(settings, model_dir, ctx)
+
+
+def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
+    from bloom_server.runtime.distributed import init_distributed, shutdown_distributed
+    from bloom_server.runtime.lockstep import die, follow
+
+    try:
+        channel = init_distributed(ctx)
+        backend = load_backend(settings, model_dir, ctx)
+    except BaseException as exc:  # noqa: BLE001
+        log.exception("rank %d failed to load", ctx.rank)
+        die(f"rank {ctx.rank} failed to load: {exc}")
+    assert channel is not None
+    log.info("rank %d: loaded, following rank 0", ctx.rank)
+    code = follow(backend, channel, settings.drain_timeout_s)
+    if code == 0:
+        shutdown_distributed()
+    # Exit without waiting on threads that may be stuck in a collective with a dead peer.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
+    import uvicorn
+
+    from bloom_server.api.app import create_app
+    from bloom_server.engine.core import Engine
+    from bloom_server.runtime.distributed import shutdown_distributed
+    from bloom_server.runtime.lockstep import die
+
+    engine = Engine(settings)
+    holder: dict = {}
+
+    def boot() -> None:
+        from bloom_server.engine.tokenizer import TextTokenizer
+        from bloom_server.runtime.distributed import init_distributed
+        from bloom_server.runtime.lockstep import Leader
+
+        start = time.perf_counter()
+        try:
+            engine.state_detail = "initialising process groups"
+            channel = init_distributed(ctx)
+            engine.state_detail = f"loading {model_dir.path} ({settings.backend})"
+            backend = load_backend(settings, model_dir, ctx)
+            tokenizer = TextTokenizer(model_dir.path)
+            leader = Leader(backend, channel, heartbeat_s=settings.heartbeat_s).start()
+            holder["leader"] = leader
+            described = backend.describe()
+            info = ModelInfo(
+                model_id=model_dir.model_id,
+                model_dir=str(model_dir.path),
+                backend=settings.backend,
+                dtype=str(described.get("dtype", settings.dtype)),
+                world_size=ctx.world_size,
+                revision=model_dir.revision,
+                max_total_tokens=settings.total_tokens_limit,
+                extra=described,
+            )
+            engine.attach(leader, tokenizer, info)
+            engine.load_seconds = time.perf_counter() - start
+            engine.warmup()
+            log.info("ready: %s loaded in %.1f s (%d rank(s))", model_dir.model_id, engine.load_seconds, ctx.world_size)
+        except BaseException as exc:  # noqa: BLE001 - a failed load is fatal, with the reason in the log
+            engine.fail(f"load failed: {exc}")
+            log.exception("load failed")
+            die(f"load failed: {type(exc).__name__}: {exc}")
+
+    def start_loading() -> None:
+        threading.Thread(target=boot, name="bloom-boot", daemon=True).start()
+
+    def stop() -> None:
+        leader = holder.get("leader")
+        if leader is not None:
+            leader.stop()
+
+    app = create_app(engine, settings, model_dir.model_id, on_startup=start_loading, on_shutdown=stop)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=settings.drain_timeout_s,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    shutdown_distributed()
+    if engine.runner is not None and engine.runner.dead:
+        return 1
+    return 0 if server.started else 1
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+

@@ -20,7 +20,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # BLOOM's ids 0..3
 _CORPUS_MODULES = (
     "argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "functools", "http.client",
     "inspect", "itertools", "json", "logging", "os", "pathlib", "pickle", "random", "re", "shutil", "socket",
-    "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest",
+    "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "unittest",
     "urllib.parse", "uuid", "zipfile",
 )  # fmt: skip
 TINY_FORMAT = 1  # bump when the recipe changes, so cached copies are rebuilt

@@ -25,6 +25,7 @@ class BodySizeLimit:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
+                    await self._drain(receive)
                     await self._reject(send, declared)
                     return
         seen = 0
@@ -38,6 +39,8 @@ class BodySizeLimit:
                 if seen > self.max_bytes:
                     if not responded:
                         responded = True
+                        if message.get("more_body"):
+                            await self._drain(receive)
                         await self._reject(send, seen)
                     raise _TooLarge()
             return message
@@ -46,6 +49,17 @@ class BodySizeLimit:
             await self.app(scope, limited_receive, send)
         except _TooLarge:
             pass
+
+    async def _drain(self, receive: Any, cap: int = 64 << 20) -> None:
+        """Read and discard the rest of the body (bounded), so the client reads the 413 instead of a broken pipe."""
+        dropped = 0
+        while dropped < cap:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body"):
+                return
 
     async def _reject(self, send: Any, size: int) -> None:
         body = json.dumps(

@@ -1,0 +1,109 @@
+"""Every bad input is the client's fault: a 4xx naming the field (and limit), never a 500; the server keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+
+GOOD = {"text": ["Hello"], "max_new_tokens": 2}
+
+# (body or raw bytes, expected status, expected field)
+CASES = [
+    (b"{not json", 422, "body"),
+    ({}, 422, "text"),
+    ({"text": []}, 422, "text"),
+    ({"text": [""]}, 422, "text[0]"),
+    ({"text": ["ok", ""]}, 422, "text[1]"),
+    ({"text": "x", "max_new_tokens": "ten"}, 422, "max_new_tokens"),
+    ({"text": [1, 2]}, 422, "text[0]"),
+    ({"text": ["x"], "do_sample": "maybe"}, 422, "do_sample"),
+    ({"text": ["x"], "do_sample": True, "temperature": 0}, 422, "temperature"),
+    ({"text": ["x"], "do_sample": True, "temperature": -1.5}, 422, "temperature"),
+    ({"text": ["x"], "top_p": 0}, 422, "top_p"),
+    ({"text": ["x"], "top_p": 1.01}, 422, "top_p"),
+    ({"text": ["x"], "top_k": -1}, 422, "top_k"),
+    ({"text": ["x"], "max_new_tokens": -5}, 422, "max_new_tokens"),
+    ({"text": ["x"], "max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"text": ["x"], "max_new_tokens": 65}, 422, "max_new_tokens"),
+    ({"text": ["x"], "repetition_penalty": 0}, 422, "repetition_penalty"),
+    ({"text": ["x"], "typical_p": 0}, 422, "typical_p"),
+    ({"text": ["x"], "max_time": 0}, 422, "max_time"),
+    ({"text": ["x"], "eos_token_id": 10**9}, 422, "eos_token_id"),
+    ({"text": ["x"], "forced_eos_token_id": -1}, 422, "forced_eos_token_id"),
+    ({"text": ["x"], "diversity_penalty": 0.5}, 422, "diversity_penalty"),
+    ({"text": ["x"], "exponential_decay_length_penalty": [1]}, 422, "exponential_decay_length_penalty"),
+    ({"text": ["x"] * 17}, 422, "text"),
+    ({"text": ["word " * 80]}, 422, "text[0]"),
+    ({"text": ["word " * 45], "max_new_tokens": 64}, 422, "max_new_tokens"),
+    ([1, 2, 3], 422, "body"),
+]
+
+
+@pytest.mark.parametrize("body,status,field", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_bad_generate_gets_4xx_naming_field(server, body, status, field):
+    if isinstance(body, bytes):
+        got, resp, _ = server.post("/generate", raw=body)
+    else:
+        got, resp, _ = server.post("/generate", body)
+    assert got == status, resp
+    assert resp["field"] == field or resp["field"].startswith(field + "["), resp
+    assert field.split("[")[0] in resp["message"] or field == "body", resp
+    # and the server keeps serving
+    ok, out, _ = server.post("/generate", GOOD)
+    assert ok == 200, out
+
+
+def test_limits_are_named_in_the_body(server):
+    _, resp, _ = server.post("/generate", {"text": ["x"], "max_new_tokens": 1000})
+    assert resp["limit"] == 64 and "64" in resp["message"]
+    _, resp, _ = server.post("/generate", {"text": ["x"] * 17})
+    assert resp["limit"] == 16 and "16" in resp["message"]
+    _, resp, _ = server.post("/generate", {"text": ["word " * 80]})
+    assert resp["limit"] == 64
+
+
+def test_oversized_body_gets_413(server):
+    raw = b'{"text": ["' + b"a" * (2 << 20) + b'"]}'
+    status, resp, _ = server.post("/generate", raw=raw)
+    assert status == 413, resp
+    assert resp["field"] == "body" and resp["limit"] == 1 << 20
+    assert server.post("/generate", GOOD)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/tokenize", {"text": []}, "text"),
+        ("/tokenize", {}, "text"),
+        ("/forward", {"conditioning_text": ["a"], "response": ["b", "c"]}, "response"),
+        ("/forward", {"conditioning_text": ["a"]}, "response"),
+        ("/forward", {"conditioning_text": ["a"], "response": [""]}, "response[0]"),
+    ],
+)
+def test_bad_tokenize_and_forward(server, path, body, field):
+    status, resp, _ = server.post(path, body)
+    assert status == 422, resp
+    assert resp["field"] == field
+    assert server.post(path.rstrip("/"), {"text": ["a"]} if path == "/tokenize" else {"conditioning_text": ["a"], "response": ["b"]})[0] == 200
+
+
+def test_unknown_fields_are_reported_not_fatal(server):
+    status, body, headers = server.post("/generate", {"text": ["x"], "max_new_tokens": 1, "max_lenght": 5})
+    assert status == 200
+    assert headers.get("x-ignored-fields") == "max_lenght"
+
+
+def test_cap_setting_caps_instead_of_rejecting(tiny_model_dir, tmp_path):
+    from helpers import ServerProcess, free_port
+
+    srv = ServerProcess(
+        ["--model", str(tiny_model_dir), "--max-new-tokens", "4", "--cap-max-new-tokens", "--no-warmup"],
+        free_port(),
+        log_path=tmp_path / "log",
+    )
+    try:
+        srv.wait_ready()
+        status, body, _ = srv.post("/generate", {"text": ["Hello"], "max_new_tokens": 50, "min_length": 200})
+        assert status == 200, body
+        assert body["num_generated_tokens"] == [4]
+    finally:
+        srv.stop()

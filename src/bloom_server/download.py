@@ -206,7 +206,8 @@ class _UTCFormatter(logging.Formatter):
 
 
 def _token() -> str | None:
-    """HF_TOKEN (or huggingface_hub's other sources, e.g. a token file). Never logged."""
+    """HF_TOKEN, else the file at HF_TOKEN_PATH (how the Job mounts its Secret), else huggingface_hub's stored token.
+    Never logged."""
     from huggingface_hub import get_token
 
     return get_token()
@@ -462,13 +463,15 @@ class Downloader:
 
         resp = getattr(e, "response", None)
         status = getattr(resp, "status_code", None)
-        token_state = "HF_TOKEN is set" if self.token else "no token (HF_TOKEN is not set)"
+        token_state = (
+            "a token was sent (HF_TOKEN or HF_TOKEN_PATH)" if self.token else "no token was sent: set HF_TOKEN or HF_TOKEN_PATH"
+        )
         repo = f"{self.repo_id}@{self.revision}"
         if isinstance(e, GatedRepoError):
             return DownloadError(
                 EXIT_AUTH,
                 f"HTTP {status}: {self.repo_id} is a gated repository: accept its terms on the Hub with the account "
-                f"whose token is in HF_TOKEN ({token_state}), then rerun",
+                f"whose token is used ({token_state}), then rerun",
             )
         if status == 401:
             return DownloadError(

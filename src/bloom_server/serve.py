@@ -58,6 +58,7 @@ def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
         log.exception("rank %d failed to load", ctx.rank)
         die(f"rank {ctx.rank} failed to load: {exc}")
     assert channel is not None
+    channel.start_watchdog(die)
     log.info("rank %d: loaded, following rank 0", ctx.rank)
     code = follow(backend, channel, settings.drain_timeout_s)
     if code == 0:
@@ -88,6 +89,9 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
         try:
             engine.state_detail = "initialising process groups"
             channel = init_distributed(ctx)
+            if channel is not None:
+                # Once the leader exists it answers the callers in flight before the process goes.
+                channel.start_watchdog(lambda reason: holder["leader"].abort(reason) if "leader" in holder else die(reason))
             engine.state_detail = f"loading {model_dir.path} ({settings.backend})"
             backend = load_backend(settings, model_dir, ctx)
             tokenizer = TextTokenizer(model_dir.path)
@@ -129,12 +133,26 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
-    server = uvicorn.Server(config)
+    server = make_server(config, on_signal=engine.drain)
     server.run()
     shutdown_distributed()
     if engine.runner is not None and engine.runner.dead:
         return 1
     return 0 if server.started else 1
+
+
+def make_server(config, on_signal):
+    """uvicorn's server, with SIGTERM/SIGINT as the normal way to stop: readiness turns false at once, in-flight
+    requests finish (up to the drain timeout), and the process exits 0 instead of re-raising the signal."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # type: ignore[override]
+            on_signal()
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return Server(config)
 
 
 def configure_logging(level: str) -> None:

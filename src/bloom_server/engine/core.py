@@ -86,6 +86,11 @@ class Engine:
             self.runner.submit("generate", batch).result()
         self.state, self.state_detail = State.READY, "ready"
 
+    def drain(self) -> None:
+        """Stop taking new requests (readiness false, 503); what was accepted still runs."""
+        if self.state != State.DEAD:
+            self.state, self.state_detail = State.DRAINING, "draining: shutting down"
+
     def fail(self, reason: str) -> None:
         self.state, self.state_detail = State.DEAD, reason
 

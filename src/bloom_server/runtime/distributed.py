@@ -6,8 +6,9 @@ import datetime
 import logging
 import os
 import pickle
+import time
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 from bloom_server.types import RankContext
 
@@ -16,6 +17,9 @@ log = logging.getLogger(__name__)
 # Followers wait for the next step inside a broadcast on the control group. Rank 0 sends a heartbeat every few
 # seconds, so this bound is reached only if rank 0 hangs; a dead peer is seen at once as a closed connection.
 CONTROL_TIMEOUT = datetime.timedelta(minutes=30)
+# The watchdog's own group: a tiny all-reduce every second from a thread on every rank, independent of steps. It sees
+# a peer die even while this rank is inside a long step (NCCL alone would wait forever on a dead peer).
+WATCHDOG_TIMEOUT = datetime.timedelta(seconds=30)
 
 
 def rank_context(local_rank_flag: int | None = None) -> RankContext:
@@ -32,9 +36,30 @@ def rank_context(local_rank_flag: int | None = None) -> RankContext:
 class ControlChannel:
     """Rank 0 -> every rank: pickled steps over a gloo group (CPU tensors, so it never touches the GPU's streams)."""
 
-    def __init__(self, group: Any, ctx: RankContext):
+    def __init__(self, group: Any, ctx: RankContext, watchdog_group: Any = None):
         self.group = group
         self.ctx = ctx
+        self.watchdog_group = watchdog_group
+        self.closing = False  # set before an orderly shutdown: peers leaving is then expected
+
+    def start_watchdog(self, on_lost: Callable[[str], None], interval_s: float = 1.0) -> None:
+        import threading
+
+        import torch
+        import torch.distributed as dist
+
+        def loop() -> None:
+            beat = torch.zeros(1)
+            while not self.closing:
+                try:
+                    dist.all_reduce(beat, group=self.watchdog_group)
+                except Exception as exc:  # noqa: BLE001
+                    if not self.closing:
+                        on_lost(f"rank {self.ctx.rank} lost a peer rank: {type(exc).__name__}: {exc}")
+                    return
+                time.sleep(interval_s)
+
+        threading.Thread(target=loop, name="bloom-watchdog", daemon=True).start()
 
     def broadcast(self, obj: Any = None) -> Any:
         import torch.distributed as dist
@@ -67,8 +92,9 @@ def init_distributed(ctx: RankContext) -> ControlChannel | None:
         backend = "nccl" if ctx.device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=ctx.rank, world_size=ctx.world_size)
     group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    watchdog = dist.new_group(backend="gloo", timeout=WATCHDOG_TIMEOUT)
     log.info("rank %d/%d: process groups ready (%s)", ctx.rank, ctx.world_size, dist.get_backend())
-    return ControlChannel(group, ctx)
+    return ControlChannel(group, ctx, watchdog)
 
 
 def shutdown_distributed() -> None:

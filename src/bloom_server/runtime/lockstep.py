@@ -12,7 +12,6 @@ import os
 import queue
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -65,7 +64,7 @@ class Leader:
         self._queue: queue.Queue[tuple[Step, concurrent.futures.Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="bloom-engine", daemon=True)
         self.dead: str | None = None
-        self._stopped = threading.Event()
+        self._current: concurrent.futures.Future | None = None
 
     def start(self) -> "Leader":
         self._thread.start()
@@ -100,29 +99,38 @@ class Leader:
             except queue.Empty:
                 item = (Step(NOOP), None)
             if item is None:
+                if self.channel is not None:
+                    self.channel.closing = True
                 try:
                     self._broadcast(Step(SHUTDOWN))
                 except Exception as exc:  # noqa: BLE001
                     log.warning("followers did not take the shutdown step: %s", exc)
-                self._stopped.set()
                 return
             step, fut = item
             if fut is not None and not fut.set_running_or_notify_cancel():
                 continue
+            self._current = fut
             try:
                 self._broadcast(step)
                 result = execute(self.backend, step)
                 if self.channel is not None and step.kind != NOOP and not self.channel.agree(result):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
             except BaseException as exc:  # noqa: BLE001 - every failure here is fatal by design
+                log.exception("%s step failed on rank 0", step.kind)
                 self._fail(f"{step.kind} step failed: {type(exc).__name__}: {exc}", fut)
                 return
+            self._current = None
             if fut is not None:
                 fut.set_result(result)
 
+    def abort(self, reason: str) -> None:
+        """From another thread (the watchdog): a peer is gone; answer every caller, then exit non-zero."""
+        if not self.dead:
+            self._fail(reason, self._current)
+
     def _fail(self, reason: str, current: concurrent.futures.Future | None) -> None:
         self.dead = reason
-        log.error("engine failure: %s", reason, exc_info=True)
+        log.error("engine failure: %s", reason)
         pending = [current] if current is not None else []
         while True:
             try:
@@ -166,6 +174,7 @@ def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0)
                     outcome["code"] = 1
                 break
             if step.kind == SHUTDOWN:
+                channel.closing = True
                 outcome["code"] = 0
                 break
             try:

@@ -220,9 +220,9 @@ def test_auth_401_has_its_own_exit_code_and_never_prints_the_token(tmp_path):
         right = run_download(hub.url, tmp_path, tmp_path / "c", token=good)
         sent = [q.headers.get("authorization") for q in hub.requests if not q.path.startswith("/cdn/")]
     assert wrong.rc == download.EXIT_AUTH, wrong
-    assert "error [auth]" in wrong.last and "HTTP 401" in wrong.last and "HF_TOKEN is set" in wrong.last
+    assert "error [auth]" in wrong.last and "HTTP 401" in wrong.last and "a token was sent" in wrong.last
     assert none.rc == download.EXIT_AUTH, none
-    assert "HTTP 401" in none.last and "HF_TOKEN is not set" in none.last
+    assert "HTTP 401" in none.last and "no token was sent: set HF_TOKEN or HF_TOKEN_PATH" in none.last
     assert right.rc == 0, right
     assert (tmp_path / "c" / "w.bin").read_bytes() == b"x" * 5000
     assert f"Bearer {good}" in sent  # honoured
@@ -230,6 +230,26 @@ def test_auth_401_has_its_own_exit_code_and_never_prints_the_token(tmp_path):
         assert good not in r.out and bad not in r.out
         assert "GoodSecret" not in r.out and "WrongSecret" not in r.out
     assert "token: set" in right.out
+
+
+def test_token_from_a_file_as_the_job_mounts_it(tmp_path):
+    token = "hf_FileMountedSecret4242"
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "token").write_text(token + "\n")
+    with HubStub(token=token) as hub:
+        hub.add_repo(REPO, {"config.json": b"{}"})
+        env = _env(hub.url, tmp_path)
+        env["HF_TOKEN_PATH"] = str(tmp_path / "secret" / "token")
+        p = subprocess.run(
+            [sys.executable, "-m", "bloom_server.download", "--repo-id", REPO, "--local-dir", str(tmp_path / "m")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert p.returncode == 0, p.stderr
+        assert all(q.headers.get("authorization") == f"Bearer {token}" for q in hub.requests)
+    assert token not in p.stdout + p.stderr
 
 
 def test_gated_repo_is_an_auth_error(tmp_path):

@@ -115,7 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings = _settings_from_args(args)
         except ValidationError as exc:
-            print(f"bloom-server serve: invalid settings:\n{exc}", file=sys.stderr)
+            print("bloom-server serve: invalid settings:", file=sys.stderr)
+            for err in exc.errors():
+                env = str(err["loc"][0]) if err["loc"] else ""
+                name = env.removeprefix("BLOOM_").lower()
+                where = f"--{name.replace('_', '-')} / {env}" if name else "settings"
+                print(f"  {where}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
             return 2
         configure_logging(settings.log_level)
         local_rank = args.local_rank if args.local_rank is not None else args.local_rank_top

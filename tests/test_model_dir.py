@@ -96,3 +96,56 @@ def test_server_refuses_bad_directory_before_opening_the_port(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "does not exist" in r.stderr
+
+
+def _downloaded_copy(tmp_path, tiny_model_dir):
+    """A copy of the tiny model with the downloader's completion marker, as `bloom-server download` leaves it."""
+    from bloom_server import marker
+
+    d = tmp_path / "downloaded"
+    shutil.copytree(tiny_model_dir, d)
+    files = [{"path": p.name, "size": p.stat().st_size, "sha256": None, "git_sha1": None} for p in sorted(d.iterdir())]
+    marker.write_marker(d, marker.COMPLETE, {
+        "format": marker.FORMAT, "state": "complete", "repo_id": "org/tiny", "revision": "main",
+        "commit": "a" * 40, "files": files,
+    })
+    return d
+
+
+def _serve_exit(model_dir):
+    r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--model", str(model_dir), "--port", "0"],
+                       capture_output=True, text=True, timeout=60)
+    return r.returncode, r.stderr
+
+
+def test_verified_download_is_served_with_its_commit(tmp_path, tiny_model_dir):
+    d = _downloaded_copy(tmp_path, tiny_model_dir)
+    assert resolve_model_dir(str(d)).revision == "a" * 40
+
+
+def test_server_refuses_truncated_download_naming_the_file(tmp_path, tiny_model_dir):
+    d = _downloaded_copy(tmp_path, tiny_model_dir)
+    with open(d / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    code, err = _serve_exit(d)
+    assert code == 2
+    assert "model.safetensors" in err and "truncated" in err
+
+
+def test_server_refuses_unfinished_download(tmp_path, tiny_model_dir):
+    from bloom_server import marker
+
+    d = _downloaded_copy(tmp_path, tiny_model_dir)
+    (d / marker.COMPLETE).unlink()
+    (d / marker.IN_PROGRESS).write_text("{}")
+    code, err = _serve_exit(d)
+    assert code == 2
+    assert "did not finish" in err and marker.IN_PROGRESS in err
+
+
+def test_server_refuses_download_with_a_missing_shard(tmp_path, tiny_model_dir):
+    d = _downloaded_copy(tmp_path, tiny_model_dir)
+    (d / "config.json").unlink()
+    code, err = _serve_exit(d)
+    assert code == 2
+    assert "config.json: missing" in err

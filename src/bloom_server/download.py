@@ -919,7 +919,11 @@ class Downloader:
         # Largest first: the long transfers start early and the small ones fill in.
         order = sorted(to_fetch, key=lambda f: (-f.size, f.path))
         with ThreadPoolExecutor(max_workers=min(self.args.max_workers, len(order))) as pool:
-            list(pool.map(one, order))
+            try:
+                list(pool.map(one, order))
+            except BaseException:  # Ctrl-C: stop the workers at their next chunk; partial files stay for a resume
+                self.cancel.set()
+                raise
         if errors:
             first = next((e for e in errors if isinstance(e, DownloadError)), errors[0])
             raise first

@@ -32,7 +32,7 @@ RUN pip install "torch==2.13.0" "numpy==2.4.6"
 # build; the check fails the build if the op did not compile.
 ENV TORCH_CUDA_ARCH_LIST="8.0;9.0"
 RUN DS_ACCELERATOR=cuda DS_BUILD_OPS=0 DS_BUILD_TRANSFORMER_INFERENCE=1 MAX_JOBS=8 \
-    pip install --no-build-isolation \
+    pip install --no-build-isolation --no-binary deepspeed \
         "deepspeed==0.19.8" "hjson==3.1.0" "einops==0.8.2" "msgpack==1.2.4" "py-cpuinfo==9.0.0" "psutil==7.2.2" \
     && python -c "from deepspeed.git_version_info import installed_ops as o; assert o['transformer_inference'], o"
 

@@ -60,7 +60,14 @@ def unpinned_pip_args(path: pathlib.Path) -> list[str]:
         for cmd in args.split("&&"):
             if "pip install" not in cmd:
                 continue
+            skip_next = False
             for tok in cmd.split("pip install", 1)[1].split():
+                if skip_next:  # the value of an option such as --no-binary NAME
+                    skip_next = False
+                    continue
+                if tok in ("--no-binary", "--only-binary", "-c", "--constraint", "-i", "--index-url"):
+                    skip_next = True
+                    continue
                 if tok.startswith("-") or tok.startswith("/") or tok in (".",):
                     continue
                 if "==" not in tok:

@@ -229,3 +229,11 @@ def test_downloader_install_steps_in_a_clean_venv(tmp_path):
         )
     assert p.returncode == 0, output(p)
     assert json.loads((d / ".bloom-download.json").read_text())["commit"] == sha
+
+
+def test_fact_checks_catch_the_broken_dockerfile():
+    assert unpinned_pip_args(BROKEN) == ["huggingface-hub"]
+    with pytest.raises(json.JSONDecodeError):
+        entrypoint(BROKEN)  # shell form
+    with pytest.raises(AssertionError, match="has no USER"):
+        _user(BROKEN)

@@ -37,6 +37,7 @@ PROMPTS = (
     "Hello",
 )
 NEW_TOKENS = 100
+SINGLES = 2  # prompts also generated alone (all of them run as one padded batch)
 CASE_TIMEOUT_S = 300
 
 # name -> (model, backend, options, compare with). Models: "main" (BLOOM's own init), "peaky" (wider init: outputs
@@ -63,7 +64,7 @@ def model_path(work: Path, model: str) -> Path:
     return work / "models" / model
 
 
-def build_models(work: Path, shape: str, layers: int | None, peaky_layers: int, peaky_std: float) -> None:
+def build_models(work: Path, shape: str, layers: int | None, peaky_layers: int, peaky_std: float, device: str) -> None:
     import make_random_bloom as mrb
 
     for name, kw in (
@@ -73,7 +74,7 @@ def build_models(work: Path, shape: str, layers: int | None, peaky_layers: int, 
         path = model_path(work, name)
         if not (path / "config.json").is_file():
             t = time.time()
-            mrb.write_hf_checkpoint(path, shape, dtype="fp16", seed=0, **kw)
+            mrb.write_hf_checkpoint(path, shape, dtype="fp16", seed=0, init_device=device, **kw)
             print(f"built {name}: {shape} {kw} in {time.time() - t:.1f}s", flush=True)
 
 
@@ -169,11 +170,12 @@ def run_case(name: str, work: Path, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     res["load_s"] = round(time.time() - t0, 2)
+    res["versions"] = {m: sys.modules[m].__version__ for m in ("torch", "transformers", "deepspeed") if m in sys.modules}
     res["describe"] = backend.describe()
 
     # Free-running greedy: each prompt alone (timed), then all four as one padded batch.
     singles, times = [], []
-    for row in prompts:
+    for row in prompts[:SINGLES]:
         t = time.time()
         singles.append(list(backend.generate(batch([row])).token_ids[0]))
         if device == "cuda":
@@ -190,6 +192,7 @@ def run_case(name: str, work: Path, device: str) -> dict:
         json.loads((work / f"{ref}.json").read_text())["tokens_batch"] if ref else res["tokens_batch"]
     )
     logits = forced_logits(backend, prompts, forced)  # [steps, batch, vocab] fp32 on CPU
+    torch.save(logits, work / f"{name}.logits.pt")  # fp32: the comparison must not add rounding; others compare
     if ref:
         ref_logits = torch.load(work / f"{ref}.logits.pt").float()
         n = min(ref_logits.shape[0], logits.shape[0])
@@ -197,8 +200,6 @@ def run_case(name: str, work: Path, device: str) -> dict:
         res["logits_rel_err"] = float((a - b).norm() / b.norm())
         res["logits_rel_err_step0"] = float((a[0] - b[0]).norm() / b[0].norm())
         res["argmax_agree"] = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-    else:
-        torch.save(logits, work / f"{name}.logits.pt")  # fp32: the comparison must not add rounding
 
     fb = ForwardBatch(
         conditioning_ids=tuple(prompts[:3]), response_ids=tuple(tuple(r[:20]) for r in forced[:3]), pad_token_id=3
@@ -260,8 +261,9 @@ def all_main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "cases.log"
     started = time.time()
-    build_models(work, args.shape, args.layers, args.peaky_layers, args.peaky_std)
     names = args.cases.split(",") if args.cases else list(CASES)
+    if any(CASES[n]["model"] in ("main", "peaky") for n in names):
+        build_models(work, args.shape, args.layers, args.peaky_layers, args.peaky_std, args.device)
     results = {}
     deadline = float(os.environ.get("GPU_CHECK_DEADLINE", "inf"))  # epoch seconds: skip what cannot finish
     with open(log_path, "a") as log:
@@ -293,11 +295,22 @@ def all_main(args) -> int:
             )
             results[name]["wall_s"] = round(time.time() - t, 1)
             print(f"[{name}] {'ok' if results[name]['ok'] else 'FAILED'} in {results[name]['wall_s']}s", flush=True)
+    for name, r in results.items():  # keep the wall time with the result, for the table command
+        (work / f"{name}.json").write_text(json.dumps(r))
+    print(summarize(results), flush=True)
+    print(f"total {time.time() - started:.0f}s", flush=True)
+    return 0
+
+
+def table_main(args) -> int:
+    """Every result in the work directory (from several `all` runs), in CASES order."""
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {n: json.loads((work / f"{n}.json").read_text()) for n in CASES if (work / f"{n}.json").is_file()}
     table = summarize(results)
     print(table, flush=True)
     (out / "summary.md").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps(results, indent=1))
-    print(f"total {time.time() - started:.0f}s", flush=True)
     return 0
 
 
@@ -346,12 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--layers", type=int, default=None)
     a.add_argument("--peaky-layers", type=int, default=4)
     a.add_argument("--peaky-std", type=float, default=0.1)
+    t = sub.add_parser("table")
+    t.add_argument("--work", required=True)
+    t.add_argument("--out", required=True)
     c = sub.add_parser("case")
     c.add_argument("name", choices=sorted(CASES))
     c.add_argument("--work", required=True)
     c.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = p.parse_args(argv)
-    return all_main(args) if args.cmd == "all" else case_main(args)
+    return {"all": all_main, "table": table_main, "case": case_main}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["hf", "ds_inference", "ds_zero"]
@@ -72,6 +72,38 @@ class Settings(BaseSettings):
     log_level: str = Field("info", validation_alias=_env("log_level"))
     debug: bool = Field(False, validation_alias=_env("debug", "DEBUG"))
 
+    # Production API (issue 4)
+    max_queued_tokens: int | None = Field(
+        None,
+        ge=1,
+        validation_alias=_env("max_queued_tokens"),
+        description="Tokens (prompt + max new tokens) waiting before 429. Default: 4 x max batch size x max total tokens.",
+    )
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        validation_alias=_env("request_timeout_s"),
+        description="Deadline of every generation request from its arrival (a request may ask for less with the "
+        "X-Request-Timeout header). Queued past it: 504; running past it: answered with what it has.",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        validation_alias=_env("api_key"),
+        description="When set, every route but liveness, readiness and metrics needs `Authorization: Bearer <key>`.",
+    )
+    cors_allow_origins: str = Field(
+        "",
+        validation_alias=_env("cors_allow_origins"),
+        description="Comma-separated origins allowed by CORS (`*` for any). Empty: CORS off.",
+    )
+    log_format: Literal["text", "json"] = Field("text", validation_alias=_env("log_format"))
+    chat_template: str | None = Field(
+        None,
+        validation_alias=_env("chat_template"),
+        description="Jinja chat template (the text, or a path to a file) for /v1/chat/completions when the "
+        "tokenizer has none.",
+    )
+
     @field_validator("backend", mode="before")
     @classmethod
     def _legacy_backend(cls, v: Any) -> Any:
@@ -86,6 +118,16 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return names.get(v.strip().lower(), v.strip().lower())
         return v
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("api_key", "chat_template", mode="before")
+    @classmethod
+    def _empty_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("model", mode="before")
     @classmethod
@@ -103,6 +145,14 @@ class Settings(BaseSettings):
     @property
     def total_tokens_limit(self) -> int:
         return self.max_total_tokens or (self.max_input_length + self.max_new_tokens)
+
+    @property
+    def queued_tokens_limit(self) -> int:
+        return self.max_queued_tokens or 4 * self.max_batch_size * self.total_tokens_limit
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -48,11 +48,15 @@ class TransformersModelBackend(Backend):
 
     model: Any = None
     input_device: "torch.device | str" = "cpu"
+    supports_streaming = True  # generate() takes a listener (rank 0's per-step token callback)
 
     def extra_generate_kwargs(self) -> dict[str, Any]:
         return {}
 
-    def generate(self, batch: GenerateBatch) -> GenerateOutput:
+    def generate(self, batch: GenerateBatch, listener: Any = None) -> GenerateOutput:
+        """`listener` is given on rank 0 only (the engine's BatchListener): each step's tokens and their
+        log-probabilities go to it, and it names rows whose callers left. With one rank those rows stop here;
+        with several they run on (a decision taken on rank 0 alone would split the ranks' collectives)."""
         import torch
 
         torch.manual_seed(batch.seed)
@@ -60,6 +64,10 @@ class TransformersModelBackend(Backend):
         kwargs = {"pad_token_id": batch.pad_token_id, "eos_token_id": batch.eos_token_id}
         kwargs.update(batch.params.as_dict())
         kwargs.update(self.extra_generate_kwargs())
+        hook = None
+        if listener is not None:
+            hook = StreamHook(listener, batch.max_new_tokens, may_stop=self.ctx.world_size == 1)
+            kwargs.update(hook.generate_kwargs())
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,
@@ -70,7 +78,8 @@ class TransformersModelBackend(Backend):
         new_tokens = out[:, input_ids.shape[1] :].tolist()
         eos = kwargs.get("eos_token_id")
         eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-        return cut_rows(new_tokens, batch.max_new_tokens, eos_ids)
+        result = cut_rows(new_tokens, batch.max_new_tokens, eos_ids)
+        return hook.cut_stopped(result) if hook is not None else result
 
     def forward_nll(self, batch: ForwardBatch) -> float:
         import torch
@@ -93,6 +102,79 @@ class TransformersModelBackend(Backend):
         logits = logits[:, :-1].reshape(-1, logits.shape[-1])
         target = labels[:, 1:].reshape(-1).to(logits.device)
         return float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100))
+
+
+class StreamHook:
+    """Rank 0's per-step view into transformers' generate(), which changes nothing that is generated.
+
+    A LogitsProcessor, last in the list (after the penalties, before temperature/top-k/top-p), keeps the
+    log-softmax of the scores: [batch, vocab]. The StoppingCriteria that runs after the step's token is appended reads
+    that token (input_ids[:, -1]) and its log-probability, hands the step to the listener, and (with one rank) marks
+    rows the listener stopped, or past their own max_new_tokens, as finished.
+    """
+
+    def __init__(self, listener: Any, max_new: tuple[int, ...], may_stop: bool):
+        self.listener = listener
+        self.max_new = max_new
+        self.may_stop = may_stop
+        self.step = 0
+        self.logprobs: "torch.Tensor | None" = None
+        self.stopped_at: dict[int, int] = {}  # row -> tokens it had when it was stopped
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        hook = self
+
+        class _Keep(LogitsProcessor):
+            def __call__(self, input_ids, scores):  # noqa: ANN001 - transformers' signature
+                hook.keep(scores)
+                return scores
+
+        class _Step(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
+                return hook.after_step(input_ids)
+
+        return {"logits_processor": LogitsProcessorList([_Keep()]), "stopping_criteria": StoppingCriteriaList([_Step()])}
+
+    def keep(self, scores: "torch.Tensor") -> None:
+        import torch
+
+        self.logprobs = torch.log_softmax(scores.float(), dim=-1)
+
+    def after_step(self, input_ids: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        tokens = input_ids[:, -1]
+        logprobs, top = None, None
+        if self.logprobs is not None:
+            logprobs = self.logprobs.gather(1, tokens[:, None].to(self.logprobs.device))[:, 0].tolist()
+            n = int(getattr(self.listener, "top_n", 0) or 0)
+            if n > 0:
+                values, ids = torch.topk(self.logprobs, min(n, self.logprobs.shape[-1]), dim=-1)
+                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        self.listener.on_tokens(tokens.tolist(), logprobs, top)
+        self.step += 1
+        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=input_ids.device)
+        if self.may_stop:
+            for row in self.listener.stopped_rows():
+                if row < len(done):
+                    done[row] = True
+                    self.stopped_at.setdefault(row, self.step)
+            for row, limit in enumerate(self.max_new):
+                if self.step >= limit:
+                    done[row] = True
+        return done
+
+    def cut_stopped(self, out: GenerateOutput) -> GenerateOutput:
+        """Rows stopped early carry padding after the stop: cut them there."""
+        if not self.stopped_at:
+            return out
+        rows, reasons = list(out.token_ids), list(out.finish_reasons)
+        for row, n in self.stopped_at.items():
+            if len(rows[row]) > n:
+                rows[row], reasons[row] = rows[row][:n], FinishReason.TIME
+        return GenerateOutput(tuple(rows), tuple(reasons))
 
 
 def pad_left(rows: tuple[tuple[int, ...], ...], pad_id: int, device: Any) -> "tuple[torch.Tensor, torch.Tensor]":

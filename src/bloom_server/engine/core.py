@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
-from dataclasses import dataclass
-from typing import Any, Protocol
+import time
+from typing import Any, Callable, Protocol
 
-from bloom_server.engine.scheduler import Batcher
+from bloom_server.engine.requests import Completion, GenRequest
+from bloom_server.engine.scheduler import BatchListener, Batcher
 from bloom_server.engine.tokenizer import TextTokenizer
 from bloom_server.engine.validation import check_prompts, validate_generate
 from bloom_server.errors import EngineDead, InvalidRequest, NotReady
 from bloom_server.settings import Settings
-from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, GenerateOutput, ModelInfo, SamplingParams
+from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput, ModelInfo, SamplingParams
+
+__all__ = ["Completion", "Engine", "GenRequest", "State", "StepRunner"]
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +27,7 @@ class StepRunner(Protocol):
 
     dead: str | None
 
-    def submit(self, kind: str, payload: Any = None) -> Any: ...  # a concurrent.futures.Future
+    def submit(self, kind: str, payload: Any = None, listener: Any = None) -> Any: ...  # a concurrent.futures.Future
 
 
 class State(str, enum.Enum):
@@ -31,14 +35,6 @@ class State(str, enum.Enum):
     READY = "ready"
     DRAINING = "draining"
     DEAD = "dead"
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-    finish_reason: FinishReason
 
 
 class Engine:
@@ -52,6 +48,9 @@ class Engine:
         self.batcher: Batcher | None = None
         self.load_seconds: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called with each request once it is answered, failed or cancelled (the API layer records metrics).
+        self.on_request_done: Callable[[GenRequest, BaseException | None], None] | None = None
+        self.on_batch: Callable[[GenerateBatch, float], None] | None = None
 
     # ---- lifecycle (called by the composition root) ----
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -67,6 +66,8 @@ class Engine:
             wait_s=self.settings.batch_wait_ms / 1000.0,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            max_queued_tokens=self.settings.queued_tokens_limit,
+            on_batch=lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None,
         )
 
     def warmup(self) -> None:
@@ -95,6 +96,11 @@ class Engine:
         self.state, self.state_detail = State.DEAD, reason
 
     @property
+    def idle(self) -> bool:
+        """No request waits or runs (draining can end)."""
+        return self.batcher is None or self.batcher.idle
+
+    @property
     def ready(self) -> bool:
         return self.state == State.READY and not (self.runner and self.runner.dead)
 
@@ -109,27 +115,45 @@ class Engine:
             raise NotReady(f"the model is not ready ({self.state_detail})")
 
     # ---- requests ----
-    async def _run_generate(self, batch: GenerateBatch) -> GenerateOutput:
+    async def _run_generate(self, batch: GenerateBatch, listener: BatchListener | None = None) -> GenerateOutput:
         assert self.runner is not None
-        return await asyncio.wrap_future(self.runner.submit("generate", batch))
+        return await asyncio.wrap_future(self.runner.submit("generate", batch, listener=listener))
 
-    def _check_count(self, texts: list[str], field: str) -> None:
+    def _check_count(self, texts: list[str], field: str, n: int = 1) -> None:
         if not texts:
             raise InvalidRequest(f"{field}: at least one prompt is required", field=field)
-        if len(texts) > self.settings.max_batch_size:
+        if len(texts) * n > self.settings.max_batch_size:
+            what = f"{len(texts)} prompts" + (f" x {n} choices" if n > 1 else "")
             raise InvalidRequest(
-                f"{field}: {len(texts)} prompts; the limit is {self.settings.max_batch_size} (max batch size)",
+                f"{field}: {what}; the limit is {self.settings.max_batch_size} rows (max batch size)",
                 field=field,
                 limit=self.settings.max_batch_size,
             )
 
-    async def generate(
-        self, texts: list[str], kwargs: dict[str, Any], *, seed: int | None = None, field: str = "text"
-    ) -> tuple[list[Completion], bool]:
-        """Returns the completions and whether the prompt is to be kept in the output text."""
+    def submit(
+        self,
+        texts: list[str],
+        kwargs: dict[str, Any],
+        *,
+        seed: int | None = None,
+        field: str = "text",
+        n: int = 1,
+        stop: tuple[str, ...] = (),
+        timeout_s: float | None = None,
+        top_n: int = 0,
+        truncate: int | None = None,
+        request_id: str | None = None,
+    ) -> GenRequest:
+        """Validate, tokenize and queue a request; raises InvalidRequest/Overloaded/NotReady before anything runs.
+
+        n: rows per prompt (OpenAI's `n`). stop: strings that end a row (excluded from its text). timeout_s: the
+        request's deadline from now (the server's request timeout applies too). top_n: alternatives per token.
+        truncate: keep only the last `truncate` prompt tokens. `max_time` is honoured per row, from the start of its
+        batch, on rank 0 (never a wall-clock decision taken separately on each rank).
+        """
         self._require_ready()
         assert self.tokenizer is not None and self.batcher is not None
-        self._check_count(texts, field)
+        self._check_count(texts, field, n)
         s = self.settings
         spec = validate_generate(
             kwargs,
@@ -139,7 +163,14 @@ class Engine:
             vocab_size=self.tokenizer.vocab_size,
             seed=seed,
         )
+        params = spec.params.as_dict()
+        max_time = params.pop("max_time", None)
+        eos = params.get("eos_token_id", self.tokenizer.eos_token_id)
+        eos_ids = frozenset(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        spec = dataclasses.replace(spec, params=SamplingParams.from_dict(params))
         rows = self.tokenizer.encode_batch(texts)
+        if truncate is not None:
+            rows = [r[-truncate:] for r in rows]
         check_prompts(
             rows,
             max_input_length=s.max_input_length,
@@ -147,12 +178,40 @@ class Engine:
             total_limit=s.total_tokens_limit,
             field=field,
         )
-        out = await self.batcher.submit(rows, spec)
-        completions = []
-        for prompt, ids, reason in zip(rows, out.token_ids, out.finish_reasons):
-            full = (list(prompt) + list(ids)) if not spec.remove_input_from_output else list(ids)
-            completions.append(Completion(self.tokenizer.decode(full), tuple(ids), len(prompt), reason))
-        return completions, not spec.remove_input_from_output
+        limits = [t for t in (timeout_s, s.request_timeout_s) if t is not None]
+        deadline = time.monotonic() + min(limits) if limits else None
+        req = GenRequest(
+            [r for r in rows for _ in range(n)],
+            spec,
+            self.tokenizer,
+            stop=stop,
+            eos_ids=eos_ids,
+            deadline=deadline,
+            max_time=max_time,
+            top_n=top_n,
+            request_id=request_id,
+        )
+        if self.on_request_done is not None:
+            req._done.add_done_callback(lambda fut: self._report(req, fut))
+        self.batcher.submit(req)
+        return req
+
+    def _report(self, req: GenRequest, fut: asyncio.Future) -> None:
+        try:
+            assert self.on_request_done is not None
+            self.on_request_done(req, fut.exception())
+        except Exception:  # noqa: BLE001 - metrics never break a request
+            log.exception("request report failed")
+
+    async def generate(
+        self, texts: list[str], kwargs: dict[str, Any], *, seed: int | None = None, field: str = "text"
+    ) -> tuple[list[Completion], bool]:
+        """Returns the completions and whether the prompt is to be kept in the output text."""
+        req = self.submit(texts, kwargs, seed=seed, field=field)
+        try:
+            return await req.result(), not req.spec.remove_input_from_output
+        finally:
+            req.cancel("caller left")
 
     def tokenize(self, texts: list[str], field: str = "text") -> list[list[int]]:
         if self.tokenizer is None:

@@ -1,61 +1,108 @@
-"""Dynamic batching: requests that arrive together share one generate call.
+"""Dynamic batching: requests that arrive together share one generate call. This is the one batching loop; streaming
+is a callback into it (BatchListener), not a second loop.
 
 The loop gathers for `wait_s` after the first waiting request (or until `max_batch_size` rows wait), takes the oldest
 request's group (requests whose settings can share a call, see GenerateSpec.batch_key) in arrival order, runs it, and
 hands every caller exactly its own rows. Requests of other groups wait for the next call; the oldest always goes
 first, so none starves. Continuous batching (joining a running call) is a different engine, not this loop.
+
+The queue is bounded twice: in requests and in tokens (prompt + max new tokens). Past either bound a request is
+refused at once (Overloaded -> 429 with Retry-After); a request already accepted is never dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from bloom_server.engine.validation import GenerateSpec
+from bloom_server.engine.requests import GenRequest
 from bloom_server.errors import Overloaded
 from bloom_server.types import GenerateBatch, GenerateOutput
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Pending:
-    rows: list[list[int]]
-    spec: GenerateSpec
-    key: tuple
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.monotonic)
+class BatchListener:
+    """Handed to the backend with one generate call, on rank 0 only (followers run the same step without it).
+
+    The backend calls `on_tokens` from the engine thread once per decoding step with one token per row of the batch,
+    and reads `stopped_rows()` to stop rows whose callers are gone. Tokens cross to the event loop with
+    `loop.call_soon_threadsafe`, so they reach callers in order and before the call's own result.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[GenRequest, int]], top_n: int):
+        self.loop = loop
+        self.rows = rows  # batch row -> (request, row within the request)
+        self.top_n = top_n
+        self._stopped: frozenset[int] = frozenset()
+        self._index = {}
+        for i, (req, r) in enumerate(rows):
+            self._index.setdefault(id(req), []).append((i, r))
+
+    # engine thread
+    def on_tokens(self, token_ids: list[int], logprobs: list[float] | None, top: list | None = None) -> None:
+        self.loop.call_soon_threadsafe(self._deliver, token_ids, logprobs, top)
+
+    def stopped_rows(self) -> frozenset[int]:
+        return self._stopped
+
+    # event loop
+    def stop(self, req: GenRequest, rows: list[int]) -> None:
+        wanted = set(rows)
+        self._stopped = self._stopped | {i for i, r in self._index.get(id(req), []) if r in wanted}
+
+    def _deliver(self, token_ids: list[int], logprobs: list[float] | None, top: list | None) -> None:
+        for i, (req, r) in enumerate(self.rows):
+            if i >= len(token_ids):
+                break
+            lp = None if logprobs is None else float(logprobs[i])
+            alt = tuple((int(t), float(p)) for t, p in top[i][: req.top_n]) if (top and req.top_n) else None
+            req.add_token(r, int(token_ids[i]), lp, alt)
 
 
 class Batcher:
     def __init__(
         self,
-        run_batch: Callable[[GenerateBatch], Awaitable[GenerateOutput]],
+        run_batch: Callable[[GenerateBatch, BatchListener], Awaitable[GenerateOutput]],
         *,
         max_batch_size: int,
         max_queued: int,
         wait_s: float,
         pad_token_id: int,
         eos_token_id: int | None,
+        max_queued_tokens: int | None = None,
+        on_batch: Callable[[GenerateBatch, float], None] | None = None,
     ):
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
+        self.max_queued_tokens = max_queued_tokens
         self.wait_s = wait_s
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
-        self._pending: list[_Pending] = []
+        self.on_batch = on_batch
+        self._pending: list[GenRequest] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.running_rows = 0
+        self.running: list[GenRequest] = []
+        self._batch_seconds = 1.0  # moving average of a generate call, for Retry-After
 
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(p.tokens for p in self._pending)
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and not self.running
 
     def start(self) -> None:
         if self._task is None:
@@ -70,39 +117,61 @@ class Batcher:
                 pass
             self._task = None
 
-    async def submit(self, rows: list[list[int]], spec: GenerateSpec) -> GenerateOutput:
-        """Queue one request (all its prompts go in the same call) and wait for its rows."""
-        if len(self._pending) >= self.max_queued:
-            raise Overloaded(f"{len(self._pending)} requests are queued (the limit is {self.max_queued})")
-        self.start()
-        fut = asyncio.get_running_loop().create_future()
-        key = spec.batch_key(max(len(r) for r in rows))
-        self._pending.append(_Pending(rows, spec, key, fut))
-        self._wakeup.set()
-        return await fut
+    def retry_after(self) -> float:
+        """Seconds until a slot is likely free: the calls ahead of a new request, at the recent pace."""
+        calls_ahead = 1 + math.ceil(len(self._pending) / self.max_batch_size)
+        return max(1.0, min(60.0, calls_ahead * self._batch_seconds))
 
-    def _take(self) -> list[_Pending]:
-        self._pending = [p for p in self._pending if not p.future.done()]  # callers that went away
+    def submit(self, req: GenRequest) -> None:
+        """Admit one request (all its rows go in the same call) or refuse it at once."""
+        if len(self._pending) >= self.max_queued:
+            raise Overloaded(
+                f"{len(self._pending)} requests are queued (the limit is {self.max_queued})", self.retry_after()
+            )
+        if self.max_queued_tokens is not None and self._pending:
+            queued = self.queued_tokens
+            if queued + req.tokens > self.max_queued_tokens:
+                raise Overloaded(
+                    f"{queued} tokens are queued; this request needs {req.tokens} more "
+                    f"(the limit is {self.max_queued_tokens})",
+                    self.retry_after(),
+                )
+        self.start()
+        req._on_cancel_queued = self._remove
+        self._pending.append(req)
+        self._wakeup.set()
+
+    def _remove(self, req: GenRequest) -> None:
+        self._pending = [p for p in self._pending if p is not req]
+
+    def _take(self) -> list[GenRequest]:
+        self._pending = [p for p in self._pending if not p.done]
         if not self._pending:
             return []
-        key = self._pending[0].key
+        key = self._key(self._pending[0])
         taken, rows = [], 0
         for p in self._pending:
-            if p.key == key and rows + len(p.rows) <= self.max_batch_size:
+            if self._key(p) == key and rows + p.n_rows <= self.max_batch_size:
                 taken.append(p)
-                rows += len(p.rows)
+                rows += p.n_rows
         ids = {id(p) for p in taken}
         self._pending = [p for p in self._pending if id(p) not in ids]
         return taken
 
+    @staticmethod
+    def _key(p: GenRequest) -> tuple:
+        return p.spec.batch_key(max(len(r.prompt) for r in p.rows))
+
     def _rows_waiting(self) -> int:
-        return sum(len(p.rows) for p in self._pending if not p.future.done())
+        return sum(p.n_rows for p in self._pending if not p.done)
 
     async def _loop(self) -> None:
         while True:
+            self._pending = [p for p in self._pending if not p.done]
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
             # Gather: wait until the oldest has waited wait_s, or a full batch is there.
             deadline = self._pending[0].enqueued + self.wait_s
             while self._rows_waiting() < self.max_batch_size and (delay := deadline - time.monotonic()) > 0:
@@ -115,34 +184,44 @@ class Batcher:
             if taken:
                 await self._run(taken)
 
-    async def _run(self, taken: list[_Pending]) -> None:
-        spec = taken[0].spec
-        seed = taken[0].key[2] if taken[0].key[2] is not None else random.getrandbits(31)
-        input_ids, max_new = [], []
+    async def _run(self, taken: list[GenRequest]) -> None:
+        first = taken[0]
+        seed_key = first.spec.batch_key(0)[2]
+        seed = seed_key if seed_key is not None else random.getrandbits(31)
+        input_ids, max_new, mapping = [], [], []
         for p in taken:
-            input_ids.extend(tuple(r) for r in p.rows)
-            max_new.extend([p.spec.max_new_tokens] * len(p.rows))
+            for r, row in enumerate(p.rows):
+                input_ids.append(tuple(row.prompt))
+                max_new.append(p.spec.max_new_tokens)
+                mapping.append((p, r))
         batch = GenerateBatch(
             input_ids=tuple(input_ids),
             max_new_tokens=tuple(max_new),
-            params=spec.params,
+            params=first.spec.params,
             seed=seed,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
         )
-        self.running_rows = len(input_ids)
+        listener = BatchListener(asyncio.get_running_loop(), mapping, top_n=max(p.top_n for p in taken))
+        for p in taken:
+            p._on_stop_rows = listener.stop
+            p.on_start(seed)
+        self.running_rows, self.running = len(input_ids), taken
+        started = time.monotonic()
         try:
-            out = await self._run_batch(batch)
+            out = await self._run_batch(batch, listener)
         except Exception as exc:  # noqa: BLE001 - handed to each caller
             for p in taken:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+                p.fail(exc)
             return
         finally:
-            self.running_rows = 0
-        i = 0
+            self.running_rows, self.running = 0, []
+            elapsed = time.monotonic() - started
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+            if self.on_batch is not None:
+                self.on_batch(batch, elapsed)
+        for i, (p, r) in enumerate(mapping):
+            p.settle_row(r, out.token_ids[i], out.finish_reasons[i])
         for p in taken:
-            n = len(p.rows)
-            if not p.future.done():
-                p.future.set_result(GenerateOutput(out.token_ids[i : i + n], out.finish_reasons[i : i + n]))
-            i += n
+            if not p.done:
+                p._finish()

@@ -29,8 +29,12 @@ class Step:
     payload: Any = None
 
 
-def execute(backend: Any, step: Step) -> Any:
+def execute(backend: Any, step: Step, listener: Any = None) -> Any:
+    """Run one step on this rank. `listener` (rank 0 only, never broadcast) receives each decoding step's tokens
+    from backends that stream (`supports_streaming`); others deliver every token with their result."""
     if step.kind == GENERATE:
+        if listener is not None and getattr(backend, "supports_streaming", False):
+            return backend.generate(step.payload, listener=listener)
         return backend.generate(step.payload)
     if step.kind == FORWARD:
         return backend.forward_nll(step.payload)
@@ -61,7 +65,7 @@ class Leader:
         self.heartbeat_s = heartbeat_s
         self.on_fatal = on_fatal
         self.fatal_grace_s = fatal_grace_s
-        self._queue: queue.Queue[tuple[Step, concurrent.futures.Future] | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[Step, concurrent.futures.Future | None, Any] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="bloom-engine", daemon=True)
         self.dead: str | None = None
         self._current: concurrent.futures.Future | None = None
@@ -70,12 +74,13 @@ class Leader:
         self._thread.start()
         return self
 
-    def submit(self, kind: str, payload: Any = None) -> concurrent.futures.Future:
+    def submit(self, kind: str, payload: Any = None, listener: Any = None) -> concurrent.futures.Future:
+        """Queue a step. `listener` stays on rank 0: followers run the same step without it."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if self.dead:
             fut.set_exception(EngineDead(self.dead))
             return fut
-        self._queue.put((Step(kind, payload), fut))
+        self._queue.put((Step(kind, payload), fut, listener))
         return fut
 
     def run(self, kind: str, payload: Any = None) -> Any:
@@ -97,7 +102,7 @@ class Leader:
             try:
                 item = self._queue.get(timeout=self.heartbeat_s)
             except queue.Empty:
-                item = (Step(NOOP), None)
+                item = (Step(NOOP), None, None)
             if item is None:
                 if self.channel is not None:
                     self.channel.closing = True
@@ -106,13 +111,13 @@ class Leader:
                 except Exception as exc:  # noqa: BLE001
                     log.warning("followers did not take the shutdown step: %s", exc)
                 return
-            step, fut = item
+            step, fut, listener = item
             if fut is not None and not fut.set_running_or_notify_cancel():
                 continue
             self._current = fut
             try:
                 self._broadcast(step)
-                result = execute(self.backend, step)
+                result = execute(self.backend, step, listener)
                 if self.channel is not None and step.kind != NOOP and not self.channel.agree(result):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
             except BaseException as exc:  # noqa: BLE001 - every failure here is fatal by design

@@ -125,6 +125,31 @@ def test_int8_checkpoint_rules(forbid_deepspeed, tmp_path):
     dsi.DSInferenceBackend(auto, int8_tp4, RankContext(world_size=4, device_type="cuda")).validate()
 
 
+def test_int8_is_refused_before_loading_when_deepspeed_lacks_it(monkeypatch, tmp_path):
+    import torch
+
+    accel = types.SimpleNamespace(supported_dtypes=lambda: [torch.float32, torch.float16, torch.bfloat16])  # 0.19.8
+    fake = types.ModuleType("deepspeed")
+    fake.__version__ = "0.19.8"
+    fake_accel = types.ModuleType("deepspeed.accelerator")
+    fake_accel.get_accelerator = lambda: accel
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setitem(sys.modules, "deepspeed.accelerator", fake_accel)
+    monkeypatch.setattr(dsi, "require_cuda", lambda backend, ctx: None)
+
+    def no_model_work(*a, **k):
+        raise AssertionError("went on past the int8 check")
+
+    monkeypatch.setattr(dsi, "ensure_distributed", no_model_work)
+    b = dsi.DSInferenceBackend(load_settings(backend="ds_inference", dtype="int8"), _hf_dir(tmp_path), GPU)
+    with pytest.raises(ConfigError, match=r"int8 is not supported by the installed DeepSpeed \(0.19.8\)"):
+        b.load()
+    # A DeepSpeed whose accelerator lists int8 goes on to load.
+    accel.supported_dtypes = lambda: [torch.float16, torch.int8]
+    with pytest.raises(AssertionError, match="went on past"):
+        b.load()
+
+
 def test_int8_needs_kernel_injection(forbid_deepspeed, tmp_path):
     settings = load_settings(backend="ds_inference", dtype="int8", kernel_inject=False)
     with pytest.raises(ConfigError, match="int8 needs DeepSpeed kernel injection"):

@@ -168,8 +168,10 @@ class DSInferenceBackend(TransformersModelBackend):
         require_cuda(self.name, self.ctx)
         import torch
 
-        ensure_distributed(deepspeed, self.ctx)
         dtype = self.resolved_dtype()
+        if dtype == "int8":
+            refuse_int8_if_unsupported(deepspeed)
+        ensure_distributed(deepspeed, self.ctx)
         # int8 starts from fp16 weights; DeepSpeed quantizes them (or reads int8 shards) into its fused layers.
         build_dtype = {"fp16": torch.float16, "int8": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
             dtype
@@ -231,6 +233,21 @@ class DSInferenceBackend(TransformersModelBackend):
             "layout": self.model_dir.layout,
             "device": str(self.input_device),
         }
+
+
+def refuse_int8_if_unsupported(deepspeed: Any) -> None:
+    """DeepSpeed's InferenceEngine accepts only the dtypes its accelerator lists. In 0.19.8 the CUDA accelerator lists
+    fp32, fp16 and bf16, so `init_inference(dtype=torch.int8)` raises "Data type torch.int8 is not supported by cuda
+    accelerator" (seen on an H100, docs/gpu-checks.md). Say so before any weight is read."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    if torch.int8 not in get_accelerator().supported_dtypes():
+        raise ConfigError(
+            f"int8 is not supported by the installed DeepSpeed ({getattr(deepspeed, '__version__', '?')}): its "
+            "inference engine accepts only fp32/fp16/bf16 on this accelerator, so neither an int8 pre-sharded "
+            "checkpoint nor on-the-fly int8 quantization can load. Serve the fp16 checkpoint with --dtype fp16"
+        )
 
 
 # --- the tied output embedding of a meta-built model ----------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Backend = Literal["hf", "ds_inference", "ds_zero"]
+Backend = Literal["hf", "ds_inference", "ds_zero", "fast"]
 DType = Literal["auto", "fp16", "bf16", "int8", "fp32"]
 
 # The original DEPLOYMENT_FRAMEWORK values and what they mean here.

@@ -16,6 +16,7 @@ _BACKENDS = {
     "hf": ("bloom_server.backends.hf", "HFBackend"),
     "ds_inference": ("bloom_server.backends.ds_inference", "DSInferenceBackend"),
     "ds_zero": ("bloom_server.backends.ds_zero", "DSZeroBackend"),
+    "fast": ("bloom_server.backends.fast", "FastBackend"),
 }
 
 

@@ -1,0 +1,128 @@
+"""The project's own BLOOM engine (bloom_server.fast) as a lockstep backend.
+
+Every rank holds its tensor-parallel share (heads, MLP columns and vocabulary rows split over the launcher's ranks;
+one rank holds everything) read straight from the checkpoint's safetensors slices, and runs the same static batch
+through `FastEngine.generate`: prefill, then decode steps replayed as CUDA graphs on GPUs (eager on CPUs).
+Sampling follows transformers' meaning of every generate() setting the API accepts (see fast/sampling.py), seeded
+from the batch's seed on every rank, so ranks agree token for token.
+
+torch and the engine are imported inside methods: importing this module does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from bloom_server.backends.base import Backend, cut_rows, torch_dtype
+from bloom_server.errors import ConfigError, ModelDirError
+from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput
+
+if TYPE_CHECKING:
+    from bloom_server.fast.engine import FastEngine
+
+log = logging.getLogger(__name__)
+
+# generation_config.json keys that change what a generate() call does when the request leaves them out.
+_GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size")
+
+
+class FastBackend(Backend):
+    name = "fast"
+    engine: "FastEngine | None" = None
+
+    def load(self) -> None:
+        import torch
+
+        from bloom_server.fast.engine import FastEngine
+        from bloom_server.fast.shapes import BloomShape
+        from bloom_server.fast.tp import TPGroup
+        from bloom_server.fast.weights import from_checkpoint
+
+        if self.model_dir.layout != "hf":
+            raise ModelDirError(
+                f"{self.model_dir.path} is a DeepSpeed pre-sharded checkpoint: it loads only with --backend ds_inference"
+            )
+        if self.settings.dtype == "int8":
+            raise ConfigError("the fast backend runs fp16, bf16 or fp32; int8 needs --backend ds_inference")
+        ctx = self.ctx
+        device = torch.device("cuda", ctx.local_rank) if ctx.device_type == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dtype = torch_dtype(self.settings.dtype, ctx.device_type)
+        shape = BloomShape.from_dir(self.model_dir.path)
+        if shape.n_head % ctx.world_size:
+            raise ConfigError(f"{shape.n_head} attention heads do not split over {ctx.world_size} ranks")
+        tp = TPGroup(rank=ctx.rank, world=ctx.world_size)
+        weights = from_checkpoint(self.model_dir.path, shape, tp, dtype=dtype, device=device)
+        self.engine = FastEngine(
+            weights,
+            shape,
+            max_batch=self.settings.max_batch_size,
+            max_seq=self.settings.total_tokens_limit,
+            tp=tp,
+        )
+        self._defaults = _generation_defaults(self.model_dir.path)
+        self._dtype = str(dtype).replace("torch.", "")
+        log.info(
+            "rank %d: fast engine %s on %s, %d of %d heads, %.2f GB weights, %.2f GB KV cache",
+            ctx.rank,
+            self._dtype,
+            device,
+            shape.n_head // ctx.world_size,
+            shape.n_head,
+            weights.nbytes() / 1e9,
+            self.engine.kv_cache_bytes() / 1e9,
+        )
+
+    def generate(self, batch: GenerateBatch) -> GenerateOutput:
+        from bloom_server.fast.sampling import SamplingConfig
+
+        assert self.engine is not None, "load() first"
+        kwargs = batch.params.as_dict()
+        cfg = SamplingConfig.from_generate_kwargs(
+            kwargs,
+            eos_token_id=batch.eos_token_id,
+            prompt_width=max(len(r) for r in batch.input_ids),
+            defaults=self._defaults,
+        )
+        result = self.engine.generate(
+            batch.input_ids,
+            max(batch.max_new_tokens),
+            cfg,
+            seed=batch.seed,
+            pad_token_id=kwargs.get("pad_token_id", batch.pad_token_id),
+            max_time=kwargs.get("max_time"),
+        )
+        return cut_rows(result.tokens, batch.max_new_tokens, set(cfg.eos_ids))
+
+    def forward_nll(self, batch: ForwardBatch) -> float:
+        assert self.engine is not None, "load() first"
+        return self.engine.nll(batch.conditioning_ids, batch.response_ids)
+
+    def describe(self) -> dict[str, Any]:
+        e = self.engine
+        if e is None:
+            return {}
+        return {
+            "dtype": self._dtype,
+            "device": str(e.device),
+            "tp_size": self.ctx.world_size,
+            "max_batch": e.max_batch,
+            "max_seq": e.max_seq,
+            "cuda_graphs": e.cuda_graphs,
+        }
+
+
+def _generation_defaults(model_dir: Any) -> dict[str, Any]:
+    """What the checkpoint's generation_config.json sets for the settings a request may leave out (transformers'
+    generate() starts from it too)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    return {k: cfg[k] for k in _GENERATION_DEFAULTS if cfg.get(k) is not None}

@@ -1,0 +1,372 @@
+"""FastEngine: slots of a preallocated KV cache, and the three calls a scheduler needs.
+
+  prefill(slot_ids, prompts)            run whole prompts into their slots; logits of each prompt's last token
+  decode(slot_ids, last_tokens, ...)    one new token for each slot
+  release(slot) / move(src, dst)        free a slot; move a row so that the live slots stay a prefix [0, n)
+
+The fast path is a decode over the prefix of slots [0, n): its shapes depend only on (batch bucket B >= n, key bucket
+S > every row's position), so on CUDA each (B, S) is captured once as a CUDA graph and replayed: one launch per
+token instead of ~20 per layer from Python. The step reads its input tokens and positions from static device
+buffers and writes the greedy next token and the advanced positions back into them, so a greedy loop is replay
+after replay with no host work and no host sync; other sampling runs on the graph's logits output. Rows [n, B) of
+a bucket are padding: they run on free slots at position 0 and their outputs are ignored. Keys are read up to the
+bucket S, not the whole cache, so a short sequence does not pay for max_seq.
+
+Any slot list that is not a prefix takes an eager path that gathers its rows (correct, slower).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from bloom_server.fast.model import BloomRankModel
+from bloom_server.fast.sampling import Sampler, SamplingConfig
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.tp import TPGroup
+from bloom_server.fast.weights import BloomWeights
+
+log = logging.getLogger(__name__)
+
+# Bytes of prefill attention scores held at once ([rows * hp, L, L]); longer batches prefill in row chunks.
+PREFILL_SCORE_BUDGET = 256 << 20
+# With an EOS to watch for, the host looks at the device's "all finished" flag once per this many steps.
+EOS_CHECK_EVERY = 16
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to max_batch (and max_batch itself)."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+def seq_bucket(need: int, max_seq: int) -> int:
+    """Keys a step reads: 64, 128, 256, then multiples of 256, capped at max_seq. At most 2x (short) or +255
+    (long) keys more than needed, and few distinct shapes to capture."""
+    for b in (64, 128, 256):
+        if need <= b:
+            return min(b, max_seq)
+    return min(-(-need // 256) * 256, max_seq)
+
+
+@dataclass
+class GenerateResult:
+    tokens: list[list[int]]  # per row, the chosen tokens (the same count for every row; the caller cuts)
+    timed_out: bool = False
+
+
+class FastEngine:
+    def __init__(
+        self,
+        weights: BloomWeights,
+        shape: BloomShape,
+        *,
+        max_batch: int,
+        max_seq: int,
+        tp: TPGroup | None = None,
+        cuda_graphs: bool | None = None,
+    ):
+        self.model = m = BloomRankModel(weights, shape, tp)
+        self.shape = shape
+        self.max_batch = max_batch
+        self.max_seq = max_seq
+        self.device, self.dtype = m.device, m.dtype
+        cache_shape = (shape.n_layer, max_batch, m.hp, max_seq, m.D)
+        # Zeros, not empty: a masked key has probability 0, and 0 * NaN would still poison the sum over V.
+        self.k_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(cache_shape, dtype=self.dtype, device=self.device)
+        # Step buffers, row i = slot i on the fast path: the token to feed and the position it goes to.
+        self.tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.rows = torch.arange(max_batch, device=self.device)
+        self.host_pos = [0] * max_batch  # host mirror of self.pos for live slots: picks the bucket, no sync
+        self.live = [False] * max_batch
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.last_logits: torch.Tensor | None = None  # [n, V] of the latest prefill/decode (valid until the next)
+
+    # ---- memory facts ----
+
+    def kv_cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    def kv_bytes_read(self, n: int, keys: int) -> int:
+        """K and V bytes one decode step reads on this rank for n rows of `keys` keys each."""
+        m = self.model
+        return 2 * self.shape.n_layer * n * m.hp * keys * m.D * self.k_cache.element_size()
+
+    # ---- slots ----
+
+    def release(self, slot: int) -> None:
+        self.live[slot] = False
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot src's cache rows, token and position to dst, and free src (compaction after a row leaves)."""
+        if src == dst:
+            return
+        self.k_cache[:, dst].copy_(self.k_cache[:, src])
+        self.v_cache[:, dst].copy_(self.v_cache[:, src])
+        self.tok[dst].copy_(self.tok[src])
+        self.pos[dst].copy_(self.pos[src])
+        self.host_pos[dst] = self.host_pos[src]
+        self.live[dst], self.live[src] = True, False
+
+    # ---- prefill ----
+
+    @torch.inference_mode()
+    def prefill(self, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Run each prompt into its slot from position 0. Returns logits [n, V] of each prompt's last token."""
+        if len(slot_ids) != len(prompts) or not prompts:
+            raise ValueError("prefill needs one non-empty prompt per slot")
+        m = self.model
+        longest = max(len(p) for p in prompts)
+        if longest == 0 or longest >= self.max_seq:
+            raise ValueError(f"prompt of {longest} tokens: the engine holds {self.max_seq} positions per slot")
+        per_row = m.hp * longest * longest * self.dtype.itemsize * 3  # bias + scores + probs
+        chunk = max(1, PREFILL_SCORE_BUDGET // max(1, per_row))
+        out = []
+        for a in range(0, len(prompts), chunk):
+            out.append(self._prefill_rows(slot_ids[a : a + chunk], prompts[a : a + chunk]))
+        self.last_logits = out[0] if len(out) == 1 else torch.cat(out)
+        return self.last_logits
+
+    def _prefill_rows(self, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        m = self.model
+        n, L = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.zeros((n, L), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+        lengths_host = [len(p) for p in prompts]
+        tokens = tokens.to(self.device)
+        lengths = torch.tensor(lengths_host, dtype=torch.long, device=self.device)
+        slots = torch.tensor(list(slot_ids), dtype=torch.long, device=self.device)
+        bias = m.prefill_bias(lengths, L)
+        x = m.embed(tokens)  # [n, L, h]
+        for li in range(self.shape.n_layer):
+            x = m.prefill_layer(li, x, bias, self.k_cache[li], self.v_cache[li], slots)
+        last = x[torch.arange(n, device=self.device), lengths - 1]  # [n, h]: only the last token's logits
+        self.pos[slots] = lengths
+        for s, ln in zip(slot_ids, lengths_host):
+            self.host_pos[s] = ln
+            self.live[s] = True
+        return m.logits(last)
+
+    # ---- decode ----
+
+    def _step(self, B: int, S: int) -> torch.Tensor:
+        """One token for rows [0, B) from self.tok/self.pos; writes the argmax into self.tok and advances self.pos.
+        Static shapes for a given (B, S): this is what gets captured. Returns logits [B, V]."""
+        m = self.model
+        tok, pos = self.tok[:B], self.pos[:B]
+        x = m.embed(tok)  # [B, h]
+        bias = m.decode_bias(pos, S)  # [B*hp, 1, S], shared by every layer
+        rows = self.rows[:B]
+        for li in range(self.shape.n_layer):
+            x = m.decode_layer(li, x, bias, self.k_cache[li], self.v_cache[li], rows, pos, S, prefix=True)
+        logits = m.logits(x)
+        tok.copy_(torch.argmax(logits, dim=-1))
+        pos.add_(1)
+        return logits
+
+    def _graph(self, B: int, S: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (B, S)
+        if key not in self._graphs:
+            t0 = time.perf_counter()
+            saved = (self.tok.clone(), self.pos.clone())
+            # Warm up on a side stream (cuBLAS handles, NCCL communicators), undoing the step's buffer updates. Its
+            # K/V writes land at the rows' current positions, which the real step rewrites with the same values.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(B, S)
+                    self.tok.copy_(saved[0])
+                    self.pos.copy_(saved[1])
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            # Graphs share one memory pool: they never run at once, and a graph's output is read before the next.
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._step(B, S)
+            self._graphs[key] = (graph, out)
+            log.debug("captured decode graph B=%d S=%d in %.0f ms", B, S, 1e3 * (time.perf_counter() - t0))
+        return self._graphs[key]
+
+    def _bucket_batch(self, n: int) -> int:
+        for b in batch_buckets(self.max_batch):
+            if b >= n:
+                return b
+        raise ValueError(f"{n} rows; the engine holds {self.max_batch}")
+
+    def _prefix_step(self, n: int) -> torch.Tensor:
+        """Decode slots [0, n) from the step buffers. Returns logits [n, V]; self.tok[:n] holds the argmax."""
+        need = max(self.host_pos[:n]) + 1
+        if need > self.max_seq:
+            raise ValueError(f"a slot is full: {self.max_seq} positions")
+        S = seq_bucket(need, self.max_seq)
+        B = self._bucket_batch(n)
+        if B > n:
+            self.pos[n:B].zero_()  # padding rows: free slots, position 0
+        if self.cuda_graphs:
+            graph, out = self._graph(B, S)
+            graph.replay()
+            logits = out[:n]
+        else:
+            logits = self._step(B, S)[:n]
+        for i in range(n):
+            self.host_pos[i] += 1
+        return logits
+
+    def _rows_step(self, slot_ids: Sequence[int]) -> torch.Tensor:
+        """Eager decode of any slots (gathers their cache rows). Returns logits [n, V]; writes tok/pos of the slots."""
+        m = self.model
+        rows = torch.tensor(list(slot_ids), dtype=torch.long, device=self.device)
+        need = max(self.host_pos[s] for s in slot_ids) + 1
+        if need > self.max_seq:
+            raise ValueError(f"a slot is full: {self.max_seq} positions")
+        S = seq_bucket(need, self.max_seq)
+        tok, pos = self.tok[rows], self.pos[rows]
+        x = m.embed(tok)
+        bias = m.decode_bias(pos, S)
+        for li in range(self.shape.n_layer):
+            x = m.decode_layer(li, x, bias, self.k_cache[li], self.v_cache[li], rows, pos, S, prefix=False)
+        logits = m.logits(x)
+        self.tok[rows] = torch.argmax(logits, dim=-1)
+        self.pos[rows] = pos + 1
+        for s in slot_ids:
+            self.host_pos[s] += 1
+        return logits
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        slot_ids: Sequence[int],
+        last_tokens: torch.Tensor | None = None,
+        sampler: Sampler | None = None,
+        step: int = 0,
+    ) -> torch.Tensor:
+        """Feed each slot its last token (default: the one the previous step chose, already in the step buffer) and
+        return the next tokens [n] (long, on the device; a view of the step buffer, valid until the next step).
+        `step` is the index of the token being chosen, for the sampler (min_length, history)."""
+        n = len(slot_ids)
+        prefix = list(slot_ids) == list(range(n))
+        if prefix:
+            if last_tokens is not None:
+                self.tok[:n].copy_(last_tokens)
+            logits = self._prefix_step(n)
+            chosen = self.tok[:n]
+        else:
+            rows = torch.tensor(list(slot_ids), dtype=torch.long, device=self.device)
+            if last_tokens is not None:
+                self.tok[rows] = last_tokens
+            logits = self._rows_step(slot_ids)
+            chosen = self.tok[rows]
+        self.last_logits = logits
+        if sampler is not None:
+            if sampler.cfg.plain_greedy:
+                sampler.observe(chosen, step)
+            else:
+                picked = sampler(logits, step)
+                if prefix:
+                    self.tok[:n].copy_(picked)
+                    chosen = self.tok[:n]
+                else:
+                    self.tok[rows] = picked
+                    chosen = picked
+        return chosen
+
+    # ---- a whole static batch (what the lockstep backend and the benchmark run) ----
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        cfg: SamplingConfig | None = None,
+        *,
+        seed: int = 0,
+        pad_token_id: int = 0,
+        max_time: float | None = None,
+    ) -> GenerateResult:
+        """Greedy or sampled continuation of each prompt, max_new_tokens each (or fewer for every row, once every row
+        has produced an EOS at or after min_new_tokens, or max_time ran out). Rows use slots [0, n)."""
+        cfg = cfg or SamplingConfig()
+        n = len(prompts)
+        if n > self.max_batch:
+            raise ValueError(f"{n} rows; the engine holds {self.max_batch}")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_seq:
+            raise ValueError(f"{longest} + {max_new_tokens} tokens; the engine holds {self.max_seq} per slot")
+        start = time.monotonic()
+        sampler = Sampler(
+            cfg,
+            prompts,
+            vocab_size=self.shape.vocab_size,
+            device=self.device,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+        )
+        slots = list(range(n))
+        out = torch.empty((n, max_new_tokens), dtype=torch.long, device=self.device)
+        logits = self.prefill(slots, prompts)
+        first = sampler(logits, 0)
+        out[:, 0] = first
+        self.tok[:n].copy_(first)
+        eos = sampler.eos
+        done = torch.isin(first, eos) if eos is not None else None
+        produced, timed_out = 1, False
+        for t in range(1, max_new_tokens):
+            if done is not None and t >= cfg.min_new_tokens and t % EOS_CHECK_EVERY == 0:
+                if bool(done.all()):  # the one host sync, every EOS_CHECK_EVERY steps
+                    break
+            if max_time is not None and time.monotonic() - start > max_time:
+                timed_out = True
+                break
+            nxt = self.decode(slots, None, sampler, t)
+            out[:, t] = nxt
+            produced = t + 1
+            if done is not None:
+                done |= torch.isin(nxt, eos)
+        for s in slots:
+            self.release(s)
+        return GenerateResult(out[:, :produced].tolist(), timed_out)
+
+    # ---- scoring ----
+
+    def _hidden(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        n, L = len(rows), max(len(r) for r in rows)
+        tokens = torch.zeros((n, L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=self.device)
+        return self.model.forward_hidden(tokens.to(self.device), lengths)  # [n, L, h]
+
+    @torch.inference_mode()
+    def forward_logits(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Logits [n, L, V] (fp32) of every position of each row, right-padded (past a row's length: junk)."""
+        return self.model.logits(self._hidden(rows)).float()
+
+    @torch.inference_mode()
+    def nll(self, conditioning: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> float:
+        """Mean negative log-likelihood of every response token given the text before it, over the whole batch.
+        Logits are computed only where a response token is predicted (the vocabulary is large)."""
+        rows = [list(c) + list(r) for c, r in zip(conditioning, responses)]
+        hidden = self._hidden(rows)
+        picks, targets = [], []
+        for i, (c, r) in enumerate(zip(conditioning, responses)):
+            # Token t is predicted from position t - 1.
+            picks.append(hidden[i, len(c) - 1 : len(c) + len(r) - 1])
+            targets.extend(r)
+        logits = self.model.logits(torch.cat(picks)).float()  # [sum of response lengths, V]
+        target = torch.tensor(targets, dtype=torch.long, device=self.device)
+        return float(torch.nn.functional.cross_entropy(logits, target))

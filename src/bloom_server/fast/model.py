@@ -1,0 +1,198 @@
+"""The BLOOM forward for one tensor-parallel rank, over a slot KV cache.
+
+Shapes: h hidden, hp heads on this rank, D head dim, V vocabulary, Vp this rank's vocabulary rows.
+KV cache (owned by the engine): k, v each [layers, max_batch, hp, max_seq, D]; slot b's token at position p lives at
+[:, b, :, p]. A slot's tokens start at position 0 (no padding inside the cache), so a key's cache index *is* its
+position, and ALiBi needs no per-row offset: the bias of key j for head hh is slope[hh] * j. (transformers builds the
+same numbers from the cumulative sum of the attention mask; softmax does not care that it is the key's position
+rather than its distance to the query, the difference is constant along a row.)
+
+Numerics follow transformers' BLOOM where it matters for equal greedy tokens: scores are
+baddbmm(bias, q, k^T, alpha=1/sqrt(D)) in the model dtype, softmax in fp32, probabilities cast back before the
+product with V, and the bias in the model dtype. Masked keys carry -inf in the bias (probability exactly 0, as
+transformers' fill with the dtype's minimum gives). GELU is the tanh form as one kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.tp import TPGroup
+from bloom_server.fast.weights import BloomWeights, LayerWeights
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """[n_head] fp32 ALiBi slopes (Press et al.): a geometric series 2^(-8/m * i) for the largest power of two m <=
+    n_head, then, for the heads past m, every other term of the series for 2m. Computed in fp32 with pow, as
+    transformers does, so the bias values agree bit for bit."""
+    m = 2 ** math.floor(math.log2(n_head))
+    base = torch.tensor(2.0 ** (-8.0 / m), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + m, dtype=torch.int32))
+    if m != n_head:
+        extra_base = torch.tensor(2.0 ** (-4.0 / m), dtype=torch.float32)
+        rest = min(m, n_head - m)
+        slopes = torch.cat([slopes, torch.pow(extra_base, torch.arange(1, 1 + 2 * rest, 2, dtype=torch.int32))])
+    return slopes
+
+
+class BloomRankModel:
+    """Pure functions of this rank's weights; the cache and the step buffers are passed in by the engine."""
+
+    def __init__(self, weights: BloomWeights, shape: BloomShape, tp: TPGroup | None = None):
+        self.w = weights
+        self.shape = shape
+        self.tp = tp or TPGroup()
+        if shape.n_head % self.tp.world:
+            raise ValueError(f"{shape.n_head} heads do not split over {self.tp.world} ranks")
+        self.hp = shape.n_head // self.tp.world
+        self.D = shape.head_dim
+        self.h = shape.hidden_size
+        self.eps = shape.layer_norm_epsilon
+        self.device = weights.emb.device
+        self.dtype = weights.emb.dtype
+        self.inv_norm = 1.0 / math.sqrt(self.D)
+        r = self.tp.rank
+        # [hp] slopes of this rank's heads (heads are split contiguously: rank r holds [r*hp, (r+1)*hp)).
+        self.slopes = alibi_slopes(shape.n_head)[r * self.hp : (r + 1) * self.hp].to(self.device)
+        self.heads = torch.arange(self.hp, device=self.device)
+
+    # ---- pieces shared by prefill and decode ----
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[...] token ids -> [..., h]: word embedding, then its layer norm."""
+        w = self.w
+        if self.tp.world == 1:
+            x = F.embedding(tokens, w.emb)
+        else:
+            # Vocab-parallel lookup: rows outside this rank's range read row 0 and are zeroed, then summed over ranks.
+            local = tokens - w.vocab_start
+            inside = (local >= 0) & (local < w.emb.shape[0])
+            x = F.embedding(local.clamp(0, w.emb.shape[0] - 1), w.emb) * inside.unsqueeze(-1).to(w.emb.dtype)
+            x = self.tp.all_reduce(x)
+        return F.layer_norm(x, (self.h,), w.emb_ln_w, w.emb_ln_b, self.eps)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., h] -> [..., V] in the model dtype: final layer norm, tied head (this rank's vocab rows, gathered)."""
+        x = F.layer_norm(x, (self.h,), self.w.lnf_w, self.w.lnf_b, self.eps)
+        out = F.linear(x, self.w.emb)  # [..., Vp]
+        if self.tp.world > 1:
+            out = self.tp.all_gather_last(out)[..., : self.w.vocab_size]
+        return out
+
+    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Input split by columns over ranks: partial products summed, bias added once."""
+        if self.tp.world == 1:
+            return F.linear(x, weight, bias)
+        return self.tp.all_reduce(F.linear(x, weight)) + bias
+
+    def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., h] block input after attention (the residual). Returns the block output."""
+        ln = F.layer_norm(x, (self.h,), lw.ln2_w, lw.ln2_b, self.eps)
+        residual = ln if self.shape.apply_residual_connection_post_layernorm else x
+        mid = F.gelu(F.linear(ln, lw.fc1_w, lw.fc1_b), approximate="tanh")  # [..., 4h / world]
+        return self._row_parallel(mid, lw.fc2_w, lw.fc2_b) + residual
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q [N, Lq, D], k [N, Lk, D] (any strides with D contiguous), v [N, Lk, D], bias [N, Lq, Lk] -> [N, Lq, D]."""
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.inv_norm)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs, v)
+
+    # ---- prefill: n rows of up to L tokens, right-padded, written to their slots from position 0 ----
+
+    def prefill_bias(self, lengths: torch.Tensor, L: int) -> torch.Tensor:
+        """lengths [n] -> [n*hp, L, L] in the model dtype: slope*j where key j is causal (j <= i) and real (j < len),
+        -inf elsewhere. Padded query rows i >= len see keys [0, len) and are never read."""
+        n = lengths.shape[0]
+        j = torch.arange(L, device=self.device)
+        ok = (j[None, :] <= j[:, None])[None] & (j[None, None, :] < lengths[:, None, None])  # [n, L, L]
+        alibi = (self.slopes[:, None] * j[None, :]).to(self.dtype)  # [hp, L]
+        neg = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
+        bias = torch.where(ok[:, None], alibi[None, :, None, :], neg)  # [n, hp, L, L]
+        return bias.reshape(n * self.hp, L, L)
+
+    def prefill_layer(
+        self,
+        li: int,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        slots: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x [n, L, h] -> [n, L, h]. Writes K/V of all L positions to k_cache[slots, :, :L] (garbage past a row's
+        length is overwritten by decode before it is ever read). No cache: a plain causal forward."""
+        lw = self.w.layers[li]
+        n, L, _ = x.shape
+        ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
+        residual = ln if self.shape.apply_residual_connection_post_layernorm else x
+        qkv = F.linear(ln, lw.qkv_w, lw.qkv_b).view(n, L, self.hp, 3, self.D)
+        # [n, L, hp, D] -> [n, hp, L, D]
+        q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        if k_cache is not None and v_cache is not None and slots is not None:
+            k_cache[slots, :, :L] = k
+            v_cache[slots, :, :L] = v
+        N = n * self.hp
+        ctx = self._attend(q.reshape(N, L, self.D), k.reshape(N, L, self.D), v.reshape(N, L, self.D), bias)
+        ctx = ctx.view(n, self.hp, L, self.D).transpose(1, 2).reshape(n, L, self.hp * self.D)
+        x = self._row_parallel(ctx, lw.dense_w, lw.dense_b) + residual
+        return self._mlp(lw, x)
+
+    # ---- decode: one new token for each of B rows ----
+
+    def decode_bias(self, pos: torch.Tensor, S: int) -> torch.Tensor:
+        """pos [B] (where each row's new token goes) -> [B*hp, 1, S]: slope*j for keys j <= pos, -inf after."""
+        B = pos.shape[0]
+        j = torch.arange(S, device=self.device)
+        alibi = (self.slopes[:, None] * j[None, :]).to(self.dtype)  # [hp, S]
+        neg = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
+        bias = torch.where((j[None, :] <= pos[:, None])[:, None, :], alibi[None], neg)  # [B, hp, S]
+        return bias.reshape(B * self.hp, 1, S)
+
+    def decode_layer(
+        self,
+        li: int,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rows: torch.Tensor,
+        pos: torch.Tensor,
+        S: int,
+        prefix: bool,
+    ) -> torch.Tensor:
+        """x [B, h] -> [B, h]. k_cache/v_cache: this layer's [max_batch, hp, max_seq, D]. rows [B]: the slot of each
+        row; `prefix` promises rows == arange(B), so the cache is read as a view (no gather copy). pos [B]: where
+        each row's new K/V go; keys [0, S) are read, S > max(pos)."""
+        lw = self.w.layers[li]
+        B = x.shape[0]
+        ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
+        residual = ln if self.shape.apply_residual_connection_post_layernorm else x
+        qkv = F.linear(ln, lw.qkv_w, lw.qkv_b).view(B, self.hp, 3, self.D)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, hp, D] views
+        at = (rows[:, None], self.heads[None, :], pos[:, None])
+        k_cache.index_put_(at, k)
+        v_cache.index_put_(at, v)
+        if prefix:
+            keys, values = k_cache[:B, :, :S], v_cache[:B, :, :S]  # [B, hp, S, D] views of the cache
+        else:
+            keys, values = k_cache[:, :, :S].index_select(0, rows), v_cache[:, :, :S].index_select(0, rows)
+        N = B * self.hp
+        ctx = self._attend(q.reshape(N, 1, self.D), keys.reshape(N, S, self.D), values.reshape(N, S, self.D), bias)
+        x = self._row_parallel(ctx.view(B, self.hp * self.D), lw.dense_w, lw.dense_b) + residual
+        return self._mlp(lw, x)
+
+    # ---- no cache: every position's logits (forward / NLL) ----
+
+    def forward_hidden(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens [n, L] right-padded, lengths [n] -> last block's output [n, L, h] (junk past a row's length)."""
+        L = tokens.shape[1]
+        bias = self.prefill_bias(lengths, L)
+        x = self.embed(tokens)
+        for li in range(self.shape.n_layer):
+            x = self.prefill_layer(li, x, bias, None, None, None)
+        return x

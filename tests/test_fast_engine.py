@@ -1,0 +1,268 @@
+"""The fast engine against transformers on the same weights (CPU, fp32): logits, greedy tokens, the slot API,
+sampling semantics. Two models: the embedded tiny one (power-of-two heads) and a random one built here with 6 heads
+(ALiBi's extra slopes) and an odd vocabulary (the padded vocab-parallel head when split)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bloom_server.fast.engine import FastEngine, seq_bucket  # noqa: E402
+from bloom_server.fast.model import alibi_slopes  # noqa: E402
+from bloom_server.fast.sampling import SamplingConfig  # noqa: E402
+from bloom_server.fast.shapes import BloomShape  # noqa: E402
+from bloom_server.fast.weights import from_checkpoint, from_state_dict, random_weights  # noqa: E402
+
+PROMPTS = [[5, 17, 99, 4, 300, 8, 1], [42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [1000, 3, 77]]
+PAD = 3
+
+
+def build_random_bloom(out_dir: Path, *, vocab=1001, hidden=96, layers=3, heads=6, seed=1) -> Path:
+    """A random BLOOM checkpoint (safetensors) of a shape the tiny model does not cover."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(
+        vocab_size=vocab, hidden_size=hidden, n_layer=layers, n_head=heads, initializer_range=0.3,
+        bos_token_id=1, eos_token_id=2, pad_token_id=PAD,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = BloomForCausalLM(config).eval()
+    with torch.no_grad():  # transformers zeroes biases and sets LN to 1: random ones test that they are read
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name or "ln_f" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def random_dir(tmp_path_factory) -> Path:
+    return build_random_bloom(tmp_path_factory.mktemp("models") / "random-bloom")
+
+
+@pytest.fixture(scope="module", params=["tiny", "random"])
+def pair(request, tiny_model_dir, random_dir):
+    """(engine, transformers model) on the same checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir if request.param == "tiny" else random_dir
+    shape = BloomShape.from_dir(path)
+    engine = FastEngine(from_checkpoint(path, shape, dtype=torch.float32), shape, max_batch=6, max_seq=96)
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    return engine, hf
+
+
+def left_pad(rows):
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def hf_generate(hf, rows, new, **kw):
+    ids, mask = left_pad(rows)
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, pad_token_id=PAD, **kw)
+    return out[:, ids.shape[1] :].tolist()
+
+
+def test_alibi_slopes_match_transformers():
+    from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+
+    for heads in (1, 4, 6, 12, 32, 112):
+        ref = build_alibi_tensor(torch.ones(1, 2, dtype=torch.long), heads, torch.float32)[:, 0, 1]
+        assert torch.equal(alibi_slopes(heads), ref), heads
+
+
+def test_seq_buckets_cover_the_need_and_stay_under_max():
+    for need in (1, 63, 64, 65, 200, 257, 1000, 2048):
+        b = seq_bucket(need, 2048)
+        assert need <= b <= 2048 and (b - need < 256 or b <= 2 * need)
+    assert seq_bucket(100, 96) == 96
+
+
+def test_prompt_logits_match_transformers(pair):
+    engine, hf = pair
+    logits = engine.forward_logits(PROMPTS)
+    with torch.no_grad():
+        for i, row in enumerate(PROMPTS):
+            ref = hf(input_ids=torch.tensor([row])).logits[0]
+            got = logits[i, : len(row)]
+            assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
+def test_greedy_batch_of_mixed_lengths_equals_transformers_token_for_token(pair):
+    engine, hf = pair
+    new = 24
+    ours = engine.generate(PROMPTS, new, SamplingConfig()).tokens
+    ref = hf_generate(hf, PROMPTS, new, min_new_tokens=new, do_sample=False)
+    assert ours == ref
+
+
+def test_each_decode_steps_logits_match_transformers(pair):
+    """The cached decode path, step by step, against transformers' scores for the same left-padded batch."""
+    engine, hf = pair
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          pad_token_id=PAD, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    slots = list(range(len(PROMPTS)))
+    logits = engine.prefill(slots, PROMPTS)
+    for t, ref in enumerate(out.logits):
+        assert torch.allclose(logits, ref, atol=1e-4, rtol=1e-4), (t, (logits - ref).abs().max())
+        chosen = torch.argmax(logits, -1)
+        assert chosen.tolist() == out.sequences[:, ids.shape[1] + t].tolist()
+        engine.decode(slots, chosen)
+        logits = engine.last_logits.clone()
+    for s in slots:
+        engine.release(s)
+
+
+def test_any_slots_equal_the_prefix_slots(pair):
+    """The eager gather path (slots 4 and 1) gives what the fast prefix path (slots 0 and 1) gives."""
+    engine, _ = pair
+    rows = [PROMPTS[0], PROMPTS[2]]
+    ref = engine.generate(rows, 10, SamplingConfig()).tokens
+    slots = [4, 1]
+    first = torch.argmax(engine.prefill(slots, rows), -1)
+    got = [first.tolist()]
+    tok = first
+    for _ in range(9):
+        tok = engine.decode(slots, tok).clone()
+        got.append(tok.tolist())
+    assert [list(col) for col in zip(*got)] == ref
+    for s in slots:
+        engine.release(s)
+
+
+def test_a_row_joins_mid_decode_and_a_moved_row_continues(pair):
+    """Continuous batching at the slot level: B joins while A is decoding; then A leaves and B is moved to slot 0.
+    Each row's tokens are what it gets alone."""
+    engine, _ = pair
+    a, b = PROMPTS[0], PROMPTS[2]
+    alone_a = engine.generate([a], 12, SamplingConfig()).tokens[0]
+    alone_b = engine.generate([b], 12, SamplingConfig()).tokens[0]
+    got_a = [int(torch.argmax(engine.prefill([0], [a]), -1))]
+    engine.tok[0] = got_a[0]
+    for _ in range(4):
+        got_a.append(int(engine.decode([0])[0]))
+    got_b = [int(torch.argmax(engine.prefill([1], [b]), -1))]
+    engine.tok[1] = got_b[0]
+    for _ in range(7):
+        nxt = engine.decode([0, 1]).tolist()
+        got_a.append(nxt[0])
+        got_b.append(nxt[1])
+    assert got_a == alone_a
+    engine.release(0)
+    engine.move(1, 0)
+    for _ in range(4):
+        got_b.append(int(engine.decode([0])[0]))
+    assert got_b == alone_b
+    engine.release(0)
+
+
+def test_repetition_penalty_and_min_length_match_transformers(pair):
+    engine, hf = pair
+    rows = [PROMPTS[0], PROMPTS[3][:2] + [9, 9, 9, 9, 9]]  # same length: penalties see no padding
+    cfg = SamplingConfig.from_generate_kwargs(
+        {"repetition_penalty": 1.8, "min_length": 20}, eos_token_id=2, prompt_width=7
+    )
+    assert not cfg.uses_transformers and cfg.min_new_tokens == 13
+    ours = engine.generate(rows, 16, cfg).tokens
+    ref = hf_generate(hf, rows, 16, repetition_penalty=1.8, min_length=20, eos_token_id=2, do_sample=False)
+    assert [r[: len(o)] for r, o in zip(ref, ours)] == ours and len(ours[0]) == len(ref[0])
+
+
+def test_rare_settings_go_through_transformers_processors(pair):
+    engine, hf = pair
+    rows = [PROMPTS[0]]
+    cfg = SamplingConfig.from_generate_kwargs({"no_repeat_ngram_size": 2}, eos_token_id=None, prompt_width=7)
+    assert cfg.uses_transformers
+    ours = engine.generate(rows, 20, cfg).tokens
+    ref = hf_generate(hf, rows, 20, no_repeat_ngram_size=2, min_new_tokens=20, do_sample=False)
+    assert ours == ref
+
+
+def test_eos_stops_every_row_and_rows_are_cut_by_the_caller(pair):
+    engine, _ = pair
+    greedy = engine.generate(PROMPTS, 40, SamplingConfig()).tokens
+    eos = greedy[0][5]  # a token row 0 emits: make it the EOS
+    cfg = SamplingConfig(eos_ids=(eos,))
+    got = engine.generate(PROMPTS, 40, cfg).tokens
+    for g, full in zip(got, greedy):
+        assert g == full[: len(g)]  # the same tokens until it stopped
+    assert eos in got[0][:6]
+
+
+def test_sampling_is_seeded_and_honours_top_k_and_top_p(pair):
+    engine, _ = pair
+    sample = SamplingConfig(do_sample=True, temperature=1.5, top_k=0)
+    a = engine.generate(PROMPTS, 16, sample, seed=7).tokens
+    b = engine.generate(PROMPTS, 16, sample, seed=7).tokens
+    c = engine.generate(PROMPTS, 16, sample, seed=8).tokens
+    assert a == b and a != c
+    greedy = engine.generate(PROMPTS, 16, SamplingConfig()).tokens
+    assert engine.generate(PROMPTS, 16, SamplingConfig(do_sample=True, top_k=1), seed=3).tokens == greedy
+    assert engine.generate(PROMPTS, 16, SamplingConfig(do_sample=True, top_p=1e-6), seed=3).tokens == greedy
+
+
+def test_top_k_and_top_p_keep_what_transformers_keeps():
+    """The masks, on random scores, against transformers' own warpers."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from bloom_server.fast.sampling import Sampler
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 300, generator=gen) * 3
+    for k, p in ((10, 1.0), (0, 0.8), (40, 0.5)):
+        s = Sampler(SamplingConfig(do_sample=True, top_k=k, top_p=p), [[1]] * 5, vocab_size=300, device="cpu")
+        ours = torch.isfinite(s._process(scores.clone(), 0))
+        ref = scores.clone()
+        if k:
+            ref = TopKLogitsWarper(k)(None, ref)
+        if p < 1:
+            ref = TopPLogitsWarper(p)(None, ref)
+        assert torch.equal(ours, torch.isfinite(ref)), (k, p)
+
+
+def test_sampling_defaults_follow_transformers():
+    cfg = SamplingConfig.from_generate_kwargs({"do_sample": True}, eos_token_id=2, prompt_width=3)
+    assert cfg.top_k == 50 and cfg.temperature == 1.0  # transformers' GenerationConfig default
+    greedy = SamplingConfig.from_generate_kwargs({"temperature": 0.5, "min_length": 2}, eos_token_id=2, prompt_width=3)
+    assert greedy.plain_greedy and greedy.min_new_tokens == 0
+
+
+def test_nll_matches_transformers(pair):
+    engine, hf = pair
+    cond, resp = [[5, 17, 99], [42, 43]], [[4, 300, 8], [7, 8, 9, 10]]
+    ours = engine.nll(cond, resp)
+    losses, count = 0.0, 0
+    with torch.no_grad():
+        for c, r in zip(cond, resp):
+            logits = hf(input_ids=torch.tensor([c + r])).logits[0]
+            lp = torch.log_softmax(logits[len(c) - 1 : len(c) + len(r) - 1], -1)
+            losses += -lp[torch.arange(len(r)), torch.tensor(r)].sum().item()
+            count += len(r)
+    assert math.isclose(ours, losses / count, rel_tol=1e-4)
+
+
+def test_weights_from_a_state_dict_share_storage_and_random_weights_are_seeded(random_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(random_dir, torch_dtype=torch.float32)
+    shape = BloomShape.from_dir(random_dir)
+    w = from_state_dict(hf.state_dict(), shape)
+    assert w.emb.data_ptr() == hf.transformer.word_embeddings.weight.data_ptr()  # no copy for one rank
+    r1 = random_weights(shape, dtype=torch.float32, seed=3)
+    r2 = random_weights(shape, dtype=torch.float32, seed=3)
+    assert torch.equal(r1.layers[1].qkv_w, r2.layers[1].qkv_w)
+    assert not torch.equal(r1.layers[0].qkv_w, r1.layers[1].qkv_w)
+    assert bool((r1.layers[0].fc2_b != 0).all()) and bool((r1.lnf_w != 0).all())
+    assert r1.nbytes() == 4 * shape.params()

@@ -47,6 +47,7 @@ print("SERVER_SAME_TEXT", a["text"] == b["text"], a["num_generated_tokens"], b["
 cw = call(18082, "/generate/", {"text": ["Deepspeed is"], "repetition_penalty": 10.0, "top_k": 10, "do_sample": True})
 print("coreweave body on ds_inference:", cw[0], cw[1]["num_generated_tokens"])
 PY
-kill $HF $DS 2>/dev/null; wait 2>/dev/null
+kill $HF $DS 2>/dev/null; pkill -f "bloom_server serve" 2>/dev/null; sleep 2
+# (no bare `wait`: it would also wait for the tee of the log, which never ends)
 tail -3 "$OUT/ds.log"
 echo "== done in $(( $(date +%s) - START ))s"

@@ -266,3 +266,21 @@ def test_weights_from_a_state_dict_share_storage_and_random_weights_are_seeded(r
     assert not torch.equal(r1.layers[0].qkv_w, r1.layers[1].qkv_w)
     assert bool((r1.layers[0].fc2_b != 0).all()) and bool((r1.lnf_w != 0).all())
     assert r1.nbytes() == 4 * shape.params()
+
+
+def test_min_length_suppresses_eos_inside_the_captured_step(pair):
+    """min_length with an EOS the model wants early: the plain greedy path (the step's own argmax) must hold EOS
+    back exactly as transformers does, and stop rows at it after."""
+    from bloom_server.backends.base import cut_rows
+
+    engine, hf = pair
+    greedy = engine.generate(PROMPTS, 30, SamplingConfig()).tokens
+    eos = greedy[0][3]
+    width = max(map(len, PROMPTS))
+    cfg = SamplingConfig.from_generate_kwargs({"min_length": width + 12}, eos_token_id=eos, prompt_width=width)
+    assert cfg.plain_greedy and cfg.min_new_tokens == 12
+    ours = cut_rows(engine.generate(PROMPTS, 30, cfg).tokens, (30,) * 4, {eos})
+    ref = cut_rows(hf_generate(hf, PROMPTS, 30, min_length=width + 12, eos_token_id=eos, do_sample=False), (30,) * 4,
+                   {eos})  # fmt: skip
+    assert ours == ref
+    assert eos not in ours.token_ids[0][:12]

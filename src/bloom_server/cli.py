@@ -1,4 +1,4 @@
-"""Composition root: `bloom-server serve | download | launch | make-tiny-model`.
+"""Composition root: `bloom-server serve | download | launch | make-tiny-model | bench`.
 
 Parsing happens in main(), never at import. Every serve flag maps to a Settings field; a flag that is not given
 leaves the environment (BLOOM_* or the original server's variables) or the default in force.
@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="write the embedded tiny BLOOM checkpoint to a directory")
     tiny.add_argument("out_dir")
+
+    bench = sub.add_parser(
+        "bench",
+        help="decode speed of backends side by side (scripts/benchmark.py; `bloom-server bench -h` for its flags)",
+        add_help=False,
+        prefix_chars="+",  # every flag after `bench` is the benchmark's own, parsed by it
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -131,6 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return download_mod.run(args)
     if args.command == "launch":
         return _launch([a for a in args.serve_args if a != "--"])
+    if args.command == "bench":
+        from bloom_server.fast.bench import main as bench_main
+
+        extra = [] if args.local_rank_top is None else ["--local_rank", str(args.local_rank_top)]
+        return bench_main([*args.bench_args, *extra])
     if args.command == "make-tiny-model":
         from pathlib import Path
 

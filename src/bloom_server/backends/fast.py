@@ -31,6 +31,7 @@ _GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "typical_p", "repetitio
 class FastBackend(Backend):
     name = "fast"
     engine: "FastEngine | None" = None
+    supports_streaming = True  # generate() takes rank 0's listener (per-step tokens, log-probabilities, stops)
 
     def load(self) -> None:
         import torch
@@ -76,7 +77,10 @@ class FastBackend(Backend):
             self.engine.kv_cache_bytes() / 1e9,
         )
 
-    def generate(self, batch: GenerateBatch) -> GenerateOutput:
+    def generate(self, batch: GenerateBatch, listener: Any = None) -> GenerateOutput:
+        """`listener` is given on rank 0 only: each step's tokens and log-probabilities go to it, and it names rows
+        whose callers left; with one rank the call ends once every row is finished or stopped (with several, a stop
+        decided on rank 0 alone would split the ranks' collectives, so they run on)."""
         from bloom_server.fast.sampling import SamplingConfig
 
         assert self.engine is not None, "load() first"
@@ -87,6 +91,9 @@ class FastBackend(Backend):
             prompt_width=max(len(r) for r in batch.input_ids),
             defaults=self._defaults,
         )
+        stream = None
+        if listener is not None:
+            stream = _Stream(listener, batch.max_new_tokens, set(cfg.eos_ids), may_stop=self.ctx.world_size == 1)
         result = self.engine.generate(
             batch.input_ids,
             max(batch.max_new_tokens),
@@ -94,8 +101,10 @@ class FastBackend(Backend):
             seed=batch.seed,
             pad_token_id=kwargs.get("pad_token_id", batch.pad_token_id),
             max_time=kwargs.get("max_time"),
+            observer=stream,
         )
-        return cut_rows(result.tokens, batch.max_new_tokens, set(cfg.eos_ids))
+        out = cut_rows(result.tokens, batch.max_new_tokens, set(cfg.eos_ids))
+        return stream.cut_stopped(out) if stream is not None else out
 
     def forward_nll(self, batch: ForwardBatch) -> float:
         assert self.engine is not None, "load() first"
@@ -113,6 +122,70 @@ class FastBackend(Backend):
             "max_seq": e.max_seq,
             "cuda_graphs": e.cuda_graphs,
         }
+
+
+class _Stream:
+    """The engine's step observer that feeds the engine's BatchListener (see backends/base.py StreamHook for the
+    transformers side). Hand-over lags one step: step t's tokens go to the host after step t+1 is queued, so reading
+    them never leaves the GPU idle. Log-probabilities are of the scores the token was chosen from."""
+
+    def __init__(self, listener: Any, max_new: tuple[int, ...], eos_ids: set[int], may_stop: bool):
+        self.listener = listener
+        self.max_new = max_new
+        self.eos_ids = eos_ids
+        self.may_stop = may_stop
+        self.top_n = int(getattr(listener, "top_n", 0) or 0)
+        self.pending: tuple | None = None
+        self.delivered = 0  # steps handed to the listener
+        self.finished = [False] * len(max_new)  # EOS seen, or the row's own max_new_tokens reached
+        self.stopped_at: dict[int, int] = {}  # row -> tokens it had when its caller left
+
+    def observe(self, step: int, tokens: Any, logits: Any) -> None:
+        import torch
+
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        top = torch.topk(logprobs, min(self.top_n, logprobs.shape[-1]), dim=-1) if self.top_n else None
+        nxt = (tokens.clone(), chosen, None if top is None else (top.indices, top.values))
+        self._deliver()
+        self.pending = nxt
+
+    def _deliver(self) -> None:
+        if self.pending is None:
+            return
+        tokens_d, chosen_d, top_d = self.pending
+        self.pending = None
+        tokens, logprobs = tokens_d.tolist(), chosen_d.tolist()
+        top = None if top_d is None else [list(zip(i, v)) for i, v in zip(top_d[0].tolist(), top_d[1].tolist())]
+        self.listener.on_tokens(tokens, logprobs, top)
+        self.delivered += 1
+        for row, tok in enumerate(tokens):
+            if tok in self.eos_ids or self.delivered >= self.max_new[row]:
+                self.finished[row] = True
+        if self.may_stop:
+            for row in self.listener.stopped_rows():
+                if row < len(self.finished) and not self.finished[row]:
+                    self.stopped_at.setdefault(row, self.delivered)
+
+    def stop(self) -> bool:
+        """With one rank: every row finished or stopped (by what the listener has seen so far)."""
+        return self.may_stop and all(f or r in self.stopped_at for r, f in enumerate(self.finished))
+
+    def finish(self) -> None:
+        self._deliver()
+
+    def cut_stopped(self, out: GenerateOutput) -> GenerateOutput:
+        """Rows whose callers left carry tokens past the stop: cut them there (finish reason: time, as the hf
+        backend reports it)."""
+        if not self.stopped_at:
+            return out
+        from bloom_server.types import FinishReason
+
+        rows, reasons = list(out.token_ids), list(out.finish_reasons)
+        for row, n in self.stopped_at.items():
+            if len(rows[row]) > n:
+                rows[row], reasons[row] = rows[row][:n], FinishReason.TIME
+        return GenerateOutput(tuple(rows), tuple(reasons))
 
 
 def _generation_defaults(model_dir: Any) -> dict[str, Any]:

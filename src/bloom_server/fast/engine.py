@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 PREFILL_SCORE_BUDGET = 256 << 20
 # With an EOS to watch for, the host looks at the device's "all finished" flag once per this many steps.
 EOS_CHECK_EVERY = 16
+# EOS ids the captured step can suppress at once (a call with more falls back to the eager sampler).
+EOS_SLOTS = 4
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -54,6 +56,18 @@ def seq_bucket(need: int, max_seq: int) -> int:
         if need <= b:
             return min(b, max_seq)
     return min(-(-need // 256) * 256, max_seq)
+
+
+class StepObserver:
+    """Sees each step of `FastEngine.generate` (rank 0's streaming): `observe` gets the step's chosen tokens [n] and
+    logits [n, V] on the device (valid until the next step); `stop` is asked before each step; `finish` at the end."""
+
+    def observe(self, step: int, tokens: torch.Tensor, logits: torch.Tensor) -> None: ...
+
+    def stop(self) -> bool:
+        return False
+
+    def finish(self) -> None: ...
 
 
 @dataclass
@@ -87,6 +101,10 @@ class FastEngine:
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.rows = torch.arange(max_batch, device=self.device)
         self.host_pos = [0] * max_batch  # host mirror of self.pos for live slots: picks the bucket, no sync
+        # EOS suppression inside the captured step (min_length / min_new_tokens): eos_bias (0 or -inf) is added to
+        # the logits of the EOS_SLOTS columns eos_cols before the argmax. Set per generate call, no recapture.
+        self.eos_cols = torch.zeros(EOS_SLOTS, dtype=torch.long, device=self.device)
+        self.eos_bias = torch.zeros((), dtype=self.dtype, device=self.device)
         self.live = [False] * max_batch
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -172,9 +190,21 @@ class FastEngine:
         for li in range(self.shape.n_layer):
             x = m.decode_layer(li, x, bias, self.k_cache[li], self.v_cache[li], rows, pos, S, prefix=True)
         logits = m.logits(x)
-        tok.copy_(torch.argmax(logits, dim=-1))
+        tok.copy_(self._greedy(logits))
         pos.add_(1)
         return logits
+
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Argmax after the EOS suppression (in place on logits [B, V]: the sampler sees the same scores)."""
+        logits[:, self.eos_cols] += self.eos_bias
+        return torch.argmax(logits, dim=-1)
+
+    def suppress_eos(self, eos_ids: Sequence[int], on: bool) -> None:
+        """Forbid (on) or allow the EOS ids in the step's own argmax. A few device writes; no recapture."""
+        if eos_ids:
+            ids = (list(eos_ids) * EOS_SLOTS)[:EOS_SLOTS]  # repeats are harmless: the same bias, written twice
+            self.eos_cols.copy_(torch.tensor(ids, dtype=torch.long))
+        self.eos_bias.fill_(float("-inf") if (on and eos_ids) else 0.0)
 
     def _graph(self, B: int, S: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (B, S)
@@ -240,7 +270,7 @@ class FastEngine:
         for li in range(self.shape.n_layer):
             x = m.decode_layer(li, x, bias, self.k_cache[li], self.v_cache[li], rows, pos, S, prefix=False)
         logits = m.logits(x)
-        self.tok[rows] = torch.argmax(logits, dim=-1)
+        self.tok[rows] = self._greedy(logits)
         self.pos[rows] = pos + 1
         for s in slot_ids:
             self.host_pos[s] += 1
@@ -296,9 +326,11 @@ class FastEngine:
         seed: int = 0,
         pad_token_id: int = 0,
         max_time: float | None = None,
+        observer: "StepObserver | None" = None,
     ) -> GenerateResult:
         """Greedy or sampled continuation of each prompt, max_new_tokens each (or fewer for every row, once every row
-        has produced an EOS at or after min_new_tokens, or max_time ran out). Rows use slots [0, n)."""
+        has produced an EOS at or after min_new_tokens, or max_time ran out, or the observer says stop). Rows use
+        slots [0, n). `observer` sees each step's tokens and logits on the device, right after they are chosen."""
         cfg = cfg or SamplingConfig()
         n = len(prompts)
         if n > self.max_batch:
@@ -307,6 +339,9 @@ class FastEngine:
         if longest + max_new_tokens > self.max_seq:
             raise ValueError(f"{longest} + {max_new_tokens} tokens; the engine holds {self.max_seq} per slot")
         start = time.monotonic()
+        suppress = cfg.min_new_tokens > 0 and bool(cfg.eos_ids)
+        if suppress and len(cfg.eos_ids) > EOS_SLOTS:
+            cfg = replace(cfg, in_graph_eos=False)  # the sampler masks them itself then
         sampler = Sampler(
             cfg,
             prompts,
@@ -317,11 +352,14 @@ class FastEngine:
             pad_token_id=pad_token_id,
         )
         slots = list(range(n))
+        self.suppress_eos(cfg.eos_ids, suppress and cfg.in_graph_eos)
         out = torch.empty((n, max_new_tokens), dtype=torch.long, device=self.device)
         logits = self.prefill(slots, prompts)
         first = sampler(logits, 0)
         out[:, 0] = first
         self.tok[:n].copy_(first)
+        if observer is not None:
+            observer.observe(0, out[:, 0], logits)
         eos = sampler.eos
         done = torch.isin(first, eos) if eos is not None else None
         produced, timed_out = 1, False
@@ -332,13 +370,22 @@ class FastEngine:
             if max_time is not None and time.monotonic() - start > max_time:
                 timed_out = True
                 break
+            if observer is not None and observer.stop():
+                break
+            if t == cfg.min_new_tokens and suppress:
+                self.suppress_eos(cfg.eos_ids, False)
             nxt = self.decode(slots, None, sampler, t)
             out[:, t] = nxt
             produced = t + 1
+            if observer is not None:
+                observer.observe(t, out[:, t], self.last_logits)  # type: ignore[arg-type]
             if done is not None:
                 done |= torch.isin(nxt, eos)
+        if observer is not None:
+            observer.finish()
         for s in slots:
             self.release(s)
+        self.suppress_eos((), False)
         return GenerateResult(out[:, :produced].tolist(), timed_out)
 
     # ---- scoring ----

@@ -39,6 +39,8 @@ class SamplingConfig:
     forced_bos_token_id: int | None = None
     forced_eos_token_id: tuple[int, ...] | None = None
     exponential_decay_length_penalty: tuple[int, float] | None = None
+    # The engine's captured step suppresses EOS itself before min_new_tokens (greedy needs no logits then).
+    in_graph_eos: bool = True
 
     @classmethod
     def from_generate_kwargs(
@@ -50,7 +52,8 @@ class SamplingConfig:
         defaults: dict[str, Any] | None = None,
     ) -> "SamplingConfig":
         """kwargs as the server validated them (transformers names). prompt_width: the longest prompt of the call,
-        which is what transformers counts min_length from (its left-padded input)."""
+        which is what transformers counts min_length from (its left-padded input). min_new_tokens (not an API
+        setting; the benchmark forces its token count with it) is honoured too."""
         d = {**HF_DEFAULTS, **(defaults or {}), **kwargs}
         eos = d.get("eos_token_id", eos_token_id)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
@@ -63,7 +66,9 @@ class SamplingConfig:
             top_k=int(d["top_k"] or 0) if do_sample else 0,
             top_p=float(d["top_p"]) if do_sample else 1.0,
             repetition_penalty=float(d["repetition_penalty"]),
-            min_new_tokens=max(0, int(d.get("min_length") or 0) - prompt_width) if eos_ids else 0,
+            min_new_tokens=max(int(d.get("min_length") or 0) - prompt_width, int(d.get("min_new_tokens") or 0), 0)
+            if eos_ids
+            else 0,
             eos_ids=eos_ids,
             typical_p=float(d["typical_p"]) if do_sample else 1.0,
             no_repeat_ngram_size=int(d.get("no_repeat_ngram_size") or 0),
@@ -93,7 +98,7 @@ class SamplingConfig:
         return (
             not self.do_sample
             and self.repetition_penalty == 1.0
-            and self.min_new_tokens == 0
+            and (self.min_new_tokens == 0 or self.in_graph_eos)
             and not self.uses_transformers
         )
 

@@ -83,8 +83,10 @@ class TPGroup:
         import torch
         import torch.distributed as dist
 
-        # all_gather_into_tensor stacks along dim 0: gather [world, rows, n], then lay the parts side by side.
+        # Gather into [world * rows, n] (rank-major along dim 0), then lay the ranks' parts side by side.
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.empty((self.world, *rows.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, rows, group=self.group)
-        return out.permute(1, 0, 2).reshape(*x.shape[:-1], self.world * x.shape[-1])
+        out = torch.empty((self.world * rows.shape[0], rows.shape[1]), dtype=x.dtype, device=x.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        gather(out, rows, group=self.group)
+        out = out.view(self.world, *rows.shape).permute(1, 0, 2)
+        return out.reshape(*x.shape[:-1], self.world * x.shape[-1])

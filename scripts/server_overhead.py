@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""What the HTTP and scheduling path costs, on the CPU: the real app in front of an instant fake model, against a
+bare FastAPI route that takes the same JSON body, in one run (issue 8, target 5).
+
+Each server runs in its own process pinned to one core (uvicorn, the same settings for both); the load generator,
+a keep-alive HTTP/1.1 client on asyncio, runs on another core. Reported per server:
+  - latency at concurrency 1 (one connection, requests back to back): p50 / p90 / p99, and the p50 added over the
+    bare route;
+  - requests/s at --concurrency connections for --seconds.
+Variants: `bare` (FastAPI, parse the body, answer), `app` (the real app: validation, tokenizer, batcher, lockstep
+runner interface, response; the runner answers at once), `app-nowait` (the same with --batch-wait-ms 0, which
+separates the batcher's gathering wait from the rest of the path).
+
+    python scripts/server_overhead.py                         # defaults: 2000 requests, 32 connections, 5 s
+    python scripts/server_overhead.py --requests 300 --seconds 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+BODY = {"text": ["Hello world, this is a short prompt"], "max_new_tokens": 8}
+VARIANTS = ("bare", "app", "app-nowait")
+
+
+# ---- the servers (child processes) ----
+
+
+def bare_app() -> Any:
+    from fastapi import Body, FastAPI
+
+    app = FastAPI()
+
+    @app.post("/generate/")
+    async def generate(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's idiom
+        texts = body["text"]
+        n = int(body.get("max_new_tokens", 8))
+        return {"text": [t + " x" * n for t in texts], "num_generated_tokens": [n] * len(texts), "query_id": 0,
+                "total_time_taken": "0.00 secs", "method": "generate", "is_encoder_decoder": False}  # fmt: skip
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        return {"ready": True}
+
+    return app
+
+
+class InstantRunner:
+    """The lockstep runner's interface with no model behind it: every step is answered at once, on the caller's
+    thread. generate: each row gets max_new_tokens copies of one token (finish reason: length)."""
+
+    dead = None
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def submit(self, kind: str, payload: Any = None, listener: Any = None) -> concurrent.futures.Future:
+        from bloom_server.types import FinishReason, GenerateOutput
+
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if kind == "generate":
+            rows = tuple((self.token,) * n for n in payload.max_new_tokens)
+            fut.set_result(GenerateOutput(rows, (FinishReason.LENGTH,) * len(rows)))
+        else:
+            fut.set_result(0.0 if kind == "forward" else None)
+        return fut
+
+
+def real_app(batch_wait_ms: float) -> Any:
+    from bloom_server.api.app import create_app
+    from bloom_server.engine.core import Engine
+    from bloom_server.engine.tokenizer import TextTokenizer
+    from bloom_server.settings import load_settings
+    from bloom_server.tiny import ensure_tiny_model
+    from bloom_server.types import ModelInfo
+
+    model = ensure_tiny_model()
+    settings = load_settings(model=str(model), batch_wait_ms=batch_wait_ms, log_level="warning")
+    engine = Engine(settings)
+
+    def boot() -> None:
+        tokenizer = TextTokenizer(model)
+        token = (tokenizer.encode(" x") or [5])[0]
+        info = ModelInfo(model_id="tiny", model_dir=str(model), backend="instant", dtype="none", world_size=1,
+                         max_total_tokens=settings.total_tokens_limit)  # fmt: skip
+        engine.attach(InstantRunner(token), tokenizer, info)
+        engine.warmup()
+
+    return create_app(engine, settings, "tiny", on_startup=boot)
+
+
+def serve(variant: str, port: int, core: int | None) -> None:
+    import uvicorn
+
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    app = bare_app() if variant == "bare" else real_app(0.0 if variant == "app-nowait" else 5.0)
+    # The same server settings for both; access log off (a log line per request would be measured too).
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# ---- the load generator ----
+
+
+def request_bytes(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    head = (f"POST /generate/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n")  # fmt: skip
+    return head.encode() + data
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes) -> None:
+    writer.write(req)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = head[9:12]
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    if status != b"200":
+        raise RuntimeError(f"HTTP {status.decode()}: {head[:200]!r}")
+
+
+async def latencies(port: int, n: int, req: bytes) -> list[float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await _exchange(reader, writer, req)
+        out.append(time.perf_counter() - t)
+    writer.close()
+    return out
+
+
+async def throughput(port: int, conns: int, seconds: float, req: bytes) -> float:
+    stop = time.perf_counter() + seconds
+    counts = [0] * conns
+
+    async def worker(i: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.perf_counter() < stop:
+            await _exchange(reader, writer, req)
+            counts[i] += 1
+        writer.close()
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(conns)))
+    return sum(counts) / (time.perf_counter() - t)
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("server not ready")
+
+
+def measure(variant: str, args: argparse.Namespace, server_core: int | None) -> dict[str, Any]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, __file__, "--serve", variant, "--port", str(port)]
+    if server_core is not None:
+        cmd += ["--core", str(server_core)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
+    try:
+        wait_ready(port, proc)
+        req = request_bytes(BODY)
+        asyncio.run(latencies(port, max(50, args.requests // 10), req))  # warm-up
+        lat = sorted(asyncio.run(latencies(port, args.requests, req)))
+        rps = asyncio.run(throughput(port, args.concurrency, args.seconds, req))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    q = statistics.quantiles(lat, n=100)
+    return {"variant": variant, "p50_ms": 1e3 * statistics.median(lat), "p90_ms": 1e3 * q[89],
+            "p99_ms": 1e3 * q[98], "rps": rps, "requests": len(lat)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=2000, help="requests for the concurrency-1 latency")
+    p.add_argument("--concurrency", type=int, default=32, help="connections for the throughput phase")
+    p.add_argument("--seconds", type=float, default=5.0, help="length of the throughput phase")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--core", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve:
+        serve(args.serve, args.port, args.core)
+        return 0
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    server_core = cores[0] if len(cores) >= 2 else None
+    if len(cores) >= 2:
+        os.sched_setaffinity(0, {cores[1]})  # the client on another core than the server
+    results = [measure(v, args, server_core) for v in args.variants.split(",")]
+    bare = next((r for r in results if r["variant"] == "bare"), None)
+    print(f"# server overhead: {len(cores) or '?'} cores, server pinned to core {server_core}, client on another; "
+          f"{args.requests} requests at concurrency 1, then {args.concurrency} connections for {args.seconds:.0f} s; "
+          f"body {json.dumps(BODY)}")  # fmt: skip
+    print("| server | p50 ms | p90 ms | p99 ms | p50 added vs bare | requests/s (1 core) | vs bare |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        added = f"{r['p50_ms'] - bare['p50_ms']:+.2f} ms" if bare else "-"
+        ratio = f"{r['rps'] / bare['rps']:.2f}" if bare else "-"
+        print(f"| {r['variant']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {added} | "
+              f"{r['rps']:.0f} | {ratio} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

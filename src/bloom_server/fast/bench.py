@@ -1,0 +1,474 @@
+"""`bloom-server bench` (and scripts/benchmark.py): decode speed of any backend, side by side on the same weights.
+
+Every backend runs the server's own code path, `backend.generate(GenerateBatch)`, greedy with min_new_tokens ==
+max_new_tokens so every variant does the same work. For each batch size: one generate (the original's
+"Tokenize and generate" span, graph capture included), then `--cycles` timed generates of --new-tokens and of 1
+token (prefill only), synchronized, medians. ms/step = (full - prefill) / (new - 1). The memory floor of a step is
+(this rank's weight bytes + the K/V bytes a step reads on average) / bandwidth, the compute floor 2 * params per
+row / matrix rate; the larger is the floor, and `floor` is floor / ms_step. Under the deepspeed launcher every rank
+runs (fast and ds_inference split the model over the ranks), rank 0 prints.
+
+    bloom-server bench --backend fast,hf --random-weights 7b1 --batch-size 1,8,32 --new-tokens 100
+    bloom-server bench --backend hf --model /models/bloom-560m --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("bloom_server.bench")
+
+BACKENDS = ("fast", "hf", "ds_inference")
+
+
+@dataclass
+class Row:
+    backend: str
+    batch_size: int
+    new_tokens: int
+    ms_step: float
+    ms_token: float
+    tokens_per_s: float
+    prefill_ms: float
+    generate_s: float
+    floor_ms: float
+    floor_fraction: float
+    floor_kind: str
+    peak_gb: float | None
+    tokens_equal_hf: str = ""
+    runs_s: list[float] = field(default_factory=list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bloom-server bench", description=__doc__.splitlines()[0])
+    p.add_argument("--backend", default="fast", help="comma list of fast | hf | ds_inference (run in that order)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a BLOOM checkpoint directory (default: the embedded tiny model)")
+    src.add_argument("--random-weights", choices=["560m", "7b1", "176b", "tiny"], help="random weights of a shape")
+    p.add_argument("--layers", type=int, default=None, help="with --random-weights: this many layers")
+    p.add_argument("--batch-size", default="1", help="comma list, e.g. 1,8,32")
+    p.add_argument("--new-tokens", type=int, default=100)
+    p.add_argument("--input-tokens", type=int, default=8, help="prompt length (random token ids)")
+    p.add_argument("--cycles", type=int, default=5, help="timed generates per batch size (median)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth (default: measured)")
+    p.add_argument("--tflops", type=float, default=None, help="matrix rate (default: measured on a GPU)")
+    p.add_argument("--check-tokens", action="store_true", help="compare greedy tokens with hf on the same weights")
+    p.add_argument("--no-graphs", action="store_true", help="fast: run the decode step eagerly (no CUDA graphs)")
+    p.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many seconds")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+# ---- the machine ----
+
+
+def _sync(torch: Any) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth_gbs(torch: Any, device: Any) -> float:
+    """Device copy of 1 GiB (256 MiB on CPU), bytes read + written over the median time."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 26)
+    a = torch.ones(n, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(8):
+        _sync(torch)
+        t = time.perf_counter()
+        b.copy_(a)
+        _sync(torch)
+        times.append(time.perf_counter() - t)
+    return 2 * a.numel() * 4 / statistics.median(times[2:]) / 1e9
+
+
+def measure_tflops(torch: Any, device: Any, dtype: Any) -> float | None:
+    if device.type != "cuda":
+        return None
+    n = 8192
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    for _ in range(3):
+        a @ b
+    _sync(torch)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    _sync(torch)
+    return 2 * n**3 * 10 / (time.perf_counter() - t) / 1e12
+
+
+# ---- the models ----
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        import torch
+
+        from bloom_server.types import RankContext
+
+        self.args = args
+        self.torch = torch
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank is not None else 0))
+        cuda = torch.cuda.is_available()
+        self.ctx = RankContext(rank=rank, world_size=world, local_rank=local, device_type="cuda" if cuda else "cpu")
+        self.device = torch.device("cuda", local) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if args.dtype == "auto":
+            self.dtype = torch.float16 if cuda else torch.float32
+        else:
+            self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        self.batch_sizes = [int(b) for b in str(args.batch_size).split(",") if b]
+        self.max_seq = args.input_tokens + args.new_tokens
+        self._weights = None
+        self._hf_model = None
+        self._hf_outputs: dict[int, list[list[int]]] = {}
+        self.t_start = time.time()
+        self.shape = self._shape()
+        self.model_dir = self._model_dir()
+
+    @property
+    def leader(self) -> bool:
+        return self.ctx.rank == 0
+
+    def say(self, *a: Any) -> None:
+        if self.leader:
+            print(*a, flush=True)
+
+    def _shape(self) -> Any:
+        from bloom_server.fast.shapes import PRESETS, BloomShape
+
+        if self.args.random_weights:
+            shape = PRESETS.get(self.args.random_weights) or BloomShape(2048, 64, 2, 4)
+            return shape.with_layers(self.args.layers) if self.args.layers else shape
+        return BloomShape.from_dir(self._model_path())
+
+    def _model_path(self) -> Path:
+        if self.args.model:
+            from bloom_server.model_dir import resolve_model_dir
+
+            return resolve_model_dir(self.args.model).path
+        from bloom_server.tiny import ensure_tiny_model
+
+        return ensure_tiny_model()
+
+    def _model_dir(self) -> Any:
+        from bloom_server.model_dir import ModelDir
+
+        if self.args.random_weights:
+            name = f"random-{self.args.random_weights}-{self.shape.n_layer}l"
+            return ModelDir(path=Path("."), layout="hf", model_id=name)
+        path = self._model_path()
+        return ModelDir(path=path, layout="hf", model_id=path.name)
+
+    def settings(self, backend: str) -> Any:
+        from bloom_server.settings import load_settings
+
+        dtype = {self.torch.float16: "fp16", self.torch.bfloat16: "bf16", self.torch.float32: "fp32"}[self.dtype]
+        return load_settings(
+            backend=backend,
+            dtype=dtype,
+            max_batch_size=max(self.batch_sizes),
+            max_input_length=self.args.input_tokens,
+            max_new_tokens=self.args.new_tokens,
+            max_total_tokens=self.max_seq,
+            warmup=False,
+        )
+
+    def weights(self) -> Any:
+        """This rank's fast-engine weights: random (seeded, built on the device) or read from the checkpoint."""
+        if self._weights is None:
+            from bloom_server.fast.tp import TPGroup
+            from bloom_server.fast.weights import from_checkpoint, random_weights
+
+            tp = TPGroup(rank=self.ctx.rank, world=self.ctx.world_size)
+            if self.args.random_weights:
+                self._weights = random_weights(self.shape, tp, dtype=self.dtype, device=self.device, seed=0)
+            else:
+                self._weights = from_checkpoint(self.model_dir.path, self.shape, tp, self.dtype, self.device)
+        return self._weights
+
+    def hf_model(self) -> Any:
+        """A transformers model on this rank's device. With random weights it is built on the meta device and takes
+        the fast engine's tensors (one rank: the same storage, so both fit where one does)."""
+        if self._hf_model is None:
+            torch = self.torch
+            from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
+
+            if self.args.random_weights:
+                if self.ctx.world_size > 1:
+                    from bloom_server.fast.weights import random_weights
+
+                    full = random_weights(self.shape, None, dtype=self.dtype, device=self.device, seed=0)
+                else:
+                    full = self.weights()
+                config = BloomConfig(**self.shape.to_hf_config(), torch_dtype=self.dtype)
+                with torch.device("meta"):
+                    model = BloomForCausalLM(config)
+                model.load_state_dict(full.to_hf_state_dict(), assign=True, strict=True)
+                model.tie_weights()
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(self.model_dir.path), torch_dtype=self.dtype)
+                model.to(self.device)
+            self._hf_model = model.eval()
+        return self._hf_model
+
+    def backend(self, name: str) -> Any:
+        """The project's backend object around the model (the server's generate path), without reloading."""
+        settings = self.settings(name)
+        if name == "fast":
+            from bloom_server.backends.fast import FastBackend
+            from bloom_server.fast.engine import FastEngine
+            from bloom_server.fast.tp import TPGroup
+
+            b = FastBackend(settings, self.model_dir, self.ctx)
+            b.engine = FastEngine(
+                self.weights(),
+                self.shape,
+                max_batch=max(self.batch_sizes),
+                max_seq=self.max_seq,
+                tp=TPGroup(rank=self.ctx.rank, world=self.ctx.world_size),
+                cuda_graphs=False if self.args.no_graphs else None,
+            )
+            b._defaults, b._dtype = {}, str(self.dtype).replace("torch.", "")
+            return b
+        if name == "hf":
+            from bloom_server.backends.hf import HFBackend
+
+            b = HFBackend(settings, self.model_dir, self.ctx)
+            b.model, b.input_device = self.hf_model(), self.device
+            return b
+        if name == "ds_inference":
+            from bloom_server.backends.ds_inference import (
+                DSInferenceBackend,
+                ensure_distributed,
+                import_deepspeed,
+                restore_head_dtype,
+            )
+
+            deepspeed = import_deepspeed(name)
+            ensure_distributed(deepspeed, self.ctx)
+            model = self.hf_model()
+            self._hf_model = None  # kernel injection rewrites the model in place: hf cannot run after this
+            engine = deepspeed.init_inference(
+                model,
+                dtype=self.dtype,
+                tensor_parallel={"tp_size": self.ctx.world_size},
+                replace_with_kernel_inject=True,
+                max_tokens=self.max_seq,
+            )
+            restore_head_dtype(engine.module, self.dtype)
+            b = DSInferenceBackend(settings, self.model_dir, self.ctx)
+            b.model, b.input_device = engine, self.device
+            return b
+        raise SystemExit(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")
+
+    # ---- one measurement ----
+
+    def prompts(self, bs: int) -> list[tuple[int, ...]]:
+        import random
+
+        rng = random.Random(1234)
+        lo = min(10, self.shape.vocab_size // 2)  # skip the special tokens at the start of BLOOM's vocabulary
+        return [tuple(rng.randrange(lo, self.shape.vocab_size) for _ in range(self.args.input_tokens)) for _ in range(bs)]
+
+    def batch(self, bs: int, new: int) -> Any:
+        from bloom_server.types import GenerateBatch, SamplingParams
+
+        params = SamplingParams.from_dict({"do_sample": False, "min_new_tokens": new})
+        return GenerateBatch(self.prompts(bs), (new,) * bs, params, seed=0, pad_token_id=3, eos_token_id=2)
+
+    def timed(self, backend: Any, bs: int, new: int) -> tuple[float, Any]:
+        torch = self.torch
+        _sync(torch)
+        t = time.perf_counter()
+        out = backend.generate(self.batch(bs, new))
+        _sync(torch)
+        return time.perf_counter() - t, out
+
+    def prepare(self, name: str) -> tuple[Any, float]:
+        """The backend, and the seconds from process start until it was ready (the original's "start to ready")."""
+        backend = self.backend(name)
+        return backend, time.time() - self.t_start
+
+    def measure(self, name: str, backend: Any, ready_s: float, bs: int, floors: dict[str, float | None]) -> Row:
+        torch = self.torch
+        args = self.args
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        span, out = self.timed(backend, bs, args.new_tokens)  # the original's first generate (graph capture here)
+        assert all(len(t) == args.new_tokens for t in out.token_ids), "a row stopped early"
+        full, prefill = [], []
+        for _ in range(args.cycles):
+            dt, out = self.timed(backend, bs, args.new_tokens)
+            full.append(dt)
+        for _ in range(max(2, args.cycles // 2)):
+            prefill.append(self.timed(backend, bs, 1)[0])
+        tokens = [list(t) for t in out.token_ids]
+        med_full, med_prefill = statistics.median(full), statistics.median(prefill)
+        ms_step = 1e3 * (med_full - med_prefill) / max(1, args.new_tokens - 1)
+        floor_ms, kind = self.floor_ms(name, bs, floors)
+        peak = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None
+        equal = ""
+        if name == "hf":
+            self._hf_outputs[bs] = tokens
+        elif bs in self._hf_outputs:
+            equal = _compare(tokens, self._hf_outputs[bs])
+        row = Row(
+            backend=name, batch_size=bs, new_tokens=args.new_tokens, ms_step=ms_step, ms_token=ms_step / bs,
+            tokens_per_s=bs * args.new_tokens / med_full, prefill_ms=1e3 * med_prefill, generate_s=span,
+            floor_ms=floor_ms, floor_fraction=floor_ms / ms_step if ms_step > 0 else 0.0, floor_kind=kind,
+            peak_gb=peak, tokens_equal_hf=equal, runs_s=full,
+        )  # fmt: skip
+        total_tokens = args.cycles * bs * args.new_tokens
+        self.say(f"\n# {name} bs={bs} ({self.model_dir.model_id}, {self.dtype}, {self.ctx.world_size} rank(s))")
+        # The original block, byte for byte (bloom-inference-scripts --benchmark).
+        self.say(
+            f"""
+*** Performance stats:
+Throughput per token including tokenize: {sum(full) / total_tokens * 1000:.2f} msecs
+Start to ready to generate: {ready_s:.3f} secs
+Tokenize and generate {total_tokens} (bs={bs}) tokens: {span:.3f} secs
+Start to finish: {ready_s + span:.3f} secs
+"""
+        )
+        self.say(
+            f"decode: {ms_step:.2f} ms/step, {row.ms_token:.3f} ms/token, {row.tokens_per_s:.0f} tokens/s; "
+            f"prefill {row.prefill_ms:.1f} ms; floor {floor_ms:.2f} ms ({kind}) -> {100 * row.floor_fraction:.0f}% "
+            f"of it; peak {'-' if peak is None else f'{peak:.1f} GB'}"
+            + (f"; greedy tokens vs hf: {equal}" if equal else "")
+        )
+        return row
+
+    def past_deadline(self) -> bool:
+        return bool(self.args.deadline_s) and time.time() - self.t_start > self.args.deadline_s
+
+    def floor_ms(self, name: str, bs: int, floors: dict[str, float | None]) -> tuple[float, str]:
+        """Bytes this rank must read per decode step over bandwidth, or FLOPs over the matrix rate: the larger."""
+        w = self.weights() if name == "fast" or self._weights is not None else None
+        shape = self.shape
+        world = self.ctx.world_size
+        weight_bytes = w.nbytes() if w is not None else shape.params() * self.dtype.itemsize // world
+        avg_keys = self.args.input_tokens + self.args.new_tokens / 2
+        kv_bytes = bs * avg_keys * shape.kv_bytes_per_token(self.dtype.itemsize) / world
+        mem_ms = 1e3 * (weight_bytes + kv_bytes) / (floors["bandwidth_gbs"] * 1e9)  # type: ignore[operator]
+        if floors.get("tflops"):
+            flop_ms = 1e3 * 2 * shape.params() / world * bs / (floors["tflops"] * 1e12)  # type: ignore[operator]
+            if flop_ms > mem_ms:
+                return flop_ms, "compute"
+        return mem_ms, "memory"
+
+
+def _compare(ours: list[list[int]], ref: list[list[int]]) -> str:
+    same = sum(a == b for a, b in zip(ours, ref))
+    if same == len(ref):
+        return f"equal ({same}/{len(ref)} rows)"
+    first = min(next(i for i, (x, y) in enumerate(zip(a, b)) if x != y) for a, b in zip(ours, ref) if a != b)
+    return f"DIFFER ({same}/{len(ref)} rows equal; first difference at token {first})"
+
+
+def table(rows: Sequence[Row]) -> str:
+    head = "| backend | bs | ms/step | ms/token | tokens/s | prefill ms | floor ms | % of floor | peak GB | greedy vs hf |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        peak = f"{r.peak_gb:.1f}" if r.peak_gb is not None else "-"
+        lines.append(
+            f"| {r.backend} | {r.batch_size} | {r.ms_step:.2f} | {r.ms_token:.3f} | {r.tokens_per_s:.0f} | "
+            f"{r.prefill_ms:.1f} | {r.floor_ms:.2f} ({r.floor_kind}) | {100 * r.floor_fraction:.0f}% | {peak} | "
+            f"{r.tokens_equal_hf or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("BLOOM_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    names = [n.strip() for n in args.backend.split(",") if n.strip()]
+    for n in names:
+        if n not in BACKENDS:
+            print(f"bloom-server bench: unknown backend {n!r} (choose from {', '.join(BACKENDS)})", file=sys.stderr)
+            return 2
+    if args.check_tokens and "hf" not in names:
+        names.insert(0, "hf")
+    if "hf" in names:
+        names.remove("hf")
+        names.insert(0, "hf")  # the reference tokens first, and before kernel injection rewrites the model
+    bench = Bench(args)
+    torch = bench.torch
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        floors: dict[str, float | None] = {
+            "bandwidth_gbs": args.bandwidth_gbs or measure_bandwidth_gbs(torch, bench.device),
+            "tflops": args.tflops or measure_tflops(torch, bench.device, bench.dtype),
+        }
+    shape = bench.shape
+    bench.say(
+        f"# bloom-server bench: {bench.model_dir.model_id} ({shape.n_layer} layers, hidden {shape.hidden_size}, "
+        f"{shape.n_head} heads, {shape.params() / 1e9:.2f} B params), {bench.dtype}, device "
+        f"{torch.cuda.get_device_name(bench.device) if bench.device.type == 'cuda' else 'cpu'}, "
+        f"{bench.ctx.world_size} rank(s); torch {torch.__version__}; bandwidth {floors['bandwidth_gbs']:.0f} GB/s"
+        + (f", matrix rate {floors['tflops']:.0f} TFLOP/s" if floors["tflops"] else "")
+        + f"; input {args.input_tokens} tokens, {args.new_tokens} new, greedy, min_new_tokens == max_new_tokens"
+    )
+    rows: list[Row] = []
+
+    def save() -> None:  # after each measurement: a later crash keeps what was measured
+        if args.json and bench.leader:
+            Path(args.json).write_text(json.dumps({"floors": floors, "rows": [asdict(r) for r in rows]}, indent=2))
+
+    # Batch size by batch size over the backends that share the weights (hf and fast), so a deadline trims the
+    # largest batches of each rather than a whole backend; kernel injection rewrites the model in place, so it last.
+    shared = [n for n in names if n != "ds_inference"]
+    ready: dict[str, tuple[Any, float]] = {}
+    for name in shared:
+        try:
+            ready[name] = bench.prepare(name)
+        except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the others' numbers
+            log.exception("%s failed to load", name)
+            bench.say(f"# {name}: FAILED to load: {type(exc).__name__}: {exc}")
+    for bs in bench.batch_sizes:
+        for name, (backend, ready_s) in ready.items():
+            if bench.past_deadline():
+                bench.say(f"# {name} bs={bs}: skipped, past --deadline-s {args.deadline_s:.0f}")
+                continue
+            try:
+                rows.append(bench.measure(name, backend, ready_s, bs, floors))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("%s bs=%d failed", name, bs)
+                bench.say(f"# {name} bs={bs}: FAILED: {type(exc).__name__}: {exc}")
+            save()
+    ready.clear()
+    if "ds_inference" in names and not bench.past_deadline():
+        try:
+            backend, ready_s = bench.prepare("ds_inference")
+            for bs in bench.batch_sizes:
+                if bench.past_deadline():
+                    bench.say(f"# ds_inference bs={bs}: skipped, past --deadline-s {args.deadline_s:.0f}")
+                    continue
+                rows.append(bench.measure("ds_inference", backend, ready_s, bs, floors))
+                save()
+        except Exception as exc:  # noqa: BLE001
+            log.exception("ds_inference failed")
+            bench.say(f"# ds_inference: FAILED: {type(exc).__name__}: {exc}")
+    bench.say("\n" + table(rows))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable
+from importlib import resources
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
 
 from bloom_server import __version__
-from bloom_server.api import routes_bloom, routes_health
+from bloom_server.api import routes_bloom, routes_health, routes_info, routes_kserve, routes_openai, routes_tgi
 from bloom_server.api.errors import install_error_handlers
-from bloom_server.api.middleware import BodySizeLimit, JSONByDefault
+from bloom_server.api.logs import apply_log_format
+from bloom_server.api.middleware import ApiKeyAuth, BodySizeLimit, JSONByDefault, RequestContext
+from bloom_server.engine.chat import ChatTemplate
 from bloom_server.engine.core import Engine
+from bloom_server.engine.requests import Cancelled, DeadlineExceeded, GenRequest
+from bloom_server.errors import ConfigError
+from bloom_server.metrics import Metrics
 from bloom_server.settings import Settings
+
+DESCRIPTION = """BLOOM inference over HTTP.
+
+Surfaces: the original server's routes (`/generate`, `/tokenize`, `/forward`, `/query_id`), Text Generation
+Inference's (`/generate_stream`, `POST /`, TGI's body on `/generate`), OpenAI's (`/v1/completions`,
+`/v1/chat/completions`, `/v1/models`), KServe's (`/v2/...`, `/v1/models/{name}:predict`), and `/info`, `/metrics`,
+`/health`, `/ready`. Every limit (max input tokens, max new tokens, max batch size, queue bounds) is in `GET /info`;
+a request past one gets a 4xx naming the field and the limit. With an API key configured, send
+`Authorization: Bearer <key>` on every route but `/health`, `/ready`, `/v2/health/*` and `/metrics`.
+"""
 
 
 def create_app(
@@ -22,10 +40,14 @@ def create_app(
     on_startup: Callable[[], Awaitable[None] | None] | None = None,
     on_shutdown: Callable[[], Awaitable[None] | None] | None = None,
 ) -> FastAPI:
+    metrics = Metrics()
+    _wire_metrics(engine, metrics, settings, model_name)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import asyncio
 
+        apply_log_format(settings.log_format)
         engine.bind_loop(asyncio.get_running_loop())
         if on_startup:
             res = on_startup()
@@ -42,15 +64,119 @@ def create_app(
     app = FastAPI(
         title="bloom-server",
         version=__version__,
-        description="BLOOM inference over HTTP. Limits: see each route's 422 answers and GET /info.",
+        description=DESCRIPTION,
         lifespan=lifespan,
         redirect_slashes=False,
     )
     install_error_handlers(app)
+    chat = _chat_template_loader(engine, settings)
+    app.include_router(_playground_router())
     app.include_router(routes_health.build_router(engine, model_name))
+    app.include_router(routes_info.build_router(engine, settings, model_name, metrics, chat))
     app.include_router(routes_bloom.build_router(engine))
+    app.include_router(routes_tgi.build_router(engine))
+    app.include_router(routes_openai.build_router(engine, model_name, chat))
+    app.include_router(routes_kserve.build_router(engine, model_name))
+    # Added innermost first: RequestContext ends up outermost, so 401s and 413s get an id, a log line and a count.
     app.add_middleware(JSONByDefault)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyAuth, api_key=settings.api_key.get_secret_value())
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Request-Timeout"],
+            expose_headers=["x-request-id", "x-queue-time", "x-inference-time", "x-time-per-token",
+                            "x-prompt-tokens", "x-generated-tokens", "x-total-time", "Retry-After"],
+        )
+    app.add_middleware(RequestContext, metrics=metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.engine = engine
     app.state.settings = settings
+    app.state.metrics = metrics
     return app
+
+
+def _wire_metrics(engine: Engine, metrics: Metrics, settings: Settings, model_name: str) -> None:
+    metrics.bind(
+        queue_depth=lambda: engine.batcher.queue_depth if engine.batcher else 0,
+        queue_tokens=lambda: engine.batcher.queued_tokens if engine.batcher else 0,
+        running=lambda: engine.batcher.running_rows if engine.batcher else 0,
+        ready=lambda: 1.0 if engine.ready else 0.0,
+        load_seconds=lambda: engine.load_seconds or 0.0,
+    )
+
+    def done(req: GenRequest, exc: BaseException | None) -> None:
+        outcome = "ok" if exc is None else (
+            "cancelled" if isinstance(exc, Cancelled) else "deadline" if isinstance(exc, DeadlineExceeded) else "error"
+        )
+        ttft = (req.first_token - req.enqueued) if req.first_token is not None else None
+        metrics.observe_generation(
+            outcome=outcome,
+            queue_s=req.queue_time if req.started is not None else None,
+            ttft_s=ttft,
+            inference_s=req.inference_time if req.started is not None else None,
+            prompt_tokens=req.prompt_tokens,
+            generated_tokens=req.generated_tokens,
+        )
+
+    engine.on_request_done = done
+    engine.on_batch = lambda batch, seconds: metrics.observe_batch(len(batch.input_ids))
+
+
+def _chat_template_loader(engine: Engine, settings: Settings) -> Callable[[], ChatTemplate | None]:
+    cache: dict[str, Any] = {}
+
+    def load() -> ChatTemplate | None:
+        if "t" not in cache:
+            if engine.info is None and not settings.chat_template:
+                return None
+            try:
+                cache["t"] = ChatTemplate.load(engine.info.model_dir if engine.info else None, settings.chat_template)
+            except Exception as exc:  # noqa: BLE001 - the operator's template: say so, not a bare 500
+                raise ConfigError(f"the chat template cannot be loaded: {type(exc).__name__}: {exc}") from None
+        return cache["t"]
+
+    return load
+
+
+def _playground_router():
+    from fastapi import APIRouter
+
+    router = APIRouter(tags=["playground"])
+    page: dict[str, str] = {}
+
+    def html() -> str:
+        if "html" not in page:
+            page["html"] = resources.files("bloom_server").joinpath("static/playground.html").read_text("utf-8")
+        return page["html"]
+
+    @router.get("/", response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        """The web playground: type a prompt and watch the text stream in (one page, no external assets)."""
+        return HTMLResponse(html())
+
+    @router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
+    async def playground_ui() -> HTMLResponse:
+        return HTMLResponse(html())
+
+    return router
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema, plus the bodies of routes that parse two shapes by hand (their $refs point here)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in routes_bloom.OPENAPI_MODELS:
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, sub in js.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components.setdefault(model.__name__, js)
+    app.openapi_schema = schema
+    return schema

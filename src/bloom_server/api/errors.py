@@ -1,6 +1,13 @@
-"""The one table from domain errors to HTTP, and the JSON error body every route shares.
+"""The one table from domain errors to HTTP, and the error body of each API surface.
 
-Body: {"error": <kind>, "message": <text naming the field>, "field": <field or null>, "limit": <bound or null>}.
+- bloom (the original routes, /info, ...): {"error": <kind>, "message": <text naming the field>, "field", "limit"}
+- tgi (/generate_stream, POST /, /generate with TGI's body): {"error": <message>, "error_type": <kind>, "message",
+  "field", "limit"} (huggingface_hub reads `error` and `error_type`)
+- openai (/v1/completions, /v1/chat/completions, /v1/models): {"error": {"message", "type", "param", "code"}};
+  invalid input is a 400 there, as OpenAI answers it
+- kserve (/v2/..., /v1/models/{name}:predict): {"error": <message>, "message", "field", "limit"}; invalid input is
+  a 400
+Every shape but OpenAI's has a string `error` and `message`, so generic clients can read any of them.
 """
 
 from __future__ import annotations
@@ -13,22 +20,114 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, ModelDirError, NotReady, Overloaded
+from bloom_server.engine.requests import Cancelled, DeadlineExceeded
+from bloom_server.errors import (
+    BloomServerError,
+    ConfigError,
+    EngineDead,
+    InvalidRequest,
+    ModelDirError,
+    NotReady,
+    Overloaded,
+)
 
 log = logging.getLogger(__name__)
 
+
+class Unauthorized(BloomServerError):
+    """No API key, or the wrong one."""
+
+
+class NotFound(BloomServerError):
+    """No such model (or resource)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
 STATUS: dict[type[Exception], tuple[int, str]] = {
     InvalidRequest: (422, "validation_error"),
+    Unauthorized: (401, "unauthorized"),
+    NotFound: (404, "not_found"),
     Overloaded: (429, "overloaded"),
+    Cancelled: (499, "cancelled"),
     NotReady: (503, "not_ready"),
     EngineDead: (503, "engine_dead"),
+    DeadlineExceeded: (504, "deadline_exceeded"),
     ModelDirError: (500, "model_dir_error"),
     ConfigError: (500, "config_error"),
+}
+
+# TGI's error_type values (huggingface_hub turns them into its exception classes).
+_TGI_TYPES = {"validation_error": "validation", "overloaded": "overloaded", "engine_dead": "generation"}
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "cancelled",
+    503: "service_unavailable",
+    504: "timeout",
 }
 
 
 def error_body(kind: str, message: str, field: str | None = None, limit: Any = None, **extra: Any) -> dict:
     return {"error": kind, "message": message, "field": field, "limit": limit, **extra}
+
+
+def surface_of(request_or_scope: Any) -> str:
+    """Which API surface a request belongs to: decides the error body's shape. A route may set it explicitly
+    (request.state.surface), e.g. /generate when the body is TGI's."""
+    scope = getattr(request_or_scope, "scope", request_or_scope)
+    explicit = (scope.get("state") or {}).get("surface")
+    if explicit:
+        return explicit
+    path = scope.get("path", "")
+    if path in ("/v1/models", "/v1/completions", "/v1/chat/completions"):
+        return "openai"
+    if path.startswith("/v2/") or path == "/v2" or path.endswith(":predict"):
+        return "kserve"
+    if path in ("/generate_stream", "/") and scope.get("method") == "POST":
+        return "tgi"
+    return "bloom"
+
+
+def render_error(
+    surface: str, status: int, kind: str, message: str, field: str | None = None, limit: Any = None
+) -> tuple[int, dict]:
+    """(status, body) of an error in the shape of the given surface."""
+    if surface == "openai":
+        status = 400 if status == 422 else status
+        return status, {
+            "error": {
+                "message": message,
+                "type": _OPENAI_TYPES.get(status, "server_error"),
+                "param": field,
+                "code": kind,
+            }
+        }
+    if surface == "kserve":
+        return (400 if status == 422 else status), {"error": message, "message": message, "field": field, "limit": limit}
+    if surface == "tgi":
+        tgi_type = _TGI_TYPES.get(kind, kind)
+        return status, {"error": message, "error_type": tgi_type, "message": message, "field": field, "limit": limit}
+    return status, error_body(kind, message, field, limit)
+
+
+def error_response(
+    request: Any, status: int, kind: str, message: str, field: str | None = None, limit: Any = None, headers=None
+) -> JSONResponse:
+    status, body = render_error(surface_of(request), status, kind, message, field, limit)
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def status_of(exc: BaseException) -> tuple[int, str]:
+    for exc_type, (status, kind) in STATUS.items():
+        if isinstance(exc, exc_type):
+            return status, kind
+    return 500, "internal_error"
 
 
 def loc_to_field(loc: tuple) -> str:
@@ -54,18 +153,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        field, message = _validation_message(errors[0]) if errors else ("body", "invalid request")
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more: " + "; ".join(_validation_message(e)[1] for e in errors[1:4])
-            message += ")"
-        return JSONResponse(status_code=422, content=error_body("validation_error", message, field))
+        field, message = validation_summary(errors)
+        return error_response(request, 422, "validation_error", message, field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            status_code=exc.status_code,
-            content=error_body("http_error", str(exc.detail)),
-            headers=getattr(exc, "headers", None),
+        return error_response(
+            request, exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None)
         )
 
     for exc_type, (status, kind) in STATUS.items():
@@ -74,20 +168,39 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(status_code=500, content=error_body("internal_error", f"{type(exc).__name__}: {exc}"))
+        return error_response(request, 500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def validation_summary(errors: list) -> tuple[str, str]:
+    """(field, message) of pydantic errors: the first named, the next few listed."""
+    field, message = _validation_message(errors[0]) if errors else ("body", "invalid request")
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more: " + "; ".join(_validation_message(e)[1] for e in errors[1:4])
+        message += ")"
+    return field, message
+
+
+def error_headers(exc: BaseException) -> dict[str, str]:
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, NotReady):
+        headers["Retry-After"] = "5"
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
 
 
 def _make_handler(status: int, kind: str):
     async def handler(request: Request, exc: Exception) -> JSONResponse:
-        headers = {}
-        if isinstance(exc, Overloaded):
-            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-        if isinstance(exc, NotReady):
-            headers["Retry-After"] = "5"
-        return JSONResponse(
-            status_code=status,
-            content=error_body(kind, str(exc), getattr(exc, "field", None), getattr(exc, "limit", None)),
-            headers=headers,
+        return error_response(
+            request,
+            status,
+            kind,
+            str(exc),
+            getattr(exc, "field", None),
+            getattr(exc, "limit", None),
+            headers=error_headers(exc),
         )
 
     return handler

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from urllib.parse import quote
 from typing import Callable
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 
+from bloom_server.api import routes_tgi
+from bloom_server.api.common import parse, read_json, remember, request_id, result_or_disconnect, timing_headers
 from bloom_server.api.schemas import (
     ErrorResponse,
     ForwardRequest,
@@ -18,14 +22,50 @@ from bloom_server.api.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse
 from bloom_server.engine.core import Engine
 
 ERRORS = {
+    401: {"model": ErrorResponse, "description": "API key missing or wrong"},
     413: {"model": ErrorResponse, "description": "Body larger than the limit"},
     422: {"model": ErrorResponse, "description": "Invalid request: the message names the field and the limit"},
     429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds"},
     503: {"model": ErrorResponse, "description": "Model not ready (loading, draining) or engine failed"},
+    504: {"model": ErrorResponse, "description": "The request's deadline passed while it was queued"},
 }
+# POST /generate takes the original body or TGI's; both schemas are listed (app.py adds them to the components).
+GENERATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/GenerateRequest"},
+                        {"$ref": "#/components/schemas/TGIRequest"},
+                    ]
+                }
+            }
+        },
+    }
+}
+GENERATE_RESPONSES = {
+    **ERRORS,
+    200: {
+        "description": "GenerateResponse for the original body; TGIResponse for TGI's",
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/GenerateResponse"},
+                        {"$ref": "#/components/schemas/TGIResponse"},
+                    ]
+                }
+            }
+        },
+    },
+}
+OPENAPI_MODELS = [GenerateRequest, GenerateResponse, TGIRequest, TGIResponse]
 
 
 class QueryIds:
@@ -59,20 +99,30 @@ def build_router(engine: Engine) -> APIRouter:
 
         return deco
 
-    @both("/generate", "POST", response_model=GenerateResponse, responses=ERRORS)
-    async def generate(body: GenerateRequest, response: Response) -> GenerateResponse:
-        """Generate a completion for each prompt. Keyword arguments are those of transformers' generate()."""
+    @both("/generate", "POST", responses=GENERATE_RESPONSES, openapi_extra=GENERATE_BODY)
+    async def generate(request: Request) -> Response:
+        """Generate a completion for each prompt. The original body (`{"text": [...], <generate() kwargs>}`) gets
+        the original answer; TGI's body (`{"inputs": str, "parameters": {...}}`) gets TGI's."""
         start = time.perf_counter()
+        data = await read_json(request)
+        if isinstance(data, dict) and "inputs" in data and "text" not in data:
+            request.state.surface = "tgi"
+            return await routes_tgi.answer(engine, request, parse(TGIRequest, data), as_list=False)
+        body = parse(GenerateRequest, data)
+        req = engine.submit(body.text, body.generate_kwargs(), request_id=request_id(request))
+        remember(request, req)
+        (completions,) = await result_or_disconnect(request, [req])
+        headers = timing_headers([req])
         ignored = body.ignored_fields()
-        if ignored:
-            response.headers["x-ignored-fields"] = ",".join(ignored)
-        completions, _ = await engine.generate(body.text, body.generate_kwargs())
-        return GenerateResponse(
+        if ignored:  # header values are latin-1: other names go percent-encoded
+            headers["x-ignored-fields"] = ",".join(n if n.isascii() and n.isprintable() else quote(n) for n in ignored)
+        out = GenerateResponse(
             text=[c.text for c in completions],
             num_generated_tokens=[len(c.token_ids) for c in completions],
             query_id=ids.take("generate"),
             total_time_taken=secs(time.perf_counter() - start),
         )
+        return JSONResponse(out.model_dump(), headers=headers)
 
     @both("/tokenize", "POST", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

@@ -143,12 +143,14 @@ class Engine:
         top_n: int = 0,
         truncate: int | None = None,
         request_id: str | None = None,
+        streaming: bool = False,
     ) -> GenRequest:
         """Validate, tokenize and queue a request; raises InvalidRequest/Overloaded/NotReady before anything runs.
 
         n: rows per prompt (OpenAI's `n`). stop: strings that end a row (excluded from its text). timeout_s: the
         request's deadline from now (the server's request timeout applies too). top_n: alternatives per token.
-        truncate: keep only the last `truncate` prompt tokens. `max_time` is honoured per row, from the start of its
+        truncate: keep only the last `truncate` prompt tokens. streaming: the caller reads token events with
+        text (stream()); without it events carry no text until the end. `max_time` is honoured per row, from the start of its
         batch, on rank 0 (never a wall-clock decision taken separately on each rank).
         """
         self._require_ready()
@@ -190,6 +192,7 @@ class Engine:
             max_time=max_time,
             top_n=top_n,
             request_id=request_id,
+            streaming=streaming,
         )
         if self.on_request_done is not None:
             req._done.add_done_callback(lambda fut: self._report(req, fut))

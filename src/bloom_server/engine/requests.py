@@ -88,6 +88,7 @@ class GenRequest:
         max_time: float | None = None,
         top_n: int = 0,
         request_id: str | None = None,
+        streaming: bool = False,
     ):
         self.id = request_id or f"req-{next(_ids)}"
         self.spec = spec
@@ -97,6 +98,8 @@ class GenRequest:
         self.deadline = deadline  # time.monotonic() value, or None
         self.max_time = max_time  # seconds of generation, counted from the start of its batch
         self.top_n = top_n
+        # Text as tokens come is needed only to stream it or to find stop sequences; otherwise it is decoded once.
+        self.incremental = streaming or bool(self.stops)
         self.rows = [_Row(list(r)) for r in rows]
         self.loop = asyncio.get_running_loop()
         self.enqueued = time.monotonic()
@@ -168,7 +171,8 @@ class GenRequest:
             row.done, row.reason = True, FinishReason.EOS.value
         elif len(row.ids) >= self.spec.max_new_tokens:
             row.done, row.reason = True, FinishReason.LENGTH.value
-        self._advance_text(r, row, token_id, logprob, special, top)
+        if self.incremental:
+            self._advance_text(r, row, token_id, logprob, special, top)
         if row.stop is not None and not row.done:
             row.done, row.reason = True, STOP_SEQUENCE
             if self._on_stop_rows is not None:
@@ -242,6 +246,8 @@ class GenRequest:
     def completions(self, keep_prompt: bool) -> list[Completion]:
         out = []
         for row in self.rows:
+            if not self.incremental:
+                row.text = self.tok.decode(row.ids)
             text = row.text if row.cut is None else row.text[: row.cut]
             if keep_prompt:
                 full = self.tok.decode(row.prompt + row.ids)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import random
+import threading
 import time
 from typing import Awaitable, Callable
 
@@ -30,8 +31,10 @@ class BatchListener:
     """Handed to the backend with one generate call, on rank 0 only (followers run the same step without it).
 
     The backend calls `on_tokens` from the engine thread once per decoding step with one token per row of the batch,
-    and reads `stopped_rows()` to stop rows whose callers are gone. Tokens cross to the event loop with
-    `loop.call_soon_threadsafe`, so they reach callers in order and before the call's own result.
+    and reads `stopped_rows()` to stop rows whose callers are gone. Steps cross to the event loop with
+    `loop.call_soon_threadsafe`, so they reach callers in order and before the call's own result. Steps that arrive
+    while the loop has not yet taken the previous ones are taken together: one wake-up of the loop per step would
+    make the two threads trade the GIL on every token (measured: 7x slower generation on CPU).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[GenRequest, int]], top_n: int):
@@ -39,13 +42,19 @@ class BatchListener:
         self.rows = rows  # batch row -> (request, row within the request)
         self.top_n = top_n
         self._stopped: frozenset[int] = frozenset()
-        self._index = {}
+        self._index: dict[int, list[tuple[int, int]]] = {}
         for i, (req, r) in enumerate(rows):
             self._index.setdefault(id(req), []).append((i, r))
+        self._steps: list[tuple] = []
+        self._lock = threading.Lock()
 
     # engine thread
     def on_tokens(self, token_ids: list[int], logprobs: list[float] | None, top: list | None = None) -> None:
-        self.loop.call_soon_threadsafe(self._deliver, token_ids, logprobs, top)
+        with self._lock:
+            self._steps.append((token_ids, logprobs, top))
+            first = len(self._steps) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._drain)
 
     def stopped_rows(self) -> frozenset[int]:
         return self._stopped
@@ -54,6 +63,12 @@ class BatchListener:
     def stop(self, req: GenRequest, rows: list[int]) -> None:
         wanted = set(rows)
         self._stopped = self._stopped | {i for i, r in self._index.get(id(req), []) if r in wanted}
+
+    def _drain(self) -> None:
+        with self._lock:
+            steps, self._steps = self._steps, []
+        for token_ids, logprobs, top in steps:
+            self._deliver(token_ids, logprobs, top)
 
     def _deliver(self, token_ids: list[int], logprobs: list[float] | None, top: list | None) -> None:
         for i, (req, r) in enumerate(self.rows):

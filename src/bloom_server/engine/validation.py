@@ -34,6 +34,10 @@ TOKEN_ID_FIELDS = (
     "forced_eos_token_id",
 )
 DEFAULT_MAX_NEW_TOKENS = 100
+# Logits are divided by the temperature and by the repetition penalty: below this they overflow float32 (inf, then
+# NaN probabilities), and the failing step would take the whole batch down with it.
+MIN_DIVISOR = 1e-4
+MAX_DECAY_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ def validate_generate(
 
     if "temperature" in kw and do_sample:
         _check(kw["temperature"] > 0, "temperature", "must be > 0 when do_sample is true", "> 0")
+        # Dividing the logits by less overflows float32 and makes the sampling step fail (for the whole batch).
+        _check(kw["temperature"] >= MIN_DIVISOR, "temperature", f"must be >= {MIN_DIVISOR}", MIN_DIVISOR)
     if "top_p" in kw:
         _check(0 < kw["top_p"] <= 1, "top_p", "must be in (0, 1]", "(0, 1]")
     if "top_k" in kw:
@@ -86,6 +92,12 @@ def validate_generate(
         _check(0 < kw["typical_p"] <= 1, "typical_p", "must be in (0, 1]", "(0, 1]")
     if "repetition_penalty" in kw:
         _check(kw["repetition_penalty"] > 0, "repetition_penalty", "must be > 0", "> 0")
+        _check(
+            MIN_DIVISOR <= kw["repetition_penalty"] <= 1 / MIN_DIVISOR,
+            "repetition_penalty",
+            f"must be in [{MIN_DIVISOR}, {1 / MIN_DIVISOR:g}]",
+            f"[{MIN_DIVISOR}, {1 / MIN_DIVISOR:g}]",
+        )
     for f in ("min_length", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
         if f in kw:
             _check(kw[f] >= 0, f, "must be >= 0", ">= 0")
@@ -110,6 +122,12 @@ def validate_generate(
     if "exponential_decay_length_penalty" in kw:
         start, factor = kw["exponential_decay_length_penalty"]
         _check(start >= 0 and factor > 0, "exponential_decay_length_penalty", "must be [start >= 0, factor > 0]")
+        _check(
+            factor <= MAX_DECAY_FACTOR,
+            "exponential_decay_length_penalty",
+            f"factor must be <= {MAX_DECAY_FACTOR} (larger ones overflow the end-of-sequence score)",
+            MAX_DECAY_FACTOR,
+        )
 
     max_new = kw.pop("max_new_tokens", None)
     if max_new is None:

@@ -1,0 +1,139 @@
+"""What every generation route shares: parsing a body into a model by hand (for routes that accept two shapes),
+waiting for a result while watching for the client to leave, server-sent events, and TGI-style timing headers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, TypeVar
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from bloom_server.engine.requests import Cancelled, Completion, GenRequest
+from bloom_server.errors import InvalidRequest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error", "ctx": {"error": str(exc)}}]
+        ) from None
+
+
+def parse(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [dict(e, loc=("body", *e["loc"])) for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+def remember(request: Request, *reqs: GenRequest) -> None:
+    """Leave the engine's requests where the access log and the error handlers find them."""
+    request.state.gen = list(getattr(request.state, "gen", []) or []) + list(reqs)
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection. The body has been read by then; uvicorn answers further
+    receive() calls with http.disconnect once the client is gone."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def result_or_disconnect(request: Request, reqs: list[GenRequest]) -> list[list[Completion]]:
+    """Every request's completions; if the client leaves first, the requests are cancelled (a queued one leaves the
+    queue, a running one's rows stop) and Cancelled is raised."""
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    results = asyncio.ensure_future(asyncio.gather(*(r.result() for r in reqs)))
+    try:
+        done, _ = await asyncio.wait({watcher, results}, return_when=asyncio.FIRST_COMPLETED)
+        if results in done:
+            return results.result()
+        raise Cancelled("the client disconnected")
+    finally:
+        watcher.cancel()
+        if not results.done():
+            results.cancel()
+        for r in reqs:
+            r.cancel("the client disconnected")
+
+
+def sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def timing_headers(reqs: list[GenRequest], compute_type: str | None = None) -> dict[str, str]:
+    """TGI's response headers (milliseconds): x-queue-time, x-inference-time, x-time-per-token, x-total-time,
+    x-prompt-tokens, x-generated-tokens, x-compute-type."""
+    queue = max(r.queue_time for r in reqs)
+    inference = max(r.inference_time for r in reqs)
+    generated = sum(r.generated_tokens for r in reqs)
+    total = max(((r.finished or r.enqueued) - r.enqueued) for r in reqs)
+    headers = {
+        "x-queue-time": str(round(queue * 1000)),
+        "x-inference-time": str(round(inference * 1000)),
+        "x-time-per-token": str(round(inference * 1000 / max(1, generated))),
+        "x-total-time": str(round(total * 1000)),
+        "x-prompt-tokens": str(sum(r.prompt_tokens for r in reqs)),
+        "x-generated-tokens": str(generated),
+    }
+    if compute_type:
+        headers["x-compute-type"] = compute_type
+    return headers
+
+
+async def events_then_close(gen: AsyncIterator[bytes], reqs: list[GenRequest]) -> AsyncIterator[bytes]:
+    """Wrap a stream so that a client that leaves (Starlette cancels the stream) cancels its requests."""
+    try:
+        async for chunk in gen:
+            yield chunk
+    finally:
+        for r in reqs:
+            r.cancel("the client disconnected")
+
+
+def rename_field(exc: InvalidRequest, mapping: dict[str, str], prefix: str = "", keep_index: bool = True) -> InvalidRequest:
+    """The engine names its own fields (text[0], max_new_tokens, ...); a surface names them as its clients sent
+    them (inputs, parameters.max_new_tokens, prompt[1], max_tokens, ...)."""
+    old = exc.field or ""
+    base, bracket, rest = old.partition("[")
+    if base in mapping:
+        new = mapping[base] + (bracket + rest if keep_index else "")
+    else:
+        new = prefix + old if old else old
+    message = exc.message
+    if old and message.startswith(old + ":"):
+        message = new + message[len(old) :]
+    return InvalidRequest(message, field=new or None, limit=exc.limit)
+
+
+def header_timeout(request: Request) -> float | None:
+    """X-Request-Timeout: seconds this request may take from now (the server's own limit still applies)."""
+    raw = request.headers.get("x-request-timeout")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and value < 1e7):
+        raise InvalidRequest(
+            f"x-request-timeout: must be a number of seconds > 0 (got {raw!r})", field="x-request-timeout", limit="> 0"
+        )
+    return value
+
+
+def request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)

@@ -1,0 +1,300 @@
+"""OpenAI-compatible routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions. Thin: translate the
+body, submit to the engine, translate back. Errors are in OpenAI's shape (api/errors.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from bloom_server.api.common import (
+    SSE_HEADERS,
+    events_then_close,
+    header_timeout,
+    remember,
+    rename_field,
+    request_id,
+    result_or_disconnect,
+    sse,
+    timing_headers,
+)
+from bloom_server.api.errors import NotFound, render_error, status_of
+from bloom_server.api.schemas_openai import (
+    MAX_STOP,
+    ChatRequest,
+    ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+    OpenAIError,
+)
+from bloom_server.engine.chat import ChatTemplate
+from bloom_server.engine.core import Engine
+from bloom_server.engine.requests import Completion, GenRequest
+from bloom_server.errors import BloomServerError, InvalidRequest
+
+OPENAI_ERRORS = {
+    400: {"model": OpenAIError, "description": "Invalid request: `param` names the field"},
+    401: {"model": OpenAIError, "description": "API key missing or wrong"},
+    404: {"model": OpenAIError, "description": "No such model"},
+    413: {"model": OpenAIError, "description": "Body larger than the limit"},
+    429: {"model": OpenAIError, "description": "Queue full; retry after Retry-After seconds"},
+    503: {"model": OpenAIError, "description": "Model not ready (loading, draining) or engine failed"},
+    504: {"model": OpenAIError, "description": "The request's deadline passed while it was queued"},
+}
+_FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
+_FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "max_time": "length"}
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP:
+        raise InvalidRequest(f"stop: at most {MAX_STOP} sequences", field="stop", limit=MAX_STOP)
+    return tuple(s for s in stops if s)
+
+
+def _unsupported(body: Any) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name, None) not in (None, 0, 0.0):
+            raise InvalidRequest(f"{name}: only 0 is supported (use repetition_penalty on /generate)", field=name)
+    if getattr(body, "logit_bias", None):
+        raise InvalidRequest("logit_bias: not supported", field="logit_bias")
+    if getattr(body, "suffix", None):
+        raise InvalidRequest("suffix: not supported", field="suffix")
+    best_of = getattr(body, "best_of", None)
+    if best_of not in (None, 1, body.n):
+        raise InvalidRequest("best_of: only 1 (or n) is supported", field="best_of", limit=1)
+
+
+def _kwargs(body: Any, max_tokens: int | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"remove_input_from_output": True}
+    if max_tokens is not None:
+        kw["max_new_tokens"] = max_tokens
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature > 0:  # OpenAI's default (1) samples; 0 is greedy
+        kw["do_sample"] = True
+        kw["temperature"] = temperature
+        if body.top_p is not None and body.top_p < 1:
+            kw["top_p"] = body.top_p
+    return kw
+
+
+def build_router(engine: Engine, model_name: str, chat_template: Callable[[], ChatTemplate | None]) -> APIRouter:
+    router = APIRouter(tags=["openai"])
+
+    def check_model(name: str | None) -> None:
+        if name not in (None, "", model_name):
+            raise NotFound(f"model: {name!r} is not served here; this server serves {model_name!r}", field="model")
+
+    def submit(request: Request, prompts: list[str], body: Any, max_tokens: int | None, field: str, top_n: int):
+        _unsupported(body)
+        try:
+            req = engine.submit(
+                prompts,
+                _kwargs(body, max_tokens),
+                seed=body.seed,
+                field="text",
+                n=body.n,
+                stop=_stops(body.stop),
+                timeout_s=header_timeout(request),
+                top_n=top_n,
+                request_id=request_id(request),
+                streaming=body.stream,
+            )
+        except InvalidRequest as exc:
+            raise rename_field(exc, {**_FIELDS, "text": field}, keep_index=field == "prompt") from None
+        remember(request, req)
+        return req
+
+    @router.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS)
+    async def list_models() -> ModelList:
+        """The one served model, as OpenAI lists models."""
+        created = int(time.time() - (engine.load_seconds or 0))
+        return ModelList(data=[{"id": model_name, "created": created}])  # type: ignore[list-item]
+
+    @router.post("/v1/completions", response_model=CompletionResponse, responses={
+        **OPENAI_ERRORS, 200: {"description": "CompletionResponse; with stream: server-sent chunks, then [DONE]"}})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n, stop, seed, logprobs,
+        echo, stream (with stream_options.include_usage). Choice i*n+j is prompt i's j-th choice."""
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+            raise InvalidRequest("prompt: a non-empty string or a list of them", field="prompt")
+        req = submit(request, prompts, body, body.max_tokens, "prompt", body.logprobs or 0)
+        rid, created = f"cmpl-{req.id}", int(time.time())
+        echo = [p for p in prompts for _ in range(body.n)] if body.echo else None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            gen = _completion_chunks(engine, req, rid, created, model_name, echo, body.logprobs, include_usage, body.n)
+            return StreamingResponse(events_then_close(gen, [req]), media_type="text/event-stream", headers=SSE_HEADERS)
+        (comps,) = await result_or_disconnect(request, [req])
+        choices = []
+        for i, c in enumerate(comps):
+            text = (echo[i] if echo else "") + c.text
+            lp = _completion_logprobs(engine, c, body.logprobs, echo[i] if echo else None) if body.logprobs is not None else None
+            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": _FINISH.get(c.finish_reason, "length")})
+        out = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": choices,
+               "usage": _usage(req, body.n)}
+        return JSONResponse(out, headers=timing_headers([req]))
+
+    @router.post("/v1/chat/completions", response_model=ChatResponse, responses={
+        **OPENAI_ERRORS, 200: {"description": "ChatResponse; with stream: server-sent chunks, then [DONE]"}})
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        """OpenAI chat completions, for a model whose tokenizer has a chat template (or with BLOOM_CHAT_TEMPLATE);
+        otherwise a 400 that says so."""
+        check_model(body.model)
+        template = chat_template()
+        if template is None:
+            raise InvalidRequest(
+                "messages: this model's tokenizer has no chat template (tokenizer_config.json `chat_template`); "
+                "use /v1/completions, or start the server with BLOOM_CHAT_TEMPLATE",
+                field="messages",
+            )
+        messages = [_message(m.model_dump(exclude_none=True), i) for i, m in enumerate(body.messages)]
+        prompt = template.render(messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        top_n = (body.top_logprobs or 0) if body.logprobs else 0
+        req = submit(request, [prompt], body, max_tokens, "messages", top_n)
+        rid, created = f"chatcmpl-{req.id}", int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            gen = _chat_chunks(engine, req, rid, created, model_name, body.logprobs, include_usage, body.n)
+            return StreamingResponse(events_then_close(gen, [req]), media_type="text/event-stream", headers=SSE_HEADERS)
+        (comps,) = await result_or_disconnect(request, [req])
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": {"content": _chat_logprobs(engine, c)} if body.logprobs else None,
+                "finish_reason": _FINISH.get(c.finish_reason, "length"),
+            }
+            for i, c in enumerate(comps)
+        ]
+        out = {"id": rid, "object": "chat.completion", "created": created, "model": model_name, "choices": choices,
+               "usage": _usage(req, body.n)}
+        return JSONResponse(out, headers=timing_headers([req]))
+
+    return router
+
+
+def _message(m: dict[str, Any], i: int) -> dict[str, Any]:
+    content = m.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"messages[{i}].content: only text parts are supported", field=f"messages[{i}].content")
+            parts.append(part["text"])
+        m["content"] = "".join(parts)
+    elif content is None:
+        m["content"] = ""
+    return m
+
+
+def _usage(req: GenRequest, n: int = 1) -> dict[str, int]:
+    prompt = req.prompt_tokens // max(1, n)  # each prompt counted once, whatever its number of choices
+    completion = req.generated_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _text(engine: Engine, token_id: int) -> str:
+    assert engine.tokenizer is not None
+    return engine.tokenizer.token_text(token_id)
+
+
+def _completion_logprobs(engine: Engine, c: Completion, n: int | None, echo: str | None) -> dict[str, Any]:
+    tokens, lps, tops = [], [], []
+    if echo is not None:  # the prompt's own tokens: their log-probabilities are not computed here (null)
+        for t in c.prompt_ids:
+            tokens.append(_text(engine, t))
+            lps.append(None)
+            tops.append(None)
+    for t, lp, top in zip(c.token_ids, c.logprobs or [None] * len(c.token_ids), c.top_logprobs or [None] * len(c.token_ids)):
+        tokens.append(_text(engine, t))
+        lps.append(lp)
+        tops.append({_text(engine, i): p for i, p in top} if (n and top) else None)
+    offsets, at = [], 0
+    for tok in tokens:
+        offsets.append(at)
+        at += len(tok)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops if n else None, "text_offset": offsets}
+
+
+def _chat_logprobs(engine: Engine, c: Completion) -> list[dict[str, Any]]:
+    out = []
+    for t, lp, top in zip(c.token_ids, c.logprobs or [None] * len(c.token_ids), c.top_logprobs or [None] * len(c.token_ids)):
+        text = _text(engine, t)
+        out.append({
+            "token": text,
+            "logprob": lp if lp is not None else 0.0,
+            "bytes": list(text.encode()),
+            "top_logprobs": [{"token": _text(engine, i), "logprob": p, "bytes": list(_text(engine, i).encode())}
+                             for i, p in (top or ())],
+        })
+    return out
+
+
+async def _completion_chunks(engine: Engine, req: GenRequest, rid: str, created: int, model: str,
+                             echo: list[str] | None, logprobs: int | None, include_usage: bool,
+                             n: int) -> AsyncIterator[bytes]:
+    def chunk(index: int, text: str, finish: str | None, lp: Any = None) -> bytes:
+        return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]})
+
+    if echo:
+        for i, prompt in enumerate(echo):
+            yield chunk(i, prompt, None)
+    async for ev in req.stream():
+        lp = None
+        if logprobs is not None:
+            text = _text(engine, ev.token_id)
+            lp = {"tokens": [text], "token_logprobs": [ev.logprob],
+                  "top_logprobs": [{_text(engine, i): p for i, p in (ev.top or ())}] if logprobs else None,
+                  "text_offset": [0]}
+        yield chunk(ev.row, ev.text, None, lp)
+    async for tail in _finish(req, lambda i, c: chunk(i, "", _FINISH.get(c.finish_reason, "length")),
+                              rid, created, model, "text_completion", include_usage, n):
+        yield tail
+
+
+async def _chat_chunks(engine: Engine, req: GenRequest, rid: str, created: int, model: str, logprobs: bool,
+                       include_usage: bool, n: int) -> AsyncIterator[bytes]:
+    def chunk(index: int, delta: dict, finish: str | None, lp: Any = None) -> bytes:
+        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+
+    for i in range(req.n_rows):
+        yield chunk(i, {"role": "assistant", "content": ""}, None)
+    async for ev in req.stream():
+        lp = None
+        if logprobs:
+            text = _text(engine, ev.token_id)
+            lp = {"content": [{"token": text, "logprob": ev.logprob if ev.logprob is not None else 0.0,
+                               "bytes": list(text.encode()),
+                               "top_logprobs": [{"token": _text(engine, i), "logprob": p,
+                                                 "bytes": list(_text(engine, i).encode())} for i, p in (ev.top or ())]}]}
+        yield chunk(ev.row, {"content": ev.text}, None, lp)
+    async for tail in _finish(req, lambda i, c: chunk(i, {}, _FINISH.get(c.finish_reason, "length")),
+                              rid, created, model, "chat.completion.chunk", include_usage, n):
+        yield tail
+
+
+async def _finish(req: GenRequest, last: Callable[[int, Completion], bytes], rid: str, created: int, model: str,
+                  obj: str, include_usage: bool, n: int) -> AsyncIterator[bytes]:
+    """The stream's end: one chunk per choice with its finish_reason, usage if asked, then [DONE]; or, if the
+    request failed after the stream began, one error event (OpenAI's error shape) and [DONE]."""
+    try:
+        comps = await req.result()
+    except BloomServerError as exc:
+        status, kind = status_of(exc)
+        yield sse(render_error("openai", status, kind, str(exc))[1])
+        yield b"data: [DONE]\n\n"
+        return
+    for i, c in enumerate(comps):
+        yield last(i, c)
+    if include_usage:
+        yield sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": _usage(req, n)})
+    yield b"data: [DONE]\n\n"

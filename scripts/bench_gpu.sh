@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The fast engine against transformers (and DeepSpeed kernel injection, when its wheel is carried) on one GPU, in one
-# device call: BLOOM-7b1 shape at bs 1, 8, 32, 64, 128 and the BLOOM-176B layer shape with a few layers at bs 1, random
-# fp16 weights shared by every backend, greedy tokens compared with transformers'. Run from the repo root on the lent
+# device call: the BLOOM-176B layer shape (8 layers) at bs 1, the BLOOM-7b1 shape at bs 1, 8, 32, 64, 128, random fp16
+# weights shared by every backend, greedy tokens compared with transformers'; then static vs continuous batching on
+# mixed output lengths. About 5 minutes on an H100 after the machine starts. Run from the repo root on the lent
 # machine, with the project's wheels (.whl/: transformers 4.43.4, tokenizers, deepspeed...) carried:
 #
 #     bash scripts/bench_gpu.sh                 # logs, JSON and the tables go to $OUT (default /tmp/bench-gpu-out)
@@ -43,7 +44,7 @@ left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 if [ -n "${BENCH_QUICK:-}" ]; then
   SHAPE7=(--random-weights tiny); SHAPE176=(--random-weights tiny --layers 1); BS="1,2"
 else
-  SHAPE7=(--random-weights 7b1); SHAPE176=(--random-weights 176b --layers ${BENCH_176B_LAYERS:-4}); BS="1,8,32,64,128"
+  SHAPE7=(--random-weights 7b1); SHAPE176=(--random-weights 176b --layers ${BENCH_176B_LAYERS:-8}); BS="1,8,32,64,128"
 fi
 HAVE_DS=$(python3 -c "import deepspeed" >/dev/null 2>&1 && echo 1 || echo "")
 if [ -n "$HAVE_DS" ] && [ -z "${BENCH_QUICK:-}" ]; then
@@ -65,6 +66,15 @@ echo "== 2. 7b1 shape: $BACKENDS7 at bs $BS ($NEW new tokens, $CYCLES cycles), g
 timeout $(( $(left) - 20 )) python3 scripts/benchmark.py --backend "$BACKENDS7" --check-tokens "${SHAPE7[@]}" \
   --batch-size "$BS" --new-tokens "$NEW" --cycles "$CYCLES" --deadline-s $(( $(left) - 60 )) --json "$OUT/7b1.json"
 echo "step 2 rc=$?"
+
+echo "== 3. 7b1 shape, mixed output lengths: static batches vs continuous batching over 32 slots (engine level)"
+if [ "$(left)" -gt 45 ]; then
+  timeout $(( $(left) - 5 )) python3 scripts/benchmark.py "${SHAPE7[@]}" --mixed ${BENCH_MIXED_REQUESTS:-128} \
+    --batch-size 32 --new-tokens ${BENCH_MIXED_MAX_NEW:-256} --json "$OUT/mixed.json"
+  echo "step 3 rc=$?"
+else
+  echo "step 3: SKIPPED ($(left) s left)"
+fi
 
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>/dev/null || true
 echo "== done in $(( $(date +%s) - START ))s after the installs; files in $OUT"

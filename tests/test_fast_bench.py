@@ -52,3 +52,11 @@ def test_server_overhead_measures_every_server(tmp_path):
     assert [r["variant"] for r in results] == ["bare", "app", "app-nowait"]
     assert all(r["rps"] > 0 and r["p50_ms"] > 0 for r in results)
     assert "p50 added vs bare" in out
+
+
+def test_mixed_load_compares_static_and_continuous_batching(tmp_path):
+    out = run([sys.executable, "scripts/benchmark.py", "--random-weights", "tiny", "--mixed", "7", "--batch-size", "3",
+               "--new-tokens", "20", "--json", str(tmp_path / "m.json")])  # fmt: skip
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["requests"] == 7 and result["continuous_steps"] <= result["static_steps"] + 3
+    assert "continuous batching:" in out and "static batches" in out

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-tokens", action="store_true", help="compare greedy tokens with hf on the same weights")
     p.add_argument("--no-graphs", action="store_true", help="fast: run the decode step eagerly (no CUDA graphs)")
     p.add_argument("--deadline-s", type=float, default=None, help="skip what would start after this many seconds")
+    p.add_argument("--mixed", type=int, default=0, metavar="N",
+                   help="fast only: N requests with output lengths drawn from 16..--new-tokens, run as static batches "
+                   "of the largest --batch-size (each to its longest row, the original server) and by continuous "
+                   "batching over the same slots; tokens/s of each")  # fmt: skip
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -374,6 +378,59 @@ Start to finish: {ready_s + span:.3f} secs
         return mem_ms, "memory"
 
 
+def run_mixed(bench: Bench) -> dict[str, Any]:
+    """Static batches vs continuous batching on the fast engine, same requests, same slots (engine level: no HTTP)."""
+    import random
+
+    from bloom_server.fast.sampling import SamplingConfig
+    from bloom_server.fast.scheduler import ContinuousBatcher, Request
+
+    args, torch = bench.args, bench.torch
+    engine = bench.backend("fast").engine
+    bs = max(bench.batch_sizes)
+    rng = random.Random(7)
+    lengths = [rng.randint(min(16, args.new_tokens), args.new_tokens) for _ in range(args.mixed)]
+    prompts = bench.prompts(args.mixed)
+    useful = sum(lengths)
+    # Warm-up: capture the graphs both variants will replay.
+    engine.generate(prompts[:bs], args.new_tokens, SamplingConfig())
+    _sync(torch)
+    t = time.perf_counter()
+    steps_static = 0
+    for a in range(0, args.mixed, bs):
+        chunk = lengths[a : a + bs]
+        engine.generate(prompts[a : a + bs], max(chunk), SamplingConfig())
+        steps_static += max(chunk)
+    _sync(torch)
+    static_s = time.perf_counter() - t
+    sched = ContinuousBatcher(engine)
+    reqs = [Request(rid=i, prompt=p, max_new_tokens=n) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    t = time.perf_counter()
+    for r in reqs:
+        sched.add(r)
+    sched.run()
+    _sync(torch)
+    cont_s = time.perf_counter() - t
+    assert all(len(r.tokens) == n for r, n in zip(reqs, lengths))
+    ttft = sorted(r.first_token_at - r.arrived for r in reqs)  # type: ignore[operator]
+    result = {
+        "requests": args.mixed, "batch": bs, "useful_tokens": useful,
+        "static_tokens_per_s": useful / static_s, "static_steps": steps_static,
+        "continuous_tokens_per_s": useful / cont_s, "continuous_steps": sched.steps,
+        "continuous_ttft_p50_s": ttft[len(ttft) // 2], "continuous_ttft_p99_s": ttft[int(0.99 * (len(ttft) - 1))],
+    }  # fmt: skip
+    bench.say(
+        f"# mixed load: {args.mixed} requests, outputs {min(lengths)}..{max(lengths)} tokens, {bs} slots\n"
+        f"static batches (each runs to its longest row): {result['static_tokens_per_s']:.0f} tokens/s, "
+        f"{steps_static} decode steps\n"
+        f"continuous batching: {result['continuous_tokens_per_s']:.0f} tokens/s, {sched.steps} steps; "
+        f"{result['continuous_tokens_per_s'] / result['static_tokens_per_s']:.2f}x; time to first token "
+        f"p50 {1e3 * result['continuous_ttft_p50_s']:.0f} ms, p99 {1e3 * result['continuous_ttft_p99_s']:.0f} ms "
+        f"(all requests queued at once)"
+    )
+    return result
+
+
 def _compare(ours: list[list[int]], ref: list[list[int]]) -> str:
     same = sum(a == b for a, b in zip(ours, ref))
     if same == len(ref):
@@ -412,6 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args)
     torch = bench.torch
     torch.manual_seed(0)
+    if args.mixed:
+        with torch.inference_mode():
+            result = run_mixed(bench)
+        if args.json and bench.leader:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     with torch.inference_mode():
         floors: dict[str, float | None] = {
             "bandwidth_gbs": args.bandwidth_gbs or measure_bandwidth_gbs(torch, bench.device),

@@ -130,8 +130,9 @@ class FastEngine:
         """Copy slot src's cache rows, token and position to dst, and free src (compaction after a row leaves)."""
         if src == dst:
             return
-        self.k_cache[:, dst].copy_(self.k_cache[:, src])
-        self.v_cache[:, dst].copy_(self.v_cache[:, src])
+        n = self.host_pos[src]  # positions [0, n) hold the row's keys; the pending token is in tok/pos
+        self.k_cache[:, dst, :, :n].copy_(self.k_cache[:, src, :, :n])
+        self.v_cache[:, dst, :, :n].copy_(self.v_cache[:, src, :, :n])
         self.tok[dst].copy_(self.tok[src])
         self.pos[dst].copy_(self.pos[src])
         self.host_pos[dst] = self.host_pos[src]
@@ -196,7 +197,9 @@ class FastEngine:
 
     def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
         """Argmax after the EOS suppression (in place on logits [B, V]: the sampler sees the same scores)."""
-        logits[:, self.eos_cols] += self.eos_bias
+        # index_add (not indexed assignment): a plain kernel inside the graph. Repeated columns add the bias twice:
+        # -inf stays -inf, 0 stays 0.
+        logits.index_add_(1, self.eos_cols, self.eos_bias.expand(logits.shape[0], EOS_SLOTS))
         return torch.argmax(logits, dim=-1)
 
     def suppress_eos(self, eos_ids: Sequence[int], on: bool) -> None:

@@ -8,8 +8,8 @@ same numbers from the cumulative sum of the attention mask; softmax does not car
 rather than its distance to the query, the difference is constant along a row.)
 
 Numerics follow transformers' BLOOM where it matters for equal greedy tokens: scores are
-baddbmm(bias, q, k^T, alpha=1/sqrt(D)) in the model dtype, softmax in fp32, probabilities cast back before the
-product with V, and the bias in the model dtype. Masked keys carry -inf in the bias (probability exactly 0, as
+baddbmm(bias, q, k^T, alpha=1/sqrt(D)) in the model dtype, softmax accumulated in fp32 and rounded to the model dtype
+before the product with V, and the bias in the model dtype. Masked keys carry -inf in the bias (probability exactly 0, as
 transformers' fill with the dtype's minimum gives). GELU is the tanh form as one kernel.
 """
 
@@ -99,7 +99,9 @@ class BloomRankModel:
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q [N, Lq, D], k [N, Lk, D] (any strides with D contiguous), v [N, Lk, D], bias [N, Lq, Lk] -> [N, Lq, D]."""
         scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=self.inv_norm)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        # One kernel: softmax of fp16/bf16 input accumulates in fp32 and rounds once on output, which is what
+        # transformers' upcast -> softmax(fp32) -> downcast computes in three.
+        probs = torch.softmax(scores, dim=-1)
         return torch.bmm(probs, v)
 
     # ---- prefill: n rows of up to L tokens, right-padded, written to their slots from position 0 ----
@@ -174,12 +176,17 @@ class BloomRankModel:
         residual = ln if self.shape.apply_residual_connection_post_layernorm else x
         qkv = F.linear(ln, lw.qkv_w, lw.qkv_b).view(B, self.hp, 3, self.D)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, hp, D] views
-        at = (rows[:, None], self.heads[None, :], pos[:, None])
-        k_cache.index_put_(at, k)
-        v_cache.index_put_(at, v)
         if prefix:
+            # Row b's K/V go to [b, :, pos[b]]: a scatter along the position dim of the cache's first B rows (a plain
+            # kernel with no host sync, so it is captured in the graph as is).
+            at = pos.view(B, 1, 1, 1).expand(B, self.hp, 1, self.D)
+            k_cache[:B].scatter_(2, at, k.unsqueeze(2))
+            v_cache[:B].scatter_(2, at, v.unsqueeze(2))
             keys, values = k_cache[:B, :, :S], v_cache[:B, :, :S]  # [B, hp, S, D] views of the cache
         else:
+            at = (rows[:, None], self.heads[None, :], pos[:, None])
+            k_cache.index_put_(at, k)
+            v_cache.index_put_(at, v)
             keys, values = k_cache[:, :, :S].index_select(0, rows), v_cache[:, :, :S].index_select(0, rows)
         N = B * self.hp
         ctx = self._attend(q.reshape(N, 1, self.D), keys.reshape(N, S, self.D), values.reshape(N, S, self.D), bias)

@@ -76,3 +76,22 @@ def test_two_tensor_parallel_ranks_answer_like_one(server, tiny_model_dir, tmp_p
         assert "2 of 4 heads" in srv.log()
     finally:
         srv.stop()
+
+
+def _stream(srv, body):
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(srv.url + "/generate_stream", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [json.loads(line[5:]) for line in r.read().decode().splitlines() if line.startswith("data:")]
+    return [(e["token"]["id"], e["token"]["logprob"]) for e in events], events[-1]["generated_text"]
+
+
+def test_token_stream_matches_the_hf_backends(server, fast_server):
+    body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 10, "details": True}}
+    (fast_tokens, fast_text), (hf_tokens, hf_text) = _stream(fast_server, body), _stream(server, body)
+    assert [t for t, _ in fast_tokens] == [t for t, _ in hf_tokens] and len(fast_tokens) == 10
+    assert [lp for _, lp in fast_tokens] == pytest.approx([lp for _, lp in hf_tokens], abs=1e-4)
+    assert fast_text == hf_text

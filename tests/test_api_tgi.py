@@ -219,3 +219,49 @@ def test_error_after_first_token_ends_the_stream_with_one_error_event(tiny_model
     assert [e["token"]["id"] for e in events[:-1]] == [10, 11, 12]
     assert events[-1]["error"] == "rank 1 lost a peer rank" and events[-1]["error_type"] == "generation"
     assert set(events[-1]) == {"error", "error_type", "message", "field", "limit"}
+
+
+@pytest.mark.slow
+def test_two_ranks_stream_and_survive_a_client_that_leaves(server, tiny_model_dir, tmp_path):
+    """With two ranks (torchrun, gloo) the stream carries the same tokens as one rank; a client that leaves mid-stream
+    does not split the ranks (its row runs to the end on both), and the next request is served."""
+    import shutil
+    import sys
+    import time
+    from pathlib import Path
+
+    from helpers import ServerProcess, free_port
+
+    one = sse_post(server.url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 12}})[2]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    srv = ServerProcess(
+        ["--model", str(tiny_model_dir), "--max-new-tokens", "600", "--max-total-tokens", "700"],
+        free_port(),
+        launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "bloom_server"],
+        log_path=tmp_path / "torchrun.log",
+    )
+    try:
+        srv.wait_ready()
+        two = sse_post(srv.url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 12}})[2]
+        assert [e["token"]["id"] for e in two] == [e["token"]["id"] for e in one]
+        assert two[-1]["generated_text"] == one[-1]["generated_text"]
+        u = urllib.parse.urlparse(srv.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request("POST", "/generate_stream", json.dumps({"inputs": "Hello", "parameters": {"max_new_tokens": 600}}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data:")
+        conn.close()  # the client leaves mid-stream
+        time.sleep(0.5)
+        status, body, _ = srv.post("/generate", {"text": ["Hello"], "max_new_tokens": 4})
+        assert status == 200 and body["num_generated_tokens"] == [4]
+        assert srv.get("/ready")[0] == 200 and srv.proc.poll() is None
+    finally:
+        srv.stop()
+
+
+def test_original_generate_keywords_in_tgi_parameters(server):
+    body, _ = tgi(server, "Hello", max_new_tokens=9, min_length=200, details=True)
+    assert body["details"]["generated_tokens"] == 9 and body["details"]["finish_reason"] == "length"
+    status, err, _ = server.post("/generate_stream", {"inputs": "Hello", "parameters": {"min_length": "many"}})
+    assert status == 422 and err["field"] == "min_length"

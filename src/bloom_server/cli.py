@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         prefix_chars="+",  # every flag after `bench` is the benchmark's own, parsed by it
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    client = sub.add_parser("client", help="stream a completion from a running server to the terminal")
+    from bloom_server import client as client_mod
+
+    client_mod.add_arguments(client)
     return parser
 
 
@@ -144,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         extra = [] if args.local_rank_top is None else ["--local_rank", str(args.local_rank_top)]
         return bench_main([*args.bench_args, *extra])
+    if args.command == "client":
+        from bloom_server import client as client_mod
+
+        return client_mod.run(args)
     if args.command == "make-tiny-model":
         from pathlib import Path
 

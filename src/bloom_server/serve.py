@@ -133,7 +133,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
-    server = make_server(config, on_signal=engine.drain)
+    server = make_server(config, on_signal=engine.drain, idle=lambda: engine.idle, drain_timeout_s=settings.drain_timeout_s)
     server.run()
     shutdown_distributed()
     if engine.runner is not None and engine.runner.dead:
@@ -141,16 +141,34 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
     return 0 if server.started else 1
 
 
-def make_server(config, on_signal):
+def make_server(config, on_signal, idle=None, drain_timeout_s: float = 0.0):
     """uvicorn's server, with SIGTERM/SIGINT as the normal way to stop: readiness turns false at once, in-flight
-    requests finish (up to the drain timeout), and the process exits 0 instead of re-raising the signal."""
+    requests finish (up to the drain timeout), and the process exits 0 instead of re-raising the signal.
+
+    With `idle` given, the port stays open while requests are in flight, so that callers that still reach the pod
+    (endpoints are removed with a delay) get a clear 503 instead of a refused connection; once idle (or at the drain
+    timeout) uvicorn shuts down. A second signal stops at once."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        draining = False
+
         def handle_exit(self, sig, frame):  # type: ignore[override]
             on_signal()
-            super().handle_exit(sig, frame)
-            self._captured_signals.clear()
+            if idle is None or self.draining or idle():
+                super().handle_exit(sig, frame)
+                self._captured_signals.clear()
+                return
+            self.draining = True
+            threading.Thread(target=self._drain, name="bloom-drain", daemon=True).start()
+
+        def _drain(self) -> None:
+            deadline = time.monotonic() + drain_timeout_s
+            while time.monotonic() < deadline and not idle():
+                time.sleep(0.05)
+            # What is left of the drain timeout is uvicorn's own grace for the connections still open.
+            self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())
+            self.should_exit = True
 
     return Server(config)
 

@@ -193,6 +193,9 @@ def error_headers(exc: BaseException) -> dict[str, str]:
 
 def _make_handler(status: int, kind: str):
     async def handler(request: Request, exc: Exception) -> JSONResponse:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None and status in (429, 503, 504):
+            metrics.rejected.labels(kind).inc()
         return error_response(
             request,
             status,

@@ -4,6 +4,7 @@ unless told otherwise; every body here is JSON), the request id + access log + H
 
 from __future__ import annotations
 
+import codecs
 import hmac
 import json
 import logging
@@ -16,6 +17,10 @@ from bloom_server.api.errors import render_error, surface_of
 
 
 class BodySizeLimit:
+    """413 past `max_bytes` (before the body is read into memory), and 422 for a body that is not strict UTF-8
+    (Python's json.loads(bytes) would accept CESU-8 surrogates). Either is answered here, once; the app's own answer
+    to the aborted read is dropped."""
+
     def __init__(self, app: Any, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
@@ -36,24 +41,42 @@ class BodySizeLimit:
                     return
         seen = 0
         responded = False
+        utf8 = codecs.getincrementaldecoder("utf-8")()
 
         async def limited_receive() -> dict:
             nonlocal seen, responded
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                seen += len(chunk)
+                problem = None
                 if seen > self.max_bytes:
+                    problem = (413, "payload_too_large", f"body: {seen} bytes or more; the limit is {self.max_bytes} bytes",
+                               self.max_bytes)
+                else:
+                    try:
+                        utf8.decode(chunk, final=not message.get("more_body"))
+                    except UnicodeDecodeError as exc:
+                        problem = (422, "validation_error", f"body: not valid UTF-8 ({exc.reason} at byte "
+                                   f"{seen - len(chunk) + exc.start})", None)
+                if problem is not None:
                     if not responded:
                         responded = True
                         if message.get("more_body"):
                             await self._drain(receive)
-                        await self._reject(scope, send, seen)
-                    raise _TooLarge()
+                        await self._send_error(scope, send, *problem)
+                    raise _BodyRefused()
             return message
 
+        async def guarded_send(message: dict) -> None:
+            # Once the 413 is out, whatever the app answers to the aborted read (FastAPI turns it into a 400) is
+            # dropped: a second response on the same request is a protocol error.
+            if not responded:
+                await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyRefused:
             pass
 
     async def _drain(self, receive: Any, cap: int = 64 << 20) -> None:
@@ -68,14 +91,11 @@ class BodySizeLimit:
                 return
 
     async def _reject(self, scope: dict, send: Any, size: int) -> None:
-        status, content = render_error(
-            surface_of(scope),
-            413,
-            "payload_too_large",
-            f"body: {size} bytes or more; the limit is {self.max_bytes} bytes",
-            "body",
-            self.max_bytes,
-        )
+        message = f"body: {size} bytes or more; the limit is {self.max_bytes} bytes"
+        await self._send_error(scope, send, 413, "payload_too_large", message, self.max_bytes)
+
+    async def _send_error(self, scope: dict, send: Any, status: int, kind: str, message: str, limit: Any) -> None:
+        status, content = render_error(surface_of(scope), status, kind, message, "body", limit)
         body = json.dumps(content).encode()
         await send(
             {
@@ -87,7 +107,7 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
+class _BodyRefused(Exception):
     pass
 
 

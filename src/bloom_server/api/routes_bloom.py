@@ -11,7 +11,15 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from bloom_server.api import routes_tgi
-from bloom_server.api.common import parse, read_json, remember, request_id, result_or_disconnect, timing_headers
+from bloom_server.api.common import (
+    header_timeout,
+    parse,
+    read_json,
+    remember,
+    request_id,
+    result_or_disconnect,
+    timing_headers,
+)
 from bloom_server.api.schemas import (
     ErrorResponse,
     ForwardRequest,
@@ -109,7 +117,9 @@ def build_router(engine: Engine) -> APIRouter:
             request.state.surface = "tgi"
             return await routes_tgi.answer(engine, request, parse(TGIRequest, data), as_list=False)
         body = parse(GenerateRequest, data)
-        req = engine.submit(body.text, body.generate_kwargs(), request_id=request_id(request))
+        req = engine.submit(
+            body.text, body.generate_kwargs(), timeout_s=header_timeout(request), request_id=request_id(request)
+        )
         remember(request, req)
         (completions,) = await result_or_disconnect(request, [req])
         headers = timing_headers([req])

@@ -30,6 +30,8 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
     @router.get("/v1/models/{name}", response_model=ModelStatus, responses={404: {}, 503: {"model": ModelStatus}})
     async def model_status(name: str) -> JSONResponse:
         """KServe v1 model status: {"name", "ready"}, 503 until ready."""
+        if name.endswith(":predict"):  # POST /v1/models/{name}:predict is the route; GET is the wrong method
+            return JSONResponse(error_body("http_error", "Method Not Allowed"), status_code=405, headers={"Allow": "POST"})
         if name != model_name:
             return JSONResponse(error_body("not_found", f"name: no model named {name!r}", "name"), status_code=404)
         return JSONResponse({"name": name, "ready": engine.ready}, status_code=200 if engine.ready else 503)

@@ -12,7 +12,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from bloom_server import __version__
-from bloom_server.api.common import parse, remember, rename_field, request_id, result_or_disconnect, timing_headers
+from bloom_server.api.common import (
+    header_timeout,
+    parse,
+    remember,
+    rename_field,
+    request_id,
+    result_or_disconnect,
+    timing_headers,
+)
 from bloom_server.api.errors import NotFound
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
 from bloom_server.engine.core import Engine
@@ -104,7 +112,8 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
         kwargs, seed, stop = _settings(params, "parameters")
         kwargs.setdefault("remove_input_from_output", True)
         try:
-            req = engine.submit(prompts, kwargs, seed=seed, field="text", stop=stop, request_id=request_id(request))
+            req = engine.submit(prompts, kwargs, seed=seed, field="text", stop=stop, timeout_s=header_timeout(request),
+                                request_id=request_id(request))
         except InvalidRequest as exc:
             raise rename_field(exc, {"text": field}, prefix="parameters.") from None
         remember(request, req)

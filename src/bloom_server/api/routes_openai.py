@@ -115,7 +115,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         return ModelList(data=[{"id": model_name, "created": created}])  # type: ignore[list-item]
 
     @router.post("/v1/completions", response_model=CompletionResponse, responses={
-        **OPENAI_ERRORS, 200: {"description": "CompletionResponse; with stream: server-sent chunks, then [DONE]"}})
+        **OPENAI_ERRORS, 200: {"description": "CompletionResponse; with stream: server-sent chunks, then [DONE]",
+                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n, stop, seed, logprobs,
         echo, stream (with stream_options.include_usage). Choice i*n+j is prompt i's j-th choice."""
@@ -141,7 +142,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         return JSONResponse(out, headers=timing_headers([req]))
 
     @router.post("/v1/chat/completions", response_model=ChatResponse, responses={
-        **OPENAI_ERRORS, 200: {"description": "ChatResponse; with stream: server-sent chunks, then [DONE]"}})
+        **OPENAI_ERRORS, 200: {"description": "ChatResponse; with stream: server-sent chunks, then [DONE]",
+                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         """OpenAI chat completions, for a model whose tokenizer has a chat template (or with BLOOM_CHAT_TEMPLATE);
         otherwise a 400 that says so."""

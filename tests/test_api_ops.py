@@ -1,0 +1,357 @@
+"""Operations against real server processes: /info, /metrics, request ids and the access log, CORS, the bounded
+queue (429 + Retry-After), disconnects (a queued request leaves the queue; a running one stops and the next starts),
+deadlines and max_time, and SIGTERM draining."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from helpers import ServerProcess, free_port
+
+LONG = 8000  # new tokens of the long requests: seconds of work for the tiny model on two cores
+
+
+class Stream:
+    """A streaming request read event by event; close() is a client that goes away."""
+
+    def __init__(self, url: str, path: str, body: dict, headers: dict | None = None):
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+        self.resp = self.conn.getresponse()
+
+    def next_event(self):
+        data = None
+        for _ in range(1000):
+            line = self.resp.readline()
+            if not line:
+                return None
+            line = line.decode().strip()
+            if line.startswith("data:"):
+                data = line[5:].strip()
+            elif not line and data is not None:
+                return data if data == "[DONE]" else json.loads(data)
+        raise AssertionError("no event in 1000 lines")
+
+    def close(self) -> None:
+        try:
+            self.conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.conn.close()
+
+
+def metric(srv, name: str, labels: str = "") -> float:
+    _, text, _ = srv.get("/metrics")
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def wait_until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def in_thread(fn):
+    out: dict = {}
+
+    def run():
+        out["result"] = fn()
+        out["done"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+@pytest.fixture(scope="module")
+def pressure(tiny_model_dir, tmp_path_factory):
+    """Two queued requests at most, 1500 queued tokens at most, long generations allowed, JSON logs, CORS for one
+    origin."""
+    srv = ServerProcess(
+        ["--model", str(tiny_model_dir), "--max-input-length", "64", "--max-new-tokens", str(LONG),
+         "--max-total-tokens", str(LONG + 100), "--max-batch-size", "4", "--max-queued-requests", "2",
+         "--batch-wait-ms", "1"],
+        free_port(),
+        env={"BLOOM_MAX_QUEUED_TOKENS": "1500", "BLOOM_LOG_FORMAT": "json",
+             "BLOOM_CORS_ALLOW_ORIGINS": "http://example.test"},
+        log_path=tmp_path_factory.mktemp("logs") / "pressure.log",
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def start_long_stream(srv) -> tuple[Stream, float]:
+    """A greedy stream of LONG tokens, running: returns it and its decoding rate (tokens/s)."""
+    # min_length (the original server's keyword, honoured in TGI's parameters too) keeps EOS away: greedy CPU output
+    # is not bit-reproducible across runs, and an early EOS would end the stream by itself.
+    s = Stream(srv.url, "/generate_stream",
+               {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": LONG, "min_length": LONG + 50}})
+    assert s.resp.status == 200
+    for _ in range(10):
+        assert s.next_event()["generated_text"] is None
+    t0 = time.monotonic()
+    for _ in range(40):
+        assert s.next_event()["generated_text"] is None
+    return s, 40 / (time.monotonic() - t0)
+
+
+def test_info_lists_model_and_limits(server):
+    status, info, _ = server.get("/info")
+    assert status == 200
+    assert info["model_id"] == "tiny-bloom" and info["backend"] == "hf" and info["state"] == "ready"
+    assert info["tensor_parallel"] == 1 and info["model_dtype"] == "float32"
+    assert (info["max_input_tokens"], info["max_new_tokens"], info["max_total_tokens"], info["max_batch_size"]) == (
+        64, 64, 96, 16)
+    assert info["max_queued_requests"] == 256 and info["max_queued_tokens"] == 4 * 16 * 96
+    assert info["version"] and info["model_load_seconds"] > 0
+
+
+def test_metrics_names_and_values(server):
+    server.post("/generate", {"text": ["Hello"], "max_new_tokens": 3})
+    status, text, headers = server.get("/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for name in ("bloom_server_queue_depth", "bloom_server_running_batch_size", "bloom_server_in_flight_requests",
+                 "bloom_server_model_load_seconds", "bloom_server_ready", "bloom_server_queue_time_seconds_count",
+                 "bloom_server_time_to_first_token_seconds_count", "bloom_server_time_per_output_token_seconds_count",
+                 "bloom_server_prompt_tokens_total", "bloom_server_generated_tokens_total",
+                 "bloom_server_request_duration_seconds_count"):
+        assert re.search(rf"^{name}(\{{[^}}]*\}})? ", text, re.M), name
+    assert metric(server, "bloom_server_ready") == 1.0
+    assert metric(server, "bloom_server_queue_depth") == 0.0
+    assert metric(server, "bloom_server_requests_total", '{method="POST",route="/generate",status="200"}') >= 1
+    assert metric(server, "bloom_server_generated_tokens_total") >= 3
+    assert 'bloom_server_info{backend="hf"' in text
+
+
+def test_request_id_timing_headers_and_access_log(server):
+    status, body, headers = server.post("/generate", {"text": ["Hello"], "max_new_tokens": 4},
+                                        headers={"X-Request-Id": "abc-123"})
+    assert status == 200 and headers["x-request-id"] == "abc-123"
+    for h in ("x-queue-time", "x-inference-time", "x-time-per-token", "x-total-time"):
+        assert int(headers[h]) >= 0, h
+    assert headers["x-prompt-tokens"] == "1" or int(headers["x-prompt-tokens"]) >= 1
+    assert int(headers["x-generated-tokens"]) == body["num_generated_tokens"][0]
+    made = server.get("/info")[2]["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", made)
+    assert server.get("/info", headers={"X-Request-Id": "bad id\twith spaces"})[2]["x-request-id"] != "bad id"
+    wait_until(lambda: "request_id=abc-123" in server.log(), 5, "the access log line")
+    line = next(l for l in server.log().splitlines() if "request_id=abc-123" in l)
+    assert "status=200" in line and "generated_tokens=4" in line and "duration_ms=" in line and "queue_ms=" in line
+
+
+def test_cors_is_off_unless_configured(server, pressure):
+    preflight = {"Origin": "http://example.test", "Access-Control-Request-Method": "POST"}
+    _, _, headers = server_request(server, "OPTIONS", "/generate", preflight)
+    assert "access-control-allow-origin" not in {k.lower() for k in headers}
+    status, _, headers = server_request(pressure, "OPTIONS", "/generate", preflight)
+    assert status == 200 and headers.get("access-control-allow-origin") == "http://example.test"
+    status, _, headers = server_request(pressure, "OPTIONS", "/generate", {**preflight, "Origin": "http://evil.test"})
+    assert "access-control-allow-origin" not in headers
+
+
+def server_request(srv, method, path, headers):
+    host, port = srv.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request(method, path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_json_log_lines(pressure):
+    pressure.post("/generate", {"text": ["Hi"], "max_new_tokens": 2}, headers={"X-Request-Id": "json-log-1"})
+    wait_until(lambda: "json-log-1" in pressure.log(), 5, "the access log line")
+    line = next(l for l in pressure.log().splitlines() if "json-log-1" in l)
+    rec = json.loads(line)
+    assert rec["request_id"] == "json-log-1" and rec["status"] == 200 and rec["path"] == "/generate"
+    assert rec["generated_tokens"] == 2 and rec["duration_ms"] > 0 and rec["level"] == "info"
+
+
+def test_queue_bounds_disconnects_and_an_abandoned_request(pressure):
+    a, rate = start_long_stream(pressure)  # running
+    b_thread, b = in_thread(lambda: pressure.post("/generate", {"text": ["Hello"], "max_new_tokens": 50}))
+    wait_until(lambda: metric(pressure, "bloom_server_queue_depth") == 1, 10, "B queued")
+
+    # Past the token bound: 429 at once, with Retry-After.
+    start = time.monotonic()
+    status, body, headers = pressure.post("/generate", {"text": ["Hello"], "max_new_tokens": 1600})
+    assert status == 429 and time.monotonic() - start < 5
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert int(headers["retry-after"]) >= 1 and "tokens" in body["message"] and "1500" in body["message"]
+
+    # A queued request whose client leaves is removed from the queue.
+    d = Stream(pressure.url, "/generate_stream", {"inputs": "Hi", "parameters": {"max_new_tokens": 20}})
+    wait_until(lambda: metric(pressure, "bloom_server_queue_depth") == 2, 10, "D queued")
+    status, body, headers = pressure.post("/generate", {"text": ["Hello"], "max_new_tokens": 1})
+    assert status == 429 and "requests" in body["message"]  # past the request bound
+    assert "retry-after" in {k.lower() for k in headers}
+    d.close()
+    wait_until(lambda: metric(pressure, "bloom_server_queue_depth") == 1, 10, "D removed from the queue")
+
+    # The running stream's client leaves: its row stops and B starts without waiting for LONG tokens.
+    left = time.monotonic()
+    a.close()
+    b_thread.join(60)
+    assert not b_thread.is_alive()
+    status, body, _ = b["result"]
+    assert status == 200 and 1 <= body["num_generated_tokens"][0] <= 50
+    remaining = (LONG - 50) / rate
+    assert b["done"] - left < remaining / 2, (b["done"] - left, remaining)
+    wait_until(lambda: metric(pressure, "bloom_server_generation_requests_total", '{outcome="cancelled"}') >= 2, 10,
+               "both cancellations counted")
+    assert metric(pressure, "bloom_server_running_batch_size") == 0
+    assert metric(pressure, "bloom_server_rejected_requests_total", '{reason="overloaded"}') == 2
+
+
+def test_non_streaming_client_that_leaves_stops_its_request(pressure):
+    host, port = pressure.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/generate", json.dumps({"text": ["Deepspeed is"], "max_new_tokens": LONG,
+                                                  "min_length": LONG + 50}),
+                 {"Content-Type": "application/json"})
+    wait_until(lambda: metric(pressure, "bloom_server_running_batch_size") == 1, 10, "the request running")
+    before = metric(pressure, "bloom_server_generation_requests_total", '{outcome="cancelled"}')
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    wait_until(lambda: metric(pressure, "bloom_server_running_batch_size") == 0, 15, "the row stopped")
+    assert metric(pressure, "bloom_server_generation_requests_total", '{outcome="cancelled"}') == before + 1
+
+
+def test_deadlines_and_max_time(pressure):
+    start = time.monotonic()
+    status, body, _ = pressure.post("/generate", {"text": ["Deepspeed is"], "max_new_tokens": LONG,
+                                                  "min_length": LONG + 50}, headers={"X-Request-Timeout": "0.5"})
+    assert status == 200 and body["num_generated_tokens"][0] < LONG  # answered at its deadline with what it had
+    assert time.monotonic() - start < 10
+    start = time.monotonic()
+    status, body, _ = pressure.post("/generate", {"inputs": "Deepspeed is",
+                                                  "parameters": {"max_new_tokens": LONG, "details": True,
+                                                                 "min_length": LONG + 50}},
+                                    headers={"X-Request-Timeout": "0.5"})
+    assert status == 200 and body["details"]["finish_reason"] == "max_time"
+    status, body, _ = pressure.post("/generate", {"text": ["Deepspeed is"], "max_new_tokens": LONG, "max_time": 0.5,
+                                                  "min_length": LONG + 50})
+    assert status == 200 and body["num_generated_tokens"][0] < LONG
+    assert time.monotonic() - start < 20
+
+    a, _ = start_long_stream(pressure)
+    try:
+        status, body, _ = pressure.post("/generate", {"text": ["Hi"], "max_new_tokens": 5},
+                                        headers={"X-Request-Timeout": "0.3"})
+        assert status == 504 and body["error"] == "deadline_exceeded"
+    finally:
+        a.close()
+    status, body, _ = pressure.post("/generate", {"text": ["Hi"], "max_new_tokens": 5},
+                                    headers={"X-Request-Timeout": "soon"})
+    assert status == 422 and body["field"] == "x-request-timeout"
+
+
+def test_sigterm_drains_then_exits_zero(tiny_model_dir, tmp_path):
+    srv = ServerProcess(
+        ["--model", str(tiny_model_dir), "--max-new-tokens", str(LONG), "--max-total-tokens", str(LONG + 100),
+         "--drain-timeout-s", "60"],
+        free_port(),
+        log_path=tmp_path / "drain.log",
+    )
+    try:
+        srv.wait_ready()
+        a = Stream(srv.url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 600}})
+        assert a.next_event()["generated_text"] is None
+        b_thread, b = in_thread(lambda: srv.post("/generate", {"text": ["Hello"], "max_new_tokens": 30}))
+        wait_until(lambda: metric(srv, "bloom_server_queue_depth") == 1, 10, "B queued")
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        wait_until(lambda: srv.get("/ready")[0] == 503, 10, "readiness false")
+        assert srv.get("/ready")[1]["status"] == "draining"
+        status, body, _ = srv.post("/generate", {"text": ["Hi"], "max_new_tokens": 2})
+        assert status == 503 and body["error"] == "not_ready"
+        events = []
+        for _ in range(700):
+            ev = a.next_event()
+            if ev is None:
+                break
+            events.append(ev)
+        # The stream in flight finished normally: every token, then the final event (greedy output may end at EOS).
+        details = events[-1]["details"]
+        assert details["finish_reason"] in ("length", "eos_token"), events[-1]
+        assert details["generated_tokens"] == len(events) + 1 and (details["finish_reason"] == "eos_token" or len(events) + 1 == 600)
+        b_thread.join(60)
+        assert b["result"][0] == 200  # and so did the request that was queued
+        assert srv.proc.wait(60) == 0
+    finally:
+        srv.stop()
+
+
+def test_openapi_docs_list_every_route_with_its_schema(server):
+    status, spec, _ = server.get("/openapi.json")
+    assert status == 200
+    paths = spec["paths"]
+    expected = {
+        "/": {"get", "post"}, "/generate": {"post"}, "/generate_stream": {"post"}, "/tokenize": {"post"},
+        "/forward": {"post"}, "/query_id": {"get"}, "/health": {"get"}, "/ready": {"get"}, "/info": {"get"},
+        "/metrics": {"get"}, "/v1/models": {"get"}, "/v1/completions": {"post"}, "/v1/chat/completions": {"post"},
+        "/v1/models/{name}": {"get"}, "/v1/models/{name}:predict": {"post"}, "/v2": {"get"},
+        "/v2/health/live": {"get"}, "/v2/health/ready": {"get"}, "/v2/models/{name}": {"get"},
+        "/v2/models/{name}/ready": {"get"}, "/v2/models/{name}/infer": {"post"},
+    }
+    for path, methods in expected.items():
+        assert path in paths and methods <= set(paths[path]), path
+    for path, ops in paths.items():
+        if "post" in ops:
+            assert "requestBody" in ops["post"], path
+            assert "application/json" in ops["post"]["requestBody"]["content"], path
+    schemas = spec["components"]["schemas"]
+    for name in ("GenerateRequest", "TGIRequest", "TGIResponse", "CompletionRequest", "ChatRequest", "V2InferRequest",
+                 "Info", "OpenAIError", "ErrorResponse"):
+        assert name in schemas, name
+    assert "max_new_tokens" in schemas["TGIParameters"]["properties"]
+    assert "limit" in spec["info"]["description"].lower()
+    status, html, _ = server.get("/docs")
+    assert status == 200 and "swagger" in html.lower()
+
+
+@pytest.mark.slow
+def test_sigterm_with_two_ranks_finishes_the_stream_then_every_rank_exits_zero(tiny_model_dir, tmp_path):
+    """What a pod's processes get from the kubelet: SIGTERM on every rank while a stream is in flight."""
+    from test_lockstep import _cleanup, _manual_ranks
+
+    procs, url = _manual_ranks(tiny_model_dir, tmp_path)
+    try:
+
+        from helpers import http
+
+        def not_ready() -> bool:
+            try:
+                return http("GET", url + "/ready", timeout=10)[0] == 503
+            except OSError:  # the stream already ended and the server is gone: also not ready
+                return True
+
+        a = Stream(url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 100}})
+        assert a.next_event()["generated_text"] is None
+        for p in procs:
+            os.kill(p.pid, signal.SIGTERM)
+        wait_until(not_ready, 10, "readiness false")
+        events = [e for e in iter(a.next_event, None)]
+        assert events[-1]["details"]["generated_tokens"] == len(events) + 1  # the stream in flight finished
+        codes = [p.wait(60) for p in procs]
+        assert codes == [0, 0], [(tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(2)]
+    finally:
+        _cleanup(procs)

@@ -2,7 +2,8 @@
 # One entry point for a fresh machine (CPU, no network but the package index):
 #
 #   scripts/dev.sh serve [serve flags]   set up .venv, then serve the embedded tiny BLOOM on 127.0.0.1:8080
-#   scripts/dev.sh test  [pytest args]   set up .venv and the offline deploy checkers, then run the whole test suite
+#   scripts/dev.sh test  [pytest args]   set up .venv, the offline deploy checkers and headless Chromium, then run the
+#                                        whole test suite
 #   scripts/dev.sh setup                 only set up .venv
 #
 # torch is pinned to 2.13.0 first: on these machines that resolves to a local CPU wheel, where an unpinned torch would
@@ -44,6 +45,9 @@ case "$cmd" in
   test)
     setup
     bash scripts/setup-tools.sh
+    # Headless Chromium + Selenium for the playground test; apt needs the package mirror: if it is unreachable the
+    # browser test says why it skipped instead of failing the whole run.
+    VENV="$venv" bash scripts/setup-browser.sh || echo "dev.sh: browser setup failed; tests/test_playground.py will skip" >&2
     export TOKENIZERS_PARALLELISM=false
     exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
     ;;

@@ -265,3 +265,43 @@ def test_original_generate_keywords_in_tgi_parameters(server):
     assert body["details"]["generated_tokens"] == 9 and body["details"]["finish_reason"] == "length"
     status, err, _ = server.post("/generate_stream", {"inputs": "Hello", "parameters": {"min_length": "many"}})
     assert status == 422 and err["field"] == "min_length"
+
+
+def test_stream_text_holds_back_a_stop_sequence_split_across_tokens(tiny_model_dir):
+    """Engine level: a stop string that spans several tokens never reaches the stream, and the pieces add up to the
+    text before it; an incomplete UTF-8 character waits for its next byte."""
+    import asyncio
+
+    from bloom_server.engine.requests import GenRequest
+    from bloom_server.engine.tokenizer import TextTokenizer
+    from bloom_server.engine.validation import validate_generate
+    from bloom_server.types import FinishReason
+
+    tok = TextTokenizer(tiny_model_dir)
+    text = " return the value of the attribute"
+    ids = tok.encode(text)
+    stop = "value of"
+    assert len(ids) >= 6 and all(stop not in tok.token_text(i) for i in ids)  # the stop spans tokens
+
+    async def run(stop_strings, token_ids):
+        spec = validate_generate({"max_new_tokens": 50}, max_new_tokens_limit=64, cap_max_new_tokens=False,
+                                 default_remove_input=True, vocab_size=tok.vocab_size)
+        req = GenRequest([[1]], spec, tok, stop=stop_strings, eos_ids=frozenset({2}), streaming=True)
+        for t in token_ids:
+            req.add_token(0, t, -1.0, None)
+        req.settle_row(0, tuple(token_ids), FinishReason.LENGTH)
+        if not req.done:
+            req._finish()
+        pieces = []
+        async for ev in req.stream():
+            pieces.append(ev.text)
+        return pieces, (await req.result())[0]
+
+    pieces, c = asyncio.run(run((stop,), ids))
+    assert "".join(pieces) == text[: text.index(stop)] == c.text
+    assert c.finish_reason == "stop_sequence" and c.stop_sequence == stop
+    assert len(c.token_ids) < len(ids)  # the row ended at the stop
+
+    euro = tok.encode(" 10\u20ac")  # a multi-byte character: byte-level tokens may split it
+    pieces, c = asyncio.run(run((), euro))
+    assert "".join(pieces) == c.text == tok.decode(euro) and all("\ufffd" not in p for p in pieces)

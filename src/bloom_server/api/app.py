@@ -41,7 +41,7 @@ def create_app(
     on_shutdown: Callable[[], Awaitable[None] | None] | None = None,
 ) -> FastAPI:
     metrics = Metrics()
-    _wire_metrics(engine, metrics, settings, model_name)
+    _wire_metrics(engine, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -101,7 +101,7 @@ def create_app(
     return app
 
 
-def _wire_metrics(engine: Engine, metrics: Metrics, settings: Settings, model_name: str) -> None:
+def _wire_metrics(engine: Engine, metrics: Metrics) -> None:
     metrics.bind(
         queue_depth=lambda: engine.batcher.queue_depth if engine.batcher else 0,
         queue_tokens=lambda: engine.batcher.queued_tokens if engine.batcher else 0,

@@ -222,9 +222,10 @@ def test_error_after_first_token_ends_the_stream_with_one_error_event(tiny_model
 
 
 @pytest.mark.slow
-def test_two_ranks_stream_and_survive_a_client_that_leaves(server, tiny_model_dir, tmp_path):
-    """With two ranks (torchrun, gloo) the stream carries the same tokens as one rank; a client that leaves mid-stream
-    does not split the ranks (its row runs to the end on both), and the next request is served."""
+def test_two_ranks_stream_and_stop_the_row_of_a_client_that_leaves(server, tiny_model_dir, tmp_path):
+    """With two ranks (torchrun, gloo) the stream carries the same tokens as one rank. A client that leaves
+    mid-stream: rank 0 shares the stop with the other rank at the next step, both stop the row (their results still
+    agree, so the server lives), and the next request starts without waiting for the abandoned one's tokens."""
     import shutil
     import sys
     import time
@@ -232,10 +233,12 @@ def test_two_ranks_stream_and_survive_a_client_that_leaves(server, tiny_model_di
 
     from helpers import ServerProcess, free_port
 
+    long_tokens = 8000
     one = sse_post(server.url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 12}})[2]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     srv = ServerProcess(
-        ["--model", str(tiny_model_dir), "--max-new-tokens", "600", "--max-total-tokens", "700"],
+        ["--model", str(tiny_model_dir), "--max-new-tokens", str(long_tokens), "--max-total-tokens",
+         str(long_tokens + 100)],
         free_port(),
         launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "bloom_server"],
         log_path=tmp_path / "torchrun.log",
@@ -247,14 +250,21 @@ def test_two_ranks_stream_and_survive_a_client_that_leaves(server, tiny_model_di
         assert two[-1]["generated_text"] == one[-1]["generated_text"]
         u = urllib.parse.urlparse(srv.url)
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
-        conn.request("POST", "/generate_stream", json.dumps({"inputs": "Hello", "parameters": {"max_new_tokens": 600}}),
-                     {"Content-Type": "application/json"})
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": long_tokens, "min_length": long_tokens + 50}}
+        conn.request("POST", "/generate_stream", json.dumps(body), {"Content-Type": "application/json"})
         resp = conn.getresponse()
-        assert resp.status == 200 and resp.readline().startswith(b"data:")
+        lines = [resp.readline() for _ in range(20)]  # 10 events
+        start = time.monotonic()
+        lines += [resp.readline() for _ in range(60)]  # 30 more: the decoding rate
+        rate = 30 / (time.monotonic() - start)
+        assert all(x.startswith(b"data:") or x == b"\r\n" or x == b"\n" for x in lines)
+        conn.sock.shutdown(__import__("socket").SHUT_RDWR)
         conn.close()  # the client leaves mid-stream
-        time.sleep(0.5)
-        status, body, _ = srv.post("/generate", {"text": ["Hello"], "max_new_tokens": 4})
-        assert status == 200 and body["num_generated_tokens"] == [4]
+        left = time.monotonic()
+        status, out, _ = srv.post("/generate", {"text": ["Hello"], "max_new_tokens": 4})
+        assert status == 200 and out["num_generated_tokens"] == [4]
+        remaining = (long_tokens - 40) / rate
+        assert time.monotonic() - left < remaining / 2, (time.monotonic() - left, remaining)
         assert srv.get("/ready")[0] == 200 and srv.proc.poll() is None
     finally:
         srv.stop()

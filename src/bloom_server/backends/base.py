@@ -49,14 +49,17 @@ class TransformersModelBackend(Backend):
     model: Any = None
     input_device: "torch.device | str" = "cpu"
     supports_streaming = True  # generate() takes a listener (rank 0's per-step token callback)
+    supports_lockstep_stops = True  # and, with several ranks, rank 0's row stops shared on every rank (ChannelStops)
 
     def extra_generate_kwargs(self) -> dict[str, Any]:
         return {}
 
-    def generate(self, batch: GenerateBatch, listener: Any = None) -> GenerateOutput:
+    def generate(self, batch: GenerateBatch, listener: Any = None, stops: Any = None) -> GenerateOutput:
         """`listener` is given on rank 0 only (the engine's BatchListener): each step's tokens and their
-        log-probabilities go to it, and it names rows whose callers left. With one rank those rows stop here;
-        with several they run on (a decision taken on rank 0 alone would split the ranks' collectives)."""
+        log-probabilities go to it, and it names rows whose callers left. With one rank those rows stop here. With
+        several, `stops` (runtime.lockstep.ChannelStops, on every rank) shares rank 0's decision at each step, so
+        every rank stops the same rows at the same step; without it they would run on (a decision taken on rank 0
+        alone would split the ranks' collectives)."""
         import torch
 
         torch.manual_seed(batch.seed)
@@ -65,8 +68,9 @@ class TransformersModelBackend(Backend):
         kwargs.update(batch.params.as_dict())
         kwargs.update(self.extra_generate_kwargs())
         hook = None
-        if listener is not None:
-            hook = StreamHook(listener, batch.max_new_tokens, may_stop=self.ctx.world_size == 1)
+        if listener is not None or stops is not None:
+            may_stop = self.ctx.world_size == 1 or stops is not None
+            hook = StreamHook(listener, batch.max_new_tokens, may_stop=may_stop, stops=stops)
             kwargs.update(hook.generate_kwargs())
         with torch.inference_mode():
             out = self.model.generate(
@@ -113,10 +117,11 @@ class StreamHook:
     rows the listener stopped, or past their own max_new_tokens, as finished.
     """
 
-    def __init__(self, listener: Any, max_new: tuple[int, ...], may_stop: bool):
-        self.listener = listener
+    def __init__(self, listener: Any, max_new: tuple[int, ...], may_stop: bool, stops: Any = None):
+        self.listener = listener  # None on followers: they only take the shared stops
         self.max_new = max_new
         self.may_stop = may_stop
+        self.stops = stops
         self.step = 0
         self.logprobs: "torch.Tensor | None" = None
         self.stopped_at: dict[int, int] = {}  # row -> tokens it had when it was stopped
@@ -135,7 +140,10 @@ class StreamHook:
             def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
                 return hook.after_step(input_ids)
 
-        return {"logits_processor": LogitsProcessorList([_Keep()]), "stopping_criteria": StoppingCriteriaList([_Step()])}
+        kwargs: dict[str, Any] = {"stopping_criteria": StoppingCriteriaList([_Step()])}
+        if self.listener is not None:
+            kwargs["logits_processor"] = LogitsProcessorList([_Keep()])
+        return kwargs
 
     def keep(self, scores: "torch.Tensor") -> None:
         import torch
@@ -146,19 +154,25 @@ class StreamHook:
         import torch
 
         tokens = input_ids[:, -1]
-        logprobs, top = None, None
-        if self.logprobs is not None:
-            logprobs = self.logprobs.gather(1, tokens[:, None].to(self.logprobs.device))[:, 0].tolist()
-            n = int(getattr(self.listener, "top_n", 0) or 0)
-            if n > 0:
-                values, ids = torch.topk(self.logprobs, min(n, self.logprobs.shape[-1]), dim=-1)
-                top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        self.listener.on_tokens(tokens.tolist(), logprobs, top)
+        if self.listener is not None:
+            logprobs, top = None, None
+            if self.logprobs is not None:
+                logprobs = self.logprobs.gather(1, tokens[:, None].to(self.logprobs.device))[:, 0].tolist()
+                n = int(getattr(self.listener, "top_n", 0) or 0)
+                if n > 0:
+                    values, ids = torch.topk(self.logprobs, min(n, self.logprobs.shape[-1]), dim=-1)
+                    top = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+            self.listener.on_tokens(tokens.tolist(), logprobs, top)
         self.step += 1
-        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=input_ids.device)
+        rows = tokens.shape[0]
+        done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        stopped = set(self.listener.stopped_rows()) if self.listener is not None else set()
+        if self.stops is not None:  # rank 0's decision, on every rank
+            flags = self.stops.share([i in stopped for i in range(rows)])
+            stopped = {i for i, f in enumerate(flags) if f}
         if self.may_stop:
-            for row in self.listener.stopped_rows():
-                if row < len(done):
+            for row in stopped:
+                if row < rows:
                     done[row] = True
                     self.stopped_at.setdefault(row, self.step)
             for row, limit in enumerate(self.max_new):

@@ -29,13 +29,34 @@ class Step:
     payload: Any = None
 
 
-def execute(backend: Any, step: Step, listener: Any = None) -> Any:
+class ChannelStops:
+    """Rank 0's decision to stop rows of a running generate call (their callers left), made the same on every rank:
+    one broadcast of a [rows] uint8 tensor on the gloo control group per decoding step. Only for backends that take
+    it (`supports_lockstep_stops`), on every rank alike, so the ranks stay in the same collectives."""
+
+    def __init__(self, channel: ControlChannel):
+        self.channel = channel
+
+    def share(self, stops: list[bool]) -> list[bool]:
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.tensor(stops, dtype=torch.uint8)
+        dist.broadcast(flags, src=0, group=self.channel.group)
+        return [bool(x) for x in flags.tolist()]
+
+
+def execute(backend: Any, step: Step, listener: Any = None, stops: ChannelStops | None = None) -> Any:
     """Run one step on this rank. `listener` (rank 0 only, never broadcast) receives each decoding step's tokens
-    from backends that stream (`supports_streaming`); others deliver every token with their result."""
+    from backends that stream (`supports_streaming`); others deliver every token with their result. `stops` (every
+    rank, when there are several) carries rank 0's row stops to backends that take them."""
     if step.kind == GENERATE:
+        kwargs: dict[str, Any] = {}
         if listener is not None and getattr(backend, "supports_streaming", False):
-            return backend.generate(step.payload, listener=listener)
-        return backend.generate(step.payload)
+            kwargs["listener"] = listener
+        if stops is not None and getattr(backend, "supports_lockstep_stops", False):
+            kwargs["stops"] = stops
+        return backend.generate(step.payload, **kwargs)
     if step.kind == FORWARD:
         return backend.forward_nll(step.payload)
     return None
@@ -69,6 +90,7 @@ class Leader:
         self._thread = threading.Thread(target=self._loop, name="bloom-engine", daemon=True)
         self.dead: str | None = None
         self._current: concurrent.futures.Future | None = None
+        self._stops = ChannelStops(channel) if channel is not None else None
 
     def start(self) -> "Leader":
         self._thread.start()
@@ -117,7 +139,7 @@ class Leader:
             self._current = fut
             try:
                 self._broadcast(step)
-                result = execute(self.backend, step, listener)
+                result = execute(self.backend, step, listener, self._stops)
                 if self.channel is not None and step.kind != NOOP and not self.channel.agree(result):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
             except BaseException as exc:  # noqa: BLE001 - every failure here is fatal by design
@@ -164,6 +186,7 @@ def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0)
         threading.Timer(drain_timeout_s + 5.0, lambda: die("rank 0 sent no shutdown after SIGTERM", 0)).start()
 
     signal.signal(signal.SIGTERM, on_term)
+    stops = ChannelStops(channel)
     done = threading.Event()
     outcome: dict[str, int] = {}
 
@@ -183,7 +206,7 @@ def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0)
                 outcome["code"] = 0
                 break
             try:
-                result = execute(backend, step)
+                result = execute(backend, step, None, stops)
                 if step.kind != NOOP and not channel.agree(result):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
             except BaseException as exc:  # noqa: BLE001

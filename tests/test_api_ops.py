@@ -319,7 +319,7 @@ def test_openapi_docs_list_every_route_with_its_schema(server):
             assert "requestBody" in ops["post"], path
             assert "application/json" in ops["post"]["requestBody"]["content"], path
     schemas = spec["components"]["schemas"]
-    for name in ("GenerateRequest", "TGIRequest", "TGIResponse", "CompletionRequest", "ChatRequest", "V2InferRequest",
+    for name in ("GenerateRequest", "TGIRequest", "TGIResponse", "TGIStreamEvent", "CompletionRequest", "ChatRequest", "V2InferRequest",
                  "Info", "OpenAIError", "ErrorResponse"):
         assert name in schemas, name
     assert "max_new_tokens" in schemas["TGIParameters"]["properties"]

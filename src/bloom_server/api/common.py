@@ -74,6 +74,15 @@ def sse(data: Any) -> bytes:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def sse_schema(description: str) -> dict:
+    """OpenAPI schema of one server-sent event: its `data` is a JSON document (described in `description`)."""
+    return {
+        "type": "object",
+        "properties": {"data": {"type": "string", "description": description}, "event": {"type": "string"}},
+        "required": ["data"],
+    }
+
+
 def timing_headers(reqs: list[GenRequest], compute_type: str | None = None) -> dict[str, str]:
     """TGI's response headers (milliseconds): x-queue-time, x-inference-time, x-time-per-token, x-total-time,
     x-prompt-tokens, x-generated-tokens, x-compute-type."""

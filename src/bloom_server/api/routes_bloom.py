@@ -30,7 +30,7 @@ from bloom_server.api.schemas import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse
+from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse, TGIStreamEvent
 from bloom_server.engine.core import Engine
 
 ERRORS = {
@@ -73,7 +73,7 @@ GENERATE_RESPONSES = {
         },
     },
 }
-OPENAPI_MODELS = [GenerateRequest, GenerateResponse, TGIRequest, TGIResponse]
+OPENAPI_MODELS = [GenerateRequest, GenerateResponse, TGIRequest, TGIResponse, TGIStreamEvent]
 
 
 class QueryIds:

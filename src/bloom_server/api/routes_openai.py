@@ -18,6 +18,7 @@ from bloom_server.api.common import (
     request_id,
     result_or_disconnect,
     sse,
+    sse_schema,
     timing_headers,
 )
 from bloom_server.api.errors import NotFound, render_error, status_of
@@ -116,7 +117,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
 
     @router.post("/v1/completions", response_model=CompletionResponse, responses={
         **OPENAI_ERRORS, 200: {"description": "CompletionResponse; with stream: server-sent chunks, then [DONE]",
-                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+                               "content": {"text/event-stream": {"schema": sse_schema(
+                                   "a text_completion chunk (JSON), or [DONE] last")}}}})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n, stop, seed, logprobs,
         echo, stream (with stream_options.include_usage). Choice i*n+j is prompt i's j-th choice."""
@@ -143,7 +145,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
 
     @router.post("/v1/chat/completions", response_model=ChatResponse, responses={
         **OPENAI_ERRORS, 200: {"description": "ChatResponse; with stream: server-sent chunks, then [DONE]",
-                               "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+                               "content": {"text/event-stream": {"schema": sse_schema(
+                                   "a chat.completion.chunk (JSON), or [DONE] last")}}}})
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         """OpenAI chat completions, for a model whose tokenizer has a chat template (or with BLOOM_CHAT_TEMPLATE);
         otherwise a 400 that says so."""

@@ -20,11 +20,12 @@ from bloom_server.api.common import (
     request_id,
     result_or_disconnect,
     sse,
+    sse_schema,
     timing_headers,
 )
 from bloom_server.api.errors import render_error, status_of
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
-from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse, TGIStreamEvent
+from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse
 from bloom_server.engine.core import Engine
 from bloom_server.engine.requests import Completion, GenRequest, TokenEvent
 from bloom_server.errors import BloomServerError, InvalidRequest
@@ -193,7 +194,7 @@ def build_router(engine: Engine) -> APIRouter:
     @router.post(
         "/generate_stream",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {"schema": TGIStreamEvent.model_json_schema()}},
+        responses={200: {"content": {"text/event-stream": {"schema": sse_schema("TGIStreamEvent (JSON)")}},
                          "description": "One `data: {TGIStreamEvent}` event per token; the last has "
                          "generated_text and details; an error after the first token ends the stream with "
                          '`data: {"error": <message>, "error_type": <kind>}`.'}, **TGI_ERRORS},
@@ -208,7 +209,7 @@ def build_router(engine: Engine) -> APIRouter:
         response_model=list[TGIResponse],
         responses={
             200: {
-                "content": {"text/event-stream": {"schema": TGIStreamEvent.model_json_schema()}},
+                "content": {"text/event-stream": {"schema": sse_schema("TGIStreamEvent (JSON)")}},
                 "description": "`[TGIResponse]` as JSON; with `stream: true`, the events of /generate_stream",
             },
             **TGI_ERRORS,

@@ -5,7 +5,8 @@
   alone; every 429 carries a Retry-After of whole seconds >= 1 and the one error shape.
 - The burst really overflowed the queue (some 429s) and really was served (at least a batch of 200s).
 - Afterwards the server's resident memory (VmRSS), threads, open file descriptors and TCP connections return to their
-  level before the burst within the tolerances below; three bursts in a row do not ratchet memory up.
+  level before the burst within the tolerances below; three bursts in a row do not ratchet memory up; its own gauges
+  (/metrics) show nothing in flight, queued or running, and its counters match the 200s and 429s the clients got.
 """
 
 from __future__ import annotations
@@ -80,6 +81,28 @@ def burst(port: int, n: int) -> list:
     return results
 
 
+def metrics(srv) -> dict[str, float]:
+    """The server's /metrics (Prometheus text) as {"name{labels}": value}."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def total(m: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in m.items() if k == prefix or k.startswith(prefix + "{"))
+
+
 def resources(srv) -> dict:
     pid = srv.proc.pid
     return {"rss_mib": rss_mib(pid), "threads": threads(pid), "fds": open_fds(pid), "conns": established(srv.port)}
@@ -114,6 +137,7 @@ def test_ten_times_the_queue_at_once(srv):
         assert call(srv.port, body(i))[1]["text"] == alone[i]["text"], "greedy answers must repeat"
     assert wait_until(lambda: established(srv.port) == 0, 10)
     before = resources(srv)
+    m0 = metrics(srv)
 
     after_each = []
     counts = {200: 0, 429: 0, 503: 0}
@@ -155,6 +179,17 @@ def test_ten_times_the_queue_at_once(srv):
     assert final["fds"] <= before["fds"] + FD_TOLERANCE, (before, final)
     assert final["rss_mib"] <= before["rss_mib"] + RSS_TOLERANCE_MIB, (before, final)
     assert after_each[-1]["rss_mib"] - after_each[0]["rss_mib"] <= RSS_RATCHET_MIB, after_each
+
+    # The server's own view: nothing in flight, queued or running; it counted every refusal it answered.
+    m1 = metrics(srv)
+    for gauge in ("bloom_server_in_flight_requests", "bloom_server_queue_depth", "bloom_server_queue_tokens",
+                  "bloom_server_running_batch_size"):
+        assert total(m1, gauge) == 0, (gauge, total(m1, gauge))
+    for status in (200, 429):
+        key = f'bloom_server_requests_total{{method="POST",route="/generate",status="{status}"}}'
+        assert m1.get(key, 0) - m0.get(key, 0) == counts[status], (key, m0.get(key), m1.get(key), counts)
+    ok = 'bloom_server_generation_requests_total{outcome="ok"}'
+    assert m1.get(ok, 0) - m0.get(ok, 0) == counts[200], (m0.get(ok), m1.get(ok), counts)
 
     # and it serves normally afterwards
     status, out, _, _ = call(srv.port, body(0))

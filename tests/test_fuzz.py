@@ -133,11 +133,6 @@ def avoid_known_bugs(case) -> None:
         _avoid_in(body)
         if isinstance(body.get("parameters"), dict):
             _avoid_in(body["parameters"])
-        # Bug 10: `"stream": true` on the OpenAI routes answers events whose declared schema ({"type": "string"})
-        # no event matches (schemathesis ST108).
-        if case.operation.path.startswith("/v1/") and case.operation.path.endswith("completions") and body.get("stream"):
-            body["stream"] = False
-            KNOWN_BUG_EDITS["10: stream events vs declared schema"] += 1
 
 
 # ------------------------------------------------------------------------------------------------------------ checks

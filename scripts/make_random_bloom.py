@@ -32,7 +32,6 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
     "176b": (14336, 70, 112, 250880),
 }
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # BLOOM's ids 0..3
 
 
 def bloom_config(shape: str, layers: int | None = None, dtype: str = "fp16", init_std: float = 0.02):
@@ -86,34 +85,10 @@ def random_model(config, dtype: str, seed: int, device: str = "cpu"):
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int) -> None:
-    """The project's tokenizer recipe if it is there, else a minimal byte-level BPE with BLOOM's special ids."""
-    try:
-        from bloom_server.tiny import train_tokenizer as project_recipe
-    except ImportError:
-        project_recipe = None
-    if project_recipe is not None:
-        project_recipe(out_dir, vocab_size)
-        return
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The project's tokenizer recipe (bloom_server.tiny): byte-level BPE with BLOOM's special ids."""
+    from bloom_server.tiny import train_tokenizer as project_recipe
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    text = [(argparse.__doc__ or ""), (json.__doc__ or ""), (os.__doc__ or ""), __doc__ or ""] * 4
-    tok.train_from_iterator(text, trainer=trainer)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    names = dict(zip(("unk_token", "bos_token", "eos_token", "pad_token"), SPECIAL_TOKENS))
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "BloomTokenizerFast", "padding_side": "left", **names}, indent=2)
-    )
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+    project_recipe(out_dir, vocab_size)
 
 
 def write_hf_checkpoint(

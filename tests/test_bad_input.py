@@ -35,6 +35,13 @@ CASES = [
     ({"text": ["word " * 80]}, 422, "text[0]"),
     ({"text": ["word " * 45], "max_new_tokens": 64}, 422, "max_new_tokens"),
     ([1, 2, 3], 422, "body"),
+    # Once fatal for the whole server (found by the reliability suite): NaN from min_length + decay while sampling,
+    # unbounded memory from a huge n-gram size.
+    ({"text": ["x"], "do_sample": True, "exponential_decay_length_penalty": [0, 1.5], "min_length": 3,
+      "max_new_tokens": 4}, 422, "exponential_decay_length_penalty"),
+    ({"text": ["x"], "encoder_no_repeat_ngram_size": 100000000, "max_new_tokens": 2}, 422,
+     "encoder_no_repeat_ngram_size"),
+    ({"text": ["x"], "no_repeat_ngram_size": 100000000, "max_new_tokens": 2}, 422, "no_repeat_ngram_size"),
 ]
 
 

@@ -34,6 +34,7 @@ TOKEN_ID_FIELDS = (
     "forced_eos_token_id",
 )
 DEFAULT_MAX_NEW_TOKENS = 100
+MAX_NGRAM = 4096
 # Logits are divided by the temperature and by the repetition penalty: below this they overflow float32 (inf, then
 # NaN probabilities), and the failing step would take the whole batch down with it.
 MIN_DIVISOR = 1e-4
@@ -101,6 +102,12 @@ def validate_generate(
     for f in ("min_length", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
         if f in kw:
             _check(kw[f] >= 0, f, "must be >= 0", ">= 0")
+    for f in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+        # An n-gram longer than any sequence the engine holds means nothing, and transformers allocates by it.
+        if f in kw:
+            _check(kw[f] <= MAX_NGRAM, f, f"must be <= {MAX_NGRAM}", MAX_NGRAM)
+    if seed is not None:
+        _check(0 <= seed < 2**63, "seed", "must be in [0, 2**63)", 2**63 - 1)
     if "max_time" in kw:
         _check(kw["max_time"] > 0, "max_time", "must be > 0 seconds", "> 0")
     if "diversity_penalty" in kw:
@@ -127,6 +134,15 @@ def validate_generate(
             "exponential_decay_length_penalty",
             f"factor must be <= {MAX_DECAY_FACTOR} (larger ones overflow the end-of-sequence score)",
             MAX_DECAY_FACTOR,
+        )
+        # min_length holds the end-of-sequence score at -inf while the decay scales its magnitude: -inf + inf = NaN,
+        # and sampling from NaN fails inside the step (fatal for every rank). Greedy decoding survives it (as the
+        # original server did), so only sampling is refused.
+        _check(
+            not (do_sample and kw.get("min_length")),
+            "exponential_decay_length_penalty",
+            "cannot be combined with min_length when sampling (one holds the end of sequence back, the other pushes "
+            "it forward)",
         )
 
     max_new = kw.pop("max_new_tokens", None)

@@ -181,14 +181,18 @@ class StreamHook:
         return done
 
     def cut_stopped(self, out: GenerateOutput) -> GenerateOutput:
-        """Rows stopped early carry padding after the stop: cut them there."""
-        if not self.stopped_at:
-            return out
-        rows, reasons = list(out.token_ids), list(out.finish_reasons)
-        for row, n in self.stopped_at.items():
-            if len(rows[row]) > n:
-                rows[row], reasons[row] = rows[row][:n], FinishReason.TIME
-        return GenerateOutput(tuple(rows), tuple(reasons))
+        return cut_stopped(out, self.stopped_at)
+
+
+def cut_stopped(out: GenerateOutput, stopped_at: dict[int, int]) -> GenerateOutput:
+    """Rows stopped early (their callers left) carry tokens past the stop: cut them there, finish reason time."""
+    if not stopped_at:
+        return out
+    rows, reasons = list(out.token_ids), list(out.finish_reasons)
+    for row, n in stopped_at.items():
+        if len(rows[row]) > n:
+            rows[row], reasons[row] = rows[row][:n], FinishReason.TIME
+    return GenerateOutput(tuple(rows), tuple(reasons))
 
 
 def pad_left(rows: tuple[tuple[int, ...], ...], pad_id: int, device: Any) -> "tuple[torch.Tensor, torch.Tensor]":

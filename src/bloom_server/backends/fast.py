@@ -175,17 +175,9 @@ class _Stream:
         self._deliver()
 
     def cut_stopped(self, out: GenerateOutput) -> GenerateOutput:
-        """Rows whose callers left carry tokens past the stop: cut them there (finish reason: time, as the hf
-        backend reports it)."""
-        if not self.stopped_at:
-            return out
-        from bloom_server.types import FinishReason
+        from bloom_server.backends.base import cut_stopped
 
-        rows, reasons = list(out.token_ids), list(out.finish_reasons)
-        for row, n in self.stopped_at.items():
-            if len(rows[row]) > n:
-                rows[row], reasons[row] = rows[row][:n], FinishReason.TIME
-        return GenerateOutput(tuple(rows), tuple(reasons))
+        return cut_stopped(out, self.stopped_at)
 
 
 def _generation_defaults(model_dir: Any) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, GenerateOutput, RankContext
@@ -72,7 +73,9 @@ class TransformersModelBackend(Backend):
             may_stop = self.ctx.world_size == 1 or stops is not None
             hook = StreamHook(listener, batch.max_new_tokens, may_stop=may_stop, stops=stops)
             kwargs.update(hook.generate_kwargs())
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            # min_length past the output (allowed: it means "never stop on EOS") is legal here, not worth a warning.
+            warnings.filterwarnings("ignore", message="Unfeasible length constraints", category=UserWarning)
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -244,16 +244,25 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    def _lookup(self, req: Request, repo_id: str, rev: str):
+        """(repo, commit sha), or (None, None) after answering the Hub's error for a missing/gated repo or revision."""
+        repo, sha = self.hub.resolve(repo_id, rev)
+        if repo is None:
+            self._error(req, 404, "RepoNotFound", "Repository not found")
+        elif repo.gated:
+            self._error(req, 403, "GatedRepo", "Access to this model is restricted")
+        elif sha is None:
+            self._error(req, 404, "RevisionNotFound", "Invalid rev id: " + rev)
+        else:
+            return repo, sha
+        return None, None
+
     def _listing(self, req: Request, repo_id: str, rev: str, query: dict) -> None:
         if not self._authorized(req) or self._injected(req, "api"):
             return
-        repo, sha = self.hub.resolve(repo_id, rev)
+        repo, sha = self._lookup(req, repo_id, rev)
         if repo is None:
-            return self._error(req, 404, "RepoNotFound", "Repository not found")
-        if repo.gated:
-            return self._error(req, 403, "GatedRepo", "Access to this model is restricted")
-        if sha is None:
-            return self._error(req, 404, "RevisionNotFound", "Invalid rev id: " + rev)
+            return
         blobs = query.get("blobs", ["false"])[0].lower() == "true" and not self.hub.omit_blobs
         siblings = []
         for path, data in sorted(repo.commits[sha].items()):
@@ -290,13 +299,9 @@ class _Handler(BaseHTTPRequestHandler):
         req.headers["x-stub-file"] = path
         if not self._authorized(req) or self._injected(req, path):
             return
-        repo, sha = self.hub.resolve(repo_id, rev)
+        repo, sha = self._lookup(req, repo_id, rev)
         if repo is None:
-            return self._error(req, 404, "RepoNotFound", "Repository not found")
-        if repo.gated:
-            return self._error(req, 403, "GatedRepo", "Access to this model is restricted")
-        if sha is None:
-            return self._error(req, 404, "RevisionNotFound", "Invalid rev id: " + rev)
+            return
         data = repo.commits[sha].get(path)
         if data is None:
             return self._error(req, 404, "EntryNotFound", f"{path} does not exist on {rev}")

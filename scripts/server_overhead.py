@@ -32,6 +32,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from _loadgen import exchange_content_length, request_bytes  # noqa: E402 - scripts/ is on the path (this script's own directory)
 
 BODY = {"text": ["Hello world, this is a short prompt"], "max_new_tokens": 8}
 VARIANTS = ("bare", "app", "app-nowait")
@@ -116,24 +117,14 @@ def serve(variant: str, port: int, core: int | None) -> None:
 # ---- the load generator ----
 
 
-def request_bytes(body: dict) -> bytes:
-    data = json.dumps(body).encode()
-    head = (f"POST /generate/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n")  # fmt: skip
-    return head.encode() + data
+def request_for(body: dict) -> bytes:
+    return request_bytes("POST", "/generate/", "127.0.0.1", json.dumps(body).encode())
 
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: bytes) -> None:
-    writer.write(req)
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = head[9:12]
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    await reader.readexactly(length)
-    if status != b"200":
-        raise RuntimeError(f"HTTP {status.decode()}: {head[:200]!r}")
+    status = await exchange_content_length(reader, writer, req)
+    if status != 200:
+        raise RuntimeError(f"HTTP {status}")
 
 
 async def latencies(port: int, n: int, req: bytes) -> list[float]:
@@ -191,7 +182,7 @@ def measure(variant: str, args: argparse.Namespace, server_core: int | None) -> 
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})  # fmt: skip
     try:
         wait_ready(port, proc)
-        req = request_bytes(BODY)
+        req = request_for(BODY)
         asyncio.run(latencies(port, max(50, args.requests // 10), req))  # warm-up
         lat = sorted(asyncio.run(latencies(port, args.requests, req)))
         rps = asyncio.run(throughput(port, args.concurrency, args.seconds, req))

@@ -29,9 +29,6 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -41,20 +38,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _loadgen import loopback, pct, start_server, stop_server
+
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the value of a list is returned when the argument is given the default module provides "
          "create open send raise exception file request object string number return").split()
 
 
 # ------------------------------------------------------------------------------------------------------ the server
-
-
-def loopback(host: str) -> bool:
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return all(info[4][0].startswith("127.") or info[4][0] == "::1" for info in infos)
 
 
 def pid_listening_on(port: int) -> int | None:
@@ -98,42 +89,6 @@ def proc_stats(pid: int | None) -> dict:
     except OSError:
         pass
     return out
-
-
-def start_server(args) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "bloom_server", "serve", "--host", "127.0.0.1", "--port", str(port), *args.serve_args]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    log = open(args.server_log, "w")
-    print(f"soak: starting {' '.join(cmd)} (log: {args.server_log})", flush=True)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"soak: the server exited with {proc.returncode}; see {args.server_log}")
-        try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except (OSError, urllib.error.HTTPError):
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("soak: the server was not ready within 180 s")
-
-
-def stop_server(proc: subprocess.Popen) -> int | None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return proc.returncode
 
 
 # ------------------------------------------------------------------------------------------------------------ load
@@ -240,13 +195,6 @@ def stream_error(data: bytes) -> bool:
 # --------------------------------------------------------------------------------------------------------- reports
 
 
-def pct(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
-
-
 def ms(x: float | None) -> str:
     return "-" if x is None else f"{x * 1000:.0f}"
 
@@ -307,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     proc = None
     if args.serve:
-        proc, url = start_server(args)
+        proc, url = start_server(args.serve_args, args.server_log, "soak")
         pid = proc.pid
     else:
         url = args.url.rstrip("/")

@@ -1,0 +1,123 @@
+"""scripts/load_test.py against a real tiny-model server on 127.0.0.1: counts, exact lengths, timings present, errors
+reported (not crashed on), bounds honoured. No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, ServerProcess, free_port
+
+SCRIPT = REPO / "scripts" / "load_test.py"
+sys.path.insert(0, str(REPO / "scripts"))
+import load_test  # noqa: E402
+
+
+def run_script(*args: str, timeout: float = 180) -> tuple[int, str, float]:
+    t = time.monotonic()
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t
+
+
+def test_streamed_closed_loop_exact_lengths(server, tmp_path):
+    out = tmp_path / "run.json"
+    code, text, _ = run_script("--url", server.url, "--stream", "--concurrency", "3", "--prompt-tokens", "4-24",
+                               "--new-tokens", "4-24", "--requests", "12", "--duration", "120", "--json", str(out))
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert (s["requests"], s["ok"], s["errors"], s["cut"]) == (12, 12, 0, 0)
+    assert s["statuses"] == {"200": 12}
+    reqs = report["requests"]
+    assert [r["index"] for r in reqs] == list(range(12))
+    for r in reqs:
+        assert 4 <= r["new_tokens"] <= 24 and 4 <= r["prompt_tokens"] <= 24
+        assert r["generated"] == r["new_tokens"], r  # every request generates exactly its length
+        assert r["server_prompt_tokens"] == r["prompt_tokens"], r  # one token per prompt word
+        assert 0 < r["ttft"] <= r["latency"]
+        assert r["tpot"] > 0
+    assert s["generated_tokens"] == sum(r["new_tokens"] for r in reqs)
+    assert s["short"] == 0 and s["ttft_ms"]["n"] == 12 and s["itl_ms"]["n"] == sum(r["new_tokens"] - 1 for r in reqs)
+    assert s["latency_ms"]["p50"] <= s["latency_ms"]["p90"] <= s["latency_ms"]["p99"]
+    assert s["tokens_per_s"] > 0 and s["requests_per_s"] > 0
+    assert report["info"]["model_id"] and "--stream" in report["argv"]
+    assert "| Latency P50 (ms) | P90 (ms) | P99 (ms) |" in text and "Throughput (tokens/sec)" in text
+    assert "| time to first token |" in text
+
+
+def test_not_streamed_poisson(server, tmp_path):
+    out = tmp_path / "run.json"
+    code, text, _ = run_script("--url", server.url, "--rate", "20", "--prompt-tokens", "8", "--new-tokens", "5,9,13",
+                               "--requests", "10", "--duration", "120", "--json", str(out))
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert (s["requests"], s["ok"], s["errors"]) == (10, 10, 0)
+    for r in report["requests"]:
+        assert r["new_tokens"] in (5, 9, 13) and r["prompt_tokens"] == 8
+        assert r["generated"] == r["new_tokens"]
+        assert r["ttft"] is None and r["queue_ms"] is not None  # TTFT is not observable without streaming
+    sent = [r["sent"] for r in report["requests"]]
+    assert sent == sorted(sent) and sent[-1] > 0.05  # arrivals spread in time, not all at once
+    assert "| time to first token | n/a |" in text
+
+
+def test_queue_full_gives_429s_that_are_reported(tiny_model_dir, tmp_path):
+    srv = ServerProcess(["--model", str(tiny_model_dir), "--max-queued-requests", "1", "--max-new-tokens", "64"],
+                        free_port(), log_path=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        out = tmp_path / "run.json"
+        code, text, _ = run_script("--url", srv.url, "--concurrency", "8", "--prompt-tokens", "8-16",
+                                   "--new-tokens", "32", "--requests", "40", "--duration", "120", "--json", str(out))
+    finally:
+        srv.stop()
+    assert code == 1, text  # some requests failed: exit 1, with the report
+    s = json.loads(out.read_text())["summary"]
+    assert s["requests"] == 40 and s["ok"] + s["errors"] == 40
+    assert s["statuses"].get("429", 0) > 0 and s["errors_by_kind"].get("429 overloaded") == s["statuses"]["429"]
+    assert s["ok"] >= 1 and s["statuses"]["200"] == s["ok"]
+    assert "429 overloaded" in text
+
+
+def test_duration_bounds_the_run_and_cuts_what_is_left(server, tmp_path):
+    out = tmp_path / "run.json"
+    code, text, wall = run_script("--url", server.url, "--stream", "--concurrency", "2", "--prompt-tokens", "8",
+                                  "--new-tokens", "64", "--requests", "100000", "--duration", "1.5", "--drain", "0",
+                                  "--json", str(out))
+    assert code == 0, text  # cut requests are not errors
+    s = json.loads(out.read_text())["summary"]
+    assert s["cut"] >= 1 and s["requests"] == s["answered"] + s["cut"] < 100000
+    assert wall < 60
+
+
+def test_refusals(server):
+    code, text, _ = run_script("--url", server.url, "--new-tokens", "16-512")  # the server allows 64
+    assert code == 2 and "the server allows 64" in text
+    code, text, _ = run_script("--url", "http://10.1.2.3:8080")
+    assert code == 2 and "not a loopback address" in text
+    code, text, _ = run_script("--url", server.url, "--new-tokens", "9-3")
+    assert code != 0 and "--new-tokens" in text
+
+
+def test_workload_is_drawn_from_the_seed():
+    def specs(seed: int, rate: float | None):
+        args = load_test.parser().parse_args(["--url", "http://127.0.0.1:1", "--seed", str(seed), "--prompt-tokens",
+                                              "16-256", "--new-tokens", "16,512"]
+                                             + (["--rate", str(rate)] if rate else []))
+        gen = load_test.workload(args, ["a", "b", "c"])
+        return [next(gen) for _ in range(50)]
+
+    a, b, c = specs(1, 4.0), specs(1, 4.0), specs(2, 4.0)
+    assert [(s.prompt, s.new_tokens, s.at) for s in a] == [(s.prompt, s.new_tokens, s.at) for s in b]
+    assert [s.prompt for s in a] != [s.prompt for s in c]
+    assert all(16 <= s.prompt_tokens <= 256 and len(s.prompt.split()) == s.prompt_tokens for s in a)
+    assert {s.new_tokens for s in a} == {16, 512}
+    assert all(x.at < y.at for x, y in zip(a, a[1:]))  # Poisson arrival times increase
+    assert all(s.at == 0 for s in specs(1, None))
+    with pytest.raises(SystemExit):
+        load_test.parse_lengths("0-5", "--new-tokens")

@@ -15,6 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Backend = Literal["hf", "ds_inference", "ds_zero", "fast"]
 DType = Literal["auto", "fp16", "bf16", "int8", "fp32"]
 
+# Backends that can run continuous batching (their class sets supports_continuous).
+CONTINUOUS_BACKENDS = ("fast",)
+
 # The original DEPLOYMENT_FRAMEWORK values and what they mean here.
 LEGACY_BACKENDS = {"hf_accelerate": "hf", "hf_cpu": "hf", "ds_inference": "ds_inference", "ds_zero": "ds_zero"}
 
@@ -62,7 +65,19 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(32, ge=1, validation_alias=_env("max_batch_size", "MAX_BATCH_SIZE"))
     max_queued_requests: int = Field(256, ge=1, validation_alias=_env("max_queued_requests"))
-    batch_wait_ms: float = Field(5.0, ge=0, validation_alias=_env("batch_wait_ms"))
+    batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        validation_alias=_env("batch_wait_ms"),
+        description="Dynamic batching: how long an idle engine waits after a request arrives for others to share "
+        "its call. 0: start at once (requests arriving while a call runs share the next call anyway).",
+    )
+    batching: Literal["auto", "continuous", "dynamic"] = Field(
+        "auto",
+        validation_alias=_env("batching"),
+        description="continuous: requests join the running batch at step boundaries (backends that can: fast); "
+        "dynamic: a batch runs to completion before the next starts; auto: continuous where the backend can.",
+    )
     default_remove_input_from_output: bool = Field(True, validation_alias=_env("remove_input_from_output"))
 
     # Lifecycle
@@ -133,6 +148,21 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_model(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("batching", mode="before")
+    @classmethod
+    def _lower_batching(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _continuous_backend(self) -> "Settings":
+        # Checked again against the loaded backend (supports_continuous); here so that it fails before loading.
+        if self.batching == "continuous" and self.backend not in CONTINUOUS_BACKENDS:
+            raise ValueError(
+                f"batching 'continuous' needs a backend that joins requests to a running batch "
+                f"({', '.join(CONTINUOUS_BACKENDS)}); backend {self.backend!r} runs 'dynamic' (or 'auto')"
+            )
+        return self
 
     @model_validator(mode="after")
     def _limits(self) -> "Settings":

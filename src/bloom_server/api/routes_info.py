@@ -39,6 +39,7 @@ class Info(BaseModel):
     chat_template: bool = Field(description="Whether /v1/chat/completions can render prompts.")
     auth: bool = Field(description="Whether an API key is required.")
     model_load_seconds: float | None = None
+    batching: str | None = Field(None, description="continuous | dynamic: how requests share the model's steps.")
 
 
 def build_router(engine: Engine, settings: Settings, model_name: str, metrics: Metrics, has_chat: Any) -> APIRouter:
@@ -71,6 +72,7 @@ def build_router(engine: Engine, settings: Settings, model_name: str, metrics: M
             chat_template=bool(has_chat()),
             auth=settings.api_key is not None,
             model_load_seconds=engine.load_seconds,
+            batching=getattr(engine, "batching", None),
         )
 
     @router.get(

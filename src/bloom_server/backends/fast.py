@@ -2,7 +2,9 @@
 
 Every rank holds its tensor-parallel share (heads, MLP columns and vocabulary rows split over the launcher's ranks;
 one rank holds everything) read straight from the checkpoint's safetensors slices, and runs the same static batch
-through `FastEngine.generate`: prefill, then decode steps replayed as CUDA graphs on GPUs (eager on CPUs).
+through `FastEngine.generate`: prefill, then decode steps replayed as CUDA graphs on GPUs (eager on CPUs). With
+continuous batching (`cstep`), the same slots are scheduled by a ContinuousBatcher instead: each step applies rank 0's
+joins and leaves, then runs one leave/admit/decode/retire step, the same on every rank.
 Sampling follows transformers' meaning of every generate() setting the API accepts (see fast/sampling.py), seeded
 from the batch's seed on every rank, so ranks agree token for token.
 
@@ -13,14 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bloom_server.backends.base import Backend, cut_rows, torch_dtype
 from bloom_server.errors import ConfigError, ModelDirError
-from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput
+from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, GenerateOutput
 
 if TYPE_CHECKING:
     from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.scheduler import ContinuousBatcher
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,9 @@ class FastBackend(Backend):
     name = "fast"
     engine: "FastEngine | None" = None
     supports_streaming = True  # generate() takes rank 0's listener (per-step tokens, log-probabilities, stops)
+    supports_continuous = True  # cstep(): rows join and leave the running batch at step boundaries
+    _batcher: "ContinuousBatcher | None" = None
+
 
     def load(self) -> None:
         import torch
@@ -106,6 +113,35 @@ class FastBackend(Backend):
         out = cut_rows(result.tokens, batch.max_new_tokens, set(cfg.eos_ids))
         return stream.cut_stopped(out) if stream is not None else out
 
+    def cstep(self, step: Any, rank0: bool = False) -> "CStepResult":
+        """One continuous-batching step (engine/continuous.py's CStep: `joins`, `leaves`), the same on every rank:
+        rows that left are retired, joined rows are admitted and prefilled, every live row decodes one token, rows
+        that finished by EOS or length leave. `rank0`: the caller delivers the tokens, so their log-probabilities
+        (and top alternatives where a row asks) are computed too; they stay out of the ranks' digest."""
+        from bloom_server.fast.sampling import SamplingConfig
+        from bloom_server.fast.scheduler import STOPPED, ContinuousBatcher, Request
+
+        assert self.engine is not None, "load() first"
+        if self._batcher is None:
+            self._batcher = ContinuousBatcher(self.engine)
+        cb = self._batcher
+        finished: list[tuple[Any, str]] = []
+        for rid in step.leaves:
+            if cb.leave(rid) is not None:
+                finished.append((rid, STOPPED))
+        for j in step.joins:
+            kwargs = j.params.as_dict()
+            cfg = SamplingConfig.from_generate_kwargs(
+                kwargs, eos_token_id=j.eos_token_id, prompt_width=len(j.prompt), defaults=self._defaults
+            )
+            cb.add(Request(rid=j.rid, prompt=tuple(j.prompt), max_new_tokens=j.max_new_tokens, cfg=cfg, seed=j.seed,
+                           top_n=j.top_n if rank0 else 0, pad_token_id=kwargs.get("pad_token_id", j.pad_token_id)))  # fmt: skip
+        for r in cb.step(logprobs=rank0):
+            finished.append((r.rid, _REASONS[r.finish]))  # type: ignore[index]
+        tokens = tuple((e.req.rid, e.token) for e in cb.emitted)
+        extra = tuple((e.logprob, e.top) for e in cb.emitted) if rank0 else None
+        return CStepResult(tokens, tuple(finished), len(cb.live) + len(cb.waiting), extra)
+
     def forward_nll(self, batch: ForwardBatch) -> float:
         assert self.engine is not None, "load() first"
         return self.engine.nll(batch.conditioning_ids, batch.response_ids)
@@ -122,6 +158,26 @@ class FastBackend(Backend):
             "max_seq": e.max_seq,
             "cuda_graphs": e.cuda_graphs,
         }
+
+
+_REASONS = {"eos": FinishReason.EOS.value, "length": FinishReason.LENGTH.value}
+
+
+@dataclass(frozen=True)
+class CStepResult:
+    """What one continuous step produced on this rank. tokens: (row id, token) in the order the step chose them
+    (a row admitted in this step may have two: its first token and its decoded one); finished: (row id, reason):
+    "eos_token", "length", or "stopped" (it left); live: rows held after the step. extra (rank 0 only): per token,
+    (log-probability, top alternatives or None)."""
+
+    tokens: tuple[tuple[Any, int], ...]
+    finished: tuple[tuple[Any, str], ...]
+    live: int
+    extra: tuple[tuple[float | None, Any], ...] | None = None
+
+    def agreed(self) -> tuple:
+        """The part every rank must hold alike (the digest the ranks compare)."""
+        return self.tokens, self.finished, self.live
 
 
 class _Stream:

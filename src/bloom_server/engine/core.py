@@ -9,11 +9,12 @@ import logging
 import time
 from typing import Any, Callable, Protocol
 
+from bloom_server.engine.continuous import CStep, ContinuousScheduler, Join
 from bloom_server.engine.requests import Completion, GenRequest
 from bloom_server.engine.scheduler import BatchListener, Batcher
 from bloom_server.engine.tokenizer import TextTokenizer
 from bloom_server.engine.validation import check_prompts, validate_generate
-from bloom_server.errors import EngineDead, InvalidRequest, NotReady
+from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, NotReady
 from bloom_server.settings import Settings
 from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput, ModelInfo, SamplingParams
 
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class StepRunner(Protocol):
-    """What the engine needs of the runtime: run a step on every rank (runtime.lockstep.Leader)."""
+    """What the engine needs of the runtime: run a step on every rank (runtime.lockstep.Leader). For continuous
+    batching a runner also has `supports_continuous` (True), `attach_continuous(source)` and `wake()`."""
 
     dead: str | None
 
@@ -45,7 +47,8 @@ class Engine:
         self.info: ModelInfo | None = None
         self.tokenizer: TextTokenizer | None = None
         self.runner: StepRunner | None = None
-        self.batcher: Batcher | None = None
+        self.batcher: Batcher | ContinuousScheduler | None = None
+        self.batching: str | None = None  # "continuous" | "dynamic", once attached
         self.load_seconds: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called with each request once it is answered, failed or cancelled (the API layer records metrics).
@@ -59,16 +62,46 @@ class Engine:
     def attach(self, runner: StepRunner, tokenizer: TextTokenizer, info: ModelInfo) -> None:
         """The model is loaded on every rank: wire it in (readiness still waits for warm-up)."""
         self.runner, self.tokenizer, self.info = runner, tokenizer, info
-        self.batcher = Batcher(
-            self._run_generate,
-            max_batch_size=self.settings.max_batch_size,
-            max_queued=self.settings.max_queued_requests,
-            wait_s=self.settings.batch_wait_ms / 1000.0,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            max_queued_tokens=self.settings.queued_tokens_limit,
-            on_batch=lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None,
-        )
+        s = self.settings
+        self.batching = self._batching_mode(runner)
+        on_batch = lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None  # noqa: E731
+        if self.batching == "continuous":
+            self.batcher = ContinuousScheduler(
+                runner,
+                max_batch_size=s.max_batch_size,
+                max_queued=s.max_queued_requests,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                max_queued_tokens=s.queued_tokens_limit,
+                on_batch=on_batch,
+            )
+        else:
+            self.batcher = Batcher(
+                self._run_generate,
+                max_batch_size=s.max_batch_size,
+                max_queued=s.max_queued_requests,
+                wait_s=s.batch_wait_ms / 1000.0,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                max_queued_tokens=s.queued_tokens_limit,
+                on_batch=on_batch,
+            )
+        if info is not None:
+            info.extra.setdefault("batching", self.batching)
+        log.info("batching: %s", self.batching)
+
+    def _batching_mode(self, runner: StepRunner) -> str:
+        """auto: continuous when the backend can join requests to a running batch, else dynamic."""
+        wanted = getattr(self.settings, "batching", "auto")
+        can = bool(getattr(runner, "supports_continuous", False))
+        if wanted == "continuous" and not can:
+            raise ConfigError(
+                f"--batching continuous: the {self.settings.backend} backend cannot join requests to a running "
+                "batch (only --backend fast can); use --batching dynamic or auto"
+            )
+        if wanted == "auto":
+            return "continuous" if can else "dynamic"
+        return wanted
 
     def warmup(self) -> None:
         """One real generate on every rank (from the loading thread), then ready."""
@@ -84,7 +117,11 @@ class Engine:
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
             )
-            self.runner.submit("generate", batch).result()
+            if self.batching == "continuous":  # the path requests take: one cstep admits, decodes and retires it
+                join = Join(0, batch.input_ids[0], 2, batch.params, 0, batch.eos_token_id, batch.pad_token_id)
+                self.runner.submit("cstep", CStep(joins=(join,))).result()
+            else:
+                self.runner.submit("generate", batch).result()
         self.state, self.state_detail = State.READY, "ready"
 
     def drain(self) -> None:

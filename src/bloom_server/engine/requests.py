@@ -112,6 +112,7 @@ class GenRequest:
         self._timers: list[asyncio.TimerHandle] = []
         self._on_cancel_queued: Any = None  # set by the batcher while the request waits
         self._on_stop_rows: Any = None  # set by the batcher while the request runs: stop these rows in the backend
+        self._rids: list[int] = []  # the continuous scheduler's row ids (engine/continuous.py)
         if deadline is not None:
             self._timers.append(self.loop.call_at(self._loop_time(deadline), self._expire, "deadline"))
 
@@ -150,12 +151,15 @@ class GenRequest:
         self._settle(Cancelled(f"request {self.id}: {reason}"))
 
     # ---- driven by the batcher, on the loop ----
-    def on_start(self, seed: int) -> None:
-        self.started = time.monotonic()
+    def on_start(self, seed: int, at: float | None = None) -> None:
+        """The request's rows started (at: when, as time.monotonic(); default now)."""
+        now = time.monotonic()
+        self.started = now if at is None else min(at, now)
         self.seed = seed
         self._on_cancel_queued = None
         if self.max_time is not None:
-            self._timers.append(self.loop.call_later(self.max_time, self._expire, "max_time"))
+            delay = max(0.0, self.max_time - (now - self.started))
+            self._timers.append(self.loop.call_later(delay, self._expire, "max_time"))
 
     def add_token(self, r: int, token_id: int, logprob: float | None, top: tuple | None) -> None:
         row = self.rows[r]
@@ -193,6 +197,15 @@ class GenRequest:
                 break
         if not row.done:
             row.done, row.reason = True, reason.value
+
+    def end_row(self, r: int, reason: str) -> None:
+        """The backend finished a row (continuous batching: its tokens came with the steps); the request is answered
+        once every row is finished."""
+        row = self.rows[r]
+        if not row.done:
+            row.done, row.reason = True, reason
+        if all(x.done for x in self.rows):
+            self._finish()
 
     def fail(self, exc: BaseException) -> None:
         self._settle(exc)

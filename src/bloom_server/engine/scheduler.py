@@ -1,10 +1,11 @@
 """Dynamic batching: requests that arrive together share one generate call. This is the one batching loop; streaming
 is a callback into it (BatchListener), not a second loop.
 
-The loop gathers for `wait_s` after the first waiting request (or until `max_batch_size` rows wait), takes the oldest
-request's group (requests whose settings can share a call, see GenerateSpec.batch_key) in arrival order, runs it, and
-hands every caller exactly its own rows. Requests of other groups wait for the next call; the oldest always goes
-first, so none starves. Continuous batching (joining a running call) is a different engine, not this loop.
+The loop takes the oldest request's group (requests whose settings can share a call, see GenerateSpec.batch_key) in
+arrival order, runs it, and hands every caller exactly its own rows. Requests of other groups wait for the next call;
+the oldest always goes first, so none starves. Requests that arrive while a call runs share the next call; an idle
+engine starts at once (`wait_s` 0, the default) or, with `wait_s` > 0, gathers for that long after the first request
+(or until `max_batch_size` rows wait). Continuous batching (joining a running call) is engine/continuous.py.
 
 The queue is bounded twice: in requests and in tokens (prompt + max new tokens). Past either bound a request is
 refused at once (Overloaded -> 429 with Retry-After); a request already accepted is never dropped.
@@ -187,9 +188,14 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # Gather: wait until the oldest has waited wait_s, or a full batch is there.
+            # Gather (wait_s > 0 only): until the oldest has waited wait_s, or a full batch is there. Requests that
+            # waited through the previous call are past their deadline already: they start at once.
             deadline = self._pending[0].enqueued + self.wait_s
-            while self._rows_waiting() < self.max_batch_size and (delay := deadline - time.monotonic()) > 0:
+            while (
+                self.wait_s > 0
+                and self._rows_waiting() < self.max_batch_size
+                and (delay := deadline - time.monotonic()) > 0
+            ):
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), delay)

@@ -1,5 +1,12 @@
 """One loop on every rank. Rank 0 (the Leader) broadcasts a step, then runs it; followers receive, then run the same.
 
+Continuous batching: the Leader also runs "cstep" steps (rows join and leave a running batch, see
+engine/continuous.py) from a source the engine attaches (`attach_continuous`). While the source has live rows or rows
+waiting, the engine thread runs csteps back to back, taking the source's joins and leaves at each step boundary and
+handing each step's result back to it (the source carries them to the event loop, coalesced); other queued steps
+(forward, generate, noop) run between two csteps. When nothing is live it waits on its queue again (heartbeats).
+Followers need nothing special: a cstep is one more kind of step.
+
 Any exception inside a step, a disagreement between ranks, or a peer that disappears is fatal: the other ranks may
 be blocked in a collective, so the process exits non-zero and Kubernetes restarts the pod.
 """
@@ -20,7 +27,8 @@ from bloom_server.runtime.distributed import ControlChannel
 
 log = logging.getLogger(__name__)
 
-NOOP, GENERATE, FORWARD, SHUTDOWN = "noop", "generate", "forward", "shutdown"
+NOOP, GENERATE, FORWARD, SHUTDOWN, CSTEP = "noop", "generate", "forward", "shutdown", "cstep"
+_WAKE = object()  # queue marker: the continuous source has work
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,16 @@ def execute(backend: Any, step: Step, listener: Any = None, stops: ChannelStops 
         return backend.generate(step.payload, **kwargs)
     if step.kind == FORWARD:
         return backend.forward_nll(step.payload)
+    if step.kind == CSTEP:  # rank 0 delivers the tokens: it alone computes their log-probabilities
+        return backend.cstep(step.payload, rank0=listener is not None)
     return None
+
+
+def agreed(result: Any) -> Any:
+    """The part of a step's result that every rank must hold alike (a cstep's log-probabilities, computed on rank 0
+    alone, are left out)."""
+    view = getattr(result, "agreed", None)
+    return view() if callable(view) else result
 
 
 def die(reason: str, code: int = 1) -> None:
@@ -91,6 +108,19 @@ class Leader:
         self.dead: str | None = None
         self._current: concurrent.futures.Future | None = None
         self._stops = ChannelStops(channel) if channel is not None else None
+        self.supports_continuous = bool(getattr(backend, "supports_continuous", False))
+        self._source: Any = None  # the engine's continuous scheduler (take / deliver / fail)
+        self._continuous = False  # the engine thread is running csteps back to back
+
+    def attach_continuous(self, source: Any) -> None:
+        """The engine's continuous source: `take()` -> the next cstep's payload or None (nothing live or waiting),
+        `deliver(payload, result)` after each cstep, `fail(exc)` when the engine dies. Engine thread only, except
+        fail (also from the watchdog)."""
+        self._source = source
+
+    def wake(self) -> None:
+        """Thread-safe: the source has rows to join (or leaves): start or keep running csteps."""
+        self._queue.put(_WAKE)  # type: ignore[arg-type]
 
     def start(self) -> "Leader":
         self._thread.start()
@@ -121,10 +151,21 @@ class Leader:
 
     def _loop(self) -> None:
         while True:
-            try:
-                item = self._queue.get(timeout=self.heartbeat_s)
-            except queue.Empty:
-                item = (Step(NOOP), None, None)
+            if self._continuous:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:  # no other step waits: the next cstep
+                    if not self._cstep():
+                        return
+                    continue
+            else:
+                try:
+                    item = self._queue.get(timeout=self.heartbeat_s)
+                except queue.Empty:
+                    item = (Step(NOOP), None, None)
+            if item is _WAKE:
+                self._continuous = self._source is not None
+                continue
             if item is None:
                 if self.channel is not None:
                     self.channel.closing = True
@@ -140,7 +181,7 @@ class Leader:
             try:
                 self._broadcast(step)
                 result = execute(self.backend, step, listener, self._stops)
-                if self.channel is not None and step.kind != NOOP and not self.channel.agree(result):
+                if self.channel is not None and step.kind != NOOP and not self.channel.agree(agreed(result)):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
             except BaseException as exc:  # noqa: BLE001 - every failure here is fatal by design
                 log.exception("%s step failed on rank 0", step.kind)
@@ -149,6 +190,26 @@ class Leader:
             self._current = None
             if fut is not None:
                 fut.set_result(result)
+
+    def _cstep(self) -> bool:
+        """One continuous step from the source, or back to waiting when it has nothing. False: the engine died."""
+        source = self._source
+        try:
+            payload = source.take() if source is not None else None
+            if payload is None:
+                self._continuous = False
+                return True
+            step = Step(CSTEP, payload)
+            self._broadcast(step)
+            result = execute(self.backend, step, source, self._stops)
+            if self.channel is not None and not self.channel.agree(agreed(result)):
+                raise RuntimeError("ranks disagree on the result of a cstep step")
+        except BaseException as exc:  # noqa: BLE001 - fatal, as for every step
+            log.exception("cstep step failed on rank 0")
+            self._fail(f"cstep step failed: {type(exc).__name__}: {exc}", None)
+            return False
+        source.deliver(payload, result)  # hands over to the event loop; never raises into the engine thread
+        return True
 
     def abort(self, reason: str) -> None:
         """From another thread (the watchdog): a peer is gone; answer every caller, then exit non-zero."""
@@ -164,11 +225,16 @@ class Leader:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None:
+            if item is not None and item is not _WAKE:
                 pending.append(item[1])
         for fut in pending:
             if fut is not None and not fut.done():
                 fut.set_exception(EngineDead(reason))
+        if self._source is not None:
+            try:
+                self._source.fail(EngineDead(reason))
+            except Exception:  # noqa: BLE001 - answering callers must not stop the exit
+                log.exception("continuous source failed to fail its requests")
         # Let the HTTP layer answer the requests that were in flight before the process goes.
         threading.Timer(self.fatal_grace_s, self.on_fatal, args=(reason,)).start()
 
@@ -207,7 +273,7 @@ def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0)
                 break
             try:
                 result = execute(backend, step, None, stops)
-                if step.kind != NOOP and not channel.agree(result):
+                if step.kind != NOOP and not channel.agree(agreed(result)):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
             except BaseException as exc:  # noqa: BLE001
                 log.exception("step %s failed on this rank", step.kind)

@@ -36,6 +36,8 @@ _SERVE_BOOLS: list[tuple[str, str, str]] = [
     ("--warmup", "warmup", "run one generate before reporting ready (default on)"),
     ("--kernel-inject", "kernel_inject", "ds_inference: DeepSpeed kernel injection (default on)"),
     ("--cpu-offload", "cpu_offload", "ds_zero: offload parameters to CPU"),
+    ("--trust-unverified-pickles", "trust_unverified_pickles",
+     "DANGEROUS: load pickled weights (.pt, .bin) without a verifying completion marker (docs/security.md)"),
 ]
 
 
@@ -78,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         prefix_chars="+",  # every flag after `bench` is the benchmark's own, parsed by it
     )
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    preshard = sub.add_parser("preshard", help="write one safetensors file per tensor-parallel rank (--backend fast)")
+    from bloom_server import preshard as preshard_mod
+
+    preshard_mod.add_arguments(preshard)
 
     client = sub.add_parser("client", help="stream a completion from a running server to the terminal")
     from bloom_server import client as client_mod
@@ -150,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         extra = [] if args.local_rank_top is None else ["--local_rank", str(args.local_rank_top)]
         return bench_main([*args.bench_args, *extra])
+    if args.command == "preshard":
+        from bloom_server import preshard as preshard_mod
+
+        return preshard_mod.run(args)
     if args.command == "client":
         from bloom_server import client as client_mod
 

@@ -99,6 +99,29 @@ def write_marker(path: pathlib.Path, name: str, data: dict[str, Any]) -> None:
     fsync_dir(path)
 
 
+def write_local_marker(path: pathlib.Path, *, writer: str, repo_id: str, commit: str,
+                       sha256: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The completion marker for a directory this project wrote itself (`bloom-server preshard`, DeepSpeed's
+    pre-sharded layout written by write_presharded_checkpoint), in the downloader's format so the server verifies it
+    the same way: every file (outside hidden folders) with its size, and its sha256 where the writer computed it
+    while writing (`sha256`: relative path -> hex digest). Atomic, like the downloader's."""
+    path = pathlib.Path(path)
+    files = []
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+            continue
+        key = rel.as_posix()
+        files.append({"path": key, "size": f.stat().st_size, "sha256": (sha256 or {}).get(key), "git_sha1": None})
+    import time as _time
+
+    data = {"format": FORMAT, "state": "complete", "repo_id": repo_id, "revision": None, "commit": commit,
+            "writer": writer, "completed_at": _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime()),
+            "total_bytes": sum(f["size"] for f in files), "files": files, **(extra or {})}  # fmt: skip
+    write_marker(path, COMPLETE, data)
+    return data
+
+
 def fsync_dir(path: pathlib.Path) -> None:
     try:
         dfd = os.open(path, os.O_RDONLY)
@@ -140,6 +163,15 @@ def verify_listed_sizes(path: pathlib.Path, files: list[dict[str, Any]]) -> list
             what = "truncated" if st.st_size < size else "larger than downloaded"
             problems.append(f"{rel}: expected {size} bytes, found {st.st_size} ({what})")
     return problems
+
+
+def listed_paths(path: pathlib.Path) -> set[str]:
+    """Paths the completion marker lists (call after check_model_dir verified it); empty without one."""
+    try:
+        data = read_marker(pathlib.Path(path), COMPLETE)
+    except FileNotFoundError:
+        return set()
+    return {f["path"] for f in data.get("files") or [] if isinstance(f, dict) and isinstance(f.get("path"), str)}
 
 
 def check_model_dir(path: pathlib.Path) -> str | None:

@@ -66,6 +66,8 @@ class Metrics:
                            registry=r)
         self.info = Gauge(f"{p}_info", "Always 1; the labels say what is served.",
                           ["model_id", "backend", "dtype", "world_size", "version"], registry=r)
+        self.load_bytes = Gauge(f"{p}_load_bytes", "Bytes of weights rank 0 has loaded (kind=loaded) of its total "
+                                "(kind=total); equal once loaded.", ["kind"], registry=r)
 
     def bind(self, *, queue_depth: Callable[[], float], queue_tokens: Callable[[], float],
              running: Callable[[], float], ready: Callable[[], float], load_seconds: Callable[[], float]) -> None:
@@ -99,6 +101,10 @@ class Metrics:
     def observe_batch(self, rows: int) -> None:
         self.batches.inc()
         self.batch_size.observe(rows)
+
+    def set_load_progress(self, loaded: int, total: int) -> None:
+        self.load_bytes.labels("loaded").set(loaded)
+        self.load_bytes.labels("total").set(total)
 
     def set_info(self, **labels: Any) -> None:
         self.info.labels(**{k: str(v) for k, v in labels.items()}).set(1)

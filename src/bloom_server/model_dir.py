@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from bloom_server.errors import ModelDirError
 
+log = logging.getLogger(__name__)
+
 KSERVE_MOUNT = "/mnt/models"  # where KServe mounts a pvc:// storage URI in kserve-container
 DS_CONFIG = "ds_inference_config.json"
+
+
+# Extensions of files torch.load unpickles (weights in Python's pickle format: loading one runs code).
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+TRUST_HINT = "--trust-unverified-pickles / BLOOM_TRUST_UNVERIFIED_PICKLES=1"
 
 
 @dataclass(frozen=True)
 class ModelDir:
     path: Path
-    layout: str  # "hf" (config.json + weights) or "ds_presharded" (ds_inference_config.json + .pt shards)
+    # "hf" (config.json + weights), "ds_presharded" (ds_inference_config.json + .pt shards), or "fast_presharded"
+    # (`bloom-server preshard`: config.json + one safetensors file per tensor-parallel rank, no plain checkpoint)
+    layout: str
     model_id: str
     revision: str | None = None
+    weights_format: str = "safetensors"  # "safetensors" or "pickle": what the weights will be loaded from
 
     @property
     def ds_config(self) -> dict:
@@ -56,9 +67,12 @@ def _snapshot_of(repo_cache: Path, revision: str | None) -> tuple[Path, str]:
     )
 
 
-def resolve_model_dir(spec: str, model_id: str | None = None, revision: str | None = None) -> ModelDir:
+def resolve_model_dir(
+    spec: str, model_id: str | None = None, revision: str | None = None, *, trust_unverified_pickles: bool = False
+) -> ModelDir:
     """A plain directory, a Hub cache entry (`models--org--name` or the repo id `org/name` looked up in the cache),
-    or `pvc://NAME/PATH` (mapped to KServe's mount point)."""
+    or `pvc://NAME/PATH` (mapped to KServe's mount point). Pickled weights need a verifying completion marker that
+    lists them, unless `trust_unverified_pickles` (check_pickles)."""
     if spec.startswith("pvc://"):
         path = Path(KSERVE_MOUNT)
         name = spec[len("pvc://") :].rstrip("/").split("/")[-1]
@@ -86,15 +100,76 @@ def resolve_model_dir(spec: str, model_id: str | None = None, revision: str | No
         raise ModelDirError(f"model directory {path} does not exist")
 
     from bloom_server import marker
+    from bloom_server.loading import PRESHARD_MANIFEST, checkpoint_files
 
     recorded = marker.check_model_dir(path)  # refuses a download that did not finish or does not verify
     sha = sha or recorded
+    fmt = "safetensors"
     if (path / DS_CONFIG).is_file():
-        layout = "ds_presharded"
+        layout, fmt = "ds_presharded", "pickle"
     elif (path / "config.json").is_file():
-        layout = "hf"
+        kind, _ = checkpoint_files(path)
+        layout = "fast_presharded" if kind == "none" and (path / PRESHARD_MANIFEST).is_file() else "hf"
+        fmt = "pickle" if kind == "pickle" else "safetensors"
     else:
         raise ModelDirError(f"{path} holds neither config.json nor {DS_CONFIG}: not a model directory")
     if not (path / "tokenizer.json").is_file():
         raise ModelDirError(f"{path} has no tokenizer.json (the server tokenizes with the fast tokenizer)")
-    return ModelDir(path=path, layout=layout, model_id=model_id or name, revision=sha)
+    if fmt == "pickle":
+        check_pickles(path, layout, verified=recorded is not None, trust=trust_unverified_pickles)
+    return ModelDir(path=path, layout=layout, model_id=model_id or name, revision=sha, weights_format=fmt)
+
+
+def pickle_files(path: Path, layout: str) -> list[str]:
+    """Files, relative to `path`, that loading this directory would unpickle: every file with a pickle extension
+    (outside hidden folders), and for DeepSpeed's layout every existing file its config names as a checkpoint."""
+    root = path.resolve()
+    found = set()
+    for f in path.rglob("*"):
+        rel = f.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts[:-1]) or not f.is_file():
+            continue
+        if f.suffix.lower() in PICKLE_SUFFIXES:
+            found.add(rel.as_posix())
+    if layout == "ds_presharded":
+        try:
+            ckpts = json.loads((path / DS_CONFIG).read_text()).get("checkpoints", {})
+        except (OSError, ValueError, AttributeError):
+            ckpts = {}
+        named = ckpts.values() if isinstance(ckpts, dict) else [ckpts]
+        for group in named:
+            for name in group if isinstance(group, list) else [group]:
+                if isinstance(name, str) and (path / name).is_file():
+                    f = (path / name).resolve()
+                    found.add(f.relative_to(root).as_posix() if f.is_relative_to(root) else name)
+    return sorted(found)
+
+
+def check_pickles(path: Path, layout: str, *, verified: bool, trust: bool) -> None:
+    """Pickled weights load only from a directory whose completion marker (`bloom-server download`, or this
+    project's own writers) verified and lists every one of them; or with the operator's explicit opt-out."""
+    from bloom_server import marker
+
+    pickles = pickle_files(path, layout)
+    listed = marker.listed_paths(path) if verified else set()
+    unlisted = [p for p in pickles if p not in listed]
+    if verified and not unlisted:
+        return
+    what = "pre-sharded DeepSpeed checkpoint" if layout == "ds_presharded" else "checkpoint"
+    if not verified:
+        problem = (f"{path}: its {what} is pickled ({', '.join(pickles[:3]) or 'no pickle files yet'}"
+                   f"{' ...' if len(pickles) > 3 else ''}) and the directory has no completion marker "
+                   f"{marker.COMPLETE}")  # fmt: skip
+    else:
+        problem = (f"{path}: {', '.join(unlisted[:3])}{' ...' if len(unlisted) > 3 else ''} "
+                   f"{'is' if len(unlisted) == 1 else 'are'} pickled and not listed in its completion marker "
+                   f"{marker.COMPLETE}")  # fmt: skip
+    if trust:
+        log.warning("%s; loading it anyway because of %s (unpickling runs whatever code the files hold)",
+                    problem, TRUST_HINT)  # fmt: skip
+        return
+    raise ModelDirError(
+        f"{problem}. Unpickling runs whatever code the files hold, so pickled weights load only from a directory "
+        f"`bloom-server download` verified. Download it with `bloom-server download`, or, if you made this "
+        f"directory yourself and trust every file in it, start with {TRUST_HINT} (dangerous; docs/security.md)"
+    )

@@ -10,6 +10,7 @@ import threading
 import time
 
 from bloom_server.errors import BloomServerError
+from bloom_server.loading import LoadProgress
 from bloom_server.model_dir import ModelDir, resolve_model_dir
 from bloom_server.settings import Settings
 from bloom_server.types import ModelInfo, RankContext
@@ -22,44 +23,62 @@ def resolve(settings: Settings) -> ModelDir:
         from bloom_server.tiny import ensure_tiny_model
 
         return resolve_model_dir(str(ensure_tiny_model()), model_id=settings.model_id or "bloom-tiny")
-    return resolve_model_dir(settings.model, model_id=settings.model_id)
+    return resolve_model_dir(settings.model, model_id=settings.model_id,
+                             trust_unverified_pickles=settings.trust_unverified_pickles)  # fmt: skip
 
 
-def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext):
+def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress | None = None):
     from bloom_server.backends import create_backend
 
     backend = create_backend(settings, model_dir, ctx)
+    backend.progress = progress
     backend.load()
     return backend
 
 
-def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
-    from bloom_server.runtime.distributed import rank_context
+def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgress) -> None:
+    """The fast backend's weights start flowing from disk into the page cache now, before torch is imported and
+    CUDA initialised (seconds that would otherwise pass with the disk idle); the loader stops it when it starts."""
+    if settings.backend != "fast" or not settings.load_prefetch:
+        return
+    from bloom_server.loading import ReadThrottle, start_prefetch as start
 
-    ctx = rank_context(local_rank_flag)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
+    start(model_dir.path, rank=rank, world=world, threads=settings.load_threads,
+          chunk_bytes=settings.load_chunk_mb << 20, progress=progress, throttle=throttle)  # fmt: skip
+
+
+def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
+    progress = LoadProgress()  # from process start (nearly: after parsing the flags)
     try:
         model_dir = resolve(settings)  # cheap checks first: refuse a bad directory before opening the port
     except BloomServerError as exc:
         log.error("cannot serve: %s", exc)
         return 2
+    start_prefetch(settings, model_dir, progress)  # before torch: rank_context imports it
+
+    from bloom_server.runtime.distributed import rank_context
+
+    ctx = rank_context(local_rank_flag)
     if ctx.rank != 0:
-        return _follower(settings, model_dir, ctx)
-    return _leader(settings, model_dir, ctx)
+        return _follower(settings, model_dir, ctx, progress)
+    return _leader(settings, model_dir, ctx, progress)
 
 
-def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
+def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress) -> int:
     from bloom_server.runtime.distributed import init_distributed, shutdown_distributed
     from bloom_server.runtime.lockstep import die, follow
 
     try:
         channel = init_distributed(ctx)
-        backend = load_backend(settings, model_dir, ctx)
+        backend = load_backend(settings, model_dir, ctx, progress)
     except BaseException as exc:  # noqa: BLE001
         log.exception("rank %d failed to load", ctx.rank)
         die(f"rank {ctx.rank} failed to load: {exc}")
     assert channel is not None
     channel.start_watchdog(die)
-    log.info("rank %d: loaded, following rank 0", ctx.rank)
+    log.info("rank %d: loaded, following rank 0; load phases: %s", ctx.rank, progress.summary())
     code = follow(backend, channel, settings.drain_timeout_s)
     if code == 0:
         shutdown_distributed()
@@ -69,7 +88,7 @@ def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
     os._exit(code)
 
 
-def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
+def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress) -> int:
     import uvicorn
 
     from bloom_server.api.app import create_app
@@ -78,6 +97,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
     from bloom_server.runtime.lockstep import die
 
     engine = Engine(settings)
+    engine.load_progress = progress  # type: ignore[attr-defined]  # read by /ready, /info, /metrics
     holder: dict = {}
 
     def boot() -> None:
@@ -93,7 +113,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
                 # Once the leader exists it answers the callers in flight before the process goes.
                 channel.start_watchdog(lambda reason: holder["leader"].abort(reason) if "leader" in holder else die(reason))
             engine.state_detail = f"loading {model_dir.path} ({settings.backend})"
-            backend = load_backend(settings, model_dir, ctx)
+            backend = load_backend(settings, model_dir, ctx, progress)
             tokenizer = TextTokenizer(model_dir.path)
             leader = Leader(backend, channel, heartbeat_s=settings.heartbeat_s).start()
             holder["leader"] = leader
@@ -110,8 +130,11 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> int:
             )
             engine.attach(leader, tokenizer, info)
             engine.load_seconds = time.perf_counter() - start
+            progress.set_phase("warming up")  # the first generate (on GPUs it captures its CUDA graph)
             engine.warmup()
-            log.info("ready: %s loaded in %.1f s (%d rank(s))", model_dir.model_id, engine.load_seconds, ctx.world_size)
+            progress.set_phase("ready")
+            log.info("ready: %s loaded in %.1f s (%d rank(s)); load phases: %s", model_dir.model_id,
+                     engine.load_seconds, ctx.world_size, progress.summary())  # fmt: skip
         except BaseException as exc:  # noqa: BLE001 - a failed load is fatal, with the reason in the log
             engine.fail(f"load failed: {exc}")
             log.exception("load failed")

@@ -119,6 +119,30 @@ class Settings(BaseSettings):
         "tokenizer has none.",
     )
 
+    # Loading (docs/deploy.md "Cold start"; docs/security.md for the pickle opt-out)
+    trust_unverified_pickles: bool = Field(
+        False,
+        validation_alias=_env("trust_unverified_pickles"),
+        description="DANGEROUS: load pickled weights (.pt shards, pytorch_model.bin) from a directory without a "
+        "verifying completion marker. Unpickling runs whatever code the file's author put in it.",
+    )
+    load_threads: int = Field(
+        4, ge=1, le=64, validation_alias=_env("load_threads"),
+        description="fast backend: threads reading weights in parallel (queue depth for NVMe)",
+    )  # fmt: skip
+    load_chunk_mb: int = Field(
+        32, ge=1, le=1024, validation_alias=_env("load_chunk_mb"),
+        description="fast backend: size of one sequential read (and of each pinned buffer on GPUs)",
+    )  # fmt: skip
+    load_prefetch: bool = Field(
+        True, validation_alias=_env("load_prefetch"),
+        description="fast backend: read weights into the page cache from process start, while torch is imported",
+    )  # fmt: skip
+    load_throttle_mbps: float | None = Field(
+        None, gt=0, validation_alias=_env("load_throttle_mbps"),
+        description="Limit weight reads to this many MB/s (tests and rehearsals of a slow volume only).",
+    )  # fmt: skip
+
     @field_validator("backend", mode="before")
     @classmethod
     def _legacy_backend(cls, v: Any) -> Any:

@@ -11,6 +11,12 @@ from bloom_server.api.schemas import Health, ModelStatus
 from bloom_server.engine.core import Engine
 
 
+def load_progress(engine: Engine) -> dict | None:
+    """Rank 0's load progress (bloom_server.loading.LoadProgress, set by the composition root), as plain data."""
+    progress = getattr(engine, "load_progress", None)
+    return progress.snapshot() if progress is not None else None
+
+
 def build_router(engine: Engine, model_name: str) -> APIRouter:
     router = APIRouter(tags=["health"])
 
@@ -22,10 +28,13 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
 
     @router.get("/ready", response_model=Health, responses={503: {"model": Health}})
     async def ready() -> JSONResponse:
-        """Readiness: 200 once the model is loaded and warmed up, 503 before (and while draining)."""
-        return JSONResponse(
-            {"status": engine.state.value, "detail": engine.state_detail}, status_code=200 if engine.ready else 503
-        )
+        """Readiness: 200 once the model is loaded and warmed up, 503 before (and while draining). `progress` (when
+        the server tracks it): the load's phase, bytes of weights loaded / total on rank 0, and each phase's time."""
+        body = {"status": engine.state.value, "detail": engine.state_detail}
+        progress = load_progress(engine)
+        if progress is not None:
+            body["progress"] = progress
+        return JSONResponse(body, status_code=200 if engine.ready else 503)
 
     @router.get("/v1/models/{name}", response_model=ModelStatus, responses={404: {}, 503: {"model": ModelStatus}})
     async def model_status(name: str) -> JSONResponse:

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from bloom_server import __version__
+from bloom_server.api.routes_health import load_progress
 from bloom_server.api.schemas_tgi import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from bloom_server.engine.core import Engine
 from bloom_server.metrics import Metrics
@@ -39,6 +40,9 @@ class Info(BaseModel):
     chat_template: bool = Field(description="Whether /v1/chat/completions can render prompts.")
     auth: bool = Field(description="Whether an API key is required.")
     model_load_seconds: float | None = None
+    load_progress: dict[str, Any] | None = Field(
+        None, description="Rank 0's load: phase, loaded_bytes / total_bytes of weights, percent, phase times."
+    )
     batching: str | None = Field(None, description="continuous | dynamic: how requests share the model's steps.")
 
 
@@ -72,6 +76,7 @@ def build_router(engine: Engine, settings: Settings, model_name: str, metrics: M
             chat_template=bool(has_chat()),
             auth=settings.api_key is not None,
             model_load_seconds=engine.load_seconds,
+            load_progress=load_progress(engine),
             batching=getattr(engine, "batching", None),
         )
 
@@ -82,6 +87,9 @@ def build_router(engine: Engine, settings: Settings, model_name: str, metrics: M
     )
     async def prometheus() -> Response:
         """Prometheus metrics (names and meanings: docs/metrics.md). Never behind the API key."""
+        progress = load_progress(engine)
+        if progress is not None:
+            metrics.set_load_progress(progress["loaded_bytes"], progress["total_bytes"])
         if engine.info is not None:
             i = engine.info
             metrics.set_info(model_id=i.model_id, backend=i.backend, dtype=i.dtype, world_size=i.world_size,

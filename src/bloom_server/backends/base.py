@@ -12,6 +12,7 @@ from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, Genera
 if TYPE_CHECKING:
     import torch
 
+    from bloom_server.loading import LoadProgress
     from bloom_server.model_dir import ModelDir
     from bloom_server.settings import Settings
 
@@ -22,11 +23,18 @@ class Backend(abc.ABC):
     """Runs on every rank. `load()` once, then `generate`/`forward_nll` with the same batch on every rank, in lockstep."""
 
     name: str = "?"
+    # Set by the composition root before load(): a bloom_server.loading.LoadProgress the backend reports to (phase,
+    # bytes loaded / total). None: nobody is watching.
+    progress: "LoadProgress | None" = None
 
     def __init__(self, settings: "Settings", model_dir: "ModelDir", ctx: RankContext):
         self.settings = settings
         self.model_dir = model_dir
         self.ctx = ctx
+
+    def _phase(self, name: str) -> None:
+        if self.progress is not None:
+            self.progress.set_phase(name)
 
     @abc.abstractmethod
     def load(self) -> None:

@@ -146,6 +146,11 @@ class DSInferenceBackend(TransformersModelBackend):
             )
         if not self.kernel_inject and dtype == "int8":
             raise ConfigError("int8 needs DeepSpeed kernel injection: drop --no-kernel-inject, or use fp16/bf16")
+        if self.model_dir.layout == "fast_presharded":
+            raise ConfigError(
+                f"{self.model_dir.path} is pre-sharded for the fast backend (`bloom-server preshard`): serve it with "
+                "--backend fast, or point ds_inference at the plain checkpoint or a DeepSpeed pre-sharded one"
+            )
         if self.model_dir.layout == "ds_presharded":
             if not self.kernel_inject:
                 raise ConfigError(
@@ -221,7 +226,8 @@ class DSInferenceBackend(TransformersModelBackend):
 
         # On the CPU: DeepSpeed moves each rank's share to its GPU (every rank reads the whole checkpoint once).
         return AutoModelForCausalLM.from_pretrained(
-            str(self.model_dir.path), torch_dtype=dtype, low_cpu_mem_usage=True
+            str(self.model_dir.path), torch_dtype=dtype, low_cpu_mem_usage=True,
+            use_safetensors=self.model_dir.weights_format == "safetensors",  # never a .bin beside safetensors
         ).eval()
 
     def describe(self) -> dict[str, Any]:
@@ -331,6 +337,17 @@ def finalize_presharded_dir(out_dir: Path, source_dir: Path) -> None:
             shutil.copyfile(source_dir / name, out_dir / name)
     if not (out_dir / "tokenizer.json").is_file():
         raise ModelDirError(f"{source_dir} has no tokenizer.json to copy into {out_dir}")
+    # The server loads pickled shards only from a directory with a verifying completion marker (model_dir.py):
+    # this one was written here, from `source_dir`, so it gets one (sizes only: hashing 350 GB would take minutes).
+    from bloom_server import marker
+
+    source_commit = None
+    if (source_dir / marker.COMPLETE).is_file():
+        source_commit = marker.read_marker(source_dir, marker.COMPLETE).get("commit")
+    marker.write_local_marker(
+        out_dir, writer="bloom-server write_presharded_checkpoint (DeepSpeed save_mp_checkpoint_path)",
+        repo_id=str(source_dir), commit=source_commit or "local-deepspeed-preshard",
+    )  # fmt: skip
 
 
 def write_presharded_checkpoint(
@@ -375,6 +392,10 @@ def write_presharded_checkpoint(
         deepspeed.comm.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
     backend.load()
+    if ctx.world_size > 1:
+        import deepspeed
+
+        deepspeed.comm.barrier()  # every rank's shards are on disk before rank 0 lists them in the marker
     if ctx.rank == 0:
         finalize_presharded_dir(out_dir, model_dir)
     return backend

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,14 +42,19 @@ class FastBackend(Backend):
 
 
     def load(self) -> None:
+        """Weights straight from disk into this rank's tensors at the disk's speed (bloom_server.fast.weights
+        read_safetensors: large parallel sequential reads, pinned buffers and overlapped device copies on GPUs; a
+        pre-sharded directory gives each rank one file of exactly its tensors), then the KV cache. CUDA graphs are
+        captured later, per shape on first use (the warm-up captures its own)."""
         import torch
 
         from bloom_server.fast.engine import FastEngine
         from bloom_server.fast.shapes import BloomShape
         from bloom_server.fast.tp import TPGroup
         from bloom_server.fast.weights import from_checkpoint
+        from bloom_server.loading import ReadThrottle
 
-        if self.model_dir.layout != "hf":
+        if self.model_dir.layout not in ("hf", "fast_presharded"):
             raise ModelDirError(
                 f"{self.model_dir.path} is a DeepSpeed pre-sharded checkpoint: it loads only with --backend ds_inference"
             )
@@ -63,7 +69,16 @@ class FastBackend(Backend):
         if shape.n_head % ctx.world_size:
             raise ConfigError(f"{shape.n_head} attention heads do not split over {ctx.world_size} ranks")
         tp = TPGroup(rank=ctx.rank, world=ctx.world_size)
-        weights = from_checkpoint(self.model_dir.path, shape, tp, dtype=dtype, device=device)
+        s = self.settings
+        self._phase("reading weights")
+        t0 = time.perf_counter()
+        weights = from_checkpoint(
+            self.model_dir.path, shape, tp, dtype=dtype, device=device, progress=self.progress,
+            threads=s.load_threads, chunk_bytes=s.load_chunk_mb << 20,
+            throttle=ReadThrottle(s.load_throttle_mbps) if s.load_throttle_mbps else None,
+        )  # fmt: skip
+        read_s = time.perf_counter() - t0
+        self._phase("allocating cache")
         self.engine = FastEngine(
             weights,
             shape,
@@ -74,13 +89,16 @@ class FastBackend(Backend):
         self._defaults = _generation_defaults(self.model_dir.path)
         self._dtype = str(dtype).replace("torch.", "")
         log.info(
-            "rank %d: fast engine %s on %s, %d of %d heads, %.2f GB weights, %.2f GB KV cache",
+            "rank %d: fast engine %s on %s, %d of %d heads, %.2f GB weights read in %.2f s (%.2f GB/s), "
+            "%.2f GB KV cache",
             ctx.rank,
             self._dtype,
             device,
             shape.n_head // ctx.world_size,
             shape.n_head,
             weights.nbytes() / 1e9,
+            read_s,
+            weights.nbytes() / 1e9 / max(read_s, 1e-9),
             self.engine.kv_cache_bytes() / 1e9,
         )
 

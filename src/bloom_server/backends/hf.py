@@ -22,12 +22,19 @@ class HFBackend(TransformersModelBackend):
         import torch
         from transformers import AutoModelForCausalLM
 
+        if self.model_dir.layout == "fast_presharded":
+            raise ModelDirError(
+                f"{self.model_dir.path} is pre-sharded for the fast backend (`bloom-server preshard`): serve it with "
+                "--backend fast, or point the hf backend at the plain checkpoint"
+            )
         if self.model_dir.layout != "hf":
             raise ModelDirError(
                 f"{self.model_dir.path} is a DeepSpeed pre-sharded checkpoint: it loads only with --backend ds_inference"
             )
         dtype = torch_dtype(self.settings.dtype, self.ctx.device_type)
-        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        # safetensors whenever the directory has them: transformers then never unpickles a pytorch_model.bin lying
+        # beside them. A pickle-only directory came through model_dir.check_pickles (verified, or the opt-out).
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": self.model_dir.weights_format == "safetensors"}
         if self.settings.dtype == "int8":
             if self.ctx.device_type != "cuda":
                 raise ConfigError("int8 with the hf backend needs a GPU (bitsandbytes); use fp32 or bf16 on CPU")
@@ -38,6 +45,7 @@ class HFBackend(TransformersModelBackend):
                 kwargs["device_map"] = {"": self.ctx.local_rank}
             else:
                 kwargs["device_map"] = "auto"
+        self._phase("reading weights")
         self.model = AutoModelForCausalLM.from_pretrained(str(self.model_dir.path), **kwargs).eval()
         if self.ctx.device_type == "cuda":
             self.input_device = torch.device("cuda", self.ctx.local_rank if self.ctx.world_size > 1 else 0)

@@ -7,16 +7,30 @@ Names are the checkpoint's without the "transformer." prefix (bigscience's own f
 
 from __future__ import annotations
 
-import json
+import ctypes
+import os
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from bloom_server.errors import ModelDirError
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup, shard_range, split_dim
+from bloom_server.loading import (
+    Chunk,
+    LoadProgress,
+    ReadThrottle,
+    SafetensorsFile,
+    TensorEntry,
+    plan_chunks,
+    read_header,
+    wanted_entries,
+    weights_source,
+)
 
 PREFIX = "transformer."
 
@@ -152,15 +166,222 @@ def from_state_dict(
     return _finish(shape, tp, _assemble(shape, get))
 
 
-def _checkpoint_files(model_dir: Path) -> list[Path]:
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (model_dir / index).is_file():
-            files = sorted(set(json.loads((model_dir / index).read_text())["weight_map"].values()))
-            return [model_dir / f for f in files]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (model_dir / single).is_file():
-            return [model_dir / single]
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors or pytorch_model.bin (or their index)")
+def required_names(shape: BloomShape) -> list[str]:
+    """The checkpoint names (without "transformer.") the engine needs, in the order a pre-sharded file stores them."""
+    names = ["word_embeddings.weight", "word_embeddings_layernorm.weight", "word_embeddings_layernorm.bias"]
+    for i in range(shape.n_layer):
+        names += [f"h.{i}.{n}" for n in _LAYER_NAMES.values()]
+    return names + ["ln_f.weight", "ln_f.bias"]
+
+
+def rank_shape(name: str, full: tuple[int, ...], rank: int, world: int) -> tuple[int, ...]:
+    """Shape of rank's part of a tensor of shape `full` (the vocabulary padded up to a multiple of world)."""
+    dim = split_dim(name)
+    if dim is None or world == 1:
+        return tuple(full)
+    out = list(full)
+    out[dim] = -(-full[dim] // world) if name.endswith("word_embeddings.weight") else full[dim] // world
+    return tuple(out)
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+IOV_MAX = 1024
+
+
+def _host_view(t: torch.Tensor, offset: int, nbytes: int) -> memoryview:
+    """A writable memoryview of nbytes of a host tensor's memory from byte `offset` (no copy)."""
+    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr() + offset)).cast("B")
+
+
+def _preadv_all(fd: int, views: list[memoryview], offset: int, path: Path) -> None:
+    """Fill every view from the file at `offset`, in as few system calls as the kernel allows."""
+    views = [v for v in views if len(v)]
+    while views:
+        batch = views[:IOV_MAX]
+        want = sum(len(v) for v in batch)
+        n = os.preadv(fd, batch, offset)
+        if n <= 0:
+            raise ModelDirError(f"{path}: unexpected end of file at byte {offset} (truncated while loading?)")
+        offset += n
+        if n == want:
+            views = views[len(batch):]
+            continue
+        while n:  # a short read: drop what was filled, keep the rest of the view it stopped in
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+def read_safetensors(
+    files: Sequence[SafetensorsFile],
+    wanted: Sequence[tuple[int, TensorEntry]],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    progress: LoadProgress | None = None,
+    threads: int = 4,
+    chunk_bytes: int = 32 << 20,
+    throttle: ReadThrottle | None = None,
+) -> list[torch.Tensor]:
+    """The wanted tensors, read with large sequential `preadv` calls by `threads` threads straight into their final
+    storage: on the CPU the read lands in the tensor itself (one scatter read per chunk, no copy); on CUDA it lands in
+    a pinned buffer (two per thread) whose device copy runs on the thread's stream while the thread reads its next
+    chunk. Floating tensors come out in `dtype`; only a tensor stored in another dtype is staged and cast."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    out: list[torch.Tensor | None] = []
+    raw: list[torch.Tensor] = []
+    casts: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
+    for i, (_, t) in enumerate(wanted):
+        if t.dtype not in _ST_DTYPES:
+            raise ModelDirError(f"{files[wanted[i][0]].path}: {t.name} has dtype {t.dtype}, which the fast engine does not read")
+        fdt = _ST_DTYPES[t.dtype]
+        final = dtype if fdt.is_floating_point else fdt
+        if fdt == final:
+            dst = torch.empty(t.shape, dtype=fdt, device=device)
+            out.append(dst)
+            raw.append(dst.reshape(-1).view(torch.uint8))
+        else:
+            out.append(None)
+            raw.append(torch.empty(t.nbytes, dtype=torch.uint8, device=device))
+            casts.append((i, fdt, t.shape))
+    chunks = plan_chunks(wanted, chunk_bytes)
+    if progress is not None:
+        progress.set_total(sum(t.nbytes for _, t in wanted))
+    fds = [os.open(f.path, os.O_RDONLY) for f in files]
+    for fd in fds:
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+    state = {"next": 0, "error": None}
+    lock = threading.Lock()
+
+    def take() -> Chunk | None:
+        with lock:
+            if state["error"] is not None or state["next"] >= len(chunks):
+                return None
+            c = chunks[state["next"]]
+            state["next"] += 1
+            return c
+
+    def cpu_worker() -> None:
+        scratch = bytearray(1 << 20)
+        for c in iter(take, None):
+            views, pos = [], 0
+            for p in sorted(c.pieces, key=lambda p: p.chunk_offset):
+                while p.chunk_offset > pos:  # a gap between tensors: read through it
+                    n = min(p.chunk_offset - pos, len(scratch))
+                    views.append(memoryview(scratch)[:n])
+                    pos += n
+                views.append(_host_view(raw[p.tensor], p.dst_offset, p.nbytes))
+                pos += p.nbytes
+            _preadv_all(fds[c.file], views, c.offset, files[c.file].path)
+            done(c)
+
+    def cuda_worker() -> None:
+        torch.cuda.set_device(device)
+        stream = torch.cuda.Stream(device)
+        size = max(c.length for c in chunks)
+        bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        events: list[torch.cuda.Event | None] = [None, None]
+        k = 0
+        for c in iter(take, None):
+            b = k % 2
+            k += 1
+            if events[b] is not None:
+                events[b].synchronize()  # the copy out of this buffer (two chunks ago) is done
+            _preadv_all(fds[c.file], [_host_view(bufs[b], 0, c.length)], c.offset, files[c.file].path)
+            with torch.cuda.stream(stream):
+                for p in c.pieces:
+                    raw[p.tensor][p.dst_offset : p.dst_offset + p.nbytes].copy_(
+                        bufs[b][p.chunk_offset : p.chunk_offset + p.nbytes], non_blocking=True
+                    )
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                events[b] = ev
+            done(c)
+        stream.synchronize()
+
+    def done(c: Chunk) -> None:
+        if throttle is not None:
+            throttle.wait(c.length)
+        if progress is not None:
+            progress.add(c.wanted_bytes)
+
+    def guarded(fn) -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            with lock:
+                if state["error"] is None:
+                    state["error"] = e
+
+    worker = cuda_worker if cuda else cpu_worker
+    n = max(1, min(threads, len(chunks)))
+    try:
+        if n == 1:
+            worker()
+        else:
+            pool = [threading.Thread(target=guarded, args=(worker,), name=f"bloom-load-{i}", daemon=True)
+                    for i in range(n)]  # fmt: skip
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            if state["error"] is not None:
+                raise state["error"]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for i, fdt, shp in casts:
+        out[i] = raw[i].view(fdt).view(shp).to(dtype)
+        raw[i] = None  # type: ignore[call-overload]
+    return out  # type: ignore[return-value]
+
+
+def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, **read) -> BloomWeights:
+    header = read_header(path)
+    meta = header.metadata
+    if meta.get("tp_size") != str(tp.world) or meta.get("tp_rank") != str(tp.rank):
+        raise ModelDirError(
+            f"{path}: holds rank {meta.get('tp_rank')} of {meta.get('tp_size')}, not rank {tp.rank} of {tp.world}"
+        )
+    names = required_names(shape)
+    wanted, missing = wanted_entries([header], names)
+    if missing:
+        raise ModelDirError(f"{path}: no tensor {missing[0]!r} ({len(missing)} missing): not a pre-sharded BLOOM of this shape")
+    full = _full_shapes(shape)
+    for name, (_, t) in zip(names, wanted):
+        want = rank_shape(name, full[name], tp.rank, tp.world)
+        if t.shape != want:
+            raise ModelDirError(f"{path}: {name} is {list(t.shape)}, rank {tp.rank} of {tp.world} needs {list(want)}")
+    tensors = dict(zip(names, read_safetensors([header], wanted, dtype=dtype, device=device, **read)))
+    return _finish(shape, tp, _assemble(shape, lambda name, dim, pad: tensors[name]))
+
+
+def _full_shapes(shape: BloomShape) -> dict[str, tuple[int, ...]]:
+    h, f = shape.hidden_size, 4 * shape.hidden_size
+    per = {
+        "input_layernorm.weight": (h,), "input_layernorm.bias": (h,),
+        "self_attention.query_key_value.weight": (3 * h, h), "self_attention.query_key_value.bias": (3 * h,),
+        "self_attention.dense.weight": (h, h), "self_attention.dense.bias": (h,),
+        "post_attention_layernorm.weight": (h,), "post_attention_layernorm.bias": (h,),
+        "mlp.dense_h_to_4h.weight": (f, h), "mlp.dense_h_to_4h.bias": (f,),
+        "mlp.dense_4h_to_h.weight": (h, f), "mlp.dense_4h_to_h.bias": (h,),
+    }  # fmt: skip
+    out = {"word_embeddings.weight": (shape.vocab_size, h), "word_embeddings_layernorm.weight": (h,),
+           "word_embeddings_layernorm.bias": (h,), "ln_f.weight": (h,), "ln_f.bias": (h,)}  # fmt: skip
+    for i in range(shape.n_layer):
+        out.update({f"h.{i}.{k}": v for k, v in per.items()})
+    return out
 
 
 def from_checkpoint(
@@ -169,13 +390,35 @@ def from_checkpoint(
     tp: TPGroup | None = None,
     dtype: torch.dtype = torch.float16,
     device: torch.device | str = "cpu",
+    *,
+    progress: LoadProgress | None = None,
+    threads: int = 4,
+    chunk_bytes: int = 32 << 20,
+    throttle: ReadThrottle | None = None,
 ) -> BloomWeights:
-    """Read a transformers/bigscience BLOOM checkpoint. safetensors: each rank reads only its own slices."""
+    """Read this rank's weights. A pre-sharded directory (`bloom-server preshard`) at this tensor-parallel degree:
+    this rank's own file, sequentially. One rank and a safetensors checkpoint: the files, sequentially, every
+    wanted byte once. Several ranks over a plain safetensors checkpoint: each rank reads its slices tensor by tensor
+    (strided column slices cannot be one read). `.bin` checkpoints: torch.load(weights_only=True) (the server lets
+    only a verified directory, or an explicit opt-out, come this far: model_dir.py)."""
     tp = tp or TPGroup()
     model_dir = Path(model_dir)
-    files = _checkpoint_files(model_dir)
+    device = torch.device(device)
+    read = dict(progress=progress, threads=threads, chunk_bytes=chunk_bytes, throttle=throttle)
+    src = weights_source(model_dir, tp.rank, tp.world)
+    if src.kind == "presharded":
+        return _load_presharded(src.files[0], shape, tp, dtype, device, **read)
+    files = list(src.files)
     vpart = -(-shape.vocab_size // tp.world)
-    if all(f.suffix == ".safetensors" for f in files):
+    if src.kind == "whole":
+        headers = [read_header(f) for f in files]
+        names = required_names(shape)
+        wanted, missing = wanted_entries(headers, names)
+        if missing:
+            raise ModelDirError(f"{model_dir}: the checkpoint has no tensor {missing[0]!r}")
+        sd = dict(zip(names, read_safetensors(headers, wanted, dtype=dtype, device=device, **read)))
+        return from_state_dict(sd, shape, tp, dtype, device)
+    if src.kind == "sliced":
         from safetensors import safe_open
 
         handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
@@ -183,6 +426,11 @@ def from_checkpoint(
         for h in handles:
             for k in h.keys():  # type: ignore[attr-defined]
                 where[k[len(PREFIX) :] if k.startswith(PREFIX) else k] = (h, k)
+        full = _full_shapes(shape)
+        if progress is not None:  # bytes of this rank's tensors, in the dtype they are loaded as
+            size = torch.empty((), dtype=dtype).element_size()
+            progress.set_total(sum(_numel(rank_shape(n, s, tp.rank, tp.world)) * size for n, s in full.items()))
+        limiter = throttle
 
         def get(name: str, dim: int | None, pad: bool) -> torch.Tensor:
             if name not in where:
@@ -197,14 +445,31 @@ def from_checkpoint(
                 t = sl[a:b] if dim == 0 else sl[:, a:b]
                 if pad:
                     t = _pad_rows(t, vpart)
-            return t.to(device=device, dtype=dtype)
+            t = t.to(device=device, dtype=dtype)
+            nbytes = t.numel() * t.element_size()
+            if limiter is not None:
+                limiter.wait(nbytes)
+            if progress is not None:
+                progress.add(nbytes)
+            return t
 
         return _finish(shape, tp, _assemble(shape, get))
 
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(torch.load(str(f), map_location="cpu", mmap=True, weights_only=True))
+    if progress is not None:
+        n = sum(t.numel() * t.element_size() for t in sd.values())
+        progress.set_total(n)
+        progress.add(n)
     return from_state_dict(sd, shape, tp, dtype, device)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _seed_of(seed: int, name: str) -> int:

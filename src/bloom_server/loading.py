@@ -1,0 +1,451 @@
+"""Reading weights at the disk's speed: the torch-free half (standard library only, so the composition root can start
+reading before torch is imported).
+
+- `LoadProgress`: what the loader has done (phase, bytes loaded / total), read by /ready, /info and /metrics.
+- safetensors headers (`read_header`), and the plan of large sequential reads over the tensors a rank needs
+  (`plan_chunks`): one chunk is one `preadv` of up to `chunk_bytes` that lands in one or more tensors.
+- Where the fast backend's weights come from (`weights_source`): this rank's file of a pre-sharded directory
+  (`bloom-server preshard`), the plain safetensors checkpoint read whole (one rank), or sliced per tensor (several
+  ranks reading a plain checkpoint).
+- `Prefetcher`: reads this rank's bytes into the page cache from process start, while Python imports torch and
+  CUDA initialises; the loader then finds them in memory. It stops as soon as the real load starts.
+- `ReadThrottle`: an honest rate limit on reads, for tests that must watch a load in progress
+  (BLOOM_LOAD_THROTTLE_MBPS); off by default.
+
+The torch half (reading into tensors, pinned buffers, device copies) is `bloom_server.fast.weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from bloom_server.errors import ModelDirError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "transformer."
+PRESHARD_MANIFEST = "preshard.json"
+PRESHARD_FORMAT = "bloom-server-preshard/1"
+MAX_HEADER = 100 << 20  # safetensors' own bound on the JSON header
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def rank_file_name(rank: int, world: int) -> str:
+    return f"model-tp{world:02d}-rank{rank:02d}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------- progress
+
+
+class LoadProgress:
+    """Load progress of this rank, written by the loader (any thread), read by the API. Phases, in order:
+    starting, prefetching (bytes into the page cache before torch is up), reading weights, allocating cache,
+    warming up (the first generate: CUDA graph capture), ready."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.t0 = time.monotonic()
+        self.phase = "starting"
+        self.phases: list[tuple[str, float]] = [("starting", 0.0)]
+        self.loaded_bytes = 0  # bytes placed in their final tensors
+        self.total_bytes = 0  # bytes this rank's weights take on disk (0 until known)
+        self.prefetched_bytes = 0  # bytes read ahead into the page cache
+        self.loading_started = threading.Event()  # the real load began: a prefetcher stops
+
+    def set_phase(self, name: str) -> None:
+        with self._lock:
+            if name != self.phase:
+                self.phase = name
+                self.phases.append((name, time.monotonic() - self.t0))
+        if name == "reading weights":
+            self.loading_started.set()
+        log.info("load phase: %s", name)
+
+    def set_total(self, nbytes: int) -> None:
+        with self._lock:
+            self.total_bytes = int(nbytes)
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.loaded_bytes += int(nbytes)
+
+    def add_prefetched(self, nbytes: int) -> None:
+        with self._lock:
+            self.prefetched_bytes += int(nbytes)
+
+    def durations(self) -> list[tuple[str, float, float]]:
+        """(phase, start s, seconds) for each phase so far (the current one up to now)."""
+        with self._lock:
+            marks = list(self.phases)
+        now = time.monotonic() - self.t0
+        return [(n, s, (marks[i + 1][1] if i + 1 < len(marks) else now) - s) for i, (n, s) in enumerate(marks)]
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            loaded, total, pre, phase = self.loaded_bytes, self.total_bytes, self.prefetched_bytes, self.phase
+        return {
+            "phase": phase,
+            "loaded_bytes": loaded,
+            "total_bytes": total,
+            "percent": round(100.0 * loaded / total, 1) if total else None,
+            "prefetched_bytes": pre,
+            "elapsed_s": round(time.monotonic() - self.t0, 3),
+            "phases": [{"phase": n, "start_s": round(s, 3), "seconds": round(d, 3)} for n, s, d in self.durations()],
+        }
+
+    def summary(self) -> str:
+        parts = [f"{n} {d:.2f} s" for n, _, d in self.durations() if n not in ("ready",)]
+        return "; ".join(parts) + f" (weights {self.loaded_bytes / 1e9:.2f} GB, prefetched {self.prefetched_bytes / 1e9:.2f} GB)"
+
+
+class ReadThrottle:
+    """At most `mbps` MB/s over all the threads that share it (a token bucket without burst). For tests and for
+    rehearsing a slow volume; never on by default."""
+
+    def __init__(self, mbps: float):
+        if mbps <= 0:
+            raise ValueError("throttle must be positive")
+        self.rate = mbps * 1e6
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._sent = 0
+
+    def wait(self, nbytes: int) -> None:
+        with self._lock:
+            self._sent += nbytes
+            due = self._t0 + self._sent / self.rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+# --------------------------------------------------------------------------------------------- safetensors files
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str  # as stored in the file
+    dtype: str  # safetensors' name: F16, BF16, F32, ...
+    shape: tuple[int, ...]
+    start: int  # absolute offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SafetensorsFile:
+    path: Path
+    data_start: int
+    size: int
+    tensors: list[TensorEntry]  # in file order
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def by_name(self) -> dict[str, TensorEntry]:
+        return {t.name: t for t in self.tensors}
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsFile:
+    """Parse a safetensors header (8-byte little-endian length, then JSON). Refuses a file whose header is
+    malformed or whose tensors run past its end (a truncated file), naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelDirError(f"{path}: not a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise ModelDirError(f"{path}: not a safetensors file, or truncated (header of {n} bytes, file {size})")
+            raw = json.loads(f.read(n))
+    except OSError as e:
+        raise ModelDirError(f"{path}: cannot read ({e.strerror or e})") from e
+    except ValueError as e:
+        raise ModelDirError(f"{path}: unreadable safetensors header ({e})") from e
+    data_start = 8 + n
+    meta = raw.pop("__metadata__", None) or {}
+    tensors = []
+    for name, info in raw.items():
+        try:
+            b, e = (int(x) for x in info["data_offsets"])
+            t = TensorEntry(name, str(info["dtype"]), tuple(int(s) for s in info["shape"]), data_start + b, data_start + e)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelDirError(f"{path}: malformed entry for {name!r} in the safetensors header") from exc
+        numel = 1
+        for s in t.shape:
+            numel *= s
+        if t.dtype in DTYPE_SIZES and numel * DTYPE_SIZES[t.dtype] != t.nbytes:
+            raise ModelDirError(f"{path}: {name} is {t.dtype}{list(t.shape)} but spans {t.nbytes} bytes")
+        tensors.append(t)
+    tensors.sort(key=lambda t: t.start)
+    if tensors and tensors[-1].end > size:
+        raise ModelDirError(
+            f"{path}: truncated: its tensors end at byte {tensors[-1].end}, the file has {size} bytes"
+        )
+    return SafetensorsFile(path, data_start, size, tensors, {str(k): str(v) for k, v in meta.items()})
+
+
+def checkpoint_files(model_dir: Path) -> tuple[str, list[Path]]:
+    """("safetensors" | "pickle" | "none", files) of a Hugging Face layout, safetensors first (what transformers'
+    from_pretrained picks too when both are there)."""
+    candidates = (
+        ("safetensors", "model.safetensors.index.json", "model.safetensors"),
+        ("pickle", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+    )
+    for kind, index, single in candidates:
+        if (model_dir / index).is_file():
+            try:
+                names = sorted(set(json.loads((model_dir / index).read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                raise ModelDirError(f"{model_dir / index}: unreadable index ({e})") from e
+            return kind, [model_dir / n for n in names]
+        if (model_dir / single).is_file():
+            return kind, [model_dir / single]
+    return "none", []
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any] | None:
+    f = Path(model_dir) / PRESHARD_MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelDirError(f"{f}: unreadable pre-shard manifest ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != PRESHARD_FORMAT or not isinstance(data.get("tp"), int):
+        raise ModelDirError(f"{f}: not a {PRESHARD_FORMAT} manifest")
+    return data
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """How the fast backend reads this rank's weights. kind: "presharded" (this rank's own file, every byte of it
+    wanted, in order), "whole" (one rank, the plain safetensors checkpoint read sequentially), "sliced" (several
+    ranks over a plain checkpoint: per-tensor slices, as before pre-sharding existed), "pickle" (.bin files)."""
+
+    kind: str
+    files: tuple[Path, ...]
+
+
+def weights_source(model_dir: Path, rank: int, world: int) -> WeightsSource:
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    kind, files = checkpoint_files(model_dir)
+    if manifest is not None:
+        tp = manifest["tp"]
+        if tp == world:
+            return WeightsSource("presharded", (model_dir / rank_file_name(rank, world),))
+        if kind == "none":
+            raise ModelDirError(
+                f"{model_dir} is pre-sharded for {tp} tensor-parallel rank(s) but this launch has {world}: launch "
+                f"{tp} rank(s), or run `bloom-server preshard --tp {world}` on the plain checkpoint"
+            )
+    if kind == "none":
+        raise ModelDirError(f"{model_dir}: no model.safetensors or pytorch_model.bin (or their index)")
+    if kind == "pickle":
+        return WeightsSource("pickle", tuple(files))
+    return WeightsSource("whole" if world == 1 else "sliced", tuple(files))
+
+
+# ---------------------------------------------------------------------------------------------------- read plans
+
+
+@dataclass(frozen=True)
+class Piece:
+    tensor: int  # index into the wanted list
+    dst_offset: int  # byte offset inside that tensor
+    chunk_offset: int  # byte offset inside the chunk
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    file: int  # index into the file list
+    offset: int  # absolute offset in the file
+    length: int
+    pieces: tuple[Piece, ...]
+
+    @property
+    def wanted_bytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+
+def plan_chunks(
+    wanted: Sequence[tuple[int, TensorEntry]], chunk_bytes: int, gap_bytes: int = 1 << 20
+) -> list[Chunk]:
+    """Large sequential reads covering the wanted tensors ((file index, entry) pairs). Tensors that follow each
+    other closely (gaps of at most `gap_bytes`, read through and dropped) form one span; a span is cut into reads of
+    at most `chunk_bytes`. Chunks are in file order, so reading them in order is one sequential pass per file."""
+    order = sorted(range(len(wanted)), key=lambda i: (wanted[i][0], wanted[i][1].start))
+    spans: list[tuple[int, int, int, list[int]]] = []  # (file, start, end, tensor indices)
+    for i in order:
+        fi, t = wanted[i]
+        if spans and spans[-1][0] == fi and t.start - spans[-1][2] <= gap_bytes and t.start >= spans[-1][2]:
+            f, s, _, idx = spans[-1]
+            spans[-1] = (f, s, t.end, idx + [i])
+        else:
+            spans.append((fi, t.start, t.end, [i]))
+    chunks = []
+    for fi, s, e, idx in spans:
+        pos, k = s, 0
+        while pos < e:
+            end = min(pos + chunk_bytes, e)
+            pieces = []
+            while k < len(idx) and wanted[idx[k]][1].end <= pos:
+                k += 1
+            j = k
+            while j < len(idx) and wanted[idx[j]][1].start < end:
+                t = wanted[idx[j]][1]
+                a, b = max(t.start, pos), min(t.end, end)
+                if b > a:
+                    pieces.append(Piece(idx[j], a - t.start, a - pos, b - a))
+                j += 1
+            chunks.append(Chunk(fi, pos, end - pos, tuple(pieces)))
+            pos = end
+    return chunks
+
+
+def wanted_entries(files: Sequence[SafetensorsFile], keep: Iterable[str]) -> tuple[list[tuple[int, TensorEntry]], list[str]]:
+    """(file index, entry) of each name in `keep` (names without the "transformer." prefix), and the names found in
+    no file."""
+    where: dict[str, tuple[int, TensorEntry]] = {}
+    for fi, f in enumerate(files):
+        for t in f.tensors:
+            where[t.name[len(PREFIX):] if t.name.startswith(PREFIX) else t.name] = (fi, t)
+    out, missing = [], []
+    for name in keep:
+        if name in where:
+            out.append(where[name])
+        else:
+            missing.append(name)
+    return out, missing
+
+
+# ------------------------------------------------------------------------------------------------------ prefetch
+
+
+def mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class Prefetcher:
+    """Reads `chunks` of `paths` into a throw-away buffer with `threads` threads, so the page cache holds them when
+    the loader comes (reads by several threads keep an NVMe queue busy). It keeps reading ahead after the loader
+    started (`stop` set), so the disk never idles while the loader copies what is already cached, and stops once the
+    loader has caught up with it (progress.loaded_bytes), after `budget` bytes (half the available memory by
+    default: pages read too far ahead could be evicted before use), or at the end. Never raises: a failure only ends
+    the prefetch (the loader reports it)."""
+
+    def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int, stop: threading.Event,
+                 progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
+                 budget: int | None = None):
+        self.paths, self.chunks = list(paths), list(chunks)
+        self.threads = max(1, threads)
+        self.stop = stop
+        self.progress = progress
+        self.throttle = throttle
+        avail = mem_available()
+        self.budget = budget if budget is not None else (avail // 2 if avail else 1 << 62)
+        self._next = 0
+        self._lock = threading.Lock()
+        self.read_bytes = 0
+        self._workers: list[threading.Thread] = []
+
+    def start(self) -> "Prefetcher":
+        for i in range(min(self.threads, len(self.chunks))):
+            t = threading.Thread(target=self._run, name=f"bloom-prefetch-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        for t in self._workers:
+            t.join(timeout)
+
+    def _caught_up(self, margin: int) -> bool:
+        """The loader started and has (nearly) reached what was read ahead: reading ahead gains nothing more."""
+        if not self.stop.is_set():
+            return False
+        if self.progress is None:
+            return True
+        return self.progress.loaded_bytes + margin >= self.progress.prefetched_bytes
+
+    def _take(self, margin: int) -> Chunk | None:
+        with self._lock:
+            if self._caught_up(margin) or self._next >= len(self.chunks) or self.read_bytes >= self.budget:
+                return None
+            c = self.chunks[self._next]
+            self._next += 1
+            self.read_bytes += c.length
+            return c
+
+    def _run(self) -> None:
+        fds: dict[int, int] = {}
+        buf = bytearray(max((c.length for c in self.chunks), default=0))
+        view = memoryview(buf)
+        margin = len(buf) * self.threads
+        try:
+            while True:
+                c = self._take(margin)
+                if c is None:
+                    return
+                if c.file not in fds:
+                    fds[c.file] = os.open(self.paths[c.file], os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fds[c.file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    except (AttributeError, OSError):
+                        pass
+                got, pos = 0, c.offset
+                while got < c.length:
+                    n = os.preadv(fds[c.file], [view[got : c.length]], pos + got)
+                    if n <= 0:
+                        return
+                    got += n
+                if self.throttle is not None:
+                    self.throttle.wait(got)
+                if self.progress is not None:
+                    self.progress.add_prefetched(c.wanted_bytes)
+        except OSError as e:
+            log.warning("prefetch stopped: %s", e)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
+def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chunk_bytes: int,
+                   progress: LoadProgress, throttle: ReadThrottle | None = None) -> Prefetcher | None:
+    """Start reading this rank's weight bytes for the fast backend, or None when there is nothing to read ahead
+    (several ranks slicing a plain checkpoint, pickles, or anything unexpected: the loader will say what)."""
+    try:
+        src = weights_source(model_dir, rank, world)
+        if src.kind not in ("presharded", "whole"):
+            return None
+        headers = [read_header(p) for p in src.files]
+        wanted = [(fi, t) for fi, h in enumerate(headers) for t in h.tensors
+                  if not t.name.endswith("lm_head.weight")]  # fmt: skip
+        chunks = plan_chunks(wanted, chunk_bytes)
+    except (ModelDirError, OSError) as e:
+        log.debug("no prefetch: %s", e)
+        return None
+    p = Prefetcher(list(src.files), chunks, threads=threads, stop=progress.loading_started, progress=progress,
+                   throttle=throttle).start()  # fmt: skip
+    progress.set_phase("prefetching")
+    return p

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import ServerProcess, free_port
+from helpers import ServerProcess, free_port, http
 
 openai = pytest.importorskip("openai")
 
@@ -44,6 +44,29 @@ def greedy(server, prompt: str, n: int) -> str:
 def test_models_list(server):
     models = client_for(server).models.list()
     assert [m.id for m in models.data] == ["tiny-bloom"]
+
+
+def test_models_retrieve_is_also_kserve_v1_status(server, chat_server):
+    """GET /v1/models/{id}: OpenAI's model object for client.models.retrieve, keeping KServe v1's `name` and `ready`
+    (the 503 before ready is in test_api_ops' drain test)."""
+    m = client_for(server).models.retrieve("tiny-bloom")
+    assert (m.id, m.object, m.owned_by) == ("tiny-bloom", "model", "bloom-server") and m.created > 0
+    assert m.model_extra == {"name": "tiny-bloom", "ready": True}
+    assert client_for(chat_server, KEY).models.retrieve("tiny-chat").id == "tiny-chat"  # the --model-id
+    with pytest.raises(openai.NotFoundError) as info:
+        client_for(server).models.retrieve("gpt-4")
+    assert info.value.body["type"] == "invalid_request_error" and info.value.body["param"] == "model"
+    status, body, headers = server.get("/v1/models/tiny-bloom:predict")  # KServe's predict takes POST only
+    assert status == 405 and headers.get("allow") == "POST" and body["error"] == "Method Not Allowed"
+
+
+def test_client_errors_have_client_error_types(server):
+    """Bug 12: every 4xx on the OpenAI surface is a client error type (a 405 was "server_error")."""
+    for method, path, want in [("POST", "/v1/models", 405), ("GET", "/v1/completions", 405),
+                               ("PUT", "/v1/chat/completions", 405), ("GET", "/v1/nothing-here", 404)]:
+        status, body, _ = http(method, server.url + path, {} if method != "GET" else None)
+        assert status == want and body["error"]["type"] == "invalid_request_error", (method, path, status, body)
+        assert body["error"]["message"], body
 
 
 def test_completion_greedy_matches_generate(server):

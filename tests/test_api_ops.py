@@ -222,18 +222,80 @@ def test_queue_bounds_disconnects_and_an_abandoned_request(pressure):
     assert metric(pressure, "bloom_server_rejected_requests_total", '{reason="overloaded"}') == 2
 
 
-def test_non_streaming_client_that_leaves_stops_its_request(pressure):
+def test_non_streaming_client_that_leaves_stops_its_request_and_is_a_499(pressure):
+    """A client that leaves before its answer, or mid-body, is not a server error (bug 8: status 500 in the access
+    log and the metrics, a ClientDisconnect traceback, asyncio's "_GatheringFuture exception was never retrieved"):
+    499 ("client closed request") in both, nothing else logged; the running request's row stops."""
+    log_start = pressure.log_path.stat().st_size
     host, port = pressure.url.removeprefix("http://").split(":")
+    gone_before = metric(pressure, "bloom_server_requests_total", '{method="POST",route="/generate",status="499"}')
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/generate", json.dumps({"text": ["Deepspeed is"], "max_new_tokens": LONG,
                                                   "min_length": LONG + 50}),
-                 {"Content-Type": "application/json"})
+                 {"Content-Type": "application/json", "X-Request-Id": "left-before-answer"})
     wait_until(lambda: metric(pressure, "bloom_server_running_batch_size") == 1, 10, "the request running")
     before = metric(pressure, "bloom_server_generation_requests_total", '{outcome="cancelled"}')
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     wait_until(lambda: metric(pressure, "bloom_server_running_batch_size") == 0, 15, "the row stopped")
     assert metric(pressure, "bloom_server_generation_requests_total", '{outcome="cancelled"}') == before + 1
+
+    # Clients that leave mid-body: declared 1000 bytes, sent 10, gone (a route that reads its body by hand, and
+    # routes whose body FastAPI parses).
+    for path in ("/generate", "/tokenize", "/v1/completions"):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"X-Request-Id: left-mid-body{path.replace('/', '-')}\r\nContent-Length: 1000\r\n\r\n"
+                      .encode() + b'{"text": [')
+            time.sleep(0.2)
+    ids = ["left-before-answer", "left-mid-body-generate", "left-mid-body-tokenize", "left-mid-body-v1-completions"]
+    wait_until(lambda: all(i in pressure.log()[log_start:] for i in ids), 10, "the access log lines")
+    time.sleep(0.5)  # asyncio reports an unretrieved exception when the future is collected
+    log = pressure.log_path.read_text()[log_start:]
+    statuses = {r["request_id"]: r["status"] for r in map(json.loads, filter(None, log.splitlines()))
+                if r.get("request_id") in ids}
+    assert statuses == dict.fromkeys(ids, 499), log[-3000:]
+    for noise in ("Traceback", "unexpected error", "never retrieved", "ClientDisconnect", '"status": 500'):
+        assert noise not in log, log[-3000:]
+    assert metric(pressure, "bloom_server_requests_total",
+                  '{method="POST",route="/generate",status="499"}') == gone_before + 2
+    assert metric(pressure, "bloom_server_requests_total", '{method="POST",route="/tokenize",status="500"}') == 0
+
+
+def test_refusals_are_counted_by_reason(tiny_model_dir, tmp_path):
+    """bloom_server_rejected_requests_total (docs/metrics.md) counts every 429 by reason on every surface (bug 11):
+    queue 1, batch 1; one request running, one queued, then each surface's generate route is refused."""
+    srv = ServerProcess(
+        ["--model", str(tiny_model_dir), "--max-input-length", "64", "--max-new-tokens", str(LONG),
+         "--max-total-tokens", str(LONG + 100), "--max-batch-size", "1", "--max-queued-requests", "1",
+         "--batch-wait-ms", "1"],
+        free_port(),
+        log_path=tmp_path / "refusals.log",
+    )
+    try:
+        srv.wait_ready()
+        a, _ = start_long_stream(srv)  # running
+        b = Stream(srv.url, "/generate_stream", {"inputs": "Hi", "parameters": {"max_new_tokens": 5}})  # queued
+        wait_until(lambda: metric(srv, "bloom_server_queue_depth") == 1, 10, "B queued")
+        refused = [
+            ("/generate", {"text": ["Hello"], "max_new_tokens": 2}),
+            ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
+            ("/generate_stream", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
+            ("/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
+            ("/v2/models/tiny-bloom/infer", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
+                                                         "data": ["Hello"]}]}),
+            ("/v1/models/tiny-bloom:predict", {"instances": ["Hello"]}),
+        ]
+        threads = [in_thread(lambda p=p, body=body: srv.post(p, body)) for p, body in refused]
+        for t, _ in threads:
+            t.join(30)
+        statuses = [out["result"][0] for _, out in threads]
+        assert statuses == [429] * len(refused), statuses
+        assert metric(srv, "bloom_server_rejected_requests_total", '{reason="overloaded"}') == len(refused)
+        a.close()
+        b.close()
+    finally:
+        srv.stop()
 
 
 def test_deadlines_and_max_time(pressure):
@@ -283,6 +345,9 @@ def test_sigterm_drains_then_exits_zero(tiny_model_dir, tmp_path):
         assert srv.get("/ready")[1]["status"] == "draining"
         status, body, _ = srv.post("/generate", {"text": ["Hi"], "max_new_tokens": 2})
         assert status == 503 and body["error"] == "not_ready"
+        assert metric(srv, "bloom_server_rejected_requests_total", '{reason="not_ready"}') == 1
+        status, body, _ = srv.get(f"/v1/models/{tiny_model_dir.name}")  # KServe v1 readiness, OpenAI's model object
+        assert status == 503 and body["ready"] is False and body["id"] == tiny_model_dir.name
         events = []
         for _ in range(700):
             ev = a.next_event()

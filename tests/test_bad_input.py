@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+
 import pytest
 
 GOOD = {"text": ["Hello"], "max_new_tokens": 2}
@@ -99,6 +102,33 @@ def test_unknown_fields_are_reported_not_fatal(server):
     assert headers.get("x-ignored-fields") == "max_lenght"
 
 
+def _post_raw(server, path: str, raw: bytes) -> tuple[int, dict, dict]:
+    """POST through http.client itself, which refuses a response header line over 64 KiB (LineTooLong)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.request("POST", path, raw, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read()), {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_ignored_fields_header_is_bounded(server):
+    """Bug 3: every unknown field name was reflected in x-ignored-fields, so one name of 70,000 characters or 20,000
+    unknown fields made a header line past 64 KiB, which http.client refuses. At most 16 names of 56 characters (a
+    cut name ends with "..."), then "+N more"; names that are not printable ASCII stay percent-encoded."""
+    cases = [
+        ({"k" * 70_000: 1}, "k" * 53 + "..."),
+        ({f"f{i:05d}": 1 for i in range(20_000)}, ",".join(f"f{i:05d}" for i in range(16)) + ",+19984 more"),
+        ({"\u00e9" * 1000: 1, "a,b": 1, "caf\u00e9": 1}, "a%2Cb,caf%C3%A9," + "%C3%A9" * 8 + "..."),
+    ]
+    for extra, expected in cases:
+        raw = json.dumps({"text": ["x"], "max_new_tokens": 1, **extra}).encode()
+        status, body, headers = _post_raw(server, "/generate", raw)
+        assert status == 200 and body["num_generated_tokens"] == [1], body
+        assert headers["x-ignored-fields"] == expected and len(headers["x-ignored-fields"]) < 1024, headers
+
+
 def test_cap_setting_caps_instead_of_rejecting(tiny_model_dir, tmp_path):
     from helpers import ServerProcess, free_port
 
@@ -114,3 +144,31 @@ def test_cap_setting_caps_instead_of_rejecting(tiny_model_dir, tmp_path):
         assert body["num_generated_tokens"] == [4]
     finally:
         srv.stop()
+
+
+# Bug 5: FastAPI answered the bodies it parses itself with a bare 400 "There was an error parsing the body" (field
+# null) when they were not JSON; every route now answers as its surface documents, naming `body`.
+MALFORMED = {"not JSON": b"{bad json", "nested 100,000 deep": b"[" * 100_000 + b"]" * 100_000}
+SURFACES = {
+    "/generate": "bloom", "/generate/": "bloom", "/tokenize": "bloom", "/tokenize/": "bloom", "/forward": "bloom",
+    "/forward/": "bloom", "/generate_stream": "tgi", "/": "tgi", "/v1/completions": "openai",
+    "/v1/chat/completions": "openai", "/v2/models/tiny-bloom/infer": "kserve", "/v1/models/tiny-bloom:predict": "kserve",
+}
+
+
+@pytest.mark.parametrize("path", list(SURFACES))
+def test_unparseable_bodies_are_refused_naming_body_on_every_route(server, path):
+    _, spec, _ = server.get("/openapi.json")
+    surface = SURFACES[path]
+    for name, raw in MALFORMED.items():
+        status, body, _ = _post_raw(server, path, raw)
+        if surface == "openai":
+            assert status == 400 and body["error"]["param"] == "body", (name, body)
+            assert body["error"]["type"] == "invalid_request_error" and "malformed JSON" in body["error"]["message"]
+        else:
+            assert status == (422 if surface in ("bloom", "tgi") else 400), (name, status, body)
+            assert body["field"] == "body" and body["message"].startswith("body: malformed JSON"), (name, body)
+            if surface == "tgi":
+                assert body["error_type"] == "validation", body
+        declared = spec["paths"][path.replace("tiny-bloom", "{name}").rstrip("/") or "/"]["post"]["responses"]
+        assert str(status) in declared, (path, status)

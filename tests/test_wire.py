@@ -189,7 +189,9 @@ def test_health_and_kserve_status(server):
     assert status == 200 and body["status"] == "ready"
     assert server.get("/ready")[0] == 200
     status, body, _ = server.get("/v1/models/tiny-bloom")
-    assert status == 200 and shape(body, golden("model_status"))
+    # KServe v1's model status, inside OpenAI's model object (id, object, created, owned_by) on the same route
+    assert status == 200 and shape({k: body[k] for k in ("name", "ready")}, golden("model_status"))
+    assert body["id"] == body["name"] and body["object"] == "model"
     assert server.get("/v1/models/nope")[0] == 404
 
 

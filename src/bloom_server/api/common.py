@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from bloom_server.api.errors import malformed_json
 from bloom_server.engine.requests import Cancelled, Completion, GenRequest
 from bloom_server.errors import InvalidRequest
 
@@ -22,9 +23,7 @@ async def read_json(request: Request) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
-        raise RequestValidationError(
-            [{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error", "ctx": {"error": str(exc)}}]
-        ) from None
+        raise malformed_json(exc) from None
 
 
 def parse(model: type[M], data: Any) -> M:
@@ -63,6 +62,9 @@ async def result_or_disconnect(request: Request, reqs: list[GenRequest]) -> list
         watcher.cancel()
         if not results.done():
             results.cancel()
+            # The cancelled gather ends with a CancelledError that nobody awaits: retrieve it, or asyncio logs
+            # "_GatheringFuture exception was never retrieved".
+            results.add_done_callback(lambda f: f.cancelled() or f.exception())
         for r in reqs:
             r.cancel("the client disconnected")
 

@@ -3,8 +3,8 @@
 - bloom (the original routes, /info, ...): {"error": <kind>, "message": <text naming the field>, "field", "limit"}
 - tgi (/generate_stream, POST /, /generate with TGI's body): {"error": <message>, "error_type": <kind>, "message",
   "field", "limit"} (huggingface_hub reads `error` and `error_type`)
-- openai (/v1/completions, /v1/chat/completions, /v1/models): {"error": {"message", "type", "param", "code"}};
-  invalid input is a 400 there, as OpenAI answers it
+- openai (every /v1/... path but KServe's /v1/models/{name}:predict): {"error": {"message", "type", "param",
+  "code"}}; invalid input is a 400 there, as OpenAI answers it; `type` is a client error type for every 4xx
 - kserve (/v2/..., /v1/models/{name}:predict): {"error": <message>, "message", "field", "limit"}; invalid input is
   a 400
 Every shape but OpenAI's has a string `error` and `message`, so generic clients can read any of them.
@@ -12,6 +12,7 @@ Every shape but OpenAI's has a string `error` and `message`, so generic clients 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -19,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from bloom_server.engine.requests import Cancelled, DeadlineExceeded
 from bloom_server.errors import (
@@ -61,11 +63,9 @@ STATUS: dict[type[Exception], tuple[int, str]] = {
 
 # TGI's error_type values (huggingface_hub turns them into its exception classes).
 _TGI_TYPES = {"validation_error": "validation", "overloaded": "overloaded", "engine_dead": "generation"}
+# Any other 4xx is "invalid_request_error", any other 5xx "server_error".
 _OPENAI_TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
-    404: "invalid_request_error",
-    413: "invalid_request_error",
     429: "rate_limit_error",
     499: "cancelled",
     503: "service_unavailable",
@@ -85,10 +85,10 @@ def surface_of(request_or_scope: Any) -> str:
     if explicit:
         return explicit
     path = scope.get("path", "")
-    if path in ("/v1/models", "/v1/completions", "/v1/chat/completions"):
-        return "openai"
     if path.startswith("/v2/") or path == "/v2" or path.endswith(":predict"):
         return "kserve"
+    if path.startswith("/v1/"):
+        return "openai"
     if path in ("/generate_stream", "/") and scope.get("method") == "POST":
         return "tgi"
     return "bloom"
@@ -103,7 +103,7 @@ def render_error(
         return status, {
             "error": {
                 "message": message,
-                "type": _OPENAI_TYPES.get(status, "server_error"),
+                "type": _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error"),
                 "param": field,
                 "code": kind,
             }
@@ -139,10 +139,23 @@ def loc_to_field(loc: tuple) -> str:
     return out or "body"
 
 
+def malformed_json(exc: BaseException) -> RequestValidationError:
+    """The validation error of a body that is not JSON (also one nested deeper than the parser goes), as FastAPI
+    makes it for the routes whose body it parses: the position in `loc`, the reason in `ctx`."""
+    if isinstance(exc, json.JSONDecodeError):
+        loc, reason = ("body", exc.pos), exc.msg
+    else:
+        loc, reason = ("body",), "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+    return RequestValidationError([{"type": "json_invalid", "loc": loc, "msg": "JSON decode error",
+                                    "ctx": {"error": reason}}])
+
+
 def _validation_message(err: dict) -> tuple[str, str]:
     field = loc_to_field(tuple(err.get("loc", ())))
     if err.get("type") == "json_invalid":
-        return "body", f"body: malformed JSON ({err.get('ctx', {}).get('error', 'cannot parse')})"
+        loc = tuple(err.get("loc", ()))
+        at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        return "body", f"body: malformed JSON ({err.get('ctx', {}).get('error', 'cannot parse')}{at})"
     msg = err.get("msg", "invalid")
     if err.get("type") == "missing":
         msg = "is required"
@@ -158,6 +171,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers a body it could not read with a bare 400 "There was an error parsing the body"; its cause
+        # says why: the client left (RequestContext logs a 499), or the body is not JSON (a 422 naming `body`, as on
+        # the routes that parse their body by hand).
+        cause = exc.__cause__
+        if isinstance(cause, ClientDisconnect):
+            raise cause
+        if exc.status_code == 400 and isinstance(cause, (ValueError, RecursionError)):
+            return await _validation(request, malformed_json(cause))
         return error_response(
             request, exc.status_code, "http_error", str(exc.detail), headers=getattr(exc, "headers", None)
         )

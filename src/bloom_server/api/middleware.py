@@ -13,6 +13,8 @@ import time
 import uuid
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 from bloom_server.api.errors import render_error, surface_of
 
 
@@ -131,6 +133,7 @@ class JSONByDefault:
 PROBES = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
 # Pages that hold no data (the playground and the API docs): served without the key; every call they make needs it.
 PUBLIC_PAGES = frozenset({"/", "/ui", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"})
+CLIENT_CLOSED = 499
 _ID_OK = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
@@ -168,6 +171,10 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client left before its answer (mid-body, or while its request ran; the engine's work for it is
+            # cancelled by then): nobody is left to answer. Not a server error: 499, nginx's "client closed request".
+            status["code"] = CLIENT_CLOSED
         except BaseException:
             status["code"] = 500
             raise

@@ -87,6 +87,26 @@ class QueryIds:
         return qid
 
 
+IGNORED_NAMES, IGNORED_NAME_CHARS = 16, 56  # the header stays under 1 KiB, whatever the body holds
+
+
+def ignored_fields_header(names: list[str]) -> str:
+    """x-ignored-fields: the unknown fields of the body, comma-separated. Header values are latin-1: a name that is
+    not printable ASCII (or holds a comma or %) goes percent-encoded. Bounded: the first 16 names, each cut to 56
+    characters (a cut name ends with "..."), then "+N more" for the names left out."""
+    items = []
+    for name in names[:IGNORED_NAMES]:
+        plain = name.isascii() and name.isprintable() and not set(name) & {",", "%"}
+        item, cut = (name if plain else quote(name, safe="")), name[:IGNORED_NAME_CHARS]
+        while len(item) > IGNORED_NAME_CHARS:
+            cut = cut[:-1]
+            item = (cut if plain else quote(cut, safe="")) + "..."
+        items.append(item)
+    if len(names) > len(items):
+        items.append(f"+{len(names) - len(items)} more")
+    return ",".join(items)
+
+
 def secs(t: float) -> str:
     return f"{round(t, 2)} secs"
 
@@ -124,8 +144,8 @@ def build_router(engine: Engine) -> APIRouter:
         (completions,) = await result_or_disconnect(request, [req])
         headers = timing_headers([req])
         ignored = body.ignored_fields()
-        if ignored:  # header values are latin-1: other names go percent-encoded
-            headers["x-ignored-fields"] = ",".join(n if n.isascii() and n.isprintable() else quote(n) for n in ignored)
+        if ignored:
+            headers["x-ignored-fields"] = ignored_fields_header(ignored)
         out = GenerateResponse(
             text=[c.text for c in completions],
             num_generated_tokens=[len(c.token_ids) for c in completions],

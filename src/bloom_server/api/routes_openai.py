@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from bloom_server.api.common import (
     SSE_HEADERS,
@@ -29,6 +30,7 @@ from bloom_server.api.schemas_openai import (
     CompletionRequest,
     CompletionResponse,
     ModelList,
+    ModelObject,
     OpenAIError,
 )
 from bloom_server.engine.chat import ChatTemplate
@@ -109,11 +111,25 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         remember(request, req)
         return req
 
+    def card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": int(time.time() - (engine.load_seconds or 0)),
+                "owned_by": "bloom-server"}
+
     @router.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS)
     async def list_models() -> ModelList:
         """The one served model, as OpenAI lists models."""
-        created = int(time.time() - (engine.load_seconds or 0))
-        return ModelList(data=[{"id": model_name, "created": created}])  # type: ignore[list-item]
+        return ModelList(data=[card()])  # type: ignore[list-item]
+
+    @router.get("/v1/models/{name}", response_model=ModelObject, responses={
+        **OPENAI_ERRORS, 503: {"model": ModelObject, "description": "Not ready yet (loading) or draining"}})
+    async def retrieve_model(name: str) -> JSONResponse:
+        """OpenAI's model object (`client.models.retrieve`), which is also KServe v1's model status: `name` and
+        `ready` are there too, and the status is 503 until the model is loaded and warmed up (and while draining)."""
+        if name.endswith(":predict"):  # POST /v1/models/{name}:predict is KServe's route; GET is the wrong method
+            raise HTTPException(405, headers={"Allow": "POST"})
+        check_model(name)
+        body = {**card(), "name": name, "ready": engine.ready}
+        return JSONResponse(body, status_code=200 if engine.ready else 503)
 
     @router.post("/v1/completions", response_model=CompletionResponse, responses={
         **OPENAI_ERRORS, 200: {"description": "CompletionResponse; with stream: server-sent chunks, then [DONE]",

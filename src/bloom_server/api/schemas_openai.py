@@ -113,6 +113,13 @@ class ModelCard(BaseModel):
     owned_by: str = "bloom-server"
 
 
+class ModelObject(ModelCard):
+    """GET /v1/models/{name}: OpenAI's model object, with KServe v1's model status fields (`name`, `ready`)."""
+
+    name: str = Field(description="KServe v1: the model's name (the same as id).")
+    ready: bool = Field(description="KServe v1: loaded and warmed up (the status is 503 until then).")
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

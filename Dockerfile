@@ -48,7 +48,8 @@ RUN pip install \
         "uvicorn==0.54.0" \
         "pydantic==2.14.3" \
         "pydantic-settings==2.16.3" \
-        "prometheus-client==0.26.0"
+        "prometheus-client==0.26.0" \
+        "jinja2==3.1.6"
 
 COPY pyproject.toml /src/
 COPY src/ /src/src/

@@ -212,6 +212,8 @@ class ContinuousScheduler:
             if not joins and not leaves and not self._live:
                 return None
         self._started = started
+        if leaves:
+            log.debug("rows %s leave the batch (their callers are gone)", list(leaves))
         return CStep(tuple(joins), leaves)
 
     def deliver(self, step: CStep, result: Any) -> None:

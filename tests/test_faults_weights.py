@@ -257,6 +257,27 @@ def test_presharded_dir_with_a_missing_or_truncated_shard_is_refused_naming_it(t
     assert resolve_model_dir(str(d)).revision == sha
 
 
+def test_presharded_dir_copied_without_its_marker_is_refused_unless_trusted(tmp_path):
+    """Bug 13 (reliability.md): the same verified download, copied by hand without its hidden completion marker,
+    holds pickles nobody verified: refused, naming the directory and the marker; the explicit opt-out lets it
+    through to the backend."""
+    files = _presharded_files()
+    with ThrottledHub(lfs_threshold=1024) as hub:
+        hub.add_repo(REPO, files)
+        d = tmp_path / "bloom-ds"
+        r = subprocess.run(_download_cmd(d), env=_env(hub.url, tmp_path), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    copy = tmp_path / "copied"
+    shutil.copytree(d, copy, ignore=shutil.ignore_patterns(".*"))  # `cp dir/* copy/`: the marker stays behind
+    assert resolve_model_dir(str(d)).layout == "ds_presharded"
+    code, err = _serve_exit(copy, "--backend", "ds_inference")
+    assert code == 2, err
+    assert str(copy) in err and marker.COMPLETE in err and "--trust-unverified-pickles" in err
+    assert "deepspeed" not in err.lower().replace("bloom-deepspeed", "").replace("deepspeed checkpoint", ""), err
+    md = resolve_model_dir(str(copy), trust_unverified_pickles=True)
+    assert md.layout == "ds_presharded" and md.revision is None
+
+
 def test_presharded_dir_with_an_unfinished_download_is_refused(tmp_path):
     files = _presharded_files()
     with ThrottledHub(lfs_threshold=1024, rate=100_000) as hub:

@@ -149,3 +149,109 @@ def test_server_refuses_download_with_a_missing_shard(tmp_path, tiny_model_dir):
     code, err = _serve_exit(d)
     assert code == 2
     assert "config.json: missing" in err
+
+
+# ---- pickled weights need a verifying marker (reliability.md bug 13) ----------------------------------------------
+
+
+def _hand_made_ds_dir(root, tiny_model_dir):
+    """A DeepSpeed pre-sharded layout copied in by hand: pickled .pt shards, no completion marker."""
+    import json
+
+    d = root / "ds-by-hand"
+    d.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copyfile(tiny_model_dir / name, d / name)
+    (d / "ds_inference_config.json").write_text(json.dumps({
+        "type": "BLOOM", "checkpoints": {"non_tp": ["non-tp.pt"], "tp": ["tp_00_00.pt"]}, "parallelization": "tp",
+        "tp_size": 1, "dtype": "float16", "version": 1.0}))  # fmt: skip
+    for name in ("non-tp.pt", "tp_00_00.pt"):
+        (d / name).write_bytes(b"\x80\x04not really a pickle")
+    return d
+
+
+def _mark_complete(d):
+    from bloom_server import marker
+
+    files = [{"path": p.name, "size": p.stat().st_size, "sha256": None, "git_sha1": None}
+             for p in sorted(d.iterdir()) if not p.name.startswith(".")]  # fmt: skip
+    marker.write_marker(d, marker.COMPLETE, {"format": marker.FORMAT, "state": "complete", "repo_id": "org/x",
+                                             "revision": "main", "commit": "b" * 40, "files": files})  # fmt: skip
+
+
+def test_pickled_shards_without_a_marker_are_refused_naming_the_directory_and_the_marker(tmp_path, tiny_model_dir):
+    d = _hand_made_ds_dir(tmp_path, tiny_model_dir)
+    with pytest.raises(ModelDirError) as err:
+        resolve_model_dir(str(d))
+    msg = str(err.value)
+    assert str(d) in msg and ".bloom-download.json" in msg and "non-tp.pt" in msg
+    assert "--trust-unverified-pickles" in msg and "BLOOM_TRUST_UNVERIFIED_PICKLES" in msg
+
+
+def test_the_server_refuses_them_before_opening_the_port(tmp_path, tiny_model_dir):
+    d = _hand_made_ds_dir(tmp_path, tiny_model_dir)
+    r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--model", str(d), "--backend", "ds_inference",
+                        "--port", "0"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2
+    assert "no completion marker .bloom-download.json" in r.stderr and "pickled" in r.stderr
+
+
+def test_the_opt_out_loads_them_with_a_warning(tmp_path, tiny_model_dir, caplog, monkeypatch):
+    from bloom_server.settings import load_settings
+
+    d = _hand_made_ds_dir(tmp_path, tiny_model_dir)
+    with caplog.at_level("WARNING"):
+        md = resolve_model_dir(str(d), trust_unverified_pickles=True)
+    assert md.layout == "ds_presharded" and md.weights_format == "pickle"
+    assert "loading it anyway" in caplog.text and "non-tp.pt" in caplog.text
+    assert load_settings().trust_unverified_pickles is False  # off unless asked for
+    monkeypatch.setenv("BLOOM_TRUST_UNVERIFIED_PICKLES", "1")
+    assert load_settings().trust_unverified_pickles is True
+    assert load_settings(trust_unverified_pickles=False).trust_unverified_pickles is False  # the flag wins
+
+
+def test_a_verified_directory_loads_but_not_a_pickle_added_after_the_download(tmp_path, tiny_model_dir):
+    d = _hand_made_ds_dir(tmp_path, tiny_model_dir)
+    _mark_complete(d)
+    md = resolve_model_dir(str(d))
+    assert md.layout == "ds_presharded" and md.revision == "b" * 40
+    (d / "tp_00_01.pt").write_bytes(b"\x80\x04dropped in later")
+    with pytest.raises(ModelDirError, match=r"tp_00_01.pt is pickled and not listed in its completion marker"):
+        resolve_model_dir(str(d))
+
+
+def _bin_only_copy(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    d = tmp_path / "bin-only"
+    shutil.copytree(tiny_model_dir, d)
+    torch.save(load_file(str(d / "model.safetensors")), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    return d
+
+
+def test_hf_layout_with_only_pytorch_model_bin_follows_the_same_rule(tmp_path, tiny_model_dir):
+    d = _bin_only_copy(tmp_path, tiny_model_dir)
+    with pytest.raises(ModelDirError, match="pytorch_model.bin.*no completion marker"):
+        resolve_model_dir(str(d))
+    _mark_complete(d)
+    md = resolve_model_dir(str(d))
+    assert md.layout == "hf" and md.weights_format == "pickle"
+
+
+def test_safetensors_win_over_a_pickle_beside_them(tmp_path, tiny_model_dir):
+    """A stray (here: garbage) pytorch_model.bin next to model.safetensors: the directory is safetensors, no marker
+    needed, and the hf backend loads the safetensors without opening the pickle."""
+    from bloom_server.backends.hf import HFBackend
+    from bloom_server.settings import load_settings
+    from bloom_server.types import RankContext
+
+    d = tmp_path / "both"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "pytorch_model.bin").write_bytes(b"garbage: unpickling this fails loudly")
+    md = resolve_model_dir(str(d))
+    assert md.weights_format == "safetensors"
+    backend = HFBackend(load_settings(backend="hf", dtype="fp32"), md, RankContext(device_type="cpu"))
+    backend.load()
+    assert backend.model is not None

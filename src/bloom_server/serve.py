@@ -46,7 +46,8 @@ def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgre
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
     start(model_dir.path, rank=rank, world=world, threads=settings.load_threads,
-          chunk_bytes=settings.load_chunk_mb << 20, progress=progress, throttle=throttle)  # fmt: skip
+          chunk_bytes=max(4096, int(settings.load_chunk_mb * 2**20)), progress=progress,
+          throttle=throttle)  # fmt: skip
 
 
 def serve(settings: Settings, local_rank_flag: int | None = None) -> int:

@@ -130,8 +130,8 @@ class Settings(BaseSettings):
         4, ge=1, le=64, validation_alias=_env("load_threads"),
         description="fast backend: threads reading weights in parallel (queue depth for NVMe)",
     )  # fmt: skip
-    load_chunk_mb: int = Field(
-        32, ge=1, le=1024, validation_alias=_env("load_chunk_mb"),
+    load_chunk_mb: float = Field(
+        32, gt=0, le=1024, validation_alias=_env("load_chunk_mb"),
         description="fast backend: size of one sequential read (and of each pinned buffer on GPUs)",
     )  # fmt: skip
     load_prefetch: bool = Field(

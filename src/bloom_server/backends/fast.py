@@ -74,7 +74,7 @@ class FastBackend(Backend):
         t0 = time.perf_counter()
         weights = from_checkpoint(
             self.model_dir.path, shape, tp, dtype=dtype, device=device, progress=self.progress,
-            threads=s.load_threads, chunk_bytes=s.load_chunk_mb << 20,
+            threads=s.load_threads, chunk_bytes=max(4096, int(s.load_chunk_mb * 2**20)),
             throttle=ReadThrottle(s.load_throttle_mbps) if s.load_throttle_mbps else None,
         )  # fmt: skip
         read_s = time.perf_counter() - t0

@@ -48,13 +48,14 @@ def safetensors_header(entries: Sequence[tuple[str, str, tuple[int, ...]]], meta
 
 
 def write_safetensors(path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]],
-                      produce: Callable[[str], Any], metadata: dict[str, str] | None = None) -> str:
+                      produce: Callable[[str], Any], metadata: dict[str, str] | None = None,
+                      hash: bool = True) -> str | None:  # noqa: A002
     """Write a safetensors file whose tensors (name, dtype, shape) come one by one from produce(name) (a torch
-    tensor of that dtype and shape, any device). fsynced. Returns the file's sha256."""
+    tensor of that dtype and shape, any device). fsynced. Returns the file's sha256 (None with hash=False)."""
     import torch
 
     header, total = safetensors_header(entries, metadata)
-    digest = hashlib.sha256(header)
+    digest = hashlib.sha256(header) if hash else None
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(header)
@@ -64,13 +65,14 @@ def write_safetensors(path: Path, entries: Sequence[tuple[str, str, tuple[int, .
                 raise ValueError(f"{name}: produced {list(t.shape)}, expected {list(shape)}")
             data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
             view = memoryview(data).cast("B")
-            digest.update(view)
+            if digest is not None:
+                digest.update(view)
             f.write(view)
         f.flush()
         os.fsync(f.fileno())
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-    return digest.hexdigest()
+    return digest.hexdigest() if digest is not None else None
 
 
 def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Callable[[str], None] = print) -> Path:
@@ -147,7 +149,7 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
         fname = rank_file_name(r, tp)
         meta = {"format": "pt", "bloom_server_preshard": "1", "tp_rank": str(r), "tp_size": str(tp),
                 "vocab_size": str(shape.vocab_size)}  # fmt: skip
-        digests[fname] = write_safetensors(out / fname, entries, produce, meta)
+        digests[fname] = write_safetensors(out / fname, entries, produce, meta) or ""
         log(f"preshard: wrote {fname} ({(out / fname).stat().st_size / 1e9:.2f} GB, {time.monotonic() - t0:.1f} s)")
     for name in SIDE_FILES:
         if (md.path / name).is_file():

@@ -138,7 +138,7 @@ async def latencies(port: int, n: int, req: bytes) -> list[float]:
     return out
 
 
-async def throughput(port: int, conns: int, seconds: float, req: bytes) -> float:
+async def throughput(port: int, conns: int, seconds: float, req: bytes) -> tuple[int, float]:
     stop = time.perf_counter() + seconds
     counts = [0] * conns
 
@@ -151,7 +151,7 @@ async def throughput(port: int, conns: int, seconds: float, req: bytes) -> float
 
     t = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(conns)))
-    return sum(counts) / (time.perf_counter() - t)
+    return sum(counts), time.perf_counter() - t
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -184,8 +184,11 @@ def measure(variant: str, args: argparse.Namespace, server_core: int | None) -> 
         wait_ready(port, proc)
         req = request_for(BODY)
         asyncio.run(latencies(port, max(50, args.requests // 10), req))  # warm-up
+        cpu0 = cpu_seconds(proc.pid)
         lat = sorted(asyncio.run(latencies(port, args.requests, req)))
-        rps = asyncio.run(throughput(port, args.concurrency, args.seconds, req))
+        cpu1 = cpu_seconds(proc.pid)
+        done, wall = asyncio.run(throughput(port, args.concurrency, args.seconds, req))
+        cpu2 = cpu_seconds(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -193,8 +196,29 @@ def measure(variant: str, args: argparse.Namespace, server_core: int | None) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
     q = statistics.quantiles(lat, n=100)
+    cpu_us = None if cpu0 is None or cpu1 is None else 1e6 * (cpu1 - cpu0) / len(lat)
+    # requests per second of the server's own CPU time: what one core would do if the server had it to itself
+    rps_cpu = None if cpu1 is None or cpu2 is None or cpu2 <= cpu1 else done / (cpu2 - cpu1)
     return {"variant": variant, "p50_ms": 1e3 * statistics.median(lat), "p90_ms": 1e3 * q[89],
-            "p99_ms": 1e3 * q[98], "rps": rps, "requests": len(lat)}  # fmt: skip
+            "p99_ms": 1e3 * q[98], "rps": done / wall, "rps_per_cpu_s": rps_cpu, "requests": len(lat),
+            "cpu_us_per_request": cpu_us, "load1": os.getloadavg()[0]}  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc): the server's own work per request, which other load on the
+    machine does not inflate the way it inflates wall-clock latency (10 ms ticks: over 2000 requests, fine)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """median (min-max) of the rounds"""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32, help="connections for the throughput phase")
     p.add_argument("--seconds", type=float, default=5.0, help="length of the throughput phase")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=1, help="repeat every variant, interleaved (bare, app, ..., bare, "
+                   "app, ...), and report the median and the range of the rounds (default 1)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -215,18 +241,36 @@ def main(argv: list[str] | None = None) -> int:
     server_core = cores[0] if len(cores) >= 2 else None
     if len(cores) >= 2:
         os.sched_setaffinity(0, {cores[1]})  # the client on another core than the server
-    results = [measure(v, args, server_core) for v in args.variants.split(",")]
-    bare = next((r for r in results if r["variant"] == "bare"), None)
+    variants = args.variants.split(",")
+    load_start = os.getloadavg()
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append([measure(v, args, server_core) for v in variants])
+    load_end = os.getloadavg()
     print(f"# server overhead: {len(cores) or '?'} cores, server pinned to core {server_core}, client on another; "
           f"{args.requests} requests at concurrency 1, then {args.concurrency} connections for {args.seconds:.0f} s; "
-          f"body {json.dumps(BODY)}")  # fmt: skip
-    print("| server | p50 ms | p90 ms | p99 ms | p50 added vs bare | requests/s (1 core) | vs bare |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        added = f"{r['p50_ms'] - bare['p50_ms']:+.2f} ms" if bare else "-"
-        ratio = f"{r['rps'] / bare['rps']:.2f}" if bare else "-"
-        print(f"| {r['variant']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {added} | "
-              f"{r['rps']:.0f} | {ratio} |")
+          f"body {json.dumps(BODY)}; {args.rounds} round(s), interleaved: median (min-max) of the rounds; "
+          f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end")  # fmt: skip
+    print("| server | p50 ms | p90 ms | p99 ms | p50 added vs bare | server CPU us/request (c=1) | requests/s (1 core) "
+          "| vs bare | requests per server CPU-second | vs bare |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for i, v in enumerate(variants):
+        rs = [rnd[i] for rnd in rounds]
+        bares = [next((r for r in rnd if r["variant"] == "bare"), None) for rnd in rounds]
+        have_bare = all(b is not None for b in bares)
+        # added latency and the requests/s ratio are taken within each round (same load), then summarized
+        added = spread([r["p50_ms"] - b["p50_ms"] for r, b in zip(rs, bares)], "{:+.2f} ms") if have_bare else "-"
+        ratio = spread([r["rps"] / b["rps"] for r, b in zip(rs, bares)], "{:.2f}") if have_bare else "-"
+        cpu = [r["cpu_us_per_request"] for r in rs if r["cpu_us_per_request"] is not None]
+        have_cpu = have_bare and all(r["rps_per_cpu_s"] and b["rps_per_cpu_s"] for r, b in zip(rs, bares))
+        per_cpu = spread([r["rps_per_cpu_s"] for r in rs], "{:.0f}") if all(r["rps_per_cpu_s"] for r in rs) else "-"
+        cpu_ratio = spread([r["rps_per_cpu_s"] / b["rps_per_cpu_s"] for r, b in zip(rs, bares)], "{:.2f}") \
+            if have_cpu else "-"
+        print(f"| {v} | {spread([r['p50_ms'] for r in rs], '{:.2f}')} | {spread([r['p90_ms'] for r in rs], '{:.2f}')} "
+              f"| {spread([r['p99_ms'] for r in rs], '{:.2f}')} | {added} | {spread(cpu, '{:.0f}') if cpu else '-'} "
+              f"| {spread([r['rps'] for r in rs], '{:.0f}')} | {ratio} | {per_cpu} | {cpu_ratio} |")
+    results = {"rounds": rounds, "load_avg_start": load_start, "load_avg_end": load_end, "body": BODY,
+               "requests": args.requests, "concurrency": args.concurrency, "seconds": args.seconds}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -93,6 +93,8 @@ def write_checkpoint(out: Path, shape_name: str, dtype: str, layers: int | None)
 
     entries = [("transformer." + n, st, full[n]) for n in names]
     write_safetensors(out / "model.safetensors", entries, produce, {"format": "pt"}, hash=False)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the server gets the GPU memory this process drew the weights in
     stamp.write_text(json.dumps(meta))
     size = (out / "model.safetensors").stat().st_size
     say(f"wrote {out}: {size / 1e9:.2f} GB random {dtype} weights ({shape.n_layer} layers, hidden "
@@ -266,7 +268,8 @@ def time_server(model_dir: Path, label: str, env_extra: dict[str, str], tp: int,
         cmd = [torchrun, "--nproc_per_node", str(tp), "--master_port", str(_free_port()), "-m", "bloom_server", *serve]
     else:
         cmd = [sys.executable, "-m", "bloom_server", *serve]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT / "src"), **env_extra}
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **env_extra}
     log_path = log_dir / f"server-{label}.log"
     url = f"http://127.0.0.1:{port}"
     out: dict = {"label": label, "log": str(log_path)}

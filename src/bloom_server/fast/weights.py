@@ -327,7 +327,9 @@ def read_safetensors(
     worker = cuda_worker if cuda else cpu_worker
     n = max(1, min(threads, len(chunks)))
     try:
-        if n == 1:
+        if not chunks:
+            pass
+        elif n == 1:
             worker()
         else:
             pool = [threading.Thread(target=guarded, args=(worker,), name=f"bloom-load-{i}", daemon=True)

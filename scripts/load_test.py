@@ -318,6 +318,8 @@ async def run_load(client: Client, specs, args) -> tuple[list[Result], float, in
                 if delay > 0:
                     await asyncio.sleep(delay)
                 if time.perf_counter() >= stop_at:
+                    nonlocal sent
+                    sent -= 1  # drawn but never sent
                     return
                 task = asyncio.ensure_future(client.send(s, t0))
                 task.add_done_callback(lambda t: (tasks.discard(t), t.cancelled() or results.append(t.result())))
@@ -339,7 +341,6 @@ async def run_load(client: Client, specs, args) -> tuple[list[Result], float, in
         done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.perf_counter()))
         if time.perf_counter() >= deadline:
             break
-    cut = 0
     for task in pending:
         task.cancel()
     if pending:

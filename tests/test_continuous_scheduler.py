@@ -199,3 +199,33 @@ def test_nothing_live_means_no_step(tok):
         assert sched.take() is None and sched.idle
 
     asyncio.run(main())
+
+
+def test_mode_follows_the_backend_and_continuous_without_support_is_refused(tok, tiny_model_dir):
+    from pydantic import ValidationError
+
+    from bloom_server.engine.core import Engine
+    from bloom_server.engine.scheduler import Batcher
+    from bloom_server.errors import ConfigError
+    from bloom_server.settings import load_settings
+    from bloom_server.types import ModelInfo
+
+    with pytest.raises(ValidationError, match="continuous"):
+        load_settings(backend="hf", batching="continuous")
+    info = ModelInfo(model_id="m", model_dir=str(tiny_model_dir), backend="fast", dtype="fp32", world_size=1)
+
+    class Plain:  # a runner whose backend cannot join a running batch
+        dead = None
+
+    engine = Engine(load_settings(backend="fast"))
+    engine.attach(FakeRunner(), tok, info)
+    assert engine.batching == "continuous" and isinstance(engine.batcher, ContinuousScheduler)
+    engine = Engine(load_settings(backend="fast", batching="dynamic"))
+    engine.attach(FakeRunner(), tok, info)
+    assert engine.batching == "dynamic" and isinstance(engine.batcher, Batcher)
+    engine = Engine(load_settings(backend="hf"))
+    engine.attach(Plain(), tok, info)
+    assert engine.batching == "dynamic"
+    engine = Engine(load_settings(backend="fast", batching="continuous"))
+    with pytest.raises(ConfigError, match="cannot join"):
+        engine.attach(Plain(), tok, info)

@@ -148,13 +148,28 @@ class ContinuousBatcher:
         e.decode(list(range(n)))  # greedy argmax of every live row now sits in e.tok[:n]
         logits = e.last_logits
         assert logits is not None
+        held: dict[tuple[int, ...], list[int]] = {}  # greedy rows whose EOS is still forbidden, by EOS ids
         for r in self.live:
             if r.finish is not None or r.max_new_tokens == 1:
                 continue
             t = len(r.tokens) or 1  # a row admitted in this step has its first token, not recorded yet
-            if not self._greedy_now(r, t):  # its own rules: penalties, sampling, EOS held back, ...
+            if self._greedy_now(r, t):
+                continue
+            if self._greedy_but_eos(r):  # min_length / min_new_tokens: batched below, a few kernels in all
+                held.setdefault(r.cfg.eos_ids, []).append(r.slot)  # type: ignore[arg-type]
+            else:  # its own rules: penalties, sampling, transformers' processors
                 e.tok[r.slot] = r.sampler(logits[r.slot : r.slot + 1], t)[0]  # type: ignore[index,misc]
+        for eos, slots in held.items():
+            rows = torch.tensor(slots, dtype=torch.long, device=e.device)
+            eos_t = torch.tensor(eos, dtype=torch.long, device=e.device)
+            e.tok[rows] = logits[rows].float().index_fill(1, eos_t, float("-inf")).argmax(-1)
         return e.tok[:n], logits
+
+    @staticmethod
+    def _greedy_but_eos(r: Request) -> bool:
+        """Greedy with nothing but EOS held back (what its Sampler would do: -inf on the EOS ids, then argmax)."""
+        cfg = r.cfg
+        return not cfg.do_sample and cfg.repetition_penalty == 1.0 and not cfg.uses_transformers
 
     def _read(self, new, first, first_logits, decoded, logits, logprobs: bool) -> list[Request]:
         """The step's one host read: first tokens of admitted rows, then the decoded token of every slot."""

@@ -40,7 +40,6 @@ class FastBackend(Backend):
     supports_continuous = True  # cstep(): rows join and leave the running batch at step boundaries
     _batcher: "ContinuousBatcher | None" = None
 
-
     def load(self) -> None:
         """Weights straight from disk into this rank's tensors at the disk's speed (bloom_server.fast.weights
         read_safetensors: large parallel sequential reads, pinned buffers and overlapped device copies on GPUs; a

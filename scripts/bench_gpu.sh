@@ -41,6 +41,28 @@ PY
 START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 
+if [ -n "${BENCH_PROBE:-}" ]; then
+  # The decode-fusion probe (scripts/fuse_probe.py) and the largest-batch search, instead of the backend comparison.
+  if [ -n "${BENCH_QUICK:-}" ]; then P7=(--shape tiny); P176=(--shape tiny --layers 1); PN=6; MB=(--random-weights tiny)
+  else P7=(--shape 7b1); P176=(--shape 176b --layers 8); PN=$NEW; MB=(--random-weights 7b1); fi
+  echo "== P1. decode fusion variants, 7b1 shape, bs 1 and 8 (+ GEMV micro-benchmark, long-prompt check)"
+  timeout $(( $(left) - 150 )) python3 scripts/fuse_probe.py "${P7[@]}" --batch-size 1,8 --new-tokens "$PN" \
+    --cycles "$CYCLES" --variants "${BENCH_VARIANTS:-base,eager,tgemv,tgemv_ln,triton,compile}" --micro \
+    --long ${BENCH_LONG:-1000} --deadline-s $(( $(left) - 175 )) --json "$OUT/probe7b1.json"
+  echo "step P1 rc=$?"
+  echo "== P2. decode fusion variants, 176B layer shape, bs 1"
+  timeout $(( $(left) - 75 )) python3 scripts/fuse_probe.py "${P176[@]}" --batch-size 1 --new-tokens "$PN" \
+    --cycles 2 --variants "${BENCH_VARIANTS176:-base,eager,triton}" --json "$OUT/probe176b.json"
+  echo "step P2 rc=$?"
+  echo "== P3. largest batch of 1024-token rows (1000 prompt + 24 new), fast and transformers"
+  timeout $(( $(left) - 3 )) python3 scripts/benchmark.py --backend fast,hf "${MB[@]}" --max-batch-search 256 \
+    --input-tokens ${BENCH_MB_INPUT:-1000} --new-tokens ${BENCH_MB_NEW:-24} --deadline-s $(( $(left) - 15 )) \
+    --json "$OUT/maxbatch.json"
+  echo "step P3 rc=$?"
+  echo "== done in $(( $(date +%s) - START ))s after the installs; files in $OUT"
+  exit 0
+fi
+
 if [ -n "${BENCH_QUICK:-}" ]; then
   SHAPE7=(--random-weights tiny); SHAPE176=(--random-weights tiny --layers 1); BS="1,2"
 else

@@ -10,6 +10,11 @@ runs (fast and ds_inference split the model over the ranks), rank 0 prints.
 
     bloom-server bench --backend fast,hf --random-weights 7b1 --batch-size 1,8,32 --new-tokens 100
     bloom-server bench --backend hf --model /models/bloom-560m --batch-size 4
+    bloom-server bench --backend fast,hf --random-weights 7b1 --max-batch-search 256 --input-tokens 1000 --new-tokens 24
+
+--max-batch-search N: the largest batch of (--input-tokens + --new-tokens)-token rows each backend runs on this GPU
+(binary search in [1, N]; a try = prefill + every new token, its out-of-memory error caught and its memory freed), with
+the peak memory allocated and reserved of each try. --decode-fusion picks the fast engine's decode fusion (model.py).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Row:
     peak_gb: float | None
     tokens_equal_hf: str = ""
     runs_s: list[float] = field(default_factory=list)
+    peak_reserved_gb: float | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast only: N requests with output lengths drawn from 16..--new-tokens, run as static batches "
                    "of the largest --batch-size (each to its longest row, the original server) and by continuous "
                    "batching over the same slots; tokens/s of each")  # fmt: skip
+    p.add_argument("--decode-fusion", default=None,
+                   help="fast: the decode fusion, a variant of fast/model.py's FUSE_VARIANTS or a comma list of flags "
+                   "(default: BLOOM_FAST_DECODE, else the model's default)")
+    p.add_argument("--max-batch-search", type=int, default=0, metavar="N",
+                   help="instead of timing: the largest batch in [1, N] each backend runs with rows of --input-tokens "
+                   "+ --new-tokens tokens (fast: a cache of that many positions per slot), peak memory of each try")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -249,6 +261,8 @@ class Bench:
                 tp=TPGroup(rank=self.ctx.rank, world=self.ctx.world_size),
                 cuda_graphs=False if self.args.no_graphs else None,
             )
+            if self.args.decode_fusion is not None:
+                b.engine.model.set_fuse(self.args.decode_fusion)
             b._defaults, b._dtype = {}, str(self.dtype).replace("torch.", "")
             return b
         if name == "hf":
@@ -327,7 +341,10 @@ class Bench:
         med_full, med_prefill = statistics.median(full), statistics.median(prefill)
         ms_step = 1e3 * (med_full - med_prefill) / max(1, args.new_tokens - 1)
         floor_ms, kind = self.floor_ms(name, bs, floors)
-        peak = torch.cuda.max_memory_allocated(self.device) / 1e9 if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated(self.device) / 1e9 if cuda else None
+        reserved = torch.cuda.max_memory_reserved(self.device) / 1e9 if cuda else None
+        self.last_tokens = tokens
         equal = ""
         if name == "hf":
             self._hf_outputs[bs] = tokens
@@ -337,7 +354,7 @@ class Bench:
             backend=name, batch_size=bs, new_tokens=args.new_tokens, ms_step=ms_step, ms_token=ms_step / bs,
             tokens_per_s=bs * args.new_tokens / med_full, prefill_ms=1e3 * med_prefill, generate_s=span,
             floor_ms=floor_ms, floor_fraction=floor_ms / ms_step if ms_step > 0 else 0.0, floor_kind=kind,
-            peak_gb=peak, tokens_equal_hf=equal, runs_s=full,
+            peak_gb=peak, tokens_equal_hf=equal, runs_s=full, peak_reserved_gb=reserved,
         )  # fmt: skip
         total_tokens = args.cycles * bs * args.new_tokens
         self.say(f"\n# {name} bs={bs} ({self.model_dir.model_id}, {self.dtype}, {self.ctx.world_size} rank(s))")
@@ -354,7 +371,7 @@ Start to finish: {ready_s + span:.3f} secs
         self.say(
             f"decode: {ms_step:.2f} ms/step, {row.ms_token:.3f} ms/token, {row.tokens_per_s:.0f} tokens/s; "
             f"prefill {row.prefill_ms:.1f} ms; floor {floor_ms:.2f} ms ({kind}) -> {100 * row.floor_fraction:.0f}% "
-            f"of it; peak {'-' if peak is None else f'{peak:.1f} GB'}"
+            f"of it; peak {'-' if peak is None else f'{peak:.1f} GB allocated, {reserved:.1f} GB reserved'}"
             + (f"; greedy tokens vs hf: {equal}" if equal else "")
         )
         return row
@@ -431,6 +448,108 @@ def run_mixed(bench: Bench) -> dict[str, Any]:
     return result
 
 
+@dataclass
+class Try:
+    backend: str
+    batch: int
+    ok: bool
+    seconds: float
+    peak_alloc_gb: float | None
+    peak_reserved_gb: float | None
+    error: str = ""
+
+
+def run_max_batch_search(bench: Bench, names: Sequence[str]) -> dict[str, Any]:
+    """Binary search, per backend, for the largest batch of (input + new)-token rows that runs (prefill + every new
+    token). The fast engine preallocates its K/V cache for input + new positions per slot; transformers grows its own.
+    Each try starts from freed memory (weights only) and its out-of-memory error is caught."""
+    import gc
+
+    from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.sampling import SamplingConfig
+    from bloom_server.fast.tp import TPGroup
+
+    args, torch = bench.args, bench.torch
+    cuda = bench.device.type == "cuda"
+    new, seq = args.new_tokens, args.input_tokens + args.new_tokens
+    tries: list[Try] = []
+
+    def attempt(name: str, b: int) -> bool:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(bench.device)
+        t = time.perf_counter()
+        err, engine = "", None
+        try:
+            prompts = bench.prompts(b)
+            if name == "fast":
+                engine = FastEngine(bench.weights(), bench.shape, max_batch=b, max_seq=seq,
+                                    tp=TPGroup(rank=bench.ctx.rank, world=bench.ctx.world_size))  # fmt: skip
+                if args.decode_fusion is not None:
+                    engine.model.set_fuse(args.decode_fusion)
+                out = engine.generate(prompts, new, SamplingConfig(min_new_tokens=new))
+                assert all(len(r) == new for r in out.tokens)
+            else:
+                model = bench.hf_model()
+                ids = torch.tensor(prompts, device=bench.device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                     min_new_tokens=new, do_sample=False, pad_token_id=3)  # fmt: skip
+                assert out.shape == (b, seq)
+            _sync(torch)
+            ok = True
+        except torch.OutOfMemoryError as exc:
+            ok, err = False, "OOM: " + str(exc).split("\n")[0][:160]
+        finally:
+            engine = out = None  # noqa: F841 - free before the next try
+        peak = torch.cuda.max_memory_allocated(bench.device) / 1e9 if cuda else None
+        reserved = torch.cuda.max_memory_reserved(bench.device) / 1e9 if cuda else None
+        tries.append(Try(name, b, ok, time.perf_counter() - t, peak, reserved, err))
+        bench.say(f"#   {name} batch {b}: {'ok' if ok else err} in {tries[-1].seconds:.1f} s; peak "
+                  + ("-" if peak is None else f"{peak:.1f} GB allocated, {reserved:.1f} GB reserved"))  # fmt: skip
+        return ok
+
+    best: dict[str, int] = {}
+    for name in sorted(names, key=lambda n: n != "fast"):  # fast first: its result seeds transformers' first try
+        if name not in ("fast", "hf"):
+            bench.say(f"# {name}: no batch search (fast and hf only)")
+            continue
+        lo, hi = 0, args.max_batch_search + 1  # lo runs (0: nothing yet), hi does not
+        guess = None
+        if name == "fast" and cuda:
+            # The cache is the bulk: try the batch whose K/V fill what is free, less 2 GB of workspace, first.
+            free = torch.cuda.mem_get_info(bench.device)[0]
+            row = 2 * bench.shape.n_layer * bench.shape.hidden_size * seq * bench.dtype.itemsize // bench.ctx.world_size
+            guess = max(1, min(args.max_batch_search, int((free - (2 << 30)) // row)))
+        elif name == "hf" and best.get("fast"):
+            guess = max(1, best["fast"] // 2)
+        while hi - lo > 1:
+            if bench.past_deadline():
+                bench.say(f"# {name}: search stopped past --deadline-s {args.deadline_s:.0f}: largest seen {lo}")
+                break
+            mid = guess if guess is not None and lo < guess < hi else (lo + hi) // 2
+            guess = None
+            if attempt(name, mid):
+                lo = mid
+            else:
+                hi = mid
+        best[name] = lo
+    rows_of = {n: [t for t in tries if t.backend == n and t.ok and t.batch == best[n]] for n in best}
+    lines = [f"\n# largest batch of {seq}-token rows ({args.input_tokens} prompt + {new} new), one "
+             f"{torch.cuda.get_device_name(bench.device) if cuda else 'cpu'}, {bench.model_dir.model_id}, "
+             f"{bench.dtype}; search bound {args.max_batch_search}",
+             "| backend | largest batch | peak GB allocated | peak GB reserved | tries (batch: ok / OOM) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for n, b in best.items():
+        t = rows_of[n][-1] if rows_of[n] else None
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        seen = ", ".join(f"{x.batch}: {'ok' if x.ok else 'OOM'}" for x in tries if x.backend == n)
+        lines.append(f"| {n} | {b} | {fmt(t.peak_alloc_gb if t else None)} | {fmt(t.peak_reserved_gb if t else None)} "
+                     f"| {seen} |")  # fmt: skip
+    bench.say("\n".join(lines))
+    return {"sequence": seq, "input": args.input_tokens, "new": new, "largest": best, "tries": [asdict(t) for t in tries]}
+
+
 def _compare(ours: list[list[int]], ref: list[list[int]]) -> str:
     same = sum(a == b for a, b in zip(ours, ref))
     if same == len(ref):
@@ -440,10 +559,13 @@ def _compare(ours: list[list[int]], ref: list[list[int]]) -> str:
 
 
 def table(rows: Sequence[Row]) -> str:
-    head = "| backend | bs | ms/step | ms/token | tokens/s | prefill ms | floor ms | % of floor | peak GB | greedy vs hf |"
+    head = (
+        "| backend | bs | ms/step | ms/token | tokens/s | prefill ms | floor ms | % of floor | peak GB (alloc/reserved) "
+        "| greedy vs hf |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
-        peak = f"{r.peak_gb:.1f}" if r.peak_gb is not None else "-"
+        peak = f"{r.peak_gb:.1f} / {r.peak_reserved_gb or 0:.1f}" if r.peak_gb is not None else "-"
         lines.append(
             f"| {r.backend} | {r.batch_size} | {r.ms_step:.2f} | {r.ms_token:.3f} | {r.tokens_per_s:.0f} | "
             f"{r.prefill_ms:.1f} | {r.floor_ms:.2f} ({r.floor_kind}) | {100 * r.floor_fraction:.0f}% | {peak} | "
@@ -469,6 +591,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = Bench(args)
     torch = bench.torch
     torch.manual_seed(0)
+    if args.max_batch_search:
+        with torch.inference_mode():
+            result = run_max_batch_search(bench, names)
+        if args.json and bench.leader:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     if args.mixed:
         with torch.inference_mode():
             result = run_mixed(bench)

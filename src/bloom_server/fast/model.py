@@ -11,11 +11,24 @@ Numerics follow transformers' BLOOM where it matters for equal greedy tokens: sc
 baddbmm(bias, q, k^T, alpha=1/sqrt(D)) in the model dtype, softmax accumulated in fp32 and rounded to the model dtype
 before the product with V, and the bias in the model dtype. Masked keys carry -inf in the bias (probability exactly 0, as
 transformers' fill with the dtype's minimum gives). GELU is the tanh form as one kernel.
+
+Decode fusion (`fuse`, a set of flags; the named variants in FUSE_VARIANTS, chosen by BLOOM_FAST_DECODE or the
+engine's model.set_fuse): the small-batch decode step can run its layer as fewer kernels. Prefill is unchanged.
+  addmm_gelu  fc1 as torch._addmm_activation(bias, x, w^T, use_gelu=True) (cuBLASLt's tanh-GELU epilogue where cuBLAS
+              takes it: more than one row)
+  fold_res    dense and fc2 add into (residual + bias) in place: one kernel fewer each (one rounding differs)
+  tgemv       Triton GEMVs (fast/triton_kernels.py) with the bias, GELU and residual in their epilogues
+  tln         ... and the layer norms in their prologues
+  tattn       one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context
+  compile     torch.compile (inductor) of the eager layer
+The Triton flags apply to prefix decode of at most triton_kernels.MAX_ROWS rows in fp16/bf16 on a GPU (the
+row-parallel epilogues on one rank only); anything else takes the eager path.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +36,29 @@ import torch.nn.functional as F
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup
 from bloom_server.fast.weights import BloomWeights, LayerWeights
+
+FUSE_FLAGS = ("addmm_gelu", "fold_res", "tgemv", "tln", "tattn", "compile")
+FUSE_VARIANTS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    "eager": ("addmm_gelu", "fold_res"),
+    "tgemv": ("tgemv",),
+    "tgemv_ln": ("tgemv", "tln"),
+    "triton": ("tgemv", "tln", "tattn"),
+    "compile": ("compile",),
+}
+DEFAULT_FUSE = "base"
+
+
+def parse_fuse(spec: str | None) -> frozenset[str]:
+    """A variant name (FUSE_VARIANTS) or a comma list of flags (FUSE_FLAGS)."""
+    spec = (spec if spec is not None else os.environ.get("BLOOM_FAST_DECODE", DEFAULT_FUSE)).strip()
+    if spec in FUSE_VARIANTS:
+        return frozenset(FUSE_VARIANTS[spec])
+    flags = frozenset(f.strip() for f in spec.split(",") if f.strip())
+    unknown = flags - set(FUSE_FLAGS)
+    if unknown:
+        raise ValueError(f"unknown decode fusion {sorted(unknown)}: variants {list(FUSE_VARIANTS)}, flags {FUSE_FLAGS}")
+    return flags
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -59,6 +95,22 @@ class BloomRankModel:
         # [hp] slopes of this rank's heads (heads are split contiguously: rank r holds [r*hp, (r+1)*hp)).
         self.slopes = alibi_slopes(shape.n_head)[r * self.hp : (r + 1) * self.hp].to(self.device)
         self.heads = torch.arange(self.hp, device=self.device)
+        self.set_fuse(None)
+
+    def set_fuse(self, spec: str | None) -> None:
+        """Choose the decode fusion (see the module doc); None: BLOOM_FAST_DECODE, else DEFAULT_FUSE. An engine's
+        captured graphs keep the fusion they were captured with."""
+        from bloom_server.fast import triton_kernels as tk
+
+        self.fuse = parse_fuse(spec)
+        self._tk = tk
+        half = self.dtype in (torch.float16, torch.bfloat16) or tk.INTERPRET
+        self._triton = bool(self.fuse & {"tgemv", "tattn"}) and tk.available(self.device) and half
+        self._compiled = None
+        if "compile" in self.fuse:
+            if self.tp.world != 1:
+                raise ValueError("the compile fusion is for one rank")
+            self._compiled = torch.compile(_layer_math, dynamic=False)
 
     # ---- pieces shared by prefill and decode ----
 
@@ -95,6 +147,10 @@ class BloomRankModel:
         residual = ln if self.shape.apply_residual_connection_post_layernorm else x
         mid = F.gelu(F.linear(ln, lw.fc1_w, lw.fc1_b), approximate="tanh")  # [..., 4h / world]
         return self._row_parallel(mid, lw.fc2_w, lw.fc2_b) + residual
+
+    def _add_into(self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
+        """residual + (x @ weight^T + bias) as (residual + bias) += x @ weight^T: two kernels, not three."""
+        return torch.addmm(residual + bias, x, weight.t())
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q [N, Lq, D], k [N, Lk, D] (any strides with D contiguous), v [N, Lk, D], bias [N, Lq, Lk] -> [N, Lq, D]."""
@@ -172,9 +228,67 @@ class BloomRankModel:
         each row's new K/V go; keys [0, S) are read, S > max(pos)."""
         lw = self.w.layers[li]
         B = x.shape[0]
-        ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
-        residual = ln if self.shape.apply_residual_connection_post_layernorm else x
-        qkv = F.linear(ln, lw.qkv_w, lw.qkv_b).view(B, self.hp, 3, self.D)
+        f = self.fuse
+        post = self.shape.apply_residual_connection_post_layernorm
+        if self._compiled is not None and prefix and not post:
+            return self._compiled(
+                x, bias, k_cache, v_cache, pos, lw.ln1_w, lw.ln1_b, lw.qkv_w, lw.qkv_b, lw.dense_w, lw.dense_b,
+                lw.ln2_w, lw.ln2_b, lw.fc1_w, lw.fc1_b, lw.fc2_w, lw.fc2_b, self.hp, self.D, S, self.eps, self.inv_norm,
+            )  # fmt: skip
+        tk = self._tk
+        tri = self._triton and prefix and B <= tk.MAX_ROWS and not post
+        one = self.tp.world == 1
+        if tri and "tln" in f:
+            qkv = tk.gemv(x, lw.qkv_w, lw.qkv_b, ln=(lw.ln1_w, lw.ln1_b, self.eps))
+            residual = x
+        else:
+            ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
+            residual = ln if post else x
+            qkv = tk.gemv(ln, lw.qkv_w, lw.qkv_b) if tri and "tgemv" in f else F.linear(ln, lw.qkv_w, lw.qkv_b)
+        if tri and "tattn" in f:
+            ctx = tk.decode_attention(qkv, k_cache, v_cache, pos, self.slopes, S, self.inv_norm, self.hp, self.D)
+        else:
+            ctx = self._decode_attend(qkv, k_cache, v_cache, rows, pos, S, prefix, bias)
+        # Attention output projection, + residual.
+        if tri and "tgemv" in f and one:
+            x = tk.gemv(ctx, lw.dense_w, lw.dense_b, epilogue="residual", residual=residual)
+        elif "fold_res" in f and one:
+            x = self._add_into(residual, ctx, lw.dense_w, lw.dense_b)
+        else:
+            x = self._row_parallel(ctx, lw.dense_w, lw.dense_b) + residual
+        # MLP.
+        if tri and "tln" in f:
+            mid = tk.gemv(x, lw.fc1_w, lw.fc1_b, ln=(lw.ln2_w, lw.ln2_b, self.eps), epilogue="gelu")
+            residual = x
+        else:
+            ln = F.layer_norm(x, (self.h,), lw.ln2_w, lw.ln2_b, self.eps)
+            residual = ln if post else x
+            if tri and "tgemv" in f:
+                mid = tk.gemv(ln, lw.fc1_w, lw.fc1_b, epilogue="gelu")
+            elif "addmm_gelu" in f:
+                mid = torch._addmm_activation(lw.fc1_b, ln, lw.fc1_w.t(), use_gelu=True)
+            else:
+                mid = F.gelu(F.linear(ln, lw.fc1_w, lw.fc1_b), approximate="tanh")
+        if tri and "tgemv" in f and one:
+            return tk.gemv(mid, lw.fc2_w, lw.fc2_b, epilogue="residual", residual=residual)
+        if "fold_res" in f and one:
+            return self._add_into(residual, mid, lw.fc2_w, lw.fc2_b)
+        return self._row_parallel(mid, lw.fc2_w, lw.fc2_b) + residual
+
+    def _decode_attend(
+        self,
+        qkv: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        rows: torch.Tensor,
+        pos: torch.Tensor,
+        S: int,
+        prefix: bool,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """qkv [B, hp*3*D] -> ctx [B, hp*D]: writes the rows' K/V into the cache, attends over keys [0, S)."""
+        B = qkv.shape[0]
+        qkv = qkv.view(B, self.hp, 3, self.D)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, hp, D] views
         if prefix:
             # Row b's K/V go to [b, :, pos[b]]: a scatter along the position dim of the cache's first B rows (a plain
@@ -190,8 +304,7 @@ class BloomRankModel:
             keys, values = k_cache[:, :, :S].index_select(0, rows), v_cache[:, :, :S].index_select(0, rows)
         N = B * self.hp
         ctx = self._attend(q.reshape(N, 1, self.D), keys.reshape(N, S, self.D), values.reshape(N, S, self.D), bias)
-        x = self._row_parallel(ctx.view(B, self.hp * self.D), lw.dense_w, lw.dense_b) + residual
-        return self._mlp(lw, x)
+        return ctx.view(B, self.hp * self.D)
 
     # ---- no cache: every position's logits (forward / NLL) ----
 
@@ -203,3 +316,26 @@ class BloomRankModel:
         for li in range(self.shape.n_layer):
             x = self.prefill_layer(li, x, bias, None, None, None)
         return x
+
+
+def _layer_math(
+    x, bias, kc, vc, pos, ln1_w, ln1_b, qkv_w, qkv_b, dense_w, dense_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b,
+    hp: int, D: int, S: int, eps: float, inv_norm: float,
+):  # fmt: skip
+    """decode_layer's eager math for one rank, prefix rows, as a function of tensors (what the compile fusion compiles
+    once for every layer)."""
+    B, h = x.shape
+    ln = F.layer_norm(x, (h,), ln1_w, ln1_b, eps)
+    qkv = F.linear(ln, qkv_w, qkv_b).view(B, hp, 3, D)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    at = pos.view(B, 1, 1, 1).expand(B, hp, 1, D)
+    kc[:B].scatter_(2, at, k.unsqueeze(2))
+    vc[:B].scatter_(2, at, v.unsqueeze(2))
+    N = B * hp
+    keys, values = kc[:B, :, :S].reshape(N, S, D), vc[:B, :, :S].reshape(N, S, D)
+    scores = torch.baddbmm(bias, q.reshape(N, 1, D), keys.transpose(1, 2), alpha=inv_norm)
+    ctx = torch.bmm(torch.softmax(scores, dim=-1), values).view(B, hp * D)
+    x = F.linear(ctx, dense_w, dense_b) + x
+    ln = F.layer_norm(x, (h,), ln2_w, ln2_b, eps)
+    mid = F.gelu(F.linear(ln, fc1_w, fc1_b), approximate="tanh")
+    return F.linear(mid, fc2_w, fc2_b) + x

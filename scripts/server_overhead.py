@@ -6,13 +6,18 @@ Each server runs in its own process pinned to one core (uvicorn, the same settin
 a keep-alive HTTP/1.1 client on asyncio, runs on another core. Reported per server:
   - latency at concurrency 1 (one connection, requests back to back): p50 / p90 / p99, and the p50 added over the
     bare route;
-  - requests/s at --concurrency connections for --seconds.
-Variants: `bare` (FastAPI, parse the body, answer), `app` (the real app: validation, tokenizer, batcher, lockstep
-runner interface, response; the runner answers at once), `app-nowait` (the same with --batch-wait-ms 0, which
-separates the batcher's gathering wait from the rest of the path).
+  - requests/s at --concurrency connections for --seconds;
+  - the server's own CPU time per request at concurrency 1, and requests per second of server CPU time in the
+    throughput phase (read from /proc): on a machine others load too, these hold where wall-clock figures swing.
+Variants: `bare` (FastAPI, parse the body, answer), `app` (the real app with the server's default settings:
+validation, tokenizer, batcher, lockstep runner interface, response; the runner answers at once; since 2b12106 an idle
+engine starts a call at once, --batch-wait-ms 0), `app-wait5` (the same with --batch-wait-ms 5, the former default,
+which shows what the gathering wait costs). `--rounds N` runs every variant N times, interleaved, and reports the
+median and the range of the rounds (the added latency and the ratios are taken within each round).
 
     python scripts/server_overhead.py                         # defaults: 2000 requests, 32 connections, 5 s
     python scripts/server_overhead.py --requests 300 --seconds 2 --json out.json
+    python scripts/server_overhead.py --rounds 3 --variants bare,app    # what docs/benchmarks.md reports
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ sys.path.insert(0, str(REPO / "src"))
 from _loadgen import exchange_content_length, request_bytes  # noqa: E402 - scripts/ is on the path (this script's own directory)
 
 BODY = {"text": ["Hello world, this is a short prompt"], "max_new_tokens": 8}
-VARIANTS = ("bare", "app", "app-nowait")
+VARIANTS = ("bare", "app", "app-wait5")
 
 
 # ---- the servers (child processes) ----
@@ -81,7 +86,7 @@ class InstantRunner:
         return fut
 
 
-def real_app(batch_wait_ms: float) -> Any:
+def real_app(batch_wait_ms: float | None) -> Any:
     from bloom_server.api.app import create_app
     from bloom_server.engine.core import Engine
     from bloom_server.engine.tokenizer import TextTokenizer
@@ -90,7 +95,8 @@ def real_app(batch_wait_ms: float) -> Any:
     from bloom_server.types import ModelInfo
 
     model = ensure_tiny_model()
-    settings = load_settings(model=str(model), batch_wait_ms=batch_wait_ms, log_level="warning")
+    overrides = {} if batch_wait_ms is None else {"batch_wait_ms": batch_wait_ms}
+    settings = load_settings(model=str(model), log_level="warning", **overrides)
     engine = Engine(settings)
 
     def boot() -> None:
@@ -109,7 +115,7 @@ def serve(variant: str, port: int, core: int | None) -> None:
 
     if core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})
-    app = bare_app() if variant == "bare" else real_app(0.0 if variant == "app-nowait" else 5.0)
+    app = bare_app() if variant == "bare" else real_app(5.0 if variant == "app-wait5" else None)
     # The same server settings for both; access log off (a log line per request would be measured too).
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 

@@ -160,6 +160,23 @@ async def throughput(port: int, conns: int, seconds: float, req: bytes) -> tuple
     return sum(counts), time.perf_counter() - t
 
 
+def run_client(coro: Any) -> Any:
+    """The client on uvloop when it is installed (it is with uvicorn[standard]): the bare route answers more requests
+    than a plain asyncio client on one core can send, and the ratio would then measure the client."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def client_loop() -> str:
+    import importlib.util
+
+    return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+
+
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -189,11 +206,13 @@ def measure(variant: str, args: argparse.Namespace, server_core: int | None) -> 
     try:
         wait_ready(port, proc)
         req = request_for(BODY)
-        asyncio.run(latencies(port, max(50, args.requests // 10), req))  # warm-up
+        run_client(latencies(port, max(50, args.requests // 10), req))  # warm-up
         cpu0 = cpu_seconds(proc.pid)
-        lat = sorted(asyncio.run(latencies(port, args.requests, req)))
+        lat = sorted(run_client(latencies(port, args.requests, req)))
         cpu1 = cpu_seconds(proc.pid)
-        done, wall = asyncio.run(throughput(port, args.concurrency, args.seconds, req))
+        client0 = time.process_time()
+        done, wall = run_client(throughput(port, args.concurrency, args.seconds, req))
+        client_cpu = (time.process_time() - client0) / wall
         cpu2 = cpu_seconds(proc.pid)
     finally:
         proc.terminate()
@@ -207,7 +226,8 @@ def measure(variant: str, args: argparse.Namespace, server_core: int | None) -> 
     rps_cpu = None if cpu1 is None or cpu2 is None or cpu2 <= cpu1 else done / (cpu2 - cpu1)
     return {"variant": variant, "p50_ms": 1e3 * statistics.median(lat), "p90_ms": 1e3 * q[89],
             "p99_ms": 1e3 * q[98], "rps": done / wall, "rps_per_cpu_s": rps_cpu, "requests": len(lat),
-            "cpu_us_per_request": cpu_us, "load1": os.getloadavg()[0]}  # fmt: skip
+            "cpu_us_per_request": cpu_us, "server_cpu_fraction": None if rps_cpu is None else done / wall / rps_cpu,
+            "client_cpu_fraction": client_cpu, "load1": os.getloadavg()[0]}  # fmt: skip
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -255,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     load_end = os.getloadavg()
     print(f"# server overhead: {len(cores) or '?'} cores, server pinned to core {server_core}, client on another; "
           f"{args.requests} requests at concurrency 1, then {args.concurrency} connections for {args.seconds:.0f} s; "
-          f"body {json.dumps(BODY)}; {args.rounds} round(s), interleaved: median (min-max) of the rounds; "
+          f"body {json.dumps(BODY)}; client loop {client_loop()}; {args.rounds} round(s), interleaved: median (min-max) of the rounds; "
           f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end")  # fmt: skip
     print("| server | p50 ms | p90 ms | p99 ms | p50 added vs bare | server CPU us/request (c=1) | requests/s (1 core) "
           "| vs bare | requests per server CPU-second | vs bare |")
@@ -275,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {v} | {spread([r['p50_ms'] for r in rs], '{:.2f}')} | {spread([r['p90_ms'] for r in rs], '{:.2f}')} "
               f"| {spread([r['p99_ms'] for r in rs], '{:.2f}')} | {added} | {spread(cpu, '{:.0f}') if cpu else '-'} "
               f"| {spread([r['rps'] for r in rs], '{:.0f}')} | {ratio} | {per_cpu} | {cpu_ratio} |")
+    for v in variants:
+        rs = [r for rnd in rounds for r in rnd if r["variant"] == v]
+        srv = [r["server_cpu_fraction"] for r in rs if r["server_cpu_fraction"] is not None]
+        print(f"# {v}, throughput phase: the server used {spread([100 * x for x in srv], '{:.0f}') if srv else '-'}% of "
+              f"its core, the client {spread([100 * r['client_cpu_fraction'] for r in rs], '{:.0f}')}% of its own")
     results = {"rounds": rounds, "load_avg_start": load_start, "load_avg_end": load_end, "body": BODY,
                "requests": args.requests, "concurrency": args.concurrency, "seconds": args.seconds}
     if args.json:

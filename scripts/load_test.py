@@ -592,8 +592,9 @@ def run(url: str, args, argv: list[str]) -> int:
     summary["connections_opened"] = client.conns_opened
 
     print(table(summary, info, args, load))
-    print(f"{NAME}: {summary['requests']} requests: {summary['ok']} ok, {summary['errors']} errors "
-          f"{summary['errors_by_kind'] or ''}, {summary['cut']} cut at the end; statuses {summary['statuses']}; "
+    kinds = f" {summary['errors_by_kind']}" if summary["errors_by_kind"] else ""
+    print(f"{NAME}: {summary['requests']} requests: {summary['ok']} ok, {summary['errors']} errors{kinds}, "
+          f"{summary['cut']} cut at the end; statuses {summary['statuses']}; "
           f"{summary['generated_tokens']} tokens generated in {wall:.1f} s; short {summary['short']}; "
           f"client CPU {100 * (summary['client_cpu_fraction'] or 0):.0f}% of one core, "
           f"{client.conns_opened} connections; load average {os.getloadavg()[0]:.2f}", flush=True)

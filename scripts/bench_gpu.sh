@@ -50,10 +50,17 @@ if [ -n "${BENCH_PROBE:-}" ]; then
     --cycles "$CYCLES" --variants "${BENCH_VARIANTS:-base,eager,tgemv,tgemv_ln,triton,compile}" --micro \
     --long ${BENCH_LONG:-1000} --deadline-s $(( $(left) - 175 )) --json "$OUT/probe7b1.json"
   echo "step P1 rc=$?"
+  if [ -n "${BENCH_CONFIRM:-}" ]; then
+    echo "== P1b. the default decode fusion through the server's path: hf,fast on the 7b1 shape, greedy tokens vs transformers"
+    timeout $(( $(left) - 120 )) python3 scripts/benchmark.py --backend hf,fast --check-tokens "${MB[@]}" \
+      --batch-size "${BENCH_CONFIRM_BS:-1,8,32}" --new-tokens "$PN" --cycles "$CYCLES" --json "$OUT/confirm7b1.json"
+    echo "step P1b rc=$?"
+  fi
   echo "== P2. decode fusion variants, 176B layer shape, bs 1"
   timeout $(( $(left) - 75 )) python3 scripts/fuse_probe.py "${P176[@]}" --batch-size 1 --new-tokens "$PN" \
     --cycles 2 --variants "${BENCH_VARIANTS176:-base,eager,triton}" --json "$OUT/probe176b.json"
   echo "step P2 rc=$?"
+  [ -n "${BENCH_NO_MB:-}" ] && { echo "== done in $(( $(date +%s) - START ))s after the installs"; exit 0; }
   echo "== P3. largest batch of 1024-token rows (1000 prompt + 24 new), fast and transformers"
   timeout $(( $(left) - 3 )) python3 scripts/benchmark.py --backend fast,hf "${MB[@]}" --max-batch-search 256 \
     --input-tokens ${BENCH_MB_INPUT:-1000} --new-tokens ${BENCH_MB_NEW:-24} --deadline-s $(( $(left) - 15 )) \

@@ -41,7 +41,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="no transformers reference")
     p.add_argument("--micro", action="store_true")
     p.add_argument("--long", type=int, default=0, metavar="N")
-    p.add_argument("--long-variants", default="base,triton")
+    p.add_argument("--long-variants", default="base,triton_head")
     p.add_argument("--deadline-s", type=float, default=None)
     p.add_argument("--json")
     return p.parse_args()
@@ -105,19 +105,27 @@ def micro(bench, torch) -> list[dict]:
                 if fn is None:
                     continue
                 try:
-                    for i in range(copies):
+                    for i in range(copies):  # warm-up (Triton autotuning) outside the capture
                         fn(ws[i], i)
                     torch.cuda.synchronize()
+                    # Timed as a CUDA graph replay, as the engine runs them: no launch overhead from Python (a
+                    # Triton launch from Python costs more than the kernel itself).
                     reps = 3 * copies
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        for r in range(reps):
+                            fn(ws[r % copies], r % copies)
+                    graph.replay()
+                    torch.cuda.synchronize()
                     times = []
                     for _ in range(5):
                         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                         e0.record()
-                        for r in range(reps):
-                            fn(ws[r % copies], r % copies)
+                        graph.replay()
                         e1.record()
                         torch.cuda.synchronize()
                         times.append(e0.elapsed_time(e1) / reps)
+                    del graph
                     us = 1e3 * statistics.median(times)
                     gbs = nbytes / (us * 1e-6) / 1e9
                     out.append({"gemm": name, "N": N, "K": K, "M": M, "method": mname, "us": us, "GBps": gbs})
@@ -126,6 +134,11 @@ def micro(bench, torch) -> list[dict]:
                     print(f"micro {name} M={M} {mname}: FAILED {type(exc).__name__}: {exc}", flush=True)
         del ws, wts
         torch.cuda.empty_cache()
+    try:  # the configs Triton's autotuner picked, per (N, K, rows) key
+        for key, cfg in tk._gemv_kernel.cache.items():
+            print(f"micro autotune {key[:3]} -> {cfg}", flush=True)
+    except Exception:  # noqa: BLE001
+        pass
     return out
 
 

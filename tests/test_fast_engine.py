@@ -284,3 +284,84 @@ def test_min_length_suppresses_eos_inside_the_captured_step(pair):
                    {eos})  # fmt: skip
     assert ours == ref
     assert eos not in ours.token_ids[0][:12]
+
+
+# ---- decode fusion (fast/model.py's FUSE_VARIANTS): the fused paths against the unfused math ----
+
+
+def test_addmm_gelu_on_cpu_is_the_erf_form_so_the_fusion_keeps_it_off_the_cpu():
+    """torch._addmm_activation(use_gelu=True) is cuBLASLt's tanh-GELU epilogue on CUDA but the erf GELU on CPU, so the
+    addmm_gelu flag applies on CUDA only (BLOOM's GELU is the tanh form)."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 64, generator=g), torch.randn(256, 64, generator=g), torch.randn(256, generator=g)
+    fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    assert torch.equal(fused, torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)))
+
+
+def test_eager_fusion_gives_the_same_greedy_tokens_and_logits(pair):
+    engine, hf = pair
+    base = engine.generate(PROMPTS, 8)
+    base_logits = engine.last_logits.clone()
+    engine.model.set_fuse("eager")
+    try:
+        fused = engine.generate(PROMPTS, 8)
+        # (residual + bias) + product, not (product + bias) + residual: fp32 ulps, grown through the layers.
+        torch.testing.assert_close(engine.last_logits, base_logits, rtol=1e-4, atol=1e-4 * float(base_logits.abs().max()))
+    finally:
+        engine.model.set_fuse(None)
+    assert fused.tokens == base.tokens == hf_generate(hf, PROMPTS, 8)
+
+
+def test_fusion_names_parse_and_unknown_ones_are_refused():
+    from bloom_server.fast.model import FUSE_VARIANTS, parse_fuse
+
+    assert parse_fuse("base") == frozenset()
+    assert parse_fuse("triton_head") == frozenset(FUSE_VARIANTS["triton_head"])
+    assert parse_fuse("tgemv, tattn") == frozenset({"tgemv", "tattn"})
+    with pytest.raises(ValueError):
+        parse_fuse("tgemv,nonsense")
+
+
+TRITON_CHECK = r"""
+import torch, torch.nn.functional as F
+from bloom_server.fast import triton_kernels as tk
+from bloom_server.fast.engine import FastEngine
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.weights import random_weights
+g = torch.Generator().manual_seed(0)
+h = lambda *s: torch.randn(*s, generator=g).half()
+for M in (1, 3):
+    x, w, b, r, lw, lb = h(M, 96), h(80, 96) * 0.1, h(80), h(M, 80), 1 + 0.1 * h(96), 0.1 * h(96)
+    lin = F.linear(x, w, b)
+    assert torch.equal(tk.gemv(x, w, b), lin)
+    assert torch.equal(tk.gemv(x, w, b, epilogue="gelu"), F.gelu(lin, approximate="tanh"))
+    assert torch.equal(tk.gemv(x, w, b, epilogue="residual", residual=r), lin + r)
+    assert torch.equal(tk.gemv(x, w, b, ln=(lw, lb, 1e-5)), F.linear(F.layer_norm(x, (96,), lw, lb, 1e-5), w, b))
+shape = BloomShape(vocab_size=301, hidden_size=64, n_layer=1, n_head=4)
+wts = random_weights(shape, None, dtype=torch.float16, device=torch.device("cpu"), seed=0)
+prompts = [[5, 17, 99, 4, 30], [42, 7]]
+out = {}
+for v in ("base", "triton_head", "triton_ln"):
+    e = FastEngine(wts, shape, max_batch=2, max_seq=16)
+    e.model.set_fuse(v)
+    assert e.model._triton == (v != "base")
+    out[v] = (e.generate(prompts, 3).tokens, e.last_logits.float(), e.k_cache.clone(), e.v_cache.clone())
+for v in ("triton_head", "triton_ln"):
+    assert out[v][0] == out["base"][0], v
+    assert (out[v][1] - out["base"][1]).abs().max() <= 1e-2, v
+    assert torch.equal(out[v][2], out["base"][2]) and torch.equal(out[v][3], out["base"][3]), v
+print("ok")
+"""
+
+
+def test_triton_kernels_equal_the_eager_math_in_the_interpreter():
+    """The Triton paths (fp16) against the eager ops on CPU, under TRITON_INTERPRET=1 (where triton is installed):
+    each GEMV epilogue bit for bit, and a whole engine's tokens, logits and K/V cache."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

@@ -15,11 +15,13 @@ transformers' fill with the dtype's minimum gives). GELU is the tanh form as one
 Decode fusion (`fuse`, a set of flags; the named variants in FUSE_VARIANTS, chosen by BLOOM_FAST_DECODE or the
 engine's model.set_fuse): the small-batch decode step can run its layer as fewer kernels. Prefill is unchanged.
   addmm_gelu  fc1 as torch._addmm_activation(bias, x, w^T, use_gelu=True) (cuBLASLt's tanh-GELU epilogue where cuBLAS
-              takes it: more than one row)
+              takes it: more than one row); CUDA only: on CPU that op's GELU is the erf form, not BLOOM's
   fold_res    dense and fc2 add into (residual + bias) in place: one kernel fewer each (one rounding differs)
   tgemv       Triton GEMVs (fast/triton_kernels.py) with the bias, GELU and residual in their epilogues
   tln         ... and the layer norms in their prologues
-  tattn       one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context
+  tattn       one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context (up to ATTN_MAX_KEYS keys:
+              it runs one program per (row, head), so long key ranges go back to the eager chain)
+  thead       the tied head (logits) as a Triton GEMV, for at most MAX_ROWS rows (prefill's last tokens too)
   compile     torch.compile (inductor) of the eager layer
 The Triton flags apply to prefix decode of at most triton_kernels.MAX_ROWS rows in fp16/bf16 on a GPU (the
 row-parallel epilogues on one rank only); anything else takes the eager path.
@@ -37,16 +39,21 @@ from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup
 from bloom_server.fast.weights import BloomWeights, LayerWeights
 
-FUSE_FLAGS = ("addmm_gelu", "fold_res", "tgemv", "tln", "tattn", "compile")
+FUSE_FLAGS = ("addmm_gelu", "fold_res", "tgemv", "tln", "tattn", "thead", "compile")
 FUSE_VARIANTS: dict[str, tuple[str, ...]] = {
     "base": (),
     "eager": ("addmm_gelu", "fold_res"),
     "tgemv": ("tgemv",),
     "tgemv_ln": ("tgemv", "tln"),
-    "triton": ("tgemv", "tln", "tattn"),
+    "triton_ln": ("tgemv", "tln", "tattn"),
+    "triton": ("tgemv", "tattn"),
+    "triton_head": ("tgemv", "tattn", "thead"),
     "compile": ("compile",),
 }
-DEFAULT_FUSE = "base"
+# Measured on an H100 (docs/benchmarks.md, "bs 1: decode fusion"): the Triton GEMVs + fused attention + head.
+DEFAULT_FUSE = "triton_head"
+# Keys up to which the fused decode attention runs (past it, one program per (row, head) is slower than the eager chain).
+ATTN_MAX_KEYS = 256
 
 
 def parse_fuse(spec: str | None) -> frozenset[str]:
@@ -105,7 +112,8 @@ class BloomRankModel:
         self.fuse = parse_fuse(spec)
         self._tk = tk
         half = self.dtype in (torch.float16, torch.bfloat16) or tk.INTERPRET
-        self._triton = bool(self.fuse & {"tgemv", "tattn"}) and tk.available(self.device) and half
+        self._triton = bool(self.fuse & {"tgemv", "tattn", "thead"}) and tk.available(self.device) and half
+        self._zero_vocab = torch.zeros(self.w.emb.shape[0], dtype=self.dtype, device=self.device) if self._triton else None
         self._compiled = None
         if "compile" in self.fuse:
             if self.tp.world != 1:
@@ -130,7 +138,10 @@ class BloomRankModel:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[..., h] -> [..., V] in the model dtype: final layer norm, tied head (this rank's vocab rows, gathered)."""
         x = F.layer_norm(x, (self.h,), self.w.lnf_w, self.w.lnf_b, self.eps)
-        out = F.linear(x, self.w.emb)  # [..., Vp]
+        if "thead" in self.fuse and self._triton and x.dim() == 2 and x.shape[0] <= self._tk.MAX_ROWS:
+            out = self._tk.gemv(x, self.w.emb, self._zero_vocab)  # + 0: the head has no bias
+        else:
+            out = F.linear(x, self.w.emb)  # [..., Vp]
         if self.tp.world > 1:
             out = self.tp.all_gather_last(out)[..., : self.w.vocab_size]
         return out
@@ -245,7 +256,7 @@ class BloomRankModel:
             ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
             residual = ln if post else x
             qkv = tk.gemv(ln, lw.qkv_w, lw.qkv_b) if tri and "tgemv" in f else F.linear(ln, lw.qkv_w, lw.qkv_b)
-        if tri and "tattn" in f:
+        if tri and "tattn" in f and S <= ATTN_MAX_KEYS:
             ctx = tk.decode_attention(qkv, k_cache, v_cache, pos, self.slopes, S, self.inv_norm, self.hp, self.D)
         else:
             ctx = self._decode_attend(qkv, k_cache, v_cache, rows, pos, S, prefix, bias)
@@ -265,7 +276,7 @@ class BloomRankModel:
             residual = ln if post else x
             if tri and "tgemv" in f:
                 mid = tk.gemv(ln, lw.fc1_w, lw.fc1_b, epilogue="gelu")
-            elif "addmm_gelu" in f:
+            elif "addmm_gelu" in f and self.device.type == "cuda":  # on CPU it is the erf GELU (not BLOOM's)
                 mid = torch._addmm_activation(lw.fc1_b, ln, lw.fc1_w.t(), use_gelu=True)
             else:
                 mid = F.gelu(F.linear(ln, lw.fc1_w, lw.fc1_b), approximate="tanh")

@@ -121,7 +121,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         return ModelList(data=[card()])  # type: ignore[list-item]
 
     @router.get("/v1/models/{name}", response_model=ModelObject, responses={
-        **OPENAI_ERRORS, 503: {"model": ModelObject, "description": "Not ready yet (loading) or draining"}})
+        401: OPENAI_ERRORS[401], 404: OPENAI_ERRORS[404],
+        503: {"model": ModelObject, "description": "Not ready yet (loading) or draining"}})
     async def retrieve_model(name: str) -> JSONResponse:
         """OpenAI's model object (`client.models.retrieve`), which is also KServe v1's model status: `name` and
         `ready` are there too, and the status is 503 until the model is loaded and warmed up (and while draining)."""

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Issue "Fast generation", targets 3 and 4, in one device call on one GPU (about 8 minutes on an H100):
+#   1. cold start: scripts/cold_start.py on the BLOOM-7b1 shape (14.1 GB of random fp16 weights written to
+#      .cache/cold_start, page cache emptied, `cat` of the bytes vs start-to-ready of `serve --backend fast`);
+#   2. continuous vs dynamic batching over HTTP: the same checkpoint served by `serve --backend fast` with
+#      `--batching continuous`, then `--batching dynamic` (one batch run to completion before the next: the original
+#      behaviour), each under scripts/load_test.py at concurrency 64, streaming, prompts of 16-256 tokens and outputs
+#      of exactly 16-512 tokens, after a warm-up pass that captures the CUDA graphs the load needs.
+# Run from the repo root on the lent machine with the project's wheels carried (.whl/):
+#     OUT=$OUT bash scripts/gpu_issue8.sh
+#     GPU8_QUICK=1 bash scripts/gpu_issue8.sh     # the same plumbing on a tiny shape (a CPU dry run)
+# Logs and JSON go to $OUT (default /tmp/gpu-issue8-out). A step that would start past the budget is skipped.
+set -u -o pipefail
+OUT=${OUT:-/tmp/gpu-issue8-out}
+BUDGET_S=${GPU8_BUDGET_S:-540}
+PORT=${GPU8_PORT:-8080}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_issue8.log") 2>&1
+echo "== $(date -u +%FT%TZ) on $(hostname): scripts/gpu_issue8.sh (commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed: running with the image's packages"
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+PY=${PYTHON:-python3}
+START=$(date +%s)
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+
+if [ -n "${GPU8_QUICK:-}" ]; then
+  SHAPE=tiny; DTYPE=fp32; CONC=4; NEW=8-32; PROMPT=8-32; DUR=8; DRAIN=10; WARM=3; MAXB=8
+else
+  SHAPE=7b1; DTYPE=fp16; CONC=64; NEW=16-512; PROMPT=16-256; DUR=${GPU8_DURATION:-70}; DRAIN=${GPU8_DRAIN:-20}
+  WARM=${GPU8_WARM:-15}; MAXB=64
+fi
+MODEL=$PWD/.cache/cold_start/bloom-$SHAPE-$DTYPE
+
+echo "== 1. cold start ($SHAPE)"
+timeout "${GPU8_COLD_TIMEOUT_S:-240}" $PY scripts/cold_start.py --shape $SHAPE --dtype $DTYPE --no-no-prefetch-run \
+  --budget-s 150 --json "$OUT/cold_start.json"
+echo "== cold_start.py rc=$?"
+cp .cache/cold_start/server-*.log "$OUT/" 2>/dev/null || true
+[ -f "$MODEL/config.json" ] || { echo "no checkpoint at $MODEL: stopping"; exit 1; }
+
+serve_and_load() {  # $1 = batching mode
+  local mode=$1 log="$OUT/server-$1.log" pid rc
+  if [ "$(left)" -lt $((DUR + DRAIN + WARM + 60)) ]; then echo "== skipped $mode: $(left) s left"; return; fi
+  echo "== 2. $mode batching: serve, warm up, load test at concurrency $CONC"
+  $PY -m bloom_server serve --model "$MODEL" --backend fast --host 127.0.0.1 --port $PORT \
+    --max-batch-size $MAXB --max-input-length 512 --max-new-tokens 512 --max-total-tokens 1024 \
+    --max-queued-requests 1024 --batching "$mode" >"$log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 600); do
+    curl -fsS "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.2
+  done
+  curl -fsS "http://127.0.0.1:$PORT/info" && echo
+  # Warm-up: the batch and key buckets this load reaches get their CUDA graphs captured before the measurement.
+  timeout $((WARM + DRAIN + 30)) $PY scripts/load_test.py --url "http://127.0.0.1:$PORT" --stream --concurrency $CONC \
+    --prompt-tokens $PROMPT --new-tokens $NEW --requests 100000 --duration $WARM --drain $DRAIN --seed 1 \
+    --label "$mode (warm-up)" --json "$OUT/warmup-$mode.json" | tail -4
+  timeout $((DUR + DRAIN + 60)) $PY scripts/load_test.py --url "http://127.0.0.1:$PORT" --stream --concurrency $CONC \
+    --prompt-tokens $PROMPT --new-tokens $NEW --requests 100000 --duration $DUR --drain $DRAIN --seed 0 \
+    --label "$mode" --json "$OUT/load-$mode.json"
+  rc=$?
+  echo "== load_test $mode rc=$rc"
+  curl -fsS "http://127.0.0.1:$PORT/metrics" 2>/dev/null | grep -E '^bloom_server_(batch_size|running|queue|time_to_first)' | grep -v _bucket \
+    | head -20 || true
+  kill -TERM $pid 2>/dev/null
+  for _ in $(seq 1 150); do kill -0 $pid 2>/dev/null || break; sleep 0.2; done
+  kill -KILL $pid 2>/dev/null
+  tail -3 "$log"
+}
+
+serve_and_load continuous
+serve_and_load dynamic
+
+echo "== 3. summary"
+$PY - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+rows = {}
+for mode in ("continuous", "dynamic"):
+    p = out / f"load-{mode}.json"
+    if p.is_file():
+        rows[mode] = json.loads(p.read_text()).get("summary", {})
+for mode, s in rows.items():
+    keys = ("requests", "ok", "errors", "cut", "generated_tokens", "wall_s", "tokens_per_s", "requests_per_s", "latency_ms", "ttft_ms", "tpot_ms")
+    print(mode, json.dumps({k: s.get(k) for k in keys if k in s}))
+if len(rows) == 2:
+    a, b = rows["continuous"].get("tokens_per_s"), rows["dynamic"].get("tokens_per_s")
+    if a and b:
+        print(f"continuous / dynamic generated tokens/s: {a / b:.2f}x")
+PY
+echo "== done in $(( $(date +%s) - START )) s"

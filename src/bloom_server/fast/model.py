@@ -21,7 +21,8 @@ engine's model.set_fuse): the small-batch decode step can run its layer as fewer
   tln         ... and the layer norms in their prologues
   tattn       one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context (up to ATTN_MAX_KEYS keys:
               it runs one program per (row, head), so long key ranges go back to the eager chain)
-  thead       the tied head (logits) as a Triton GEMV, for at most MAX_ROWS rows (prefill's last tokens too)
+  thead       the tied head (logits) as a Triton GEMV, for at most MAX_ROWS rows (prefill's last tokens too), where the
+              head has under 2**31 elements (7b1's does; 176B's, 250880 x 14336, does not and stays on cuBLAS)
   compile     torch.compile (inductor) of the eager layer
 The Triton flags apply to prefix decode of at most triton_kernels.MAX_ROWS rows in fp16/bf16 on a GPU (the
 row-parallel epilogues on one rank only); anything else takes the eager path.
@@ -112,8 +113,11 @@ class BloomRankModel:
         self.fuse = parse_fuse(spec)
         self._tk = tk
         half = self.dtype in (torch.float16, torch.bfloat16) or tk.INTERPRET
+        big = [t for lw in self.w.layers[:1] for t in (lw.qkv_w, lw.dense_w, lw.fc1_w, lw.fc2_w)]
         self._triton = bool(self.fuse & {"tgemv", "tattn", "thead"}) and tk.available(self.device) and half
-        self._zero_vocab = torch.zeros(self.w.emb.shape[0], dtype=self.dtype, device=self.device) if self._triton else None
+        self._triton = self._triton and tk.fits(*big)
+        self._thead = self._triton and "thead" in self.fuse and tk.fits(self.w.emb)  # 32-bit offsets (not 176B's)
+        self._zero_vocab = torch.zeros(self.w.emb.shape[0], dtype=self.dtype, device=self.device) if self._thead else None
         self._compiled = None
         if "compile" in self.fuse:
             if self.tp.world != 1:
@@ -138,7 +142,7 @@ class BloomRankModel:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[..., h] -> [..., V] in the model dtype: final layer norm, tied head (this rank's vocab rows, gathered)."""
         x = F.layer_norm(x, (self.h,), self.w.lnf_w, self.w.lnf_b, self.eps)
-        if "thead" in self.fuse and self._triton and x.dim() == 2 and x.shape[0] <= self._tk.MAX_ROWS:
+        if self._thead and x.dim() == 2 and x.shape[0] <= self._tk.MAX_ROWS:
             out = self._tk.gemv(x, self.w.emb, self._zero_vocab)  # + 0: the head has no bias
         else:
             out = F.linear(x, self.w.emb)  # [..., Vp]
@@ -256,7 +260,7 @@ class BloomRankModel:
             ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
             residual = ln if post else x
             qkv = tk.gemv(ln, lw.qkv_w, lw.qkv_b) if tri and "tgemv" in f else F.linear(ln, lw.qkv_w, lw.qkv_b)
-        if tri and "tattn" in f and S <= ATTN_MAX_KEYS:
+        if tri and "tattn" in f and S <= ATTN_MAX_KEYS and tk.fits(k_cache):
             ctx = tk.decode_attention(qkv, k_cache, v_cache, pos, self.slopes, S, self.inv_norm, self.hp, self.D)
         else:
             ctx = self._decode_attend(qkv, k_cache, v_cache, rows, pos, S, prefix, bias)

@@ -42,6 +42,12 @@ def available(device: torch.device) -> bool:
     return HAVE_TRITON and (device.type == "cuda" or INTERPRET)
 
 
+def fits(*tensors: torch.Tensor) -> bool:
+    """The kernels index with 32-bit offsets: every element of each tensor must be reachable in under 2**31 (the
+    176B head, 250880 x 14336, is not: it stays on cuBLAS)."""
+    return all(t.numel() < 2**31 for t in tensors)
+
+
 if HAVE_TRITON:
 
     def _gemv_configs() -> list:
@@ -196,6 +202,8 @@ def gemv(
     M, K = x.shape
     N = w.shape[0]
     assert M <= MAX_ROWS and w.shape[1] == K and x.stride(1) == 1 and w.stride(1) == 1
+    if not fits(x, w):
+        raise ValueError(f"gemv: a [{N}, {K}] weight is past 32-bit offsets")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     r = residual if residual is not None else y
     assert epilogue != "residual" or (residual is not None and r.stride(1) == 1)
@@ -225,6 +233,8 @@ def decode_attention(
     B = qkv.shape[0]
     assert qkv.stride(1) == 1 and k_cache.stride(3) == 1 and k_cache.stride() == v_cache.stride()
     assert D & (D - 1) == 0, "head dim must be a power of two"
+    if not fits(k_cache, v_cache, qkv):
+        raise ValueError("decode_attention: a cache past 32-bit offsets")
     out = torch.empty((B, hp * D), dtype=qkv.dtype, device=qkv.device)
     bs = 16 if INTERPRET else 64
     _decode_attn_kernel[(B * hp,)](

@@ -71,10 +71,7 @@ def create_app(
     install_error_handlers(app)
     chat = _chat_template_loader(engine, settings)
     app.include_router(_playground_router())
-    health = routes_health.build_router(engine, model_name)
-    # GET /v1/models/{name} is routes_openai's: OpenAI's model object, which keeps KServe v1's status fields.
-    health.routes = [r for r in health.routes if getattr(r, "path", None) != "/v1/models/{name}"]
-    app.include_router(health)
+    app.include_router(routes_health.build_router(engine))
     app.include_router(routes_info.build_router(engine, settings, model_name, metrics, chat))
     app.include_router(routes_bloom.build_router(engine))
     app.include_router(routes_tgi.build_router(engine))

@@ -1,13 +1,12 @@
-"""Liveness, readiness, and KServe's model status. Liveness answers from process start; readiness only after the
-model is loaded and a warm-up generate ran on every rank."""
+"""Liveness and readiness. Liveness answers from process start; readiness only after the model is loaded and a
+warm-up generate ran on every rank. (KServe's v1 model status, GET /v1/models/{name}, is routes_openai's.)"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from bloom_server.api.errors import error_body
-from bloom_server.api.schemas import Health, ModelStatus
+from bloom_server.api.schemas import Health
 from bloom_server.engine.core import Engine
 
 
@@ -17,7 +16,7 @@ def load_progress(engine: Engine) -> dict | None:
     return progress.snapshot() if progress is not None else None
 
 
-def build_router(engine: Engine, model_name: str) -> APIRouter:
+def build_router(engine: Engine) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get("/health", response_model=Health, responses={500: {"model": Health}})
@@ -35,14 +34,5 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
         if progress is not None:
             body["progress"] = progress
         return JSONResponse(body, status_code=200 if engine.ready else 503)
-
-    @router.get("/v1/models/{name}", response_model=ModelStatus, responses={404: {}, 503: {"model": ModelStatus}})
-    async def model_status(name: str) -> JSONResponse:
-        """KServe v1 model status: {"name", "ready"}, 503 until ready."""
-        if name.endswith(":predict"):  # POST /v1/models/{name}:predict is the route; GET is the wrong method
-            return JSONResponse(error_body("http_error", "Method Not Allowed"), status_code=405, headers={"Allow": "POST"})
-        if name != model_name:
-            return JSONResponse(error_body("not_found", f"name: no model named {name!r}", "name"), status_code=404)
-        return JSONResponse({"name": name, "ready": engine.ready}, status_code=200 if engine.ready else 503)
 
     return router

@@ -107,11 +107,6 @@ class ErrorResponse(BaseModel):
     limit: Union[int, float, str, None] = None
 
 
-class ModelStatus(BaseModel):
-    name: str
-    ready: bool
-
-
 class Health(BaseModel):
     status: str
     detail: str

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Issue "Fast generation", targets 3 and 4, in one device call on one GPU (about 8 minutes on an H100):
+#   3. (time left) the default decode fusion on the 176B layer shape at bs 1, tokens vs transformers;
 #   1. cold start: scripts/cold_start.py on the BLOOM-7b1 shape (14.1 GB of random fp16 weights written to
 #      .cache/cold_start, page cache emptied, `cat` of the bytes vs start-to-ready of `serve --backend fast`);
 #   2. continuous vs dynamic batching over HTTP: the same checkpoint served by `serve --backend fast` with
@@ -12,7 +13,7 @@
 # Logs and JSON go to $OUT (default /tmp/gpu-issue8-out). A step that would start past the budget is skipped.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-issue8-out}
-BUDGET_S=${GPU8_BUDGET_S:-540}
+BUDGET_S=${GPU8_BUDGET_S:-560}
 PORT=${GPU8_PORT:-8080}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_issue8.log") 2>&1
@@ -33,8 +34,8 @@ left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 if [ -n "${GPU8_QUICK:-}" ]; then
   SHAPE=tiny; DTYPE=fp32; CONC=4; NEW=8-32; PROMPT=8-32; DUR=8; DRAIN=10; WARM=3; MAXB=8
 else
-  SHAPE=7b1; DTYPE=fp16; CONC=64; NEW=16-512; PROMPT=16-256; DUR=${GPU8_DURATION:-70}; DRAIN=${GPU8_DRAIN:-20}
-  WARM=${GPU8_WARM:-15}; MAXB=64
+  SHAPE=7b1; DTYPE=fp16; CONC=64; NEW=16-512; PROMPT=16-256; DUR=${GPU8_DURATION:-60}; DRAIN=${GPU8_DRAIN:-15}
+  WARM=${GPU8_WARM:-12}; MAXB=64
 fi
 MODEL=$PWD/.cache/cold_start/bloom-$SHAPE-$DTYPE
 
@@ -79,7 +80,16 @@ serve_and_load() {  # $1 = batching mode
 serve_and_load continuous
 serve_and_load dynamic
 
-echo "== 3. summary"
+if [ -z "${GPU8_QUICK:-}" ] && [ "$(left)" -gt 90 ]; then
+  echo "== 3. the default decode fusion on the 176B layer shape (8 layers), bs 1: hf,fast, greedy tokens vs transformers"
+  timeout $(( $(left) - 10 )) $PY scripts/benchmark.py --backend hf,fast --check-tokens --random-weights 176b --layers 8 \
+    --batch-size 1 --new-tokens 100 --cycles 2 --json "$OUT/176b.json" | tail -25
+  echo "step 3 rc=$?"
+else
+  echo "== 3. skipped (176B default check): $(left) s left"
+fi
+
+echo "== 4. summary"
 $PY - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

@@ -1,18 +1,23 @@
 """Continuous batching over FastEngine's slots: requests join the running batch at step boundaries and leave it the
 step they finish, freeing their slot (TGI's batch `filter` / `concatenate`, done as slot moves in a static cache).
 
-Each `step()`:
-  0. leave: rows whose callers left (`leave(rid)`) are retired before anything runs, so their slots are free for
-     this step's admissions;
-  1. admit: waiting requests take the free slots after the live ones (slots stay a prefix [0, n)) and are
-     prefilled together; each gets its first token from its own sampler;
-  2. decode: one token for every live row, the new ones included (the engine's captured step; rows that need more
-     than the step's own greedy argmax use their own sampler on their row of the logits);
-  3. retire: rows that produced an EOS (at or after their min_new_tokens) or reached their max_new_tokens leave; the
-     last live row moves into each hole, so the live slots stay a prefix and the fast path stays usable.
-The step's tokens (the admitted rows' first tokens and every row's decoded token, with their log-probabilities when
-asked) reach the host in one read: the step's one host sync. A row whose first token already finished it is decoded
-once more with the others and that token is dropped (cheaper than a second sync).
+Each `step()` (pipelined, the default):
+  0. leave: rows whose callers left (`leave(rid)`) are retired before anything runs (an unread token of theirs is
+     dropped);
+  1. decode: one token for every live row, queued on the device (the engine's captured step; rows that need more
+     than the step's own greedy argmax use their own sampler on their row of the logits, also on the device). The
+     step's tokens are copied aside and their copy to the host is started, nothing waits for them yet;
+  2. read: the previous step's tokens (its decode and its admissions' first tokens) reach the host in one read,
+     the step's one host wait, while this step's decode runs. Rows that produced an EOS (at or after their
+     min_new_tokens) or reached their max_new_tokens are finished;
+  3. retire: finished rows leave; the last live row moves into each hole, so the live slots stay a prefix [0, n)
+     and the fast path stays usable;
+  4. admit: waiting requests take the free slots after the live ones and are prefilled together (queued behind the
+     decode); each gets its first token from its own sampler, read with this step's decode at the next step.
+So the device never waits for the host's bookkeeping: step t+1's decode is queued before step t's tokens are read.
+The price: a row's tokens reach the caller one step later, and a row whose end is only known from its token (EOS,
+or its last token) rides along in one more decode, whose token is dropped. Decisions are taken from the tokens,
+never from timing, so every rank (and a non-pipelined run, `pipeline=False`) gives each row the same tokens.
 
 Each row samples with its own seeded generator, so a row's tokens do not depend on which rows share its steps.
 Under tensor parallelism every rank runs the same `leave`/`add`/`step` calls (the lockstep runtime broadcasts them
@@ -49,7 +54,10 @@ class Request:
     slot: int | None = None
     sampler: Sampler | None = None
     arrived: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
+    first_token_at: float | None = None  # when the host read its first token
+    issued: int = 0  # tokens chosen on the device so far (read or not)
+    plain: bool = False  # the step's own argmax is its token at every step
+    greedy: bool = False  # greedy with at most EOS held back (min_new_tokens)
 
 
 @dataclass
@@ -62,13 +70,84 @@ class Emitted:
     top: list[tuple[int, float]] | None = None
 
 
+class _Pending:
+    """Tokens chosen on the device but not yet read by the host: one segment per launch (a decode of the live slots,
+    the first tokens of admitted rows), each with the rows its entries belong to (None: an entry to drop, a row
+    riding along after its last token). `stage()` starts their copy to the host (pinned, non-blocking on CUDA) and
+    records an event, so the read waits for exactly these tokens and not for steps queued after them."""
+
+    __slots__ = ("rows", "tokens", "logprobs", "tops", "host", "host_tops", "event")
+
+    def __init__(self) -> None:
+        self.rows: list[Request | None] = []
+        self.tokens: list[torch.Tensor] = []
+        self.logprobs: list[torch.Tensor] = []
+        self.tops: list[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]] = []  # (entry, n) keys, ids, values
+        self.host: torch.Tensor | None = None
+        self.host_tops: list[tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]] = []
+        self.event: Any = None
+
+    def add(self, rows: list, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> int:
+        base = len(self.rows)
+        self.rows.extend(rows)
+        self.tokens.append(tokens)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
+        return base
+
+    def stage(self) -> None:
+        tokens = self.tokens[0] if len(self.tokens) == 1 else torch.cat(self.tokens)
+        if self.logprobs:  # token ids are exact in float64: one tensor, one copy
+            lps = self.logprobs[0] if len(self.logprobs) == 1 else torch.cat(self.logprobs)
+            dev = torch.stack([tokens.double(), lps.double()])
+        else:
+            dev = tokens
+        self.host = _to_host(dev)
+        self.host_tops = [(keys, _to_host(ids), _to_host(vals)) for keys, ids, vals in self.tops]
+        if dev.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.tokens, self.logprobs, self.tops = [], [], []
+
+    def read(self) -> tuple[list[int], list[float] | None, dict[int, list]]:
+        if self.event is not None:
+            self.event.synchronize()
+        assert self.host is not None
+        if self.host.dim() == 2:
+            both = self.host.tolist()
+            tokens, lps = [int(t) for t in both[0]], both[1]
+        else:
+            tokens, lps = self.host.tolist(), None
+        tops: dict[int, list] = {}
+        for keys, ids, vals in self.host_tops:
+            ids_h, vals_h = ids.tolist(), vals.tolist()
+            for i, (key, t) in enumerate(keys):
+                tops[key] = list(zip(ids_h[i][:t], vals_h[i][:t]))
+        return tokens, lps, tops
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Start a device tensor's copy to host memory without waiting for it (on CPU: the tensor itself)."""
+    if t.device.type != "cuda":
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
 class ContinuousBatcher:
-    def __init__(self, engine: FastEngine):
+    """`pipeline` (default): step t+1's decode is queued on the device before step t's tokens are read, so the
+    device never waits for the host's bookkeeping (see the module docstring); False reads each step's own tokens
+    at its end (the same tokens per row, one step earlier; for tests and comparisons)."""
+
+    def __init__(self, engine: FastEngine, pipeline: bool = True):
         self.engine = engine
+        self.pipeline = pipeline
         self.waiting: collections.deque[Request] = collections.deque()
         self.live: list[Request] = []  # live[i] sits in slot i
         self.steps = 0
         self.emitted: list[Emitted] = []  # what the latest step produced
+        self._pending: _Pending | None = None  # chosen on the device, not yet read (at most one step's worth)
 
     def add(self, req: Request) -> None:
         if len(req.prompt) + req.max_new_tokens > self.engine.max_seq:
@@ -78,8 +157,9 @@ class ContinuousBatcher:
         self.waiting.append(req)
 
     def leave(self, rid: Any) -> Request | None:
-        """The row's caller left: a waiting row is dropped, a live one is retired at the start of the next step.
-        Returns the request (finish "stopped") or None when the row is unknown or already finished."""
+        """The row's caller left: a waiting row is dropped, a live one is retired at the start of the next step
+        (a token of it still unread is dropped). Returns the request (finish "stopped") or None when the row is
+        unknown or already finished."""
         for r in self.waiting:
             if r.rid == rid:
                 self.waiting.remove(r)
@@ -99,17 +179,33 @@ class ContinuousBatcher:
 
     @torch.inference_mode()
     def step(self, logprobs: bool = False) -> list[Request]:
-        """Leave, admit, decode, retire. Returns the requests that finished by EOS or length in this step (those
-        that left are `leave()`'s to report). `self.emitted` holds the step's tokens; with `logprobs`, each with its
-        log-probability under the raw logits and, for rows with `top_n`, the most likely alternatives."""
-        self._retire()  # rows that left since the previous step: their slots are free for this step's admissions
+        """Leave, decode, read, retire, admit. Returns the requests that finished by EOS or length in this step (those
+        that left are `leave()`'s to report). `self.emitted` holds the tokens read in this step (pipelined: those
+        chosen in the previous step and the previous step's admissions' first tokens); with `logprobs`, each with
+        its log-probability under the raw logits and, for rows with `top_n`, the most likely alternatives."""
+        self._retire()  # rows that left since the previous step: out before anything runs
         self.emitted = []
-        new, first, first_logits = self._admit()
-        decoded, logits = None, None
-        if any(r.finish is None and r.max_new_tokens > 1 for r in self.live):
-            decoded, logits = self._decode()
-        finished = self._read(new, first, first_logits, decoded, logits, logprobs)
-        self._retire()
+        nxt = _Pending()
+        if any(r.finish is None and r.issued < r.max_new_tokens for r in self.live):
+            self._decode(nxt, logprobs)  # queued on the device behind whatever is still running
+        finished: list[Request] = []
+        if self.pipeline:
+            prev, self._pending = self._pending, None
+            if prev is not None:
+                finished = self._process(prev)  # the one host wait: the previous step's tokens
+            self._retire()
+            if not self.live:
+                nxt = _Pending()  # only rows that finished rode along: nothing to read
+            self._admit(nxt, logprobs)
+            if nxt.rows:
+                nxt.stage()
+                self._pending = nxt
+        else:  # each step reads its own tokens (the admissions' first tokens in the same read)
+            self._admit(nxt, logprobs)
+            if nxt.rows:
+                nxt.stage()
+                finished = self._process(nxt)
+            self._retire()
         self.steps += 1
         return finished
 
@@ -121,126 +217,94 @@ class ContinuousBatcher:
         return Sampler(req.cfg, [req.prompt], vocab_size=self.engine.shape.vocab_size, device=self.engine.device,
                        seed=req.seed, max_new_tokens=req.max_new_tokens, pad_token_id=req.pad_token_id)  # fmt: skip
 
-    def _admit(self) -> tuple[list[Request], torch.Tensor | None, torch.Tensor | None]:
+    def _admit(self, into: _Pending, logprobs: bool) -> None:
+        """Waiting requests take the free slots after the live ones and are prefilled together; each one's first
+        token (from its own sampler) goes into the step buffer and into `into`."""
         e = self.engine
         new: list[Request] = []
         while self.waiting and len(self.live) + len(new) < e.max_batch:
             req = self.waiting.popleft()
             req.slot = len(self.live) + len(new)
             req.sampler = self._sampler(req)
+            req.issued = 1
+            req.plain, req.greedy = _plain_greedy(req.cfg), _greedy(req.cfg)
             new.append(req)
         if not new:
-            return [], None, None
+            return
         logits = e.prefill([r.slot for r in new], [r.prompt for r in new])  # type: ignore[misc]
         firsts = torch.cat([r.sampler(logits[i : i + 1], 0) for i, r in enumerate(new)])  # type: ignore[misc]
         e.tok[new[0].slot : new[0].slot + len(new)] = firsts  # type: ignore[index,operator]
         self.live.extend(new)
-        now = time.monotonic()
-        for r in new:
-            r.first_token_at = now
-        return new, firsts, logits
+        base = into.add(list(new), firsts, _chosen_logprobs(logits, firsts) if logprobs else None)
+        if logprobs:
+            self._want_tops(into, [(base + i, r, logits[i]) for i, r in enumerate(new) if r.top_n])
 
-    def _decode(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for every live slot [0, n) (rows already finished ride along; their token is dropped)."""
+    def _decode(self, into: _Pending, logprobs: bool) -> None:
+        """One token for every live slot [0, n); rows already finished (or whose finish is not read yet) ride along
+        and their token is dropped. Device work only: the tokens go into `into`."""
         e = self.engine
         n = len(self.live)
         e.suppress_eos((), False)  # per-row EOS rules are the rows' own samplers' business
         e.decode(list(range(n)))  # greedy argmax of every live row now sits in e.tok[:n]
         logits = e.last_logits
         assert logits is not None
+        rows: list[Request | None] = []
         held: dict[tuple[int, ...], list[int]] = {}  # greedy rows whose EOS is still forbidden, by EOS ids
         for r in self.live:
-            if r.finish is not None or r.max_new_tokens == 1:
+            t = r.issued
+            if r.finish is not None or t >= r.max_new_tokens:
+                rows.append(None)
                 continue
-            t = len(r.tokens) or 1  # a row admitted in this step has its first token, not recorded yet
-            if self._greedy_now(r, t):
+            rows.append(r)
+            r.issued = t + 1
+            if r.plain or (r.greedy and t >= r.cfg.min_new_tokens):  # the step's own argmax
                 continue
-            if self._greedy_but_eos(r):  # min_length / min_new_tokens: batched below, a few kernels in all
+            if r.greedy:  # min_length / min_new_tokens: batched below, a few kernels in all
                 held.setdefault(r.cfg.eos_ids, []).append(r.slot)  # type: ignore[arg-type]
             else:  # its own rules: penalties, sampling, transformers' processors
                 e.tok[r.slot] = r.sampler(logits[r.slot : r.slot + 1], t)[0]  # type: ignore[index,misc]
         for eos, slots in held.items():
-            rows = torch.tensor(slots, dtype=torch.long, device=e.device)
+            idx = torch.tensor(slots, dtype=torch.long, device=e.device)
             eos_t = torch.tensor(eos, dtype=torch.long, device=e.device)
-            e.tok[rows] = logits[rows].float().index_fill(1, eos_t, float("-inf")).argmax(-1)
-        return e.tok[:n], logits
+            e.tok[idx] = logits[idx].float().index_fill(1, eos_t, float("-inf")).argmax(-1)
+        tokens = e.tok[:n].clone()  # the step buffer is rewritten by the next decode (and by moves)
+        base = into.add(rows, tokens, _chosen_logprobs(logits, tokens) if logprobs else None)
+        if logprobs:
+            self._want_tops(into, [(base + s, r, logits[s]) for s, r in enumerate(rows) if r is not None and r.top_n])
 
     @staticmethod
-    def _greedy_but_eos(r: Request) -> bool:
-        """Greedy with nothing but EOS held back (what its Sampler would do: -inf on the EOS ids, then argmax)."""
-        cfg = r.cfg
-        return not cfg.do_sample and cfg.repetition_penalty == 1.0 and not cfg.uses_transformers
-
-    def _read(self, new, first, first_logits, decoded, logits, logprobs: bool) -> list[Request]:
-        """The step's one host read: first tokens of admitted rows, then the decoded token of every slot."""
-        parts = [x for x in (first, decoded) if x is not None]
-        if not parts:
-            return []
-        tokens = torch.cat(parts)
-        lps = None
-        if logprobs:
-            lp_parts = []
-            if first is not None:
-                lp_parts.append(_chosen_logprobs(first_logits, first))
-            if decoded is not None:
-                lp_parts.append(_chosen_logprobs(logits, decoded))
-            lps = torch.cat(lp_parts)
-            host = torch.stack([tokens.double(), lps.double()]).tolist()  # token ids are exact in float64
-            tok_host, lp_host = [int(t) for t in host[0]], host[1]
-        else:
-            tok_host, lp_host = tokens.tolist(), None
-        tops: dict[int, list] = {}
-        if logprobs:
-            tops = self._tops(new, first_logits, logits, len(new) if first is not None else 0)
-        done: list[Request] = []
-        k = len(new) if first is not None else 0
-        for i, r in enumerate(new):
-            if self._take(r, tok_host[i], None if lp_host is None else lp_host[i], tops.get(i)):
-                done.append(r)
-        if decoded is not None:
-            for slot, r in enumerate(self.live):
-                if r.finish is not None:
-                    continue
-                j = k + slot
-                if self._take(r, tok_host[j], None if lp_host is None else lp_host[j], tops.get(j)):
-                    done.append(r)
-        return done
-
-    def _tops(self, new, first_logits, logits, k: int) -> dict[int, list]:
-        """Alternatives for rows that ask for them, keyed like the step's token list (one more host read)."""
-        want = [(i, r.top_n, first_logits[i]) for i, r in enumerate(new) if r.top_n and first_logits is not None]
-        if logits is not None:
-            want += [(k + s, r.top_n, logits[s]) for s, r in enumerate(self.live) if r.top_n and r.finish is None]
+    def _want_tops(into: _Pending, want: list) -> None:
+        """Alternatives for rows that ask for them (computed now, on the device; read with the tokens)."""
         if not want:
-            return {}
-        n = max(t for _, t, _ in want)
-        rows = torch.stack([lg for _, _, lg in want]).float().log_softmax(-1)
-        values, ids = torch.topk(rows, min(n, rows.shape[-1]), dim=-1)
-        ids_h, values_h = ids.tolist(), values.tolist()
-        return {key: list(zip(ids_h[i][:t], values_h[i][:t])) for i, (key, t, _) in enumerate(want)}
+            return
+        n = max(r.top_n for _, r, _ in want)
+        scores = torch.stack([lg for _, _, lg in want]).float().log_softmax(-1)
+        values, ids = torch.topk(scores, min(n, scores.shape[-1]), dim=-1)
+        into.tops.append(([(key, r.top_n) for key, r, _ in want], ids, values))
 
-    @staticmethod
-    def _greedy_now(r: Request, t: int) -> bool:
-        """Can this row take the step's own argmax at token t?"""
-        cfg = r.cfg
-        return (
-            not cfg.do_sample
-            and cfg.repetition_penalty == 1.0
-            and not cfg.uses_transformers
-            and (t >= cfg.min_new_tokens or not cfg.eos_ids)
-        )
-
-    def _take(self, r: Request, token: int, logprob: float | None = None, top: list | None = None) -> bool:
-        """Record a row's new token; True when it finished with it."""
-        r.tokens.append(token)
-        self.emitted.append(Emitted(r, token, logprob, top))
-        if r.on_token is not None:
-            r.on_token(r, token)
-        if token in r.cfg.eos_ids and len(r.tokens) > r.cfg.min_new_tokens:
-            r.finish = "eos"
-        elif len(r.tokens) >= r.max_new_tokens:
-            r.finish = "length"
-        return r.finish is not None
+    def _process(self, p: _Pending) -> list[Request]:
+        """Read a staged step's tokens (the host's one wait) and record them on their rows, in order."""
+        tokens, lps, tops = p.read()
+        done: list[Request] = []
+        now = None
+        emitted = self.emitted
+        for i, r in enumerate(p.rows):
+            if r is None or r.finish is not None:  # rode along after its end, or its caller left
+                continue
+            token = tokens[i]
+            r.tokens.append(token)
+            emitted.append(Emitted(r, token, None if lps is None else lps[i], tops.get(i)))
+            if r.first_token_at is None:
+                r.first_token_at = now = now or time.monotonic()
+            if r.on_token is not None:
+                r.on_token(r, token)
+            if token in r.cfg.eos_ids and len(r.tokens) > r.cfg.min_new_tokens:
+                r.finish = "eos"
+                done.append(r)
+            elif len(r.tokens) >= r.max_new_tokens:
+                r.finish = "length"
+                done.append(r)
+        return done
 
     def _retire(self) -> None:
         """Free finished rows' slots; move the last live rows into the holes so the live slots stay [0, n)."""
@@ -259,6 +323,16 @@ class ContinuousBatcher:
             else:
                 e.release(gone.slot)  # type: ignore[arg-type]
             gone.slot = None
+
+
+def _plain_greedy(cfg: SamplingConfig) -> bool:
+    """The step's own argmax is this row's token at every step (no per-row rule ever applies)."""
+    return _greedy(cfg) and (cfg.min_new_tokens == 0 or not cfg.eos_ids)
+
+
+def _greedy(cfg: SamplingConfig) -> bool:
+    """Greedy with nothing but EOS held back (what its Sampler would do: -inf on the EOS ids, then argmax)."""
+    return not cfg.do_sample and cfg.repetition_penalty == 1.0 and not cfg.uses_transformers
 
 
 def _chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

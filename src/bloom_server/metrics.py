@@ -16,6 +16,7 @@ QUEUE_DEPTH = f"{PREFIX}_queue_depth"  # the KEDA ScaledObject's metric
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_MAX_CACHED_LABELS = 1024
 _TOKENS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -68,6 +69,10 @@ class Metrics:
                           ["model_id", "backend", "dtype", "world_size", "version"], registry=r)
         self.load_bytes = Gauge(f"{p}_load_bytes", "Bytes of weights rank 0 has loaded (kind=loaded) of its total "
                                 "(kind=total); equal once loaded.", ["kind"], registry=r)
+        # Labelled children, looked up once per label set (labels() validates and locks on every call). Bounded:
+        # past the bound a label set (a client's odd method, say) is looked up each time, as prometheus_client does.
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._outcome_children: dict[str, Any] = {}
 
     def bind(self, *, queue_depth: Callable[[], float], queue_tokens: Callable[[], float],
              running: Callable[[], float], ready: Callable[[], float], load_seconds: Callable[[], float]) -> None:
@@ -79,12 +84,21 @@ class Metrics:
         self.load_seconds.set_function(load_seconds)
 
     def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_duration.labels(route).observe(seconds)
+        key = (route, method, status)
+        children = self._http_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.request_duration.labels(route))
+            if len(self._http_children) < _MAX_CACHED_LABELS:
+                self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_generation(self, *, outcome: str, queue_s: float | None, ttft_s: float | None,
                            inference_s: float | None, prompt_tokens: int, generated_tokens: int) -> None:
-        self.outcomes.labels(outcome).inc()
+        child = self._outcome_children.get(outcome)
+        if child is None:
+            child = self._outcome_children[outcome] = self.outcomes.labels(outcome)
+        child.inc()
         if queue_s is not None:
             self.queue_time.observe(queue_s)
         if ttft_s is not None:

@@ -14,7 +14,7 @@ from bloom_server import __version__
 from bloom_server.api import routes_bloom, routes_health, routes_info, routes_kserve, routes_openai, routes_tgi
 from bloom_server.api.errors import install_error_handlers
 from bloom_server.api.logs import apply_log_format
-from bloom_server.api.middleware import ApiKeyAuth, BodySizeLimit, JSONByDefault, RequestContext
+from bloom_server.api.middleware import ApiKeyAuth, Gateway
 from bloom_server.engine.chat import ChatTemplate
 from bloom_server.engine.core import Engine
 from bloom_server.engine.requests import Cancelled, DeadlineExceeded, GenRequest
@@ -77,9 +77,23 @@ def create_app(
     app.include_router(routes_tgi.build_router(engine))
     app.include_router(routes_openai.build_router(engine, model_name, chat))
     app.include_router(routes_kserve.build_router(engine, model_name))
-    # Added innermost first: RequestContext ends up outermost, so 401s and 413s get an id, a log line and a count.
-    app.add_middleware(JSONByDefault)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    _install_middleware(app, settings, metrics)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.metrics = metrics
+    return app
+
+
+def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Outermost the request context (id, access log, HTTP metrics), so 401s and 413s get an id, a log line and a
+    count; then CORS and the API key where configured; then the body guard and JSON by default. Without CORS and a
+    key these are one layer (Gateway): every layer costs CPU on every request."""
+    if settings.api_key is None and not settings.cors_origins:
+        app.add_middleware(Gateway, metrics=metrics, max_bytes=settings.max_body_bytes)
+        return
+    # Added innermost first.
+    app.add_middleware(Gateway, context=False, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:
@@ -93,12 +107,7 @@ def create_app(
             expose_headers=["x-request-id", "x-queue-time", "x-inference-time", "x-time-per-token",
                             "x-prompt-tokens", "x-generated-tokens", "x-total-time", "Retry-After"],
         )
-    app.add_middleware(RequestContext, metrics=metrics)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    app.state.engine = engine
-    app.state.settings = settings
-    app.state.metrics = metrics
-    return app
+    app.add_middleware(Gateway, metrics=metrics, max_bytes=None, json_default=False)
 
 
 def _wire_metrics(engine: Engine, metrics: Metrics) -> None:

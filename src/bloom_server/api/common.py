@@ -51,6 +51,8 @@ async def wait_for_disconnect(request: Request) -> None:
 async def result_or_disconnect(request: Request, reqs: list[GenRequest]) -> list[list[Completion]]:
     """Every request's completions; if the client leaves first, the requests are cancelled (a queued one leaves the
     queue, a running one's rows stop) and Cancelled is raised."""
+    if len(reqs) == 1:
+        return [await _one_result_or_disconnect(request, reqs[0])]
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     results = asyncio.ensure_future(asyncio.gather(*(r.result() for r in reqs)))
     try:
@@ -67,6 +69,31 @@ async def result_or_disconnect(request: Request, reqs: list[GenRequest]) -> list
             results.add_done_callback(lambda f: f.cancelled() or f.exception())
         for r in reqs:
             r.cancel("the client disconnected")
+
+
+async def _one_result_or_disconnect(request: Request, req: GenRequest) -> list[Completion]:
+    """The one-request case, lighter (every non-streamed route has one request): one watcher task, which cancels the
+    request when the client leaves; the result is awaited directly (no gather, no asyncio.wait)."""
+    watcher = asyncio.get_running_loop().create_task(wait_for_disconnect(request))
+    left = False
+
+    def on_watcher_done(task: asyncio.Task) -> None:
+        nonlocal left
+        if not task.cancelled():
+            task.exception()  # retrieved; whatever ended the watch, the answer has nobody to go to
+            left = True
+            req.cancel("the client disconnected")
+
+    watcher.add_done_callback(on_watcher_done)
+    try:
+        return await req.result()
+    except Cancelled:
+        if left:
+            raise Cancelled("the client disconnected") from None
+        raise
+    finally:
+        watcher.cancel()
+        req.cancel("the client disconnected")
 
 
 def sse(data: Any) -> bytes:

@@ -172,7 +172,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI answers a body it could not read with a bare 400 "There was an error parsing the body"; its cause
-        # says why: the client left (RequestContext logs a 499), or the body is not JSON (a 422 naming `body`, as on
+        # says why: the client left (the Gateway middleware logs a 499), or the body is not JSON (a 422 naming `body`, as on
         # the routes that parse their body by hand).
         cause = exc.__cause__
         if isinstance(cause, ClientDisconnect):

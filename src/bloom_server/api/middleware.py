@@ -1,6 +1,7 @@
-"""Pure-ASGI middleware (no BaseHTTPMiddleware: it would break streaming and disconnect detection): a request body
-size guard (413 before the body is read into memory), JSON as the default body type (curl -d sends form encoding
-unless told otherwise; every body here is JSON), the request id + access log + HTTP metrics, and the API key."""
+"""Pure-ASGI middleware (no BaseHTTPMiddleware: it would break streaming and disconnect detection): the request id +
+access log + HTTP metrics, a request body size guard (413 before the body is read into memory) and JSON as the default
+body type (curl -d sends form encoding unless told otherwise; every body here is JSON), as one layer (`Gateway`); and
+the API key."""
 
 from __future__ import annotations
 
@@ -8,125 +9,14 @@ import codecs
 import hmac
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from starlette.requests import ClientDisconnect
 
 from bloom_server.api.errors import render_error, surface_of
-
-
-class BodySizeLimit:
-    """413 past `max_bytes` (before the body is read into memory), and 422 for a body that is not strict UTF-8
-    (Python's json.loads(bytes) would accept CESU-8 surrogates). Either is answered here, once; the app's own answer
-    to the aborted read is dropped."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > self.max_bytes:
-                    await self._drain(receive)
-                    await self._reject(scope, send, declared)
-                    return
-        seen = 0
-        responded = False
-        utf8 = codecs.getincrementaldecoder("utf-8")()
-
-        async def limited_receive() -> dict:
-            nonlocal seen, responded
-            message = await receive()
-            if message["type"] == "http.request":
-                chunk = message.get("body", b"")
-                seen += len(chunk)
-                problem = None
-                if seen > self.max_bytes:
-                    problem = (413, "payload_too_large", f"body: {seen} bytes or more; the limit is {self.max_bytes} bytes",
-                               self.max_bytes)
-                else:
-                    try:
-                        utf8.decode(chunk, final=not message.get("more_body"))
-                    except UnicodeDecodeError as exc:
-                        problem = (422, "validation_error", f"body: not valid UTF-8 ({exc.reason} at byte "
-                                   f"{seen - len(chunk) + exc.start})", None)
-                if problem is not None:
-                    if not responded:
-                        responded = True
-                        if message.get("more_body"):
-                            await self._drain(receive)
-                        await self._send_error(scope, send, *problem)
-                    raise _BodyRefused()
-            return message
-
-        async def guarded_send(message: dict) -> None:
-            # Once the 413 is out, whatever the app answers to the aborted read (FastAPI turns it into a 400) is
-            # dropped: a second response on the same request is a protocol error.
-            if not responded:
-                await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except _BodyRefused:
-            pass
-
-    async def _drain(self, receive: Any, cap: int = 64 << 20) -> None:
-        """Read and discard the rest of the body (bounded), so the client reads the 413 instead of a broken pipe."""
-        dropped = 0
-        while dropped < cap:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            dropped += len(message.get("body", b""))
-            if not message.get("more_body"):
-                return
-
-    async def _reject(self, scope: dict, send: Any, size: int) -> None:
-        message = f"body: {size} bytes or more; the limit is {self.max_bytes} bytes"
-        await self._send_error(scope, send, 413, "payload_too_large", message, self.max_bytes)
-
-    async def _send_error(self, scope: dict, send: Any, status: int, kind: str, message: str, limit: Any) -> None:
-        status, content = render_error(surface_of(scope), status, kind, message, "body", limit)
-        body = json.dumps(content).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _BodyRefused(Exception):
-    pass
-
-
-class JSONByDefault:
-    """Treat a POST body without a content type, or with curl's default form type, as JSON."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope.get("method") == "POST":
-            headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
-            ctype = dict(scope.get("headers", [])).get(b"content-type", b"")
-            if not ctype or ctype.startswith(b"application/x-www-form-urlencoded"):
-                # In place: the router records the matched route in this same scope (the access log reads it).
-                scope["headers"] = headers + [(b"content-type", b"application/json")]
-        await self.app(scope, receive, send)
 
 
 # Probes and the metrics scrape: never behind the API key, not counted as in-flight, not logged per request.
@@ -135,58 +25,183 @@ PROBES = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/hea
 PUBLIC_PAGES = frozenset({"/", "/ui", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"})
 CLIENT_CLOSED = 499
 _ID_OK = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_FORM = b"application/x-www-form-urlencoded"
+_JSON_TYPE = (b"content-type", b"application/json")
 
 
-class RequestContext:
-    """Outermost: a request id (X-Request-Id honoured when sane, else made), echoed on the response; one log line per
-    request with its timing and tokens; the HTTP metrics. Routes leave what they know in scope["state"]: `gen`
-    (the engine's requests) for tokens and timing."""
+def _new_request_id() -> str:
+    """What uuid.uuid4().hex gives (version 4, RFC 4122 variant), without building a UUID object."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    return b.hex()
 
-    def __init__(self, app: Any, metrics: Any = None, access_log: logging.Logger | None = None):
+
+class Gateway:
+    """What every HTTP request goes through, as one pure-ASGI layer (each layer costs CPU on every request: its own
+    closures and an await per message). Each part can be switched off; app.py puts the API key and CORS between
+    the parts where they are configured (see `install`).
+
+    - context (outermost): a request id (X-Request-Id honoured when sane, else made), echoed on the response; one
+      log line per request with its timing and tokens; the HTTP metrics; 499 for a client that left. Routes leave
+      what they know in scope["state"]: `gen` (the engine's requests) for tokens and timing.
+    - max_bytes: 413 past it (before the body is read into memory; the rest of the body is drained so the client
+      reads the answer), and 422 for a body that is not strict UTF-8 (Python's json.loads(bytes) would accept
+      CESU-8 surrogates). Either is answered here, once; the app's own answer to the aborted read is dropped.
+    - json_default: a POST body without a content type, or with curl's default form type, is JSON (curl -d sends
+      form encoding unless told otherwise; every body here is JSON).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        context: bool = True,
+        metrics: Any = None,
+        access_log: logging.Logger | None = None,
+        max_bytes: int | None = None,
+        json_default: bool = True,
+    ):
         self.app = app
-        self.metrics = metrics
+        self.context = context
+        self.metrics = metrics if context else None
         self.log = access_log or logging.getLogger("bloom_server.access")
+        self.max_bytes = max_bytes
+        self.json_default = json_default
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1").strip()
-        request_id = given if _ID_OK.match(given) else uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id
-        start = time.perf_counter()
-        status = {"code": 500}
-        probe = scope.get("path") in PROBES
-        if self.metrics is not None and not probe:
-            self.metrics.in_flight.inc()
+        max_bytes = self.max_bytes
+        headers = scope.get("headers", [])
+        # One pass over the headers (the last of a repeated header wins, as dict(headers) had it).
+        given = b""
+        ctype: bytes | None = None
+        declared_over: int | None = None
+        for name, value in headers:
+            if name == b"content-type":
+                ctype = value
+            elif name == b"x-request-id":
+                given = value
+            elif name == b"content-length" and max_bytes is not None and declared_over is None:
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > max_bytes:
+                    declared_over = declared
 
-        async def send_with_id(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode()))
-                message = dict(message, headers=headers)
+        context = self.context
+        metrics = self.metrics
+        request_id = ""
+        rid = b""
+        probe = False
+        state: dict = {}
+        start = 0.0
+        if context:
+            text = given.decode("latin-1").strip()
+            request_id = text if _ID_OK.match(text) else _new_request_id()
+            rid = request_id.encode()
+            state = scope.setdefault("state", {})
+            state["request_id"] = request_id
+            start = time.perf_counter()
+            probe = scope.get("path") in PROBES
+            if metrics is not None and not probe:
+                metrics.in_flight.inc()
+        status = 500
+        refused = False  # answered here (413, 422): what the app answers to the aborted read is dropped
+
+        async def send_out(message: dict) -> None:
+            nonlocal status
+            if refused:
+                return
+            if context and message["type"] == "http.response.start":
+                status = message["status"]
+                out = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                out.append((b"x-request-id", rid))
+                message = dict(message, headers=out)
             await send(message)
 
+        async def refuse(code: int, kind: str, message: str, limit: Any) -> None:
+            nonlocal refused
+            code, content = render_error(surface_of(scope), code, kind, message, "body", limit)
+            body = json.dumps(content).encode()
+            await send_out(
+                {
+                    "type": "http.response.start",
+                    "status": code,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send_out({"type": "http.response.body", "body": body})
+            refused = True
+
+        app_receive = receive
+        if max_bytes is not None:
+            seen = 0
+            utf8: Any = None  # made at the first chunk that is not ASCII (ASCII leaves no partial character)
+
+            async def limited_receive() -> dict:
+                nonlocal seen, utf8
+                message = await receive()
+                if message["type"] == "http.request":
+                    chunk = message.get("body", b"")
+                    seen += len(chunk)
+                    problem = None
+                    if seen > max_bytes:
+                        problem = (413, "payload_too_large", f"body: {seen} bytes or more; the limit is {max_bytes} bytes",
+                                   max_bytes)  # fmt: skip
+                    elif utf8 is not None or not chunk.isascii():
+                        if utf8 is None:
+                            utf8 = codecs.getincrementaldecoder("utf-8")()
+                        try:
+                            utf8.decode(chunk, final=not message.get("more_body"))
+                        except UnicodeDecodeError as exc:
+                            problem = (422, "validation_error", f"body: not valid UTF-8 ({exc.reason} at byte "
+                                       f"{seen - len(chunk) + exc.start})", None)  # fmt: skip
+                    if problem is not None:
+                        if not refused:
+                            if message.get("more_body"):
+                                await _drain(receive)
+                            await refuse(*problem)
+                        raise _BodyRefused()
+                return message
+
+            app_receive = limited_receive
+
+        if self.json_default and scope.get("method") == "POST" and (not ctype or ctype.startswith(_FORM)):
+            # In place: the router records the matched route in this same scope (the access log reads it).
+            scope["headers"] = [(k, v) for k, v in headers if k != b"content-type"] + [_JSON_TYPE]
+
         try:
-            await self.app(scope, receive, send_with_id)
+            if declared_over is not None:
+                await _drain(receive)
+                await refuse(413, "payload_too_large", f"body: {declared_over} bytes or more; the limit is "
+                             f"{max_bytes} bytes", max_bytes)  # fmt: skip
+                return
+            await self.app(scope, app_receive, send_out)
+        except _BodyRefused:
+            pass
         except ClientDisconnect:
             # The client left before its answer (mid-body, or while its request ran; the engine's work for it is
             # cancelled by then): nobody is left to answer. Not a server error: 499, nginx's "client closed request".
-            status["code"] = CLIENT_CLOSED
+            if not context:
+                raise
+            status = CLIENT_CLOSED
         except BaseException:
-            status["code"] = 500
+            status = 500
             raise
         finally:
-            elapsed = time.perf_counter() - start
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            if self.metrics is not None:
-                if not probe:
-                    self.metrics.in_flight.dec()
-                self.metrics.observe_http(route, scope.get("method", ""), status["code"], elapsed)
-            if not probe:
-                self._log(scope, state, request_id, status["code"], elapsed)
+            if context:
+                elapsed = time.perf_counter() - start
+                if metrics is not None:
+                    if not probe:
+                        metrics.in_flight.dec()
+                    route = getattr(scope.get("route"), "path", None) or "unmatched"
+                    metrics.observe_http(route, scope.get("method", ""), status, elapsed)
+                if not probe and self.log.isEnabledFor(logging.INFO):
+                    self._log(scope, state, request_id, status, elapsed)
 
     def _log(self, scope: dict, state: dict, request_id: str, status: int, elapsed: float) -> None:
         fields: dict[str, Any] = {
@@ -207,6 +222,22 @@ class RequestContext:
             fields["client"] = f"{client[0]}:{client[1]}"
         text = " ".join(f"{k}={v}" for k, v in fields.items())
         self.log.info("request %s", text, extra={"request": fields})
+
+
+async def _drain(receive: Any, cap: int = 64 << 20) -> None:
+    """Read and discard the rest of the body (bounded), so the client reads the 413 instead of a broken pipe."""
+    dropped = 0
+    while dropped < cap:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
+
+
+class _BodyRefused(Exception):
+    pass
 
 
 class ApiKeyAuth:

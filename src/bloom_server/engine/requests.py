@@ -191,12 +191,39 @@ class GenRequest:
             return
         if list(token_ids[: len(row.ids)]) != row.ids:  # the stream disagreed: the final output is the truth
             row.ids, row.logprobs, row.top, row.text, row.emitted = [], [], [], "", 0
-        for t in token_ids[len(row.ids) :]:
-            self.add_token(r, t, None, None)
-            if row.done:
-                break
+        if not self.incremental:
+            self._settle_bulk(r, row, token_ids[len(row.ids) :])
+        else:
+            for t in token_ids[len(row.ids) :]:
+                self.add_token(r, t, None, None)
+                if row.done:
+                    break
         if not row.done:
             row.done, row.reason = True, reason.value
+
+    def _settle_bulk(self, r: int, row: _Row, new: tuple[int, ...]) -> None:
+        """What add_token does token by token (no text to advance: the request is not incremental), in one step:
+        the row's tokens up to its first EOS or its max_new_tokens."""
+        if not new or self.done:
+            return
+        take = list(new[: max(0, self.spec.max_new_tokens - len(row.ids))])
+        reason = None
+        if self.eos_ids:
+            for i, t in enumerate(take):
+                if t in self.eos_ids:
+                    take, reason = take[: i + 1], FinishReason.EOS.value
+                    break
+        if reason is None and len(row.ids) + len(take) >= self.spec.max_new_tokens:
+            reason = FinishReason.LENGTH.value
+        if take and self.first_token is None:
+            self.first_token = time.monotonic()
+        row.ids.extend(take)
+        row.logprobs.extend([None] * len(take))
+        row.top.extend([None] * len(take))
+        if reason is not None:
+            row.done, row.reason = True, reason
+            if all(x.done for x in self.rows):
+                self._finish()
 
     def end_row(self, r: int, reason: str) -> None:
         """The backend finished a row (continuous batching: its tokens came with the steps); the request is answered

@@ -102,6 +102,7 @@ class Batcher:
         self.eos_token_id = eos_token_id
         self.on_batch = on_batch
         self._pending: list[GenRequest] = []
+        self._queued_tokens = 0  # sum of `tokens` over _pending, kept as it changes (not summed at each submit)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.running_rows = 0
@@ -114,7 +115,12 @@ class Batcher:
 
     @property
     def queued_tokens(self) -> int:
-        return sum(p.tokens for p in self._pending)
+        return self._queued_tokens
+
+    def _set_pending(self, pending: list[GenRequest]) -> None:
+        if len(pending) != len(self._pending):
+            self._queued_tokens = sum(p.tokens for p in pending)
+        self._pending = pending
 
     @property
     def idle(self) -> bool:
@@ -144,24 +150,26 @@ class Batcher:
             raise Overloaded(
                 f"{len(self._pending)} requests are queued (the limit is {self.max_queued})", self.retry_after()
             )
+        tokens = req.tokens
         if self.max_queued_tokens is not None and self._pending:
-            queued = self.queued_tokens
-            if queued + req.tokens > self.max_queued_tokens:
+            queued = self._queued_tokens
+            if queued + tokens > self.max_queued_tokens:
                 raise Overloaded(
-                    f"{queued} tokens are queued; this request needs {req.tokens} more "
+                    f"{queued} tokens are queued; this request needs {tokens} more "
                     f"(the limit is {self.max_queued_tokens})",
                     self.retry_after(),
                 )
         self.start()
         req._on_cancel_queued = self._remove
         self._pending.append(req)
+        self._queued_tokens += tokens
         self._wakeup.set()
 
     def _remove(self, req: GenRequest) -> None:
-        self._pending = [p for p in self._pending if p is not req]
+        self._set_pending([p for p in self._pending if p is not req])
 
     def _take(self) -> list[GenRequest]:
-        self._pending = [p for p in self._pending if not p.done]
+        self._set_pending([p for p in self._pending if not p.done])
         if not self._pending:
             return []
         key = self._key(self._pending[0])
@@ -171,7 +179,7 @@ class Batcher:
                 taken.append(p)
                 rows += p.n_rows
         ids = {id(p) for p in taken}
-        self._pending = [p for p in self._pending if id(p) not in ids]
+        self._set_pending([p for p in self._pending if id(p) not in ids])
         return taken
 
     @staticmethod
@@ -183,7 +191,7 @@ class Batcher:
 
     async def _loop(self) -> None:
         while True:
-            self._pending = [p for p in self._pending if not p.done]
+            self._set_pending([p for p in self._pending if not p.done])
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()

@@ -5,7 +5,8 @@ each cstep. Two engines:
   tiny  the embedded tiny BLOOM (2 layers, hidden 64, vocabulary 2048): real prefill/decode, small compute;
   fake  FastEngine with the model calls replaced by near-free tensor ops of the same shapes (tokens/positions/logits
         [B, V]): what is left is the step's host work (bookkeeping, Python per row, small tensor ops).
-Reports the median and mean per-step host microseconds, and with --profile the top functions of a cProfile of the
+Reports the median and mean per-step host microseconds (wall) and the mean thread CPU time per step (robust on a
+shared machine), and with --profile the top functions of a cProfile of the
 steps (cumulative and own time per step).
 
     python scripts/cstep_overhead.py --engine fake --rows 64 --steps 400 --profile
@@ -118,6 +119,7 @@ def main() -> int:
             self.joins, self.leaves = j, leaves
 
     times: list[float] = []
+    cpu: list[float] = []  # the engine thread's CPU time per step: robust when other processes share the cores
     tokens = 0
     prof = cProfile.Profile() if a.profile else None
     pending = joins(a.rows)
@@ -127,15 +129,16 @@ def main() -> int:
         timed = i >= a.warmup
         if timed and prof is not None:
             prof.enable()
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         res = backend.cstep(step, rank0=a.rank0)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.thread_time() - c0
         if timed and prof is not None:
             prof.disable()
         for rid, _ in res.finished:
             live.discard(rid)
         if timed:
             times.append(dt)
+            cpu.append(dc)
             tokens += len(res.tokens)
         pending = joins(a.rows - len(live))
     med, mean = statistics.median(times) * 1e6, statistics.fmean(times) * 1e6
@@ -147,6 +150,7 @@ def main() -> int:
         "step_us_median": round(med, 1),
         "step_us_mean": round(mean, 1),
         "step_us_p90": round(sorted(times)[int(0.9 * len(times))] * 1e6, 1),
+        "step_cpu_us_mean": round(statistics.fmean(cpu) * 1e6, 1),
         "tokens_per_step": round(tokens / a.steps, 2),
         "us_per_token": round(sum(times) * 1e6 / max(1, tokens), 2),
     }

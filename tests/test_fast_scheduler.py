@@ -60,3 +60,82 @@ def test_eos_and_min_length_per_row(engine):
     assert early.finish == "eos" and early.tokens == free[: free.index(eos) + 1]
     assert eos not in held.tokens[:5] and (held.finish == "length" or held.tokens[-1] == eos)
     assert plain.tokens == engine.generate([plain.prompt], 20, SamplingConfig()).tokens[0]
+
+
+def _mixed_requests(engine, seed):
+    """Greedy rows (some with an EOS met mid-stream, one held back by min_new_tokens), max_new_tokens 1, a
+    repetition penalty, a seeded sampled row: every kind of per-row rule the batcher applies."""
+    rng = random.Random(seed)
+    prompts = [tuple(rng.randrange(10, 2000) for _ in range(rng.randint(1, 9))) for _ in range(10)]
+    free = engine.generate([prompts[0]], 12, SamplingConfig()).tokens[0]
+    eos = free[3]
+    cfgs = [
+        SamplingConfig(eos_ids=(eos,)),  # ends on the EOS at its 4th token
+        SamplingConfig(eos_ids=(eos,), min_new_tokens=6),
+        SamplingConfig(),
+        SamplingConfig(repetition_penalty=1.3),
+        SamplingConfig(do_sample=True, top_k=20, temperature=0.8),
+        SamplingConfig(),
+        SamplingConfig(eos_ids=(eos,)),
+        SamplingConfig(),
+        SamplingConfig(do_sample=True, top_p=0.9),
+        SamplingConfig(),
+    ]
+    news = [12, 14, 1, 9, 11, 1, 13, 5, 7, 2]
+    prompts[1] = prompts[6] = prompts[0]
+    return [(i, prompts[i], news[i], cfgs[i]) for i in range(10)]
+
+
+def _run_staggered(engine, specs, pipeline, leave=None):
+    sched = ContinuousBatcher(engine, pipeline=pipeline)
+    reqs = [Request(rid=i, prompt=p, max_new_tokens=n, cfg=c, seed=100 + i) for i, p, n, c in specs]
+    arrivals = {0: reqs[:3], 1: reqs[3:5], 2: reqs[5:6], 5: reqs[6:8], 8: reqs[8:]}
+    seen: dict = {r.rid: [] for r in reqs}
+    finished: list = []
+    step = 0
+    while step < 300 and (not sched.idle or any(k >= step for k in arrivals)):
+        for r in arrivals.get(step, []):
+            sched.add(r)
+        if leave is not None and step == leave[0]:
+            assert sched.leave(leave[1]) is not None
+        finished += [r.rid for r in sched.step(logprobs=True)]
+        per_step = [e.req.rid for e in sched.emitted]
+        assert len(per_step) == len(set(per_step))  # at most one token per row per step
+        for e in sched.emitted:
+            seen[e.req.rid].append(e.token)
+            assert e.logprob is not None and e.logprob <= 0.0
+        assert [r.slot for r in sched.live] == list(range(len(sched.live)))
+        step += 1
+    assert sched.idle
+    for r in reqs:
+        assert seen[r.rid] == r.tokens, r.rid  # emitted in order, nothing dropped or repeated
+    return {r.rid: (r.tokens, r.finish) for r in reqs}, finished
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pipelined_steps_give_the_tokens_of_unpipelined_steps_and_of_each_row_alone(engine, seed):
+    specs = _mixed_requests(engine, seed)
+    piped, fin_piped = _run_staggered(engine, specs, pipeline=True)
+    plain, fin_plain = _run_staggered(engine, specs, pipeline=False)
+    assert piped == plain
+    assert sorted(fin_piped) == sorted(fin_plain) == sorted(i for i, *_ in specs)  # each finish reported once
+    for i, p, n, c in specs:
+        alone = engine.generate([p], n, c, seed=100 + i).tokens[0]
+        tokens, finish = piped[i]
+        if c.eos_ids and finish == "eos":
+            alone = alone[: alone.index(c.eos_ids[0], c.min_new_tokens) + 1]
+        assert tokens == alone, i
+        assert finish == ("eos" if c.eos_ids and c.eos_ids[0] in alone[c.min_new_tokens :] else "length"), i
+    assert piped[0][1] == "eos" and len(piped[0][0]) == 4  # EOS mid-stream
+    assert len(piped[2][0]) == len(piped[5][0]) == 1  # max_new_tokens 1
+
+
+def test_a_row_that_leaves_mid_stream_gets_a_prefix_and_the_others_are_untouched(engine):
+    specs = _mixed_requests(engine, 0)
+    full, _ = _run_staggered(engine, specs, pipeline=True)
+    for pipeline in (True, False):
+        left, fin = _run_staggered(engine, specs, pipeline=pipeline, leave=(4, 3))
+        tokens, finish = left[3]
+        assert finish == "stopped" and 0 < len(tokens) < len(full[3][0]) and tokens == full[3][0][: len(tokens)]
+        assert 3 not in fin
+        assert {k: v for k, v in left.items() if k != 3} == {k: v for k, v in full.items() if k != 3}

@@ -132,9 +132,10 @@ class FastBackend(Backend):
 
     def cstep(self, step: Any, rank0: bool = False) -> "CStepResult":
         """One continuous-batching step (engine/continuous.py's CStep: `joins`, `leaves`), the same on every rank:
-        rows that left are retired, joined rows are admitted and prefilled, every live row decodes one token, rows
-        that finished by EOS or length leave. `rank0`: the caller delivers the tokens, so their log-probabilities
-        (and top alternatives where a row asks) are computed too; they stay out of the ranks' digest."""
+        rows that left are retired, every live row's next decode is queued, the previous step's tokens are read
+        (pipelined one step ahead: fast/scheduler.py), rows that finished by EOS or length leave, joined rows are
+        admitted and prefilled. `rank0`: the caller delivers the tokens, so their log-probabilities (and top
+        alternatives where a row asks) are computed too; they stay out of the ranks' digest."""
         from bloom_server.fast.sampling import SamplingConfig
         from bloom_server.fast.scheduler import STOPPED, ContinuousBatcher, Request
 
@@ -155,8 +156,8 @@ class FastBackend(Backend):
                            top_n=j.top_n if rank0 else 0, pad_token_id=kwargs.get("pad_token_id", j.pad_token_id)))  # fmt: skip
         for r in cb.step(logprobs=rank0):
             finished.append((r.rid, _REASONS[r.finish]))  # type: ignore[index]
-        tokens = tuple((e.req.rid, e.token) for e in cb.emitted)
-        extra = tuple((e.logprob, e.top) for e in cb.emitted) if rank0 else None
+        tokens = tuple(zip(cb.out_rids, cb.out_tokens))
+        extra = tuple(cb.out_extra) if rank0 else None
         return CStepResult(tokens, tuple(finished), len(cb.live) + len(cb.waiting), extra)
 
     def forward_nll(self, batch: ForwardBatch) -> float:
@@ -182,10 +183,10 @@ _REASONS = {"eos": FinishReason.EOS.value, "length": FinishReason.LENGTH.value}
 
 @dataclass(frozen=True)
 class CStepResult:
-    """What one continuous step produced on this rank. tokens: (row id, token) in the order the step chose them
-    (a row admitted in this step may have two: its first token and its decoded one); finished: (row id, reason):
-    "eos_token", "length", or "stopped" (it left); live: rows held after the step. extra (rank 0 only): per token,
-    (log-probability, top alternatives or None)."""
+    """What one continuous step read on this rank. tokens: (row id, token) in the order they were chosen (pipelined:
+    the previous step's decode, then the previous step's admissions' first tokens; at most one per row); finished:
+    (row id, reason): "eos_token", "length", or "stopped" (it left); live: rows held after the step. extra (rank 0
+    only): per token, (log-probability, top alternatives or None)."""
 
     tokens: tuple[tuple[Any, int], ...]
     finished: tuple[tuple[Any, str], ...]

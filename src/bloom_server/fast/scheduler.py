@@ -146,7 +146,12 @@ class ContinuousBatcher:
         self.waiting: collections.deque[Request] = collections.deque()
         self.live: list[Request] = []  # live[i] sits in slot i
         self.steps = 0
-        self.emitted: list[Emitted] = []  # what the latest step produced
+        # What the latest step read, in order, as parallel lists (no object per token): the rows' ids, their
+        # tokens, and with logprobs each token's (log-probability, top alternatives or None).
+        self.out_rids: list[Any] = []
+        self.out_tokens: list[int] = []
+        self.out_extra: list[tuple[float | None, list | None]] = []
+        self._out_reqs: list[Request] = []
         self._pending: _Pending | None = None  # chosen on the device, not yet read (at most one step's worth)
 
     def add(self, req: Request) -> None:
@@ -184,7 +189,7 @@ class ContinuousBatcher:
         chosen in the previous step and the previous step's admissions' first tokens); with `logprobs`, each with
         its log-probability under the raw logits and, for rows with `top_n`, the most likely alternatives."""
         self._retire()  # rows that left since the previous step: out before anything runs
-        self.emitted = []
+        self.out_rids, self.out_tokens, self.out_extra, self._out_reqs = [], [], [], []
         nxt = _Pending()
         if any(r.finish is None and r.issued < r.max_new_tokens for r in self.live):
             self._decode(nxt, logprobs)  # queued on the device behind whatever is still running
@@ -208,6 +213,12 @@ class ContinuousBatcher:
             self._retire()
         self.steps += 1
         return finished
+
+    @property
+    def emitted(self) -> list[Emitted]:
+        """The latest step's tokens as objects (for callers outside the hot path)."""
+        extra = self.out_extra or [(None, None)] * len(self.out_tokens)
+        return [Emitted(r, t, lp, top) for r, t, (lp, top) in zip(self._out_reqs, self.out_tokens, extra)]
 
     def run(self) -> None:
         while not self.idle:
@@ -287,13 +298,18 @@ class ContinuousBatcher:
         tokens, lps, tops = p.read()
         done: list[Request] = []
         now = None
-        emitted = self.emitted
+        rids, out, reqs = self.out_rids, self.out_tokens, self._out_reqs
+        extra = self.out_extra if lps is not None else None
         for i, r in enumerate(p.rows):
             if r is None or r.finish is not None:  # rode along after its end, or its caller left
                 continue
             token = tokens[i]
             r.tokens.append(token)
-            emitted.append(Emitted(r, token, None if lps is None else lps[i], tops.get(i)))
+            rids.append(r.rid)
+            out.append(token)
+            reqs.append(r)
+            if extra is not None:
+                extra.append((lps[i], tops.get(i)))  # type: ignore[index]
             if r.first_token_at is None:
                 r.first_token_at = now = now or time.monotonic()
             if r.on_token is not None:

@@ -34,6 +34,12 @@ CASES = [
     ({"text": ["x"], "forced_eos_token_id": -1}, 422, "forced_eos_token_id"),
     ({"text": ["x"], "diversity_penalty": 0.5}, 422, "diversity_penalty"),
     ({"text": ["x"], "exponential_decay_length_penalty": [1]}, 422, "exponential_decay_length_penalty"),
+    ({"text": ["x"], "min_new_tokens": -1}, 422, "min_new_tokens"),
+    ({"text": ["x"], "min_new_tokens": "many"}, 422, "min_new_tokens"),
+    ({"text": ["x"], "max_new_tokens": 4, "min_new_tokens": 5}, 422, "min_new_tokens"),
+    ({"text": ["x"], "min_new_tokens": 65}, 422, "min_new_tokens"),  # past the default max_new_tokens (64 here)
+    ({"text": ["x"], "do_sample": True, "exponential_decay_length_penalty": [0, 1.5], "min_new_tokens": 3,
+      "max_new_tokens": 4}, 422, "exponential_decay_length_penalty"),
     ({"text": ["x"] * 17}, 422, "text"),
     ({"text": ["word " * 80]}, 422, "text[0]"),
     ({"text": ["word " * 45], "max_new_tokens": 64}, 422, "max_new_tokens"),

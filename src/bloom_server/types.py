@@ -31,6 +31,9 @@ GENERATE_KWARGS: tuple[str, ...] = (
     "exponential_decay_length_penalty",
     "remove_input_from_output",
 )
+# Accepted beyond the original server's: transformers' generate() takes them too.
+EXTRA_GENERATE_KWARGS: tuple[str, ...] = ("min_new_tokens",)
+ACCEPTED_GENERATE_KWARGS: tuple[str, ...] = GENERATE_KWARGS + EXTRA_GENERATE_KWARGS
 
 
 class FinishReason(str, enum.Enum):

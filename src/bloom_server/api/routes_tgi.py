@@ -29,7 +29,7 @@ from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse
 from bloom_server.engine.core import Engine
 from bloom_server.engine.requests import Completion, GenRequest, TokenEvent
 from bloom_server.errors import BloomServerError, InvalidRequest
-from bloom_server.types import GENERATE_KWARGS
+from bloom_server.types import ACCEPTED_GENERATE_KWARGS
 
 TGI_ERRORS = {
     401: {"model": ErrorResponse, "description": "API key missing or wrong"},
@@ -71,8 +71,8 @@ def submit(engine: Engine, request: Request, body: TGIRequest, streaming: bool =
         kwargs["do_sample"] = True
     kwargs["remove_input_from_output"] = not p.return_full_text
     # Beyond TGI's own parameters, the original server's generate() keywords (min_length, no_repeat_ngram_size, ...)
-    # are honoured too, with the same parsing as POST /generate's.
-    extra = {k: v for k, v in (p.model_extra or {}).items() if k in GENERATE_KWARGS and k not in kwargs}
+    # and min_new_tokens are honoured too, with the same parsing as POST /generate's.
+    extra = {k: v for k, v in (p.model_extra or {}).items() if k in ACCEPTED_GENERATE_KWARGS and k not in kwargs}
     if extra:
         kwargs.update(parse(GenerateKwargs, extra).generate_kwargs())
     try:

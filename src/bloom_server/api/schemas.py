@@ -7,7 +7,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from bloom_server.types import GENERATE_KWARGS
+from bloom_server.types import ACCEPTED_GENERATE_KWARGS
 
 Prompt = Annotated[str, StringConstraints(min_length=1)]
 
@@ -17,7 +17,7 @@ def _as_list(v: Any) -> Any:
 
 
 class GenerateKwargs(BaseModel):
-    """The 22 generate() keyword arguments of the original server; all optional."""
+    """The 22 generate() keyword arguments of the original server, and min_new_tokens; all optional."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -43,9 +43,12 @@ class GenerateKwargs(BaseModel):
     forced_eos_token_id: int | None = None
     exponential_decay_length_penalty: tuple[int, float] | None = None
     remove_input_from_output: bool | None = Field(None, description="Return only the new text (default true).")
+    min_new_tokens: int | None = Field(None, description="The end-of-sequence token is held back until this many new "
+                                       "tokens (>= 0, at most max_new_tokens); equal to max_new_tokens, every row "
+                                       "generates exactly max_new_tokens.")
 
     def generate_kwargs(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in GENERATE_KWARGS if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in ACCEPTED_GENERATE_KWARGS if getattr(self, k) is not None}
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})

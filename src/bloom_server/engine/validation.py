@@ -99,7 +99,7 @@ def validate_generate(
             f"must be in [{MIN_DIVISOR}, {1 / MIN_DIVISOR:g}]",
             f"[{MIN_DIVISOR}, {1 / MIN_DIVISOR:g}]",
         )
-    for f in ("min_length", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+    for f in ("min_length", "min_new_tokens", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
         if f in kw:
             _check(kw[f] >= 0, f, "must be >= 0", ">= 0")
     for f in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
@@ -139,16 +139,19 @@ def validate_generate(
         # and sampling from NaN fails inside the step (fatal for every rank). Greedy decoding survives it (as the
         # original server did), so only sampling is refused.
         _check(
-            not (do_sample and kw.get("min_length")),
+            not (do_sample and (kw.get("min_length") or kw.get("min_new_tokens"))),
             "exponential_decay_length_penalty",
-            "cannot be combined with min_length when sampling (one holds the end of sequence back, the other pushes "
-            "it forward)",
+            "cannot be combined with min_length or min_new_tokens when sampling (one holds the end of sequence back, "
+            "the other pushes it forward)",
         )
 
     max_new = kw.pop("max_new_tokens", None)
     if max_new is None:
         max_new = min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit)
     _check(max_new >= 1, "max_new_tokens", "must be >= 1", 1)
+    min_new = kw.pop("min_new_tokens", None)
+    if min_new is not None:
+        _check(min_new <= max_new, "min_new_tokens", f"must be <= max_new_tokens ({max_new})", max_new)
     if max_new > max_new_tokens_limit:
         _check(
             cap_max_new_tokens,
@@ -159,6 +162,8 @@ def validate_generate(
             max_new_tokens_limit,
         )
         max_new = max_new_tokens_limit
+    if min_new:  # 0 changes nothing: left out, so the request batches with those that do not set it
+        kw["min_new_tokens"] = min(int(min_new), int(max_new))  # capped along with max_new_tokens
     remove_input = kw.pop("remove_input_from_output", default_remove_input)
     if not do_sample:
         for f in SAMPLING_ONLY:

@@ -279,7 +279,7 @@ def project_rule_problems(docs: list[dict]) -> list[str]:
             shm = [m for m in c.get("volumeMounts", []) if m.get("mountPath") == "/dev/shm"]
             if not shm or vols.get(shm[0]["name"], {}).get("emptyDir", {}).get("medium") != "Memory":
                 problems.append(f"{name}: {limit} GPUs but no memory-backed emptyDir at /dev/shm (NCCL)")
-            if env.get("BLOOM_BACKEND") not in ("ds_inference", "ds_zero"):
+            if env.get("BLOOM_BACKEND") not in ("ds_inference", "ds_zero", "fast"):
                 problems.append(f"{name}: GPUs with BLOOM_BACKEND {env.get('BLOOM_BACKEND')!r}")
         # Probes that tolerate the load, and time to drain.
         for probe, path in (("startupProbe", "/health"), ("readinessProbe", "/ready"), ("livenessProbe", "/health")):

@@ -48,7 +48,9 @@ def rank_file_name(rank: int, world: int) -> str:
 class LoadProgress:
     """Load progress of this rank, written by the loader (any thread), read by the API. Phases, in order:
     starting, prefetching (bytes into the page cache before torch is up), reading weights, allocating cache,
-    warming up (the first generate: CUDA graph capture), ready."""
+    compiling kernels (fast backend on a GPU, only when the kernels compiled during the read are not done when the
+    weights are), warming up (the first generate: CUDA graph capture), ready. `timings`: named seconds (or counts)
+    of pieces inside the phases (the kernels done ahead, the warm-up generate), for /ready and the log."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -59,6 +61,7 @@ class LoadProgress:
         self.total_bytes = 0  # bytes this rank's weights take on disk (0 until known)
         self.prefetched_bytes = 0  # bytes read ahead into the page cache
         self.loading_started = threading.Event()  # the real load began: a prefetcher stops
+        self.timings: dict[str, float] = {}
 
     def set_phase(self, name: str) -> None:
         with self._lock:
@@ -72,6 +75,12 @@ class LoadProgress:
     def set_total(self, nbytes: int) -> None:
         with self._lock:
             self.total_bytes = int(nbytes)
+
+    def note(self, name: str, value: float) -> None:
+        """A named duration (seconds) or count inside the phases (reported with them)."""
+        with self._lock:
+            self.timings[name] = float(value)
+        log.debug("load timing: %s = %.3f", name, value)
 
     def add(self, nbytes: int) -> None:
         with self._lock:
@@ -91,6 +100,7 @@ class LoadProgress:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             loaded, total, pre, phase = self.loaded_bytes, self.total_bytes, self.prefetched_bytes, self.phase
+            timings = dict(self.timings)
         return {
             "phase": phase,
             "loaded_bytes": loaded,
@@ -99,11 +109,16 @@ class LoadProgress:
             "prefetched_bytes": pre,
             "elapsed_s": round(time.monotonic() - self.t0, 3),
             "phases": [{"phase": n, "start_s": round(s, 3), "seconds": round(d, 3)} for n, s, d in self.durations()],
+            "timings": {k: round(v, 3) for k, v in timings.items()},
         }
 
     def summary(self) -> str:
         parts = [f"{n} {d:.2f} s" for n, _, d in self.durations() if n not in ("ready",)]
-        return "; ".join(parts) + f" (weights {self.loaded_bytes / 1e9:.2f} GB, prefetched {self.prefetched_bytes / 1e9:.2f} GB)"
+        with self._lock:
+            timings = dict(self.timings)
+        inside = "; ".join(f"{k} {v:.2f}" for k, v in timings.items())
+        return "; ".join(parts) + f" (weights {self.loaded_bytes / 1e9:.2f} GB, prefetched {self.prefetched_bytes / 1e9:.2f} GB)" \
+            + (f"; inside: {inside}" if inside else "")  # fmt: skip
 
 
 class ReadThrottle:

@@ -3,6 +3,7 @@ then follow rank 0's steps. This module wires the layers together; it holds no l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -27,13 +28,33 @@ def resolve(settings: Settings) -> ModelDir:
                              trust_unverified_pickles=settings.trust_unverified_pickles)  # fmt: skip
 
 
-def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress | None = None):
+def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress | None = None,
+                 kernel_workers=None):  # fmt: skip
     from bloom_server.backends import create_backend
 
     backend = create_backend(settings, model_dir, ctx)
     backend.progress = progress
+    backend.kernel_workers = kernel_workers  # the fast backend's load waits on them (fast/precompile.py)
     backend.load()
     return backend
+
+
+def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_flag: int | None = None):
+    """The fast backend's decode kernels start compiling now, in child processes, into Triton's cache (the
+    BLOOM_KERNEL_CACHE_DIR setting), while this process imports torch and reads weights (fast/precompile.py).
+    None where there is nothing to compile (other backends, no GPU or Triton, fp32, BLOOM_FAST_PRECOMPILE=0)."""
+    if settings.backend != "fast":
+        return None
+    from bloom_server.fast.precompile import apply_kernel_cache_dir, start_compile_workers
+
+    apply_kernel_cache_dir(settings.kernel_cache_dir)
+    local = local_rank_flag if local_rank_flag is not None else int(os.environ.get("LOCAL_RANK", "0") or 0)
+    try:
+        return start_compile_workers(settings, model_dir.path, world=int(os.environ.get("WORLD_SIZE", "1") or 1),
+                                     local_rank=local)  # fmt: skip
+    except Exception:  # noqa: BLE001 - ahead-of-time work only: the load compiles what is missing
+        log.warning("kernel compile workers not started", exc_info=True)
+        return None
 
 
 def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgress) -> None:
@@ -58,22 +79,24 @@ def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
         log.error("cannot serve: %s", exc)
         return 2
     start_prefetch(settings, model_dir, progress)  # before torch: rank_context imports it
+    workers = start_kernel_compile(settings, model_dir, local_rank_flag)
 
     from bloom_server.runtime.distributed import rank_context
 
     ctx = rank_context(local_rank_flag)
     if ctx.rank != 0:
-        return _follower(settings, model_dir, ctx, progress)
-    return _leader(settings, model_dir, ctx, progress)
+        return _follower(settings, model_dir, ctx, progress, workers)
+    return _leader(settings, model_dir, ctx, progress, workers)
 
 
-def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress) -> int:
+def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress,
+              workers=None) -> int:  # fmt: skip
     from bloom_server.runtime.distributed import init_distributed, shutdown_distributed
     from bloom_server.runtime.lockstep import die, follow
 
     try:
         channel = init_distributed(ctx)
-        backend = load_backend(settings, model_dir, ctx, progress)
+        backend = load_backend(settings, model_dir, ctx, progress, workers)
     except BaseException as exc:  # noqa: BLE001
         log.exception("rank %d failed to load", ctx.rank)
         die(f"rank {ctx.rank} failed to load: {exc}")
@@ -89,7 +112,7 @@ def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progres
     os._exit(code)
 
 
-def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress) -> int:
+def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress, workers=None) -> int:
     import uvicorn
 
     from bloom_server.api.app import create_app
@@ -114,7 +137,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
                 # Once the leader exists it answers the callers in flight before the process goes.
                 channel.start_watchdog(lambda reason: holder["leader"].abort(reason) if "leader" in holder else die(reason))
             engine.state_detail = f"loading {model_dir.path} ({settings.backend})"
-            backend = load_backend(settings, model_dir, ctx, progress)
+            backend = load_backend(settings, model_dir, ctx, progress, workers)
             tokenizer = TextTokenizer(model_dir.path)
             leader = Leader(backend, channel, heartbeat_s=settings.heartbeat_s).start()
             holder["leader"] = leader
@@ -132,7 +155,8 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
             engine.attach(leader, tokenizer, info)
             engine.load_seconds = time.perf_counter() - start
             progress.set_phase("warming up")  # the first generate (on GPUs it captures its CUDA graph)
-            engine.warmup()
+            with warmup_report(settings, progress):
+                engine.warmup()
             progress.set_phase("ready")
             log.info("ready: %s loaded in %.1f s (%d rank(s)); load phases: %s", model_dir.model_id,
                      engine.load_seconds, ctx.world_size, progress.summary())  # fmt: skip
@@ -163,6 +187,42 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
     if engine.runner is not None and engine.runner.dead:
         return 1
     return 0 if server.started else 1
+
+
+@contextlib.contextmanager
+def warmup_report(settings: Settings, progress: LoadProgress):
+    """Around the warm-up generate: its seconds (progress.timings, /ready's progress), the engine's graph-capture
+    times at info for its duration (fast.engine logs them at debug), and, for the fast backend, whether the warm-up
+    still compiled or autotuned Triton kernels (it should not: they were done during the weight read)."""
+    counts = None
+    if settings.backend == "fast":
+        try:
+            from bloom_server.fast import triton_kernels as tk
+
+            counts = tk.kernel_counts
+        except Exception:  # noqa: BLE001
+            counts = None
+    before = counts() if counts else None
+    engine_log = logging.getLogger("bloom_server.fast.engine")
+    level = engine_log.level
+    if log.isEnabledFor(logging.INFO) and not engine_log.isEnabledFor(logging.DEBUG):
+        engine_log.setLevel(logging.DEBUG)
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        engine_log.setLevel(level)
+        took = time.perf_counter() - t
+        progress.note("warm-up generate", took)
+        extra = ""
+        if counts and before is not None:
+            after = counts()
+            new = {k: after[k] - before[k] for k in after}
+            progress.note("warm-up kernel compiles", new["compiled"])
+            progress.note("warm-up kernel autotunes", new["tuned"])
+            extra = f"; Triton during the warm-up: {new['compiled']} variant(s) compiled or loaded, " \
+                    f"{new['tuned']} GEMV key(s) autotuned (0 and 0: all done ahead)"  # fmt: skip
+        log.info("warm-up generate: %.2f s%s", took, extra)
 
 
 def make_server(config, on_signal, idle=None, drain_timeout_s: float = 0.0):

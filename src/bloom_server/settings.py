@@ -208,6 +208,13 @@ class Settings(BaseSettings):
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.cors_allow_origins.split(",") if o.strip()]
 
+    kernel_cache_dir: str | None = Field(
+        None, validation_alias=_env("kernel_cache_dir"),
+        description="fast backend: where compiled Triton kernels and their autotuning results are kept (Triton's "
+        "TRITON_CACHE_DIR). Default: TRITON_CACHE_DIR if set, else ~/.triton/cache. A directory that survives "
+        "restarts (an emptyDir survives container restarts in the pod) lets a restart skip the compiles.",
+    )  # fmt: skip
+
 
 def load_settings(**overrides: Any) -> Settings:
     """Environment plus explicit overrides (flags). Overrides that are None are ignored."""

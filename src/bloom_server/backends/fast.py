@@ -47,6 +47,7 @@ class FastBackend(Backend):
         captured later, per shape on first use (the warm-up captures its own)."""
         import torch
 
+        t_load = time.perf_counter()
         from bloom_server.fast.engine import FastEngine
         from bloom_server.fast.shapes import BloomShape
         from bloom_server.fast.tp import TPGroup
@@ -69,6 +70,21 @@ class FastBackend(Backend):
             raise ConfigError(f"{shape.n_head} attention heads do not split over {ctx.world_size} ranks")
         tp = TPGroup(rank=ctx.rank, world=ctx.world_size)
         s = self.settings
+        # On CUDA with Triton: a thread that compiles/loads and autotunes the decode kernels and warms cuBLAS while
+        # the weights stream in (the compile workers serve.py started put the binaries in Triton's cache); None on
+        # CPU, without Triton, for fp32 and with BLOOM_FAST_PRECOMPILE=0 (fast/triton_kernels.py start_prewarm).
+        from bloom_server.fast import triton_kernels as tk
+
+        progress = self.progress
+
+        def keep_going() -> bool:  # multi-row variants only while most of the weights are still to come
+            return progress is None or not progress.total_bytes or progress.loaded_bytes < 0.75 * progress.total_bytes
+
+        prewarm = tk.start_prewarm(
+            device, {"model_dir": str(self.model_dir.path), "world": ctx.world_size, "max_batch": s.max_batch_size,
+                     "dtype": str(dtype).replace("torch.", ""), "max_seq": s.total_tokens_limit},
+            hidden=shape.hidden_size, workers=getattr(self, "kernel_workers", None), keep_going=keep_going,
+        )  # fmt: skip
         self._phase("reading weights")
         t0 = time.perf_counter()
         weights = from_checkpoint(
@@ -87,6 +103,20 @@ class FastBackend(Backend):
         )
         self._defaults = _generation_defaults(self.model_dir.path)
         self._dtype = str(dtype).replace("torch.", "")
+        if prewarm is not None:
+            # The warm-up that follows captures a CUDA graph: nothing else may run on the device by then.
+            if not prewarm.stage1.is_set():
+                self._phase("compiling kernels")
+            waited = prewarm.finish()
+            if self.progress is not None:
+                self.progress.note("kernels ahead (load thread helper)", time.perf_counter() - prewarm.t0)
+                self.progress.note("kernels waited after the weights", waited)
+                for k, v in prewarm.times.items():
+                    if not k.startswith("  "):
+                        self.progress.note(f"kernels: {k}", v)
+            log.info("rank %d: kernels ahead of the warm-up (%.1f s from load start, %.2f s waited after the cache): "
+                     "%s", ctx.rank, time.perf_counter() - t_load, waited, prewarm.summary())  # fmt: skip
+            log.info("rank %d: kernel calls ahead (compile or cache load + autotune): %s", ctx.rank, prewarm.details())
         log.info(
             "rank %d: fast engine %s on %s, %d of %d heads, %.2f GB weights read in %.2f s (%.2f GB/s), "
             "%.2f GB KV cache",

@@ -21,7 +21,14 @@ Under TRITON_INTERPRET=1 (CPU, numpy) the same kernels run, so the CPU tests che
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -36,6 +43,7 @@ except Exception:  # noqa: BLE001 - no triton (CPU wheels): the model keeps the 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 16  # rows one gemv program holds (tl.dot's smallest M); more rows take the eager path
+log = logging.getLogger(__name__)
 
 
 def available(device: torch.device) -> bool:
@@ -72,7 +80,19 @@ if HAVE_TRITON:
         bm = kw.get("BM", nargs.get("BM", 1))
         return [c for c in configs if bm == 1 or c.kwargs["BN"] >= 16] or configs
 
-    @triton.autotune(configs=_gemv_configs(), key=["N", "K", "BM"], prune_configs_by={"early_config_prune": _prune})
+    def _autotune_kwargs() -> dict:
+        # Autotuning results kept in Triton's cache directory (BLOOM_KERNEL_CACHE_DIR) where this Triton can: a
+        # restart with the cache kept skips the benchmarks (~0.8 s per (N, K, BM) key) as well as the compiles.
+        import inspect
+
+        try:
+            ok = "cache_results" in inspect.signature(triton.autotune).parameters
+        except (TypeError, ValueError):
+            ok = False
+        return {"cache_results": True} if ok and not INTERPRET else {}
+
+    @triton.autotune(configs=_gemv_configs(), key=["N", "K", "BM"], prune_configs_by={"early_config_prune": _prune},
+                     **_autotune_kwargs())  # fmt: skip
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, lnw_ptr, lnb_ptr,
@@ -242,3 +262,341 @@ def decode_attention(
         k_cache.stride(2), out.stride(0), float(alpha), D=D, BS=bs, num_warps=4,
     )  # fmt: skip
     return out
+
+
+# ------------------------------------------------------------------------------------ ahead of time (cold start)
+#
+# The first decode step would otherwise compile every kernel variant it uses (Triton specialises on constexprs,
+# dtypes, integer arguments equal to 1 or divisible by 16 and 16-byte pointer alignment) and autotune each GEMV key
+# (N, K, BM): ~8 s of compiles and ~4 s of benchmarks on an H100, all on the critical path of the warm-up. Here the
+# same calls run ahead, while the weights stream in:
+#   - `compile_workers` (started by serve.py at process start): child processes that compile the variants into
+#     Triton's on-disk cache (Kernel.warmup with dtypes in place of tensors: no memory, no launch; the compiles run
+#     outside this process's GIL, in parallel);
+#   - `warm` (the fast backend's load thread helper): the real `gemv`/`decode_attention` calls on dummy device
+#     tensors of the real shapes, which load those binaries (or compile what is missing) and run the autotuner's
+#     benchmarks, so the warm-up's calls find everything in memory.
+# The plan mirrors BloomRankModel.decode_layer / logits (fast/model.py): keep them in step.
+
+
+@dataclass(frozen=True)
+class GemvCall:
+    """One linear layer of the small-batch decode step as the model calls `gemv`: y [M, N] = x [M, K] @ w^T."""
+
+    name: str
+    N: int
+    K: int
+    epilogue: str | None = None
+    ln: bool = False
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What the decode step of at most MAX_ROWS rows runs on Triton for one rank (empty: nothing)."""
+
+    dtype: str  # "float16" | "bfloat16"
+    gemvs: tuple[GemvCall, ...]
+    attention: bool
+    hp: int
+    D: int
+    max_seq: int
+    max_batch: int
+
+    @property
+    def empty(self) -> bool:
+        return not self.gemvs and not self.attention
+
+    def rows(self, stage: int) -> tuple[int, ...]:
+        """Row counts whose variants a stage covers: 1 (BM=1: what the one-row warm-up and bs-1 decode use), then
+        2 and 16 (BM=16, specialised as "not / divisible by 16": bs 2-16 steps and multi-row prefill logits)."""
+        if stage == 1:
+            return (1,)
+        return ((2,) if self.max_batch > 1 else ()) + ((16,) if self.max_batch >= 16 else ())
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["gemvs"] = [asdict(g) for g in self.gemvs]
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DecodePlan":
+        d = json.loads(text)
+        d["gemvs"] = tuple(GemvCall(**g) for g in d["gemvs"])
+        return cls(**d)
+
+
+def decode_plan(*, hidden: int, n_head: int, vocab_size: int, world: int, dtype: str, max_batch: int, max_seq: int,
+                fuse: frozenset | set, post: bool = False) -> DecodePlan:  # fmt: skip
+    """The Triton calls of one rank's decode step (fast/model.py's choices: fp16/bf16 only, Triton GEMVs for the
+    column-parallel layers and, on one rank, the row-parallel ones with their residual epilogue; the fused attention;
+    the head where it has under 2**31 elements). dtype: "float16" | "bfloat16" (anything else: an empty plan)."""
+    hp, D = n_head // world, hidden // n_head
+    f = 4 * hidden // world
+    vp = -(-vocab_size // world)
+    none = DecodePlan(dtype, (), False, hp, D, max_seq, max_batch)
+    if dtype not in ("float16", "bfloat16") or post or not (set(fuse) & {"tgemv", "tattn", "thead"}):
+        return none
+    big = (hp * 3 * D * hidden, hidden * hp * D, f * hidden, hidden * f)
+    if any(n >= 2**31 for n in big):
+        return none
+    gemvs: list[GemvCall] = []
+    tln = "tln" in fuse
+    if "tgemv" in fuse or tln:
+        gemvs.append(GemvCall("qkv", hp * 3 * D, hidden, None, tln))
+        if world == 1 and "tgemv" in fuse:
+            gemvs.append(GemvCall("dense", hidden, hp * D, "residual"))
+        gemvs.append(GemvCall("fc1", f, hidden, "gelu", tln))
+        if world == 1 and "tgemv" in fuse:
+            gemvs.append(GemvCall("fc2", hidden, f, "residual"))
+    if "thead" in fuse and vp * hidden < 2**31:
+        gemvs.append(GemvCall("head", vp, hidden))
+    attention = "tattn" in fuse and D & (D - 1) == 0
+    return DecodePlan(dtype, tuple(gemvs), attention, hp, D, max_seq, max_batch)
+
+
+def _attn_block() -> int:
+    return 16 if INTERPRET else 64
+
+
+def _key_bucket(max_seq: int) -> int:
+    return min(64, max_seq)  # engine.seq_bucket's first bucket: a multiple of 16, as every bucket up to 256
+
+
+@torch.inference_mode()
+def warm(plan: DecodePlan, device: torch.device, stage: int = 1, stop: Any = None) -> dict[str, float]:
+    """Run each kernel of `plan` once on dummy tensors of the real shapes (compiles or loads the binaries, autotunes
+    the GEMV keys). Returns seconds per call ("gemv qkv M=1": ...). `stop` (an Event): give up between calls once it
+    is set. On a CUDA device, a side stream; the caller synchronises nothing."""
+    times: dict[str, float] = {}
+    if plan.empty or not available(device):
+        return times
+    dt = getattr(torch, plan.dtype)
+    rows = plan.rows(stage)
+    if not rows:
+        return times
+    wmax = max((g.N * g.K for g in plan.gemvs), default=1)
+    kmax = max((max(g.K, g.N) for g in plan.gemvs), default=1)
+    nmax = max((g.N for g in plan.gemvs), default=1)
+    w_all = torch.empty(wmax, dtype=dt, device=device).normal_(0, 0.02)  # real-size weights: honest benchmarks
+    x_all = torch.empty(MAX_ROWS * kmax, dtype=dt, device=device).normal_()
+    r_all = torch.zeros(MAX_ROWS * kmax, dtype=dt, device=device)
+    b_all = torch.zeros(nmax, dtype=dt, device=device)
+    ln_w = torch.ones(kmax, dtype=dt, device=device)
+    for m in rows:
+        for g in plan.gemvs:
+            if stop is not None and stop.is_set():
+                return times
+            t = time.perf_counter()
+            x = x_all[: m * g.K].view(m, g.K)
+            w = w_all[: g.N * g.K].view(g.N, g.K)
+            res = r_all[: m * g.N].view(m, g.N) if g.epilogue == "residual" else None
+            ln = (ln_w[: g.K], b_all[: g.K], 1e-5) if g.ln else None
+            gemv(x, w, b_all[: g.N], ln=ln, epilogue=g.epilogue, residual=res)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[f"gemv {g.name} M={m}"] = time.perf_counter() - t
+        if plan.attention and stage == 1:
+            t = time.perf_counter()
+            hp, D, S = plan.hp, plan.D, _key_bucket(plan.max_seq)
+            kc = torch.zeros((m, hp, plan.max_seq, D), dtype=dt, device=device)
+            qkv = torch.zeros((m, hp * 3 * D), dtype=dt, device=device)
+            pos = torch.zeros(m, dtype=torch.long, device=device)
+            slopes = torch.ones(hp, dtype=torch.float32, device=device)
+            decode_attention(qkv, kc, torch.zeros_like(kc), pos, slopes, S, 1.0 / math.sqrt(D), hp, D)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[f"attention M={m}"] = time.perf_counter() - t
+    return times
+
+
+def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int) -> int:
+    """Compile this worker's share of the plan's variants (Kernel.warmup: dtypes for tensors, nothing launched) and
+    build their launchers where a CUDA context is at hand. Returns the variants compiled."""
+    dt = getattr(torch, plan.dtype)
+    jobs: list[Callable[[], Any]] = []
+    for m in plan.rows(stage):
+        bm = 1 if m == 1 else 16
+        for g in plan.gemvs:
+            for cfg in _prune(_gemv_kernel.configs, {}, BM=bm):
+                def job(g=g, m=m, bm=bm, cfg=cfg):  # noqa: ANN001
+                    return _gemv_kernel.fn.warmup(
+                        dt, dt, dt, dt, dt, dt, dt, m, g.N, g.K, g.K, g.K, g.N, g.N, 1e-5,
+                        LN=g.ln, EPI=EPILOGUES[g.epilogue], BM=bm, LIBDEVICE=not INTERPRET, grid=(1,),
+                        **cfg.all_kwargs(),
+                    )  # fmt: skip
+
+                jobs.append(job)
+        if plan.attention and stage == 1:
+            hp, D, S = plan.hp, plan.D, _key_bucket(plan.max_seq)
+
+            def attn(m=m, hp=hp, D=D, S=S):  # noqa: ANN001
+                s_ch = plan.max_seq * D
+                return _decode_attn_kernel.warmup(
+                    dt, dt, dt, torch.int64, torch.float32, dt, S, hp, hp * 3 * D, hp * s_ch, s_ch, D, hp * D, 0.125,
+                    D=D, BS=_attn_block(), num_warps=4, grid=(1,),
+                )  # fmt: skip
+
+            jobs.append(attn)
+    done = 0
+    for i, job in enumerate(jobs):
+        if i % parts != part:
+            continue
+        k = job()
+        init = getattr(k, "_init_handles", None)
+        if init is not None and torch.cuda.is_available():
+            try:
+                init()  # loads the binary and builds (and caches) its launcher
+            except Exception as e:  # noqa: BLE001 - the parent will do it
+                print(f"launcher: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        done += 1
+    return done
+
+
+def plan_for(facts: dict[str, Any]) -> DecodePlan:
+    """The DecodePlan of one rank from plain facts (what serve.py hands the compile workers, and the fast backend's
+    load uses itself): model_dir, world, dtype ("float16" ...), max_batch, max_seq; the fusion from BLOOM_FAST_DECODE
+    (fast/model.py's parse_fuse)."""
+    from bloom_server.fast.model import parse_fuse
+    from bloom_server.fast.shapes import BloomShape
+
+    shape = BloomShape.from_dir(facts["model_dir"])
+    return decode_plan(hidden=shape.hidden_size, n_head=shape.n_head, vocab_size=shape.vocab_size,
+                       world=int(facts["world"]), dtype=str(facts["dtype"]), max_batch=int(facts["max_batch"]),
+                       max_seq=int(facts["max_seq"]), fuse=parse_fuse(None),
+                       post=shape.apply_residual_connection_post_layernorm)  # fmt: skip
+
+
+def _worker_main(argv: list[str]) -> int:
+    """A compile worker (bloom_server.fast.precompile starts them): argv = FACTS_JSON PART PARTS DEVICE. Prints
+    "stage N done COUNT SECONDS" as it goes (the parent waits on stage 1)."""
+    facts = json.loads(argv[0])
+    part, parts, dev = int(argv[1]), int(argv[2]), int(argv[3])
+    if not HAVE_TRITON or not torch.cuda.is_available():
+        print("stage 1 done 0 0.00\nstage 2 done 0 0.00", flush=True)
+        return 0
+    torch.cuda.set_device(dev)
+    plan = plan_for(facts)
+    for stage in (1, 2):
+        t = time.perf_counter()
+        n = _compile_only(plan, stage, part, parts) if not plan.empty else 0
+        print(f"stage {stage} done {n} {time.perf_counter() - t:.2f}", flush=True)
+    return 0
+
+
+def kernel_counts() -> dict[str, int]:
+    """Compiled variants and autotuned GEMV keys held in this process (to tell whether a call compiled or tuned)."""
+    if not HAVE_TRITON:
+        return {"compiled": 0, "tuned": 0}
+    compiled = 0
+    for fn in (_gemv_kernel.fn, _decode_attn_kernel):
+        caches = getattr(fn, "device_caches", None)
+        if isinstance(caches, dict):  # Triton 3.x: device -> (kernel cache, ...)
+            for v in caches.values():
+                c = v[0] if isinstance(v, tuple) else v
+                compiled += len(c) if hasattr(c, "__len__") else 0
+        else:
+            c = getattr(fn, "cache", None)
+            if isinstance(c, dict):
+                compiled += sum(len(d) if isinstance(d, dict) else 1 for d in c.values())
+    return {"compiled": compiled, "tuned": len(getattr(_gemv_kernel, "cache", {}) or {})}
+
+
+class Prewarm:
+    """The load thread's helper (fast backend, CUDA): once the compile workers have finished stage 1 (or at once
+    without workers), runs `warm` for the one-row variants (the binaries load from Triton's cache, the autotuner
+    benchmarks each GEMV key), warms cuBLAS/cuBLASLt with a small matmul in the model dtype, then, while the weights
+    are still far from read (`keep_going()`), the multi-row variants. On its own non-blocking stream, so the loader's
+    copies neither wait for it nor skew its benchmarks. `finish()` stops it between calls and joins it: it must be
+    done before the warm-up captures a CUDA graph."""
+
+    def __init__(self, plan: DecodePlan, device: torch.device, hidden: int, workers: Any = None,
+                 keep_going: Callable[[], bool] | None = None):  # fmt: skip
+        import threading
+
+        self.plan, self.device, self.hidden, self.workers = plan, device, hidden, workers
+        self.keep_going = keep_going or (lambda: True)
+        self.stop = threading.Event()
+        self.stage1 = threading.Event()
+        self.times: dict[str, float] = {}
+        self.error: str | None = None
+        self.t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, name="bloom-prewarm", daemon=True)
+
+    def start(self) -> "Prewarm":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            torch.cuda.set_device(self.device)
+            side = torch.cuda.Stream(self.device)
+            if self.workers is not None:
+                t = time.perf_counter()
+                self.workers.wait(1, timeout=120.0)
+                self.times["wait for compile workers (stage 1)"] = time.perf_counter() - t
+            t = time.perf_counter()
+            with torch.cuda.stream(side):
+                calls = warm(self.plan, self.device, 1)
+            self.times["stage 1 (M=1) kernels"] = time.perf_counter() - t
+            self.times.update({f"  {k}": v for k, v in calls.items()})
+            t = time.perf_counter()
+            dt = getattr(torch, self.plan.dtype, torch.float16)
+            with torch.inference_mode():
+                for m in (1, 8):  # cuBLAS/cuBLASLt: library, handle and workspace, GEMV and GEMM paths
+                    x = torch.zeros((m, self.hidden), dtype=dt, device=self.device)
+                    torch.nn.functional.linear(x, torch.zeros((self.hidden, self.hidden), dtype=dt, device=self.device))
+                torch.cuda.synchronize(self.device)
+            self.times["cublas"] = time.perf_counter() - t
+            self.stage1.set()
+            if self.plan.rows(2) and not self.stop.is_set() and self.keep_going():
+                if self.workers is not None:
+                    self.workers.wait(2, timeout=30.0)
+                t = time.perf_counter()
+                with torch.cuda.stream(side):
+                    calls = warm(self.plan, self.device, 2, stop=_Either(self.stop, self.keep_going))
+                self.times["stage 2 (M=2,16) kernels"] = time.perf_counter() - t
+                self.times.update({f"  {k}": v for k, v in calls.items()})
+            side.synchronize()
+            torch.cuda.empty_cache()  # the dummy tensors' memory back to the device
+        except Exception as e:  # noqa: BLE001 - ahead-of-time work only: the warm-up compiles what is missing
+            self.error = f"{type(e).__name__}: {e}"
+            log.warning("kernel prewarm failed (the warm-up will compile instead): %s", self.error, exc_info=True)
+        finally:
+            self.stage1.set()
+
+    def finish(self, timeout: float = 300.0) -> float:
+        """Wait for stage 1, stop stage 2 between calls, join. Returns the seconds waited."""
+        t = time.perf_counter()
+        self.stage1.wait(timeout)
+        self.stop.set()
+        self._thread.join(timeout)
+        return time.perf_counter() - t
+
+    def summary(self) -> str:
+        parts = [f"{k.strip()} {v:.2f} s" for k, v in self.times.items() if not k.startswith("  ")]
+        return "; ".join(parts) + (f"; FAILED: {self.error}" if self.error else "")
+
+    def details(self) -> str:
+        return "; ".join(f"{k.strip()} {v:.3f} s" for k, v in self.times.items() if k.startswith("  "))
+
+
+class _Either:
+    """An Event-like stop flag: set when `stop` is set or `keep_going()` turns false."""
+
+    def __init__(self, stop: Any, keep_going: Callable[[], bool]):
+        self._stop, self._keep = stop, keep_going
+
+    def is_set(self) -> bool:
+        return self._stop.is_set() or not self._keep()
+
+
+def start_prewarm(device: torch.device, facts: dict[str, Any], *, hidden: int, workers: Any = None,
+                  keep_going: Callable[[], bool] | None = None) -> Prewarm | None:  # fmt: skip
+    """The fast backend's load hook: a started Prewarm on a CUDA device with Triton (facts as `plan_for` takes them),
+    None elsewhere (CPU, no Triton, BLOOM_FAST_PRECOMPILE=0, a plan with nothing on Triton: fp32, base fusion)."""
+    from bloom_server.fast import precompile
+
+    if device.type != "cuda" or not HAVE_TRITON or not precompile.enabled():
+        return None
+    plan = plan_for(facts)
+    return Prewarm(plan, device, hidden, workers, keep_going).start()

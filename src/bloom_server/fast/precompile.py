@@ -1,0 +1,165 @@
+"""Ahead-of-time Triton compiles for the fast backend's cold start: the torch-free half, so that serve.py can start
+the compile workers at process start, before torch is imported (the torch half is fast/triton_kernels.py: the plan
+of kernel variants, the workers' own code, `warm`).
+
+- `apply_kernel_cache_dir`: where Triton keeps compiled kernels and autotuning results (BLOOM_KERNEL_CACHE_DIR, else
+  TRITON_CACHE_DIR, else Triton's default ~/.triton/cache). On a kept directory (an emptyDir survives container
+  restarts in the pod) a restart skips the compiles and the benchmarks.
+- `CompileWorkers`: child processes that compile the decode step's kernel variants into that cache while this
+  process imports torch and reads weights (out of this process's GIL, several at once); `wait(stage)` blocks until
+  each has finished the variants of a stage.
+
+BLOOM_FAST_PRECOMPILE: "0" turns the ahead-of-time work off (workers and the load thread's warm calls); a number sets
+the worker processes (default: a quarter of the CPUs over the ranks of this host, 1 to 4).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ENV = "BLOOM_FAST_PRECOMPILE"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "").strip().lower() not in ("0", "off", "false", "no")
+
+
+def apply_kernel_cache_dir(path: str | None) -> str | None:
+    """Point Triton's cache at `path` (TRITON_CACHE_DIR, read by Triton when it compiles; set before it is used).
+    Returns the directory Triton will use, or None for its default."""
+    if path:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning("kernel cache directory %s unusable (%s): Triton's default is used", path, e)
+            return os.environ.get("TRITON_CACHE_DIR")
+        os.environ["TRITON_CACHE_DIR"] = str(path)
+    return os.environ.get("TRITON_CACHE_DIR")
+
+
+def worker_count() -> int:
+    raw = os.environ.get(ENV, "").strip().lower()
+    if raw not in ("", "1", "on", "true", "yes", "auto"):
+        try:
+            return max(0, int(raw))
+        except ValueError:
+            return 0
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(4, (os.cpu_count() or 2) // (4 * ranks_here)))
+
+
+def gpu_likely() -> bool:
+    """Without importing torch: a visible NVIDIA device node, and CUDA_VISIBLE_DEVICES not hiding every GPU."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None and vis.strip() in ("", "-1", "none", "void"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def model_dtype(setting: str) -> str | None:
+    """The torch dtype name the fast backend runs on a GPU for a dtype setting (backends.base.torch_dtype)."""
+    return {"auto": "float16", "fp16": "float16", "int8": "float16", "bf16": "bfloat16"}.get(setting)
+
+
+class CompileWorkers:
+    """Child processes compiling this rank's decode kernels (fast/triton_kernels.py `_worker_main`) into Triton's
+    disk cache. Never raises: a worker that fails only means the load thread compiles what is missing itself."""
+
+    def __init__(self, facts: dict[str, Any], parts: int, device_index: int = 0):
+        self.facts = facts
+        self.t0 = time.monotonic()
+        self._cv = threading.Condition()
+        self.stage_done: list[dict[int, float]] = []  # per worker: stage -> seconds since start (-1: exited early)
+        self.compiled = [0, 0, 0]  # variants compiled, per stage (index 1, 2)
+        self.procs: list[subprocess.Popen] = []
+        root = str(Path(__file__).resolve().parents[2])  # the directory holding the bloom_server package
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+        code = "import sys; from bloom_server.fast.triton_kernels import _worker_main; sys.exit(_worker_main(sys.argv[1:]))"
+        for k in range(parts):
+            try:
+                p = subprocess.Popen(
+                    [sys.executable, "-c", code, json.dumps(facts), str(k), str(parts), str(device_index)],
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
+                )  # fmt: skip
+            except OSError as e:
+                log.warning("kernel compile worker not started: %s", e)
+                continue
+            self.procs.append(p)
+            self.stage_done.append({})
+            i = len(self.procs) - 1
+            threading.Thread(target=self._watch, args=(i, p), name=f"bloom-kc-{k}", daemon=True).start()
+
+    def _watch(self, i: int, p: subprocess.Popen) -> None:
+        assert p.stdout is not None and p.stderr is not None
+        err: list[str] = []
+        t = threading.Thread(target=lambda: err.extend(p.stderr), daemon=True)  # type: ignore[arg-type]
+        t.start()
+        for line in p.stdout:
+            w = line.split()
+            if len(w) >= 4 and w[0] == "stage" and w[2] == "done":
+                with self._cv:
+                    stage = int(w[1])
+                    self.stage_done[i][stage] = time.monotonic() - self.t0
+                    if stage in (1, 2):
+                        self.compiled[stage] += int(w[3])
+                    self._cv.notify_all()
+        rc = p.wait()
+        t.join(5)
+        with self._cv:
+            for s in (1, 2):
+                self.stage_done[i].setdefault(s, -1.0)
+            self._cv.notify_all()
+        text = "".join(err).strip()
+        if rc != 0:
+            log.warning("kernel compile worker %d exited with %d: %s", i, rc, text[-2000:])
+        elif text:
+            log.debug("kernel compile worker %d: %s", i, text[-2000:])
+
+    def wait(self, stage: int, timeout: float = 120.0) -> bool:
+        """True once every worker finished `stage` (or exited); False at the timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: all(stage in d for d in self.stage_done), timeout)
+
+    def finished_at(self, stage: int) -> float | None:
+        """Seconds from the workers' start to the last one's end of `stage` (None: not all done, or one failed)."""
+        with self._cv:
+            ts = [d.get(stage) for d in self.stage_done]
+        if not ts or any(t is None or t < 0 for t in ts):
+            return None
+        return max(t for t in ts if t is not None)
+
+
+def start_compile_workers(settings: Any, model_dir: Path, *, world: int, local_rank: int) -> CompileWorkers | None:
+    """Start the workers for the fast backend on a GPU host (None elsewhere, or when there is nothing to compile
+    for: no Triton, fp32, BLOOM_FAST_PRECOMPILE=0)."""
+    if getattr(settings, "backend", None) != "fast" or not enabled() or not gpu_likely() or not triton_installed():
+        return None
+    dtype = model_dtype(str(settings.dtype))
+    parts = worker_count()
+    if dtype is None or parts < 1 or not (Path(model_dir) / "config.json").is_file():
+        return None
+    facts = {"model_dir": str(model_dir), "world": world, "dtype": dtype, "max_batch": settings.max_batch_size,
+             "max_seq": settings.total_tokens_limit}  # fmt: skip
+    w = CompileWorkers(facts, parts, device_index=local_rank)
+    log.info("kernel compile: %d worker process(es) started (Triton cache %s)", len(w.procs),
+             os.environ.get("TRITON_CACHE_DIR") or "default ~/.triton/cache")  # fmt: skip
+    return w if w.procs else None

@@ -70,13 +70,21 @@ def create_app(
     )
     install_error_handlers(app)
     chat = _chat_template_loader(engine, settings)
-    app.include_router(_playground_router())
-    app.include_router(routes_health.build_router(engine))
-    app.include_router(routes_info.build_router(engine, settings, model_name, metrics, chat))
-    app.include_router(routes_bloom.build_router(engine))
-    app.include_router(routes_tgi.build_router(engine))
-    app.include_router(routes_openai.build_router(engine, model_name, chat))
-    app.include_router(routes_kserve.build_router(engine, model_name))
+    bloom = routes_bloom.build_router(engine)
+    documented = [  # the order of the OpenAPI document (and /docs)
+        _playground_router(),
+        routes_health.build_router(engine),
+        routes_info.build_router(engine, settings, model_name, metrics, chat),
+        bloom,
+        routes_tgi.build_router(engine),
+        routes_openai.build_router(engine, model_name, chat),
+        routes_kserve.build_router(engine, model_name),
+    ]
+    # Matched in this order: the original server's routes first. Every router ahead of a request's own costs route
+    # matching on each request; none of their paths is another router's, so no request is routed differently.
+    for router in [bloom] + [r for r in documented if r is not bloom]:
+        app.include_router(router)
+    app.state.documented_routers = documented
     _install_middleware(app, settings, metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.engine = engine
@@ -180,7 +188,9 @@ def _openapi(app: FastAPI) -> dict:
     """FastAPI's schema, plus the bodies of routes that parse two shapes by hand (their $refs point here)."""
     if app.openapi_schema:
         return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    rank = {id(r): i for i, r in enumerate(getattr(app.state, "documented_routers", []))}
+    routes = sorted(app.routes, key=lambda r: rank.get(id(getattr(r, "original_router", None)), -1))
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for model in routes_bloom.OPENAPI_MODELS:
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -12,8 +12,11 @@ tensor, drawn on the GPU when there is one), optionally `bloom-server preshard` 
 eviction is reported as failed when pages stay cached, e.g. on tmpfs); time `cat FILES > /dev/null` (the plain
 single-stream read) and a parallel read (threads x preadv); evict again; start the server (a new process) and poll
 /ready until 200, recording when the port opened; print start-to-ready / plain read, the server's load phases
-(from /ready's progress) and a generate's answer. With --no-prefetch-run the server is also timed with
-BLOOM_LOAD_PREFETCH=0, to show what reading during the imports buys. No network is used.
+(from /ready's progress, with the timed pieces inside them: kernels compiled and autotuned during the read, the
+warm-up generate, Triton work left in it) and a generate's answer. The first server starts from an empty Triton kernel
+cache (the first start on a machine); with --kept-kernel-cache-run a second one restarts on that cache (a container
+restart in the pod), and with --no-prefetch-run one runs with BLOOM_LOAD_PREFETCH=0, to show what reading during the
+imports buys. No network is used.
 """
 
 from __future__ import annotations
@@ -319,7 +322,9 @@ def time_server(model_dir: Path, label: str, env_extra: dict[str, str], tp: int,
                     pass
                 proc.wait(10)
     text = log_path.read_text(errors="replace")
-    out["log_lines"] = [line for line in text.splitlines() if "load phases" in line or "GB weights read" in line]
+    keep = ("load phases", "GB weights read", "kernels ahead", "kernel calls ahead", "kernel compile", "warm-up generate",
+            "captured decode graph", "prewarm failed", "compile worker")  # fmt: skip
+    out["log_lines"] = [line for line in text.splitlines() if any(k in line for k in keep)]
     if "error" in out:
         out["log_tail"] = text[-3000:]
     return out
@@ -341,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-mb", type=int, default=32)
     p.add_argument("--no-prefetch-run", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the server with BLOOM_LOAD_PREFETCH=0 (default on)")
+    p.add_argument("--kept-kernel-cache-run", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time a restart that finds the first run's Triton kernel cache (a container restart in "
+                        "the pod); the first run always starts from an empty one (default on)")
     p.add_argument("--timeout", type=float, default=180, help="seconds a server may take to become ready")
     p.add_argument("--budget-s", type=float, default=230, help="skip optional runs past this many seconds")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -384,9 +392,16 @@ def main(argv: list[str] | None = None) -> int:
         par = parallel_read(files, args.threads, args.chunk_mb << 20)
         say(f"[{label}] parallel read ({args.threads} threads x {args.chunk_mb} MiB preadv, cold): {par:.2f} s, "
             f"{total / 1e9 / par:.2f} GB/s")  # fmt: skip
-        variants = [("default", {})]
+        # Kernels: the first start on a machine finds no compiled Triton kernels (an empty cache directory of its
+        # own: BLOOM_KERNEL_CACHE_DIR); the kept-cache run restarts on the first run's directory.
+        kdir = args.dir / f"kernel-cache-{label}"
+        if kdir.exists():
+            shutil.rmtree(kdir)
+        variants = [("default", {"BLOOM_KERNEL_CACHE_DIR": str(kdir)})]
+        if args.kept_kernel_cache_run:
+            variants.append(("kept-kernel-cache", {"BLOOM_KERNEL_CACHE_DIR": str(kdir)}))
         if args.no_prefetch_run:
-            variants.append(("no-prefetch", {"BLOOM_LOAD_PREFETCH": "0"}))
+            variants.append(("no-prefetch", {"BLOOM_LOAD_PREFETCH": "0", "BLOOM_KERNEL_CACHE_DIR": str(kdir)}))
         for vlabel, venv in variants:
             if vlabel != "default" and time.monotonic() - T0 > args.budget_s:
                 say(f"[{label}] skipping the {vlabel} run: past the {args.budget_s:.0f} s budget")
@@ -406,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             prog = r.get("progress") or {}
             for ph in prog.get("phases", []):
                 say(f"    phase {ph['phase']:<18} from {ph['start_s']:7.2f} s for {ph['seconds']:6.2f} s")
+            for name, v in (prog.get("timings") or {}).items():
+                say(f"    inside: {name:<45} {v:8.3f}")
             say(f"    weights {prog.get('loaded_bytes', 0) / 1e9:.3f} / {prog.get('total_bytes', 0) / 1e9:.3f} GB, "
                 f"prefetched {prog.get('prefetched_bytes', 0) / 1e9:.3f} GB; /ready polls during load: "
                 f"{len(r.get('samples', []))}")  # fmt: skip

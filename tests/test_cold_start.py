@@ -83,14 +83,126 @@ def test_prefetch_reads_ahead_before_the_loader_starts(tiny_model_dir, tmp_path)
 
 def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "cold_start.py"), "--shape", "tiny", "--dir",
-                        str(tmp_path), "--no-no-prefetch-run", "--json", str(tmp_path / "r.json")],
+                        str(tmp_path), "--no-no-prefetch-run", "--no-kept-kernel-cache-run", "--json",
+                        str(tmp_path / "r.json")],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"ratio start-to-ready / plain read = [0-9.]+", r.stdout), r.stdout
     assert "plain read (cat FILES > /dev/null, cold)" in r.stdout and "parallel read" in r.stdout
     assert "phase reading weights" in r.stdout and "generate: [" in r.stdout
+    assert "inside: warm-up generate" in r.stdout  # the warm-up's own seconds, from /ready's progress timings
     assert "evicted" in r.stdout  # eviction either confirmed or reported as failed, never silent
     import json
 
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["runs"][0]["ratio"] > 0 and res["runs"][0]["progress"]["loaded_bytes"] > 0
+
+
+# ---- kernels ahead of the warm-up (fast/precompile.py, fast/triton_kernels.py Prewarm): no-ops on a CPU ----
+
+
+def test_decode_plan_follows_the_model_choices():
+    pytest.importorskip("torch")
+    from bloom_server.fast import triton_kernels as tk
+    from bloom_server.fast.model import FUSE_VARIANTS
+
+    default = frozenset(FUSE_VARIANTS["triton_head"])
+    p = tk.decode_plan(hidden=4096, n_head=32, vocab_size=250880, world=1, dtype="float16", max_batch=32,
+                       max_seq=612, fuse=default)  # fmt: skip
+    assert [(g.name, g.N, g.K, g.epilogue) for g in p.gemvs] == [
+        ("qkv", 12288, 4096, None), ("dense", 4096, 4096, "residual"), ("fc1", 16384, 4096, "gelu"),
+        ("fc2", 4096, 16384, "residual"), ("head", 250880, 4096, None)]  # fmt: skip
+    assert p.attention and (p.hp, p.D) == (32, 128) and p.rows(1) == (1,) and p.rows(2) == (2, 16)
+    assert tk.DecodePlan.from_json(p.to_json()) == p
+    # Two ranks: the row-parallel layers stay eager (their all-reduce); the head is this rank's vocabulary rows.
+    p2 = tk.decode_plan(hidden=4096, n_head=32, vocab_size=250880, world=2, dtype="bfloat16", max_batch=8,
+                        max_seq=612, fuse=default)  # fmt: skip
+    assert [(g.name, g.N) for g in p2.gemvs] == [("qkv", 6144), ("fc1", 8192), ("head", 125440)]
+    assert p2.rows(2) == (2,)
+    # The 176B head on one rank is past 32-bit offsets: cuBLAS, so nothing to compile for it.
+    p3 = tk.decode_plan(hidden=14336, n_head=112, vocab_size=250880, world=1, dtype="float16", max_batch=1,
+                        max_seq=2048, fuse=default)  # fmt: skip
+    assert "head" not in [g.name for g in p3.gemvs] and p3.rows(2) == ()
+    for kw in ({"dtype": "float32"}, {"fuse": frozenset()}):
+        args = {"hidden": 64, "n_head": 4, "vocab_size": 512, "world": 1, "dtype": "float16", "max_batch": 4,
+                "max_seq": 64, "fuse": default, **kw}  # fmt: skip
+        assert tk.decode_plan(**args).empty
+
+
+def test_kernel_precompile_is_a_noop_without_a_gpu(tiny_model_dir, tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from bloom_server.fast import precompile
+    from bloom_server.fast import triton_kernels as tk
+    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.serve import start_kernel_compile
+    from bloom_server.settings import load_settings
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/nonexistent-before")
+    s = load_settings(backend="fast", kernel_cache_dir=str(tmp_path / "kc"))
+    md = resolve_model_dir(str(tiny_model_dir))
+    monkeypatch.setattr(precompile, "gpu_likely", lambda: False)
+    assert start_kernel_compile(s, md) is None  # no worker process on a CPU host
+    import os
+
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "kc") and (tmp_path / "kc").is_dir()
+    assert start_kernel_compile(load_settings(backend="hf"), md) is None
+    facts = {"model_dir": str(tiny_model_dir), "world": 1, "dtype": "float32", "max_batch": 4, "max_seq": 64}
+    assert tk.start_prewarm(torch.device("cpu"), facts, hidden=64) is None
+    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "0")
+    assert not precompile.enabled() and precompile.worker_count() == 0
+    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "3")
+    assert precompile.enabled() and precompile.worker_count() == 3
+
+
+def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tiny_model_dir, monkeypatch):
+    pytest.importorskip("torch")
+    import threading
+
+    from bloom_server.backends.fast import FastBackend
+    from bloom_server.fast import triton_kernels as tk
+    from bloom_server.loading import LoadProgress
+    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.settings import load_settings
+    from bloom_server.types import RankContext
+
+    calls: list = []
+
+    class FakePrewarm:  # what start_prewarm returns on a GPU: still running when the weights are in
+        def __init__(self):
+            self.stage1, self.t0, self.times, self.finished = threading.Event(), 0.0, {"stage 1 (M=1) kernels": 1.5}, 0
+
+        def finish(self):
+            calls.append(("finish", progress.phase))
+            self.stage1.set()
+            self.finished += 1
+            return 0.25
+
+        def summary(self):
+            return "fake"
+
+        def details(self):
+            return ""
+
+    fake = FakePrewarm()
+
+    def start_prewarm(device, facts, *, hidden, workers=None, keep_going=None, reserve=None):
+        calls.append(("start", progress.phase, device.type, facts, hidden, workers, keep_going()))
+        kv = 2 * 2 * 4 * 4 * 96 * 16 * 4  # 2 layers x 4 rows x 4 heads x 96 positions x 16 dims, fp32, K and V
+        assert reserve() > kv  # the weights still to come and the KV cache
+        return fake
+
+    monkeypatch.setattr(tk, "start_prewarm", start_prewarm)
+    s = load_settings(backend="fast", max_input_length=32, max_total_tokens=96, max_batch_size=4)
+    b = FastBackend(s, resolve_model_dir(str(tiny_model_dir)), RankContext())
+    progress = LoadProgress()
+    b.progress, b.kernel_workers = progress, "workers"
+    b.load()
+    start, finish = calls
+    assert start[:3] == ("start", "starting", "cpu") and start[4:] == (64, "workers", True)
+    assert start[3] == {"model_dir": str(tiny_model_dir), "world": 1, "max_batch": 4, "dtype": "float32", "max_seq": 96}
+    assert finish == ("finish", "compiling kernels") and fake.finished == 1
+    phases = [p for p, _ in progress.phases]
+    assert phases == ["starting", "reading weights", "allocating cache", "compiling kernels"], phases
+    t = progress.snapshot()["timings"]
+    assert t["kernels waited after the weights"] == 0.25 and t["kernels: stage 1 (M=1) kernels"] == 1.5
+    assert b.generate is not None and b.engine is not None

@@ -80,10 +80,19 @@ class FastBackend(Backend):
         def keep_going() -> bool:  # multi-row variants only while most of the weights are still to come
             return progress is None or not progress.total_bytes or progress.loaded_bytes < 0.75 * progress.total_bytes
 
+        kv_bytes = 2 * shape.n_layer * s.max_batch_size * (shape.n_head // ctx.world_size) * s.total_tokens_limit \
+            * shape.head_dim * torch.empty((), dtype=dtype).element_size()  # fmt: skip
+
+        def reserve() -> int:  # device bytes the load still allocates: weights to come, then the KV cache
+            total = progress.total_bytes if progress is not None and progress.total_bytes else \
+                shape.params() * torch.empty((), dtype=dtype).element_size() // ctx.world_size  # fmt: skip
+            return max(0, total - (progress.loaded_bytes if progress is not None else 0)) + kv_bytes
+
         prewarm = tk.start_prewarm(
             device, {"model_dir": str(self.model_dir.path), "world": ctx.world_size, "max_batch": s.max_batch_size,
                      "dtype": str(dtype).replace("torch.", ""), "max_seq": s.total_tokens_limit},
             hidden=shape.hidden_size, workers=getattr(self, "kernel_workers", None), keep_going=keep_going,
+            reserve=reserve,
         )  # fmt: skip
         self._phase("reading weights")
         t0 = time.perf_counter()

@@ -56,7 +56,7 @@ def worker_count() -> int:
             return max(0, int(raw))
         except ValueError:
             return 0
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1))
     return max(1, min(4, (os.cpu_count() or 2) // (4 * ranks_here)))
 
 

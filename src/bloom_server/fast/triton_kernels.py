@@ -363,10 +363,13 @@ def _key_bucket(max_seq: int) -> int:
 
 
 @torch.inference_mode()
-def warm(plan: DecodePlan, device: torch.device, stage: int = 1, stop: Any = None) -> dict[str, float]:
+def warm(plan: DecodePlan, device: torch.device, stage: int = 1, stop: Any = None,
+         reserve: Callable[[], int] | None = None) -> dict[str, float]:  # fmt: skip
     """Run each kernel of `plan` once on dummy tensors of the real shapes (compiles or loads the binaries, autotunes
-    the GEMV keys). Returns seconds per call ("gemv qkv M=1": ...). `stop` (an Event): give up between calls once it
-    is set. On a CUDA device, a side stream; the caller synchronises nothing."""
+    the GEMV keys: the benchmarks need weights of the real size). Returns seconds per call ("gemv qkv M=1": ...).
+    `stop` (an Event): give up between calls once it is set. `reserve()`: device bytes the load still has to
+    allocate (weights to come, the KV cache): GEMVs whose dummy weight would not fit beside them are left to the
+    warm-up."""
     times: dict[str, float] = {}
     if plan.empty or not available(device):
         return times
@@ -374,6 +377,14 @@ def warm(plan: DecodePlan, device: torch.device, stage: int = 1, stop: Any = Non
     rows = plan.rows(stage)
     if not rows:
         return times
+    gemvs = list(plan.gemvs)
+    if device.type == "cuda" and reserve is not None:
+        free = torch.cuda.mem_get_info(device)[0] - reserve() - (1 << 30)  # 1 GiB: contexts, benchmark scratch
+        fit = [g for g in gemvs if g.N * g.K * dt.itemsize <= free]
+        for g in gemvs:
+            if g not in fit:
+                times[f"gemv {g.name} skipped (memory)"] = 0.0
+        plan = DecodePlan(plan.dtype, tuple(fit), plan.attention, plan.hp, plan.D, plan.max_seq, plan.max_batch)
     wmax = max((g.N * g.K for g in plan.gemvs), default=1)
     kmax = max((max(g.K, g.N) for g in plan.gemvs), default=1)
     nmax = max((g.N for g in plan.gemvs), default=1)
@@ -510,10 +521,10 @@ class Prewarm:
     done before the warm-up captures a CUDA graph."""
 
     def __init__(self, plan: DecodePlan, device: torch.device, hidden: int, workers: Any = None,
-                 keep_going: Callable[[], bool] | None = None):  # fmt: skip
+                 keep_going: Callable[[], bool] | None = None, reserve: Callable[[], int] | None = None):  # fmt: skip
         import threading
 
-        self.plan, self.device, self.hidden, self.workers = plan, device, hidden, workers
+        self.plan, self.device, self.hidden, self.workers, self.reserve = plan, device, hidden, workers, reserve
         self.keep_going = keep_going or (lambda: True)
         self.stop = threading.Event()
         self.stage1 = threading.Event()
@@ -532,11 +543,12 @@ class Prewarm:
             side = torch.cuda.Stream(self.device)
             if self.workers is not None:
                 t = time.perf_counter()
-                self.workers.wait(1, timeout=120.0)
+                if not self.workers.wait(1, timeout=60.0):  # a stuck worker: compile here instead
+                    log.warning("kernel compile workers not done after 60 s: compiling in the load thread's helper")
                 self.times["wait for compile workers (stage 1)"] = time.perf_counter() - t
             t = time.perf_counter()
             with torch.cuda.stream(side):
-                calls = warm(self.plan, self.device, 1)
+                calls = warm(self.plan, self.device, 1, reserve=self.reserve)
             self.times["stage 1 (M=1) kernels"] = time.perf_counter() - t
             self.times.update({f"  {k}": v for k, v in calls.items()})
             t = time.perf_counter()
@@ -549,11 +561,12 @@ class Prewarm:
             self.times["cublas"] = time.perf_counter() - t
             self.stage1.set()
             if self.plan.rows(2) and not self.stop.is_set() and self.keep_going():
-                if self.workers is not None:
-                    self.workers.wait(2, timeout=30.0)
+                go = _Either(self.stop, self.keep_going)
+                while self.workers is not None and not go.is_set() and not self.workers.wait(2, timeout=0.1):
+                    pass
                 t = time.perf_counter()
                 with torch.cuda.stream(side):
-                    calls = warm(self.plan, self.device, 2, stop=_Either(self.stop, self.keep_going))
+                    calls = warm(self.plan, self.device, 2, stop=go, reserve=self.reserve)
                 self.times["stage 2 (M=2,16) kernels"] = time.perf_counter() - t
                 self.times.update({f"  {k}": v for k, v in calls.items()})
             side.synchronize()
@@ -591,7 +604,8 @@ class _Either:
 
 
 def start_prewarm(device: torch.device, facts: dict[str, Any], *, hidden: int, workers: Any = None,
-                  keep_going: Callable[[], bool] | None = None) -> Prewarm | None:  # fmt: skip
+                  keep_going: Callable[[], bool] | None = None,
+                  reserve: Callable[[], int] | None = None) -> Prewarm | None:  # fmt: skip
     """The fast backend's load hook: a started Prewarm on a CUDA device with Triton (facts as `plan_for` takes them),
     None elsewhere (CPU, no Triton, BLOOM_FAST_PRECOMPILE=0, a plan with nothing on Triton: fp32, base fusion)."""
     from bloom_server.fast import precompile
@@ -599,4 +613,4 @@ def start_prewarm(device: torch.device, facts: dict[str, Any], *, hidden: int, w
     if device.type != "cuda" or not HAVE_TRITON or not precompile.enabled():
         return None
     plan = plan_for(facts)
-    return Prewarm(plan, device, hidden, workers, keep_going).start()
+    return Prewarm(plan, device, hidden, workers, keep_going, reserve).start()

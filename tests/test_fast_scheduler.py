@@ -139,3 +139,63 @@ def test_a_row_that_leaves_mid_stream_gets_a_prefix_and_the_others_are_untouched
         assert finish == "stopped" and 0 < len(tokens) < len(full[3][0]) and tokens == full[3][0][: len(tokens)]
         assert 3 not in fin
         assert {k: v for k, v in left.items() if k != 3} == {k: v for k, v in full.items() if k != 3}
+
+
+def test_cstep_ranks_agree_and_each_row_gets_its_alone_tokens(tiny_model_dir):
+    """Two FastBackend.cstep runs fed the same joins and leaves, one as rank 0 (log-probabilities, top alternatives)
+    and one as a follower: the digest part of every step agrees, and each row's tokens are its alone tokens."""
+    from bloom_server.backends.fast import FastBackend
+    from bloom_server.engine.continuous import CStep, Join
+    from bloom_server.types import SamplingParams
+
+    shape = BloomShape.from_dir(tiny_model_dir)
+
+    def backend():
+        b = FastBackend.__new__(FastBackend)
+        b.engine = FastEngine(from_checkpoint(tiny_model_dir, shape, dtype=torch.float32), shape, max_batch=3,
+                              max_seq=64)  # fmt: skip
+        b._defaults = {}
+        return b
+
+    r0, r1 = backend(), backend()
+    rng = random.Random(3)
+    prompts = [tuple(rng.randrange(10, 2000) for _ in range(rng.randint(1, 8))) for _ in range(7)]
+    eos = r0.engine.generate([prompts[0]], 8, SamplingConfig()).tokens[0][2]
+    news = [8, 1, 6, 9, 1, 5, 7]
+    params = [SamplingParams(), SamplingParams(), SamplingParams.from_dict({"do_sample": True, "top_k": 10}),
+              SamplingParams.from_dict({"repetition_penalty": 1.2}), SamplingParams(), SamplingParams(),
+              SamplingParams()]  # fmt: skip
+    joins = [Join(i + 1, p, n, params[i], 50 + i, eos if i in (0, 5) else None, 0, 2 if i == 3 else 0)
+             for i, (p, n) in enumerate(zip(prompts, news))]  # fmt: skip
+    # step -> (joins, leaves); row 4 (max_new_tokens 9, top alternatives) leaves mid-stream; 3 slots for 7 rows
+    plan = {0: (joins[:2], ()), 1: (joins[2:4], ()), 3: (joins[4:6], ()), 4: ((), (4,)), 6: (joins[6:], ())}
+    got: dict = {j.rid: [] for j in joins}
+    finished: dict = {}
+    for step in range(60):
+        j, leaves = plan.get(step, ((), ()))
+        a = r0.cstep(CStep(tuple(j), tuple(leaves)), rank0=True)
+        b = r1.cstep(CStep(tuple(j), tuple(leaves)), rank0=False)
+        assert a.agreed() == b.agreed() and b.extra is None
+        assert len(a.extra) == len(a.tokens)  # type: ignore[arg-type]
+        for (rid, tok), (lp, top) in zip(a.tokens, a.extra):  # type: ignore[arg-type]
+            got[rid].append(tok)
+            assert lp <= 0.0 and (top is None) == (rid != 4) and (top is None or len(top) == 2)
+        for rid, reason in a.finished:
+            assert rid not in finished
+            finished[rid] = reason
+        if step > 6 and a.live == 0:
+            break
+    assert a.live == 0 and len(finished) == len(joins)
+    for jn in joins:
+        cfg = SamplingConfig.from_generate_kwargs(jn.params.as_dict(), eos_token_id=jn.eos_token_id,
+                                                  prompt_width=len(jn.prompt))  # fmt: skip
+        alone = r0.engine.generate([jn.prompt], jn.max_new_tokens, cfg, seed=jn.seed).tokens[0]
+        if jn.rid == 4:
+            assert finished[4] == "stopped" and 0 < len(got[4]) < 9 and got[4] == alone[: len(got[4])]
+            continue
+        if jn.eos_token_id is not None and eos in alone:
+            alone = alone[: alone.index(eos) + 1]
+            assert finished[jn.rid] == "eos_token"
+        else:
+            assert finished[jn.rid] == "length"
+        assert got[jn.rid] == alone, jn.rid

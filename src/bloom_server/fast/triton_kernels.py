@@ -80,16 +80,29 @@ if HAVE_TRITON:
         bm = kw.get("BM", nargs.get("BM", 1))
         return [c for c in configs if bm == 1 or c.kwargs["BN"] >= 16] or configs
 
+    def _bench(fn, quantiles=None):  # noqa: ANN001
+        # 5 ms of warm-up and 25 ms of timed runs per config instead of Triton's 25 + 100: every GEMV here takes
+        # 10 us to 1 ms, so that is still 25 to 2500 timed runs for the median; 5 keys x 6 configs cost ~1 s instead
+        # of ~4 s (first start: during the weight read, see Prewarm; a kept cache skips them).
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
     def _autotune_kwargs() -> dict:
         # Autotuning results kept in Triton's cache directory (BLOOM_KERNEL_CACHE_DIR) where this Triton can: a
-        # restart with the cache kept skips the benchmarks (~0.8 s per (N, K, BM) key) as well as the compiles.
+        # restart with the cache kept skips the benchmarks as well as the compiles.
         import inspect
 
         try:
-            ok = "cache_results" in inspect.signature(triton.autotune).parameters
+            params = inspect.signature(triton.autotune).parameters
         except (TypeError, ValueError):
-            ok = False
-        return {"cache_results": True} if ok and not INTERPRET else {}
+            params = {}  # type: ignore[assignment]
+        out: dict = {}
+        if "cache_results" in params and not INTERPRET:
+            out["cache_results"] = True
+        if "do_bench" in params and not INTERPRET:
+            out["do_bench"] = _bench
+        return out
 
     @triton.autotune(configs=_gemv_configs(), key=["N", "K", "BM"], prune_configs_by={"early_config_prune": _prune},
                      **_autotune_kwargs())  # fmt: skip

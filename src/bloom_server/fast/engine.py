@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from bloom_server.fast.model import BloomRankModel
-from bloom_server.fast.sampling import Sampler, SamplingConfig
+from bloom_server.fast.sampling import Sampler, SamplingConfig, to_device
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup
 from bloom_server.fast.weights import BloomWeights
@@ -164,9 +164,10 @@ class FastEngine:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
         lengths_host = [len(p) for p in prompts]
-        tokens = tokens.to(self.device)
-        lengths = torch.tensor(lengths_host, dtype=torch.long, device=self.device)
-        slots = torch.tensor(list(slot_ids), dtype=torch.long, device=self.device)
+        # Asynchronous copies (to_device): a blocking one would wait for the decode the continuous batcher queued ahead.
+        tokens = to_device(tokens, self.device)
+        lengths = to_device(lengths_host, self.device)
+        slots = to_device(list(slot_ids), self.device)
         bias = m.prefill_bias(lengths, L)
         x = m.embed(tokens)  # [n, L, h]
         for li in range(self.shape.n_layer):

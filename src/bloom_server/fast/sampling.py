@@ -106,6 +106,18 @@ class SamplingConfig:
         return replace(self, do_sample=False)
 
 
+def to_device(data: Any, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list or CPU tensor on `device`, queued like a kernel: a plain host-to-device copy waits for the stream
+    to drain first (PyTorch syncs after a blocking copy), which would stall the continuous batcher behind the decode
+    it queued ahead (fast/scheduler.py); from pinned memory the copy is asynchronous (the caching host allocator keeps
+    the pinned block until the copy is done)."""
+    device = torch.device(device)
+    t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Sampler:
     """Per generate call: picks each row's next token from [n, V] logits. `step` counts tokens chosen so far."""
 
@@ -126,14 +138,14 @@ class Sampler:
         self.generator: torch.Generator | None = None
         if cfg.do_sample:
             self.generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        self.eos = torch.tensor(cfg.eos_ids, dtype=torch.long, device=self.device) if cfg.eos_ids else None
+        self.eos = to_device(cfg.eos_ids, self.device) if cfg.eos_ids else None
         self.seen: torch.Tensor | None = None
         if cfg.repetition_penalty != 1.0 and not cfg.uses_transformers:
             # [n, V] bool: tokens already in each row (prompt + generated), updated as tokens are chosen.
             self.seen = torch.zeros((n, vocab_size), dtype=torch.bool, device=self.device)
             for i, p in enumerate(prompts):
                 if p:
-                    self.seen[i, torch.tensor(list(p), dtype=torch.long, device=self.device)] = True
+                    self.seen[i, to_device(list(p), self.device)] = True
         self.hf: list[Any] | None = None
         if cfg.uses_transformers:
             self._init_transformers(prompts, max_new_tokens, pad_token_id)
@@ -150,7 +162,7 @@ class Sampler:
         self.seq = torch.full((len(prompts), P + max_new), pad, dtype=torch.long, device=dev)
         for i, p in enumerate(prompts):
             if p:
-                self.seq[i, P - len(p) : P] = torch.tensor(list(p), dtype=torch.long, device=dev)
+                self.seq[i, P - len(p) : P] = to_device(list(p), dev)
         eos = list(cfg.eos_ids)
         procs: list[Any] = []
         if cfg.repetition_penalty != 1.0:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from bloom_server.fast.engine import FastEngine
-from bloom_server.fast.sampling import Sampler, SamplingConfig
+from bloom_server.fast.sampling import Sampler, SamplingConfig, to_device
 
 STOPPED = "stopped"  # finish of a row whose caller left (leave())
 
@@ -275,8 +275,7 @@ class ContinuousBatcher:
             else:  # its own rules: penalties, sampling, transformers' processors
                 e.tok[r.slot] = r.sampler(logits[r.slot : r.slot + 1], t)[0]  # type: ignore[index,misc]
         for eos, slots in held.items():
-            idx = torch.tensor(slots, dtype=torch.long, device=e.device)
-            eos_t = torch.tensor(eos, dtype=torch.long, device=e.device)
+            idx, eos_t = to_device(slots, e.device), to_device(eos, e.device)  # no stream sync
             e.tok[idx] = logits[idx].float().index_fill(1, eos_t, float("-inf")).argmax(-1)
         tokens = e.tok[:n].clone()  # the step buffer is rewritten by the next decode (and by moves)
         base = into.add(rows, tokens, _chosen_logprobs(logits, tokens) if logprobs else None)

@@ -153,6 +153,7 @@ class ContinuousBatcher:
         self.out_extra: list[tuple[float | None, list | None]] = []
         self._out_reqs: list[Request] = []
         self._pending: _Pending | None = None  # chosen on the device, not yet read (at most one step's worth)
+        self._ended = 0  # live rows finished or left since the last _retire
 
     def add(self, req: Request) -> None:
         if len(req.prompt) + req.max_new_tokens > self.engine.max_seq:
@@ -173,6 +174,7 @@ class ContinuousBatcher:
         for r in self.live:
             if r.rid == rid and r.finish is None:
                 r.finish = STOPPED
+                self._ended += 1
                 return r
         return None
 
@@ -303,7 +305,8 @@ class ContinuousBatcher:
             if r is None or r.finish is not None:  # rode along after its end, or its caller left
                 continue
             token = tokens[i]
-            r.tokens.append(token)
+            toks = r.tokens
+            toks.append(token)
             rids.append(r.rid)
             out.append(token)
             reqs.append(r)
@@ -313,16 +316,23 @@ class ContinuousBatcher:
                 r.first_token_at = now = now or time.monotonic()
             if r.on_token is not None:
                 r.on_token(r, token)
-            if token in r.cfg.eos_ids and len(r.tokens) > r.cfg.min_new_tokens:
-                r.finish = "eos"
+            k = len(toks)
+            if k >= r.max_new_tokens or token in r.cfg.eos_ids:
+                if token in r.cfg.eos_ids and k > r.cfg.min_new_tokens:
+                    r.finish = "eos"
+                elif k >= r.max_new_tokens:
+                    r.finish = "length"
+                else:
+                    continue
                 done.append(r)
-            elif len(r.tokens) >= r.max_new_tokens:
-                r.finish = "length"
-                done.append(r)
+        self._ended += len(done)
         return done
 
     def _retire(self) -> None:
         """Free finished rows' slots; move the last live rows into the holes so the live slots stay [0, n)."""
+        if not self._ended:  # no live row finished or left since the last retire
+            return
+        self._ended = 0
         e = self.engine
         i = 0
         while i < len(self.live):

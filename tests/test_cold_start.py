@@ -206,3 +206,82 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
     t = progress.snapshot()["timings"]
     assert t["kernels waited after the weights"] == 0.25 and t["kernels: stage 1 (M=1) kernels"] == 1.5
     assert b.generate is not None and b.engine is not None
+
+
+def test_compile_workers_report_their_stages_and_exit(tiny_model_dir):
+    """The worker plumbing on a CPU: the child process (python -c, bloom_server found through PYTHONPATH) finds no
+    CUDA, reports both stages done with 0 variants and exits 0; the parent's wait returns at once after."""
+    pytest.importorskip("torch")
+    from bloom_server.fast.precompile import CompileWorkers
+
+    facts = {"model_dir": str(tiny_model_dir), "world": 1, "dtype": "float16", "max_batch": 4, "max_seq": 64}
+    w = CompileWorkers(facts, parts=1)
+    assert len(w.procs) == 1
+    assert w.wait(1, timeout=120) and w.wait(2, timeout=30)
+    assert w.procs[0].wait(30) == 0
+    assert w.finished_at(1) is not None and w.compiled == [0, 0, 0]
+
+
+def test_precompile_module_is_torch_free_at_import():
+    """serve.py starts the compile workers before torch is imported: fast/precompile.py must not import it."""
+    code = ("import sys, threading; before = set(threading.enumerate()); import bloom_server.fast.precompile; "
+            "assert 'torch' not in sys.modules and 'triton' not in sys.modules; "
+            "assert set(threading.enumerate()) == before; print('ok')")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(REPO / "src")})  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_prewarm_waits_for_the_workers_then_warms_and_stops_when_the_weights_are_in(monkeypatch):
+    """Prewarm's order on a GPU, with the CUDA calls stubbed: the workers' stage 1, the one-row kernels, cuBLAS, then
+    the multi-row kernels only while keep_going(); finish() joins it."""
+    torch = pytest.importorskip("torch")
+    import threading
+
+    from bloom_server.fast import triton_kernels as tk
+
+    events: list = []
+    for name in ("set_device", "synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+
+    class Stream:
+        def __init__(self, *a, **k):
+            pass
+
+        def synchronize(self):
+            events.append("side sync")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(tk, "warm", lambda plan, device, stage, stop=None, reserve=None:
+                        events.append(("warm", stage, reserve() if reserve else 0)) or {f"gemv qkv M={stage}": 0.5})  # fmt: skip
+
+    class Workers:
+        def __init__(self):
+            self.go = threading.Event()
+
+        def wait(self, stage, timeout):
+            events.append(("wait", stage))
+            return self.go.wait(timeout)
+
+    plan = tk.decode_plan(hidden=64, n_head=4, vocab_size=512, world=1, dtype="float32", max_batch=4, max_seq=64,
+                          fuse={"tgemv"})  # fmt: skip
+    plan = tk.DecodePlan("float16", plan.gemvs, False, 4, 16, 64, 4)
+    weights_in = threading.Event()
+    w = Workers()
+    p = tk.Prewarm(plan, torch.device("cpu"), 64, w, keep_going=lambda: not weights_in.is_set(), reserve=lambda: 7)
+    p.start()
+    time.sleep(0.2)
+    assert events == [("wait", 1)] and not p.stage1.is_set()  # nothing runs before the workers' stage 1
+    w.go.set()
+    assert p.stage1.wait(10)
+    p._thread.join(10)
+    assert events[:3] == [("wait", 1), ("warm", 1, 7), ("wait", 2)] and ("warm", 2, 7) in events, events
+    assert p.finish() < 5 and p.error is None
+    assert "stage 1 (M=1) kernels" in p.summary() and "cublas" in p.summary() and "gemv qkv M=1" in p.details()
+    # Weights already in: the multi-row variants are left to first use.
+    events.clear()
+    weights_in.set()
+    p2 = tk.Prewarm(plan, torch.device("cpu"), 64, None, keep_going=lambda: not weights_in.is_set()).start()
+    p2.finish()
+    assert [e for e in events if e[0] == "warm"] == [("warm", 1, 0)], events

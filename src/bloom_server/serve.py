@@ -199,7 +199,7 @@ def warmup_report(settings: Settings, progress: LoadProgress):
         try:
             from bloom_server.fast import triton_kernels as tk
 
-            counts = tk.kernel_counts
+            counts = tk.kernel_counts if tk.HAVE_TRITON else None
         except Exception:  # noqa: BLE001
             counts = None
     before = counts() if counts else None

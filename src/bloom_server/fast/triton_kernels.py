@@ -625,5 +625,9 @@ def start_prewarm(device: torch.device, facts: dict[str, Any], *, hidden: int, w
 
     if device.type != "cuda" or not HAVE_TRITON or not precompile.enabled():
         return None
-    plan = plan_for(facts)
+    try:
+        plan = plan_for(facts)
+    except (ValueError, OSError, KeyError) as e:  # the model's own set_fuse reports a bad BLOOM_FAST_DECODE
+        log.warning("no kernel prewarm: %s", e)
+        return None
     return Prewarm(plan, device, hidden, workers, keep_going, reserve).start()

@@ -199,3 +199,25 @@ def test_cstep_ranks_agree_and_each_row_gets_its_alone_tokens(tiny_model_dir):
         else:
             assert finished[jn.rid] == "length"
         assert got[jn.rid] == alone, jn.rid
+
+
+def test_a_cstep_submitted_on_its_own_drains(tiny_model_dir):
+    """The warm-up's lone cstep (Leader.submit, not the continuous loop) runs its row to the end although steps read
+    their tokens one step late."""
+    from bloom_server.backends.fast import FastBackend
+    from bloom_server.engine.continuous import CStep, Join
+    from bloom_server.runtime.lockstep import Leader
+    from bloom_server.types import SamplingParams
+
+    shape = BloomShape.from_dir(tiny_model_dir)
+    b = FastBackend.__new__(FastBackend)
+    b.engine = FastEngine(from_checkpoint(tiny_model_dir, shape, dtype=torch.float32), shape, max_batch=2, max_seq=32)
+    b._defaults = {}
+    leader = Leader(b, None).start()
+    try:
+        res = leader.run("cstep", CStep(joins=(Join(0, (5, 6, 7), 2, SamplingParams(), 0, None, 0),)))
+    finally:
+        leader.stop()
+    alone = b.engine.generate([(5, 6, 7)], 2, SamplingConfig()).tokens[0]
+    assert res.tokens == ((0, alone[0]), (0, alone[1])) and res.finished == ((0, "length"),) and res.live == 0
+    assert b._batcher is not None and b._batcher.idle

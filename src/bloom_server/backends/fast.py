@@ -193,11 +193,18 @@ class FastBackend(Backend):
             )
             cb.add(Request(rid=j.rid, prompt=tuple(j.prompt), max_new_tokens=j.max_new_tokens, cfg=cfg, seed=j.seed,
                            top_n=j.top_n if rank0 else 0, pad_token_id=kwargs.get("pad_token_id", j.pad_token_id)))  # fmt: skip
-        for r in cb.step(logprobs=rank0):
-            finished.append((r.rid, _REASONS[r.finish]))  # type: ignore[index]
-        tokens = tuple(zip(cb.out_rids, cb.out_tokens))
-        extra = tuple(cb.out_extra) if rank0 else None
-        return CStepResult(tokens, tuple(finished), len(cb.live) + len(cb.waiting), extra)
+        tokens: list[tuple[Any, int]] = []
+        extra: list | None = [] if rank0 else None
+        while True:  # once; a draining step (a cstep on its own, e.g. the warm-up) until every row has finished
+            for r in cb.step(logprobs=rank0):
+                finished.append((r.rid, _REASONS[r.finish]))  # type: ignore[index]
+            tokens.extend(zip(cb.out_rids, cb.out_tokens))
+            if extra is not None:
+                extra.extend(cb.out_extra)
+            if not getattr(step, "drain", False) or cb.idle:
+                break
+        return CStepResult(tuple(tokens), tuple(finished), len(cb.live) + len(cb.waiting),
+                           tuple(extra) if extra is not None else None)  # fmt: skip
 
     def forward_nll(self, batch: ForwardBatch) -> float:
         assert self.engine is not None, "load() first"

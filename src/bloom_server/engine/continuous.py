@@ -64,10 +64,13 @@ class Join:
 
 @dataclass(frozen=True)
 class CStep:
-    """One continuous step's changes: rows that join, and row ids whose callers left."""
+    """One continuous step's changes: rows that join, and row ids whose callers left. `drain`: run steps until every
+    row has finished (set by the runtime on a cstep submitted on its own, such as the warm-up's, rather than taken by
+    the continuous loop: the backend reads a step's tokens one step later, so a lone step would leave them unread)."""
 
     joins: tuple[Join, ...] = ()
     leaves: tuple[int, ...] = ()
+    drain: bool = False
 
 
 def row_seed(seed: int, row: int) -> int:

@@ -14,6 +14,7 @@ be blocked in a collective, so the process exits non-zero and Kubernetes restart
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import queue
@@ -132,7 +133,10 @@ class Leader:
         return self
 
     def submit(self, kind: str, payload: Any = None, listener: Any = None) -> concurrent.futures.Future:
-        """Queue a step. `listener` stays on rank 0: followers run the same step without it."""
+        """Queue a step. `listener` stays on rank 0: followers run the same step without it. A cstep queued here
+        (not taken by the continuous loop) drains: it runs until its rows have finished (the payload's `drain`)."""
+        if kind == CSTEP and getattr(payload, "drain", None) is False:
+            payload = dataclasses.replace(payload, drain=True)
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if self.dead:
             fut.set_exception(EngineDead(self.dead))

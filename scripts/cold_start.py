@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"prefetched {prog.get('prefetched_bytes', 0) / 1e9:.3f} GB; /ready polls during load: "
                 f"{len(r.get('samples', []))}")  # fmt: skip
             for line in r.get("log_lines", []):
-                say("    log: " + line.split(": ", 1)[-1][:300])
+                say("    log: " + line.split(": ", 1)[-1][:1200])
             gen = r.get("generate")
             say(f"    generate: {gen.get('text') if isinstance(gen, dict) else gen}")
     if args.json:

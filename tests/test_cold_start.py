@@ -253,8 +253,11 @@ def test_prewarm_waits_for_the_workers_then_warms_and_stops_when_the_weights_are
 
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
-    monkeypatch.setattr(tk, "warm", lambda plan, device, stage, stop=None, reserve=None:
-                        events.append(("warm", stage, reserve() if reserve else 0)) or {f"gemv qkv M={stage}": 0.5})  # fmt: skip
+    def fake_warm(plan, device, stage, stop=None, reserve=None):
+        events.append(("warm", stage, reserve() if reserve else 0))
+        return {f"gemv qkv M={stage}": 0.5}
+
+    monkeypatch.setattr(tk, "warm", fake_warm)
 
     class Workers:
         def __init__(self):

@@ -117,8 +117,8 @@ class LoadProgress:
         with self._lock:
             timings = dict(self.timings)
         inside = "; ".join(f"{k} {v:.2f}" for k, v in timings.items())
-        return "; ".join(parts) + f" (weights {self.loaded_bytes / 1e9:.2f} GB, prefetched {self.prefetched_bytes / 1e9:.2f} GB)" \
-            + (f"; inside: {inside}" if inside else "")  # fmt: skip
+        sizes = f" (weights {self.loaded_bytes / 1e9:.2f} GB, prefetched {self.prefetched_bytes / 1e9:.2f} GB)"
+        return "; ".join(parts) + sizes + (f"; inside: {inside}" if inside else "")
 
 
 class ReadThrottle:

@@ -93,7 +93,8 @@ class CompileWorkers:
         self.procs: list[subprocess.Popen] = []
         root = str(Path(__file__).resolve().parents[2])  # the directory holding the bloom_server package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-        code = "import sys; from bloom_server.fast.triton_kernels import _worker_main; sys.exit(_worker_main(sys.argv[1:]))"
+        code = ("import sys; from bloom_server.fast.triton_kernels import _worker_main; "
+                "sys.exit(_worker_main(sys.argv[1:]))")
         for k in range(parts):
             try:
                 p = subprocess.Popen(

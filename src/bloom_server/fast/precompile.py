@@ -65,7 +65,7 @@ def gpu_likely() -> bool:
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
     if vis is not None and vis.strip() in ("", "-1", "none", "void"):
         return False
-    return bool(glob.glob("/dev/nvidia[0-9]*"))
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/proc/driver/nvidia/gpus/*"))
 
 
 def triton_installed() -> bool:

@@ -171,6 +171,9 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
         def __init__(self):
             self.stage1, self.t0, self.times, self.finished = threading.Event(), 0.0, {"stage 1 (M=1) kernels": 1.5}, 0
 
+        def running(self):
+            return not self.stage1.is_set()
+
         def finish(self):
             calls.append(("finish", progress.phase))
             self.stage1.set()

@@ -114,7 +114,7 @@ class FastBackend(Backend):
         self._dtype = str(dtype).replace("torch.", "")
         if prewarm is not None:
             # The warm-up that follows captures a CUDA graph: nothing else may run on the device by then.
-            if not prewarm.stage1.is_set():
+            if prewarm.running():
                 self._phase("compiling kernels")
             waited = prewarm.finish()
             if self.progress is not None:

@@ -590,6 +590,9 @@ class Prewarm:
         finally:
             self.stage1.set()
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def finish(self, timeout: float = 300.0) -> float:
         """Wait for stage 1, stop stage 2 between calls, join. Returns the seconds waited."""
         t = time.perf_counter()

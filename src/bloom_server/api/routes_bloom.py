@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from bloom_server.api import routes_tgi
 from bloom_server.api.common import (
+    RequestOnlyRoute,
     header_timeout,
     parse,
     read_json,
@@ -127,7 +128,9 @@ def build_router(engine: Engine) -> APIRouter:
 
         return deco
 
-    @both("/generate", "POST", responses=GENERATE_RESPONSES, openapi_extra=GENERATE_BODY)
+    # The hot route: called without FastAPI's per-request handler (nothing for it to solve; see RequestOnlyRoute).
+    @both("/generate", "POST", responses=GENERATE_RESPONSES, openapi_extra=GENERATE_BODY,
+          route_class_override=RequestOnlyRoute)
     async def generate(request: Request) -> Response:
         """Generate a completion for each prompt. The original body (`{"text": [...], <generate() kwargs>}`) gets
         the original answer; TGI's body (`{"inputs": str, "parameters": {...}}`) gets TGI's."""

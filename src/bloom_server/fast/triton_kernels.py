@@ -438,10 +438,19 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int) -> int:
     build their launchers where a CUDA context is at hand. Returns the variants compiled."""
     dt = getattr(torch, plan.dtype)
     jobs: list[Callable[[], Any]] = []
+    seen: set = set()
     for m in plan.rows(stage):
         bm = 1 if m == 1 else 16
         for g in plan.gemvs:
             for cfg in _prune(_gemv_kernel.configs, {}, BM=bm):
+                # One job per variant: Triton specialises N and K only on == 1 and divisibility by 16 (qkv and the
+                # head share theirs, dense and fc2 theirs), so two workers never compile the same one.
+                variant = (m, g.epilogue, g.ln, g.N % 16 == 0, g.K % 16 == 0, g.N == 1, g.K == 1,
+                           tuple(sorted(cfg.all_kwargs().items())))  # fmt: skip
+                if variant in seen:
+                    continue
+                seen.add(variant)
+
                 def job(g=g, m=m, bm=bm, cfg=cfg):  # noqa: ANN001
                     return _gemv_kernel.fn.warmup(
                         dt, dt, dt, dt, dt, dt, dt, m, g.N, g.K, g.K, g.K, g.N, g.N, 1e-5,

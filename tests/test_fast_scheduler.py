@@ -221,3 +221,24 @@ def test_a_cstep_submitted_on_its_own_drains(tiny_model_dir):
     alone = b.engine.generate([(5, 6, 7)], 2, SamplingConfig()).tokens[0]
     assert res.tokens == ((0, alone[0]), (0, alone[1])) and res.finished == ((0, "length"),) and res.live == 0
     assert b._batcher is not None and b._batcher.idle
+
+
+def test_each_decode_is_queued_before_the_previous_steps_tokens_are_read(engine, monkeypatch):
+    """The point of pipelining: within a step, the device gets its next decode before the host waits for a read."""
+    from bloom_server.fast import scheduler as sch
+
+    log: list[str] = []
+    decode, read = FastEngine.decode, sch._Pending.read
+    monkeypatch.setattr(FastEngine, "decode", lambda self, *a, **k: (log.append("decode"), decode(self, *a, **k))[1])
+    monkeypatch.setattr(sch._Pending, "read", lambda self: (log.append("read"), read(self))[1])
+    sched = ContinuousBatcher(engine)
+    sched.add(Request("a", (5, 6, 7), 6))
+    sched.add(Request("b", (8, 9), 4))
+    per_step = []
+    while not sched.idle:
+        log.clear()
+        sched.step()
+        per_step.append(tuple(log))
+    assert per_step[0] == ()  # admission only: prefill, first tokens staged
+    assert all(s == ("decode", "read") for s in per_step[1:-1]), per_step
+    assert per_step[-1] == ("read",)  # the last tokens: nothing left to decode

@@ -230,7 +230,8 @@ _REASONS = {"eos": FinishReason.EOS.value, "length": FinishReason.LENGTH.value}
 @dataclass(frozen=True)
 class CStepResult:
     """What one continuous step read on this rank. tokens: (row id, token) in the order they were chosen (pipelined:
-    the previous step's decode, then the previous step's admissions' first tokens; at most one per row); finished:
+    the previous step's decode, then the previous step's admissions' first tokens; one per row, except in a
+    draining step, which holds every step it ran); finished:
     (row id, reason): "eos_token", "length", or "stopped" (it left); live: rows held after the step. extra (rank 0
     only): per token, (log-probability, top alternatives or None)."""
 

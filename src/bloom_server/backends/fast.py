@@ -70,6 +70,14 @@ class FastBackend(Backend):
             raise ConfigError(f"{shape.n_head} attention heads do not split over {ctx.world_size} ranks")
         tp = TPGroup(rank=ctx.rank, world=ctx.world_size)
         s = self.settings
+        kv_hold = None
+        if device.type == "cuda":
+            # The KV cache's device memory is taken now (its size comes from the settings, not from what the weights
+            # leave free) and handed back just before the engine allocates the same two blocks: the caching allocator
+            # gives them back without a cudaMalloc, and the reads below start at once (the read-ahead is running).
+            cache_shape = (shape.n_layer, s.max_batch_size, shape.n_head // ctx.world_size, s.total_tokens_limit,
+                           shape.head_dim)  # fmt: skip
+            kv_hold = [torch.empty(cache_shape, dtype=dtype, device=device) for _ in range(2)]
         # On CUDA with Triton: a thread that compiles/loads and autotunes the decode kernels and warms cuBLAS while
         # the weights stream in (the compile workers serve.py started put the binaries in Triton's cache); None on
         # CPU, without Triton, for fp32 and with BLOOM_FAST_PRECOMPILE=0 (fast/triton_kernels.py start_prewarm).
@@ -80,13 +88,10 @@ class FastBackend(Backend):
         def keep_going() -> bool:  # multi-row variants only while most of the weights are still to come
             return progress is None or not progress.total_bytes or progress.loaded_bytes < 0.75 * progress.total_bytes
 
-        kv_bytes = 2 * shape.n_layer * s.max_batch_size * (shape.n_head // ctx.world_size) * s.total_tokens_limit \
-            * shape.head_dim * torch.empty((), dtype=dtype).element_size()  # fmt: skip
-
-        def reserve() -> int:  # device bytes the load still allocates: weights to come, then the KV cache
+        def reserve() -> int:  # device bytes the load still allocates: the weights to come (the KV cache is held)
             total = progress.total_bytes if progress is not None and progress.total_bytes else \
                 shape.params() * torch.empty((), dtype=dtype).element_size() // ctx.world_size  # fmt: skip
-            return max(0, total - (progress.loaded_bytes if progress is not None else 0)) + kv_bytes
+            return max(0, total - (progress.loaded_bytes if progress is not None else 0))
 
         prewarm = tk.start_prewarm(
             device, {"model_dir": str(self.model_dir.path), "world": ctx.world_size, "max_batch": s.max_batch_size,
@@ -103,6 +108,7 @@ class FastBackend(Backend):
         )  # fmt: skip
         read_s = time.perf_counter() - t0
         self._phase("allocating cache")
+        del kv_hold
         self.engine = FastEngine(
             weights,
             shape,

@@ -13,6 +13,10 @@ running_rows, idle, retry_after, stop), so the API, metrics, overload and draini
   end_row; stop strings / disconnects /
   deadlines -> _leave(rids)
 
+The fast backend reads a step's tokens during the next step (its decode is queued first, so the GPU does not wait
+for the host: fast/scheduler.py), so tokens and finishes reach deliver() one step after they were chosen; nothing
+here depends on it (a row is live until its finish is delivered).
+
 Admission (in take(), on the engine thread, so it sees exactly which rows are live): strict arrival order, a
 request's rows all join together, while the live rows (after this step's leaves) plus its rows fit in
 max_batch_size. Every prompt was already checked against the engine's max_total_tokens at submit, so a row always

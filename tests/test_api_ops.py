@@ -1,6 +1,6 @@
 """Operations against real server processes: /info, /metrics, request ids and the access log, CORS, the bounded
 queue (429 + Retry-After), disconnects (a queued request leaves the queue; a running one stops and the next starts),
-deadlines and max_time, and SIGTERM draining."""
+deadlines and max_time, and SIGTERM draining; and the Gateway middleware alone (no server)."""
 
 from __future__ import annotations
 
@@ -420,3 +420,96 @@ def test_sigterm_with_two_ranks_finishes_the_stream_then_every_rank_exits_zero(t
         assert codes == [0, 0], [(tmp_path / f"rank{r}.log").read_text()[-1500:] for r in range(2)]
     finally:
         _cleanup(procs)
+
+
+# ---- the Gateway middleware (request context, body guard, JSON by default) as one ASGI layer, without a server ----
+
+
+def _gateway_call(chunks, headers=(), method="POST", max_bytes=16, app=None, metrics=None):
+    """Run one request through Gateway around `app` (default: reads the whole body and answers 200 with it).
+    Returns (sent messages, what the app saw: scope headers and body, messages left unread)."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from bloom_server.api.middleware import Gateway
+
+    seen: dict = {}
+
+    async def echo(scope, receive, send):
+        body = b""
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        seen["headers"], seen["body"] = list(scope["headers"]), body
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-request-id", b"app's own")]})
+        await send({"type": "http.response.body", "body": body})
+
+    queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    sent: list = []
+
+    async def receive():
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": "/generate", "headers": list(headers), "client": ("c", 1)}
+    asyncio.run(Gateway(app or echo, metrics=metrics, max_bytes=max_bytes)(scope, receive, send))
+    return sent, seen, queue
+
+
+def _start(sent):
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], dict(start["headers"])
+
+
+def test_gateway_request_id_json_default_and_utf8_split_across_chunks():
+    text = "héllo €".encode()  # multibyte characters, cut across chunks
+    sent, seen, _ = _gateway_call([text[:2], text[2:8], text[8:]], headers=[(b"x-request-id", b"abc-1")])
+    status, headers = _start(sent)
+    assert status == 200 and seen["body"] == text and headers[b"x-request-id"] == b"abc-1"
+    assert (b"content-type", b"application/json") in seen["headers"]  # no content type: JSON
+    _, seen, _ = _gateway_call([b"{}"], headers=[(b"content-type", b"application/x-www-form-urlencoded")])
+    assert [v for k, v in seen["headers"] if k == b"content-type"] == [b"application/json"]
+    _, seen, _ = _gateway_call([b"{}"], headers=[(b"content-type", b"text/plain")])
+    assert [v for k, v in seen["headers"] if k == b"content-type"] == [b"text/plain"]  # a type given is kept
+    sent, _, _ = _gateway_call([b"{}"], headers=[(b"x-request-id", b"bad id")])
+    assert re.fullmatch(rb"[0-9a-f]{32}", _start(sent)[1][b"x-request-id"])  # made: uuid4 hex
+    assert _start(sent)[1][b"x-request-id"][12:13] == b"4"
+
+
+def test_gateway_refuses_bad_utf8_and_oversized_bodies_once_after_draining():
+    sent, seen, left = _gateway_call([b"abc", b"\xff\xfe", b"rest"])
+    status, _ = _start(sent)
+    body = json.loads(sent[-1]["body"])
+    assert status == 422 and body["field"] == "body" and "UTF-8" in body["message"] and "at byte 3" in body["message"]
+    assert not seen and not left and len(sent) == 2  # drained; the app's own answer never went out
+    sent, seen, left = _gateway_call([b"0123456789", b"0123456789", b"more"])  # chunked past 16 bytes
+    assert _start(sent)[0] == 413 and not seen and not left and len(sent) == 2
+    assert json.loads(sent[-1]["body"])["limit"] == 16
+    sent, seen, left = _gateway_call([b"x" * 10, b"y"], headers=[(b"content-length", b"99")])  # declared too big
+    assert _start(sent)[0] == 413 and not seen and not left
+    assert b"x-request-id" in _start(sent)[1]
+
+
+def test_gateway_counts_a_client_that_leaves_as_499():
+    from bloom_server.metrics import Metrics
+
+    metrics = Metrics()
+
+    async def leaves(scope, receive, send):
+        from starlette.requests import ClientDisconnect
+
+        raise ClientDisconnect()
+
+    _gateway_call([b"{}"], app=leaves, metrics=metrics)
+    _gateway_call([b"{}"], metrics=metrics)
+    text = metrics.render()[0].decode()
+    assert 'bloom_server_requests_total{method="POST",route="unmatched",status="499"} 1.0' in text
+    assert 'bloom_server_requests_total{method="POST",route="unmatched",status="200"} 1.0' in text
+    assert "bloom_server_in_flight_requests 0.0" in text

@@ -60,3 +60,92 @@ def test_requests_with_different_settings_each_get_their_own(server):
     for a, b in zip(alone, together):
         assert a["text"] == b["text"]
         assert a["num_generated_tokens"] == b["num_generated_tokens"]
+
+
+# ---- the batcher and a request's settling, without a server ----
+
+
+class _Tok:
+    special_ids = frozenset({2})
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def _request(max_new, streaming=False, prompts=((5, 6),)):
+    from bloom_server.engine.requests import GenRequest
+    from bloom_server.engine.validation import GenerateSpec
+    from bloom_server.types import SamplingParams
+
+    spec = GenerateSpec(SamplingParams(), max_new, True, None)
+    return GenRequest([list(p) for p in prompts], spec, _Tok(), eos_ids=frozenset({2}), streaming=streaming)
+
+
+def test_a_non_streamed_row_settled_at_once_matches_token_by_token():
+    """settle_row delivers a non-streamed row in one step: the same ids, finish reasons and completions as the
+    token-by-token path a streamed request takes (cut at the first EOS, inclusive, or at max_new_tokens)."""
+    import asyncio
+
+    from bloom_server.types import FinishReason
+
+    async def both(outputs, max_new):
+        got = []
+        for streaming in (False, True):
+            req = _request(max_new, streaming, prompts=[(5, 6)] * len(outputs))
+            for r, (ids, reason) in enumerate(outputs):
+                req.settle_row(r, ids, reason)
+            req._finish()
+            got.append([(c.token_ids, c.finish_reason, c.text, c.logprobs) for c in await req.result()])
+        return got
+
+    cases = [
+        ([((7, 8, 9), FinishReason.LENGTH)], 3),
+        ([((7, 2, 9, 9), FinishReason.EOS)], 8),  # EOS in the middle: cut after it
+        ([((7, 8, 9, 10, 11), FinishReason.LENGTH)], 3),  # more than max_new_tokens: cut
+        ([((7,), FinishReason.TIME)], 5),  # fewer: the backend's reason
+        ([((), FinishReason.TIME), ((2,), FinishReason.EOS), ((7, 8), FinishReason.LENGTH)], 2),
+    ]
+    for outputs, max_new in cases:
+        bulk, one_by_one = asyncio.run(both(outputs, max_new))
+        assert bulk == one_by_one, (outputs, bulk, one_by_one)
+    bulk, _ = asyncio.run(both([((7, 2, 9), FinishReason.EOS)], 8))
+    assert bulk == [((7, 2), "eos_token", "<7><2>", (None, None))]
+
+
+def test_queued_tokens_follow_the_queue():
+    """The batcher's queued tokens (prompt + max new tokens of every waiting row) as requests come, leave the queue
+    and are taken; past the bound a request is refused naming the tokens queued."""
+    import asyncio
+
+    from bloom_server.engine.scheduler import Batcher
+    from bloom_server.errors import Overloaded
+
+    async def run():
+        started = asyncio.Event()
+
+        async def run_batch(batch, listener):
+            started.set()
+            await asyncio.sleep(3600)
+
+        b = Batcher(run_batch, max_batch_size=1, max_queued=10, wait_s=0, pad_token_id=0, eos_token_id=2,
+                    max_queued_tokens=30)  # fmt: skip
+        first = _request(4)  # 2 + 4 tokens: taken by the loop at once
+        b.submit(first)
+        await started.wait()
+        assert b.queued_tokens == 0
+        a, c = _request(4), _request(8, prompts=[(1, 2, 3), (4,)])  # 6, then 3 + 8 + 1 + 8 = 20
+        b.submit(a)
+        b.submit(c)
+        assert b.queued_tokens == 26 == sum(p.tokens for p in b._pending)
+        try:
+            b.submit(_request(3))
+            raise AssertionError("not refused")
+        except Overloaded as exc:
+            assert "26 tokens are queued" in str(exc) and "5 more" in str(exc)
+        a.cancel()  # leaves the queue
+        assert b.queued_tokens == 20
+        b.submit(_request(3))
+        assert b.queued_tokens == 25
+        await b.stop()
+
+    asyncio.run(run())

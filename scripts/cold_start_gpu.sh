@@ -8,17 +8,8 @@ set -u -o pipefail
 OUT=${OUT:-/tmp/cold-start-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/cold_start.log") 2>&1
-echo "== $(date -u +%FT%TZ) on $(hostname): scripts/cold_start_gpu.sh (commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+source scripts/_device_env.sh cold_start_gpu.sh
 df -h "$PWD" 2>/dev/null | tail -1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || echo "wheel install failed: running with the image's packages"
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # shellcheck disable=SC2086
 timeout "${COLD_START_TIMEOUT_S:-330}" python3 scripts/cold_start.py ${COLD_START_ARGS:---shape 7b1} \
   --budget-s "${COLD_START_BUDGET_S:-240}" --json "$OUT/cold_start.json"

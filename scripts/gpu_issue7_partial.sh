@@ -10,16 +10,7 @@ set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-issue7-out}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_issue7_partial.log") 2>&1
-echo "== $(date -u +%FT%TZ) on $(hostname): scripts/gpu_issue7_partial.sh"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || echo "wheel install failed: running with the image's packages"
-  export PYTHONPATH=/tmp/site:$PWD/src
-else
-  export PYTHONPATH=$PWD/src
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+source scripts/_device_env.sh gpu_issue7_partial.sh
 PY=${PYTHON:-python3}
 if [ -n "${ISSUE7_QUICK:-}" ]; then
   ARGS=(--random-weights tiny --batch-size 1,2 --new-tokens 8 --cycles 1)

@@ -218,7 +218,8 @@ def test_queue_bounds_disconnects_and_an_abandoned_request(pressure):
     assert b["done"] - left < remaining / 2, (b["done"] - left, remaining)
     wait_until(lambda: metric(pressure, "bloom_server_generation_requests_total", '{outcome="cancelled"}') >= 2, 10,
                "both cancellations counted")
-    assert metric(pressure, "bloom_server_running_batch_size") == 0
+    # B's answer can reach its client a moment before its batch's bookkeeping ends on the engine side.
+    wait_until(lambda: metric(pressure, "bloom_server_running_batch_size") == 0, 10, "nothing running")
     assert metric(pressure, "bloom_server_rejected_requests_total", '{reason="overloaded"}') == 2
 
 

@@ -1,0 +1,15 @@
+# Sourced by the scripts that run on a lent GPU machine (bench_gpu.sh, gpu_issue8.sh, gpu_issue7_partial.sh,
+# cold_start_gpu.sh) after they set up their log: prints the machine, installs the carried wheels (.whl/: no network
+# there) into /tmp/site, and exports the environment every run needs. $1: the script's name for the header line.
+echo "== $(date -u +%FT%TZ) on $(hostname): scripts/$1 (commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null || true
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed: running with the image's packages"
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+# NVLink multicast stays off (the lent machines' rule).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

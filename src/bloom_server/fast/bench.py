@@ -145,6 +145,11 @@ class Bench:
         self.device = torch.device("cuda", local) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():  # the fast engine all-reduces over the default group (nccl, gloo on CPUs)
+                dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world)
         if args.dtype == "auto":
             self.dtype = torch.float16 if cuda else torch.float32
         else:

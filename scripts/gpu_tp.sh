@@ -6,7 +6,8 @@
 #        fast:          TP=1 `python -m bloom_server serve`, TP=$TP under torchrun, and the `bloom-server preshard
 #                       --tp $TP` layout under torchrun;
 #        ds_inference:  (only if deepspeed imports) TP=1 and TP=$TP under the deepspeed launcher, and DeepSpeed's own
-#                       pre-sharded TP=$TP layout (make_random_bloom.py --presharded-out, the writer gpu_check used);
+#                       pre-sharded TP=$TP layout (make_random_bloom.py --presharded-only --presharded-out under the
+#                       launcher: write_presharded_checkpoint, the writer gpu_check used);
 #   2. speed: scripts/benchmark.py under the launcher (deepspeed when it imports, else torchrun) at TP=$TP, 176B layer
 #      shape, 100 new tokens, greedy: TP=2: 10 layers, hf,fast,ds_inference at bs 1, 8, 64; TP=8: fast on all 70
 #      layers at bs 1, 8, 32, 64, 128, then hf,fast,ds_inference on GPU_TP_CMP_LAYERS (14) layers (a whole copy of
@@ -37,8 +38,10 @@ exec > >(tee -a "$OUT/gpu_tp.log") 2>&1
 source scripts/_device_env.sh gpu_tp.sh
 PY=${PYTHON:-python3}
 if [ -n "$QUICK" ]; then export PYTHONPATH=$PWD/src; fi  # the CPU dry run uses $PYTHON's own packages, not .whl's
+export MAX_JOBS=${MAX_JOBS:-14}  # DeepSpeed's op build
 START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+tmo() { local l; l=$(left); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 5 ] && l=5; echo "$l"; }  # a timeout: <= $1, <= left
 free_port() { $PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 STEPS_JSON=$OUT/steps.jsonl; : > "$STEPS_JSON"
 record() {  # step name rc seconds [note]
@@ -104,6 +107,7 @@ start_server() {  # label port tp launcher(torchrun|ds|python) model backend [ma
   setsid "${cmd[@]}" >"$log" 2>&1 &
   SRV_PID=$!
   local limit=${GPU_TP_READY_S:-300}
+  [ "$(left)" -lt "$limit" ] && limit=$(( $(left) > 10 ? $(left) : 10 ))
   while [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do
     if curl -fsS "http://127.0.0.1:$port/ready" >/dev/null 2>&1; then
       echo "== server $label ready after $(( $(date +%s) - t0 )) s"; return 0
@@ -131,7 +135,7 @@ def post(text):
     body = {"text": text, "max_new_tokens": new, "do_sample": False}
     req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=300) as r:
+    with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())
 batch = post(prompts)
 single = [post([p])["text"][0] for p in prompts]
@@ -155,27 +159,35 @@ if want 1; then
   echo "== 1. correctness: $SHAPE, $CORR_LAYERS layers, $DTYPE, TP=1 vs TP=$TP over POST /generate"
   t0=$(date +%s)
   rm -rf "$MODEL" "$MODEL-tp$TP" "$MODEL-ds-tp$TP"
-  if [ "$HAVE_DS" = 1 ]; then
-    wait_jit
-    # rank 0 draws and writes the HF checkpoint (on GPU 0), then every rank writes its share of DeepSpeed's layout.
-    $(launcher "$TP") scripts/make_random_bloom.py "$MODEL" --shape $SHAPE --layers $CORR_LAYERS --dtype $DTYPE \
-      --init-std $INIT_STD --init-device cuda --presharded-out "$MODEL-ds-tp$TP" --tp "$TP" >"$OUT/make.log" 2>&1
-  else
-    dev=cpu; [ -z "$QUICK" ] && dev=cuda
-    $PY scripts/make_random_bloom.py "$MODEL" --shape $SHAPE --layers $CORR_LAYERS --dtype $DTYPE \
-      --init-std $INIT_STD --init-device $dev >"$OUT/make.log" 2>&1
-  fi
-  rc=$?; tail -2 "$OUT/make.log"
-  $PY -m bloom_server preshard --model "$MODEL" --tp "$TP" --out "$MODEL-tp$TP" >"$OUT/preshard.log" 2>&1
+  dev=cpu; [ -z "$QUICK" ] && dev=cuda
+  timeout "$(tmo 300)" $PY scripts/make_random_bloom.py "$MODEL" --shape $SHAPE \
+    --layers $CORR_LAYERS --dtype $DTYPE --init-std $INIT_STD --init-device $dev >"$OUT/make.log" 2>&1
+  rc=$?; tail -1 "$OUT/make.log"
+  timeout "$(tmo 300)" $PY -m bloom_server preshard --model "$MODEL" --tp "$TP" \
+    --out "$MODEL-tp$TP" >"$OUT/preshard.log" 2>&1
   rc2=$?; tail -1 "$OUT/preshard.log"
   record 1 "checkpoints" $(( rc | rc2 )) $(( $(date +%s) - t0 ))
+  # fast first: DeepSpeed's op keeps building in the background meanwhile.
   serve_and_ask fast-tp1 1 python "$MODEL" fast
   serve_and_ask fast-tp$TP "$TP" torchrun "$MODEL" fast
   serve_and_ask fast-tp$TP-preshard "$TP" torchrun "$MODEL-tp$TP" fast
   if [ "$HAVE_DS" = 1 ]; then
+    wait_jit
     serve_and_ask ds-tp1 1 ds "$MODEL" ds_inference
     serve_and_ask ds-tp$TP "$TP" ds "$MODEL" ds_inference
-    serve_and_ask ds-tp$TP-preshard "$TP" ds "$MODEL-ds-tp$TP" ds_inference
+    # DeepSpeed's own pre-sharded layout of the same checkpoint, every rank writing its share (gpu_check's writer).
+    t0=$(date +%s)
+    if [ "$(left)" -lt $(( SERVER_MIN * 2 )) ]; then
+      record 1 "ds pre-sharded write" 0 0 "skipped: $(left) s left"
+    else
+      timeout $(( $(left) - SERVER_MIN )) $(launcher "$TP") scripts/make_random_bloom.py "$MODEL" --presharded-only \
+        --presharded-out "$MODEL-ds-tp$TP" --tp "$TP" --max-tokens 1024 >"$OUT/ds-preshard.log" 2>&1
+      rc=$?; tail -2 "$OUT/ds-preshard.log"
+      record 1 "ds pre-sharded write" $rc $(( $(date +%s) - t0 ))
+      if [ -f "$MODEL-ds-tp$TP/ds_inference_config.json" ]; then
+        serve_and_ask ds-tp$TP-preshard "$TP" ds "$MODEL-ds-tp$TP" ds_inference
+      fi
+    fi
   else
     echo "== ds_inference: skipped (deepspeed does not import here, or the CPU dry run)"
   fi

@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the pre-sharded layout")
     p.add_argument("--presharded-dtype", choices=("fp16", "int8"), default="fp16")
     p.add_argument("--max-tokens", type=int, default=2048, help="DeepSpeed max_tokens while writing")
+    p.add_argument("--presharded-only", action="store_true",
+                   help="OUT already holds the checkpoint (written earlier by this script): only write --presharded-out")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -143,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             f"--tp {args.tp} needs one process per GPU: run under `deepspeed --num_gpus {args.tp} "
             f"scripts/make_random_bloom.py ...` (this run has WORLD_SIZE={world})"
         )
-    if rank == 0:
+    if args.presharded_only and (args.presharded_out is None or not (args.out / "config.json").is_file()):
+        raise SystemExit("--presharded-only needs --presharded-out and a checkpoint already in OUT (config.json)")
+    if rank == 0 and not args.presharded_only:
         write_hf_checkpoint(
             args.out,
             args.shape,

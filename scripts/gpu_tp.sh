@@ -50,8 +50,12 @@ record() {  # step name rc seconds [note]
 }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
+# ds_inference runs when deepspeed imports (GPU_TP_DS=auto, not in the CPU dry run); GPU_TP_DS=0 leaves it out, 1 forces it.
 HAVE_DS=0
-if [ -z "$QUICK" ] && $PY -c "import deepspeed" >/dev/null 2>&1; then HAVE_DS=1; fi
+case ${GPU_TP_DS:-auto} in
+  1) HAVE_DS=1 ;;
+  auto) if [ -z "$QUICK" ] && $PY -c "import deepspeed" >/dev/null 2>&1; then HAVE_DS=1; fi ;;
+esac
 TORCHRUN=($PY -m torch.distributed.run)
 DSRUN=($PY -m deepspeed.launcher.runner)
 launcher() {  # n -> the multi-rank launcher for scripts (deepspeed when it imports, torchrun otherwise)
@@ -228,7 +232,8 @@ bench() {  # label layers backends
     --json "$OUT/bench-$1.json" >"$OUT/bench-$1.log" 2>&1
   rc=$?
   grep -E "^# bloom-server bench|^decode:|^# .*(FAILED|skipped)|^\| " "$OUT/bench-$1.log" | grep -v "^\*\*\*"
-  record 2 "bench $1" $rc $(( $(date +%s) - t0 ))
+  local note=""; grep -q "FAILED" "$OUT/bench-$1.log" && note="a backend or batch FAILED: see bench-$1.log"
+  record 2 "bench $1" $rc $(( $(date +%s) - t0 )) "$note"
 }
 if want 2; then
   BACKENDS=hf,fast; [ "$HAVE_DS" = 1 ] && BACKENDS=hf,fast,ds_inference

@@ -239,6 +239,20 @@ if want 2; then
   BACKENDS=hf,fast; [ "$HAVE_DS" = 1 ] && BACKENDS=hf,fast,ds_inference
   wait_jit
   if [ "$TP" -ge 8 ] && [ -z "$QUICK" ]; then
+    # fast/weights.py random_weights() once kept a row shard as a view of the whole drawn tensor (query_key_value and
+    # dense_h_to_4h whole on every rank: 220 GB per GPU for 70 layers at TP=8). Checked here on a tiny CPU shape.
+    if ! $PY - <<'PY'
+import sys, torch
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.tp import TPGroup
+from bloom_server.fast.weights import iter_tensors, random_weights
+w = random_weights(BloomShape(2048, 256, 2, 4), TPGroup(rank=0, world=2), dtype=torch.float32)
+sys.exit(0 if sum(t.untyped_storage().nbytes() for t in iter_tensors(w)) == w.nbytes() else 1)
+PY
+    then
+      BENCH_LAYERS=${GPU_TP_BENCH_LAYERS_UNFIXED:-32}; CMP_LAYERS=${GPU_TP_CMP_LAYERS:-12}
+      echo "== WARNING: random_weights keeps whole tensors behind each rank's shard: 70 layers would not fit; fast on $BENCH_LAYERS layers"
+    fi
     bench fast-${BENCH_LAYERS}l $BENCH_LAYERS fast
     bench cmp-${CMP_LAYERS}l $CMP_LAYERS $BACKENDS
   else

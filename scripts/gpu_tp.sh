@@ -12,7 +12,9 @@
 #      shape, 100 new tokens, greedy: TP=2: 10 layers, hf,fast,ds_inference at bs 1, 8, 64; TP=8: fast on all 70
 #      layers at bs 1, 8, 32, 64, 128, then hf,fast,ds_inference on GPU_TP_CMP_LAYERS (14) layers (a whole copy of
 #      the model per GPU is what bench.py's hf and ds_inference start from: 70 layers cannot). bench.py's hf is
-#      transformers on one GPU per rank (no accelerate device_map), so hf's figure is one GPU's;
+#      transformers on one GPU per rank (no accelerate device_map), so hf's figure is one GPU's. At TP=8 a tiny CPU
+#      check first: if fast/weights.py random_weights() still keeps whole tensors behind each rank's shard, 70 layers
+#      cannot fit (220 GB per GPU) and fast runs on 32 layers, the comparison on 12 (docs/gpu-checks.md);
 #   3. cold start: scripts/cold_start.py --preshard $TP (176B layer shape, 10 layers at TP=2, 12 at TP=8: the
 #      checkpoint and its pre-sharded copy must both fit the disk), start-to-ready vs `cat` of the same bytes;
 #   4. the server: scripts/load_test.py, streaming, prompts 16-256 and outputs 16-512 tokens (--force-length off),

@@ -12,9 +12,7 @@
 #      shape, 100 new tokens, greedy: TP=2: 10 layers, hf,fast,ds_inference at bs 1, 8, 64; TP=8: fast on all 70
 #      layers at bs 1, 8, 32, 64, 128, then hf,fast,ds_inference on GPU_TP_CMP_LAYERS (14) layers (a whole copy of
 #      the model per GPU is what bench.py's hf and ds_inference start from: 70 layers cannot). bench.py's hf is
-#      transformers on one GPU per rank (no accelerate device_map), so hf's figure is one GPU's. At TP=8 a tiny CPU
-#      check first: if fast/weights.py random_weights() still keeps whole tensors behind each rank's shard, 70 layers
-#      cannot fit (220 GB per GPU) and fast runs on 32 layers, the comparison on 12 (docs/gpu-checks.md);
+#      transformers on one GPU per rank (no accelerate device_map), so hf's figure is one GPU's;
 #   3. cold start: scripts/cold_start.py --preshard $TP (176B layer shape, 10 layers at TP=2, 12 at TP=8: the
 #      checkpoint and its pre-sharded copy must both fit the disk), start-to-ready vs `cat` of the same bytes;
 #   4. the server: scripts/load_test.py, streaming, prompts 16-256 and outputs 16-512 tokens (--force-length off),
@@ -241,20 +239,6 @@ if want 2; then
   BACKENDS=hf,fast; [ "$HAVE_DS" = 1 ] && BACKENDS=hf,fast,ds_inference
   wait_jit
   if [ "$TP" -ge 8 ] && [ -z "$QUICK" ]; then
-    # fast/weights.py random_weights() once kept a row shard as a view of the whole drawn tensor (query_key_value and
-    # dense_h_to_4h whole on every rank: 220 GB per GPU for 70 layers at TP=8). Checked here on a tiny CPU shape.
-    if ! $PY - <<'PY'
-import sys, torch
-from bloom_server.fast.shapes import BloomShape
-from bloom_server.fast.tp import TPGroup
-from bloom_server.fast.weights import iter_tensors, random_weights
-w = random_weights(BloomShape(2048, 256, 2, 4), TPGroup(rank=0, world=2), dtype=torch.float32)
-sys.exit(0 if sum(t.untyped_storage().nbytes() for t in iter_tensors(w)) == w.nbytes() else 1)
-PY
-    then
-      BENCH_LAYERS=${GPU_TP_BENCH_LAYERS_UNFIXED:-32}; CMP_LAYERS=${GPU_TP_CMP_LAYERS:-12}
-      echo "== WARNING: random_weights keeps whole tensors behind each rank's shard: 70 layers would not fit; fast on $BENCH_LAYERS layers"
-    fi
     bench fast-${BENCH_LAYERS}l $BENCH_LAYERS fast
     bench cmp-${CMP_LAYERS}l $CMP_LAYERS $BACKENDS
   else

@@ -72,3 +72,20 @@ def test_two_ranks_equal_one_rank(tmp_path):
         assert r["sampled"] == sampled
         for i, row in enumerate(PROMPTS):
             assert torch.allclose(r["logits"][i, : len(row)], logits[i, : len(row)], atol=1e-4, rtol=1e-4)
+
+
+def test_random_weights_hold_only_the_rank_shard():
+    """Random weights for one rank of several keep only that rank's bytes: a row shard is a copy, not a view of the
+    whole drawn tensor (which would put the whole query_key_value and dense_h_to_4h on every GPU: 220 GB per GPU for
+    the 70-layer model at TP=8). The shards still equal the matching slices of the one-rank weights."""
+    from bloom_server.fast.shapes import BloomShape
+    from bloom_server.fast.tp import TPGroup
+    from bloom_server.fast.weights import iter_tensors, random_weights
+
+    shape = BloomShape(2048, 256, 2, 4)
+    full = random_weights(shape, TPGroup(rank=0, world=1), dtype=torch.float32)
+    for rank in range(2):
+        w = random_weights(shape, TPGroup(rank=rank, world=2), dtype=torch.float32)
+        assert sum(t.untyped_storage().nbytes() for t in iter_tensors(w)) == w.nbytes()
+        rows = w.layers[0].fc1_w.shape[0]
+        assert torch.equal(w.layers[0].fc1_w, full.layers[0].fc1_w[rank * rows : (rank + 1) * rows])

@@ -524,7 +524,8 @@ def random_weights(
             t = t.add_(1.0)
         if dim is not None and tp.world > 1:
             a, b = shard_range(t.shape[dim], tp.rank, tp.world, pad=pad)
-            t = t.narrow(dim, a, b - a)
+            # A copy, not a view: a row slice of the full tensor would keep all of it alive on every rank.
+            t = t.narrow(dim, a, b - a).clone()
             if pad:
                 t = _pad_rows(t, vpart)
         return t.contiguous()

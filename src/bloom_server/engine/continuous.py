@@ -41,7 +41,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from bloom_server.errors import EngineDead, NotReady, Overloaded
+from bloom_server.engine.scheduler import check_queue_bounds
+from bloom_server.errors import EngineDead, NotReady
 from bloom_server.types import FinishReason, GenerateBatch, SamplingParams
 
 if TYPE_CHECKING:
@@ -149,18 +150,7 @@ class ContinuousScheduler:
         """Queue one request (all its rows join together) or refuse it at once (Overloaded)."""
         if self._closed is not None:
             raise EngineDead(str(self._closed)) if isinstance(self._closed, EngineDead) else self._closed
-        if len(self._waiting) >= self.max_queued:
-            raise Overloaded(
-                f"{len(self._waiting)} requests are queued (the limit is {self.max_queued})", self.retry_after()
-            )
-        if self.max_queued_tokens is not None and self._waiting:
-            queued = self.queued_tokens
-            if queued + req.tokens > self.max_queued_tokens:
-                raise Overloaded(
-                    f"{queued} tokens are queued; this request needs {req.tokens} more "
-                    f"(the limit is {self.max_queued_tokens})",
-                    self.retry_after(),
-                )
+        check_queue_bounds(self, len(self._waiting), lambda: self.queued_tokens, req.tokens)
         self._loop = req.loop
         req._rids = [next(self._rids) for _ in req.rows]
         req._on_cancel_queued = self._remove

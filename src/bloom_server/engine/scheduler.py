@@ -80,6 +80,22 @@ class BatchListener:
             req.add_token(r, int(token_ids[i]), lp, alt)
 
 
+def check_queue_bounds(sched, depth: int, queued_tokens: Callable[[], int], tokens: int) -> None:
+    """The queue's two bounds, shared by both schedulers: refuse a request at once (Overloaded -> 429 with
+    Retry-After) when `depth` requests already wait, or when its `tokens` would take the waiting tokens past the
+    limit (a request alone in the queue is always admitted: it was checked against the engine's limits)."""
+    if depth >= sched.max_queued:
+        raise Overloaded(f"{depth} requests are queued (the limit is {sched.max_queued})", sched.retry_after())
+    if sched.max_queued_tokens is not None and depth:
+        queued = queued_tokens()
+        if queued + tokens > sched.max_queued_tokens:
+            raise Overloaded(
+                f"{queued} tokens are queued; this request needs {tokens} more "
+                f"(the limit is {sched.max_queued_tokens})",
+                sched.retry_after(),
+            )
+
+
 class Batcher:
     def __init__(
         self,
@@ -146,19 +162,8 @@ class Batcher:
 
     def submit(self, req: GenRequest) -> None:
         """Admit one request (all its rows go in the same call) or refuse it at once."""
-        if len(self._pending) >= self.max_queued:
-            raise Overloaded(
-                f"{len(self._pending)} requests are queued (the limit is {self.max_queued})", self.retry_after()
-            )
         tokens = req.tokens
-        if self.max_queued_tokens is not None and self._pending:
-            queued = self._queued_tokens
-            if queued + tokens > self.max_queued_tokens:
-                raise Overloaded(
-                    f"{queued} tokens are queued; this request needs {tokens} more "
-                    f"(the limit is {self.max_queued_tokens})",
-                    self.retry_after(),
-                )
+        check_queue_bounds(self, len(self._pending), lambda: self._queued_tokens, tokens)
         self.start()
         req._on_cancel_queued = self._remove
         self._pending.append(req)

@@ -73,6 +73,22 @@ _OPENAI_TYPES = {
 }
 
 
+_COMMON_ERROR_DOCS = {
+    401: "API key missing or wrong",
+    413: "Body larger than the limit",
+    429: "Queue full; retry after Retry-After seconds",
+    503: "Model not ready (loading, draining) or engine failed",
+    504: "The request's deadline passed while it was queued",
+}
+
+
+def error_responses(model: Any, **surface: str) -> dict[int, dict]:
+    """The OpenAPI `responses` of a generate route: the errors every surface shares, plus the surface's own (given
+    as `e400="..."`, `e422="..."`), each with the surface's error schema."""
+    docs = {**_COMMON_ERROR_DOCS, **{int(k[1:]): v for k, v in surface.items()}}
+    return {code: {"model": model, "description": docs[code]} for code in sorted(docs)}
+
+
 def error_body(kind: str, message: str, field: str | None = None, limit: Any = None, **extra: Any) -> dict:
     return {"error": kind, "message": message, "field": field, "limit": limit, **extra}
 

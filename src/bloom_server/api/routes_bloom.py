@@ -21,6 +21,7 @@ from bloom_server.api.common import (
     result_or_disconnect,
     timing_headers,
 )
+from bloom_server.api.errors import error_responses
 from bloom_server.api.schemas import (
     ErrorResponse,
     ForwardRequest,
@@ -34,14 +35,7 @@ from bloom_server.api.schemas import (
 from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse, TGIStreamEvent
 from bloom_server.engine.core import Engine
 
-ERRORS = {
-    401: {"model": ErrorResponse, "description": "API key missing or wrong"},
-    413: {"model": ErrorResponse, "description": "Body larger than the limit"},
-    422: {"model": ErrorResponse, "description": "Invalid request: the message names the field and the limit"},
-    429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds"},
-    503: {"model": ErrorResponse, "description": "Model not ready (loading, draining) or engine failed"},
-    504: {"model": ErrorResponse, "description": "The request's deadline passed while it was queued"},
-}
+ERRORS = error_responses(ErrorResponse, e422="Invalid request: the message names the field and the limit")
 # POST /generate takes the original body or TGI's; both schemas are listed (app.py adds them to the components).
 GENERATE_BODY = {
     "requestBody": {

@@ -21,22 +21,14 @@ from bloom_server.api.common import (
     result_or_disconnect,
     timing_headers,
 )
-from bloom_server.api.errors import NotFound
+from bloom_server.api.errors import NotFound, error_responses
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
 from bloom_server.engine.core import Engine
 from bloom_server.engine.requests import Completion
 from bloom_server.errors import InvalidRequest
 
 INPUT_NAME, OUTPUT_NAME = "text_input", "text_output"
-KSERVE_ERRORS = {
-    400: {"model": ErrorResponse, "description": "Invalid input: `error` names the field"},
-    401: {"model": ErrorResponse, "description": "API key missing or wrong"},
-    404: {"model": ErrorResponse, "description": "No such model"},
-    413: {"model": ErrorResponse, "description": "Body larger than the limit"},
-    429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds"},
-    503: {"model": ErrorResponse, "description": "Model not ready (loading, draining) or engine failed"},
-    504: {"model": ErrorResponse, "description": "The request's deadline passed while it was queued"},
-}
+KSERVE_ERRORS = error_responses(ErrorResponse, e400="Invalid input: `error` names the field", e404="No such model")
 
 
 class V2Tensor(BaseModel):

@@ -22,7 +22,7 @@ from bloom_server.api.common import (
     sse_schema,
     timing_headers,
 )
-from bloom_server.api.errors import NotFound, render_error, status_of
+from bloom_server.api.errors import NotFound, error_responses, render_error, status_of
 from bloom_server.api.schemas_openai import (
     MAX_STOP,
     ChatRequest,
@@ -38,15 +38,7 @@ from bloom_server.engine.core import Engine
 from bloom_server.engine.requests import Completion, GenRequest
 from bloom_server.errors import BloomServerError, InvalidRequest
 
-OPENAI_ERRORS = {
-    400: {"model": OpenAIError, "description": "Invalid request: `param` names the field"},
-    401: {"model": OpenAIError, "description": "API key missing or wrong"},
-    404: {"model": OpenAIError, "description": "No such model"},
-    413: {"model": OpenAIError, "description": "Body larger than the limit"},
-    429: {"model": OpenAIError, "description": "Queue full; retry after Retry-After seconds"},
-    503: {"model": OpenAIError, "description": "Model not ready (loading, draining) or engine failed"},
-    504: {"model": OpenAIError, "description": "The request's deadline passed while it was queued"},
-}
+OPENAI_ERRORS = error_responses(OpenAIError, e400="Invalid request: `param` names the field", e404="No such model")
 _FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
 _FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "max_time": "length"}
 

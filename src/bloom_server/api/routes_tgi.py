@@ -23,7 +23,7 @@ from bloom_server.api.common import (
     sse_schema,
     timing_headers,
 )
-from bloom_server.api.errors import render_error, status_of
+from bloom_server.api.errors import error_responses, render_error, status_of
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
 from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse
 from bloom_server.engine.core import Engine
@@ -31,14 +31,7 @@ from bloom_server.engine.requests import Completion, GenRequest, TokenEvent
 from bloom_server.errors import BloomServerError, InvalidRequest
 from bloom_server.types import ACCEPTED_GENERATE_KWARGS
 
-TGI_ERRORS = {
-    401: {"model": ErrorResponse, "description": "API key missing or wrong"},
-    413: {"model": ErrorResponse, "description": "Body larger than the limit"},
-    422: {"model": ErrorResponse, "description": "Invalid request: `error` names the field, `error_type` is TGI's kind"},
-    429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds"},
-    503: {"model": ErrorResponse, "description": "Model not ready (loading, draining) or engine failed"},
-    504: {"model": ErrorResponse, "description": "The request's deadline passed while it was queued"},
-}
+TGI_ERRORS = error_responses(ErrorResponse, e422="Invalid request: `error` names the field, `error_type` is TGI's kind")
 # The engine's field names -> TGI's
 _FIELDS = {"text": "inputs"}
 

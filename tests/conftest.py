@@ -18,16 +18,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def server(tiny_model_dir, tmp_path_factory):
     """A real `bloom-server serve` process on 127.0.0.1 serving the tiny model."""
     port = free_port()
-    srv = ServerProcess(
+    with ServerProcess(
         ["--model", str(tiny_model_dir), "--max-input-length", "64", "--max-new-tokens", "64", "--max-batch-size", "16", "--max-total-tokens", "96"],
         port,
         log_path=tmp_path_factory.mktemp("logs") / "server.log",
-    )
-    try:
-        srv.wait_ready()
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def pytest_configure(config):

@@ -57,6 +57,18 @@ class ServerProcess:
         self._log.flush()
         return self.log_path.read_text()
 
+    def __enter__(self) -> "ServerProcess":
+        """`with ServerProcess(...) as srv:` waits until ready, and stops the server however the block ends."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -24,17 +24,13 @@ def client_for(srv, key: str = "unused") -> "openai.OpenAI":
 @pytest.fixture(scope="module")
 def chat_server(tiny_model_dir, tmp_path_factory):
     """A server with a chat template given by setting, and an API key."""
-    srv = ServerProcess(
+    with ServerProcess(
         ["--model", str(tiny_model_dir), "--model-id", "tiny-chat", "--max-new-tokens", "64", "--no-warmup"],
         free_port(),
         env={"BLOOM_CHAT_TEMPLATE": TEMPLATE, "BLOOM_API_KEY": KEY},
         log_path=tmp_path_factory.mktemp("logs") / "chat.log",
-    )
-    try:
-        srv.wait_ready()
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def greedy(server, prompt: str, n: int) -> str:

@@ -81,7 +81,7 @@ def in_thread(fn):
 def pressure(tiny_model_dir, tmp_path_factory):
     """Two queued requests at most, 1500 queued tokens at most, long generations allowed, JSON logs, CORS for one
     origin."""
-    srv = ServerProcess(
+    with ServerProcess(
         ["--model", str(tiny_model_dir), "--max-input-length", "64", "--max-new-tokens", str(LONG),
          "--max-total-tokens", str(LONG + 100), "--max-batch-size", "4", "--max-queued-requests", "2",
          "--batch-wait-ms", "1"],
@@ -89,12 +89,8 @@ def pressure(tiny_model_dir, tmp_path_factory):
         env={"BLOOM_MAX_QUEUED_TOKENS": "1500", "BLOOM_LOG_FORMAT": "json",
              "BLOOM_CORS_ALLOW_ORIGINS": "http://example.test"},
         log_path=tmp_path_factory.mktemp("logs") / "pressure.log",
-    )
-    try:
-        srv.wait_ready()
+    ) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def start_long_stream(srv) -> tuple[Stream, float]:

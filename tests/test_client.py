@@ -22,13 +22,9 @@ def client(*args: str, env: dict | None = None, stdin: str | None = None) -> sub
 
 @pytest.fixture(scope="module")
 def keyed(tiny_model_dir, tmp_path_factory):
-    srv = ServerProcess(["--model", str(tiny_model_dir), "--max-new-tokens", "32", "--no-warmup"], free_port(),
-                        env={"BLOOM_API_KEY": "s3cret"}, log_path=tmp_path_factory.mktemp("logs") / "keyed.log")
-    try:
-        srv.wait_ready()
+    with ServerProcess(["--model", str(tiny_model_dir), "--max-new-tokens", "32", "--no-warmup"], free_port(),
+                       env={"BLOOM_API_KEY": "s3cret"}, log_path=tmp_path_factory.mktemp("logs") / "keyed.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_streams_the_greedy_completion(server):

@@ -17,13 +17,9 @@ PROMPTS = ["Deepspeed is", "The quick brown fox jumps over", "Open the file", "A
 
 @pytest.fixture(scope="module")
 def fast_server(tiny_model_dir, tmp_path_factory):
-    srv = ServerProcess(["--model", str(tiny_model_dir), "--backend", "fast", *ARGS], free_port(),
-                        log_path=tmp_path_factory.mktemp("logs") / "fast.log")  # fmt: skip
-    try:
-        srv.wait_ready()
+    with ServerProcess(["--model", str(tiny_model_dir), "--backend", "fast", *ARGS], free_port(),
+                       log_path=tmp_path_factory.mktemp("logs") / "fast.log") as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 def _texts(srv, body):

@@ -18,13 +18,9 @@ N = 12
 
 @pytest.fixture(scope="module")
 def fast_server(tiny_model_dir, tmp_path_factory):
-    srv = ServerProcess(["--model", str(tiny_model_dir), "--backend", "fast", *ARGS], free_port(),
-                        log_path=tmp_path_factory.mktemp("logs") / "fast.log")  # fmt: skip
-    try:
-        srv.wait_ready()
+    with ServerProcess(["--model", str(tiny_model_dir), "--backend", "fast", *ARGS], free_port(),
+                       log_path=tmp_path_factory.mktemp("logs") / "fast.log") as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 def early_token(srv, prompt: str) -> int:

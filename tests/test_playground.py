@@ -31,13 +31,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def slow_server(tiny_model_dir, tmp_path_factory):
     """Long generations allowed, so that streaming is visible as it happens."""
-    srv = ServerProcess(["--model", str(tiny_model_dir), "--max-new-tokens", "1000", "--max-total-tokens", "1100"],
-                        free_port(), log_path=tmp_path_factory.mktemp("logs") / "playground.log")
-    try:
-        srv.wait_ready()
+    with ServerProcess(["--model", str(tiny_model_dir), "--max-new-tokens", "1000", "--max-total-tokens", "1100"],
+                       free_port(), log_path=tmp_path_factory.mktemp("logs") / "playground.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -31,6 +31,12 @@ else
 fi
 MODEL=$PWD/.cache/cold_start/bloom-$SHAPE-$DTYPE
 
+if [ -n "${GPU8_ATTN_PROBE:-}" ] && [ -z "${GPU8_QUICK:-}" ]; then
+  echo "== 0. decode attention: fused (own keys) vs eager (whole bucket), 7b1 heads and the 176B TP=8 rank's heads"
+  timeout 120 $PY scripts/attn_probe.py --heads 32 --head-dim 128
+  timeout 60 $PY scripts/attn_probe.py --heads 14 --head-dim 128 --batch 8,16,32,64 --keys 256,1024
+fi
+
 if [ -z "${GPU8_SKIP_COLD:-}" ]; then
   echo "== 1. cold start ($SHAPE)"
   timeout "${GPU8_COLD_TIMEOUT_S:-240}" $PY scripts/cold_start.py --shape $SHAPE --dtype $DTYPE --no-no-prefetch-run \
@@ -77,9 +83,14 @@ serve_and_load() {  # $1 = batching mode
 
 for mode in ${GPU8_MODES:-continuous dynamic}; do serve_and_load "$mode"; done
 
-CHECK=${GPU8_CHECK:-7b1}   # 7b1: bs 1 and 8 on the 7b1 shape; 176b: bs 1 on the 176B layer shape (8 layers)
+CHECK=${GPU8_CHECK:-7b1}   # 7b1: bs 1 and 8 on the 7b1 shape; 176b: bs 1 on the 176B layer shape (8 layers); wide: 7b1 bs 1, 32, 64 at 300 prompt tokens
 if [ -z "${GPU8_QUICK:-}" ] && [ "$(left)" -gt 80 ]; then
-  if [ "$CHECK" = 176b ]; then CARGS=(--random-weights 176b --layers 8 --batch-size 1); else CARGS=(--random-weights 7b1 --batch-size 1,8); fi
+  case "$CHECK" in
+    176b) CARGS=(--random-weights 176b --layers 8 --batch-size 1) ;;
+    # Wide batches past 256 keys: the fused attention's long-key path (each row its own keys) against transformers.
+    wide) CARGS=(--random-weights 7b1 --batch-size 1,32,64 --input-tokens 300) ;;
+    *) CARGS=(--random-weights 7b1 --batch-size 1,8) ;;
+  esac
   echo "== 3. the default decode fusion ($CHECK): hf,fast, greedy tokens vs transformers"
   timeout $(( $(left) - 5 )) $PY scripts/benchmark.py --backend hf,fast --check-tokens "${CARGS[@]}" \
     --new-tokens 100 --cycles 2 --json "$OUT/check-$CHECK.json" | tail -12

@@ -350,6 +350,29 @@ for v in ("triton_head", "triton_ln"):
     assert out[v][0] == out["base"][0], v
     assert (out[v][1] - out["base"][1]).abs().max() <= 1e-2, v
     assert torch.equal(out[v][2], out["base"][2]) and torch.equal(out[v][3], out["base"][3]), v
+# The fused attention of a wide batch of mixed lengths (more rows than a GEMV program holds, each row reading its own
+# keys only) against the eager chain over the whole bucket; then a whole engine forced onto it at every length.
+import math, types
+from bloom_server.fast import model as fm
+hp, D, B, S = 4, 16, 20, 48
+m = types.SimpleNamespace(hp=hp, D=D, inv_norm=1 / math.sqrt(D), heads=torch.arange(hp), slopes=fm.alibi_slopes(hp),
+                          dtype=torch.float16, device=torch.device("cpu"))
+m._attend = lambda q, k, v, b: fm.BloomRankModel._attend(m, q, k, v, b)
+pos = torch.tensor([(7 * i) % S for i in range(B)])
+qkv, kc, vc = h(B, hp * 3 * D), h(B, hp, S, D), h(B, hp, S, D)
+k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+ref = fm.BloomRankModel._decode_attend(m, qkv, k1, v1, torch.arange(B), pos, S, True, fm.BloomRankModel.decode_bias(m, pos, S))
+got = tk.decode_attention(qkv, k2, v2, pos, m.slopes, S, m.inv_norm, hp, D)
+assert torch.equal(k1, k2) and torch.equal(v1, v2)
+assert (got.float() - ref.float()).abs().max() <= 2e-3, (got.float() - ref.float()).abs().max()
+fm.ATTN_MAX_KEYS, fm.ATTN_WIDE_PROGRAMS = 0, 8  # 2 rows x 4 heads: wide, so fused at every key length
+e = FastEngine(wts, shape, max_batch=2, max_seq=16)
+e.model.set_fuse("tattn")
+calls = []
+real = tk.decode_attention
+tk.decode_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+assert e.generate(prompts, 3).tokens == out["base"][0]
+assert calls, "the wide batch did not take the fused attention"
 print("ok")
 """
 

@@ -19,13 +19,15 @@ engine's model.set_fuse): the small-batch decode step can run its layer as fewer
   fold_res    dense and fc2 add into (residual + bias) in place: one kernel fewer each (one rounding differs)
   tgemv       Triton GEMVs (fast/triton_kernels.py) with the bias, GELU and residual in their epilogues
   tln         ... and the layer norms in their prologues
-  tattn       one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context (up to ATTN_MAX_KEYS keys:
-              it runs one program per (row, head), so long key ranges go back to the eager chain)
+  tattn       one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context, one program per (row,
+              head) reading that row's own keys only (not the bucket's padding). Few programs (under
+              ATTN_WIDE_PROGRAMS rows x heads) take it up to ATTN_MAX_KEYS keys, longer ranges go back to the eager
+              chain; a wide batch takes it at any length, prefix decode of any number of rows
   thead       the tied head (logits) as a Triton GEMV, for at most MAX_ROWS rows (prefill's last tokens too), where the
               head has under 2**31 elements (7b1's does; 176B's, 250880 x 14336, does not and stays on cuBLAS)
   compile     torch.compile (inductor) of the eager layer
-The Triton flags apply to prefix decode of at most triton_kernels.MAX_ROWS rows in fp16/bf16 on a GPU (the
-row-parallel epilogues on one rank only); anything else takes the eager path.
+The Triton GEMV flags apply to prefix decode of at most triton_kernels.MAX_ROWS rows in fp16/bf16 on a GPU (the
+row-parallel epilogues on one rank only), tattn as above; anything else takes the eager path.
 """
 
 from __future__ import annotations
@@ -53,8 +55,12 @@ FUSE_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 # Measured on an H100 (docs/benchmarks.md, "bs 1: decode fusion"): the Triton GEMVs + fused attention + head.
 DEFAULT_FUSE = "triton_head"
-# Keys up to which the fused decode attention runs (past it, one program per (row, head) is slower than the eager chain).
+# Keys up to which the fused decode attention runs when it has few programs (one per (row, head): a handful of long
+# key loops leave the GPU idle, and the eager chain is faster there).
 ATTN_MAX_KEYS = 256
+# From this many (row, head) programs the fused attention fills the GPU at any key length: it runs for every S, reading
+# each row's own keys where the eager chain reads the whole bucket of every row (scripts/attn_probe.py measures both).
+ATTN_WIDE_PROGRAMS = 256
 
 
 def parse_fuse(spec: str | None) -> frozenset[str]:
@@ -260,7 +266,11 @@ class BloomRankModel:
             ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
             residual = ln if post else x
             qkv = tk.gemv(ln, lw.qkv_w, lw.qkv_b) if tri and "tgemv" in f else F.linear(ln, lw.qkv_w, lw.qkv_b)
-        if tri and "tattn" in f and S <= ATTN_MAX_KEYS and tk.fits(k_cache):
+        wide = B * self.hp >= ATTN_WIDE_PROGRAMS
+        if (
+            self._triton and prefix and not post and "tattn" in f and (tri or wide)
+            and (S <= ATTN_MAX_KEYS or wide) and tk.fits(k_cache, v_cache)
+        ):  # fmt: skip
             ctx = tk.decode_attention(qkv, k_cache, v_cache, pos, self.slopes, S, self.inv_norm, self.hp, self.D)
         else:
             ctx = self._decode_attend(qkv, k_cache, v_cache, rows, pos, S, prefix, bias)

@@ -187,10 +187,13 @@ if HAVE_TRITON:
         vc = vc_ptr + b * s_cb + h * s_ch
         tl.store(kc + p * s_cs + rd, k_new)
         tl.store(vc + p * s_cs + rd, v_new)
+        # Keys past this row's own position are masked (exp(-inf) = 0 exactly), so the loops stop at p + 1: a batch
+        # of mixed lengths reads each row's own keys, not the bucket's S (same sums, same rounding).
+        n_keys = tl.minimum(p + 1, S)
         # Pass 1: the row max and the sum of exp over the scores (the new key read from registers, not the cache).
         m = tl.full((), float("-inf"), tl.float32)
         l = tl.zeros((), tl.float32)
-        for s0 in range(0, S, BS):
+        for s0 in range(0, n_keys, BS):
             j = s0 + tl.arange(0, BS)
             k = tl.load(kc + j[:, None] * s_cs + rd[None, :], mask=(j < S)[:, None], other=0.0)
             k = tl.where((j == p)[:, None], k_new[None, :], k)
@@ -203,7 +206,7 @@ if HAVE_TRITON:
             m = m_new
         # Pass 2: probabilities rounded to the model dtype, times V, summed in fp32.
         acc = tl.zeros((D,), tl.float32)
-        for s0 in range(0, S, BS):
+        for s0 in range(0, n_keys, BS):
             j = s0 + tl.arange(0, BS)
             k = tl.load(kc + j[:, None] * s_cs + rd[None, :], mask=(j < S)[:, None], other=0.0)
             k = tl.where((j == p)[:, None], k_new[None, :], k)

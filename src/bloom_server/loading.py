@@ -7,8 +7,9 @@ reading before torch is imported).
 - Where the fast backend's weights come from (`weights_source`): this rank's file of a pre-sharded directory
   (`bloom-server preshard`), the plain safetensors checkpoint read whole (one rank), or sliced per tensor (several
   ranks reading a plain checkpoint).
-- `Prefetcher`: reads this rank's bytes into the page cache from process start, while Python imports torch and
-  CUDA initialises; the loader then finds them in memory. It stops as soon as the real load starts.
+- `Prefetcher`: the load's one disk reader: this rank's bytes into the page cache, in file order, from process
+  start (while Python imports torch and CUDA initialises) to the last byte; the loader follows it chunk by chunk and
+  copies from memory (or reads by itself where there is no prefetcher, or it failed).
 - `ReadThrottle`: an honest rate limit on reads, for tests that must watch a load in progress
   (BLOOM_LOAD_THROTTLE_MBPS); off by default.
 
@@ -17,6 +18,7 @@ The torch half (reading into tensors, pinned buffers, device copies) is `bloom_s
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -60,7 +62,8 @@ class LoadProgress:
         self.loaded_bytes = 0  # bytes placed in their final tensors
         self.total_bytes = 0  # bytes this rank's weights take on disk (0 until known)
         self.prefetched_bytes = 0  # bytes read ahead into the page cache
-        self.loading_started = threading.Event()  # the real load began: a prefetcher stops
+        self.loading_started = threading.Event()  # the real load began ("reading weights")
+        self.prefetcher: Prefetcher | None = None  # the disk reader the loader follows (start_prefetch)
         self.timings: dict[str, float] = {}
 
     def set_phase(self, name: str) -> None:
@@ -362,31 +365,66 @@ def mem_available() -> int | None:
 
 
 class Prefetcher:
-    """Reads `chunks` of `paths` into a throw-away buffer with `threads` threads, so the page cache holds them when
-    the loader comes (reads by several threads keep an NVMe queue busy). It keeps reading ahead after the loader
-    started (`stop` set), so the disk never idles while the loader copies what is already cached, and stops once the
-    loader has caught up with it (progress.loaded_bytes), after `budget` bytes (half the available memory by
-    default: pages read too far ahead could be evicted before use), or at the end. Never raises: a failure only ends
-    the prefetch (the loader reports it)."""
+    """The one disk reader of a load: reads `chunks` of `paths` in file order into a small throw-away buffer, from
+    process start (before torch is imported) to the last byte, so that the page cache holds each chunk when the
+    loader comes for it. One thread by default: one sequential stream, which a disk serves at least as fast as
+    several (a virtio disk measurably faster); `threads` > 1 keeps several reads in flight (NVMe queue depth).
 
-    def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int, stop: threading.Event,
+    The loader (fast/weights.py `read_safetensors`) asks, for each of its chunks, `need(path, end)`: how many of
+    this plan's chunks must be read before that chunk's bytes are all in memory; `wait_for(k)` blocks until they are
+    (True), or returns False at once when the prefetcher is no longer reading (finished short, failed, closed, or
+    its threads gone): the loader then reads from the disk itself, so a failed prefetch never hangs a load. Each
+    `wait_for` also tells the prefetcher how far the loader has got: the prefetcher never stops because the loader
+    caught up, it only pauses while it is more than `budget` bytes ahead of the loader (half the available memory by
+    default: pages read too far ahead could be evicted before use) and resumes when the loader advances.
+
+    Counters (under the lock; `stats()`): read_bytes, pauses (times a reader waited at the budget), loader_waits and
+    loader_wait_s (the loader waiting for bytes not read yet), frontier (chunks read, in order). Never raises: a read
+    error ends the prefetch (logged) and the loader reads the rest itself."""
+
+    SLICE = 4 << 20  # bytes per preadv: the buffer stays small (caches), the kernel's read-ahead keeps the stream
+
+    def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int = 1,
                  progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
-                 budget: int | None = None):
-        self.paths, self.chunks = list(paths), list(chunks)
+                 budget: int | None = None):  # fmt: skip
+        self.paths = [Path(p) for p in paths]
+        self.chunks = list(chunks)
         self.threads = max(1, threads)
-        self.stop = stop
         self.progress = progress
         self.throttle = throttle
+        longest = max((c.length for c in self.chunks), default=0)
         avail = mem_available()
-        self.budget = budget if budget is not None else (avail // 2 if avail else 1 << 62)
-        self._next = 0
-        self._lock = threading.Lock()
+        budget = budget if budget is not None else (avail // 2 if avail else 1 << 62)
+        self.budget = max(int(budget), longest)  # at least one chunk ahead, whatever the memory
+        self._cum = [0]
+        for c in self.chunks:
+            self._cum.append(self._cum[-1] + c.length)
+        self._keys = [(c.file, c.offset) for c in self.chunks]
+        self._index = {os.path.realpath(p): i for i, p in enumerate(self.paths)}
+        self._cv = threading.Condition()
+        self._next = 0  # next chunk to hand to a reader thread
+        self._done = [False] * len(self.chunks)
+        self.frontier = 0  # chunks [0, frontier) are read
+        self.demand = 0  # the loader has asked for chunks [0, demand)
+        self.state = "new"  # new, running, finished, failed, closed
+        self.error: str | None = None
         self.read_bytes = 0
+        self.pauses = 0
+        self.loader_waits = 0
+        self.loader_wait_s = 0.0
+        self._paused = 0
+        self._alive = 0
         self._workers: list[threading.Thread] = []
 
+    # ---- the reader threads
+
     def start(self) -> "Prefetcher":
+        with self._cv:
+            self.state = "running" if self.chunks else "finished"
         for i in range(min(self.threads, len(self.chunks))):
             t = threading.Thread(target=self._run, name=f"bloom-prefetch-{i}", daemon=True)
+            with self._cv:
+                self._alive += 1
             t.start()
             self._workers.append(t)
         return self
@@ -395,60 +433,132 @@ class Prefetcher:
         for t in self._workers:
             t.join(timeout)
 
-    def _caught_up(self, margin: int) -> bool:
-        """The loader started and has (nearly) reached what was read ahead: reading ahead gains nothing more."""
-        if not self.stop.is_set():
-            return False
-        if self.progress is None:
-            return True
-        return self.progress.loaded_bytes + margin >= self.progress.prefetched_bytes
+    def close(self) -> None:
+        """Stop reading (the readers finish their current chunk); waiting loaders return False."""
+        with self._cv:
+            if self.state in ("new", "running"):
+                self.state = "closed"
+            self._cv.notify_all()
 
-    def _take(self, margin: int) -> Chunk | None:
-        with self._lock:
-            if self._caught_up(margin) or self._next >= len(self.chunks) or self.read_bytes >= self.budget:
-                return None
-            c = self.chunks[self._next]
+    def _take(self) -> int | None:
+        with self._cv:
+            paused = False
+            while True:
+                if self.state != "running" or self._next >= len(self.chunks):
+                    return None
+                i = self._next
+                base = min(self.demand, i)  # chunks before the loader's point are being consumed
+                if i < self.demand or self._cum[i + 1] - self._cum[base] <= self.budget:
+                    break
+                if not paused:
+                    paused = True
+                    self.pauses += 1
+                    self._paused += 1
+                self._cv.wait()
+            if paused:
+                self._paused -= 1
             self._next += 1
-            self.read_bytes += c.length
-            return c
+            return i
+
+    def _complete(self, i: int) -> None:
+        with self._cv:
+            self._done[i] = True
+            self.read_bytes += self.chunks[i].length
+            while self.frontier < len(self.chunks) and self._done[self.frontier]:
+                self.frontier += 1
+            self._cv.notify_all()
 
     def _run(self) -> None:
         fds: dict[int, int] = {}
-        buf = bytearray(max((c.length for c in self.chunks), default=0))
+        buf = bytearray(min(self.SLICE, max((c.length for c in self.chunks), default=0)) or 1)
         view = memoryview(buf)
-        margin = len(buf) * self.threads
         try:
-            while True:
-                c = self._take(margin)
-                if c is None:
-                    return
+            while (i := self._take()) is not None:
+                c = self.chunks[i]
                 if c.file not in fds:
                     fds[c.file] = os.open(self.paths[c.file], os.O_RDONLY)
                     try:
                         os.posix_fadvise(fds[c.file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     except (AttributeError, OSError):
                         pass
-                got, pos = 0, c.offset
+                got = 0
                 while got < c.length:
-                    n = os.preadv(fds[c.file], [view[got : c.length]], pos + got)
+                    n = os.preadv(fds[c.file], [view[: min(len(view), c.length - got)]], c.offset + got)
                     if n <= 0:
-                        return
+                        raise OSError(f"{self.paths[c.file]}: unexpected end of file at byte {c.offset + got}")
                     got += n
                 if self.throttle is not None:
                     self.throttle.wait(got)
                 if self.progress is not None:
                     self.progress.add_prefetched(c.wanted_bytes)
-        except OSError as e:
-            log.warning("prefetch stopped: %s", e)
+                self._complete(i)
+        except BaseException as e:  # noqa: BLE001 - the loader reads what is missing itself
+            with self._cv:
+                if self.state == "running":
+                    self.state, self.error = "failed", str(e) or type(e).__name__
+                self._cv.notify_all()
+            log.warning("prefetch stopped: %s (the loader reads the rest from disk itself)", e)
         finally:
             for fd in fds.values():
                 os.close(fd)
+            with self._cv:
+                self._alive -= 1
+                if self._alive == 0 and self.state == "running":
+                    self.state = "finished"
+                self._cv.notify_all()
+
+    # ---- the loader's side
+
+    def need(self, path: str | os.PathLike, end: int) -> int | None:
+        """Chunks of this plan that must be read before bytes [.., end) of `path` are in memory (every chunk of the
+        plan that starts before `end` in that file, and every chunk of the files before it); None when `path` is not
+        one of this prefetcher's files."""
+        fi = self._index.get(os.path.realpath(path))
+        if fi is None:
+            return None
+        return bisect.bisect_left(self._keys, (fi, end))
+
+    def wait_for(self, k: int, timeout: float | None = None) -> bool:
+        """Block until chunks [0, k) are read: True. False when they will not be (the prefetcher finished short,
+        failed, was closed, or its threads are gone) or at `timeout`: the caller reads from disk itself."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            if k > self.demand:
+                self.demand = k
+                self._cv.notify_all()  # a reader paused at the budget may go on
+            if self.frontier >= k:
+                return True
+            self.loader_waits += 1
+            t = time.monotonic()
+            try:
+                while self.frontier < k:
+                    if self.state != "running":
+                        return False
+                    if not any(w.is_alive() for w in self._workers):  # threads gone without saying so
+                        self.state = "failed" if self.error else "finished"
+                        return False
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        return False
+                    self._cv.wait(0.5 if left is None else min(0.5, left))
+                return True
+            finally:
+                self.loader_wait_s += time.monotonic() - t
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            return {"state": self.state, "read_bytes": self.read_bytes, "frontier": self.frontier,
+                    "chunks": len(self.chunks), "demand": self.demand, "pauses": self.pauses,
+                    "paused": self._paused, "loader_waits": self.loader_waits,
+                    "loader_wait_s": self.loader_wait_s, "error": self.error}  # fmt: skip
 
 
 def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chunk_bytes: int,
-                   progress: LoadProgress, throttle: ReadThrottle | None = None) -> Prefetcher | None:
-    """Start reading this rank's weight bytes for the fast backend, or None when there is nothing to read ahead
-    (several ranks slicing a plain checkpoint, pickles, or anything unexpected: the loader will say what)."""
+                   progress: LoadProgress, throttle: ReadThrottle | None = None,
+                   budget: int | None = None) -> Prefetcher | None:  # fmt: skip
+    """Start reading this rank's weight bytes for the fast backend (`progress.prefetcher` is then the Prefetcher,
+    which the loader follows), or None when there is nothing to read ahead (several ranks slicing a plain
+    checkpoint, pickles, or anything unexpected: the loader will say what)."""
     try:
         src = weights_source(model_dir, rank, world)
         if src.kind not in ("presharded", "whole"):
@@ -460,7 +570,21 @@ def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chun
     except (ModelDirError, OSError) as e:
         log.debug("no prefetch: %s", e)
         return None
-    p = Prefetcher(list(src.files), chunks, threads=threads, stop=progress.loading_started, progress=progress,
-                   throttle=throttle).start()  # fmt: skip
+    p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget)
+    progress.prefetcher = p
     progress.set_phase("prefetching")
+    p.start()
+    started = since_process_start()
+    if started is not None:
+        progress.note("prefetch started, s after process start", started)
     return p
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process was started (from /proc: 10 ms resolution), None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

@@ -59,26 +59,39 @@ def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_fla
 
 def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgress) -> None:
     """The fast backend's weights start flowing from disk into the page cache now, before torch is imported and
-    CUDA initialised (seconds that would otherwise pass with the disk idle); the loader stops it when it starts."""
+    CUDA initialised (seconds that would otherwise pass with the disk idle): one sequential stream to the last byte,
+    which the loader follows (loading.Prefetcher). `cli` usually started it already, before the settings loaded."""
     if settings.backend != "fast" or not settings.load_prefetch:
         return
     from bloom_server.loading import ReadThrottle, start_prefetch as start
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
-    start(model_dir.path, rank=rank, world=world, threads=settings.load_threads,
+    start(model_dir.path, rank=rank, world=world, threads=settings.load_prefetch_threads,
           chunk_bytes=max(4096, int(settings.load_chunk_mb * 2**20)), progress=progress,
           throttle=throttle)  # fmt: skip
 
 
-def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
-    progress = LoadProgress()  # from process start (nearly: after parsing the flags)
+def serve(settings: Settings, local_rank_flag: int | None = None, early=None) -> int:
+    """`early`: the prefetch cli.py started from a first look at the command line (cli.EarlyPrefetch), kept when
+    the settings agree with it, closed otherwise."""
+    progress = early.progress if early is not None else LoadProgress()  # from process start (nearly)
     try:
         model_dir = resolve(settings)  # cheap checks first: refuse a bad directory before opening the port
     except BloomServerError as exc:
+        if early is not None:
+            early.close()
         log.error("cannot serve: %s", exc)
         return 2
-    start_prefetch(settings, model_dir, progress)  # before torch: rank_context imports it
+    if early is not None and early.matches(settings, model_dir.path):
+        started = progress.timings.get("prefetch started, s after process start")
+        log.info("load phase: prefetching (started before the settings were read%s)",
+                 f", {started:.2f} s after process start" if started is not None else "")  # fmt: skip
+    else:
+        if early is not None:
+            early.close()  # a guess the settings contradict (another directory, backend or load setting)
+            progress = LoadProgress()
+        start_prefetch(settings, model_dir, progress)  # before torch: rank_context imports it
     workers = start_kernel_compile(settings, model_dir, local_rank_flag)
 
     from bloom_server.runtime.distributed import rank_context

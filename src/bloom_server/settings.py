@@ -128,7 +128,13 @@ class Settings(BaseSettings):
     )
     load_threads: int = Field(
         4, ge=1, le=64, validation_alias=_env("load_threads"),
-        description="fast backend: threads reading weights in parallel (queue depth for NVMe)",
+        description="fast backend: threads placing weights in their tensors (page cache -> pinned buffer -> device "
+        "copy, overlapped); they read the disk themselves only where no prefetch runs",
+    )  # fmt: skip
+    load_prefetch_threads: int = Field(
+        1, ge=1, le=64, validation_alias=_env("load_prefetch_threads"),
+        description="fast backend: threads of the prefetch, the load's one disk reader (1: one sequential stream, "
+        "what most disks serve fastest; more: several reads in flight, for NVMe queue depth)",
     )  # fmt: skip
     load_chunk_mb: float = Field(
         32, gt=0, le=1024, validation_alias=_env("load_chunk_mb"),
@@ -136,7 +142,8 @@ class Settings(BaseSettings):
     )  # fmt: skip
     load_prefetch: bool = Field(
         True, validation_alias=_env("load_prefetch"),
-        description="fast backend: read weights into the page cache from process start, while torch is imported",
+        description="fast backend: one sequential read of the weights from process start (while torch is imported) "
+        "to the last byte, into the page cache, which the loader follows; off: the loader threads read the disk",
     )  # fmt: skip
     load_throttle_mbps: float | None = Field(
         None, gt=0, validation_alias=_env("load_throttle_mbps"),

@@ -10,7 +10,8 @@ of kernel variants, the workers' own code, `warm`).
   each has finished the variants of a stage.
 
 BLOOM_FAST_PRECOMPILE: "0" turns the ahead-of-time work off (workers and the load thread's warm calls); a number sets
-the worker processes (default: a quarter of the CPUs over the ranks of this host, 1 to 4).
+the worker processes (default `worker_count`: the CPUs this process may use, shared by the ranks of this host, less
+RESERVED_CPUS per rank for the load itself, between 1 and MAX_WORKERS: 12 on a 16-CPU host with one GPU).
 """
 
 from __future__ import annotations
@@ -49,7 +50,49 @@ def apply_kernel_cache_dir(path: str | None) -> str | None:
     return os.environ.get("TRITON_CACHE_DIR")
 
 
+# Per rank, CPUs left to the load itself: the main thread (torch import, CUDA initialisation), the prefetch (the disk
+# stream), the loader threads (page cache -> pinned memory -> device) and the load thread's kernel helper.
+RESERVED_CPUS = 4
+# The decode step's one-row stage has ~19 variants (18 GEMV configs and the attention kernel), the multi-row stage ~24:
+# 12 workers compile at most 2 of each. More would mostly add torch imports and CUDA contexts (each worker holds one,
+# a few hundred MB of device memory, until it exits).
+MAX_WORKERS = 12
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """CPUs a cgroup quota allows (a container's CPU limit: cgroup v2 cpu.max, v1 cfs quota), None when unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            return int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        if quota_us > 0 and period_us > 0:
+            return quota_us / period_us
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cpusets), bounded by a cgroup CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, int(limit))
+    return max(1, n)
+
+
 def worker_count() -> int:
+    """Compile worker processes for this rank: BLOOM_FAST_PRECOMPILE's number when it gives one (0: none), else
+    the CPUs available over the ranks of this host, less RESERVED_CPUS, at least 1 and at most MAX_WORKERS
+    (16 CPUs and one rank: 12; 2 CPUs: 1; 128 CPUs and 8 ranks: 12 each)."""
     raw = os.environ.get(ENV, "").strip().lower()
     if raw not in ("", "1", "on", "true", "yes", "auto"):
         try:
@@ -57,7 +100,7 @@ def worker_count() -> int:
         except ValueError:
             return 0
     ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1))
-    return max(1, min(4, (os.cpu_count() or 2) // (4 * ranks_here)))
+    return max(1, min(MAX_WORKERS, available_cpus() // ranks_here - RESERVED_CPUS))
 
 
 def gpu_likely() -> bool:

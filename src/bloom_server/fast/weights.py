@@ -233,7 +233,12 @@ def read_safetensors(
     """The wanted tensors, read with large sequential `preadv` calls by `threads` threads straight into their final
     storage: on the CPU the read lands in the tensor itself (one scatter read per chunk, no copy); on CUDA it lands in
     a pinned buffer (two per thread) whose device copy runs on the thread's stream while the thread reads its next
-    chunk. Floating tensors come out in `dtype`; only a tensor stored in another dtype is staged and cast."""
+    chunk. Floating tensors come out in `dtype`; only a tensor stored in another dtype is staged and cast.
+
+    With a prefetcher running (`progress.prefetcher`, loading.start_prefetch: the load's one sequential disk stream),
+    each chunk is read only once the prefetcher has read past it, so the `preadv` copies from the page cache and the
+    disk sees one stream; where the prefetcher does not cover a chunk, has stopped or failed, the chunk is read from
+    the disk here (and throttled here: `throttle` applies to disk reads only). The prefetcher is closed at the end."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     out: list[torch.Tensor | None] = []
@@ -261,8 +266,17 @@ def read_safetensors(
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except (AttributeError, OSError):
             pass
-    state = {"next": 0, "error": None}
+    state = {"next": 0, "error": None, "own": 0}
     lock = threading.Lock()
+    ahead = getattr(progress, "prefetcher", None) if progress is not None else None
+
+    def cached(c: Chunk) -> bool:
+        """Wait until the prefetcher has read past chunk `c`: True (its bytes are in the page cache); False: read it
+        from the disk here (no prefetcher, a file it does not read, or it stopped: never a hang)."""
+        if ahead is None:
+            return False
+        k = ahead.need(files[c.file].path, c.offset + c.length)
+        return k is not None and ahead.wait_for(k)
 
     def take() -> Chunk | None:
         with lock:
@@ -283,12 +297,13 @@ def read_safetensors(
                     pos += n
                 views.append(_host_view(raw[p.tensor], p.dst_offset, p.nbytes))
                 pos += p.nbytes
+            hit = cached(c)
             _preadv_all(fds[c.file], views, c.offset, files[c.file].path)
-            done(c)
+            done(c, hit)
 
     def cuda_worker() -> None:
         torch.cuda.set_device(device)
-        stream = torch.cuda.Stream(device)
+        copies = torch.cuda.Stream(device)
         size = max(c.length for c in chunks)
         bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
         events: list[torch.cuda.Event | None] = [None, None]
@@ -298,21 +313,25 @@ def read_safetensors(
             k += 1
             if events[b] is not None:
                 events[b].synchronize()  # the copy out of this buffer (two chunks ago) is done
+            hit = cached(c)
             _preadv_all(fds[c.file], [_host_view(bufs[b], 0, c.length)], c.offset, files[c.file].path)
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(copies):
                 for p in c.pieces:
                     raw[p.tensor][p.dst_offset : p.dst_offset + p.nbytes].copy_(
                         bufs[b][p.chunk_offset : p.chunk_offset + p.nbytes], non_blocking=True
                     )
                 ev = torch.cuda.Event()
-                ev.record(stream)
+                ev.record(copies)
                 events[b] = ev
-            done(c)
-        stream.synchronize()
+            done(c, hit)
+        copies.synchronize()
 
-    def done(c: Chunk) -> None:
-        if throttle is not None:
-            throttle.wait(c.length)
+    def done(c: Chunk, hit: bool) -> None:
+        if not hit:
+            with lock:
+                state["own"] += 1
+            if throttle is not None:
+                throttle.wait(c.length)
         if progress is not None:
             progress.add(c.wanted_bytes)
 
@@ -343,6 +362,12 @@ def read_safetensors(
     finally:
         for fd in fds:
             os.close(fd)
+        if ahead is not None:
+            ahead.close()  # done with it (normally it has finished: it read every chunk first)
+            st = ahead.stats()
+            progress.note("loader waited for the prefetcher, s", st["loader_wait_s"])  # type: ignore[union-attr]
+            progress.note("prefetch pauses at its memory budget", st["pauses"])  # type: ignore[union-attr]
+            progress.note("chunks the loader read from disk itself", state["own"])  # type: ignore[union-attr]
     for i, fdt, shp in casts:
         out[i] = raw[i].view(fdt).view(shp).to(dtype)
         raw[i] = None  # type: ignore[call-overload]

@@ -1,0 +1,338 @@
+"""The load's one disk stream (loading.Prefetcher) and the loader that follows it (fast/weights.py read_safetensors),
+on real files, on the CPU. The prefetcher's reads are held and released through its `throttle` hook (called after
+each chunk it read), so every step is observed through counters: nothing here depends on a sleep being long enough.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bloom_server.fast.weights import read_safetensors, required_names  # noqa: E402
+from bloom_server.fast.shapes import BloomShape  # noqa: E402
+from bloom_server.loading import (  # noqa: E402
+    LoadProgress,
+    Prefetcher,
+    plan_chunks,
+    read_header,
+    start_prefetch,
+    wanted_entries,
+)
+
+CHUNK = 64 << 10  # the tiny model (0.93 MB) in ~15 chunks
+
+
+class Gate:
+    """A prefetcher's throttle that lets `allowed` chunks through, then holds the reader; `fail_at`: the chunk
+    whose read raises OSError (a disk error mid-way)."""
+
+    def __init__(self, allowed: int = 0, fail_at: int | None = None):
+        self.cv = threading.Condition()
+        self.allowed, self.passed, self.fail_at = allowed, 0, fail_at
+
+    def wait(self, nbytes: int) -> None:
+        with self.cv:
+            if self.fail_at is not None and self.passed == self.fail_at:
+                raise OSError(5, "Input/output error (simulated)")
+            if not self.cv.wait_for(lambda: self.passed < self.allowed, timeout=60):
+                raise AssertionError("gate never opened")
+            self.passed += 1
+
+    def allow(self, n: int) -> None:
+        with self.cv:
+            self.allowed += n
+            self.cv.notify_all()
+
+
+def until(cond, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        time.sleep(0.002)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from safetensors.torch import load_file
+
+    path = tiny_model_dir / "model.safetensors"
+    header = read_header(path)
+    wanted, missing = wanted_entries([header], required_names(BloomShape.from_dir(tiny_model_dir)))
+    assert not missing
+    expected = load_file(str(path))
+    return path, header, wanted, expected
+
+
+def check_equal(model, tensors) -> None:
+    _, _, wanted, expected = model
+    assert len(tensors) == len(wanted)
+    for (_, t), got in zip(wanted, tensors):
+        assert torch.equal(got, expected[t.name]), t.name
+
+
+class Recorder(LoadProgress):
+    """Records, at each chunk the loader places, the bytes placed and the bytes the prefetcher had read then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def add(self, nbytes: int) -> None:
+        super().add(nbytes)
+        p = self.prefetcher
+        self.seen.append((self.loaded_bytes, p.stats()["read_bytes"] if p is not None else -1))
+
+
+def load_in_thread(model, progress, threads: int = 2):
+    _, header, wanted, _ = model
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["out"] = read_safetensors([header], wanted, dtype=torch.float32, device="cpu", progress=progress,
+                                          threads=threads, chunk_bytes=CHUNK)  # fmt: skip
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def finish(t: threading.Thread, box: dict):
+    t.join(60)
+    assert not t.is_alive(), "the loader hung"
+    if "error" in box:
+        raise box["error"]
+    return box["out"]
+
+
+def prefetch(model, progress, gate=None, threads: int = 1, budget: int | None = None) -> Prefetcher:
+    path, header, _, _ = model
+    wanted = [(0, t) for t in header.tensors]
+    p = Prefetcher([path], plan_chunks(wanted, CHUNK), threads=threads, progress=progress, throttle=gate,
+                   budget=budget)  # fmt: skip
+    progress.prefetcher = p
+    return p.start()
+
+
+# ------------------------------------------------------------------------------------------ the loader follows
+
+
+def test_the_loader_waits_for_the_prefetcher_chunk_by_chunk_and_gets_identical_tensors(model):
+    progress = Recorder()
+    gate = Gate(allowed=0)
+    p = prefetch(model, progress, gate)
+    t, box = load_in_thread(model, progress, threads=2)
+    until(lambda: p.stats()["loader_waits"] >= 1, "the loader waiting for the prefetcher")
+    assert progress.loaded_bytes == 0  # nothing placed before the prefetcher read anything
+    n = len(p.chunks)
+    for k in range(1, n + 1):  # one chunk at a time: the loader follows
+        gate.allow(1)
+        until(lambda: p.stats()["frontier"] >= k, f"prefetcher past chunk {k}")
+    out = finish(t, box)
+    check_equal(model, out)
+    # Every chunk the loader placed had been read by the prefetcher first.
+    assert progress.seen and all(loaded <= read for loaded, read in progress.seen), progress.seen
+    st = p.stats()
+    assert st["state"] == "finished" and st["frontier"] == n and st["read_bytes"] == sum(c.length for c in p.chunks)
+    t_ = progress.snapshot()["timings"]
+    assert t_["chunks the loader read from disk itself"] == 0 and t_["loader waited for the prefetcher, s"] > 0
+    assert progress.loaded_bytes == progress.total_bytes > 900_000
+    assert progress.prefetched_bytes >= progress.total_bytes
+
+
+def test_the_prefetcher_never_stops_because_the_loader_caught_up(model):
+    """The old prefetcher stopped once the loader reached it; now it reads to the last byte and the loader reads
+    nothing from the disk itself."""
+    progress = LoadProgress()
+    p = prefetch(model, progress)
+    out = finish(*load_in_thread(model, progress, threads=4))
+    check_equal(model, out)
+    p.join(30)
+    assert p.stats()["state"] in ("finished", "closed") and p.stats()["frontier"] == len(p.chunks)
+    assert progress.snapshot()["timings"]["chunks the loader read from disk itself"] == 0
+
+
+# ------------------------------------------------------------------------------------------ the loader alone
+
+
+def test_the_loader_reads_alone_without_a_prefetcher(model):
+    progress = LoadProgress()
+    assert progress.prefetcher is None
+    check_equal(model, finish(*load_in_thread(model, progress, threads=3)))
+    assert progress.loaded_bytes == progress.total_bytes and progress.prefetched_bytes == 0
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_loader_reads_the_rest_itself_when_the_prefetcher_fails_mid_way(model, threads):
+    progress = Recorder()
+    gate = Gate(allowed=100, fail_at=4)  # four chunks read, then an I/O error on the fifth
+    p = prefetch(model, progress, gate)
+    out = finish(*load_in_thread(model, progress, threads=threads))
+    check_equal(model, out)
+    st = p.stats()
+    assert st["state"] == "failed" and "Input/output error" in st["error"] and st["frontier"] == 4
+    own = progress.snapshot()["timings"]["chunks the loader read from disk itself"]
+    assert own == len(p.chunks) - 4, (own, len(p.chunks))
+
+
+def test_a_prefetcher_whose_threads_are_gone_does_not_hang_the_loader(model):
+    """No reader thread left and nobody said so (a thread killed from outside): the wait notices and returns."""
+    path, header, _, _ = model
+    p = Prefetcher([path], plan_chunks([(0, t) for t in header.tensors], CHUNK))
+    p.state = "running"  # as if started, but no thread reads
+    t0 = time.monotonic()
+    assert p.wait_for(3, timeout=20) is False and time.monotonic() - t0 < 5  # noticed, not timed out
+    assert p.stats()["state"] == "finished"
+    progress = LoadProgress()
+    progress.prefetcher = Prefetcher([path], p.chunks)
+    progress.prefetcher.state = "running"
+    check_equal(model, finish(*load_in_thread(model, progress, threads=2)))
+
+
+def test_a_closed_prefetcher_releases_a_waiting_loader(model):
+    progress = LoadProgress()
+    gate = Gate(allowed=2)
+    p = prefetch(model, progress, gate)
+    t, box = load_in_thread(model, progress, threads=1)
+    until(lambda: p.stats()["loader_waits"] >= 1 and p.stats()["frontier"] == 2, "the loader waiting on chunk 3")
+    p.close()
+    gate.allow(100)  # the reader finishes its current chunk and stops
+    check_equal(model, finish(t, box))
+    assert p.stats()["state"] == "closed"
+
+
+def test_no_prefetch_when_disabled(tiny_model_dir, monkeypatch):
+    from bloom_server.cli import _early_prefetch
+    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.serve import start_prefetch as serve_start
+    from bloom_server.settings import load_settings
+
+    progress = LoadProgress()
+    serve_start(load_settings(backend="fast", load_prefetch=False), resolve_model_dir(str(tiny_model_dir)), progress)
+    assert progress.prefetcher is None and progress.phase == "starting"
+    monkeypatch.setenv("BLOOM_LOAD_PREFETCH", "0")
+    assert _early_prefetch(["serve", "--backend", "fast", "--model", str(tiny_model_dir)]) is None
+
+
+# ------------------------------------------------------------------------------------------ the memory budget
+
+
+def test_the_prefetcher_pauses_at_its_budget_and_resumes_as_the_loader_advances(model):
+    path, header, _, _ = model
+    chunks = plan_chunks([(0, t) for t in header.tensors], CHUNK)
+    assert len(chunks) >= 8
+    budget = chunks[0].length + chunks[1].length  # two chunks ahead of the loader at most
+    p = Prefetcher([path], chunks, budget=budget).start()
+    until(lambda: p.stats()["paused"] == 1, "the prefetcher pausing at its budget")
+    st = p.stats()
+    assert st["frontier"] == 2 and st["read_bytes"] == budget and st["pauses"] == 1 and st["state"] == "running"
+    # The loader asks for chunk 0: the budget now counts from chunk 1, so one more chunk is read, then a pause.
+    assert p.wait_for(1) is True
+    until(lambda: p.stats()["frontier"] == 3 and p.stats()["paused"] == 1, "one more chunk, then a pause")
+    assert p.stats()["pauses"] == 2
+    # A loader that waits for a chunk past the budget is never left waiting: the prefetcher reads up to it.
+    assert p.wait_for(6, timeout=30) is True
+    until(lambda: p.stats()["paused"] == 1, "paused again, two chunks past the loader's point")
+    assert p.stats()["frontier"] == 8
+    assert p.wait_for(len(chunks), timeout=30) is True
+    p.join(30)
+    assert p.stats()["state"] == "finished" and p.stats()["frontier"] == len(chunks)
+
+
+def test_need_maps_the_loaders_chunks_onto_the_prefetch_plan(model):
+    path, header, _, _ = model
+    chunks = plan_chunks([(0, t) for t in header.tensors], CHUNK)
+    p = Prefetcher([path], chunks)
+    assert p.need(path, chunks[0].offset + 1) == 1 and p.need(path, chunks[2].offset + chunks[2].length) == 3
+    assert p.need(path, chunks[-1].offset + chunks[-1].length) == len(chunks)
+    assert p.need(path.parent / "other.safetensors", 10) is None
+
+
+# ------------------------------------------------------------------------------------------ the early start
+
+
+def test_the_early_prefetch_follows_the_command_line_and_the_environment(tiny_model_dir, monkeypatch):
+    from bloom_server.cli import _early_prefetch
+    from bloom_server.settings import load_settings
+
+    for var in ("BLOOM_BACKEND", "DEPLOYMENT_FRAMEWORK", "BLOOM_MODEL", "MODEL_NAME", "STORAGE_URI",
+                "BLOOM_LOAD_PREFETCH", "BLOOM_LOAD_CHUNK_MB", "BLOOM_LOAD_PREFETCH_THREADS",
+                "BLOOM_LOAD_THROTTLE_MBPS", "RANK", "WORLD_SIZE"):  # fmt: skip
+        monkeypatch.delenv(var, raising=False)
+    d = str(tiny_model_dir)
+    e = _early_prefetch(["--local_rank=0", "serve", "--backend", "fast", f"--model={d}", "--port", "1"])
+    assert e is not None and e.progress.prefetcher is e.prefetcher and e.progress.phase == "prefetching"
+    assert e.matches(load_settings(backend="fast", model=d), tiny_model_dir)
+    assert not e.matches(load_settings(backend="fast", model=d, load_chunk_mb=8), tiny_model_dir)
+    assert not e.matches(load_settings(backend="hf", model=d), tiny_model_dir)
+    e.prefetcher.join(30)
+    assert e.prefetcher.stats()["frontier"] == len(e.prefetcher.chunks)  # it read the whole file
+    assert "prefetch started, s after process start" in e.progress.timings
+    assert _early_prefetch(["serve", "--backend", "hf", "--model", d]) is None
+    assert _early_prefetch(["serve", "--model", d]) is None  # the default backend is hf
+    assert _early_prefetch(["download", "--backend", "fast", "--model", d]) is None
+    assert _early_prefetch(["serve", "--backend", "fast", "--model", "org/name"]) is None  # a Hub id: later
+    monkeypatch.setenv("DEPLOYMENT_FRAMEWORK", "fast")
+    monkeypatch.setenv("MODEL_NAME", d)
+    monkeypatch.setenv("BLOOM_LOAD_CHUNK_MB", "0.5")
+    e = _early_prefetch(["serve"])
+    assert e is not None and e.chunk_bytes == 512 << 10
+    e.close()
+    monkeypatch.setenv("BLOOM_LOAD_CHUNK_MB", "lots")  # the settings will refuse it: no guess
+    assert _early_prefetch(["serve"]) is None
+
+
+def test_serve_keeps_a_matching_early_prefetch_and_replaces_one_the_settings_contradict(tiny_model_dir, monkeypatch):
+    from bloom_server import serve as serve_mod
+    from bloom_server.cli import _early_prefetch
+    from bloom_server.settings import load_settings
+
+    monkeypatch.delenv("BLOOM_LOAD_CHUNK_MB", raising=False)
+    seen: dict = {}
+
+    def fake_rank_context(flag):
+        raise RuntimeError("stop here")
+
+    import bloom_server.runtime.distributed as dist
+
+    monkeypatch.setattr(dist, "rank_context", fake_rank_context)
+    monkeypatch.setattr(serve_mod, "start_kernel_compile", lambda *a: None)
+    real_start = serve_mod.start_prefetch
+    monkeypatch.setattr(serve_mod, "start_prefetch", lambda s, md, pr: (seen.setdefault("started", pr), real_start(s, md, pr)))
+    d = str(tiny_model_dir)
+    early = _early_prefetch(["serve", "--backend", "fast", "--model", d])
+    with pytest.raises(RuntimeError, match="stop here"):
+        serve_mod.serve(load_settings(backend="fast", model=d), early=early)
+    assert "started" not in seen and early.prefetcher.state != "closed"  # kept
+    early2 = _early_prefetch(["serve", "--backend", "fast", "--model", d])
+    with pytest.raises(RuntimeError, match="stop here"):
+        serve_mod.serve(load_settings(backend="fast", model=d, load_prefetch_threads=2), early=early2)
+    assert early2.prefetcher.state == "closed" or early2.prefetcher.stats()["frontier"] == len(early2.prefetcher.chunks)
+    assert seen["started"] is not early2.progress and seen["started"].prefetcher.threads == 2
+
+
+# ------------------------------------------------------------------------------------------ compile workers
+
+
+def test_compile_workers_scale_with_the_cpus(monkeypatch):
+    from bloom_server.fast import precompile
+
+    for var in ("BLOOM_FAST_PRECOMPILE", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cases = {(16, 1): 12, (2, 1): 1, (8, 1): 4, (64, 1): 12, (128, 8): 12, (32, 4): 4, (16, 8): 1}
+    for (cpus, ranks), want in cases.items():
+        monkeypatch.setattr(precompile, "available_cpus", lambda c=cpus: c)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert precompile.worker_count() == want, (cpus, ranks)
+    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "3")
+    assert precompile.worker_count() == 3
+    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "0")
+    assert precompile.worker_count() == 0 and not precompile.enabled()
+    assert precompile.available_cpus() >= 1

@@ -20,9 +20,9 @@ engine's model.set_fuse): the small-batch decode step can run its layer as fewer
   tgemv       Triton GEMVs (fast/triton_kernels.py) with the bias, GELU and residual in their epilogues
   tln         ... and the layer norms in their prologues
   tattn       one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context, one program per (row,
-              head) reading that row's own keys only (not the bucket's padding). Few programs (under
-              ATTN_WIDE_PROGRAMS rows x heads) take it up to ATTN_MAX_KEYS keys, longer ranges go back to the eager
-              chain; a wide batch takes it at any length, prefix decode of any number of rows
+              head) reading that row's own keys only (not the bucket's padding), for prefix decode of any number of
+              rows: up to ATTN_MAX_KEYS keys always, past it from ATTN_WIDE_PROGRAMS (row, head) programs (fewer
+              programs leave the GPU idle on long key loops: the eager chain runs those)
   thead       the tied head (logits) as a Triton GEMV, for at most MAX_ROWS rows (prefill's last tokens too), where the
               head has under 2**31 elements (7b1's does; 176B's, 250880 x 14336, does not and stays on cuBLAS)
   compile     torch.compile (inductor) of the eager layer
@@ -55,12 +55,13 @@ FUSE_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 # Measured on an H100 (docs/benchmarks.md, "bs 1: decode fusion"): the Triton GEMVs + fused attention + head.
 DEFAULT_FUSE = "triton_head"
-# Keys up to which the fused decode attention runs when it has few programs (one per (row, head): a handful of long
-# key loops leave the GPU idle, and the eager chain is faster there).
+# When the fused decode attention runs (scripts/attn_probe.py on an H100, docs/benchmarks.md "Decode attention"): up
+# to ATTN_MAX_KEYS keys at every batch size (0.4-0.8x the eager chain's time, rows at the bucket's end or spread);
+# past it only from ATTN_WIDE_PROGRAMS (row, head) programs, where rows of mixed lengths (a continuous batch) take
+# 0.6-0.8x the eager time (each row reads its own keys, the eager chain the whole bucket) and rows all at the end of
+# a long bucket up to 1.2x; with fewer programs long key loops leave the GPU idle (bs 1 at 1024 keys: 1.7x).
 ATTN_MAX_KEYS = 256
-# From this many (row, head) programs the fused attention fills the GPU at any key length: it runs for every S, reading
-# each row's own keys where the eager chain reads the whole bucket of every row (scripts/attn_probe.py measures both).
-ATTN_WIDE_PROGRAMS = 256
+ATTN_WIDE_PROGRAMS = 448
 
 
 def parse_fuse(spec: str | None) -> frozenset[str]:
@@ -266,10 +267,9 @@ class BloomRankModel:
             ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
             residual = ln if post else x
             qkv = tk.gemv(ln, lw.qkv_w, lw.qkv_b) if tri and "tgemv" in f else F.linear(ln, lw.qkv_w, lw.qkv_b)
-        wide = B * self.hp >= ATTN_WIDE_PROGRAMS
         if (
-            self._triton and prefix and not post and "tattn" in f and (tri or wide)
-            and (S <= ATTN_MAX_KEYS or wide) and tk.fits(k_cache, v_cache)
+            self._triton and prefix and not post and "tattn" in f
+            and (S <= ATTN_MAX_KEYS or B * self.hp >= ATTN_WIDE_PROGRAMS) and tk.fits(k_cache, v_cache)
         ):  # fmt: skip
             ctx = tk.decode_attention(qkv, k_cache, v_cache, pos, self.slopes, S, self.inv_norm, self.hp, self.D)
         else:

@@ -168,7 +168,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attn_kernel(
-        qkv_ptr, kc_ptr, vc_ptr, pos_ptr, slope_ptr, out_ptr,
+        qkv_ptr, kc_ptr, vc_ptr, pos_ptr, slope_ptr, out_ptr, sc_ptr,
         S, hp, s_qkv, s_cb, s_ch, s_cs, s_out, alpha,
         D: tl.constexpr, BS: tl.constexpr,
     ):  # fmt: skip
@@ -190,7 +190,9 @@ if HAVE_TRITON:
         # Keys past this row's own position are masked (exp(-inf) = 0 exactly), so the loops stop at p + 1: a batch
         # of mixed lengths reads each row's own keys, not the bucket's S (same sums, same rounding).
         n_keys = tl.minimum(p + 1, S)
-        # Pass 1: the row max and the sum of exp over the scores (the new key read from registers, not the cache).
+        # Pass 1: the row max and the sum of exp over the scores (the new key read from registers, not the cache);
+        # the scores go to this program's scratch row, so pass 2 reads them (S floats) instead of the keys again.
+        sc = sc_ptr + pid.to(tl.int64) * S
         m = tl.full((), float("-inf"), tl.float32)
         l = tl.zeros((), tl.float32)
         for s0 in range(0, n_keys, BS):
@@ -201,21 +203,18 @@ if HAVE_TRITON:
             bias = (slope * j.to(tl.float32)).to(dt).to(tl.float32)
             score = (alpha * dot + bias).to(dt).to(tl.float32)
             score = tl.where((j <= p) & (j < S), score, float("-inf"))
+            tl.store(sc + j, score, mask=j < n_keys)
             m_new = tl.maximum(m, tl.max(score, axis=0))
             l = l * tl.exp(m - m_new) + tl.sum(tl.exp(score - m_new), axis=0)
             m = m_new
+        tl.debug_barrier()  # the scratch row written by this program's threads, visible to all of them
         # Pass 2: probabilities rounded to the model dtype, times V, summed in fp32.
         acc = tl.zeros((D,), tl.float32)
         for s0 in range(0, n_keys, BS):
             j = s0 + tl.arange(0, BS)
-            k = tl.load(kc + j[:, None] * s_cs + rd[None, :], mask=(j < S)[:, None], other=0.0)
-            k = tl.where((j == p)[:, None], k_new[None, :], k)
-            v = tl.load(vc + j[:, None] * s_cs + rd[None, :], mask=(j < S)[:, None], other=0.0)
+            v = tl.load(vc + j[:, None] * s_cs + rd[None, :], mask=(j < n_keys)[:, None], other=0.0)
             v = tl.where((j == p)[:, None], v_new[None, :], v)
-            dot = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-            bias = (slope * j.to(tl.float32)).to(dt).to(tl.float32)
-            score = (alpha * dot + bias).to(dt).to(tl.float32)
-            score = tl.where((j <= p) & (j < S), score, float("-inf"))
+            score = tl.load(sc + j, mask=j < n_keys, other=float("-inf"))
             prob = (tl.exp(score - m) / l).to(dt).to(tl.float32)
             acc += tl.sum(prob[:, None] * v.to(tl.float32), axis=0)
         tl.store(out_ptr + b * s_out + h * D + rd, acc.to(dt))
@@ -272,9 +271,10 @@ def decode_attention(
     if not fits(k_cache, v_cache, qkv):
         raise ValueError("decode_attention: a cache past 32-bit offsets")
     out = torch.empty((B, hp * D), dtype=qkv.dtype, device=qkv.device)
+    scratch = torch.empty((B * hp, S), dtype=torch.float32, device=qkv.device)
     bs = 16 if INTERPRET else 64
     _decode_attn_kernel[(B * hp,)](
-        qkv, k_cache, v_cache, pos, slopes, out, S, hp, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
+        qkv, k_cache, v_cache, pos, slopes, out, scratch, S, hp, qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), out.stride(0), float(alpha), D=D, BS=bs, num_warps=4,
     )  # fmt: skip
     return out
@@ -468,7 +468,7 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int) -> int:
             def attn(m=m, hp=hp, D=D, S=S):  # noqa: ANN001
                 s_ch = plan.max_seq * D
                 return _decode_attn_kernel.warmup(
-                    dt, dt, dt, torch.int64, torch.float32, dt, S, hp, hp * 3 * D, hp * s_ch, s_ch, D, hp * D, 0.125,
+                    dt, dt, dt, torch.int64, torch.float32, dt, torch.float32, S, hp, hp * 3 * D, hp * s_ch, s_ch, D, hp * D, 0.125,
                     D=D, BS=_attn_block(), num_warps=4, grid=(1,),
                 )  # fmt: skip
 

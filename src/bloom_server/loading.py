@@ -466,6 +466,8 @@ class Prefetcher:
             self.read_bytes += self.chunks[i].length
             while self.frontier < len(self.chunks) and self._done[self.frontier]:
                 self.frontier += 1
+            if self.frontier == len(self.chunks) and self.state == "running":
+                self.state = "finished"  # every byte read (its threads exit on their own)
             self._cv.notify_all()
 
     def _run(self) -> None:

@@ -2,8 +2,8 @@
 own keys) against the eager chain (fast/model.py _decode_attend: scatter, baddbmm with the ALiBi bias, softmax, bmm
 over the whole key bucket), each captured as a CUDA graph of one layer's call and replayed, over batch sizes, key
 buckets and two spreads of row lengths: every row at the bucket's end ("full") and lengths uniform in the bucket
-("mixed", what a continuous batch of mixed requests holds). Prints a table of microseconds per layer call and the
-largest difference of the outputs, and the smallest (row, head) count from which the fused kernel wins at every
+("mixed", what a continuous batch of mixed requests holds). Prints a table of microseconds per layer call, the
+largest difference of the two outputs, and each one's largest difference from the same math in fp32, and the smallest (row, head) count from which the fused kernel wins at every
 bucket (fast/model.py's ATTN_WIDE_PROGRAMS uses it).
 
     python scripts/attn_probe.py [--heads 32] [--head-dim 128] [--batch 1,4,8,16,32,64,128] [--keys 128,256,512,1024]
@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     vc = torch.randn(bmax, hp, smax, D, device=dev, dtype=dt, generator=g)
     print(f"# attn_probe: {torch.cuda.get_device_name(dev)}, {hp} heads x {D}, fp16, one layer's call as a CUDA graph, "
           f"median of 5 x {a.iters} replays")  # fmt: skip
-    print("| spread | B | S | B x heads | eager us | fused us | fused / eager | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| spread | B | S | B x heads | eager us | fused us | fused / eager | max abs diff | eager vs fp32 | fused vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    m32 = types.SimpleNamespace(**{**vars(m), "dtype": torch.float32})
+    m32._attend = lambda q, k, v, b: BloomRankModel._attend(m32, q, k, v, b)
     wins: dict[int, bool] = {}
     for spread in ("full", "mixed"):
         for B in batches:
@@ -92,11 +94,15 @@ def main(argv: list[str] | None = None) -> int:
                         runs.append(e0.elapsed_time(e1) * 1e3 / a.iters)
                     times[name] = sorted(runs)[2]
                 diff = (outs["eager"].float() - outs["fused"].float()).abs().max().item()
+                ref = BloomRankModel._decode_attend(m32, qkv.float(), kc[:B].float(), vc[:B].float(), rows, pos, S, True,
+                                                    bias.float())  # fmt: skip (the fp16 ALiBi bias, as both use it)
+                e32 = (outs["eager"].float() - ref).abs().max().item()
+                f32 = (outs["fused"].float() - ref).abs().max().item()
                 r = times["fused"] / times["eager"]
                 if spread == "mixed":
                     wins[B * hp] = wins.get(B * hp, True) and r < 1.0
                 print(f"| {spread} | {B} | {S} | {B * hp} | {times['eager']:.1f} | {times['fused']:.1f} | {r:.2f} | "
-                      f"{diff:.2e} |")  # fmt: skip
+                      f"{diff:.2e} | {e32:.2e} | {f32:.2e} |")  # fmt: skip
     ok = [n for n in sorted(wins) if all(wins[k] for k in wins if k >= n)]
     print(f"fused wins at every key bucket (mixed lengths) from {ok[0] if ok else 'never'} (row, head) programs")
     return 0

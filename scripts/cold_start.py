@@ -262,7 +262,7 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, dict | str]:
 
 
 def time_server(model_dir: Path, label: str, env_extra: dict[str, str], tp: int, timeout: float,
-                log_dir: Path, extra_args: list[str]) -> dict:  # fmt: skip
+                log_dir: Path, extra_args: list[str], src: Path | None = None) -> dict:  # fmt: skip
     port = _free_port()
     serve = ["serve", "--backend", "fast", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
              *extra_args]  # fmt: skip
@@ -271,7 +271,7 @@ def time_server(model_dir: Path, label: str, env_extra: dict[str, str], tp: int,
         cmd = [torchrun, "--nproc_per_node", str(tp), "--master_port", str(_free_port()), "-m", "bloom_server", *serve]
     else:
         cmd = [sys.executable, "-m", "bloom_server", *serve]
-    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(src or ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **env_extra}
     log_path = log_dir / f"server-{label}.log"
     url = f"http://127.0.0.1:{port}"
@@ -294,7 +294,8 @@ def time_server(model_dir: Path, label: str, env_extra: dict[str, str], tp: int,
                 out.setdefault("port_open_s", now)
                 if isinstance(body, dict) and body.get("progress"):
                     p = body["progress"]
-                    samples.append((round(now, 2), p.get("phase"), p.get("loaded_bytes"), p.get("total_bytes")))
+                    samples.append((round(now, 2), p.get("phase"), p.get("loaded_bytes"), p.get("total_bytes"),
+                                    p.get("prefetched_bytes")))  # fmt: skip
                 if status == 200:
                     out["ready_s"] = now
                     out["progress"] = body.get("progress") if isinstance(body, dict) else None
@@ -323,7 +324,7 @@ def time_server(model_dir: Path, label: str, env_extra: dict[str, str], tp: int,
                 proc.wait(10)
     text = log_path.read_text(errors="replace")
     keep = ("load phases", "GB weights read", "kernels ahead", "kernel calls ahead", "kernel compile", "warm-up generate",
-            "captured decode graph", "prewarm failed", "compile worker")  # fmt: skip
+            "captured decode graph", "prewarm failed", "compile worker", "prefetch stopped")  # fmt: skip
     out["log_lines"] = [line for line in text.splitlines() if any(k in line for k in keep)]
     if "error" in out:
         out["log_tail"] = text[-3000:]
@@ -331,6 +332,75 @@ def time_server(model_dir: Path, label: str, env_extra: dict[str, str], tp: int,
 
 
 # -------------------------------------------------------------------------------------------------------- main
+
+
+def weights_in_s(progress: dict) -> float | None:
+    """Seconds from process start to the last weight byte placed: the start of the phase after "reading weights"."""
+    phases = [ph["phase"] for ph in progress.get("phases", [])]
+    if "reading weights" not in phases:
+        return None
+    i = phases.index("reading weights")
+    return progress["phases"][i + 1]["start_s"] if i + 1 < len(phases) else None
+
+
+def report(r: dict, label: str, vlabel: str, plain: float, par: float) -> None:
+    if "ready_s" not in r:
+        say(f"[{label}/{vlabel}] FAILED: {r.get('error')}\n{r.get('log_tail', '')}")
+        return
+    ratio = r["ready_s"] / plain
+    r["ratio"] = ratio
+    say(f"[{label}/{vlabel}] port open {r['port_open_s']:.2f} s, ready {r['ready_s']:.2f} s after process "
+        f"start: ratio start-to-ready / plain read = {ratio:.2f} (target <= 1.2: "
+        f"{'met' if ratio <= 1.2 else 'NOT met'}); vs the parallel read {r['ready_s'] / par:.2f}")  # fmt: skip
+    prog = r.get("progress") or {}
+    w = weights_in_s(prog)
+    if w is not None:  # from the server's own clock (its LoadProgress), which starts just after process start
+        r["weights_in_s"] = w
+        say(f"    weights in at {w:.2f} s (server clock) = {w / plain:.2f} x the plain read")
+    for ph in prog.get("phases", []):
+        say(f"    phase {ph['phase']:<18} from {ph['start_s']:7.2f} s for {ph['seconds']:6.2f} s")
+    for name, v in (prog.get("timings") or {}).items():
+        say(f"    inside: {name:<45} {v:8.3f}")
+    say(f"    weights {prog.get('loaded_bytes', 0) / 1e9:.3f} / {prog.get('total_bytes', 0) / 1e9:.3f} GB, "
+        f"prefetched {prog.get('prefetched_bytes', 0) / 1e9:.3f} GB; /ready polls during load: "
+        f"{len(r.get('samples', []))}")  # fmt: skip
+    timeline = stream_timeline(r.get("samples", []), r["ready_s"])
+    if timeline:
+        say("    disk stream (s after start: GB prefetched / GB placed): " + timeline)
+    for line in r.get("log_lines", []):
+        say("    log: " + line.split(": ", 1)[-1][:1200])
+    gen = r.get("generate")
+    say(f"    generate: {gen.get('text') if isinstance(gen, dict) else gen}")
+
+
+def stream_timeline(samples: list, ready_s: float, points: int = 12) -> str:
+    """About `points` of /ready's samples spread over the load: when the bytes were read ahead and placed (a disk
+    stream at the disk's speed grows by plain-read GB/s per second from the port's opening on)."""
+    rows = [s for s in samples if len(s) >= 5 and s[4] is not None]
+    if not rows:
+        return ""
+    step = max(ready_s / points, 0.25)
+    out, nxt = [], 0.0
+    for t, _, loaded, _, pre in rows:
+        if t >= nxt:
+            out.append(f"{t:.1f}: {pre / 1e9:.2f}/{(loaded or 0) / 1e9:.2f}")
+            nxt = t + step
+    return ", ".join(out)
+
+
+def medians(runs: list[dict]) -> list[str]:
+    """Per variant over the rounds: median ready / plain read, weights-in / plain read, and the seconds."""
+    import statistics
+
+    out = []
+    for v in dict.fromkeys(r["variant"] for r in runs if "ratio" in r):
+        rs = [r for r in runs if r.get("variant") == v and "ratio" in r]
+        w = [r["weights_in_s"] / r["plain_read_s"] for r in rs if "weights_in_s" in r]
+        out.append(f"{v}: median over {len(rs)} round(s): ready {statistics.median(r['ready_s'] for r in rs):.2f} s, "
+                   f"ratio {statistics.median(r['ratio'] for r in rs):.2f}"
+                   + (f", weights in {statistics.median(w):.2f} x plain" if w else "")
+                   + "; ratios " + ", ".join(f"{r['ratio']:.2f}" for r in rs))  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=180, help="seconds a server may take to become ready")
     p.add_argument("--budget-s", type=float, default=230, help="skip optional runs past this many seconds")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the plain read and every server run this many times, interleaved (noisy disks); "
+                        "the summary gives each run's median")
+    p.add_argument("--compare-src", type=Path, default=None, metavar="SRC",
+                   help="also time a server run from another source tree (the `src` folder of an older commit: "
+                        "`git archive COMMIT src | tar -x -C DIR`, then DIR/src), interleaved with the others")
     p.add_argument("server_args", nargs="*", help="extra `serve` flags, after --")
     args = p.parse_args(argv)
 
@@ -385,51 +461,42 @@ def main(argv: list[str] | None = None) -> int:
         files = weight_files(d, tp)
         total = sum(f.stat().st_size for f in files)
         say(f"[{label}] {len(files)} weight file(s), {total / 1e9:.3f} GB")
-        cold = evict(files)
-        plain = plain_read(files)
-        say(f"[{label}] plain read (cat FILES > /dev/null, cold): {plain:.2f} s, {total / 1e9 / plain:.2f} GB/s")
-        cold = evict(files) and cold
-        par = parallel_read(files, args.threads, args.chunk_mb << 20)
-        say(f"[{label}] parallel read ({args.threads} threads x {args.chunk_mb} MiB preadv, cold): {par:.2f} s, "
-            f"{total / 1e9 / par:.2f} GB/s")  # fmt: skip
-        # Kernels: the first start on a machine finds no compiled Triton kernels (an empty cache directory of its
-        # own: BLOOM_KERNEL_CACHE_DIR); the kept-cache run restarts on the first run's directory.
         kdir = args.dir / f"kernel-cache-{label}"
-        if kdir.exists():
-            shutil.rmtree(kdir)
-        variants = [("default", {"BLOOM_KERNEL_CACHE_DIR": str(kdir)})]
-        if args.kept_kernel_cache_run:
-            variants.append(("kept-kernel-cache", {"BLOOM_KERNEL_CACHE_DIR": str(kdir)}))
-        if args.no_prefetch_run:
-            variants.append(("no-prefetch", {"BLOOM_LOAD_PREFETCH": "0", "BLOOM_KERNEL_CACHE_DIR": str(kdir)}))
-        for vlabel, venv in variants:
-            if vlabel != "default" and time.monotonic() - T0 > args.budget_s:
-                say(f"[{label}] skipping the {vlabel} run: past the {args.budget_s:.0f} s budget")
-                continue
-            cold = evict(files) and cold
-            r = time_server(d, f"{label}-{vlabel}", {**env, **venv}, tp or 1, args.timeout, args.dir, args.server_args)
-            r.update(bytes=total, plain_read_s=plain, parallel_read_s=par, page_cache_evicted=cold)
-            results["runs"].append(r)
-            if "ready_s" not in r:
-                say(f"[{label}/{vlabel}] FAILED: {r.get('error')}\n{r.get('log_tail', '')}")
-                continue
-            ratio = r["ready_s"] / plain
-            r["ratio"] = ratio
-            say(f"[{label}/{vlabel}] port open {r['port_open_s']:.2f} s, ready {r['ready_s']:.2f} s after process "
-                f"start: ratio start-to-ready / plain read = {ratio:.2f} (target <= 1.2: "
-                f"{'met' if ratio <= 1.2 else 'NOT met'}); vs the parallel read {r['ready_s'] / par:.2f}")  # fmt: skip
-            prog = r.get("progress") or {}
-            for ph in prog.get("phases", []):
-                say(f"    phase {ph['phase']:<18} from {ph['start_s']:7.2f} s for {ph['seconds']:6.2f} s")
-            for name, v in (prog.get("timings") or {}).items():
-                say(f"    inside: {name:<45} {v:8.3f}")
-            say(f"    weights {prog.get('loaded_bytes', 0) / 1e9:.3f} / {prog.get('total_bytes', 0) / 1e9:.3f} GB, "
-                f"prefetched {prog.get('prefetched_bytes', 0) / 1e9:.3f} GB; /ready polls during load: "
-                f"{len(r.get('samples', []))}")  # fmt: skip
-            for line in r.get("log_lines", []):
-                say("    log: " + line.split(": ", 1)[-1][:1200])
-            gen = r.get("generate")
-            say(f"    generate: {gen.get('text') if isinstance(gen, dict) else gen}")
+        for rnd in range(max(1, args.rounds)):
+            tag = f"-r{rnd + 1}" if args.rounds > 1 else ""
+            if args.rounds > 1:
+                say(f"[{label}] round {rnd + 1} of {args.rounds}")
+            cold = evict(files)
+            plain = plain_read(files)
+            say(f"[{label}] plain read (cat FILES > /dev/null, cold): {plain:.2f} s, {total / 1e9 / plain:.2f} GB/s")
+            if rnd == 0:
+                cold = evict(files) and cold
+                par = parallel_read(files, args.threads, args.chunk_mb << 20)
+                say(f"[{label}] parallel read ({args.threads} threads x {args.chunk_mb} MiB preadv, cold): {par:.2f} s, "
+                    f"{total / 1e9 / par:.2f} GB/s")  # fmt: skip
+            # Kernels: the first start on a machine finds no compiled Triton kernels (an empty cache directory of
+            # its own: BLOOM_KERNEL_CACHE_DIR); the kept-cache run restarts on the first run's directory.
+            for k in (kdir, Path(str(kdir) + "-compare")):
+                if k.exists():
+                    shutil.rmtree(k)
+            variants: list[tuple[str, dict, Path | None]] = [("default", {"BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None)]
+            if args.compare_src:
+                variants.append(("compare-src", {"BLOOM_KERNEL_CACHE_DIR": str(kdir) + "-compare"}, args.compare_src))
+            if args.kept_kernel_cache_run:
+                variants.append(("kept-kernel-cache", {"BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
+            if args.no_prefetch_run:
+                variants.append(("no-prefetch", {"BLOOM_LOAD_PREFETCH": "0", "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
+            for vlabel, venv, vsrc in variants:
+                if vlabel != "default" and time.monotonic() - T0 > args.budget_s:
+                    say(f"[{label}] skipping the {vlabel} run: past the {args.budget_s:.0f} s budget")
+                    continue
+                cold = evict(files) and cold
+                r = time_server(d, f"{label}-{vlabel}{tag}", {**env, **venv}, tp or 1, args.timeout, args.dir,
+                                args.server_args, src=vsrc)  # fmt: skip
+                r.update(bytes=total, plain_read_s=plain, parallel_read_s=par, page_cache_evicted=cold,
+                         variant=f"{label}-{vlabel}", src=str(vsrc or ROOT / "src"))  # fmt: skip
+                results["runs"].append(r)
+                report(r, label, vlabel, plain, par)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     ok = all("ready_s" in r for r in results["runs"])
@@ -437,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{r['label']}: ratio {r['ratio']:.2f} ({r['ready_s']:.2f} s vs plain {r['plain_read_s']:.2f} s, "
         f"{r['bytes'] / 1e9:.2f} GB{'' if r['page_cache_evicted'] else ', WARM cache'})"
         for r in results["runs"] if "ratio" in r))  # fmt: skip
+    if args.rounds > 1:
+        for line in medians(results["runs"]):
+            say("median: " + line)
     return 0 if ok else 1
 
 

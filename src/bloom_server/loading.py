@@ -382,8 +382,6 @@ class Prefetcher:
     loader_wait_s (the loader waiting for bytes not read yet), frontier (chunks read, in order). Never raises: a read
     error ends the prefetch (logged) and the loader reads the rest itself."""
 
-    SLICE = 4 << 20  # bytes per preadv: the buffer stays small (caches), the kernel's read-ahead keeps the stream
-
     def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int = 1,
                  progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
                  budget: int | None = None):  # fmt: skip
@@ -472,7 +470,9 @@ class Prefetcher:
 
     def _run(self) -> None:
         fds: dict[int, int] = {}
-        buf = bytearray(min(self.SLICE, max((c.length for c in self.chunks), default=0)) or 1)
+        # One preadv per chunk (32 MiB by default): every return from a read needs the GIL back, which the main
+        # thread holds for long stretches while it imports torch; few large reads keep the disk busy through that.
+        buf = bytearray(max((c.length for c in self.chunks), default=0) or 1)
         view = memoryview(buf)
         try:
             while (i := self._take()) is not None:
@@ -485,7 +485,7 @@ class Prefetcher:
                         pass
                 got = 0
                 while got < c.length:
-                    n = os.preadv(fds[c.file], [view[: min(len(view), c.length - got)]], c.offset + got)
+                    n = os.preadv(fds[c.file], [view[got : c.length]], c.offset + got)
                     if n <= 0:
                         raise OSError(f"{self.paths[c.file]}: unexpected end of file at byte {c.offset + got}")
                     got += n

@@ -382,6 +382,8 @@ class Prefetcher:
     loader_wait_s (the loader waiting for bytes not read yet), frontier (chunks read, in order). Never raises: a read
     error ends the prefetch (logged) and the loader reads the rest itself."""
 
+    LOOKAHEAD = True  # posix_fadvise(WILLNEED) on the next chunk before reading this one (see _run)
+
     def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int = 1,
                  progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
                  budget: int | None = None):  # fmt: skip
@@ -481,6 +483,14 @@ class Prefetcher:
                     fds[c.file] = os.open(self.paths[c.file], os.O_RDONLY)
                     try:
                         os.posix_fadvise(fds[c.file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    except (AttributeError, OSError):
+                        pass
+                if self.LOOKAHEAD and i + 1 < len(self.chunks) and self.chunks[i + 1].file == c.file:
+                    # The next chunk's reads are queued now (asynchronously, without the GIL): the disk stays busy
+                    # while this thread waits for the GIL between two reads (the main thread imports torch).
+                    nc = self.chunks[i + 1]
+                    try:
+                        os.posix_fadvise(fds[c.file], nc.offset, nc.length, os.POSIX_FADV_WILLNEED)
                     except (AttributeError, OSError):
                         pass
                 got = 0

@@ -186,13 +186,13 @@ def test_a_prefetcher_whose_threads_are_gone_does_not_hang_the_loader(model):
     """No reader thread left and nobody said so (a thread killed from outside): the wait notices and returns."""
     path, header, _, _ = model
     p = Prefetcher([path], plan_chunks([(0, t) for t in header.tensors], CHUNK))
-    p.state = "running"  # as if started, but no thread reads
+    p.state, p._started = "running", True  # as if started, but no reader thread is left (e.g. after a fork)
     t0 = time.monotonic()
     assert p.wait_for(3, timeout=20) is False and time.monotonic() - t0 < 5  # noticed, not timed out
     assert p.stats()["state"] == "finished"
     progress = LoadProgress()
     progress.prefetcher = Prefetcher([path], p.chunks)
-    progress.prefetcher.state = "running"
+    progress.prefetcher.state, progress.prefetcher._started = "running", True
     check_equal(model, finish(*load_in_thread(model, progress, threads=2)))
 
 

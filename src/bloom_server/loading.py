@@ -414,6 +414,7 @@ class Prefetcher:
         self.loader_wait_s = 0.0
         self._paused = 0
         self._alive = 0
+        self._started = False
         self._workers: list[threading.Thread] = []
 
     # ---- the reader threads
@@ -427,6 +428,7 @@ class Prefetcher:
                 self._alive += 1
             t.start()
             self._workers.append(t)
+        self._started = True  # from now on, no live reader thread means none will read any more
         return self
 
     def join(self, timeout: float | None = None) -> None:
@@ -546,7 +548,7 @@ class Prefetcher:
                 while self.frontier < k:
                     if self.state != "running":
                         return False
-                    if not any(w.is_alive() for w in self._workers):  # threads gone without saying so
+                    if self._started and not any(w.is_alive() for w in self._workers):  # gone without a word
                         self.state = "failed" if self.error else "finished"
                         return False
                     left = None if deadline is None else deadline - time.monotonic()

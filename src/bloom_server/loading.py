@@ -382,7 +382,10 @@ class Prefetcher:
     loader_wait_s (the loader waiting for bytes not read yet), frontier (chunks read, in order). Never raises: a read
     error ends the prefetch (logged) and the loader reads the rest itself."""
 
-    LOOKAHEAD = True  # posix_fadvise(WILLNEED) on the next chunk before reading this one (see _run)
+    # Bytes past the chunk being read that are kept queued at the disk with posix_fadvise(WILLNEED) (asynchronous,
+    # in file order, so still one stream): the disk stays busy while the reader thread waits for the GIL between two
+    # reads (the main thread holds it for long stretches while it imports torch and initialises CUDA). 0: off.
+    LOOKAHEAD = 128 << 20
 
     def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int = 1,
                  progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
@@ -415,6 +418,7 @@ class Prefetcher:
         self._paused = 0
         self._alive = 0
         self._started = False
+        self._advised = 0  # chunks [0, _advised) were read or handed to the disk's read-ahead
         self._workers: list[threading.Thread] = []
 
     # ---- the reader threads
@@ -462,6 +466,20 @@ class Prefetcher:
             self._next += 1
             return i
 
+    def _advise(self, i: int) -> list[Chunk]:
+        """The chunks after chunk i, in its file and within LOOKAHEAD bytes of its end, not advised yet."""
+        if not self.LOOKAHEAD:
+            return []
+        c, out = self.chunks[i], []
+        with self._cv:
+            j = max(self._advised, i + 1)
+            while j < len(self.chunks) and self.chunks[j].file == c.file and \
+                    self.chunks[j].offset < c.offset + c.length + self.LOOKAHEAD:  # fmt: skip
+                out.append(self.chunks[j])
+                j += 1
+            self._advised = max(self._advised, j)
+        return out
+
     def _complete(self, i: int) -> None:
         with self._cv:
             self._done[i] = True
@@ -487,10 +505,7 @@ class Prefetcher:
                         os.posix_fadvise(fds[c.file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     except (AttributeError, OSError):
                         pass
-                if self.LOOKAHEAD and i + 1 < len(self.chunks) and self.chunks[i + 1].file == c.file:
-                    # The next chunk's reads are queued now (asynchronously, without the GIL): the disk stays busy
-                    # while this thread waits for the GIL between two reads (the main thread imports torch).
-                    nc = self.chunks[i + 1]
+                for nc in self._advise(i):
                     try:
                         os.posix_fadvise(fds[c.file], nc.offset, nc.length, os.POSIX_FADV_WILLNEED)
                     except (AttributeError, OSError):

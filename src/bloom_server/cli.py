@@ -197,9 +197,11 @@ def _early_prefetch(argv: Sequence[str]) -> EarlyPrefetch | None:
             path = Path(spec).expanduser()
         if path.name.startswith("models--") or not (path / "config.json").is_file():
             return None
-        # Defaults as in settings.py (load_prefetch_threads 1, load_chunk_mb 32): a difference is caught by matches().
-        threads = int(env.get("BLOOM_LOAD_PREFETCH_THREADS") or 1)
-        chunk_mb = float(env.get("BLOOM_LOAD_CHUNK_MB") or 32)
+        from bloom_server.loading import DEFAULT_CHUNK_MB, DEFAULT_PREFETCH_THREADS
+
+        # The settings' defaults (they take them from loading.py too): a difference is caught by matches().
+        threads = int(env.get("BLOOM_LOAD_PREFETCH_THREADS") or DEFAULT_PREFETCH_THREADS)
+        chunk_mb = float(env.get("BLOOM_LOAD_CHUNK_MB") or DEFAULT_CHUNK_MB)
         throttle = float(env["BLOOM_LOAD_THROTTLE_MBPS"]) if env.get("BLOOM_LOAD_THROTTLE_MBPS", "").strip() else None
         if not (1 <= threads <= 64 and 0 < chunk_mb <= 1024) or (throttle is not None and throttle <= 0):
             return None

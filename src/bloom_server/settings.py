@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bloom_server.loading import DEFAULT_CHUNK_MB, DEFAULT_PREFETCH_THREADS
+
 Backend = Literal["hf", "ds_inference", "ds_zero", "fast"]
 DType = Literal["auto", "fp16", "bf16", "int8", "fp32"]
 
@@ -132,12 +134,12 @@ class Settings(BaseSettings):
         "copy, overlapped); they read the disk themselves only where no prefetch runs",
     )  # fmt: skip
     load_prefetch_threads: int = Field(
-        1, ge=1, le=64, validation_alias=_env("load_prefetch_threads"),
-        description="fast backend: threads of the prefetch, the load's one disk reader (1: one sequential stream, "
-        "what most disks serve fastest; more: several reads in flight, for NVMe queue depth)",
+        DEFAULT_PREFETCH_THREADS, ge=1, le=64, validation_alias=_env("load_prefetch_threads"),
+        description="fast backend: threads of the prefetch, the load's one disk reader, reading in file order (1: one "
+        "sequential stream, which stalls while the main thread holds the GIL; more: several reads in flight)",
     )  # fmt: skip
     load_chunk_mb: float = Field(
-        32, gt=0, le=1024, validation_alias=_env("load_chunk_mb"),
+        DEFAULT_CHUNK_MB, gt=0, le=1024, validation_alias=_env("load_chunk_mb"),
         description="fast backend: size of one sequential read (and of each pinned buffer on GPUs)",
     )  # fmt: skip
     load_prefetch: bool = Field(

@@ -326,7 +326,7 @@ def test_compile_workers_scale_with_the_cpus(monkeypatch):
 
     for var in ("BLOOM_FAST_PRECOMPILE", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    cases = {(16, 1): 8, (2, 1): 1, (8, 1): 4, (64, 1): 8, (128, 8): 8, (32, 4): 4, (16, 8): 1}
+    cases = {(16, 1): 4, (2, 1): 1, (6, 1): 2, (8, 1): 4, (64, 1): 4, (128, 8): 4, (32, 4): 4, (16, 8): 1}
     for (cpus, ranks), want in cases.items():
         monkeypatch.setattr(precompile, "available_cpus", lambda c=cpus: c)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))

@@ -11,7 +11,7 @@ of kernel variants, the workers' own code, `warm`).
 
 BLOOM_FAST_PRECOMPILE: "0" turns the ahead-of-time work off (workers and the load thread's warm calls); a number sets
 the worker processes (default `worker_count`: the CPUs this process may use, shared by the ranks of this host, less
-RESERVED_CPUS per rank for the load itself, between 1 and MAX_WORKERS: 8 on a 16-CPU host with one GPU).
+RESERVED_CPUS per rank for the load itself, between 1 and MAX_WORKERS: 4 on a 16-CPU host with one GPU).
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ def apply_kernel_cache_dir(path: str | None) -> str | None:
 # stream), the loader threads (page cache -> pinned memory -> device) and the load thread's kernel helper.
 RESERVED_CPUS = 4
 # The decode step's one-row stage has ~19 variants (18 GEMV configs and the attention kernel), the multi-row stage ~24.
-# On the H100 host (16 CPUs, scripts/cold_start.py, 7b1): 4 workers left the load waiting 1.9 s for kernels after
-# the weights; 12 finished well before the weights but the main process reached its load ~1.8 s later (12 torch
-# imports and CUDA contexts beside its own: each worker holds one, a few hundred MB of device memory, until it exits).
-MAX_WORKERS = 8
+# More workers do not compile sooner: on the H100 host (16 CPUs, scripts/cold_start.py, 7b1, first starts on 2026-11-23)
+# the load waited for kernels after the weights 0.6, 1.1 and 1.9 s with 4 workers, 4.5 and 1.6 s with 8, 2.5 and 0 s
+# with 12, whose torch imports and CUDA contexts (each worker holds one, a few hundred MB of device memory, until it
+# exits) also delayed the main process's own load by up to ~1.8 s.
+MAX_WORKERS = 4
 
 
 def _cgroup_cpu_limit() -> float | None:
@@ -93,7 +94,7 @@ def available_cpus() -> int:
 def worker_count() -> int:
     """Compile worker processes for this rank: BLOOM_FAST_PRECOMPILE's number when it gives one (0: none), else
     the CPUs available over the ranks of this host, less RESERVED_CPUS, at least 1 and at most MAX_WORKERS
-    (16 CPUs and one rank: 8; 2 CPUs: 1; 128 CPUs and 8 ranks: 8 each)."""
+    (16 CPUs and one rank: 4; 2 CPUs: 1; 6 CPUs: 2; 128 CPUs and 8 ranks: 4 each)."""
     raw = os.environ.get(ENV, "").strip().lower()
     if raw not in ("", "1", "on", "true", "yes", "auto"):
         try:

@@ -15,8 +15,9 @@ single-stream read) and a parallel read (threads x preadv); evict again; start t
 (from /ready's progress, with the timed pieces inside them: kernels compiled and autotuned during the read, the
 warm-up generate, Triton work left in it) and a generate's answer. The first server starts from an empty Triton kernel
 cache (the first start on a machine); with --kept-kernel-cache-run a second one restarts on that cache (a container
-restart in the pod), and with --no-prefetch-run one runs with BLOOM_LOAD_PREFETCH=0, to show what reading during the
-imports buys. No network is used.
+restart in the pod), --prefetch-process-run one with BLOOM_LOAD_PREFETCH_PROCESS=1 (the prefetch's reads in a child
+process) on that cache, and with --no-prefetch-run one runs with BLOOM_LOAD_PREFETCH=0, to show what reading during
+the imports buys. No network is used.
 """
 
 from __future__ import annotations
@@ -416,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-mb", type=int, default=32)
     p.add_argument("--no-prefetch-run", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the server with BLOOM_LOAD_PREFETCH=0 (default on)")
+    p.add_argument("--prefetch-process-run", action=argparse.BooleanOptionalAction, default=True,
+                   help="also a server with BLOOM_LOAD_PREFETCH_PROCESS=1 (the prefetch's reads in a child process), "
+                        "on the kept kernel cache")
     p.add_argument("--kept-kernel-cache-run", action=argparse.BooleanOptionalAction, default=True,
                    help="also time a restart that finds the first run's Triton kernel cache (a container restart in "
                         "the pod); the first run always starts from an empty one (default on)")
@@ -484,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
                 variants.append(("compare-src", {"BLOOM_KERNEL_CACHE_DIR": str(kdir) + "-compare"}, args.compare_src))
             if args.kept_kernel_cache_run:
                 variants.append(("kept-kernel-cache", {"BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
+            if args.prefetch_process_run:
+                variants.append(("prefetch-process", {"BLOOM_LOAD_PREFETCH_PROCESS": "1",
+                                                      "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))  # fmt: skip
             if args.no_prefetch_run:
                 variants.append(("no-prefetch", {"BLOOM_LOAD_PREFETCH": "0", "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
             for vlabel, venv, vsrc in variants:

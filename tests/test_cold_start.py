@@ -96,6 +96,11 @@ def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
 
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["runs"][0]["ratio"] > 0 and res["runs"][0]["progress"]["loaded_bytes"] > 0
+    # The prefetch-process run: a real server whose prefetch read every byte in a child process.
+    (pp,) = [r for r in res["runs"] if r["variant"] == "plain-prefetch-process"]
+    prog = pp["progress"]
+    assert pp["ratio"] > 0 and prog["prefetched_bytes"] >= prog["loaded_bytes"] > 0
+    assert prog["timings"]["chunks the loader read from disk itself"] == 0
 
 
 # ---- kernels ahead of the warm-up (fast/precompile.py, fast/triton_kernels.py Prewarm): no-ops on a CPU ----

@@ -141,7 +141,8 @@ class EarlyPrefetch:
                 and os.path.realpath(model_dir_path) == self.model_dir
                 and settings.load_prefetch_threads == self.threads
                 and max(4096, int(settings.load_chunk_mb * 2**20)) == self.chunk_bytes
-                and settings.load_throttle_mbps == self.throttle_mbps)  # fmt: skip
+                and settings.load_throttle_mbps == self.throttle_mbps
+                and settings.load_prefetch_process == self.prefetcher.process)  # fmt: skip
 
     def close(self) -> None:
         self.prefetcher.close()
@@ -206,12 +207,13 @@ def _early_prefetch(argv: Sequence[str]) -> EarlyPrefetch | None:
         if not (1 <= threads <= 64 and 0 < chunk_mb <= 1024) or (throttle is not None and throttle <= 0):
             return None
         chunk_bytes = max(4096, int(chunk_mb * 2**20))
+        process = env.get("BLOOM_LOAD_PREFETCH_PROCESS", "").strip().lower() in ("1", "true", "yes", "on", "t", "y")
         from bloom_server.loading import LoadProgress, ReadThrottle, start_prefetch
 
         progress = LoadProgress()
         p = start_prefetch(path, rank=int(env.get("RANK", "0")), world=int(env.get("WORLD_SIZE", "1")),
                            threads=threads, chunk_bytes=chunk_bytes, progress=progress,
-                           throttle=ReadThrottle(throttle) if throttle else None)  # fmt: skip
+                           throttle=ReadThrottle(throttle) if throttle else None, process=process)  # fmt: skip
         if p is None:
             return None
         return EarlyPrefetch(progress, p, os.path.realpath(path), threads, chunk_bytes, throttle)

@@ -23,11 +23,13 @@ import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from bloom_server.errors import ModelDirError
 
@@ -396,8 +398,16 @@ class Prefetcher:
 
     def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int = 1,
                  progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
-                 budget: int | None = None):  # fmt: skip
+                 budget: int | None = None, process: bool = False,
+                 on_read: Callable[[int], None] | None = None):  # fmt: skip
+        """`process`: the reader threads run in a child process (`bloom_server.prefetch_child`, the same class in
+        thread mode), so no read waits for this process's GIL; a thread here turns its reports into the same
+        bookkeeping and passes the loader's demand on. `on_read(i)`: called after chunk i is read (the child's
+        report)."""
         self.paths = [Path(p) for p in paths]
+        self.process = process
+        self.on_read = on_read
+        self._child: subprocess.Popen | None = None
         self.chunks = list(chunks)
         self.threads = max(1, threads)
         self.progress = progress
@@ -433,6 +443,8 @@ class Prefetcher:
     def start(self) -> "Prefetcher":
         with self._cv:
             self.state = "running" if self.chunks else "finished"
+        if self.process and self.chunks:
+            return self._start_child()
         for i in range(min(self.threads, len(self.chunks))):
             t = threading.Thread(target=self._run, name=f"bloom-prefetch-{i}", daemon=True)
             with self._cv:
@@ -447,11 +459,86 @@ class Prefetcher:
             t.join(timeout)
 
     def close(self) -> None:
-        """Stop reading (the readers finish their current chunk); waiting loaders return False."""
+        """Stop reading (the readers finish their current chunk; a child process is killed); waiting loaders
+        return False."""
         with self._cv:
-            if self.state in ("new", "running"):
+            stopped = self.state in ("new", "running")
+            if stopped:
                 self.state = "closed"
             self._cv.notify_all()
+        child = self._child
+        if stopped and child is not None and child.poll() is None:
+            child.kill()  # (a child that read everything exits by itself)
+
+    def advance(self, k: int) -> None:
+        """The loader has asked for chunks [0, k): a reader paused at the budget may go on."""
+        with self._cv:
+            self._raise_demand(k)
+
+    def _raise_demand(self, k: int) -> None:  # under the lock
+        if k > self.demand:
+            self.demand = k
+            self._cv.notify_all()
+            child = self._child
+            if child is not None and child.stdin is not None and child.poll() is None:
+                try:
+                    child.stdin.write(b"%d\n" % k)  # a few bytes into a pipe the child drains: does not block
+                except (OSError, ValueError):  # the child is gone, or its pipe closed
+                    pass
+
+    # ---- the child process (process=True)
+
+    def _start_child(self) -> "Prefetcher":
+        job = {"paths": [str(p) for p in self.paths], "chunks": [[c.file, c.offset, c.length] for c in self.chunks],
+               "threads": self.threads, "budget": self.budget,
+               "throttle_mbps": self.throttle.rate / 1e6 if self.throttle is not None else None}  # fmt: skip
+        try:
+            self._child = subprocess.Popen([sys.executable, "-m", "bloom_server.prefetch_child"], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
+            self._child.stdin.write(json.dumps(job).encode() + b"\n")  # type: ignore[union-attr]
+        except OSError as e:
+            with self._cv:
+                self.state, self.error = "failed", f"prefetch process: {e}"
+                self._cv.notify_all()
+            log.warning("prefetch process did not start: %s (the loader reads from disk itself)", e)
+            self._started = True
+            return self
+        t = threading.Thread(target=self._follow_child, name="bloom-prefetch-child", daemon=True)
+        with self._cv:
+            self._alive += 1
+        t.start()
+        self._workers.append(t)
+        self._started = True
+        return self
+
+    def _follow_child(self) -> None:
+        """The child's reports (one chunk index per line) -> the same bookkeeping as a reader thread's."""
+        child = self._child
+        assert child is not None and child.stdout is not None
+        try:
+            for line in child.stdout:
+                i = int(line)
+                if self.progress is not None:
+                    self.progress.add_prefetched(self.chunks[i].wanted_bytes)
+                self._complete(i)
+        except (ValueError, IndexError, OSError) as e:
+            log.warning("prefetch process: %s", e)
+        finally:
+            rc = child.wait()
+            if child.stdin is not None:
+                try:
+                    child.stdin.close()
+                except OSError:
+                    pass
+            with self._cv:
+                self._alive -= 1
+                if self.state == "running":
+                    self.state = "finished" if self.frontier == len(self.chunks) else "failed"
+                    if self.state == "failed":
+                        self.error = f"prefetch process exited with {rc} after {self.frontier} chunk(s)"
+                self._cv.notify_all()
+            if self.state == "failed":
+                log.warning("%s (the loader reads the rest from disk itself)", self.error)
 
     def _take(self) -> int | None:
         with self._cv:
@@ -496,6 +583,8 @@ class Prefetcher:
             if self.frontier == len(self.chunks) and self.state == "running":
                 self.state = "finished"  # every byte read (its threads exit on their own)
             self._cv.notify_all()
+        if self.on_read is not None:
+            self.on_read(i)
 
     def _run(self) -> None:
         fds: dict[int, int] = {}
@@ -559,9 +648,7 @@ class Prefetcher:
         failed, was closed, or its threads are gone) or at `timeout`: the caller reads from disk itself."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            if k > self.demand:
-                self.demand = k
-                self._cv.notify_all()  # a reader paused at the budget may go on
+            self._raise_demand(k)  # a reader paused at the budget may go on
             if self.frontier >= k:
                 return True
             self.loader_waits += 1
@@ -591,10 +678,11 @@ class Prefetcher:
 
 def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chunk_bytes: int,
                    progress: LoadProgress, throttle: ReadThrottle | None = None,
-                   budget: int | None = None) -> Prefetcher | None:  # fmt: skip
+                   budget: int | None = None, process: bool = False) -> Prefetcher | None:  # fmt: skip
     """Start reading this rank's weight bytes for the fast backend (`progress.prefetcher` is then the Prefetcher,
     which the loader follows), or None when there is nothing to read ahead (several ranks slicing a plain
-    checkpoint, pickles, or anything unexpected: the loader will say what)."""
+    checkpoint, pickles, or anything unexpected: the loader will say what). `process`: the reads run in a child
+    process (Prefetcher's `process`)."""
     try:
         src = weights_source(model_dir, rank, world)
         if src.kind not in ("presharded", "whole"):
@@ -606,7 +694,8 @@ def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chun
     except (ModelDirError, OSError) as e:
         log.debug("no prefetch: %s", e)
         return None
-    p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget)
+    p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget,
+                   process=process)  # fmt: skip
     progress.prefetcher = p
     progress.set_phase("prefetching")
     p.start()

@@ -69,7 +69,7 @@ def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgre
     throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
     start(model_dir.path, rank=rank, world=world, threads=settings.load_prefetch_threads,
           chunk_bytes=max(4096, int(settings.load_chunk_mb * 2**20)), progress=progress,
-          throttle=throttle)  # fmt: skip
+          throttle=throttle, process=settings.load_prefetch_process)  # fmt: skip
 
 
 def serve(settings: Settings, local_rank_flag: int | None = None, early=None) -> int:

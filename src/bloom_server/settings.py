@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         description="fast backend: threads of the prefetch, the load's one disk reader, reading in file order (1: one "
         "sequential stream, which stalls while the main thread holds the GIL; more: several reads in flight)",
     )  # fmt: skip
+    load_prefetch_process: bool = Field(
+        False, validation_alias=_env("load_prefetch_process"),
+        description="fast backend: run the prefetch's reader threads in a child process, where no read waits for "
+        "the server's GIL (held for long stretches by torch's import and CUDA start-up); not measured on a GPU "
+        "host yet (scripts/cold_start.py's prefetch-process run)",
+    )  # fmt: skip
     load_chunk_mb: float = Field(
         DEFAULT_CHUNK_MB, gt=0, le=1024, validation_alias=_env("load_chunk_mb"),
         description="fast backend: size of one sequential read (and of each pinned buffer on GPUs)",

@@ -390,11 +390,8 @@ class Prefetcher:
     loader_wait_s (the loader waiting for bytes not read yet), frontier (chunks read, in order). Never raises: a read
     error ends the prefetch (logged) and the loader reads the rest itself."""
 
-    # Bytes past the chunk being read to queue at the disk with posix_fadvise(WILLNEED) (asynchronous, in file order):
-    # meant to keep the disk busy while the reader waits for the GIL. Off: pages that WILLNEED brought in were read
-    # back by the loader 2x slower (CPU box, 2.24 GB fully prefetched, then loaded: 1.5-2.1 s with 128 MiB of
-    # look-ahead, 0.7 s without, 3 rounds each; the same load without a prefetcher attached: 1.4 s after it).
-    LOOKAHEAD = 0
+    # Not here: a posix_fadvise(WILLNEED) look-ahead past the chunk being read (tried: the loader read the pages it
+    # brought in 2x slower, CPU box, docs/benchmarks.md "One disk stream for the whole load").
 
     def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int = 1,
                  progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
@@ -435,7 +432,6 @@ class Prefetcher:
         self._paused = 0
         self._alive = 0
         self._started = False
-        self._advised = 0  # chunks [0, _advised) were read or handed to the disk's read-ahead
         self._workers: list[threading.Thread] = []
 
     # ---- the reader threads
@@ -560,20 +556,6 @@ class Prefetcher:
             self._next += 1
             return i
 
-    def _advise(self, i: int) -> list[Chunk]:
-        """The chunks after chunk i, in its file and within LOOKAHEAD bytes of its end, not advised yet."""
-        if not self.LOOKAHEAD:
-            return []
-        c, out = self.chunks[i], []
-        with self._cv:
-            j = max(self._advised, i + 1)
-            while j < len(self.chunks) and self.chunks[j].file == c.file and \
-                    self.chunks[j].offset < c.offset + c.length + self.LOOKAHEAD:  # fmt: skip
-                out.append(self.chunks[j])
-                j += 1
-            self._advised = max(self._advised, j)
-        return out
-
     def _complete(self, i: int) -> None:
         with self._cv:
             self._done[i] = True
@@ -599,11 +581,6 @@ class Prefetcher:
                     fds[c.file] = os.open(self.paths[c.file], os.O_RDONLY)
                     try:
                         os.posix_fadvise(fds[c.file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                    except (AttributeError, OSError):
-                        pass
-                for nc in self._advise(i):
-                    try:
-                        os.posix_fadvise(fds[c.file], nc.offset, nc.length, os.POSIX_FADV_WILLNEED)
                     except (AttributeError, OSError):
                         pass
                 got = 0

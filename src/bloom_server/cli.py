@@ -1,4 +1,4 @@
-"""Composition root: `bloom-server serve | download | launch | make-tiny-model | bench`.
+"""Composition root: `bloom-server serve | download | launch | make-tiny-model | bench | preshard | precompile | client`.
 
 Parsing happens in main(), never at import. Every serve flag maps to a Settings field; a flag that is not given
 leaves the environment (BLOOM_* or the original server's variables) or the default in force.
@@ -86,6 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     preshard_mod.add_arguments(preshard)
 
+    pre = sub.add_parser(
+        "precompile",
+        help="compile the fast backend's decode kernels ahead of time, for a GPU architecture, no GPU needed",
+        description="Compiles the Triton kernels `serve --backend fast` would compile on its first start into a "
+        "kernel cache (by default MODEL/.bloom-kernel-cache, which `serve` copies from at start). Takes the serve "
+        "flags and BLOOM_* variables, so that it compiles for the settings the server will run with.",
+    )  # fmt: skip
+    for flag, dest, typ, help_ in _SERVE_FLAGS:
+        pre.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+    for flag, dest, help_ in _SERVE_BOOLS:
+        pre.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    pre.add_argument("--out", default=None, help="the kernel cache to write (default: MODEL/.bloom-kernel-cache)")
+    pre.add_argument("--target", action="append", default=None, metavar="ARCH",
+                     help="GPU architecture, repeatable: cuda:80 (A100), cuda:86 (A10G), cuda:90 (H100, H200); "
+                     "default: this host's GPU")  # fmt: skip
+    pre.add_argument("--tp", type=int, default=None,
+                     help="tensor-parallel ranks the server runs (default BLOOM_NUM_GPUS, else 1)")  # fmt: skip
+    pre.add_argument("--workers", type=int, default=None, help="compile processes (default: the CPUs, at most 16)")
+
     client = sub.add_parser("client", help="stream a completion from a running server to the terminal")
     from bloom_server import client as client_mod
 
@@ -93,11 +112,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings_from_args(args: argparse.Namespace):
+def _settings_from_args(args: argparse.Namespace, **forced):
     from bloom_server.settings import load_settings
 
     fields = [d for _, d, _, _ in _SERVE_FLAGS] + [d for _, d, _ in _SERVE_BOOLS]
-    return load_settings(**{f: getattr(args, f) for f in fields})
+    return load_settings(**{**{f: getattr(args, f) for f in fields}, **forced})
+
+
+def _print_invalid(command: str, exc) -> None:
+    print(f"bloom-server {command}: invalid settings:", file=sys.stderr)
+    for err in exc.errors():
+        env = str(err["loc"][0]) if err["loc"] else ""
+        name = env.removeprefix("BLOOM_").lower()
+        where = f"--{name.replace('_', '-')} / {env}" if name else "settings"
+        print(f"  {where}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
+
+
+def _precompile(args: argparse.Namespace) -> int:
+    """`bloom-server precompile`: the fast backend's decode kernels for the settings the server will run with, into
+    a kernel cache that `serve` seeds its own from (fast/precompile.py)."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from bloom_server.errors import BloomServerError
+    from bloom_server.fast import precompile as pc
+
+    try:
+        settings = _settings_from_args(args, backend="fast")
+    except ValidationError as exc:
+        _print_invalid("precompile", exc)
+        return 2
+    logging.basicConfig(level=getattr(logging, str(settings.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        targets: list[int | None] = [pc.parse_target(t) for t in args.target] if args.target else [None]
+    except ValueError as e:
+        print(f"bloom-server precompile: --target: {e}", file=sys.stderr)
+        return 2
+    dtype = pc.model_dtype(str(settings.dtype))
+    if dtype is None:
+        print(f"bloom-server precompile: --dtype {settings.dtype}: the fast backend runs no Triton kernels in it "
+              "(fp16, bf16 and int8 do)", file=sys.stderr)  # fmt: skip
+        return 2
+    if not pc.triton_installed():
+        print("bloom-server precompile: Triton is not installed (it comes with torch's CUDA wheels)", file=sys.stderr)
+        return 2
+    from bloom_server.serve import resolve
+
+    try:
+        model_dir = resolve(settings).path
+    except BloomServerError as exc:
+        print(f"bloom-server precompile: {exc}", file=sys.stderr)
+        return 2
+    tp = args.tp if args.tp is not None else int(os.environ.get("BLOOM_NUM_GPUS") or 1)
+    if tp < 1:
+        print("bloom-server precompile: --tp must be at least 1", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(model_dir) / pc.SEED_DIRNAME
+    workers = args.workers if args.workers else max(1, min(16, pc.available_cpus()))
+    report = pc.precompile(Path(model_dir), out, targets=targets, world=tp, dtype=dtype,
+                           max_batch=settings.max_batch_size, max_seq=settings.total_tokens_limit,
+                           workers=workers)  # fmt: skip
+    print(json.dumps(report, indent=1))
+    if not report["ok"]:
+        print("bloom-server precompile: a compile worker failed (above); the server compiles what is missing",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
 
 
 def _gpu_count() -> int:
@@ -243,12 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValidationError as exc:
             if early is not None:
                 early.close()
-            print("bloom-server serve: invalid settings:", file=sys.stderr)
-            for err in exc.errors():
-                env = str(err["loc"][0]) if err["loc"] else ""
-                name = env.removeprefix("BLOOM_").lower()
-                where = f"--{name.replace('_', '-')} / {env}" if name else "settings"
-                print(f"  {where}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
+            _print_invalid("serve", exc)
             return 2
         configure_logging(settings.log_level)
         local_rank = args.local_rank if args.local_rank is not None else args.local_rank_top
@@ -268,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bloom_server import preshard as preshard_mod
 
         return preshard_mod.run(args)
+    if args.command == "precompile":
+        return _precompile(args)
     if args.command == "client":
         from bloom_server import client as client_mod
 

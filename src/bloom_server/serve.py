@@ -39,15 +39,27 @@ def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext, prog
     return backend
 
 
-def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_flag: int | None = None):
+def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_flag: int | None = None,
+                         progress: LoadProgress | None = None):  # fmt: skip
     """The fast backend's decode kernels start compiling now, in child processes, into Triton's cache (the
-    BLOOM_KERNEL_CACHE_DIR setting), while this process imports torch and reads weights (fast/precompile.py).
+    BLOOM_KERNEL_CACHE_DIR setting), while this process imports torch and reads weights (fast/precompile.py). First
+    the cache is seeded from kernels compiled ahead of time (BLOOM_KERNEL_CACHE_SEED, else MODEL/.bloom-kernel-cache).
     None where there is nothing to compile (other backends, no GPU or Triton, fp32, BLOOM_FAST_PRECOMPILE=0)."""
     if settings.backend != "fast":
         return None
-    from bloom_server.fast.precompile import apply_kernel_cache_dir, start_compile_workers
+    from bloom_server.fast.precompile import (apply_kernel_cache_dir, seed_dir, seed_kernel_cache,
+                                              start_compile_workers, triton_cache_dir)  # fmt: skip
 
     apply_kernel_cache_dir(settings.kernel_cache_dir)
+    seed = seed_dir(settings.kernel_cache_seed, model_dir.path)
+    if seed is not None:  # kernels compiled ahead of time (`bloom-server precompile`): a first start finds them
+        got = seed_kernel_cache(seed, triton_cache_dir())
+        if progress is not None:
+            progress.note("kernel cache seed: entries copied", got["copied"])
+            progress.note("kernel cache seed: entries already there", got["present"])
+            progress.note("kernel cache seed, s", got["seconds"])
+        log.info("kernel cache seeded from %s: %d entries copied (%.1f MB), %d already there, %d failed, %.2f s",
+                 seed, got["copied"], got["bytes"] / 1e6, got["present"], got["failed"], got["seconds"])  # fmt: skip
     local = local_rank_flag if local_rank_flag is not None else int(os.environ.get("LOCAL_RANK", "0") or 0)
     try:
         return start_compile_workers(settings, model_dir.path, world=int(os.environ.get("WORLD_SIZE", "1") or 1),
@@ -92,7 +104,7 @@ def serve(settings: Settings, local_rank_flag: int | None = None, early=None) ->
             early.close()  # a guess the settings contradict (another directory, backend or load setting)
             progress = LoadProgress()
         start_prefetch(settings, model_dir, progress)  # before torch: rank_context imports it
-    workers = start_kernel_compile(settings, model_dir, local_rank_flag)
+    workers = start_kernel_compile(settings, model_dir, local_rank_flag, progress)
 
     from bloom_server.runtime.distributed import rank_context
 

@@ -229,6 +229,12 @@ class Settings(BaseSettings):
         "TRITON_CACHE_DIR). Default: TRITON_CACHE_DIR if set, else ~/.triton/cache. A directory that survives "
         "restarts (an emptyDir survives container restarts in the pod) lets a restart skip the compiles.",
     )  # fmt: skip
+    kernel_cache_seed: str | None = Field(
+        None, validation_alias=_env("kernel_cache_seed"),
+        description="fast backend: a kernel cache made ahead of time (`bloom-server precompile`) whose entries are "
+        "copied into the kernel cache directory at start, so that a first start on a new node skips the compiles. "
+        "Default: MODEL/.bloom-kernel-cache when it exists; off: none.",
+    )  # fmt: skip
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -9,6 +9,12 @@ of kernel variants, the workers' own code, `warm`).
   process imports torch and reads weights (out of this process's GIL, several at once); `wait(stage)` blocks until
   each has finished the variants of a stage.
 
+- `seed_kernel_cache`: copies a kernel cache made ahead of time (`bloom-server precompile`, run where the weights
+  were downloaded, with no GPU needed) into that directory at process start, so a pod's first start on a new node
+  (a scale from zero) finds the binaries compiled; the seed is read-only (the weights' volume), the copy writable.
+- `precompile`: the `bloom-server precompile` command's work: the same compile workers for a named GPU
+  architecture (`--target cuda:86`), offline.
+
 BLOOM_FAST_PRECOMPILE: "0" turns the ahead-of-time work off (workers and the load thread's warm calls); a number sets
 the worker processes (default `worker_count`: the CPUs this process may use, shared by the ranks of this host, less
 RESERVED_CPUS per rank for the load itself, between 1 and MAX_WORKERS: 4 on a 16-CPU host with one GPU).
@@ -21,6 +27,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -31,6 +38,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 ENV = "BLOOM_FAST_PRECOMPILE"
+
+
+# The seed's directory inside a model directory: `bloom-server precompile` writes it there by default and `serve` looks
+# for it there when BLOOM_KERNEL_CACHE_SEED does not name another.
+SEED_DIRNAME = ".bloom-kernel-cache"
+SEED_INFO = "precompile.json"
 
 
 def enabled() -> bool:
@@ -48,6 +61,72 @@ def apply_kernel_cache_dir(path: str | None) -> str | None:
             return os.environ.get("TRITON_CACHE_DIR")
         os.environ["TRITON_CACHE_DIR"] = str(path)
     return os.environ.get("TRITON_CACHE_DIR")
+
+
+def triton_cache_dir() -> Path:
+    """The directory Triton uses: TRITON_CACHE_DIR, else its default (TRITON_HOME or ~, then .triton/cache)."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return Path(os.environ["TRITON_CACHE_DIR"])
+    return Path(os.environ.get("TRITON_HOME") or os.path.expanduser("~")) / ".triton" / "cache"
+
+
+def seed_dir(setting: str | None, model_dir: Path) -> Path | None:
+    """The seed a server start copies from: BLOOM_KERNEL_CACHE_SEED's directory, none for "off", else the model
+    directory's SEED_DIRNAME when it is there."""
+    if setting is not None and setting.strip().lower() in ("", "off", "none", "0", "false", "no"):
+        return None
+    if setting:
+        return Path(setting)
+    default = Path(model_dir) / SEED_DIRNAME
+    return default if default.is_dir() else None
+
+
+def seed_kernel_cache(seed: Path, cache: Path) -> dict[str, float]:
+    """Copy the entries of a Triton cache directory `seed` (one subdirectory per compiled kernel) that `cache` lacks.
+    Each entry is copied under a temporary name and renamed into place, so Triton (or a compile worker of another
+    rank doing the same) never sees half an entry; entries already present are left alone. Never raises: returns
+    {"copied": n, "present": n, "failed": n, "bytes": n, "seconds": s}."""
+    t0 = time.monotonic()
+    out = {"copied": 0.0, "present": 0.0, "failed": 0.0, "bytes": 0.0}
+    try:
+        entries = sorted(p for p in Path(seed).iterdir() if p.is_dir() and not p.name.startswith("."))
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("kernel cache seed %s not used: %s", seed, e)
+        out["failed"] = 1.0
+        entries = []
+    for src in entries:
+        dst = cache / src.name
+        if dst.exists():
+            out["present"] += 1
+            continue
+        tmp = cache / f".{src.name}.seed-{os.getpid()}"
+        try:
+            shutil.copytree(src, tmp)
+            out["bytes"] += sum(f.stat().st_size for f in tmp.iterdir())
+            os.rename(tmp, dst)
+            out["copied"] += 1
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if dst.exists():  # another rank put it there first
+                out["present"] += 1
+            else:
+                out["failed"] += 1
+                log.warning("kernel cache seed entry %s not copied: %s", src.name, e)
+    out["seconds"] = time.monotonic() - t0
+    return out
+
+
+def parse_target(spec: str) -> int:
+    """A GPU architecture as Triton's CUDA target number: "cuda:86", "sm_86", "sm86", "86" or "8.6" -> 86 (A10G);
+    80 is the A100, 90 the H100 and H200. ValueError for anything else."""
+    s = spec.strip().lower().removeprefix("cuda:").removeprefix("sm_").removeprefix("sm")
+    if "." in s:
+        major, _, minor = s.partition(".")
+        s = major + minor if major.isdigit() and minor.isdigit() and len(minor) == 1 else s
+    if not s.isdigit() or not 70 <= int(s) < 200:
+        raise ValueError(f"not a CUDA architecture: {spec!r} (examples: cuda:80 for A100, cuda:86 A10G, cuda:90 H100)")
+    return int(s)
 
 
 # Per rank, CPUs left to the load itself: the main thread (torch import, CUDA initialisation), the prefetch (the disk
@@ -136,6 +215,8 @@ class CompileWorkers:
         self.stage_done: list[dict[int, float]] = []  # per worker: stage -> seconds since start (-1: exited early)
         self.compiled = [0, 0, 0]  # variants compiled, per stage (index 1, 2)
         self.procs: list[subprocess.Popen] = []
+        self.returncodes: list[int | None] = []
+        self.errors: list[str] = []
         root = str(Path(__file__).resolve().parents[2])  # the directory holding the bloom_server package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
         code = ("import sys; from bloom_server.fast.triton_kernels import _worker_main; "
@@ -151,6 +232,7 @@ class CompileWorkers:
                 continue
             self.procs.append(p)
             self.stage_done.append({})
+            self.returncodes.append(None)
             i = len(self.procs) - 1
             threading.Thread(target=self._watch, args=(i, p), name=f"bloom-kc-{k}", daemon=True).start()
 
@@ -169,6 +251,7 @@ class CompileWorkers:
                         self.compiled[stage] += int(w[3])
                     self._cv.notify_all()
         rc = p.wait()
+        self.returncodes[i] = rc
         t.join(5)
         with self._cv:
             for s in (1, 2):
@@ -176,6 +259,7 @@ class CompileWorkers:
             self._cv.notify_all()
         text = "".join(err).strip()
         if rc != 0:
+            self.errors.append(text[-2000:])
             log.warning("kernel compile worker %d exited with %d: %s", i, rc, text[-2000:])
         elif text:
             log.debug("kernel compile worker %d: %s", i, text[-2000:])
@@ -209,3 +293,60 @@ def start_compile_workers(settings: Any, model_dir: Path, *, world: int, local_r
     log.info("kernel compile: %d worker process(es) started (Triton cache %s)", len(w.procs),
              os.environ.get("TRITON_CACHE_DIR") or "default ~/.triton/cache")  # fmt: skip
     return w if w.procs else None
+
+
+def cubin_entries(cache: Path) -> set[str]:
+    """Names of the entries of a Triton cache directory that hold a compiled binary (one per kernel variant)."""
+    try:
+        return {p.parent.name for p in Path(cache).glob("*/*.cubin")}
+    except OSError:
+        return set()
+
+
+def precompile(model_dir: Path, out: Path, *, targets: list[int | None], world: int, dtype: str, max_batch: int,
+               max_seq: int, workers: int, timeout: float = 1800.0) -> dict[str, Any]:  # fmt: skip
+    """Compile one rank's decode kernel variants (every rank of a tensor-parallel group has the same shapes) for each
+    target architecture into `out`, a Triton cache directory (what `seed_kernel_cache` copies at a server's start).
+    A target of None: the GPU of this host. With a number no GPU is needed: Triton compiles for that architecture
+    offline (ptxas ships with it). Only Triton's own cache key decides whether a server finds these binaries (the
+    kernel source, the Triton version, the architecture, the specialisation of the arguments), so a seed made by
+    another Triton or for other settings costs nothing but the copy: the server compiles what it misses."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    before = cubin_entries(out)
+    os.environ["TRITON_CACHE_DIR"] = str(out)  # the workers inherit it
+    report: dict[str, Any] = {"model_dir": str(model_dir), "world": world, "dtype": dtype, "max_batch": max_batch,
+                              "max_seq": max_seq, "targets": [], "ok": True}  # fmt: skip
+    try:
+        from importlib.metadata import version
+
+        report["triton"] = version("triton")  # the workers import it; this process need not
+    except Exception:  # noqa: BLE001
+        report["triton"] = None
+    for target in targets:
+        facts = {"model_dir": str(model_dir), "world": world, "dtype": dtype, "max_batch": max_batch,
+                 "max_seq": max_seq, "target": target}  # fmt: skip
+        t0 = time.monotonic()
+        w = CompileWorkers(facts, max(1, workers))
+        done = bool(w.procs) and w.wait(2, timeout=timeout)
+        for p in w.procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        # _watch records each exit code after the process ends: give the threads a moment to record them.
+        deadline = time.monotonic() + 10
+        while any(rc is None for rc in w.returncodes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ok = done and all(rc == 0 for rc in w.returncodes)
+        report["targets"].append({"target": target, "variants": w.compiled[1] + w.compiled[2], "ok": ok,
+                                  "seconds": round(time.monotonic() - t0, 2), "errors": w.errors[:2]})  # fmt: skip
+        report["ok"] = report["ok"] and ok
+    after = cubin_entries(out)
+    report["entries"] = len(after)
+    report["new_entries"] = len(after - before)
+    try:
+        (out / SEED_INFO).write_text(json.dumps(report, indent=1) + "\n")
+    except OSError as e:
+        log.warning("could not write %s: %s", out / SEED_INFO, e)
+    return report

@@ -436,9 +436,9 @@ def warm(plan: DecodePlan, device: torch.device, stage: int = 1, stop: Any = Non
     return times
 
 
-def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int) -> int:
-    """Compile this worker's share of the plan's variants (Kernel.warmup: dtypes for tensors, nothing launched) and
-    build their launchers where a CUDA context is at hand. Returns the variants compiled."""
+def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers: bool = True) -> int:
+    """Compile this worker's share of the plan's variants (Kernel.warmup: dtypes for tensors, nothing launched) and,
+    with `launchers`, build their launchers where a CUDA context is at hand. Returns the variants compiled."""
     dt = getattr(torch, plan.dtype)
     jobs: list[Callable[[], Any]] = []
     seen: set = set()
@@ -479,7 +479,7 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int) -> int:
             continue
         k = job()
         init = getattr(k, "_init_handles", None)
-        if init is not None and torch.cuda.is_available():
+        if launchers and init is not None and torch.cuda.is_available():
             try:
                 init()  # loads the binary and builds (and caches) its launcher
             except Exception as e:  # noqa: BLE001 - the parent will do it
@@ -502,19 +502,52 @@ def plan_for(facts: dict[str, Any]) -> DecodePlan:
                        post=shape.apply_residual_connection_post_layernorm)  # fmt: skip
 
 
+class _OfflineTarget:
+    """What Triton's JIT asks its active driver for when it compiles without launching (`warmup`): the device, its
+    stream, and the target architecture. Set as the active driver, it lets a host with no GPU (or another GPU) compile
+    binaries for `arch`; launching anything with it active is not possible, and not attempted."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: Any = None) -> int:
+        return 0
+
+    def get_current_target(self) -> Any:
+        return self.target
+
+
+def use_offline_target(arch: int) -> None:
+    """Compile for CUDA architecture `arch` (80, 86, 90, ...) from now on in this process, GPU or none
+    (`bloom-server precompile --target`). For a process that compiles only: nothing can launch afterwards."""
+    from triton.runtime import driver
+
+    driver.set_active(_OfflineTarget(arch))
+
+
 def _worker_main(argv: list[str]) -> int:
     """A compile worker (bloom_server.fast.precompile starts them): argv = FACTS_JSON PART PARTS DEVICE. Prints
-    "stage N done COUNT SECONDS" as it goes (the parent waits on stage 1)."""
+    "stage N done COUNT SECONDS" as it goes (the parent waits on stage 1). facts["target"], when a number, is the
+    CUDA architecture to compile for offline (no GPU needed, no launchers built)."""
     facts = json.loads(argv[0])
     part, parts, dev = int(argv[1]), int(argv[2]), int(argv[3])
-    if not HAVE_TRITON or not torch.cuda.is_available():
+    target = facts.get("target")
+    if not HAVE_TRITON or (target is None and not torch.cuda.is_available()):
         print("stage 1 done 0 0.00\nstage 2 done 0 0.00", flush=True)
         return 0
-    torch.cuda.set_device(dev)
+    if target is None:
+        torch.cuda.set_device(dev)
+    else:
+        use_offline_target(int(target))
     plan = plan_for(facts)
     for stage in (1, 2):
         t = time.perf_counter()
-        n = _compile_only(plan, stage, part, parts) if not plan.empty else 0
+        n = _compile_only(plan, stage, part, parts, launchers=target is None) if not plan.empty else 0
         print(f"stage {stage} done {n} {time.perf_counter() - t:.2f}", flush=True)
     return 0
 

@@ -15,7 +15,8 @@ single-stream read) and a parallel read (threads x preadv); evict again; start t
 (from /ready's progress, with the timed pieces inside them: kernels compiled and autotuned during the read, the
 warm-up generate, Triton work left in it) and a generate's answer. The first server starts from an empty Triton kernel
 cache (the first start on a machine); with --kept-kernel-cache-run a second one restarts on that cache (a container
-restart in the pod), --prefetch-process-run one with BLOOM_LOAD_PREFETCH_PROCESS=1 (the prefetch's reads in a child
+restart in the pod), --seeded-run a first start on an empty cache seeded from `bloom-server precompile` (made
+before the rounds with no GPU visible, as the download Job makes it), --prefetch-process-run one with BLOOM_LOAD_PREFETCH_PROCESS=1 (the prefetch's reads in a child
 process) on that cache, and with --no-prefetch-run one runs with BLOOM_LOAD_PREFETCH=0, to show what reading during
 the imports buys. No network is used.
 """
@@ -404,6 +405,41 @@ def medians(runs: list[dict]) -> list[str]:
     return out
 
 
+def _cubins(cache: Path | None) -> set[str]:
+    """Entries of a Triton cache directory holding a compiled binary."""
+    if cache is None or not cache.is_dir():
+        return set()
+    return {p.parent.name for p in cache.glob("*/*.cubin")}
+
+
+def make_seed(model_dir: Path, out: Path, target: str, tp: int | None, server_args: list[str],
+              results: dict) -> Path | None:  # fmt: skip
+    """`bloom-server precompile --target TARGET` with no GPU visible (CUDA_VISIBLE_DEVICES=""), as the download Job
+    runs it, for the same serve flags: the seed of the `seeded` runs. None when it failed."""
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "bloom_server", "precompile", "--model", str(model_dir), "--out", str(out),
+           "--target", target, "--tp", str(tp or 1), *server_args]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)}
+    t = time.monotonic()
+    p = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=900)
+    took = time.monotonic() - t
+    try:
+        rep = json.loads(p.stdout[p.stdout.index("{"):])
+    except ValueError:
+        rep = {}
+    results.setdefault("seeds", []).append({"target": target, "seconds": round(took, 2), "rc": p.returncode,
+                                            "report": rep})  # fmt: skip
+    if p.returncode != 0:
+        say(f"precompile for {target} failed ({p.returncode}), no seeded runs: {p.stderr[-1500:]}")
+        return None
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    say(f"precompile (no GPU visible, target {target}): {rep.get('entries')} kernel binaries, {size / 1e6:.1f} MB, "
+        f"in {took:.1f} s, Triton {rep.get('triton')}")  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", choices=("tiny", "560m", "7b1", "176b"))
@@ -423,6 +459,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kept-kernel-cache-run", action=argparse.BooleanOptionalAction, default=True,
                    help="also time a restart that finds the first run's Triton kernel cache (a container restart in "
                         "the pod); the first run always starts from an empty one (default on)")
+    p.add_argument("--seeded-run", action=argparse.BooleanOptionalAction, default=True,
+                   help="also a first start (empty kernel cache) seeded from `bloom-server precompile`'s output, "
+                        "compiled once before the rounds with no GPU visible (as the download Job does); on a GPU "
+                        "host, or with --seed-target (default on)")
+    p.add_argument("--seed-target", default=None, metavar="ARCH",
+                   help="architecture for the seed (default: this host's GPU; none on a CPU host)")
     p.add_argument("--timeout", type=float, default=180, help="seconds a server may take to become ready")
     p.add_argument("--budget-s", type=float, default=230, help="skip optional runs past this many seconds")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -458,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             say(f"pre-sharded for tp {args.preshard} in {time.monotonic() - t:.1f} s")
         runs.append((f"preshard-tp{args.preshard}", out, args.preshard))
 
+    seed_target = args.seed_target or (
+        "cuda:{}{}".format(*torch.cuda.get_device_capability(0)) if gpu else None)  # fmt: skip
     results: dict = {"shape": args.shape, "dtype": dtype, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
                      "runs": []}  # fmt: skip
     env = {"BLOOM_LOAD_THREADS": str(args.threads), "BLOOM_LOAD_CHUNK_MB": str(args.chunk_mb)}
@@ -466,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(f.stat().st_size for f in files)
         say(f"[{label}] {len(files)} weight file(s), {total / 1e9:.3f} GB")
         kdir = args.dir / f"kernel-cache-{label}"
+        seed = make_seed(d, args.dir / f"kernel-seed-{label}", seed_target, tp, args.server_args, results) \
+            if args.seeded_run and seed_target else None  # fmt: skip
         for rnd in range(max(1, args.rounds)):
             tag = f"-r{rnd + 1}" if args.rounds > 1 else ""
             if args.rounds > 1:
@@ -480,10 +526,13 @@ def main(argv: list[str] | None = None) -> int:
                     f"{total / 1e9 / par:.2f} GB/s")  # fmt: skip
             # Kernels: the first start on a machine finds no compiled Triton kernels (an empty cache directory of
             # its own: BLOOM_KERNEL_CACHE_DIR); the kept-cache run restarts on the first run's directory.
-            for k in (kdir, Path(str(kdir) + "-compare")):
+            for k in (kdir, Path(str(kdir) + "-compare"), Path(str(kdir) + "-seeded")):
                 if k.exists():
                     shutil.rmtree(k)
             variants: list[tuple[str, dict, Path | None]] = [("default", {"BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None)]
+            if seed is not None:
+                variants.append(("seeded", {"BLOOM_KERNEL_CACHE_DIR": str(kdir) + "-seeded",
+                                            "BLOOM_KERNEL_CACHE_SEED": str(seed)}, None))  # fmt: skip
             if args.compare_src:
                 variants.append(("compare-src", {"BLOOM_KERNEL_CACHE_DIR": str(kdir) + "-compare"}, args.compare_src))
             if args.kept_kernel_cache_run:
@@ -498,12 +547,19 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"[{label}] skipping the {vlabel} run: past the {args.budget_s:.0f} s budget")
                     continue
                 cold = evict(files) and cold
+                kc = Path(venv["BLOOM_KERNEL_CACHE_DIR"])
+                before = _cubins(kc) | (_cubins(seed) if vlabel == "seeded" and seed is not None else set())
                 r = time_server(d, f"{label}-{vlabel}{tag}", {**env, **venv}, tp or 1, args.timeout, args.dir,
                                 args.server_args, src=vsrc)  # fmt: skip
                 r.update(bytes=total, plain_read_s=plain, parallel_read_s=par, page_cache_evicted=cold,
                          variant=f"{label}-{vlabel}", src=str(vsrc or ROOT / "src"))  # fmt: skip
+                # Kernel binaries this start compiled itself (new entries in its cache, beyond what it started
+                # with or was seeded with): 0 means every variant it ran was found compiled.
+                r["kernels_compiled_by_server"] = len(_cubins(kc) - before)
                 results["runs"].append(r)
                 report(r, label, vlabel, plain, par)
+                say(f"[{label}] {vlabel}: kernel binaries the server compiled itself: "
+                    f"{r['kernels_compiled_by_server']}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     ok = all("ready_s" in r for r in results["runs"])

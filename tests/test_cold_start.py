@@ -84,7 +84,7 @@ def test_prefetch_reads_ahead_before_the_loader_starts(tiny_model_dir, tmp_path)
 def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "scripts" / "cold_start.py"), "--shape", "tiny", "--dir",
                         str(tmp_path), "--no-no-prefetch-run", "--no-kept-kernel-cache-run", "--json",
-                        str(tmp_path / "r.json")],
+                        str(tmp_path / "r.json"), "--seed-target", "cuda:90"],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert re.search(r"ratio start-to-ready / plain read = [0-9.]+", r.stdout), r.stdout
@@ -101,6 +101,15 @@ def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
     prog = pp["progress"]
     assert pp["ratio"] > 0 and prog["prefetched_bytes"] >= prog["loaded_bytes"] > 0
     assert prog["timings"]["chunks the loader read from disk itself"] == 0
+    # The seeded run: `bloom-server precompile` made the seed with no GPU visible, the server copied all of it.
+    from bloom_server.fast.precompile import triton_installed
+
+    if triton_installed():
+        (seed,) = res["seeds"]
+        assert seed["rc"] == 0 and seed["report"]["entries"] > 10
+        (sr,) = [r for r in res["runs"] if r["variant"] == "plain-seeded"]
+        assert sr["ratio"] > 0
+        assert sr["progress"]["timings"]["kernel cache seed: entries copied"] == seed["report"]["entries"]
 
 
 # ---- kernels ahead of the warm-up (fast/precompile.py, fast/triton_kernels.py Prewarm): no-ops on a CPU ----

@@ -465,6 +465,12 @@ def main(argv: list[str] | None = None) -> int:
                         "host, or with --seed-target (default on)")
     p.add_argument("--seed-target", default=None, metavar="ARCH",
                    help="architecture for the seed (default: this host's GPU; none on a CPU host)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:K=V[,K=V]",
+                   help="also a server run with these environment variables, on the kept kernel cache (repeatable; "
+                        "e.g. threads8:BLOOM_LOAD_PREFETCH_THREADS=8)")
+    p.add_argument("--read-sweep", default="", metavar="TxMB,...",
+                   help="in the first round, also time parallel reads of these thread x chunk-MiB shapes "
+                        "(e.g. 2x32,8x32,8x64,16x16), each from a cold page cache, and `cat` again after them")
     p.add_argument("--timeout", type=float, default=180, help="seconds a server may take to become ready")
     p.add_argument("--budget-s", type=float, default=230, help="skip optional runs past this many seconds")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -524,6 +530,18 @@ def main(argv: list[str] | None = None) -> int:
                 par = parallel_read(files, args.threads, args.chunk_mb << 20)
                 say(f"[{label}] parallel read ({args.threads} threads x {args.chunk_mb} MiB preadv, cold): {par:.2f} s, "
                     f"{total / 1e9 / par:.2f} GB/s")  # fmt: skip
+                sweep = [tuple(int(x) for x in s.lower().split("x")) for s in args.read_sweep.split(",") if s]
+                for threads, mb in sweep:
+                    cold = evict(files) and cold
+                    t = parallel_read(files, threads, mb << 20)
+                    say(f"[{label}] read sweep: {threads} threads x {mb} MiB preadv, cold: {t:.2f} s, "
+                        f"{total / 1e9 / t:.2f} GB/s")  # fmt: skip
+                    results.setdefault("read_sweep", []).append({"threads": threads, "chunk_mb": mb, "s": t})
+                if sweep:
+                    cold = evict(files) and cold
+                    again = plain_read(files)
+                    say(f"[{label}] plain read again after the sweep: {again:.2f} s, {total / 1e9 / again:.2f} GB/s")
+                    results.setdefault("read_sweep", []).append({"cat_after": again})
             # Kernels: the first start on a machine finds no compiled Triton kernels (an empty cache directory of
             # its own: BLOOM_KERNEL_CACHE_DIR); the kept-cache run restarts on the first run's directory.
             for k in (kdir, Path(str(kdir) + "-compare"), Path(str(kdir) + "-seeded")):
@@ -537,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
                 variants.append(("compare-src", {"BLOOM_KERNEL_CACHE_DIR": str(kdir) + "-compare"}, args.compare_src))
             if args.kept_kernel_cache_run:
                 variants.append(("kept-kernel-cache", {"BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
+            for spec in args.variant:
+                name, _, kvs = spec.partition(":")
+                extra = dict(kv.split("=", 1) for kv in kvs.split(",") if "=" in kv)
+                variants.append((name, {**extra, "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
             if args.prefetch_process_run:
                 variants.append(("prefetch-process", {"BLOOM_LOAD_PREFETCH_PROCESS": "1",
                                                       "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))  # fmt: skip

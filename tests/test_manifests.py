@@ -267,6 +267,8 @@ def project_rule_problems(docs: list[dict]) -> list[str]:
             if not writers:
                 seen = ", ".join(f"{j['metadata']['name']} -> {_job_writes(j)}" for j in jobs) or "no Job"
                 problems.append(f"{name}: no Job writes pvc {pvc!r} subpath {sub!r} ({seen})")
+            elif env.get("BLOOM_BACKEND") == "fast" and _gpus(c)[0]:
+                problems += _precompile_problems(name, env, pred, writers[0])
         # GPUs: the tensor-parallel degree the container starts with is the GPU count it gets.
         limit, request = _gpus(c)
         if limit != request:
@@ -292,7 +294,7 @@ def project_rule_problems(docs: list[dict]) -> list[str]:
     for job in jobs:
         jname = job["metadata"]["name"]
         spec = job["spec"]["template"]["spec"]
-        for c in spec.get("containers", []):
+        for c in spec.get("initContainers", []) + spec.get("containers", []):
             res = c.get("resources", {})
             if not res.get("limits") or res.get("requests") != res.get("limits"):
                 problems.append(f"{jname}: container {c['name']} must set requests equal to limits")
@@ -306,11 +308,61 @@ def project_rule_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
+# nvidia.com/gpu.product (GPU feature discovery's label) -> the CUDA architecture `bloom-server precompile` targets.
+GPU_ARCH = {"NVIDIA-A10G": 86, "NVIDIA-A100-SXM4-80GB": 80, "NVIDIA-A100-SXM4-40GB": 80, "NVIDIA-A100-80GB-PCIe": 80,
+            "NVIDIA-H100-80GB-HBM3": 90, "NVIDIA-H200": 90, "NVIDIA-L4": 89}  # fmt: skip
+# The settings that decide which kernel variants the fast engine compiles (fast/precompile.py's facts).
+PLAN_SETTINGS = ("BLOOM_DTYPE", "BLOOM_MAX_BATCH_SIZE", "BLOOM_NUM_GPUS", "BLOOM_MAX_TOTAL_TOKENS",
+                 "BLOOM_MAX_INPUT_LENGTH", "BLOOM_MAX_NEW_TOKENS", "BLOOM_FAST_DECODE")  # fmt: skip
+
+
+def _flag(containers: list[dict], flag: str) -> str | None:
+    """The value after `flag` in the first of `containers` whose args carry it (trailing slash dropped)."""
+    for c in containers:
+        args = [str(a) for a in c.get("args", [])]
+        if flag in args[:-1]:
+            return args[args.index(flag) + 1].rstrip("/")
+    return None
+
+
+def _precompile_problems(name: str, env: dict, pred: dict, job: dict) -> list[str]:
+    """A fast-backend predictor on GPUs: the Job that writes its weights also compiles its decode kernels (so a first
+    start on a new node skips compiling), for the GPU the predictor is scheduled on and with its settings."""
+    jname = job["metadata"]["name"]
+    spec = job["spec"]["template"]["spec"]
+    pre = [c for c in spec.get("containers", []) + spec.get("initContainers", [])
+           if [str(a) for a in c.get("command", []) + c.get("args", [])][:2] == ["bloom-server", "precompile"]]  # fmt: skip
+    if not pre:
+        return [f"{name}: backend fast on GPUs, but Job {jname} runs no `bloom-server precompile`"]
+    c, out = pre[0], []
+    args = [str(a) for a in c.get("args", [])]
+    local = _flag(spec.get("initContainers", []) + spec.get("containers", []), "--local-dir")
+    if _flag([c], "--model") != local:
+        out.append(f"{name}: Job {jname} precompiles another directory than it downloads ({local})")
+    product = (pred.get("nodeSelector") or {}).get("nvidia.com/gpu.product")
+    targets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--target"]
+    want = GPU_ARCH.get(product)
+    from bloom_server.fast.precompile import parse_target
+
+    if want is None:
+        out.append(f"{name}: backend fast on GPUs needs a known nvidia.com/gpu.product nodeSelector (got {product!r})")
+    elif want not in [parse_target(t) for t in targets]:
+        out.append(f"{name}: Job {jname} precompiles for {targets}, not {product}'s cuda:{want}")
+    penv = _env(c)
+    for key in PLAN_SETTINGS:
+        if penv.get(key) != env.get(key):
+            out.append(f"{name}: Job {jname} precompiles with {key}={penv.get(key)!r}, the server runs {env.get(key)!r}")
+    if not (spec.get("initContainers") and spec["initContainers"][-1] is not c
+            and c in spec.get("containers", [])):  # fmt: skip
+        out.append(f"{name}: Job {jname} must precompile after the download (download in initContainers)")
+    return out
+
+
 def _job_writes(job: dict) -> tuple[str, str] | None:
     """(pvc, subpath) that a download Job's --local-dir lands in, or None."""
     spec = job["spec"]["template"]["spec"]
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
-    for c in spec.get("containers", []):
+    for c in spec.get("initContainers", []) + spec.get("containers", []):
         args = [str(a) for a in c.get("args", [])]
         if "--local-dir" not in args:
             continue
@@ -342,6 +394,10 @@ def test_project_rules_catch_each_broken_fixture():
         "broken: readinessProbe must GET /ready",
         "download: container download must set requests equal to limits",
         "download: pod must run as non-root",
+        "broken-kernels: Job download precompiles for ['cuda:90'], not NVIDIA-A10G's cuda:86",
+        "broken-kernels: Job download precompiles with BLOOM_MAX_BATCH_SIZE='32', the server runs '16'",
+        "broken-kernels: Job download must precompile after the download",
+        "broken-kernels: Job download precompiles another directory than it downloads",
     ):
         assert expected in problems, f"missing {expected!r} in:\n{problems}"
 

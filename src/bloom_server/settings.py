@@ -141,8 +141,8 @@ class Settings(BaseSettings):
     load_prefetch_process: bool = Field(
         False, validation_alias=_env("load_prefetch_process"),
         description="fast backend: run the prefetch's reader threads in a child process, where no read waits for "
-        "the server's GIL (held for long stretches by torch's import and CUDA start-up); not measured on a GPU "
-        "host yet (scripts/cold_start.py's prefetch-process run)",
+        "the server's GIL (held for long stretches by torch's import and CUDA start-up); on the H100 host it "
+        "made no difference that the disk's own swing did not hide (docs/benchmarks.md), so it is off",
     )  # fmt: skip
     load_chunk_mb: float = Field(
         DEFAULT_CHUNK_MB, gt=0, le=1024, validation_alias=_env("load_chunk_mb"),

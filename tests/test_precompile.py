@@ -52,6 +52,10 @@ def test_precompile_writes_every_variant_for_the_target_and_a_second_run_finds_t
         assert meta["target"]["arch"] == 90, meta["target"]
         assert any(f.suffix == ".cubin" and f.stat().st_size > 0 for f in (out / name).iterdir())
     assert json.loads((out / pc.SEED_INFO).read_text())["entries"] == variants
+    # A server with these settings (the facts its compile workers get) knows the seed covers sm_90 and nothing else.
+    facts = {"model_dir": "/elsewhere", "world": 1, "dtype": "float16", "max_batch": 16, "max_seq": 96}
+    assert pc.seed_archs(out, facts) == (90,)
+    assert pc.seed_archs(out, {**facts, "max_batch": 32}) == ()
     # Same settings again: every variant found in the cache, nothing new. Another architecture: as many new ones.
     again = run_cli("--model", str(tiny_model_dir), "--out", str(out), "--target", "sm_90", "--target", "8.0",
                     "--workers", "2", *ARGS)  # fmt: skip
@@ -168,3 +172,30 @@ def test_a_fast_server_seeds_its_kernel_cache_from_the_model_directory(tiny_mode
         status, body, _ = srv.get("/ready")
         assert status == 200 and "kernel cache seed: entries copied" not in body["progress"]["timings"]
         assert not (cache2.exists() and any(p.name in ("K1", "K2") for p in cache2.iterdir()))
+
+
+def _info(tmp_path: Path, **over) -> Path:
+    info = {"world": 2, "dtype": "float16", "max_batch": 16, "max_seq": 612, "fast_decode": None, "ok": True,
+            "triton": pc.triton_version() or "3.0.0", "targets": [{"target": 90, "ok": True},
+                                                                   {"target": 80, "ok": True}]}  # fmt: skip
+    info.update(over)
+    (tmp_path / pc.SEED_INFO).write_text(json.dumps(info))
+    return tmp_path
+
+
+def test_seed_archs_only_for_the_same_settings_and_triton(tmp_path, monkeypatch):
+    monkeypatch.delenv("BLOOM_FAST_DECODE", raising=False)
+    facts = {"model_dir": "/mnt/models", "world": 2, "dtype": "float16", "max_batch": 16, "max_seq": 612}
+    if pc.triton_version() is None:
+        pytest.skip("Triton is not installed")
+    assert pc.seed_archs(_info(tmp_path), facts) == (90, 80)
+    for key, value in (("world", 1), ("dtype", "bfloat16"), ("max_batch", 8), ("max_seq", 1024)):
+        assert pc.seed_archs(_info(tmp_path), {**facts, key: value}) == (), key
+    assert pc.seed_archs(_info(tmp_path, triton="0.0.1"), facts) == ()
+    assert pc.seed_archs(_info(tmp_path, ok=False), facts) == ()
+    assert pc.seed_archs(_info(tmp_path, targets=[{"target": 90, "ok": False}, {"target": 80, "ok": True}]),
+                         facts) == (80,)  # fmt: skip
+    monkeypatch.setenv("BLOOM_FAST_DECODE", "base")  # another fusion: other kernels
+    assert pc.seed_archs(_info(tmp_path), facts) == ()
+    assert pc.seed_archs(_info(tmp_path, fast_decode="base"), facts) == (90, 80)
+    assert pc.seed_archs(tmp_path / "missing", facts) == () and pc.seed_archs(None, facts) == ()

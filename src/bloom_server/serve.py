@@ -63,7 +63,7 @@ def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_fla
     local = local_rank_flag if local_rank_flag is not None else int(os.environ.get("LOCAL_RANK", "0") or 0)
     try:
         return start_compile_workers(settings, model_dir.path, world=int(os.environ.get("WORLD_SIZE", "1") or 1),
-                                     local_rank=local)  # fmt: skip
+                                     local_rank=local, seed=seed)  # fmt: skip
     except Exception:  # noqa: BLE001 - ahead-of-time work only: the load compiles what is missing
         log.warning("kernel compile workers not started", exc_info=True)
         return None

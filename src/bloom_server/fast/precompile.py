@@ -117,6 +117,36 @@ def seed_kernel_cache(seed: Path, cache: Path) -> dict[str, float]:
     return out
 
 
+def triton_version() -> str | None:
+    """The installed Triton's version, without importing it."""
+    try:
+        from importlib.metadata import version
+
+        return version("triton")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def seed_archs(seed: Path | None, facts: dict[str, Any]) -> tuple[int, ...]:
+    """The GPU architectures whose every decode kernel variant the seed holds for this server: those its
+    `precompile` run compiled without a failure, when that run had the same plan facts (ranks, dtype, batch, sequence
+    length, BLOOM_FAST_DECODE) and the same Triton version. Empty when unknown or different."""
+    if seed is None:
+        return ()
+    try:
+        info = json.loads((Path(seed) / SEED_INFO).read_text())
+    except (OSError, ValueError):
+        return ()
+    same = (info.get("ok") is True
+            and [info.get(k) for k in ("world", "dtype", "max_batch", "max_seq")]
+            == [facts.get(k) for k in ("world", "dtype", "max_batch", "max_seq")]
+            and info.get("fast_decode") == (os.environ.get("BLOOM_FAST_DECODE") or None)
+            and info.get("triton") is not None and info.get("triton") == triton_version())  # fmt: skip
+    if not same:
+        return ()
+    return tuple(int(t["target"]) for t in info.get("targets", []) if t.get("ok") and t.get("target") is not None)
+
+
 def parse_target(spec: str) -> int:
     """A GPU architecture as Triton's CUDA target number: "cuda:86", "sm_86", "sm86", "86" or "8.6" -> 86 (A10G);
     80 is the A100, 90 the H100 and H200. ValueError for anything else."""
@@ -215,6 +245,9 @@ class CompileWorkers:
         self.stage_done: list[dict[int, float]] = []  # per worker: stage -> seconds since start (-1: exited early)
         self.compiled = [0, 0, 0]  # variants compiled, per stage (index 1, 2)
         self.procs: list[subprocess.Popen] = []
+        # Architectures a seed covers completely (seed_archs): on such a GPU the load's helper need not wait for
+        # these workers (they only find the binaries and build launchers, which the helper can do itself).
+        self.seed_archs: tuple[int, ...] = ()
         self.returncodes: list[int | None] = []
         self.errors: list[str] = []
         root = str(Path(__file__).resolve().parents[2])  # the directory holding the bloom_server package
@@ -278,7 +311,8 @@ class CompileWorkers:
         return max(t for t in ts if t is not None)
 
 
-def start_compile_workers(settings: Any, model_dir: Path, *, world: int, local_rank: int) -> CompileWorkers | None:
+def start_compile_workers(settings: Any, model_dir: Path, *, world: int, local_rank: int,
+                          seed: Path | None = None) -> CompileWorkers | None:  # fmt: skip
     """Start the workers for the fast backend on a GPU host (None elsewhere, or when there is nothing to compile
     for: no Triton, fp32, BLOOM_FAST_PRECOMPILE=0)."""
     if getattr(settings, "backend", None) != "fast" or not enabled() or not gpu_likely() or not triton_installed():
@@ -290,8 +324,11 @@ def start_compile_workers(settings: Any, model_dir: Path, *, world: int, local_r
     facts = {"model_dir": str(model_dir), "world": world, "dtype": dtype, "max_batch": settings.max_batch_size,
              "max_seq": settings.total_tokens_limit}  # fmt: skip
     w = CompileWorkers(facts, parts, device_index=local_rank)
-    log.info("kernel compile: %d worker process(es) started (Triton cache %s)", len(w.procs),
-             os.environ.get("TRITON_CACHE_DIR") or "default ~/.triton/cache")  # fmt: skip
+    w.seed_archs = seed_archs(seed, facts)
+    log.info("kernel compile: %d worker process(es) started (Triton cache %s%s)", len(w.procs),
+             os.environ.get("TRITON_CACHE_DIR") or "default ~/.triton/cache",
+             f"; the seed holds every variant for {', '.join(f'sm_{a}' for a in w.seed_archs)}"
+             if w.seed_archs else "")  # fmt: skip
     return w if w.procs else None
 
 
@@ -316,13 +353,9 @@ def precompile(model_dir: Path, out: Path, *, targets: list[int | None], world: 
     before = cubin_entries(out)
     os.environ["TRITON_CACHE_DIR"] = str(out)  # the workers inherit it
     report: dict[str, Any] = {"model_dir": str(model_dir), "world": world, "dtype": dtype, "max_batch": max_batch,
-                              "max_seq": max_seq, "targets": [], "ok": True}  # fmt: skip
-    try:
-        from importlib.metadata import version
-
-        report["triton"] = version("triton")  # the workers import it; this process need not
-    except Exception:  # noqa: BLE001
-        report["triton"] = None
+                              "max_seq": max_seq, "fast_decode": os.environ.get("BLOOM_FAST_DECODE") or None,
+                              "targets": [], "ok": True}  # fmt: skip
+    report["triton"] = triton_version()
     for target in targets:
         facts = {"model_dir": str(model_dir), "world": world, "dtype": dtype, "max_batch": max_batch,
                  "max_seq": max_seq, "target": target}  # fmt: skip

@@ -42,8 +42,9 @@ MAX_HEADER = 100 << 20  # safetensors' own bound on the JSON header
 # Defaults of the load settings (settings.py) that cli.py's early prefetch reads before the settings exist.
 # Eight reader threads: on the H100 host's virtio disk (2026-11-23, scripts/cold_start.py, 7b1 shape, 14.14 GB) one
 # in-process stream placed the weights at 1.2x `cat` (it stalls while the main thread holds the GIL through torch's
-# import and CUDA start-up); four 32 MiB reads in flight at 0.95-1.15x; eight at 0.99-1.10x, ahead of four in each of
-# three rounds of the same run (ready at 1.16 / 1.03 / 1.12x `cat` against 1.16 / 1.10 / 1.17x); sixteen read slower.
+# import and CUDA start-up); with four 32 MiB reads in flight or eight, server starts paired in the same rounds (three
+# device runs, nine rounds) had eight ahead in 5, level in 3, behind in 1, median ready 1.06x `cat` against 1.11x;
+# sixteen threads read slower (docs/benchmarks.md).
 DEFAULT_PREFETCH_THREADS = 8
 DEFAULT_CHUNK_MB = 32
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

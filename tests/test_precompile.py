@@ -89,6 +89,8 @@ def test_precompile_refuses_bad_input_naming_it(tiny_model_dir, tmp_path):
     assert p.returncode == 2 and "nowhere" in p.stderr
     p = run_cli("--model", str(tiny_model_dir), "--target", "90", "--max-batch-size", "0")
     assert p.returncode == 2 and "--max-batch-size" in p.stderr
+    p = run_cli("--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--target", "90", "--tp", "0")
+    assert p.returncode == 2 and "--tp" in p.stderr
     assert not (tmp_path / "x").exists()
 
 

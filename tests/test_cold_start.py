@@ -305,3 +305,17 @@ def test_prewarm_waits_for_the_workers_then_warms_and_stops_when_the_weights_are
     p2 = tk.Prewarm(plan, torch.device("cpu"), 64, None, keep_going=lambda: not weights_in.is_set()).start()
     p2.finish()
     assert [e for e in events if e[0] == "warm"] == [("warm", 1, 0)], events
+    # A seed holding every variant for this GPU's architecture (precompile.seed_archs): no wait for the workers,
+    # whose only work left is finding those binaries; for another architecture the wait is as before.
+    weights_in.clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    for archs, waits in (((80, 90), False), ((86,), True)):
+        events.clear()
+        seeded = Workers()
+        seeded.seed_archs = archs
+        seeded.go.set()
+        p3 = tk.Prewarm(plan, torch.device("cpu"), 64, seeded, keep_going=lambda: True).start()
+        p3.finish()
+        assert p3.error is None and ("warm", 1, 0) in events and ("warm", 2, 0) in events, events
+        assert (("wait", 1) in events) is waits and (("wait", 2) in events) is waits, (archs, events)
+        assert ("wait for compile workers (stage 1)" in p3.times) is waits

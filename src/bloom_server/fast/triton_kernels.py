@@ -599,8 +599,9 @@ class Prewarm:
         try:
             torch.cuda.set_device(self.device)
             side = torch.cuda.Stream(self.device)
-            major, minor = torch.cuda.get_device_capability(self.device)
-            if self.workers is not None and major * 10 + minor in getattr(self.workers, "seed_archs", ()):
+            covered = getattr(self.workers, "seed_archs", ()) if self.workers is not None else ()
+            major, minor = torch.cuda.get_device_capability(self.device) if covered else (0, 0)
+            if major * 10 + minor in covered:
                 # Every binary is in the cache already (seeded by `bloom-server precompile` for this GPU): load them
                 # now; launchers left to build are a C compiler's subprocess here, not work under this GIL.
                 log.info("kernel prewarm: the seed holds every variant for sm_%d%d: not waiting for the compile "

@@ -406,10 +406,10 @@ def medians(runs: list[dict]) -> list[str]:
 
 
 def _cubins(cache: Path | None) -> set[str]:
-    """Entries of a Triton cache directory holding a compiled binary."""
-    if cache is None or not cache.is_dir():
-        return set()
-    return {p.parent.name for p in cache.glob("*/*.cubin")}
+    """Entries of a Triton cache directory holding a compiled binary (none for a missing one)."""
+    from bloom_server.fast.precompile import cubin_entries
+
+    return cubin_entries(cache) if cache is not None else set()
 
 
 def make_seed(model_dir: Path, out: Path, target: str, tp: int | None, server_args: list[str],

@@ -93,9 +93,11 @@ class FastBackend(Backend):
                 shape.params() * torch.empty((), dtype=dtype).element_size() // ctx.world_size  # fmt: skip
             return max(0, total - (progress.loaded_bytes if progress is not None else 0))
 
+        from bloom_server.fast.precompile import plan_facts
+
         prewarm = tk.start_prewarm(
-            device, {"model_dir": str(self.model_dir.path), "world": ctx.world_size, "max_batch": s.max_batch_size,
-                     "dtype": str(dtype).replace("torch.", ""), "max_seq": s.total_tokens_limit},
+            device, plan_facts(self.model_dir.path, world=ctx.world_size, dtype=str(dtype).replace("torch.", ""),
+                               max_batch=s.max_batch_size, max_seq=s.total_tokens_limit),
             hidden=shape.hidden_size, workers=getattr(self, "kernel_workers", None), keep_going=keep_going,
             reserve=reserve,
         )  # fmt: skip

@@ -127,6 +127,13 @@ def triton_version() -> str | None:
         return None
 
 
+def plan_facts(model_dir: Path | str, *, world: int, dtype: str, max_batch: int, max_seq: int) -> dict[str, Any]:
+    """What decides one rank's decode kernel variants (triton_kernels.plan_for reads it), as the compile workers,
+    the load's helper and a seed's precompile.json all carry it. dtype: "float16" | "bfloat16"."""
+    return {"model_dir": str(model_dir), "world": int(world), "dtype": dtype, "max_batch": int(max_batch),
+            "max_seq": int(max_seq)}  # fmt: skip
+
+
 def seed_archs(seed: Path | None, facts: dict[str, Any]) -> tuple[int, ...]:
     """The GPU architectures whose every decode kernel variant the seed holds for this server: those its
     `precompile` run compiled without a failure, when that run had the same plan facts (ranks, dtype, batch, sequence
@@ -321,8 +328,8 @@ def start_compile_workers(settings: Any, model_dir: Path, *, world: int, local_r
     parts = worker_count()
     if dtype is None or parts < 1 or not (Path(model_dir) / "config.json").is_file():
         return None
-    facts = {"model_dir": str(model_dir), "world": world, "dtype": dtype, "max_batch": settings.max_batch_size,
-             "max_seq": settings.total_tokens_limit}  # fmt: skip
+    facts = plan_facts(model_dir, world=world, dtype=dtype, max_batch=settings.max_batch_size,
+                       max_seq=settings.total_tokens_limit)  # fmt: skip
     w = CompileWorkers(facts, parts, device_index=local_rank)
     w.seed_archs = seed_archs(seed, facts)
     log.info("kernel compile: %d worker process(es) started (Triton cache %s%s)", len(w.procs),
@@ -352,15 +359,12 @@ def precompile(model_dir: Path, out: Path, *, targets: list[int | None], world: 
     out.mkdir(parents=True, exist_ok=True)
     before = cubin_entries(out)
     os.environ["TRITON_CACHE_DIR"] = str(out)  # the workers inherit it
-    report: dict[str, Any] = {"model_dir": str(model_dir), "world": world, "dtype": dtype, "max_batch": max_batch,
-                              "max_seq": max_seq, "fast_decode": os.environ.get("BLOOM_FAST_DECODE") or None,
-                              "targets": [], "ok": True}  # fmt: skip
-    report["triton"] = triton_version()
+    facts = plan_facts(model_dir, world=world, dtype=dtype, max_batch=max_batch, max_seq=max_seq)
+    report: dict[str, Any] = {**facts, "fast_decode": os.environ.get("BLOOM_FAST_DECODE") or None,
+                              "targets": [], "ok": True, "triton": triton_version()}  # fmt: skip
     for target in targets:
-        facts = {"model_dir": str(model_dir), "world": world, "dtype": dtype, "max_batch": max_batch,
-                 "max_seq": max_seq, "target": target}  # fmt: skip
         t0 = time.monotonic()
-        w = CompileWorkers(facts, max(1, workers))
+        w = CompileWorkers({**facts, "target": target}, max(1, workers))
         done = bool(w.procs) and w.wait(2, timeout=timeout)
         for p in w.procs:
             try:

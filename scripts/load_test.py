@@ -31,8 +31,14 @@ Bounds: `--requests` requests at most; no request is sent after `--duration` sec
 get `--drain` seconds more and are then cut (reported as "cut", not as errors); each request has `--timeout`
 seconds. So a run ends within duration + drain (+ start). Loopback addresses only unless `--allow-remote`.
 
-Exit status: 0 when every request finished with 200 (and, streamed, no error event); 1 when some got an error status,
-an error event, no answer or a timeout (the report is written all the same); 2 for bad flags or an unreachable server.
+With `--check-greedy K` it is also the load check run before a backend is called working (scripts/gpu_load_check.sh):
+after the load, the first K answered requests are sent again one at a time, and each greedy text must equal the one
+produced under load; where one differs, the step where they part and the gap between the two likeliest tokens there
+tell a near tie (fp16 arithmetic in another batch shape) from a fault.
+
+Exit status: 0 when every request finished with 200 (and, streamed, no error event) and the greedy check (if asked)
+passed; 1 when some got an error status, an error event, no answer or a timeout, or the greedy check failed (the report
+is written all the same); 2 for bad flags or an unreachable server.
 Standard library only (plus the project itself for `--serve`).
 """
 
@@ -140,6 +146,7 @@ class Result:
     queue_ms: float | None = None  # x-queue-time
     time_per_token_ms: float | None = None  # x-time-per-token
     itl: array = field(default_factory=lambda: array("d"))  # streamed: gaps between token events, seconds
+    text: str | None = None  # the generated text (kept for --check-greedy)
 
     @property
     def ok(self) -> bool:
@@ -222,7 +229,9 @@ class Client:
     @staticmethod
     def _plain(r: Result, data: bytes, headers: dict) -> None:
         try:
-            r.generated = int(json.loads(data)["num_generated_tokens"][0])
+            body = json.loads(data)
+            r.generated = int(body["num_generated_tokens"][0])
+            r.text = body["text"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             r.error = "bad body"
         for name, attr, conv in (("x-prompt-tokens", "server_prompt_tokens", int), ("x-queue-time", "queue_ms", float),
@@ -270,6 +279,7 @@ class Client:
         r.latency = time.perf_counter() - start
         details = (final or {}).get("details") or {}
         r.generated = details.get("generated_tokens", n) if final else n
+        r.text = (final or {}).get("generated_text")
         r.server_prompt_tokens = details.get("input_length")
         if final is None and not r.error:
             r.error = "stream ended without its last event"
@@ -350,6 +360,7 @@ async def run_load(client: Client, specs, args) -> tuple[list[Result], float, in
     end = max((r.sent + r.latency for r in results if r.latency is not None), default=0.0)
     for c in client.idle:
         close(c)
+    client.idle.clear()
     return results, end, cut
 
 
@@ -394,6 +405,56 @@ def honours_min_new_tokens(url: str, headers: dict) -> bool:
     _, h = post_json(url + "/generate", {"text": [" the"], "max_new_tokens": 2, "min_new_tokens": 2}, headers)
     ignored = {k.lower(): v for k, v in h.items()}.get("x-ignored-fields", "")
     return "min_new_tokens" not in ignored.split(",")
+
+
+# ---------------------------------------------------------------------------------- greedy: under load vs alone
+
+
+def part_step(tokens: list[dict], loaded: str) -> int | None:
+    """The step at which the alone run's tokens stop spelling the text produced under load (None: they never do)."""
+    text = ""
+    for i, tok in enumerate(tokens):
+        text += tok.get("text", "")
+        if not loaded.startswith(text):
+            return i
+    return None if len(text) == len(loaded) else len(tokens)
+
+
+async def check_greedy(client: Client, specs: dict, results: list[Result], args, url: str) -> dict:
+    """The first --check-greedy answered requests, sent again one at a time after the load: each text must equal the
+    one produced under load. Where one differs, a third request alone (TGI details, top 2 per step) finds the step
+    where they part and the log-probability gap there between the two likeliest tokens: below --tie-gap it is a
+    near tie, which fp16 arithmetic in another batch shape can flip; above, a fault."""
+    for c in client.idle:  # connections of an earlier event loop cannot be used in this one
+        close(c)
+    client.idle.clear()
+    sample = sorted((r for r in results if r.ok and r.text is not None), key=lambda r: r.index)[:args.check_greedy]
+    rows = []
+    for r in sample:
+        s = specs[r.index]
+        alone = await client.send(s, time.perf_counter())
+        row = {"index": r.index, "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
+               "equal": alone.ok and alone.text == r.text, "alone_status": alone.status, "alone_error": alone.error}
+        if alone.ok and not row["equal"]:
+            params = {"max_new_tokens": s.new_tokens, "do_sample": False, "details": True, "top_n_tokens": 2}
+            if client.force:
+                params["min_new_tokens"] = s.new_tokens
+            try:
+                out, _ = await asyncio.to_thread(post_json, url + "/generate", {"inputs": s.prompt,
+                                                                                "parameters": params}, client.headers)
+                details = out.get("details") or {}
+                step = part_step(details.get("tokens") or [], r.text)
+                top = (details.get("top_tokens") or [])[step] if step is not None else []
+                if step is not None and len(top) >= 2:
+                    row.update(step=step, gap=top[0]["logprob"] - top[1]["logprob"])
+            except (OSError, ValueError, KeyError, IndexError, TypeError, urllib.error.HTTPError) as e:
+                row["diagnosis_error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+    equal = sum(1 for x in rows if x["equal"])
+    ties = sum(1 for x in rows if not x["equal"] and x.get("gap") is not None and x["gap"] < args.tie_gap)
+    faults = len(rows) - equal - ties
+    return {"checked": len(rows), "equal": equal, "near_ties": ties, "faults": faults, "tie_gap": args.tie_gap,
+            "passed": bool(rows) and faults == 0, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------------------------ reports
@@ -507,6 +568,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("BLOOM_API_KEY"), help="Bearer key (default $BLOOM_API_KEY)")
     p.add_argument("--allow-remote", action="store_true", help="allow a URL that is not a loopback address")
     p.add_argument("--json", dest="json_path", help="write everything here (flags, /info, summary, every request)")
+    p.add_argument("--check-greedy", type=int, default=0, metavar="K", help="after the load, send the first K "
+                   "answered requests again one at a time: each greedy text must equal its text under load (a "
+                   "difference at a near tie, see --tie-gap, is reported, not failed); exit 1 otherwise")
+    p.add_argument("--tie-gap", type=float, default=0.05, help="--check-greedy: a difference where the two likeliest "
+                   "tokens are closer than this (log-probability) is a near tie (default 0.05)")
     return p
 
 
@@ -517,8 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     if (args.concurrency is not None and args.concurrency < 1) or (args.rate is not None and args.rate <= 0):
         print(f"{NAME}: --concurrency must be >= 1 and --rate > 0", file=sys.stderr)
         return 2
-    if args.requests < 1 or args.duration <= 0 or args.timeout <= 0 or args.drain < 0:
-        print(f"{NAME}: --requests, --duration and --timeout must be > 0, --drain >= 0", file=sys.stderr)
+    if args.requests < 1 or args.duration <= 0 or args.timeout <= 0 or args.drain < 0 or args.check_greedy < 0:
+        print(f"{NAME}: --requests, --duration and --timeout must be > 0, --drain >= 0, --check-greedy >= 0",
+              file=sys.stderr)
         return 2
     parse_lengths(args.prompt_tokens, "--prompt-tokens")
     parse_lengths(args.new_tokens, "--new-tokens")
@@ -584,7 +651,14 @@ def run(url: str, args, argv: list[str]) -> int:
 
     client = Client(url, args, force)
     cpu0, load0 = time.process_time(), os.getloadavg()
-    results, wall, cut = asyncio.run(run_load(client, workload(args, words), args))
+    specs: dict[int, Spec] = {}
+
+    def recorded(gen):
+        for s in gen:
+            specs[s.index] = s
+            yield s
+
+    results, wall, cut = asyncio.run(run_load(client, recorded(workload(args, words)), args))
     cpu = time.process_time() - cpu0
     summary = summarize(results, wall, cut)
     summary["client_cpu_s"] = cpu
@@ -604,6 +678,16 @@ def run(url: str, args, argv: list[str]) -> int:
     if summary["prompt_tokens_mismatch"]:
         print(f"{NAME}: note: {summary['prompt_tokens_mismatch']} prompts were not the asked length by the "
               "server's count (see the JSON)", flush=True)
+    greedy = None
+    if args.check_greedy:
+        greedy = asyncio.run(check_greedy(client, specs, results, args, url))
+        print(f"{NAME}: greedy under load vs alone: {greedy['checked']} checked, {greedy['equal']} equal, "
+              f"{greedy['near_ties']} parted at a near tie (gap < {args.tie_gap:g}), {greedy['faults']} faults: "
+              f"{'passed' if greedy['passed'] else 'FAILED'}", flush=True)
+        for row in greedy["rows"]:
+            if not row["equal"]:
+                print(f"{NAME}:   request {row['index']} ({row['prompt_tokens']} + {row['new_tokens']} tokens): "
+                      f"parted at step {row.get('step')}, gap {row.get('gap')}", flush=True)
     if args.json_path:
         report = {
             "argv": [sys.executable, sys.argv[0], *argv], "url": url, "info": info,
@@ -613,6 +697,7 @@ def run(url: str, args, argv: list[str]) -> int:
             "config": {k: v for k, v in vars(args).items() if k not in ("api_key",)},
             "force_length": force, "prompt_words": prompt_note, "load": load,
             "summary": summary,
+            "greedy_check": greedy,
             "table": table(summary, info, args, load),
             "requests": [{**{k: v for k, v in asdict(r).items() if k != "itl"}, "tpot": r.tpot(),
                           "itl_ms_mean": (1000 * sum(r.itl) / len(r.itl)) if r.itl else None}
@@ -620,7 +705,7 @@ def run(url: str, args, argv: list[str]) -> int:
         }
         Path(args.json_path).write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
         print(f"{NAME}: wrote {args.json_path}", flush=True)
-    return 1 if summary["errors"] else 0
+    return 1 if summary["errors"] or (greedy is not None and not greedy["passed"]) else 0
 
 
 def _json_default(x):

@@ -121,3 +121,43 @@ def test_workload_is_drawn_from_the_seed():
     assert all(s.at == 0 for s in specs(1, None))
     with pytest.raises(SystemExit):
         load_test.parse_lengths("0-5", "--new-tokens")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_greedy_check_under_load_equals_alone(server, tmp_path, stream):
+    out = tmp_path / "run.json"
+    code, text, _ = run_script("--url", server.url, *(["--stream"] if stream else []), "--concurrency", "4",
+                               "--prompt-tokens", "1-24", "--new-tokens", "1-12", "--requests", "12", "--duration",
+                               "120", "--check-greedy", "5", "--json", str(out))
+    assert code == 0, text
+    greedy = json.loads(out.read_text())["greedy_check"]
+    assert (greedy["checked"], greedy["equal"], greedy["faults"], greedy["passed"]) == (5, 5, 0, True)
+    assert [row["index"] for row in greedy["rows"]] == [0, 1, 2, 3, 4]
+    assert "5 checked, 5 equal" in text
+
+
+def test_part_step_finds_where_the_alone_tokens_leave_the_loaded_text():
+    toks = [{"text": " a"}, {"text": " b"}, {"text": " c"}]
+    assert load_test.part_step(toks, " a b c") is None
+    assert load_test.part_step(toks, " a x c") == 1
+    assert load_test.part_step(toks, " a b c d") == 3  # the alone run stopped short of the loaded text
+    assert load_test.part_step(toks, "") == 0
+
+
+@pytest.mark.parametrize("tie_gap, passed", [(1e9, True), (0.0, False)])
+def test_greedy_check_diagnoses_a_difference_at_its_step(server, tie_gap, passed):
+    """A text 'produced under load' that differs from the alone run: the check finds the step where the alone
+    tokens leave it and the top-2 gap there, and calls it a near tie or a fault by --tie-gap."""
+    import asyncio
+
+    args = load_test.parser().parse_args(["--url", server.url, "--check-greedy", "1", "--tie-gap", str(tie_gap)])
+    client = load_test.Client(server.url, args, force=True)
+    spec = load_test.Spec(0, " the of and", 3, 6, 0.0)
+    alone = asyncio.run(client.send(spec, time.perf_counter()))
+    assert alone.ok and alone.text
+    loaded = load_test.Result(0, 3, 6, status=200, text=alone.text[:1] + "\x00" + alone.text[2:])
+    greedy = asyncio.run(load_test.check_greedy(client, {0: spec}, [loaded], args, server.url))
+    row = greedy["rows"][0]
+    assert not row["equal"] and "step" in row, json.dumps(row)
+    assert row["step"] is not None and row["gap"] >= 0
+    assert greedy["passed"] is passed and (greedy["near_ties"], greedy["faults"]) == ((1, 0) if passed else (0, 1))

@@ -190,6 +190,10 @@ class DSInferenceBackend(TransformersModelBackend):
             # produced garbage past it). The engine validates requests against the same number.
             "max_tokens": self.max_tokens,
         }
+        if self.kernel_inject:
+            # The fused kernels' workspace must hold max_tokens: DeepSpeed otherwise shrinks it silently to what free
+            # memory allows, and a longer request then runs past it. With min_tokens equal, it refuses instead.
+            kwargs["min_tokens"] = self.max_tokens
         if self.save_mp_checkpoint_path is not None:
             kwargs["save_mp_checkpoint_path"] = str(self.save_mp_checkpoint_path)
 
@@ -209,6 +213,38 @@ class DSInferenceBackend(TransformersModelBackend):
         _refuse_meta_leftovers(engine.module, self.model_dir)
         self.model = engine
         self.input_device = torch.device("cuda", self.ctx.local_rank)
+        if self.kernel_inject:
+            self.reserve_at_limits()
+
+    def reserve_at_limits(self) -> None:
+        """The first forward of a kernel-injected model sizes DeepSpeed's one workspace (activations, attention
+        scores, KV cache) for that forward's batch size, and it never grows: a later, larger batch writes past it
+        ("The specified pointer resides on host memory" in the QKV GEMM, or corrupt output). So the first forward is
+        a generate at the configured limits, on every rank alike: max-batch-size rows of max-input-length tokens,
+        decoded to max total tokens. A workspace or a step that cannot hold them stops the start, naming them."""
+        import torch
+
+        s = self.settings
+        rows, prompt = s.max_batch_size, min(s.max_input_length, self.max_tokens - 1)
+        new = self.max_tokens - prompt
+        vocab = int(getattr(self.model.module.config, "vocab_size", 0) or 0)
+        token = min(100, max(vocab - 1, 0))  # an ordinary token: no special id, inside any BLOOM vocabulary
+        ids = torch.full((rows, prompt), token, dtype=torch.long, device=self.input_device)
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                    do_sample=False, pad_token_id=token,
+                )
+            torch.cuda.synchronize(self.input_device)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            raise ConfigError(
+                f"DeepSpeed cannot run a batch at the configured limits (--max-batch-size {rows}, --max-input-length "
+                f"{prompt}, --max-total-tokens {self.max_tokens}) on {self.ctx.world_size} GPU(s): {e}. Lower them "
+                "(BLOOM_MAX_BATCH_SIZE, BLOOM_MAX_INPUT_LENGTH, BLOOM_MAX_TOTAL_TOKENS) or add GPUs"
+            ) from e
+        log.info("rank %d: DeepSpeed's workspace holds %d rows x %d tokens (a generate at the limits ran)",
+                 self.ctx.rank, rows, self.max_tokens)  # fmt: skip
 
     def _meta_model(self, deepspeed: Any, dtype: "torch.dtype") -> Any:
         from transformers import AutoConfig, AutoModelForCausalLM

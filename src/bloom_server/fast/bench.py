@@ -50,6 +50,9 @@ class Row:
     floor_kind: str
     peak_gb: float | None
     tokens_equal_hf: str = ""
+    # The same backend's rows against its own run at the next smaller batch size (the prompts are the same: row i
+    # of every batch size is one prompt): how far greedy tokens move with the batch shape alone.
+    tokens_equal_smaller_bs: str = ""
     runs_s: list[float] = field(default_factory=list)
     peak_reserved_gb: float | None = None
 
@@ -159,6 +162,7 @@ class Bench:
         self._weights = None
         self._hf_model = None
         self._hf_outputs: dict[int, list[list[int]]] = {}
+        self._own_outputs: dict[str, dict[int, list[list[int]]]] = {}
         self.t_start = time.time()
         self.shape = self._shape()
         self.model_dir = self._model_dir()
@@ -294,10 +298,12 @@ class Bench:
                 tensor_parallel={"tp_size": self.ctx.world_size},
                 replace_with_kernel_inject=True,
                 max_tokens=self.max_seq,
+                min_tokens=self.max_seq,
             )
             restore_head_dtype(engine.module, self.dtype)
             b = DSInferenceBackend(settings, self.model_dir, self.ctx)
             b.model, b.input_device = engine, self.device
+            b.reserve_at_limits()  # as the server does: the workspace sized for the largest batch measured
             return b
         raise SystemExit(f"unknown backend {name!r}: choose from {', '.join(BACKENDS)}")
 
@@ -355,11 +361,16 @@ class Bench:
             self._hf_outputs[bs] = tokens
         elif bs in self._hf_outputs:
             equal = _compare(tokens, self._hf_outputs[bs])
+        own = self._own_outputs.setdefault(name, {})
+        smaller = max((b for b in own if b < bs), default=None)
+        own_equal = f"bs {smaller}: {_compare(tokens[:smaller], own[smaller])}" if smaller else ""
+        own[bs] = tokens
         row = Row(
             backend=name, batch_size=bs, new_tokens=args.new_tokens, ms_step=ms_step, ms_token=ms_step / bs,
             tokens_per_s=bs * args.new_tokens / med_full, prefill_ms=1e3 * med_prefill, generate_s=span,
             floor_ms=floor_ms, floor_fraction=floor_ms / ms_step if ms_step > 0 else 0.0, floor_kind=kind,
-            peak_gb=peak, tokens_equal_hf=equal, runs_s=full, peak_reserved_gb=reserved,
+            peak_gb=peak, tokens_equal_hf=equal, tokens_equal_smaller_bs=own_equal, runs_s=full,
+            peak_reserved_gb=reserved,
         )  # fmt: skip
         total_tokens = args.cycles * bs * args.new_tokens
         self.say(f"\n# {name} bs={bs} ({self.model_dir.model_id}, {self.dtype}, {self.ctx.world_size} rank(s))")
@@ -378,6 +389,7 @@ Start to finish: {ready_s + span:.3f} secs
             f"prefill {row.prefill_ms:.1f} ms; floor {floor_ms:.2f} ms ({kind}) -> {100 * row.floor_fraction:.0f}% "
             f"of it; peak {'-' if peak is None else f'{peak:.1f} GB allocated, {reserved:.1f} GB reserved'}"
             + (f"; greedy tokens vs hf: {equal}" if equal else "")
+            + (f"; vs its own {own_equal}" if own_equal else "")
         )
         return row
 
@@ -566,15 +578,15 @@ def _compare(ours: list[list[int]], ref: list[list[int]]) -> str:
 def table(rows: Sequence[Row]) -> str:
     head = (
         "| backend | bs | ms/step | ms/token | tokens/s | prefill ms | floor ms | % of floor | peak GB (alloc/reserved) "
-        "| greedy vs hf |"
+        "| greedy vs hf | greedy vs its smaller bs |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         peak = f"{r.peak_gb:.1f} / {r.peak_reserved_gb or 0:.1f}" if r.peak_gb is not None else "-"
         lines.append(
             f"| {r.backend} | {r.batch_size} | {r.ms_step:.2f} | {r.ms_token:.3f} | {r.tokens_per_s:.0f} | "
             f"{r.prefill_ms:.1f} | {r.floor_ms:.2f} ({r.floor_kind}) | {100 * r.floor_fraction:.0f}% | {peak} | "
-            f"{r.tokens_equal_hf or '-'} |"
+            f"{r.tokens_equal_hf or '-'} | {r.tokens_equal_smaller_bs or '-'} |"
         )
     return "\n".join(lines)
 

@@ -386,3 +386,94 @@ def test_ds_inference_matches_plain_transformers_on_gpu(tiny_dir, kernel_inject)
     for row, out in zip(rows, got):
         want = ref.generate(torch.tensor([row]).cuda(), max_new_tokens=20, min_new_tokens=20, do_sample=False)
         assert list(out) == want[0, len(row) :].tolist()
+
+
+# --- DeepSpeed's workspace: sized at the configured limits by the first forward ----------------------------------
+
+
+class _RecordingEngine:
+    """Stands in for DeepSpeed's InferenceEngine around a real (tiny) transformers model: records each generate's
+    shape, optionally failing as DeepSpeed's fused QKV GEMM does on a workspace that is too small."""
+
+    def __init__(self, model, fail: str | None = None):
+        self.module, self.calls, self.fail = model, [], fail
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, min_new_tokens, **kwargs):
+        self.calls.append((tuple(input_ids.shape), max_new_tokens, min_new_tokens, int(attention_mask.sum())))
+        if self.fail:
+            raise RuntimeError(self.fail)
+        if not hasattr(self.module, "generate"):  # a shape too large to run on a CPU: recorded only
+            return None
+        return self.module.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                    min_new_tokens=min_new_tokens, **kwargs)
+
+
+def _tiny_model(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
+
+
+@pytest.mark.parametrize(
+    "limits, expect",
+    [
+        (dict(max_batch_size=16, max_input_length=512, max_new_tokens=100), ((16, 512), 100)),  # the 176B overlay's
+        (dict(max_batch_size=3, max_input_length=24, max_new_tokens=40, max_total_tokens=40), ((3, 24), 16)),
+    ],
+)
+def test_the_first_forward_is_a_generate_at_the_configured_limits(tiny_dir, tmp_path, limits, expect):
+    """Every row of the largest batch, the longest prompt, run to the max total tokens: the shape DeepSpeed sizes its
+    workspace for (a real transformers generate here, on the CPU)."""
+    import torch
+
+    b = dsi.DSInferenceBackend(load_settings(backend="ds_inference", dtype="fp16", **limits), _hf_dir(tiny_dir), GPU)
+    if expect[0][0] * (expect[0][1] + expect[1]) > 2000:  # the overlay's shape: recorded, not run on a CPU
+        b.model = _RecordingEngine(types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=250880)))
+    else:
+        b.model = _RecordingEngine(_tiny_model(tiny_dir))
+    b.input_device = torch.device("cpu")
+    b.reserve_at_limits()
+    (shape, new, min_new, attended), = b.model.calls
+    assert (shape, new) == expect and min_new == new and attended == shape[0] * shape[1]
+
+
+def test_a_batch_deepspeed_cannot_hold_stops_the_start_naming_the_limits(tiny_dir):
+    import torch
+
+    settings = load_settings(backend="ds_inference", dtype="fp16", max_batch_size=4, max_input_length=30,
+                             max_new_tokens=10)
+    b = dsi.DSInferenceBackend(settings, _hf_dir(tiny_dir), GPU)
+    b.model = _RecordingEngine(_tiny_model(tiny_dir), fail="The specified pointer resides on host memory and is "
+                               "not registered with any CUDA device.")
+    b.input_device = torch.device("cpu")
+    with pytest.raises(ConfigError) as err:
+        b.reserve_at_limits()
+    msg = str(err.value)
+    for part in ("--max-batch-size 4", "--max-input-length 30", "--max-total-tokens 40", "BLOOM_MAX_BATCH_SIZE",
+                 "resides on host memory"):
+        assert part in msg
+
+
+def test_kernel_injection_asks_deepspeed_for_a_workspace_of_max_tokens_or_a_refusal(monkeypatch, tiny_dir):
+    """min_tokens = max_tokens: DeepSpeed refuses a workspace smaller than the limit instead of shrinking it."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init_inference(model, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    fake = types.ModuleType("deepspeed")
+    fake.init_inference = init_inference
+    monkeypatch.setattr(dsi, "import_deepspeed", lambda backend: fake)
+    monkeypatch.setattr(dsi, "require_cuda", lambda backend, ctx: None)
+    monkeypatch.setattr(dsi, "ensure_distributed", lambda deepspeed, ctx: None)
+    for inject, expect in ((True, 700), (False, None)):
+        seen.clear()
+        settings = load_settings(backend="ds_inference", dtype="fp16", max_input_length=600, max_new_tokens=100,
+                                 kernel_inject=inject)
+        with pytest.raises(Stop):
+            dsi.DSInferenceBackend(settings, _hf_dir(tiny_dir), GPU).load()
+        assert seen["max_tokens"] == 700 and seen.get("min_tokens") == expect

@@ -236,7 +236,8 @@ class DSInferenceBackend(TransformersModelBackend):
                     input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                     do_sample=False, pad_token_id=token,
                 )
-            torch.cuda.synchronize(self.input_device)
+            if torch.device(self.input_device).type == "cuda":
+                torch.cuda.synchronize(self.input_device)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
             raise ConfigError(
                 f"DeepSpeed cannot run a batch at the configured limits (--max-batch-size {rows}, --max-input-length "

@@ -94,8 +94,39 @@ def test_wrong_world_size_and_bad_arguments_are_clear(presharded, tiny_model_dir
         weights_source(presharded[2], 0, 4)
     r = _preshard(tiny_model_dir, 3, tmp_path / "x")  # 4 heads
     assert r.returncode == 2 and "do not split over 3 ranks" in r.stderr
-    r = _preshard(tiny_model_dir, 1, presharded[1])
+    r = _preshard(tiny_model_dir, 1, presharded[2])  # another degree into a finished preshard: refused
     assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_a_rerun_keeps_a_finished_preshard_and_redoes_a_cut_off_one(presharded, tiny_model_dir, tmp_path):
+    """The download Job runs preshard after the download and before the precompile: a retried Job pod reruns it."""
+    d = tmp_path / "tp2"
+    shutil.copytree(presharded[2], d)
+    before = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    r = _preshard(tiny_model_dir, 2, d)
+    assert r.returncode == 0 and "nothing to do" in r.stderr, r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == before
+    # the same directory asked for another dtype is not this preshard: refused, untouched
+    r = _preshard(tiny_model_dir, 2, d, "--dtype", "fp16")
+    assert r.returncode == 2 and "not empty" in r.stderr
+    # cut off mid-way: the in-progress marker (ours) and a partial rank file; the rerun starts again and finishes
+    (d / "model-tp02-rank01.safetensors").unlink()
+    (d / marker.COMPLETE).unlink()
+    marker.write_marker(d, marker.IN_PROGRESS, {"format": marker.FORMAT, "state": "in_progress",
+                                                "writer": "bloom-server preshard", "source": str(tiny_model_dir)})
+    (d / "model-tp02-rank01.safetensors.tmp").write_bytes(b"partial")
+    r = _preshard(tiny_model_dir, 2, d)
+    assert r.returncode == 0 and "unfinished preshard" in r.stderr, r.stderr
+    assert resolve_model_dir(str(d)).layout == "fast_presharded"
+    assert not (d / "model-tp02-rank01.safetensors.tmp").exists()
+    rank1 = "model-tp02-rank01.safetensors"
+    assert (d / rank1).read_bytes() == (presharded[2] / rank1).read_bytes()
+    # an in-progress marker that is not a preshard's (a download's): not removed
+    other = tmp_path / "download"
+    other.mkdir()
+    marker.write_marker(other, marker.IN_PROGRESS, {"format": marker.FORMAT, "state": "in_progress"})
+    r = _preshard(tiny_model_dir, 2, other)
+    assert r.returncode == 2 and "not empty" in r.stderr and (other / marker.IN_PROGRESS).exists()
 
 
 def test_sequential_reader_places_every_byte_whatever_the_chunking(tiny_model_dir, tmp_path):

@@ -5,7 +5,8 @@ loads (its heads, MLP columns, padded vocabulary rows, the replicated layer norm
 rank's load is one sequential read of one file. Beside them: `preshard.json` (format, N, dtype, source), the model
 config and tokenizer files, and a completion marker in the downloader's format (every file's size and sha256), so the
 server verifies the directory as it verifies a download. A preshard cut off midway leaves the in-progress marker,
-and the server refuses the directory.
+and the server refuses the directory. Rerun (a retried Job): a finished preshard of the same source, degree and dtype
+is left as it is; one its own in-progress marker shows cut off is removed and written again.
 
 `write_safetensors` is the streaming writer used here and by scripts/make_random_bloom.py: the header first, then
 each tensor's bytes as it is produced, hashed on the way; no whole model in memory.

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Issues 6 (TP=2, nvidia-h200-x2) and 7 (TP=8, nvidia-h200-x8): tensor parallelism in one device call.
+# At TP=8 it covers the bloom-176b-fast overlay's path (manifests/components/bloom-176b-fast): `bloom-server preshard
+# --tp 8` of a 176B-layer-shape checkpoint, then `serve --backend fast` at 8 ranks from the pre-sharded directory (steps
+# 1, 3 and 4), its bench at all 70 layers (step 2). The overlay's own settings are not forced here.
 #   1. correctness: a random-weight BLOOM of the 176B layer shape with a few layers (scripts/make_random_bloom.py,
 #      drawn on GPU 0; 4 layers at TP=2, 2 at TP=8) served at TP=1 and at TP=$TP; POST /generate, greedy, the prompts
 #      as one batch and one by one; the texts at TP=$TP must equal the TP=1 texts of the same backend:

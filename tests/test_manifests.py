@@ -23,7 +23,7 @@ TOOLS = ROOT / ".tools-venv" / "bin"
 FIXTURES = ROOT / "tests" / "fixtures" / "deploy"
 OVERLAYS_DIR = ROOT / "manifests" / "overlays"
 SCHEMA = ROOT.parent / "shared" / "schemas" / "kserve" / "inferenceservice_v1beta1-strict.json"
-EXPECTED_OVERLAYS = {"bloom-176b-fp16", "bloom-176b-int8", "bloom-7b1", "dev-cpu", "standard-keda"}
+EXPECTED_OVERLAYS = {"bloom-176b-fast", "bloom-176b-fp16", "bloom-176b-int8", "bloom-7b1", "dev-cpu", "standard-keda"}
 OVERLAYS = sorted(p.name for p in OVERLAYS_DIR.iterdir() if (p / "kustomization.yaml").is_file())
 
 # checkov checks not applied, and why:
@@ -263,12 +263,13 @@ def project_rule_problems(docs: list[dict]) -> list[str]:
                 problems.append(f"{name}: STORAGE_URI names PVC {pvc!r}, which these manifests do not define")
             elif "ReadWriteMany" not in pvcs[pvc]["spec"].get("accessModes", []):
                 problems.append(f"{name}: PVC {pvc} must be ReadWriteMany (a Job writes it, every predictor reads it)")
-            writers = [j for j in jobs if _job_writes(j) == (pvc, sub)]
+            writers = [j for j in jobs if (pvc, sub) in _job_writes(j)]
             if not writers:
-                seen = ", ".join(f"{j['metadata']['name']} -> {_job_writes(j)}" for j in jobs) or "no Job"
+                seen = ", ".join(f"{j['metadata']['name']} -> {w}" for j in jobs for w in _job_writes(j)) or "no Job"
                 problems.append(f"{name}: no Job writes pvc {pvc!r} subpath {sub!r} ({seen})")
             elif env.get("BLOOM_BACKEND") == "fast" and _gpus(c)[0]:
-                problems += _precompile_problems(name, env, pred, writers[0])
+                problems += _preshard_problems(name, env, writers[0], (pvc, sub))
+                problems += _precompile_problems(name, env, pred, writers[0], (pvc, sub))
         # GPUs: the tensor-parallel degree the container starts with is the GPU count it gets.
         limit, request = _gpus(c)
         if limit != request:
@@ -325,20 +326,77 @@ def _flag(containers: list[dict], flag: str) -> str | None:
     return None
 
 
-def _precompile_problems(name: str, env: dict, pred: dict, job: dict) -> list[str]:
-    """A fast-backend predictor on GPUs: the Job that writes its weights also compiles its decode kernels (so a first
-    start on a new node skips compiling), for the GPU the predictor is scheduled on and with its settings."""
+def _runs(c: dict, subcommand: str) -> bool:
+    return [str(a) for a in c.get("command", []) + c.get("args", [])][:2] == ["bloom-server", subcommand]
+
+
+def _on_pvc(spec: dict, c: dict, path: str | None, writable: bool = False) -> tuple[str, str] | None:
+    """(pvc, subpath) that `path` names in container `c` of a pod `spec`, or None (not on a mounted PVC)."""
+    if not path:
+        return None
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+    for m in c.get("volumeMounts", []):
+        mount = m["mountPath"].rstrip("/")
+        if m["name"] in claims and path.startswith(mount + "/") and not (writable and m.get("readOnly")):
+            return claims[m["name"]], path[len(mount) + 1 :]
+    return None
+
+
+def _index(containers: list[dict], c: dict) -> int | None:
+    return next((i for i, x in enumerate(containers) if x is c), None)
+
+
+def _preshard_problems(name: str, env: dict, job: dict, served: tuple[str, str]) -> list[str]:
+    """A fast-backend predictor on several GPUs serves a directory the Job pre-sharded (each rank then reads one file
+    of its tensors) at the server's degree and dtype, from what the Job downloaded, after the download and before the
+    precompile."""
     jname = job["metadata"]["name"]
     spec = job["spec"]["template"]["spec"]
-    pre = [c for c in spec.get("containers", []) + spec.get("initContainers", [])
-           if [str(a) for a in c.get("command", []) + c.get("args", [])][:2] == ["bloom-server", "precompile"]]  # fmt: skip
+    inits, steps = spec.get("initContainers", []), spec.get("initContainers", []) + spec.get("containers", [])
+    tp = int(env.get("BLOOM_NUM_GPUS") or 1)
+    pre = [c for c in steps if _runs(c, "preshard") and _on_pvc(spec, c, _flag([c], "--out"), True) == served]
+    if not pre:
+        if tp > 1:
+            return [f"{name}: backend fast on {tp} GPUs serves a plain checkpoint: pre-shard it in Job {jname}"]
+        return []
+    c, out = pre[0], []
+    if _flag([c], "--tp") != str(tp):
+        out.append(f"{name}: Job {jname} pre-shards for --tp {_flag([c], '--tp')}, the server runs BLOOM_NUM_GPUS {tp}")
+    dtype = _flag([c], "--dtype")
+    if dtype is not None and dtype != env.get("BLOOM_DTYPE"):
+        out.append(f"{name}: Job {jname} pre-shards to --dtype {dtype}, the server runs BLOOM_DTYPE {env.get('BLOOM_DTYPE')!r}")
+    source = _on_pvc(spec, c, _flag([c], "--model"))
+    downloads = [d for d in steps if "--local-dir" in d.get("args", [])]
+    dl = [d for d in downloads if _on_pvc(spec, d, _flag([d], "--local-dir"), True) == source]
+    if not dl:
+        locals_ = [_flag([d], "--local-dir") for d in downloads]
+        out.append(f"{name}: Job {jname} pre-shards {_flag([c], '--model')}, which it does not download ({locals_})")
+    else:
+        i_dl, i_pre = _index(inits, dl[0]), _index(inits, c)
+        if i_dl is None or i_pre is None or i_pre < i_dl:
+            out.append(f"{name}: Job {jname} must pre-shard after the download and before the precompile "
+                       "(download, then preshard, in initContainers)")  # fmt: skip
+    return out
+
+
+def _precompile_problems(name: str, env: dict, pred: dict, job: dict, served: tuple[str, str]) -> list[str]:
+    """A fast-backend predictor on GPUs: the Job that writes its weights also compiles its decode kernels (so a first
+    start on a new node skips compiling) into the directory the server reads, for the GPU the predictor is scheduled
+    on and with its settings."""
+    jname = job["metadata"]["name"]
+    spec = job["spec"]["template"]["spec"]
+    pre = [c for c in spec.get("containers", []) + spec.get("initContainers", []) if _runs(c, "precompile")]
     if not pre:
         return [f"{name}: backend fast on GPUs, but Job {jname} runs no `bloom-server precompile`"]
     c, out = pre[0], []
     args = [str(a) for a in c.get("args", [])]
-    local = _flag(spec.get("initContainers", []) + spec.get("containers", []), "--local-dir")
-    if _flag([c], "--model") != local:
-        out.append(f"{name}: Job {jname} precompiles another directory than it downloads ({local})")
+    model = _flag([c], "--model")
+    if _on_pvc(spec, c, model, True) != served:
+        out.append(f"{name}: Job {jname} precompiles {model}, not the directory the server reads "
+                   f"(pvc {served[0]!r} subpath {served[1]!r})")  # fmt: skip
+    tp = _flag([c], "--tp")
+    if tp is not None and tp != str(env.get("BLOOM_NUM_GPUS") or 1):
+        out.append(f"{name}: Job {jname} precompiles for --tp {tp}, the server runs BLOOM_NUM_GPUS {env.get('BLOOM_NUM_GPUS')}")
     product = (pred.get("nodeSelector") or {}).get("nvidia.com/gpu.product")
     targets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--target"]
     want = GPU_ARCH.get(product)
@@ -358,20 +416,16 @@ def _precompile_problems(name: str, env: dict, pred: dict, job: dict) -> list[st
     return out
 
 
-def _job_writes(job: dict) -> tuple[str, str] | None:
-    """(pvc, subpath) that a download Job's --local-dir lands in, or None."""
+def _job_writes(job: dict) -> list[tuple[str, str]]:
+    """(pvc, subpath) of each directory a Job fills: a download's --local-dir, a preshard's --out."""
     spec = job["spec"]["template"]["spec"]
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+    out = []
     for c in spec.get("initContainers", []) + spec.get("containers", []):
-        args = [str(a) for a in c.get("args", [])]
-        if "--local-dir" not in args:
-            continue
-        local = args[args.index("--local-dir") + 1].rstrip("/")
-        for m in c.get("volumeMounts", []):
-            mount = m["mountPath"].rstrip("/")
-            if m["name"] in claims and local.startswith(mount + "/") and not m.get("readOnly"):
-                return claims[m["name"]], local[len(mount) + 1 :]
-    return None
+        flag = "--out" if _runs(c, "preshard") else "--local-dir"
+        where = _on_pvc(spec, c, _flag([c], flag), writable=True)
+        if where is not None:
+            out.append(where)
+    return out
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -387,7 +441,7 @@ def test_project_rules_catch_each_broken_fixture():
         "broken: minReplicas 0 (scale to zero) needs Knative mode, not Standard",
         "broken: STORAGE_URI names PVC 'missing-pvc', which these manifests do not define",
         "broken-replicas: PVC weights must be ReadWriteMany",
-        "broken-replicas: no Job writes pvc 'weights' subpath 'model' (download -> ('weights', 'other'))",
+        "broken-replicas: no Job writes pvc 'weights' subpath 'model' (download -> ('weights', 'other')",
         "broken: BLOOM_NUM_GPUS 4 != nvidia.com/gpu limit 8",
         "broken: 8 GPUs but no memory-backed emptyDir at /dev/shm",
         "broken-replicas: serving.knative.dev/progress-deadline must cover a multi-minute load",
@@ -397,7 +451,16 @@ def test_project_rules_catch_each_broken_fixture():
         "broken-kernels: Job download precompiles for ['cuda:90'], not NVIDIA-A10G's cuda:86",
         "broken-kernels: Job download precompiles with BLOOM_MAX_BATCH_SIZE='32', the server runs '16'",
         "broken-kernels: Job download must precompile after the download",
-        "broken-kernels: Job download precompiles another directory than it downloads",
+        "broken-kernels: Job download precompiles /mnt/pvc/elsewhere, not the directory the server reads",
+        # the pre-sharded layout (fast backend on several GPUs)
+        "broken-preshard: Job download-sharded pre-shards for --tp 4, the server runs BLOOM_NUM_GPUS 8",
+        "broken-preshard: Job download-sharded pre-shards to --dtype bf16, the server runs BLOOM_DTYPE 'fp16'",
+        "broken-preshard: Job download-sharded must pre-shard after the download and before the precompile",
+        "broken-preshard: Job download-sharded precompiles /mnt/pvc/src, not the directory the server reads "
+        "(pvc 'weights' subpath 'sharded')",
+        "broken-preshard: Job download-sharded precompiles for --tp 4, the server runs BLOOM_NUM_GPUS 8",
+        "broken-source: Job download-sharded pre-shards /mnt/pvc/src-other, which it does not download",
+        "broken-plain: backend fast on 8 GPUs serves a plain checkpoint: pre-shard it in Job download-sharded",
     ):
         assert expected in problems, f"missing {expected!r} in:\n{problems}"
 
@@ -424,12 +487,55 @@ def test_overlay_specifics():
     assert gpus("dev-cpu") == 0 and _env(isvc("dev-cpu")["spec"]["predictor"]["containers"][0])["BLOOM_BACKEND"] == "hf"
     jobs = {o: next(d for d in rendered(o) if d["kind"] == "Job") for o in OVERLAYS}
     assert "microsoft/bloom-deepspeed-inference-int8" in jobs["bloom-176b-int8"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    _fast_176b_specifics(isvc("bloom-176b-fast"), next(d for d in rendered("bloom-176b-fast") if d["kind"] == "Job"))
     keda = isvc("standard-keda")
     kann, kpred = keda["metadata"]["annotations"], keda["spec"]["predictor"]
     assert kann["serving.kserve.io/deploymentMode"] == "Standard" and kann["serving.kserve.io/autoscalerClass"] == "keda"
     metric = kpred["autoScaling"]["metrics"][0]["external"]["metric"]
     assert metric["backend"] == "prometheus" and "bloom_server_queue_depth" in metric["query"]
     assert keda["metadata"]["name"] + "-predictor" in metric["query"]
+
+
+def _fast_176b_specifics(isvc: dict, job: dict) -> None:
+    """bloom-176b-fast: the official checkpoint's safetensors only, pre-sharded for the server's 8 ranks in fp16,
+    kernels for the A100 in the directory served, scale to zero, and limits whose memory fits an A100 80GB."""
+    from fnmatch import fnmatch
+
+    from bloom_server.fast.shapes import PRESETS
+
+    pred, ann = isvc["spec"]["predictor"], isvc["metadata"]["annotations"]
+    env = _env(pred["containers"][0])
+    assert ann["serving.kserve.io/deploymentMode"] == "Knative" and pred["minReplicas"] == 0
+    assert "autoscaling.knative.dev/scale-to-zero-pod-retention-period" in ann
+    assert pred["scaleTarget"] == int(env["BLOOM_MAX_BATCH_SIZE"]) <= pred["containerConcurrency"]
+    assert int(env["BLOOM_MAX_QUEUED_REQUESTS"]) >= pred["containerConcurrency"]
+    assert (env["BLOOM_BACKEND"], env["BLOOM_DTYPE"], env["BLOOM_NUM_GPUS"]) == ("fast", "fp16", "8")
+    assert _gpus(pred["containers"][0]) == (8, 8)
+    assert pred["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
+    spec = job["spec"]["template"]["spec"]
+    download, preshard = spec["initContainers"]
+    args = [str(a) for a in download["args"]]
+    assert args[args.index("--repo-id") + 1] == "bigscience/bloom"
+    i = args.index("--allow-patterns") + 1
+    patterns = args[i : next(j for j in range(i, len(args)) if args[j].startswith("--"))]
+    fetched = [f for f in ("model_00001-of-00072.safetensors", "model.safetensors.index.json", "config.json",
+                           "tokenizer.json", "pytorch_model_00001-of-00072.bin", "flax_model.msgpack")
+               if any(fnmatch(f, p) for p in patterns)]  # fmt: skip
+    assert fetched == ["model_00001-of-00072.safetensors", "model.safetensors.index.json", "config.json",
+                       "tokenizer.json"]  # fmt: skip
+    assert _runs(preshard, "preshard") and _flag([preshard], "--dtype") == "fp16"
+    assert _flag([preshard], "--tp") == env["BLOOM_NUM_GPUS"]
+    served = "/mnt/pvc/" + env["STORAGE_URI"].split("/", 3)[3]
+    assert _flag([preshard], "--out") == served != _flag([preshard], "--model") == _flag([download], "--local-dir")
+    # Per GPU: this rank's weights (1/8 of the split tensors, the replicated ones whole) plus the KV cache the fast
+    # engine preallocates (max_batch x (max_input + max_new) tokens) must leave at least 10 GiB of the 80 GiB.
+    shape = PRESETS["176b"]
+    h, tp = shape.hidden_size, int(env["BLOOM_NUM_GPUS"])
+    replicated = shape.n_layer * 6 * h + 4 * h  # two biases and two layer norms per layer, two layer norms outside
+    weights = ((shape.params() - replicated) // tp + replicated) * 2
+    tokens = int(env["BLOOM_MAX_INPUT_LENGTH"]) + int(env["BLOOM_MAX_NEW_TOKENS"])
+    kv = int(env["BLOOM_MAX_BATCH_SIZE"]) * tokens * shape.kv_bytes_per_token(2) // tp
+    assert weights + kv <= (80 - 10) * 2**30, (weights / 2**30, kv / 2**30)
 
 
 # ------------------------------------------------------------------------------------------------------- checkov

@@ -94,8 +94,39 @@ def test_wrong_world_size_and_bad_arguments_are_clear(presharded, tiny_model_dir
         weights_source(presharded[2], 0, 4)
     r = _preshard(tiny_model_dir, 3, tmp_path / "x")  # 4 heads
     assert r.returncode == 2 and "do not split over 3 ranks" in r.stderr
-    r = _preshard(tiny_model_dir, 1, presharded[1])
+    r = _preshard(tiny_model_dir, 1, presharded[2])  # another degree into a finished preshard: refused
     assert r.returncode == 2 and "not empty" in r.stderr
+
+
+def test_a_rerun_keeps_a_finished_preshard_and_redoes_a_cut_off_one(presharded, tiny_model_dir, tmp_path):
+    """The download Job runs preshard after the download and before the precompile: a retried Job pod reruns it."""
+    d = tmp_path / "tp2"
+    shutil.copytree(presharded[2], d)
+    before = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    r = _preshard(tiny_model_dir, 2, d)
+    assert r.returncode == 0 and "nothing to do" in r.stderr, r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == before
+    # the same directory asked for another dtype is not this preshard: refused, untouched
+    r = _preshard(tiny_model_dir, 2, d, "--dtype", "fp16")
+    assert r.returncode == 2 and "not empty" in r.stderr
+    # cut off mid-way: the in-progress marker (ours) and a partial rank file; the rerun starts again and finishes
+    (d / "model-tp02-rank01.safetensors").unlink()
+    (d / marker.COMPLETE).unlink()
+    marker.write_marker(d, marker.IN_PROGRESS, {"format": marker.FORMAT, "state": "in_progress",
+                                                "writer": "bloom-server preshard", "source": str(tiny_model_dir)})
+    (d / "model-tp02-rank01.safetensors.tmp").write_bytes(b"partial")
+    r = _preshard(tiny_model_dir, 2, d)
+    assert r.returncode == 0 and "unfinished preshard" in r.stderr, r.stderr
+    assert resolve_model_dir(str(d)).layout == "fast_presharded"
+    assert not (d / "model-tp02-rank01.safetensors.tmp").exists()
+    rank1 = "model-tp02-rank01.safetensors"
+    assert (d / rank1).read_bytes() == (presharded[2] / rank1).read_bytes()
+    # an in-progress marker that is not a preshard's (a download's): not removed
+    other = tmp_path / "download"
+    other.mkdir()
+    marker.write_marker(other, marker.IN_PROGRESS, {"format": marker.FORMAT, "state": "in_progress"})
+    r = _preshard(tiny_model_dir, 2, other)
+    assert r.returncode == 2 and "not empty" in r.stderr and (other / marker.IN_PROGRESS).exists()
 
 
 def test_sequential_reader_places_every_byte_whatever_the_chunking(tiny_model_dir, tmp_path):
@@ -159,3 +190,56 @@ def test_presharded_serves_the_plain_checkpoints_greedy_text_one_and_two_ranks(p
             srv.stop()
     assert texts["tp1"] == texts["plain"] and texts["tp2"] == texts["plain"]
     assert all(t.strip() for t in texts["plain"])
+
+
+def _component_steps() -> tuple[list[str], dict[str, str]]:
+    """The bloom-176b-fast component's preshard arguments and the InferenceService's BLOOM_* settings, as written."""
+    import yaml
+
+    comp = Path(__file__).resolve().parents[1] / "manifests" / "components" / "bloom-176b-fast" / "kustomization.yaml"
+    ops = [op for p in yaml.safe_load(comp.read_text())["patches"] for op in yaml.safe_load(p["patch"])]
+    preshard = next(op["value"] for op in ops if isinstance(op.get("value"), dict) and op["value"].get("name") == "preshard")
+    env = next(op["value"] for op in ops if op["path"] == "/spec/predictor/containers/0/env")
+    return [str(a) for a in preshard["args"]], {e["name"]: e["value"] for e in env if e["name"].startswith("BLOOM_")}
+
+
+@pytest.mark.slow
+def test_the_176b_fast_overlays_steps_at_two_ranks_serve_the_one_rank_text(tiny_model_dir, tmp_path):
+    """The bloom-176b-fast overlay's path on the tiny model: its Job's preshard (its flags, --tp 2 for its 8), no
+    precompile (the CPU runs no Triton kernels), then its server settings at 2 ranks under torchrun (gloo) from the
+    pre-sharded directory; /generate gives the text one rank gives from the same fp16 weights. The CPU computes in
+    fp32 (BLOOM_DTYPE=fp32 only here): 1 and 2 ranks add the row-parallel partial sums in another order, which fp16
+    would round differently."""
+    args, env = _component_steps()
+    assert args[args.index("--tp") + 1] == env["BLOOM_NUM_GPUS"] == "8" and "--dtype" in args
+    assert env["BLOOM_BACKEND"] == "fast" and env["BLOOM_DTYPE"] == "fp16"
+    outs = {}
+    for tp in (1, 2):
+        a = list(args)
+        a[a.index("--model") + 1] = str(tiny_model_dir)
+        a[a.index("--tp") + 1] = str(tp)
+        a[a.index("--out") + 1] = str(tmp_path / f"tp{tp}")
+        r = subprocess.run([sys.executable, "-m", "bloom_server", "preshard", *a], capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[tp] = tmp_path / f"tp{tp}"
+        assert json.loads((outs[tp] / "preshard.json").read_text())["dtype"] == "F16"
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    texts = {}
+    for tp in (1, 2):
+        launcher = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "bloom_server"]
+        srv = ServerProcess(["--model", str(outs[tp])], free_port(), env={**env, "BLOOM_DTYPE": "fp32",
+                            "BLOOM_NUM_GPUS": str(tp)}, launcher=launcher if tp == 2 else None,
+                            log_path=tmp_path / f"tp{tp}.log")  # fmt: skip
+        try:
+            srv.wait_ready()
+            texts[tp] = _texts(srv)
+            status, info, _ = srv.get("/info")
+            assert status == 200 and info["backend"] == "fast" and info["tensor_parallel"] == tp, info
+            assert (info["max_batch_size"], info["max_input_tokens"], info["max_new_tokens"]) == (
+                int(env["BLOOM_MAX_BATCH_SIZE"]), int(env["BLOOM_MAX_INPUT_LENGTH"]), int(env["BLOOM_MAX_NEW_TOKENS"]))
+            if tp == 2:
+                assert "2 of 4 heads" in srv.log()
+        finally:
+            srv.stop()
+    assert texts[2] == texts[1] and all(t.strip() for t in texts[1])

@@ -5,7 +5,8 @@ loads (its heads, MLP columns, padded vocabulary rows, the replicated layer norm
 rank's load is one sequential read of one file. Beside them: `preshard.json` (format, N, dtype, source), the model
 config and tokenizer files, and a completion marker in the downloader's format (every file's size and sha256), so the
 server verifies the directory as it verifies a download. A preshard cut off midway leaves the in-progress marker,
-and the server refuses the directory.
+and the server refuses the directory. Rerun (a retried Job): a finished preshard of the same source, degree and dtype
+is left as it is; one its own in-progress marker shows cut off is removed and written again.
 
 `write_safetensors` is the streaming writer used here and by scripts/make_random_bloom.py: the header first, then
 each tensor's bytes as it is produced, hashed on the way; no whole model in memory.
@@ -103,6 +104,13 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
     if tp < 1 or shape.n_head % tp:
         raise ModelDirError(f"{shape.n_head} attention heads do not split over {tp} ranks")
     out = Path(out)
+    if _finished(out, md.path, tp, out_dt_name(dtype)):
+        log(f"preshard: {out} already holds this preshard (tp {tp}), complete and verified: nothing to do")
+        return out
+    if _unfinished_preshard(out):
+        # A Job retried after a cut-off preshard: the marker says the directory is ours and unfinished.
+        log(f"preshard: {out} holds an unfinished preshard: removing it and starting again")
+        shutil.rmtree(out)
     if out.exists() and any(out.iterdir()):
         raise ModelDirError(f"{out} exists and is not empty: preshard writes a fresh directory")
     headers = [read_header(f) for f in files]
@@ -155,7 +163,7 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
         if (md.path / name).is_file():
             shutil.copyfile(md.path / name, out / name)
             digests[name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
-    manifest = {"format": PRESHARD_FORMAT, "tp": tp, "dtype": out_dt or "as stored",
+    manifest = {"format": PRESHARD_FORMAT, "tp": tp, "dtype": out_dt_name(dtype),
                 "files": [rank_file_name(r, tp) for r in range(tp)],
                 "source": {"path": str(md.path), "revision": md.revision}}  # fmt: skip
     (out / PRESHARD_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -166,6 +174,39 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
     (out / marker.IN_PROGRESS).unlink()
     marker.fsync_dir(out)
     return out
+
+
+def out_dt_name(dtype: str | None) -> str:
+    """preshard.json's dtype: the safetensors dtype written, or "as stored"."""
+    return {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[dtype] if dtype else "as stored"
+
+
+def _finished(out: Path, source: Path, tp: int, dtype: str) -> bool:
+    """True when `out` is a complete, size-verified preshard of `source` at this degree and dtype: a rerun (the
+    download Job retried after a later step failed) leaves it as it is."""
+    from bloom_server import marker
+    from bloom_server.errors import ModelDirError
+    from bloom_server.loading import PRESHARD_MANIFEST
+
+    if not (out / marker.COMPLETE).is_file() or (out / marker.IN_PROGRESS).exists():
+        return False
+    try:
+        manifest = json.loads((out / PRESHARD_MANIFEST).read_text())
+        marker.check_model_dir(out)
+    except (OSError, ValueError, ModelDirError):
+        return False
+    return (manifest.get("tp") == tp and manifest.get("dtype") == dtype
+            and manifest.get("source", {}).get("path") == str(source))  # fmt: skip
+
+
+def _unfinished_preshard(out: Path) -> bool:
+    from bloom_server import marker
+
+    try:
+        data = json.loads((out / marker.IN_PROGRESS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("writer") == "bloom-server preshard"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@
 #     LOADCHECK_LIMITS=wide LOADCHECK_SHAPES=176b:2 OUT=$OUT bash scripts/gpu_load_check.sh
 #
 # Limit sets: `overlay` = the bloom-176b-fp16 overlay's (batch 16, input 512, 100 new, queue 64; 32 clients), `wide`
-# = batch 32, input 768, 256 new, 1024 total, queue 128 (64 clients). Shapes: 7b1, and 176b:N (the 176B layer shape,
+# = the bloom-176b-fast overlay's (batch 32, input 1024, 512 new, queue 128; 64 clients). Shapes: 7b1, and 176b:N (the 176B layer shape,
 # N layers). Servers of one group share the GPU (their throughputs are of that shared run); groups whose weights and
 # caches would not fit together run one after another. $OUT gets run.log, the table (summary.md) and raw.tgz (each
 # server's log, each load's log and JSON). Exit 0 when every check that ran passed.
@@ -84,10 +84,17 @@ PY
   done
 fi
 
+if [ "${LOADCHECK_BENCH:-0}" = 1 ]; then
+  echo "== greedy tokens against batch size, each backend against itself and against transformers (7b1 shape)"
+  timeout 240 python3 -m bloom_server bench --backend hf,fast,ds_inference --random-weights 7b1 \
+    --batch-size 1,8,64,128 --input-tokens 64 --new-tokens 32 --cycles 2 --check-tokens --deadline-s 200 \
+    --json "$RAW/bench.json" 2>&1 | grep -E "^\||vs hf|vs its own" | tee "$OUT/bench.md"
+fi
+
 limit_flags() {  # serve flags and load flags of a limit set
   case $1 in
     overlay) echo "--max-batch-size 16 --max-input-length 512 --max-new-tokens 100 --max-queued-requests 64|--concurrency 32 --prompt-tokens 1-512 --new-tokens 1-100" ;;
-    wide) echo "--max-batch-size 32 --max-input-length 768 --max-new-tokens 256 --max-total-tokens 1024 --max-queued-requests 128|--concurrency 64 --prompt-tokens 1-768 --new-tokens 1-256" ;;
+    wide) echo "--max-batch-size 32 --max-input-length 1024 --max-new-tokens 512 --max-queued-requests 128|--concurrency 64 --prompt-tokens 1-1024 --new-tokens 1-512" ;;
   esac
 }
 

@@ -289,10 +289,10 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
 
     async def infer(name: str, version: str | None, request: Request) -> Response:
         check(name)
-        if version is not None:
-            check_version(version)
         data, rest = _split_body(await request.body(), request.headers.get(HEADER_LENGTH))
         body = parse(V2InferRequest, data)
+        if version is not None:  # after the body: a body that cannot be served is refused as on the unversioned path
+            check_version(version)
         if len(body.inputs) != 1:
             raise InvalidRequest("inputs: exactly one tensor of prompts is expected", field="inputs", limit=1)
         (elements,) = _input_data(body, rest)

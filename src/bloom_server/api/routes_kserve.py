@@ -1,6 +1,7 @@
 """KServe: the Open Inference Protocol (v2) and v1's predict. Prompts go in as a BYTES tensor (v2) or as instances
 (v1); generation settings as the request's `parameters` (any generate() keyword of POST /generate, plus `seed` and
-`stop`). Errors: `{"error": <message>}`, 400 for invalid input (api/errors.py)."""
+`stop`). Tensors as JSON or with the binary tensor data extension; the model's one version under
+/v2/models/{name}/versions/{version}. Errors: `{"error": <message>}`, 400 for invalid input (api/errors.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from bloom_server.api.common import (
     result_or_disconnect,
     timing_headers,
 )
-from bloom_server.api.errors import NotFound, error_responses
+from bloom_server.api.errors import NotFound, error_responses, malformed_json
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
 from bloom_server.engine.core import Engine
 from bloom_server.engine.requests import Completion
@@ -109,10 +110,6 @@ def _split_body(raw: bytes, header_length: str | None) -> tuple[Any, bytes]:
 
 
 def _json(raw: bytes) -> Any:
-    import json
-
-    from bloom_server.api.errors import malformed_json
-
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:

@@ -143,9 +143,18 @@ def test_errors_in_openai_shape(server, kwargs, param, error):
     assert body["param"] == param and param in body["message"]
 
 
-def test_chat_without_a_template_is_a_clear_400(server):
-    with pytest.raises(openai.BadRequestError) as info:
-        client_for(server).chat.completions.create(model="tiny-bloom", messages=[{"role": "user", "content": "hi"}])
+def test_chat_without_a_template_is_a_clear_400(tiny_model_dir, tmp_path):
+    """A model whose tokenizer has no chat template (BLOOM's own has none; the embedded model has one)."""
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    with ServerProcess(["--model", str(model), "--no-warmup"], free_port(), log_path=tmp_path / "server.log") as srv:
+        with pytest.raises(openai.BadRequestError) as info:
+            client_for(srv).chat.completions.create(model="no-template", messages=[{"role": "user", "content": "hi"}])
     assert "chat template" in info.value.body["message"] and info.value.body["param"] == "messages"
 
 

@@ -37,6 +37,15 @@ def test_streams_the_greedy_completion(server):
     assert r.stdout == expected + "\n" and r.stderr == ""
 
 
+def test_finds_a_server_on_another_port_from_bloom_port(server):
+    """`BLOOM_PORT=9000 scripts/dev.sh serve`, then the README's client command in the same shell: no --url needed."""
+    expected = server.post("/generate", {"text": ["Deepspeed is"], "max_new_tokens": 4})[1]["text"][0]
+    r = client("Deepspeed is", "--max-new-tokens", "4", "--quiet", env={"BLOOM_PORT": str(server.port)})
+    assert r.returncode == 0 and r.stdout == expected + "\n", r.stderr
+    r = client("Deepspeed is", "--max-new-tokens", "4", env={"BLOOM_PORT": str(free_port())})
+    assert r.returncode == 2 and "cannot reach http://127.0.0.1:" in r.stderr  # says where it looked
+
+
 def test_sampling_flags_and_seed(server):
     args = ["Hello", "--url", server.url, "--max-new-tokens", "10", "--temperature", "1.3", "--top-p", "0.9",
             "--seed", "5", "--quiet"]

@@ -72,7 +72,9 @@ def spec(srv):
 def post_routes(srv, spec, model):
     """Every POST path of the schema (with the served model's name), plus each one's trailing-slash twin where the
     server has one."""
-    paths = sorted(p.replace("{name}", model) for p, ops in spec["paths"].items() if "post" in ops)
+    # KServe's versioned paths: the model's one version ("1": the tiny model has no revision).
+    paths = sorted(p.replace("{name}", model).replace("{version}", "1") for p, ops in spec["paths"].items()
+                   if "post" in ops)
     assert set(ORIGINAL) <= set(paths), paths
     out = []
     for p in paths:

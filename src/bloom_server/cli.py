@@ -16,6 +16,8 @@ from typing import Sequence
 _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--model", "model", str, "model directory, Hub cache repo id, or pvc:// URI (default: the embedded tiny model)"),
     ("--model-id", "model_id", str, "name reported to clients and used in /v1/models/{name}"),
+    ("--model-aliases", "model_aliases", str,
+     "names a request's `model` may give besides the id (default: tgi,dummy; *: any; empty: the id only)"),
     ("--backend", "backend", str, "hf | ds_inference | ds_zero | fast"),
     ("--dtype", "dtype", str, "auto | fp16 | bf16 | int8 | fp32"),
     ("--host", "host", str, "address to listen on (default 0.0.0.0)"),

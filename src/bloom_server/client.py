@@ -15,7 +15,8 @@ from typing import Any, TextIO
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help='the prompt ("-" reads it from standard input)')
-    p.add_argument("--url", default=None, help="server URL (default: $BLOOM_URL or http://127.0.0.1:8080)")
+    p.add_argument("--url", default=None,
+                   help="server URL (default: $BLOOM_URL, else http://127.0.0.1:$BLOOM_PORT, port 8080 by default)")
     p.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer` (default: $BLOOM_API_KEY)")
     p.add_argument("--max-new-tokens", type=int, default=50, help="new tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
@@ -26,6 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="a string that ends the generation (repeatable)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server (default 300)")
     p.add_argument("--quiet", action="store_true", help="no statistics on standard error")
+
+
+def default_url(env: dict[str, str] | os._Environ) -> str:
+    """$BLOOM_URL, else the local server on the port `serve` reads ($BLOOM_PORT, 8080 by default). Read here rather
+    than through the settings object: the client stays standard library only."""
+    if env.get("BLOOM_URL"):
+        return env["BLOOM_URL"]
+    port = (env.get("BLOOM_PORT") or "").strip() or "8080"
+    return f"http://127.0.0.1:{port}"
 
 
 def body_for(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
@@ -45,7 +55,7 @@ def body_for(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """0: done; 1: the server refused or failed the request (its message on stderr); 2: no server reachable."""
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    url = urllib.parse.urlparse(args.url or os.environ.get("BLOOM_URL") or "http://127.0.0.1:8080")
+    url = urllib.parse.urlparse(args.url or default_url(os.environ))
     key = args.api_key or os.environ.get("BLOOM_API_KEY")
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if key:

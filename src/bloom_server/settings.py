@@ -40,6 +40,13 @@ class Settings(BaseSettings):
         description="Model directory, Hub cache name (org/name), or pvc:// URI. Empty: the embedded tiny model.",
     )
     model_id: str | None = Field(None, validation_alias=_env("model_id"), description="Name reported to clients.")
+    model_aliases: str = Field(
+        "tgi,dummy",
+        validation_alias=_env("model_aliases"),
+        description="Comma-separated names that a request's `model` may give besides the served id (docs/api.md "
+        "\"Model names\"): by default the placeholders that huggingface_hub sends when given a URL; `*`: any name "
+        "(Text Generation Inference's rule); empty: the served id only (vLLM's rule).",
+    )
     backend: Backend = Field("hf", validation_alias=_env("backend", "DEPLOYMENT_FRAMEWORK"))
     dtype: DType = Field("auto", validation_alias=_env("dtype", "DTYPE"))
     kernel_inject: bool = Field(True, validation_alias=_env("kernel_inject"))
@@ -218,6 +225,10 @@ class Settings(BaseSettings):
     @property
     def queued_tokens_limit(self) -> int:
         return self.max_queued_tokens or 4 * self.max_batch_size * self.total_tokens_limit
+
+    @property
+    def model_alias_names(self) -> frozenset[str]:
+        return frozenset(a.strip() for a in self.model_aliases.split(",") if a.strip())
 
     @property
     def cors_origins(self) -> list[str]:

@@ -23,7 +23,7 @@ _CORPUS_MODULES = (
     "sqlite3", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "unittest",
     "urllib.parse", "uuid", "zipfile",
 )  # fmt: skip
-TINY_FORMAT = 1  # bump when the recipe changes, so cached copies are rebuilt
+TINY_FORMAT = 2  # bump when the recipe changes, so cached copies are rebuilt
 
 
 def corpus() -> list[str]:
@@ -39,6 +39,12 @@ def corpus() -> list[str]:
             if doc:
                 texts.extend(p.strip() for p in doc.split("\n\n") if len(p.strip()) > 20)
     return texts
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int = 2048) -> None:
@@ -68,6 +74,8 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 2048) -> None:
                 "padding_side": "left",
                 "add_prefix_space": False,
                 "model_max_length": 2048,
+                # BLOOM has no chat format of its own; this plain one lets every route work on the embedded model.
+                "chat_template": CHAT_TEMPLATE,
             },
             indent=2,
         )

@@ -6,9 +6,9 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from bloom_server import __version__
 from bloom_server.api import routes_bloom, routes_health, routes_info, routes_kserve, routes_openai, routes_tgi
@@ -67,17 +67,19 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
         redirect_slashes=False,
+        docs_url=None,  # served by _docs_router from local assets, not a CDN
+        redoc_url=None,
     )
     install_error_handlers(app)
     chat = _chat_template_loader(engine, settings)
     bloom = routes_bloom.build_router(engine)
     documented = [  # the order of the OpenAPI document (and /docs)
-        _playground_router(),
+        _playground_router(engine),
         routes_health.build_router(engine),
         routes_info.build_router(engine, settings, model_name, metrics, chat),
         bloom,
         routes_tgi.build_router(engine),
-        routes_openai.build_router(engine, model_name, chat),
+        routes_openai.build_router(engine, model_name, chat, settings.model_alias_names),
         routes_kserve.build_router(engine, model_name),
     ]
     # Matched in this order: the original server's routes first. Every router ahead of a request's own costs route
@@ -85,6 +87,7 @@ def create_app(
     for router in [bloom] + [r for r in documented if r is not bloom]:
         app.include_router(router)
     app.state.documented_routers = documented
+    _install_docs(app)
     _install_middleware(app, settings, metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.engine = engine
@@ -161,7 +164,60 @@ def _chat_template_loader(engine: Engine, settings: Settings) -> Callable[[], Ch
     return load
 
 
-def _playground_router():
+DOCS_ASSETS = "/static/docs"
+
+
+def _install_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their JavaScript and CSS served from the app: the pages work without
+    internet. The assets come from the fastapi-offline package (a runtime dependency), not copies in this tree."""
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    from fastapi.staticfiles import StaticFiles
+
+    assets = resources.files("fastapi_offline").joinpath("static")
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+    title = f"{app.title} - API docs"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=title,
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            # Swagger UI's default validator is an online service: off, the page makes no request elsewhere.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=title, redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
+
+
+def wants_html(accept: str) -> bool:
+    """Whether an Accept header asks for a page: browsers list text/html; API clients send */*, JSON, or none."""
+    for part in accept.split(","):
+        media, _, params = part.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media.strip().lower() in ("text/html", "application/xhtml+xml") and q > 0:
+            return True
+    return False
+
+
+def _playground_router(engine: Engine):
     from fastapi import APIRouter
 
     router = APIRouter(tags=["playground"])
@@ -172,10 +228,21 @@ def _playground_router():
             page["html"] = resources.files("bloom_server").joinpath("static/playground.html").read_text("utf-8")
         return page["html"]
 
-    @router.get("/", response_class=HTMLResponse)
-    async def playground() -> HTMLResponse:
-        """The web playground: type a prompt and watch the text stream in (one page, no external assets)."""
-        return HTMLResponse(html())
+    @router.get("/", response_class=HTMLResponse, responses={
+        200: {"content": {"application/json": {"example": {"status": "alive"}}},
+              "description": "The playground page when the Accept header lists text/html (a browser); "
+                             "otherwise KServe v1's liveness, `{\"status\": \"alive\"}`"},
+        500: {"content": {"application/json": {"example": {"status": "dead"}}}, "description": "The engine died"}})
+    async def root(request: Request) -> Response:
+        """A browser (Accept: text/html) gets the playground; an API client gets KServe v1's liveness answer, as
+        KServe's own model server gives it (the KServe SDK's v1 `is_server_live()` reads it)."""
+        # The answer depends on Accept: caches must keep the two apart.
+        vary = {"Vary": "Accept"}
+        if wants_html(request.headers.get("accept", "")):
+            return HTMLResponse(html(), headers=vary)
+        if engine.alive:
+            return JSONResponse({"status": "alive"}, headers=vary)
+        return JSONResponse({"status": "dead"}, status_code=500, headers=vary)
 
     @router.get("/ui", response_class=HTMLResponse, include_in_schema=False)
     async def playground_ui() -> HTMLResponse:
@@ -192,7 +259,7 @@ def _openapi(app: FastAPI) -> dict:
     routes = sorted(app.routes, key=lambda r: rank.get(id(getattr(r, "original_router", None)), -1))
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in routes_bloom.OPENAPI_MODELS:
+    for model in routes_bloom.OPENAPI_MODELS + routes_kserve.OPENAPI_MODELS:
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in js.pop("$defs", {}).items():
             components.setdefault(name, sub)

@@ -79,9 +79,13 @@ class Gateway:
         given = b""
         ctype: bytes | None = None
         declared_over: int | None = None
+        text_bytes: int | None = None  # the body's leading bytes that must be UTF-8 (None: all of them)
         for name, value in headers:
             if name == b"content-type":
                 ctype = value
+            elif name == b"inference-header-content-length":
+                # KServe's binary tensor data: JSON for that many bytes, then raw tensor bytes (routes_kserve).
+                text_bytes = int(value) if value.isdigit() else None
             elif name == b"x-request-id":
                 given = value
             elif name == b"content-length" and max_bytes is not None and declared_over is None:
@@ -152,11 +156,16 @@ class Gateway:
                     if seen > max_bytes:
                         problem = (413, "payload_too_large", f"body: {seen} bytes or more; the limit is {max_bytes} bytes",
                                    max_bytes)  # fmt: skip
+                    elif text_bytes is not None and seen - len(chunk) >= text_bytes:
+                        pass  # past the JSON header: tensor bytes
                     elif utf8 is not None or not chunk.isascii():
                         if utf8 is None:
                             utf8 = codecs.getincrementaldecoder("utf-8")()
+                        part, final = chunk, not message.get("more_body")
+                        if text_bytes is not None and seen >= text_bytes:
+                            part, final = chunk[: text_bytes - (seen - len(chunk))], True
                         try:
-                            utf8.decode(chunk, final=not message.get("more_body"))
+                            utf8.decode(part, final=final)
                         except UnicodeDecodeError as exc:
                             problem = (422, "validation_error", f"body: not valid UTF-8 ({exc.reason} at byte "
                                        f"{seen - len(chunk) + exc.start})", None)  # fmt: skip

@@ -61,6 +61,15 @@ def _unsupported(body: Any) -> None:
     best_of = getattr(body, "best_of", None)
     if best_of not in (None, 1, body.n):
         raise InvalidRequest("best_of: only 1 (or n) is supported", field="best_of", limit=1)
+    response_format = getattr(body, "response_format", None)
+    if response_format is not None and response_format.get("type") != "text":
+        raise InvalidRequest('response_format: not supported (only {"type": "text"})', field="response_format")
+    for name in ("tools", "functions"):
+        if getattr(body, name, None):
+            raise InvalidRequest(f"{name}: tool calls are not supported", field=name)
+    for name in ("tool_choice", "function_call"):
+        if getattr(body, name, None) not in (None, "none"):
+            raise InvalidRequest(f'{name}: tool calls are not supported (only "none")', field=name)
 
 
 def _kwargs(body: Any, max_tokens: int | None) -> dict[str, Any]:
@@ -76,11 +85,20 @@ def _kwargs(body: Any, max_tokens: int | None) -> dict[str, Any]:
     return kw
 
 
-def build_router(engine: Engine, model_name: str, chat_template: Callable[[], ChatTemplate | None]) -> APIRouter:
+def build_router(engine: Engine, model_name: str, chat_template: Callable[[], ChatTemplate | None],
+                 aliases: frozenset[str] = frozenset()) -> APIRouter:
     router = APIRouter(tags=["openai"])
+    started = time.time()
 
     def check_model(name: str | None) -> None:
-        if name not in (None, "", model_name):
+        """A generation body's `model`: the served id, none, or an alias (docs/api.md "Model names")."""
+        if name in (None, "", model_name) or name in aliases or "*" in aliases:
+            return
+        raise NotFound(f"model: {name!r} is not served here; this server serves {model_name!r}", field="model")
+
+    def check_resource(name: str) -> None:
+        # A model's own URL names one resource: only the served id has one.
+        if name != model_name:
             raise NotFound(f"model: {name!r} is not served here; this server serves {model_name!r}", field="model")
 
     def submit(request: Request, prompts: list[str], body: Any, max_tokens: int | None, field: str, top_n: int):
@@ -104,7 +122,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         return req
 
     def card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": int(time.time() - (engine.load_seconds or 0)),
+        # `created`: when the model was loaded (the server's start while it loads), the same on every call.
+        return {"id": model_name, "object": "model", "created": int(engine.loaded_at or started),
                 "owned_by": "bloom-server"}
 
     @router.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS)
@@ -120,7 +139,7 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         `ready` are there too, and the status is 503 until the model is loaded and warmed up (and while draining)."""
         if name.endswith(":predict"):  # POST /v1/models/{name}:predict is KServe's route; GET is the wrong method
             raise HTTPException(405, headers={"Allow": "POST"})
-        check_model(name)
+        check_resource(name)
         body = {**card(), "name": name, "ready": engine.ready}
         return JSONResponse(body, status_code=200 if engine.ready else 503)
 
@@ -132,12 +151,12 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         """OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n, stop, seed, logprobs,
         echo, stream (with stream_options.include_usage). Choice i*n+j is prompt i's j-th choice."""
         check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not prompts or any(not isinstance(p, str) or not p for p in prompts):
-            raise InvalidRequest("prompt: a non-empty string or a list of them", field="prompt")
+        prompts = _prompts(body.prompt)
+        if not prompts or any(not p for p in prompts):
+            raise InvalidRequest("prompt: a non-empty string or a list of them (or of token id lists)", field="prompt")
         req = submit(request, prompts, body, body.max_tokens, "prompt", body.logprobs or 0)
         rid, created = f"cmpl-{req.id}", int(time.time())
-        echo = [p for p in prompts for _ in range(body.n)] if body.echo else None
+        echo = [_prompt_text(engine, p) for p in prompts for _ in range(body.n)] if body.echo else None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _completion_chunks(engine, req, rid, created, model_name, echo, body.logprobs, include_usage, body.n)
@@ -192,6 +211,20 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         return JSONResponse(out, headers=timing_headers([req]))
 
     return router
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's four prompt shapes: a string, strings, one prompt as token ids, or several as token id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def _prompt_text(engine: Engine, prompt: str | list[int]) -> str:
+    assert engine.tokenizer is not None
+    return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
 
 
 def _message(m: dict[str, Any], i: int) -> dict[str, Any]:
@@ -269,7 +302,8 @@ async def _completion_chunks(engine: Engine, req: GenRequest, rid: str, created:
                   "top_logprobs": [{_text(engine, i): p for i, p in (ev.top or ())}] if logprobs else None,
                   "text_offset": [0]}
         yield chunk(ev.row, ev.text, None, lp)
-    async for tail in _finish(req, lambda i, c: chunk(i, "", _FINISH.get(c.finish_reason, "length")),
+    # The finishing chunk carries any text the token events held back, so the chunks add up to the answer.
+    async for tail in _finish(req, lambda i, c: chunk(i, c.stream_tail, _FINISH.get(c.finish_reason, "length")),
                               rid, created, model, "text_completion", include_usage, n):
         yield tail
 
@@ -291,7 +325,8 @@ async def _chat_chunks(engine: Engine, req: GenRequest, rid: str, created: int, 
                                "top_logprobs": [{"token": _text(engine, i), "logprob": p,
                                                  "bytes": list(_text(engine, i).encode())} for i, p in (ev.top or ())]}]}
         yield chunk(ev.row, {"content": ev.text}, None, lp)
-    async for tail in _finish(req, lambda i, c: chunk(i, {}, _FINISH.get(c.finish_reason, "length")),
+    async for tail in _finish(req, lambda i, c: chunk(i, {"content": c.stream_tail} if c.stream_tail else {},
+                                                      _FINISH.get(c.finish_reason, "length")),
                               rid, created, model, "chat.completion.chunk", include_usage, n):
         yield tail
 

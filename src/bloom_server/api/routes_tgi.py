@@ -157,6 +157,9 @@ async def _events(engine: Engine, req: GenRequest) -> AsyncIterator[bytes]:
         yield sse({"error": "the request ended before its first token", "error_type": "incomplete_generation"})
         return
     final = _event(engine, last, count)
+    # The engine's events stop before a stop sequence; TGI's generated_text ends with it, so the last token carries
+    # it too: the tokens' texts add up to generated_text (less the prompt, with return_full_text).
+    final["token"]["text"] += c.stream_tail + (c.stop_sequence or "")
     final["generated_text"] = generated_text(c)
     final["details"] = {
         "finish_reason": c.finish_reason,

@@ -32,7 +32,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="A prompt or a list of prompts.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A prompt or a list of prompts; a prompt may be given as a list of token ids.")
     max_tokens: int | None = Field(16, ge=1, description="New tokens per choice (default 16).")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Log-probabilities of the chosen and top tokens.")
     echo: bool = Field(False, description="Prepend the prompt to the text.")
@@ -54,6 +55,12 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Structured output and tool calls are not implemented: refused by name rather than silently ignored.
+    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is supported.')
+    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (an empty list is).")
+    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" is supported.')
+    functions: list[dict[str, Any]] | None = Field(None, description="Not supported.")
+    function_call: str | dict[str, Any] | None = Field(None, description='Only "none" is supported.')
 
 
 class Usage(BaseModel):

@@ -50,6 +50,7 @@ class Engine:
         self.batcher: Batcher | ContinuousScheduler | None = None
         self.batching: str | None = None  # "continuous" | "dynamic", once attached
         self.load_seconds: float | None = None
+        self.loaded_at: float | None = None  # wall-clock time the model was attached (OpenAI's `created`)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called with each request once it is answered, failed or cancelled (the API layer records metrics).
         self.on_request_done: Callable[[GenRequest, BaseException | None], None] | None = None
@@ -62,6 +63,7 @@ class Engine:
     def attach(self, runner: StepRunner, tokenizer: TextTokenizer, info: ModelInfo) -> None:
         """The model is loaded on every rank: wire it in (readiness still waits for warm-up)."""
         self.runner, self.tokenizer, self.info = runner, tokenizer, info
+        self.loaded_at = time.time()
         s = self.settings
         self.batching = self._batching_mode(runner)
         on_batch = lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None  # noqa: E731
@@ -167,9 +169,29 @@ class Engine:
                 limit=self.settings.max_batch_size,
             )
 
+    def _encode(self, prompts: list[str] | list[str | list[int]], field: str) -> list[list[int]]:
+        """Token ids of each prompt: a string is encoded, a list of token ids (OpenAI's prompt as tokens) is taken
+        as it is once every id is in the vocabulary."""
+        assert self.tokenizer is not None
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(self.tokenizer.encode_batch(texts) if texts else [])
+        rows = []
+        vocab = self.tokenizer.vocab_size
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                rows.append(next(encoded))
+                continue
+            if not p or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in p):
+                raise InvalidRequest(
+                    f"{field}[{i}]: token ids must be a non-empty list of integers from 0 to {vocab - 1}",
+                    field=f"{field}[{i}]", limit=vocab - 1,
+                )
+            rows.append(list(p))
+        return rows
+
     def submit(
         self,
-        texts: list[str],
+        texts: list[str] | list[str | list[int]],
         kwargs: dict[str, Any],
         *,
         seed: int | None = None,
@@ -207,7 +229,7 @@ class Engine:
         eos = params.get("eos_token_id", self.tokenizer.eos_token_id)
         eos_ids = frozenset(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
         spec = dataclasses.replace(spec, params=SamplingParams.from_dict(params))
-        rows = self.tokenizer.encode_batch(texts)
+        rows = self._encode(texts, field)
         if truncate is not None:
             rows = [r[-truncate:] for r in rows]
         check_prompts(

@@ -57,6 +57,9 @@ class Completion:
     top_logprobs: tuple[tuple[tuple[int, float], ...] | None, ...] = ()
     stop_sequence: str | None = None
     prompt_ids: tuple[int, ...] = ()
+    # Output text the token events did not carry (held back when the row ended by max_time or a cancel): a stream
+    # sends it last, so that its pieces add up to `text` (less the prompt).
+    stream_tail: str = ""
 
 
 @dataclass
@@ -245,7 +248,8 @@ class GenRequest:
         text = self.tok.decode(row.ids)
         if row.cut is None and self.stops:
             for s in self.stops:
-                at = text.find(s, max(0, len(row.text) - len(s)))
+                # From what was already streamed: the text after it may still change (an unfinished character).
+                at = text.find(s, max(0, row.emitted - len(s)))
                 if at >= 0 and (row.cut is None or at < row.cut):
                     row.cut, row.stop = at, s
         row.text = text
@@ -254,11 +258,14 @@ class GenRequest:
         if not row.done and row.stop is None:
             if visible.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next byte
                 end = len(visible.rstrip("\ufffd"))
-            for s in self.stops:  # hold back what may be the start of a stop sequence
-                for k in range(min(len(s) - 1, end), 0, -1):
+            # Hold back the longest tail that may be the start of a stop sequence (of any of them).
+            held = 0
+            for s in self.stops:
+                for k in range(min(len(s) - 1, end), held, -1):
                     if visible[:end].endswith(s[:k]):
-                        end -= k
+                        held = k
                         break
+            end -= held
         end = max(end, row.emitted)
         piece = visible[row.emitted : end]
         row.emitted = end
@@ -289,6 +296,7 @@ class GenRequest:
             if not self.incremental:
                 row.text = self.tok.decode(row.ids)
             text = row.text if row.cut is None else row.text[: row.cut]
+            tail = text[row.emitted :] if self.incremental else ""
             if keep_prompt:
                 full = self.tok.decode(row.prompt + row.ids)
                 text = full[: len(full) - (len(row.text) - len(text))] if row.cut is not None else full
@@ -302,6 +310,7 @@ class GenRequest:
                     top_logprobs=tuple(row.top),
                     stop_sequence=row.stop,
                     prompt_ids=tuple(row.prompt),
+                    stream_tail=tail,
                 )
             )
         return out

@@ -375,6 +375,53 @@ def test_lone_surrogate_escape_is_refused_naming_the_field(srv, path, key):
     after(srv, "surrogate " + path)
 
 
+def surrogate_cases(model: str) -> list[tuple[str, str, str]]:
+    """(path, body with a lone surrogate escape, the field an answer must name): one text field of each kind on
+    every surface, streamed and not, and a field the server ignores (it would be echoed in x-ignored-fields)."""
+    infer = '{"id": "a\\ud800b", "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}'
+    return [
+        ("/v1/completions", f'{{"model": "{model}", "prompt": "a\\ud800b", "echo": true, "max_tokens": 2}}', "prompt"),
+        ("/v1/completions", f'{{"model": "{model}", "prompt": "a\\ud800b", "echo": true, "max_tokens": 2, '
+                            '"stream": true}', "prompt"),
+        ("/v1/completions", f'{{"model": "{model}", "prompt": ["x", "\\udfff"], "max_tokens": 2}}', "prompt[1]"),
+        ("/v1/completions", f'{{"model": "{model}", "prompt": "x", "stop": "\\ud83d", "max_tokens": 2}}', "stop"),
+        ("/v1/chat/completions", f'{{"model": "{model}", "messages": [{{"role": "user", "content": "a\\ud800"}}], '
+                                 '"max_tokens": 2, "stream": true}', "messages[0].content"),
+        (f"/v2/models/{model}/infer", infer, "id"),
+        (f"/v2/models/{model}/infer", infer.replace('"a\\ud800b"', '"r"').replace('["x"]', '["\\udc00"]'),
+         "inputs[0].data[0]"),
+        (f"/v1/models/{model}:predict", '{"instances": ["\\ud800"]}', "instances[0]"),
+        ("/generate", '{"inputs": "a\\ud800b", "parameters": {"max_new_tokens": 2}}', "inputs"),
+        ("/generate_stream", '{"inputs": "a\\ud800b", "parameters": {"max_new_tokens": 2}}', "inputs"),
+        ("/", '{"inputs": "x", "parameters": {"max_new_tokens": 2, "stop": ["\\ud800"]}, "stream": true}',
+         "parameters.stop[0]"),
+        ("/generate", '{"text": ["x"], "max_new_tokens": 2, "note": "\\ud800"}', "note"),
+        ("/tokenize", '{"text": "\\ud800"}', "text"),
+    ]
+
+
+def test_lone_surrogate_escapes_are_a_4xx_naming_the_field_on_every_surface(srv, model):
+    """A lone surrogate written as a JSON escape is valid JSON but no text: a 4xx naming the field, before anything
+    runs (also on streams: no 200 and a silent end)."""
+    for path, raw, field in surrogate_cases(model):
+        status, body, headers = send(srv, "POST", path, raw.encode())
+        err = assert_clear_4xx(status, body, allowed=(400, 422), context=f"{path} {raw}")
+        assert field in message_of(err), (path, field, err)
+        named = err["error"]["param"] if isinstance(err.get("error"), dict) else err["field"]
+        assert named == field, (path, err)
+    # a field name that is a lone surrogate
+    status, body, _ = send(srv, "POST", "/generate", b'{"text": ["x"], "max_new_tokens": 2, "\\ud800": 1}')
+    err = assert_clear_4xx(status, body, allowed=(422,))
+    assert "field name" in err["message"], err
+    # a surrogate pair is one character, and escaped backslashes are text: both are served
+    status, out = post_json(srv, "/tokenize", {"text": ["\U0001F600 \\ud800"]})
+    assert status == 200, out
+    raw = b'{"text": ["\\ud83d\\ude00 \\\\ud800"]}'
+    status, body, _ = send(srv, "POST", "/tokenize", raw)
+    assert status == 200 and _json(body)["token_ids"] == out["token_ids"], body
+    after(srv, "surrogate escapes")
+
+
 def test_raw_control_characters_in_json_strings_are_malformed_json(srv):
     for byte in (0x00, 0x07, 0x0A, 0x1B, 0x1F):
         raw = b'{"text": ["a' + bytes([byte]) + b'b"]}'

@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
-from bloom_server.api.errors import render_error, surface_of
+from bloom_server.api.errors import loc_to_field, render_error, surface_of
 
 
 # Probes and the metrics scrape: never behind the API key, not counted as in-flight, not logged per request.
@@ -27,6 +27,9 @@ CLIENT_CLOSED = 499
 _ID_OK = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _FORM = b"application/x-www-form-urlencoded"
 _JSON_TYPE = (b"content-type", b"application/json")
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff). Paired, it is one character; alone, json.loads makes a str
+# that cannot be encoded, which would fail wherever the text is echoed or tokenized: such bodies are refused here.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _new_request_id() -> str:
@@ -47,7 +50,8 @@ class Gateway:
       what they know in scope["state"]: `gen` (the engine's requests) for tokens and timing.
     - max_bytes: 413 past it (before the body is read into memory; the rest of the body is drained so the client
       reads the answer), and 422 for a body that is not strict UTF-8 (Python's json.loads(bytes) would accept
-      CESU-8 surrogates). Either is answered here, once; the app's own answer to the aborted read is dropped.
+      CESU-8 surrogates), or whose JSON holds a lone surrogate escape (`"\\ud800"`), naming the field. Either is
+      answered here, once, for every route; the app's own answer to the aborted read is dropped.
     - json_default: a POST body without a content type, or with curl's default form type, is JSON (curl -d sends
       form encoding unless told otherwise; every body here is JSON).
     """
@@ -123,9 +127,9 @@ class Gateway:
                 message = dict(message, headers=out)
             await send(message)
 
-        async def refuse(code: int, kind: str, message: str, limit: Any) -> None:
+        async def refuse(code: int, kind: str, message: str, limit: Any, field: str = "body") -> None:
             nonlocal refused
-            code, content = render_error(surface_of(scope), code, kind, message, "body", limit)
+            code, content = render_error(surface_of(scope), code, kind, message, field, limit)
             body = json.dumps(content).encode()
             await send_out(
                 {
@@ -141,14 +145,20 @@ class Gateway:
         if max_bytes is not None:
             seen = 0
             utf8: Any = None  # made at the first chunk that is not ASCII (ASCII leaves no partial character)
+            chunks: list[bytes] = []
+            escapes = False  # a surrogate escape seen somewhere in the body: parse it and look closer at the end
 
             async def limited_receive() -> dict:
-                nonlocal seen, utf8
+                nonlocal seen, utf8, escapes
                 message = await receive()
                 if message["type"] == "http.request":
                     chunk = message.get("body", b"")
                     seen += len(chunk)
-                    problem = None
+                    problem: Any = None
+                    if not escapes and b"\\" in chunk:
+                        edge = chunks[-1][-5:] if chunks else b""  # an escape may straddle two chunks
+                        escapes = _SURROGATE_ESCAPE.search(edge + chunk) is not None
+                    chunks.append(chunk)
                     if seen > max_bytes:
                         problem = (413, "payload_too_large", f"body: {seen} bytes or more; the limit is {max_bytes} bytes",
                                    max_bytes)  # fmt: skip
@@ -160,6 +170,8 @@ class Gateway:
                         except UnicodeDecodeError as exc:
                             problem = (422, "validation_error", f"body: not valid UTF-8 ({exc.reason} at byte "
                                        f"{seen - len(chunk) + exc.start})", None)  # fmt: skip
+                    if problem is None and escapes and not message.get("more_body"):
+                        problem = _lone_surrogate_problem(b"".join(chunks))
                     if problem is not None:
                         if not refused:
                             if message.get("more_body"):
@@ -222,6 +234,47 @@ class Gateway:
             fields["client"] = f"{client[0]}:{client[1]}"
         text = " ".join(f"{k}={v}" for k, v in fields.items())
         self.log.info("request %s", text, extra={"request": fields})
+
+
+def _lone_surrogate_problem(body: bytes) -> tuple | None:
+    """(status, kind, message, limit, field) when a string of the JSON body holds a lone surrogate; None when none
+    does or the body is not JSON (the route's parser says so)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    found = _surrogate_loc(data, ())
+    if found is None:
+        return None
+    loc, in_name = found
+    field = loc_to_field(loc)
+    what = "a field name in it" if in_name else "it"
+    return (422, "validation_error", f"{field}: {what} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
+            "its pair), which is not a Unicode character", None, field)
+
+
+def _surrogate_loc(value: Any, loc: tuple) -> tuple[tuple, bool] | None:
+    stack = [(value, loc)]
+    while stack:  # iterative: the nesting depth is the client's
+        v, here = stack.pop()
+        if isinstance(v, str):
+            if not _encodable(v):
+                return here, False
+        elif isinstance(v, dict):
+            if not all(_encodable(k) for k in v):
+                return here, True
+            stack.extend((item, (*here, k)) for k, item in reversed(list(v.items())))
+        elif isinstance(v, list):
+            stack.extend((item, (*here, i)) for i, item in reversed(list(enumerate(v))))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _drain(receive: Any, cap: int = 64 << 20) -> None:

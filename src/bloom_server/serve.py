@@ -141,6 +141,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
     import uvicorn
 
     from bloom_server.api.app import create_app
+    from bloom_server.api.connections import connection_limits, guarded_protocol
     from bloom_server.engine.core import Engine
     from bloom_server.runtime.distributed import shutdown_distributed
     from bloom_server.runtime.lockstep import die
@@ -205,6 +206,8 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=settings.drain_timeout_s,
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # uvicorn takes a float fine
+        http=guarded_protocol(connection_limits(settings)),
     )
     server = make_server(config, on_signal=engine.drain, idle=lambda: engine.idle, drain_timeout_s=settings.drain_timeout_s)
     server.run()

@@ -5,7 +5,9 @@ the API key."""
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextlib
 import hmac
 import json
 import logging
@@ -64,9 +66,11 @@ class Gateway:
         metrics: Any = None,
         access_log: logging.Logger | None = None,
         max_bytes: int | None = None,
+        body_timeout_s: float | None = None,
         json_default: bool = True,
     ):
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.context = context
         self.metrics = metrics if context else None
         self.log = access_log or logging.getLogger("bloom_server.access")
@@ -114,12 +118,15 @@ class Gateway:
             if metrics is not None and not probe:
                 metrics.in_flight.inc()
         status = 500
-        refused = False  # answered here (413, 422): what the app answers to the aborted read is dropped
+        refused = False  # answered here (408, 413, 422): what the app answers to the aborted read is dropped
+        started = False  # the response has begun (its status is out)
 
         async def send_out(message: dict) -> None:
-            nonlocal status
+            nonlocal status, started
             if refused:
                 return
+            if message["type"] == "http.response.start":
+                started = True
             if context and message["type"] == "http.response.start":
                 status = message["status"]
                 out = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
@@ -127,21 +134,36 @@ class Gateway:
                 message = dict(message, headers=out)
             await send(message)
 
-        async def refuse(code: int, kind: str, message: str, limit: Any, field: str = "body") -> None:
+        async def refuse(code: int, kind: str, message: str, limit: Any, field: str = "body", *,
+                         close: bool = False, then: Any = None) -> None:
+            """Answer here. `close`: the connection closes after it (a body left unread); `then`: awaited after the
+            answer's bytes went out and before the response completes (draining a body the client may still send,
+            so that it reads the answer instead of a reset connection)."""
             nonlocal refused
             code, content = render_error(surface_of(scope), code, kind, message, field, limit)
             body = json.dumps(content).encode()
-            await send_out(
-                {
-                    "type": "http.response.start",
-                    "status": code,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send_out({"type": "http.response.body", "body": body})
+            hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            if close:
+                hdrs.append((b"connection", b"close"))
+            await send_out({"type": "http.response.start", "status": code, "headers": hdrs})
+            await send_out({"type": "http.response.body", "body": body, "more_body": then is not None})
+            if then is not None:
+                try:
+                    await then
+                finally:
+                    await send_out({"type": "http.response.body", "body": b""})
             refused = True
 
         app_receive = receive
+        body_timeout = self.body_timeout_s
+        deadline = asyncio.get_running_loop().time() + body_timeout if body_timeout is not None else None
+        body_done = False
+
+        async def drain() -> None:
+            """Discard what is left of the body (bounded in bytes and by the body deadline)."""
+            with contextlib.suppress(asyncio.TimeoutError):
+                await _before(deadline, _drain(receive))
+
         if max_bytes is not None:
             seen = 0
             utf8: Any = None  # made at the first chunk that is not ASCII (ASCII leaves no partial character)
@@ -149,9 +171,20 @@ class Gateway:
             escapes = False  # a surrogate escape seen somewhere in the body: parse it and look closer at the end
 
             async def limited_receive() -> dict:
-                nonlocal seen, utf8, escapes
-                message = await receive()
+                nonlocal seen, utf8, escapes, body_done
+                if body_done or deadline is None:
+                    message = await receive()
+                else:
+                    # Only reading the body is bounded; once it is in, receive() waits for a disconnect, unbounded.
+                    try:
+                        message = await _before(deadline, receive())
+                    except asyncio.TimeoutError:
+                        if not refused:
+                            await refuse(408, "request_timeout", f"body: {seen} bytes received in {body_timeout:g} s, "
+                                         "not all of it (the body deadline)", body_timeout, close=True)  # fmt: skip
+                        raise _BodyRefused() from None
                 if message["type"] == "http.request":
+                    body_done = not message.get("more_body")
                     chunk = message.get("body", b"")
                     seen += len(chunk)
                     problem: Any = None
@@ -174,9 +207,8 @@ class Gateway:
                         problem = _lone_surrogate_problem(b"".join(chunks))
                     if problem is not None:
                         if not refused:
-                            if message.get("more_body"):
-                                await _drain(receive)
-                            await refuse(*problem)
+                            more = bool(message.get("more_body"))
+                            await refuse(*problem, close=more, then=drain() if more else None)
                         raise _BodyRefused()
                 return message
 
@@ -188,13 +220,24 @@ class Gateway:
 
         try:
             if declared_over is not None:
-                await _drain(receive)
+                # Answered before reading a byte of it. A client that waits for "100 Continue" never sends it; one
+                # that sends it anyway reads this answer while the rest is discarded.
+                waits = any(k == b"expect" and v.lower() == b"100-continue" for k, v in headers)
                 await refuse(413, "payload_too_large", f"body: {declared_over} bytes or more; the limit is "
-                             f"{max_bytes} bytes", max_bytes)  # fmt: skip
+                             f"{max_bytes} bytes", max_bytes, close=True, then=None if waits else drain())  # fmt: skip
                 return
             await self.app(scope, app_receive, send_out)
         except _BodyRefused:
             pass
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when the drain timeout has passed (a client stalled mid-body,
+            # typically): it gets the server's own 503 instead of uvicorn's plain-text 500 and a traceback.
+            if max_bytes is None or started:
+                status = 500
+                raise
+            status = 503
+            await refuse(503, "not_ready", "the server is shutting down (its drain timeout has passed); retry "
+                         "elsewhere", None, close=True)  # fmt: skip
         except ClientDisconnect:
             # The client left before its answer (mid-body, or while its request ran; the engine's work for it is
             # cancelled by then): nobody is left to answer. Not a server error: 499, nginx's "client closed request".
@@ -275,6 +318,15 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+async def _before(deadline: float, awaitable: Any) -> Any:
+    """`awaitable`'s result, or asyncio.TimeoutError at `deadline` (the loop's clock)."""
+    timeout_at = getattr(asyncio, "timeout_at", None)  # Python 3.11+: no task per call
+    if timeout_at is not None:
+        async with timeout_at(deadline):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
 
 
 async def _drain(receive: Any, cap: int = 64 << 20) -> None:

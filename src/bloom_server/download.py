@@ -100,6 +100,9 @@ class RemoteFile:
             "size": self.size,
             "sha256": self.sha256,
             "git_sha1": self.git_sha1,
+            # What the bytes were checked against: a hash the Hub published, or nothing ("unverified": the size
+            # matched, no more). The server loads a pickle only with a hash here (model_dir.check_pickles).
+            "checksum": marker.checksum_kind(self.sha256, self.git_sha1),
             "mtime_ns": mtime_ns,
         }
 
@@ -886,8 +889,7 @@ class Downloader:
         self.finish(files)
         elapsed = time.monotonic() - t0
         LOG.info(
-            "bloom-server download: complete: %s@%s, %d files, %s (fetched %d files, %s) in %s at %s/s, "
-            "all sizes and checksums verified, dir %s",
+            "bloom-server download: complete: %s@%s, %d files, %s (fetched %d files, %s) in %s at %s/s, %s, dir %s",
             self.repo_id,
             self.commit,
             len(files),
@@ -896,8 +898,16 @@ class Downloader:
             human(progress.done),
             f"{elapsed:.1f}s",
             human(progress.done / max(elapsed, 1e-6)),
+            verification_summary(files),
             self.dir,
         )
+        unhashed_pickles = [f.path for f in files if f.checksum_name == "size only" and marker.is_pickle_name(f.path)]
+        if unhashed_pickles:
+            LOG.warning(
+                "the Hub published no hash for %s: pickled weights checked by size only are marked unverified, and "
+                "the server refuses to load them unless started with --trust-unverified-pickles (dangerous)",
+                ", ".join(unhashed_pickles[:5]) + (" ..." if len(unhashed_pickles) > 5 else ""),
+            )
 
     def _fetch_all(self, to_fetch: list[RemoteFile], progress: Progress) -> None:
         if not to_fetch:
@@ -955,6 +965,16 @@ class Downloader:
         except OSError as e:
             raise _disk_error(e, self.dir / marker.COMPLETE) from e
         _remove_empty_tree(self.parts)
+
+
+def verification_summary(files: list[RemoteFile]) -> str:
+    """What was checked, as it was: "all sizes and checksums verified" only when every file had a published hash."""
+    unhashed = [f.path for f in files if f.checksum_name == "size only"]
+    if not unhashed:
+        return "all sizes and checksums verified"
+    names = ", ".join(unhashed[:5]) + (" ..." if len(unhashed) > 5 else "")
+    return (f"all sizes verified; checksums verified for {len(files) - len(unhashed)} of {len(files)} files (the Hub "
+            f"published no hash for {names}: size only, unverified)")  # fmt: skip
 
 
 def _size(p: pathlib.Path) -> int:

@@ -9,15 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bloom_server.errors import ModelDirError
+from bloom_server.marker import PICKLE_SUFFIXES  # one list of the extensions torch.load unpickles
 
 log = logging.getLogger(__name__)
 
 KSERVE_MOUNT = "/mnt/models"  # where KServe mounts a pvc:// storage URI in kserve-container
 DS_CONFIG = "ds_inference_config.json"
-
-
-# Extensions of files torch.load unpickles (weights in Python's pickle format: loading one runs code).
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 TRUST_HINT = "--trust-unverified-pickles / BLOOM_TRUST_UNVERIFIED_PICKLES=1"
 
 
@@ -153,10 +150,17 @@ def check_pickles(path: Path, layout: str, *, verified: bool, trust: bool) -> No
     pickles = pickle_files(path, layout)
     listed = marker.listed_paths(path) if verified else set()
     unlisted = [p for p in pickles if p not in listed]
-    if verified and not unlisted:
+    # Listed is not enough: the bytes must have matched a hash the Hub published, not only a size.
+    unhashed = [p for p in pickles if p in marker.hash_unverified_paths(path)] if verified else []
+    if verified and not unlisted and not unhashed:
         return
     what = "pre-sharded DeepSpeed checkpoint" if layout == "ds_presharded" else "checkpoint"
-    if not verified:
+    if unhashed and not unlisted:
+        problem = (f"{path}: {', '.join(unhashed[:3])}{' ...' if len(unhashed) > 3 else ''} "
+                   f"{'is' if len(unhashed) == 1 else 'are'} pickled and marked {marker.UNVERIFIED} in its completion "
+                   f"marker {marker.COMPLETE} (the Hub published no hash for "
+                   f"{'it' if len(unhashed) == 1 else 'them'}: the download checked the size only)")  # fmt: skip
+    elif not verified:
         problem = (f"{path}: its {what} is pickled ({', '.join(pickles[:3]) or 'no pickle files yet'}"
                    f"{' ...' if len(pickles) > 3 else ''}) and the directory has no completion marker "
                    f"{marker.COMPLETE}")  # fmt: skip

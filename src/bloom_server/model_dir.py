@@ -27,6 +27,7 @@ class ModelDir:
     model_id: str
     revision: str | None = None
     weights_format: str = "safetensors"  # "safetensors" or "pickle": what the weights will be loaded from
+    sizes: dict | None = None  # n_layer, n_head, hidden_size, vocab_size from config.json, checked (model_config)
 
     @property
     def ds_config(self) -> dict:
@@ -114,7 +115,18 @@ def resolve_model_dir(
         raise ModelDirError(f"{path} has no tokenizer.json (the server tokenizes with the fast tokenizer)")
     if fmt == "pickle":
         check_pickles(path, layout, verified=recorded is not None, trust=trust_unverified_pickles)
-    return ModelDir(path=path, layout=layout, model_id=model_id or name, revision=sha, weights_format=fmt)
+    sizes = None
+    if (path / "config.json").is_file():  # checked before anything is allocated from it
+        from bloom_server import model_config
+
+        sizes = model_config.read_sizes(path)
+        if layout == "hf":
+            kind, files = checkpoint_files(path)
+            model_config.check_weights(path, sizes, files, kind)
+        elif layout == "ds_presharded":
+            model_config.check_weights(path, sizes, [path / p for p in pickle_files(path, layout)], "pickle")
+    return ModelDir(path=path, layout=layout, model_id=model_id or name, revision=sha, weights_format=fmt,
+                    sizes=sizes)  # fmt: skip
 
 
 def pickle_files(path: Path, layout: str) -> list[str]:

@@ -109,9 +109,34 @@ def serve(settings: Settings, local_rank_flag: int | None = None, early=None) ->
     from bloom_server.runtime.distributed import rank_context
 
     ctx = rank_context(local_rank_flag)
+    try:
+        check_memory(settings, model_dir, ctx)  # torch is imported now; nothing is allocated yet
+    except BloomServerError as exc:
+        log.error("cannot serve: %s", exc)
+        return 2
     if ctx.rank != 0:
         return _follower(settings, model_dir, ctx, progress, workers)
     return _leader(settings, model_dir, ctx, progress, workers)
+
+
+def check_memory(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> None:
+    """The weights the config describes against the memory of this rank's devices (ModelDirError if they cannot fit):
+    a config that asks for more fails here, not after minutes of allocating."""
+    if model_dir.sizes is None or settings.cpu_offload:
+        return
+    from bloom_server import model_config
+
+    dtype = settings.dtype if settings.dtype != "auto" else ("fp16" if ctx.device_type == "cuda" else "fp32")
+    if ctx.device_type == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(ctx.local_rank).total_memory
+        # One process over every visible GPU (hf, device_map="auto"), or one rank per GPU holding its shard.
+        gpus = torch.cuda.device_count() if ctx.world_size == 1 and settings.backend == "hf" else 1
+        model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, total * gpus,
+                                 f"{gpus} GPU(s)" if gpus > 1 else f"GPU {ctx.local_rank}", share=ctx.world_size)
+    else:  # every rank of a CPU run shares this host's memory
+        model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, model_config.host_memory(), "this host")
 
 
 def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress,

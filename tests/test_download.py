@@ -533,3 +533,26 @@ def test_a_pickle_whose_hash_the_hub_did_not_publish_is_marked_unverified_and_re
     with pytest.raises(ModelDirError, match=r"pytorch_model\.bin is pickled and marked unverified"):
         resolve_model_dir(str(local))
     assert resolve_model_dir(str(local), trust_unverified_pickles=True).weights_format == "pickle"
+
+
+@pytest.mark.parametrize("case", ["nul", "long-name", "negative-size", "file-and-folder"])
+def test_odd_listings_are_refused_with_a_clear_message_and_their_own_exit_code(tmp_path, case):
+    """Listings no directory can hold: refused before anything is written, exit 8 ("listing"), one clear line."""
+    files = {"config.json": b"{}", "tokenizer.json": b"{}"}
+    if case == "nul":
+        files["a\0b.json"] = b"{}"
+    elif case == "long-name":
+        files["w" * 300 + ".bin"] = b"x"
+    elif case == "file-and-folder":
+        files.update({"sub": b"a file", "sub/x": b"a file in a folder of the same name"})
+    with HubStub() as hub:
+        hub.add_repo(REPO, files)
+        if case == "negative-size":
+            hub.repos[REPO].listing_overrides["config.json"] = {"size": -5}
+        local = tmp_path / "out"
+        r = run_download(hub.url, tmp_path, local)
+    assert r.rc == download.EXIT_LISTING == 8, r
+    assert "error [listing]" in r.last and "Traceback" not in r.out, r
+    assert {"nul": "control character", "long-name": "304 bytes", "negative-size": "-5",
+            "file-and-folder": "'sub'"}[case] in r.last, r
+    assert not any(p.is_file() for p in tmp_path.rglob("*") if "hf-home" not in p.parts), list(tmp_path.rglob("*"))

@@ -544,6 +544,18 @@ def test_json_under_other_content_types_is_never_a_5xx(srv, post_routes):
     after(srv, "json under other types")
 
 
+def test_json_labelled_text_plain_is_read_as_json_on_every_route(srv, post_routes, model):
+    """One rule for every route: a body without a type, with curl's form type or with text/plain is JSON."""
+    for path in post_routes:
+        raw = json.dumps(many_prompts_body(path, model, 1)).encode()
+        want = send(srv, "POST", path, raw)[0]
+        assert want == 200, (path, want)
+        for ctype in ("text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded"):
+            status, body, _ = send(srv, "POST", path, raw, {"Content-Type": ctype})
+            assert status == want, (path, ctype, status, body[:300])
+    after(srv, "text/plain")
+
+
 def test_wrong_methods_and_unknown_paths(srv, spec, model):
     for path, ops in spec["paths"].items():
         concrete = path.replace("{name}", model)

@@ -27,7 +27,9 @@ PROBES = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/hea
 PUBLIC_PAGES = frozenset({"/", "/ui", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"})
 CLIENT_CLOSED = 499
 _ID_OK = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_FORM = b"application/x-www-form-urlencoded"
+# Labels read as JSON on every POST route: curl -d's form type, and text/plain (a browser's fetch() of a string).
+# One rule for all routes; other non-JSON types are refused as not JSON.
+_AS_JSON = (b"application/x-www-form-urlencoded", b"text/plain")
 _JSON_TYPE = (b"content-type", b"application/json")
 # A JSON escape of a UTF-16 surrogate (\ud800-\udfff). Paired, it is one character; alone, json.loads makes a str
 # that cannot be encoded, which would fail wherever the text is echoed or tokenized: such bodies are refused here.
@@ -54,8 +56,8 @@ class Gateway:
       reads the answer), and 422 for a body that is not strict UTF-8 (Python's json.loads(bytes) would accept
       CESU-8 surrogates), or whose JSON holds a lone surrogate escape (`"\\ud800"`), naming the field. Either is
       answered here, once, for every route; the app's own answer to the aborted read is dropped.
-    - json_default: a POST body without a content type, or with curl's default form type, is JSON (curl -d sends
-      form encoding unless told otherwise; every body here is JSON).
+    - json_default: a POST body without a content type, with curl's default form type or with text/plain is JSON,
+      on every route (curl -d sends form encoding unless told otherwise, fetch() text/plain; every body here is JSON).
     """
 
     def __init__(
@@ -214,7 +216,7 @@ class Gateway:
 
             app_receive = limited_receive
 
-        if self.json_default and scope.get("method") == "POST" and (not ctype or ctype.startswith(_FORM)):
+        if self.json_default and scope.get("method") == "POST" and (not ctype or ctype.lower().startswith(_AS_JSON)):
             # In place: the router records the matched route in this same scope (the access log reads it).
             scope["headers"] = [(k, v) for k, v in headers if k != b"content-type"] + [_JSON_TYPE]
 

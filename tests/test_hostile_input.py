@@ -346,6 +346,28 @@ def test_nan_and_infinity_are_refused_naming_the_field(srv, literal, model):
     after(srv, literal)
 
 
+def test_booleans_are_refused_where_numbers_are_expected(srv, model):
+    """true is not 1: a 4xx naming the field on every surface. Strings are still parsed as the original did."""
+    for path, body, field in [
+        ("/generate", {"text": ["Hello"], "max_new_tokens": True}, "max_new_tokens"),
+        ("/generate", {"text": ["Hello"], "eos_token_id": True}, "eos_token_id"),
+        ("/generate", {"text": ["Hello"], "do_sample": True, "temperature": True}, "temperature"),
+        ("/generate", {"text": ["Hello"], "exponential_decay_length_penalty": [True, 1.0]},
+         "exponential_decay_length_penalty"),
+        ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": True}}, "max_new_tokens"),
+        ("/generate_stream", {"inputs": "Hello", "parameters": {"top_k": False}}, "top_k"),
+        ("/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": True}, "max_tokens"),
+        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}], "n": True}, "n"),
+        (f"/v1/models/{model}:predict", {"instances": ["Hello"], "parameters": {"max_new_tokens": True}},
+         "max_new_tokens"),
+    ]:
+        status, err = post_json(srv, path, body)
+        assert status in (400, 422) and field in message_of(err), (path, body, status, err)
+    status, out = post_json(srv, "/generate", {"text": ["Hello"], "max_new_tokens": "2", "do_sample": "false"})
+    assert status == 200 and out["num_generated_tokens"][0] <= 2, out
+    after(srv, "booleans")
+
+
 def test_invalid_utf8_is_a_4xx(srv, post_routes):
     bad = {
         "lone continuation byte": b"\x80",

@@ -578,6 +578,18 @@ def test_json_labelled_text_plain_is_read_as_json_on_every_route(srv, post_route
     after(srv, "text/plain")
 
 
+def test_head_is_answered_wherever_get_is(srv, spec, model):
+    """HEAD gets GET's status and headers, without the body, on every GET route (probes, pages, the API)."""
+    paths = [p.replace("{name}", model) for p, ops in spec["paths"].items() if "get" in ops]
+    assert {"/health", "/ready", "/metrics", "/", "/v1/models"} <= set(paths) | {"/docs", "/openapi.json"}, paths
+    for path in paths + ["/docs", "/openapi.json"]:
+        want, _, want_headers = send(srv, "GET", path, headers={})
+        status, body, headers = send(srv, "HEAD", path, headers={})
+        assert status == want and body == b"", (path, status, want)
+        assert headers.get("content-type") == want_headers.get("content-type"), (path, headers)
+    after(srv, "HEAD")
+
+
 def test_wrong_methods_and_unknown_paths(srv, spec, model):
     for path, ops in spec["paths"].items():
         concrete = path.replace("{name}", model)

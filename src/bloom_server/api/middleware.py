@@ -104,6 +104,11 @@ class Gateway:
 
         context = self.context
         metrics = self.metrics
+        app_scope = scope
+        if context and scope.get("method") == "HEAD":
+            # HEAD is GET without the body (uvicorn drops it, reading its own scope): routed as GET, so that every
+            # GET route answers it. A copy: uvicorn must still see HEAD.
+            app_scope = dict(scope, method="GET")
         request_id = ""
         rid = b""
         probe = False
@@ -228,7 +233,7 @@ class Gateway:
                 await refuse(413, "payload_too_large", f"body: {declared_over} bytes or more; the limit is "
                              f"{max_bytes} bytes", max_bytes, close=True, then=None if waits else drain())  # fmt: skip
                 return
-            await self.app(scope, app_receive, send_out)
+            await self.app(app_scope, app_receive, send_out)
         except _BodyRefused:
             pass
         except asyncio.CancelledError:
@@ -255,7 +260,7 @@ class Gateway:
                 if metrics is not None:
                     if not probe:
                         metrics.in_flight.dec()
-                    route = getattr(scope.get("route"), "path", None) or "unmatched"
+                    route = getattr(app_scope.get("route"), "path", None) or "unmatched"
                     metrics.observe_http(route, scope.get("method", ""), status, elapsed)
                 if not probe and self.log.isEnabledFor(logging.INFO):
                     self._log(scope, state, request_id, status, elapsed)

@@ -102,7 +102,8 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
                            body_timeout_s=settings.body_timeout_s)
         return
     # Added innermost first.
-    app.add_middleware(Gateway, context=False, max_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(Gateway, context=False, max_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:

@@ -63,7 +63,8 @@ class ConnectionLimits:
 
 
 def connection_limits(settings: Any) -> ConnectionLimits:
-    return ConnectionLimits(max_connections=settings.max_connections, max_per_client=settings.max_connections_per_client,
+    return ConnectionLimits(max_connections=settings.max_connections,
+                            max_per_client=settings.max_connections_per_client,
                             header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s)
 
 

@@ -179,10 +179,11 @@ class Gateway:
 
             async def limited_receive() -> dict:
                 nonlocal seen, utf8, escapes, body_done
-                if body_done or deadline is None:
+                if body_done or deadline is None or started:
                     message = await receive()
                 else:
-                    # Only reading the body is bounded; once it is in, receive() waits for a disconnect, unbounded.
+                    # Only reading the body is bounded; once it is in (or the answer has begun), receive() waits for
+                    # the client to leave, unbounded.
                     try:
                         message = await _before(deadline, receive())
                     except asyncio.TimeoutError:

@@ -142,7 +142,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _completion_chunks(engine, req, rid, created, model_name, echo, body.logprobs, include_usage, body.n)
-            return StreamingResponse(events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
         (comps,) = await result_or_disconnect(request, [req])
         choices = []
         for i, c in enumerate(comps):
@@ -177,7 +178,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _chat_chunks(engine, req, rid, created, model_name, body.logprobs, include_usage, body.n)
-            return StreamingResponse(events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
         (comps,) = await result_or_disconnect(request, [req])
         choices = [
             {

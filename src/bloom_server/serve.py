@@ -131,10 +131,13 @@ def check_memory(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> N
         import torch
 
         total = torch.cuda.get_device_properties(ctx.local_rank).total_memory
-        # One process over every visible GPU (hf, device_map="auto"), or one rank per GPU holding its shard.
-        gpus = torch.cuda.device_count() if ctx.world_size == 1 and settings.backend == "hf" else 1
-        model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, total * gpus,
-                                 f"{gpus} GPU(s)" if gpus > 1 else f"GPU {ctx.local_rank}", share=ctx.world_size)
+        if settings.backend == "hf" and ctx.world_size == 1:  # device_map="auto": every visible GPU, then the host
+            gpus = torch.cuda.device_count()
+            model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, total * gpus + model_config.host_memory(),
+                                     f"{gpus} GPU(s) and the host together")  # fmt: skip
+        else:  # hf: a whole copy per rank; the other backends: this rank's shard
+            share = 1 if settings.backend == "hf" else ctx.world_size
+            model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, total, f"GPU {ctx.local_rank}", share=share)
     else:  # every rank of a CPU run shares this host's memory
         model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, model_config.host_memory(), "this host")
 

@@ -64,6 +64,8 @@ class Repo:
     listing_overrides: dict[str, dict] = field(default_factory=dict)
     # Bytes served instead of the listed ones (path -> bytes): a corrupt CDN.
     served_overrides: dict[str, bytes] = field(default_factory=dict)
+    # Headers the resolve endpoint sends instead of its own (path -> headers): e.g. an ETag that is no hash.
+    header_overrides: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class HubStub:
@@ -319,6 +321,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
             return self._send(req, 302, b"", common)
         common["ETag"] = f'"{git_blob_sha1(data)}"'
+        common.update(repo.header_overrides.get(path, {}))
         self._serve_bytes(req, repo.served_overrides.get(path, data), path, common)
 
     def _cdn(self, req: Request, sha256: str) -> None:

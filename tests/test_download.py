@@ -504,3 +504,55 @@ def test_check_model_dir_outcomes(tmp_path):
     (gone / "b.bin").write_bytes(b"12345678")
     with pytest.raises(ModelDirError, match=r"b\.bin: expected 7 bytes, found 8 \(larger than downloaded\)"):
         marker.check_model_dir(gone)
+
+
+def test_a_pickle_whose_hash_the_hub_did_not_publish_is_marked_unverified_and_refused(tmp_path):
+    """The Hub lists pytorch_model.bin with no LFS sha256, no blob id, and answers a HEAD with an ETag that is no hash:
+    the download checks its size only, says so (never "all ... checksums verified"), marks it unverified, and the
+    server refuses to unpickle it unless told to trust unverified pickles."""
+    from bloom_server.model_dir import resolve_model_dir
+
+    files = {
+        "config.json": b'{"model_type": "bloom", "n_layer": 2}',
+        "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
+        "pytorch_model.bin": random.Random(5).randbytes(900),  # small: served directly, its ETag as given
+    }
+    with HubStub(lfs_threshold=1024) as hub:
+        hub.add_repo(REPO, files)
+        hub.repos[REPO].listing_overrides["pytorch_model.bin"] = {"blobId": None}
+        hub.repos[REPO].header_overrides["pytorch_model.bin"] = {"ETag": 'W/"384-18c2f0a1b2"'}
+        local = tmp_path / "out"
+        r = run_download(hub.url, tmp_path, local)
+    assert r.rc == 0, r
+    assert "all sizes and checksums verified" not in r.out, r
+    assert "checksums verified for 2 of 3 files" in r.out and "pytorch_model.bin" in r.out, r
+    assert "--trust-unverified-pickles" in r.out, r
+    entries = {e["path"]: e for e in marker.read_marker(local)["files"]}
+    assert entries["pytorch_model.bin"]["checksum"] == "unverified" and entries["pytorch_model.bin"]["sha256"] is None
+    assert entries["config.json"]["checksum"] == "git-sha1", entries
+    with pytest.raises(ModelDirError, match=r"pytorch_model\.bin is pickled and marked unverified"):
+        resolve_model_dir(str(local))
+    assert resolve_model_dir(str(local), trust_unverified_pickles=True).weights_format == "pickle"
+
+
+@pytest.mark.parametrize("case", ["nul", "long-name", "negative-size", "file-and-folder"])
+def test_odd_listings_are_refused_with_a_clear_message_and_their_own_exit_code(tmp_path, case):
+    """Listings no directory can hold: refused before anything is written, exit 8 ("listing"), one clear line."""
+    files = {"config.json": b"{}", "tokenizer.json": b"{}"}
+    if case == "nul":
+        files["a\0b.json"] = b"{}"
+    elif case == "long-name":
+        files["w" * 300 + ".bin"] = b"x"
+    elif case == "file-and-folder":
+        files.update({"sub": b"a file", "sub/x": b"a file in a folder of the same name"})
+    with HubStub() as hub:
+        hub.add_repo(REPO, files)
+        if case == "negative-size":
+            hub.repos[REPO].listing_overrides["config.json"] = {"size": -5}
+        local = tmp_path / "out"
+        r = run_download(hub.url, tmp_path, local)
+    assert r.rc == download.EXIT_LISTING == 8, r
+    assert "error [listing]" in r.last and "Traceback" not in r.out, r
+    assert {"nul": "control character", "long-name": "304 bytes", "negative-size": "-5",
+            "file-and-folder": "'sub'"}[case] in r.last, r
+    assert not any(p.is_file() for p in tmp_path.rglob("*") if "hf-home" not in p.parts), list(tmp_path.rglob("*"))

@@ -174,6 +174,46 @@ def test_every_route_answers_within_its_declared_schema(fuzz_server, api_schema,
     assert not failures, "\n\n".join(failures)
 
 
+def corpus(model: str) -> list[tuple[str, dict]]:
+    """Inputs that once gave a 500, a stream without its end, or a number read from a boolean (docs/reliability.md,
+    "Bugs found"): replayed on every run through the same checks as the generated cases, so that they stay fixed."""
+    infer = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}
+    return [
+        ("POST /v1/completions", {"model": model, "prompt": "a\ud800b", "echo": True, "max_tokens": 2}),
+        ("POST /v1/completions", {"model": model, "prompt": "a\ud800b", "echo": True, "max_tokens": 2, "stream": True}),
+        ("POST /v1/completions", {"model": model, "prompt": "x", "stop": ["\udfff"], "max_tokens": 2}),
+        ("POST /v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "\ud800"}],
+                                       "stream": True, "max_tokens": 2}),
+        ("POST /v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}], "n": True}),
+        ("POST /v2/models/{name}/infer", {"id": "a\ud800b", **infer}),
+        ("POST /v2/models/{name}/infer", {"inputs": [dict(infer["inputs"][0], data=["\udc00"])]}),
+        ("POST /v1/models/{name}:predict", {"instances": ["\ud800"], "parameters": {"max_new_tokens": True}}),
+        ("POST /generate", {"text": ["x"], "max_new_tokens": True}),
+        ("POST /generate", {"text": ["x"], "eos_token_id": True}),
+        ("POST /generate", {"text": ["\ud800"], "max_new_tokens": 2}),
+        ("POST /generate", {"inputs": "a\ud800b", "parameters": {"max_new_tokens": 2}}),
+        ("POST /generate_stream", {"inputs": "a\ud800b", "parameters": {"max_new_tokens": 2}}),
+        ("POST /generate_stream", {"inputs": "x", "parameters": {"max_new_tokens": True}}),
+        ("POST /", {"inputs": "x", "parameters": {"max_new_tokens": 2, "stop": ["\ud800"]}, "stream": True}),
+        ("POST /tokenize", {"text": "\ud800"}),
+        ("POST /forward", {"conditioning_text": ["a"], "response": ["\udfff"]}),
+    ]
+
+
+def test_the_corpus_of_past_bugs_answers_within_the_declared_schema(fuzz_server, api_schema, tiny_model_dir):
+    operations = {op.label: op for op in (result.ok() for result in api_schema.get_all_operations())}
+    for label, body in corpus(tiny_model_dir.name):
+        op = operations[label]
+        params = {"name": tiny_model_dir.name} if "{name}" in op.path else None
+        case = op.Case(body=body, media_type="application/json", path_parameters=params)
+        response = case.call(base_url=fuzz_server.url, timeout=REQUEST_TIMEOUT_S)
+        case.validate_response(response, checks=CHECKS)
+        _status_in_contract(case, response)
+        _error_shape(case, response)
+        assert response.status_code in (400, 422), (label, body, response.status_code, response.text[:300])
+    fuzz_server.assert_alive("corpus")
+
+
 def test_fuzzing_reached_every_route_and_the_server_still_serves(fuzz_server, api_schema):
     """Runs after the fuzzing: every operation was exercised, routes with inputs by many cases; a good request
     still gets its answer; the numbers for docs/reliability.md are printed (pytest -s)."""

@@ -348,6 +348,28 @@ def test_nan_and_infinity_are_refused_naming_the_field(srv, literal, model):
     after(srv, literal)
 
 
+def test_booleans_are_refused_where_numbers_are_expected(srv, model):
+    """true is not 1: a 4xx naming the field on every surface. Strings are still parsed as the original did."""
+    for path, body, field in [
+        ("/generate", {"text": ["Hello"], "max_new_tokens": True}, "max_new_tokens"),
+        ("/generate", {"text": ["Hello"], "eos_token_id": True}, "eos_token_id"),
+        ("/generate", {"text": ["Hello"], "do_sample": True, "temperature": True}, "temperature"),
+        ("/generate", {"text": ["Hello"], "exponential_decay_length_penalty": [True, 1.0]},
+         "exponential_decay_length_penalty"),
+        ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": True}}, "max_new_tokens"),
+        ("/generate_stream", {"inputs": "Hello", "parameters": {"top_k": False}}, "top_k"),
+        ("/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": True}, "max_tokens"),
+        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}], "n": True}, "n"),
+        (f"/v1/models/{model}:predict", {"instances": ["Hello"], "parameters": {"max_new_tokens": True}},
+         "max_new_tokens"),
+    ]:
+        status, err = post_json(srv, path, body)
+        assert status in (400, 422) and field in message_of(err), (path, body, status, err)
+    status, out = post_json(srv, "/generate", {"text": ["Hello"], "max_new_tokens": "2", "do_sample": "false"})
+    assert status == 200 and out["num_generated_tokens"][0] <= 2, out
+    after(srv, "booleans")
+
+
 def test_invalid_utf8_is_a_4xx(srv, post_routes):
     bad = {
         "lone continuation byte": b"\x80",
@@ -375,6 +397,53 @@ def test_lone_surrogate_escape_is_refused_naming_the_field(srv, path, key):
         err = assert_clear_4xx(status, body, allowed=(422,), context=escape)
         assert err["field"] == f"{key}[0]", err
     after(srv, "surrogate " + path)
+
+
+def surrogate_cases(model: str) -> list[tuple[str, str, str]]:
+    """(path, body with a lone surrogate escape, the field an answer must name): one text field of each kind on
+    every surface, streamed and not, and a field the server ignores (it would be echoed in x-ignored-fields)."""
+    infer = '{"id": "a\\ud800b", "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}'
+    return [
+        ("/v1/completions", f'{{"model": "{model}", "prompt": "a\\ud800b", "echo": true, "max_tokens": 2}}', "prompt"),
+        ("/v1/completions", f'{{"model": "{model}", "prompt": "a\\ud800b", "echo": true, "max_tokens": 2, '
+                            '"stream": true}', "prompt"),
+        ("/v1/completions", f'{{"model": "{model}", "prompt": ["x", "\\udfff"], "max_tokens": 2}}', "prompt[1]"),
+        ("/v1/completions", f'{{"model": "{model}", "prompt": "x", "stop": "\\ud83d", "max_tokens": 2}}', "stop"),
+        ("/v1/chat/completions", f'{{"model": "{model}", "messages": [{{"role": "user", "content": "a\\ud800"}}], '
+                                 '"max_tokens": 2, "stream": true}', "messages[0].content"),
+        (f"/v2/models/{model}/infer", infer, "id"),
+        (f"/v2/models/{model}/infer", infer.replace('"a\\ud800b"', '"r"').replace('["x"]', '["\\udc00"]'),
+         "inputs[0].data[0]"),
+        (f"/v1/models/{model}:predict", '{"instances": ["\\ud800"]}', "instances[0]"),
+        ("/generate", '{"inputs": "a\\ud800b", "parameters": {"max_new_tokens": 2}}', "inputs"),
+        ("/generate_stream", '{"inputs": "a\\ud800b", "parameters": {"max_new_tokens": 2}}', "inputs"),
+        ("/", '{"inputs": "x", "parameters": {"max_new_tokens": 2, "stop": ["\\ud800"]}, "stream": true}',
+         "parameters.stop[0]"),
+        ("/generate", '{"text": ["x"], "max_new_tokens": 2, "note": "\\ud800"}', "note"),
+        ("/tokenize", '{"text": "\\ud800"}', "text"),
+    ]
+
+
+def test_lone_surrogate_escapes_are_a_4xx_naming_the_field_on_every_surface(srv, model):
+    """A lone surrogate written as a JSON escape is valid JSON but no text: a 4xx naming the field, before anything
+    runs (also on streams: no 200 and a silent end)."""
+    for path, raw, field in surrogate_cases(model):
+        status, body, headers = send(srv, "POST", path, raw.encode())
+        err = assert_clear_4xx(status, body, allowed=(400, 422), context=f"{path} {raw}")
+        assert field in message_of(err), (path, field, err)
+        named = err["error"]["param"] if isinstance(err.get("error"), dict) else err["field"]
+        assert named == field, (path, err)
+    # a field name that is a lone surrogate
+    status, body, _ = send(srv, "POST", "/generate", b'{"text": ["x"], "max_new_tokens": 2, "\\ud800": 1}')
+    err = assert_clear_4xx(status, body, allowed=(422,))
+    assert "field name" in err["message"], err
+    # a surrogate pair is one character, and escaped backslashes are text: both are served
+    status, out = post_json(srv, "/tokenize", {"text": ["\U0001F600 \\ud800"]})
+    assert status == 200, out
+    raw = b'{"text": ["\\ud83d\\ude00 \\\\ud800"]}'
+    status, body, _ = send(srv, "POST", "/tokenize", raw)
+    assert status == 200 and _json(body)["token_ids"] == out["token_ids"], body
+    after(srv, "surrogate escapes")
 
 
 def test_raw_control_characters_in_json_strings_are_malformed_json(srv):
@@ -497,6 +566,30 @@ def test_json_under_other_content_types_is_never_a_5xx(srv, post_routes):
             assert status in (200, 400, 404, 415, 422), (path, ctype, status, body[:300])
             assert _json(body), body[:300]
     after(srv, "json under other types")
+
+
+def test_json_labelled_text_plain_is_read_as_json_on_every_route(srv, post_routes, model):
+    """One rule for every route: a body without a type, with curl's form type or with text/plain is JSON."""
+    for path in post_routes:
+        raw = json.dumps(many_prompts_body(path, model, 1)).encode()
+        want = send(srv, "POST", path, raw)[0]
+        assert want == 200, (path, want)
+        for ctype in ("text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded"):
+            status, body, _ = send(srv, "POST", path, raw, {"Content-Type": ctype})
+            assert status == want, (path, ctype, status, body[:300])
+    after(srv, "text/plain")
+
+
+def test_head_is_answered_wherever_get_is(srv, spec, model):
+    """HEAD gets GET's status and headers, without the body, on every GET route (probes, pages, the API)."""
+    paths = [p.replace("{name}", model) for p, ops in spec["paths"].items() if "get" in ops]
+    assert {"/health", "/ready", "/metrics", "/", "/v1/models"} <= set(paths) | {"/docs", "/openapi.json"}, paths
+    for path in paths + ["/docs", "/openapi.json"]:
+        want, _, want_headers = send(srv, "GET", path, headers={})
+        status, body, headers = send(srv, "HEAD", path, headers={})
+        assert status == want and body == b"", (path, status, want)
+        assert headers.get("content-type") == want_headers.get("content-type"), (path, headers)
+    after(srv, "HEAD")
 
 
 def test_wrong_methods_and_unknown_paths(srv, spec, model):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -165,16 +167,19 @@ def _hand_made_ds_dir(root, tiny_model_dir):
     (d / "ds_inference_config.json").write_text(json.dumps({
         "type": "BLOOM", "checkpoints": {"non_tp": ["non-tp.pt"], "tp": ["tp_00_00.pt"]}, "parallelization": "tp",
         "tp_size": 1, "dtype": "float16", "version": 1.0}))  # fmt: skip
-    for name in ("non-tp.pt", "tp_00_00.pt"):
-        (d / name).write_bytes(b"\x80\x04not really a pickle")
+    for name in ("non-tp.pt", "tp_00_00.pt"):  # as large as the config's parameters at a byte each (int8)
+        (d / name).write_bytes(b"\x80\x04not really a pickle".ljust(120_000, b"\0"))
     return d
 
 
 def _mark_complete(d):
+    """The downloader's completion marker, as after a download that checked every file against its published sha256."""
+    import hashlib
+
     from bloom_server import marker
 
-    files = [{"path": p.name, "size": p.stat().st_size, "sha256": None, "git_sha1": None}
-             for p in sorted(d.iterdir()) if not p.name.startswith(".")]  # fmt: skip
+    files = [{"path": p.name, "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+              "git_sha1": None} for p in sorted(d.iterdir()) if not p.name.startswith(".")]  # fmt: skip
     marker.write_marker(d, marker.COMPLETE, {"format": marker.FORMAT, "state": "complete", "repo_id": "org/x",
                                              "revision": "main", "commit": "b" * 40, "files": files})  # fmt: skip
 
@@ -255,3 +260,48 @@ def test_safetensors_win_over_a_pickle_beside_them(tmp_path, tiny_model_dir):
     backend = HFBackend(load_settings(backend="hf", dtype="fp32"), md, RankContext(device_type="cpu"))
     backend.load()
     assert backend.model is not None
+
+
+def _crafted_copy(tmp_path, tiny_model_dir, name, **changes):
+    d = tmp_path / name
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"n_layer": 1_000_000}, "n_layer"),
+    ({"n_layer": 3}, "n_layer"),  # the weights hold 2
+    ({"n_head": 0}, "n_head"),
+    ({"n_head": 5}, "hidden_size"),  # 64 is not divisible by 5
+    ({"hidden_size": -64}, "hidden_size"),
+    ({"n_head": "4"}, "n_head"),
+    ({"n_layer": True}, "n_layer"),
+    ({"vocab_size": 4096}, "vocab_size"),  # the weights' embedding has 2048 rows
+    ({"hidden_size": 128, "n_head": 4}, "hidden_size"),  # the weights' embedding is 64 wide
+], ids=["huge-n_layer", "n_layer-vs-weights", "zero-heads", "indivisible", "negative", "string", "boolean",
+        "vocab-vs-weights", "hidden-vs-weights"])
+def test_a_crafted_config_is_refused_at_start_naming_the_field(tmp_path, tiny_model_dir, changes, field):
+    d = _crafted_copy(tmp_path, tiny_model_dir, "crafted", **changes)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--model", str(d), "--port", "0",
+                        "--host", "127.0.0.1"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and f"config.json: {field}" in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_config_whose_weights_cannot_fit_in_memory_is_refused_before_loading(tmp_path, tiny_model_dir):
+    """Pickled weights (a sparse file: no disk used) as large as a config of 256 layers of 16384 says, which no host
+    here can hold in fp32: exit 2 naming the sizes and the memory, before anything is loaded."""
+    d = _crafted_copy(tmp_path, tiny_model_dir, "huge", n_layer=256, hidden_size=16384, n_head=128)
+    (d / "model.safetensors").unlink()
+    with open(d / "pytorch_model.bin", "wb") as f:
+        f.truncate(800 * 10**9)
+    r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--model", str(d), "--port", "0",
+                        "--host", "127.0.0.1", "--trust-unverified-pickles", "--dtype", "fp32"],
+                       capture_output=True, text=True, timeout=90)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "config.json: n_layer/hidden_size" in r.stderr and "more than this host has" in r.stderr, r.stderr[-2000:]

@@ -52,6 +52,7 @@ EXIT_NOT_FOUND = 4  # HTTP 404: repository, revision or file; or no file matches
 EXIT_NETWORK = 5  # connection refused/reset/cut, timeouts, HTTP 5xx/429 after the retries
 EXIT_DISK_FULL = 6  # ENOSPC/EDQUOT while writing, or not enough free space for what is left to fetch
 EXIT_VERIFY = 7  # a file's bytes do not match the Hub's size or checksum, even after fetching it again
+EXIT_LISTING = 8  # the Hub's listing cannot be written as a directory: odd names, negative sizes, a file and a folder
 
 KIND_BY_CODE = {
     EXIT_ERROR: "error",
@@ -60,7 +61,9 @@ KIND_BY_CODE = {
     EXIT_NETWORK: "network",
     EXIT_DISK_FULL: "disk-full",
     EXIT_VERIFY: "verify",
+    EXIT_LISTING: "listing",
 }
+MAX_NAME_BYTES = 255  # one path component, as Linux file systems allow
 
 CHUNK = 1 << 18  # a connection cut loses at most one chunk of what was in flight
 LOG = logging.getLogger("bloom_server.download")
@@ -100,6 +103,9 @@ class RemoteFile:
             "size": self.size,
             "sha256": self.sha256,
             "git_sha1": self.git_sha1,
+            # What the bytes were checked against: a hash the Hub published, or nothing ("unverified": the size
+            # matched, no more). The server loads a pickle only with a hash here (model_dir.check_pickles).
+            "checksum": marker.checksum_kind(self.sha256, self.git_sha1),
             "mtime_ns": mtime_ns,
         }
 
@@ -561,10 +567,11 @@ class Downloader:
             s = siblings[name]
             if s.lfs is not None and s.lfs.get("sha256") and isinstance(s.lfs.get("size"), int):
                 files.append(RemoteFile(name, int(s.lfs["size"]), sha256=str(s.lfs["sha256"]).lower()))
-            elif s.size is not None and s.lfs is None and _is_hex((s.blob_id or "").lower(), 40):
+            elif isinstance(s.size, int) and s.lfs is None and _is_hex((s.blob_id or "").lower(), 40):
                 files.append(RemoteFile(name, int(s.size), git_sha1=s.blob_id.lower()))
             else:
                 files.append(self.head(name))
+        _check_listing(files)
         return files
 
     def head(self, name: str) -> RemoteFile:
@@ -578,7 +585,7 @@ class Downloader:
             ),
         )
         if meta.size is None:
-            raise DownloadError(EXIT_ERROR, f"the Hub gave no size for {name}")
+            raise DownloadError(EXIT_LISTING, f"the Hub gave no size for {name}")
         etag = _normalize_etag(meta.etag)
         if _is_hex(etag, 64):
             return RemoteFile(name, meta.size, sha256=etag)
@@ -886,8 +893,7 @@ class Downloader:
         self.finish(files)
         elapsed = time.monotonic() - t0
         LOG.info(
-            "bloom-server download: complete: %s@%s, %d files, %s (fetched %d files, %s) in %s at %s/s, "
-            "all sizes and checksums verified, dir %s",
+            "bloom-server download: complete: %s@%s, %d files, %s (fetched %d files, %s) in %s at %s/s, %s, dir %s",
             self.repo_id,
             self.commit,
             len(files),
@@ -896,8 +902,16 @@ class Downloader:
             human(progress.done),
             f"{elapsed:.1f}s",
             human(progress.done / max(elapsed, 1e-6)),
+            verification_summary(files),
             self.dir,
         )
+        unhashed_pickles = [f.path for f in files if f.checksum_name == "size only" and marker.is_pickle_name(f.path)]
+        if unhashed_pickles:
+            LOG.warning(
+                "the Hub published no hash for %s: pickled weights checked by size only are marked unverified, and "
+                "the server refuses to load them unless started with --trust-unverified-pickles (dangerous)",
+                ", ".join(unhashed_pickles[:5]) + (" ..." if len(unhashed_pickles) > 5 else ""),
+            )
 
     def _fetch_all(self, to_fetch: list[RemoteFile], progress: Progress) -> None:
         if not to_fetch:
@@ -957,6 +971,16 @@ class Downloader:
         _remove_empty_tree(self.parts)
 
 
+def verification_summary(files: list[RemoteFile]) -> str:
+    """What was checked, as it was: "all sizes and checksums verified" only when every file had a published hash."""
+    unhashed = [f.path for f in files if f.checksum_name == "size only"]
+    if not unhashed:
+        return "all sizes and checksums verified"
+    names = ", ".join(unhashed[:5]) + (" ..." if len(unhashed) > 5 else "")
+    return (f"all sizes verified; checksums verified for {len(files) - len(unhashed)} of {len(files)} files (the Hub "
+            f"published no hash for {names}: size only, unverified)")  # fmt: skip
+
+
 def _size(p: pathlib.Path) -> int:
     try:
         return p.stat().st_size
@@ -976,10 +1000,33 @@ def _range_starts_at(content_range: str | None, offset: int) -> bool:
 
 def _check_rel_path(name: str) -> None:
     parts = name.split("/")
+    shown = repr(name[:80] + ("..." if len(name) > 80 else ""))
     if name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in name:
-        raise DownloadError(EXIT_ERROR, f"refusing the repository path {name!r}: it would leave --local-dir")
+        raise DownloadError(EXIT_LISTING, f"refusing the repository path {shown}: it would leave --local-dir")
     if parts[0] in (marker.COMPLETE, marker.IN_PROGRESS, marker.PARTS_DIR):
-        raise DownloadError(EXIT_ERROR, f"refusing the repository path {name!r}: it collides with a download marker")
+        raise DownloadError(EXIT_LISTING, f"refusing the repository path {shown}: it collides with a download marker")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in name):
+        raise DownloadError(EXIT_LISTING, f"refusing the repository path {shown}: it holds a control character "
+                            "(NUL, newline, ...), which no file name here may")  # fmt: skip
+    long = next((p for p in parts if len(p.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise DownloadError(EXIT_LISTING, f"refusing the repository path {shown}: a name of "
+                            f"{len(long.encode('utf-8', 'surrogatepass'))} bytes, over the file system's "
+                            f"{MAX_NAME_BYTES}")  # fmt: skip
+
+
+def _check_listing(files: list[RemoteFile]) -> None:
+    """The listing as a whole: sizes that are sizes, and no path that is a file and a folder at once."""
+    names = {f.path for f in files}
+    for f in files:
+        if isinstance(f.size, bool) or not isinstance(f.size, int) or f.size < 0:
+            raise DownloadError(EXIT_LISTING, f"the Hub's listing gives {f.path!r} the size {f.size!r}: not a size")
+        parts = f.path.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in names:
+                raise DownloadError(EXIT_LISTING, f"the Hub's listing has both the file {folder!r} and {f.path!r} "
+                                    "inside a folder of that name: one path cannot be both")  # fmt: skip
 
 
 def _remove_empty_tree(root: pathlib.Path) -> None:

@@ -174,6 +174,37 @@ def listed_paths(path: pathlib.Path) -> set[str]:
     return {f["path"] for f in data.get("files") or [] if isinstance(f, dict) and isinstance(f.get("path"), str)}
 
 
+# Extensions of files torch.load unpickles (weights in Python's pickle format: loading one runs code).
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+UNVERIFIED = "unverified"
+
+
+def is_pickle_name(name: str) -> bool:
+    return pathlib.PurePosixPath(name).suffix.lower() in PICKLE_SUFFIXES
+
+
+def checksum_kind(sha256: Any, git_sha1: Any) -> str:
+    """What a marker entry's bytes were checked against: "sha256", "git-sha1", or "unverified" (size only)."""
+    if isinstance(sha256, str) and len(sha256) == 64:
+        return "sha256"
+    if isinstance(git_sha1, str) and len(git_sha1) == 40:
+        return "git-sha1"
+    return UNVERIFIED
+
+
+def hash_unverified_paths(path: pathlib.Path) -> set[str]:
+    """Paths the downloader's completion marker lists as checked by size only (no hash published). Empty for a
+    marker this project's own writers made (`writer` set): they wrote those bytes themselves."""
+    try:
+        data = read_marker(pathlib.Path(path), COMPLETE)
+    except FileNotFoundError:
+        return set()
+    if data.get("writer"):
+        return set()
+    return {f["path"] for f in data.get("files") or [] if isinstance(f, dict) and isinstance(f.get("path"), str)
+            and checksum_kind(f.get("sha256"), f.get("git_sha1")) == UNVERIFIED}  # fmt: skip
+
+
 def check_model_dir(path: pathlib.Path) -> str | None:
     """None if the directory was not made by the downloader; else the recorded commit sha once every listed file
     exists with its recorded size. Raises ModelDirError naming what is missing or wrong."""

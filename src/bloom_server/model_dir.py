@@ -9,15 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bloom_server.errors import ModelDirError
+from bloom_server.marker import PICKLE_SUFFIXES  # one list of the extensions torch.load unpickles
 
 log = logging.getLogger(__name__)
 
 KSERVE_MOUNT = "/mnt/models"  # where KServe mounts a pvc:// storage URI in kserve-container
 DS_CONFIG = "ds_inference_config.json"
-
-
-# Extensions of files torch.load unpickles (weights in Python's pickle format: loading one runs code).
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 TRUST_HINT = "--trust-unverified-pickles / BLOOM_TRUST_UNVERIFIED_PICKLES=1"
 
 
@@ -30,6 +27,7 @@ class ModelDir:
     model_id: str
     revision: str | None = None
     weights_format: str = "safetensors"  # "safetensors" or "pickle": what the weights will be loaded from
+    sizes: dict | None = None  # n_layer, n_head, hidden_size, vocab_size from config.json, checked (model_config)
 
     @property
     def ds_config(self) -> dict:
@@ -117,7 +115,18 @@ def resolve_model_dir(
         raise ModelDirError(f"{path} has no tokenizer.json (the server tokenizes with the fast tokenizer)")
     if fmt == "pickle":
         check_pickles(path, layout, verified=recorded is not None, trust=trust_unverified_pickles)
-    return ModelDir(path=path, layout=layout, model_id=model_id or name, revision=sha, weights_format=fmt)
+    sizes = None
+    if (path / "config.json").is_file():  # checked before anything is allocated from it
+        from bloom_server import model_config
+
+        sizes = model_config.read_sizes(path)
+        if layout == "hf":
+            kind, files = checkpoint_files(path)
+            model_config.check_weights(path, sizes, files, kind)
+        elif layout == "ds_presharded":
+            model_config.check_weights(path, sizes, [path / p for p in pickle_files(path, layout)], "pickle")
+    return ModelDir(path=path, layout=layout, model_id=model_id or name, revision=sha, weights_format=fmt,
+                    sizes=sizes)  # fmt: skip
 
 
 def pickle_files(path: Path, layout: str) -> list[str]:
@@ -153,10 +162,17 @@ def check_pickles(path: Path, layout: str, *, verified: bool, trust: bool) -> No
     pickles = pickle_files(path, layout)
     listed = marker.listed_paths(path) if verified else set()
     unlisted = [p for p in pickles if p not in listed]
-    if verified and not unlisted:
+    # Listed is not enough: the bytes must have matched a hash the Hub published, not only a size.
+    unhashed = [p for p in pickles if p in marker.hash_unverified_paths(path)] if verified else []
+    if verified and not unlisted and not unhashed:
         return
     what = "pre-sharded DeepSpeed checkpoint" if layout == "ds_presharded" else "checkpoint"
-    if not verified:
+    if unhashed and not unlisted:
+        problem = (f"{path}: {', '.join(unhashed[:3])}{' ...' if len(unhashed) > 3 else ''} "
+                   f"{'is' if len(unhashed) == 1 else 'are'} pickled and marked {marker.UNVERIFIED} in its completion "
+                   f"marker {marker.COMPLETE} (the Hub published no hash for "
+                   f"{'it' if len(unhashed) == 1 else 'them'}: the download checked the size only)")  # fmt: skip
+    elif not verified:
         problem = (f"{path}: its {what} is pickled ({', '.join(pickles[:3]) or 'no pickle files yet'}"
                    f"{' ...' if len(pickles) > 3 else ''}) and the directory has no completion marker "
                    f"{marker.COMPLETE}")  # fmt: skip

@@ -109,9 +109,37 @@ def serve(settings: Settings, local_rank_flag: int | None = None, early=None) ->
     from bloom_server.runtime.distributed import rank_context
 
     ctx = rank_context(local_rank_flag)
+    try:
+        check_memory(settings, model_dir, ctx)  # torch is imported now; nothing is allocated yet
+    except BloomServerError as exc:
+        log.error("cannot serve: %s", exc)
+        return 2
     if ctx.rank != 0:
         return _follower(settings, model_dir, ctx, progress, workers)
     return _leader(settings, model_dir, ctx, progress, workers)
+
+
+def check_memory(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> None:
+    """The weights the config describes against the memory of this rank's devices (ModelDirError if they cannot fit):
+    a config that asks for more fails here, not after minutes of allocating."""
+    if model_dir.sizes is None or settings.cpu_offload:
+        return
+    from bloom_server import model_config
+
+    dtype = settings.dtype if settings.dtype != "auto" else ("fp16" if ctx.device_type == "cuda" else "fp32")
+    if ctx.device_type == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(ctx.local_rank).total_memory
+        if settings.backend == "hf" and ctx.world_size == 1:  # device_map="auto": every visible GPU, then the host
+            gpus = torch.cuda.device_count()
+            model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, total * gpus + model_config.host_memory(),
+                                     f"{gpus} GPU(s) and the host together")  # fmt: skip
+        else:  # hf: a whole copy per rank; the other backends: this rank's shard
+            share = 1 if settings.backend == "hf" else ctx.world_size
+            model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, total, f"GPU {ctx.local_rank}", share=share)
+    else:  # every rank of a CPU run shares this host's memory
+        model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, model_config.host_memory(), "this host")
 
 
 def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress,
@@ -141,6 +169,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
     import uvicorn
 
     from bloom_server.api.app import create_app
+    from bloom_server.api.connections import connection_limits, guarded_protocol
     from bloom_server.engine.core import Engine
     from bloom_server.runtime.distributed import shutdown_distributed
     from bloom_server.runtime.lockstep import die
@@ -205,6 +234,8 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=settings.drain_timeout_s,
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # uvicorn takes a float fine
+        http=guarded_protocol(connection_limits(settings)),
     )
     server = make_server(config, on_signal=engine.drain, idle=lambda: engine.idle, drain_timeout_s=settings.drain_timeout_s)
     server.run()

@@ -56,6 +56,31 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", validation_alias=_env("host"))
     port: int = Field(8080, ge=0, le=65535, validation_alias=_env("port"))
     max_body_bytes: int = Field(1 << 20, ge=1024, validation_alias=_env("max_body_bytes"))
+    # Reading a request is bounded; answering it is not (long generations and streams are never cut by these).
+    header_timeout_s: float = Field(
+        10.0, gt=0, validation_alias=_env("header_timeout_s"),
+        description="A request's headers must arrive within this many seconds (from the connection's opening, or "
+        "from its first byte on a kept-alive connection); else 408 and the connection is closed.",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        60.0, gt=0, validation_alias=_env("body_timeout_s"),
+        description="A request's body must arrive within this many seconds of its headers; else 408 and the "
+        "connection is closed.",
+    )  # fmt: skip
+    keep_alive_timeout_s: float = Field(
+        30.0, gt=0, validation_alias=_env("keep_alive_timeout_s"),
+        description="An idle kept-alive connection is closed after this many seconds (behind a load balancer: "
+        "longer than the balancer's own idle timeout).",
+    )  # fmt: skip
+    max_connections: int = Field(
+        1024, ge=1, validation_alias=_env("max_connections"),
+        description="Open connections the server keeps; one more gets 503 (Retry-After) and is closed.",
+    )  # fmt: skip
+    max_connections_per_client: int = Field(
+        512, ge=0, validation_alias=_env("max_connections_per_client"),
+        description="Open connections from one client address (0: no cap). Behind a proxy every client shares the "
+        "proxy's address: keep it above the proxy's concurrency.",
+    )  # fmt: skip
 
     # Limits
     max_input_length: int = Field(512, ge=1, validation_alias=_env("max_input_length", "MAX_INPUT_LENGTH"))

@@ -101,10 +101,12 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
     count; then CORS and the API key where configured; then the body guard and JSON by default. Without CORS and a
     key these are one layer (Gateway): every layer costs CPU on every request."""
     if settings.api_key is None and not settings.cors_origins:
-        app.add_middleware(Gateway, metrics=metrics, max_bytes=settings.max_body_bytes)
+        app.add_middleware(Gateway, metrics=metrics, max_bytes=settings.max_body_bytes,
+                           body_timeout_s=settings.body_timeout_s)
         return
     # Added innermost first.
-    app.add_middleware(Gateway, context=False, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Gateway, context=False, max_bytes=settings.max_body_bytes,
+                       body_timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, TypeVar
+import logging
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
 from fastapi import routing as fastapi_routing
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from bloom_server.api.errors import malformed_json
+from bloom_server.api.errors import malformed_json, render_error
 from bloom_server.engine.requests import Cancelled, Completion, GenRequest
 from bloom_server.errors import InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 async def read_json(request: Request) -> Any:
@@ -97,6 +99,16 @@ async def _one_result_or_disconnect(request: Request, req: GenRequest) -> list[C
         req.cancel("the client disconnected")
 
 
+def openai_stream_error(message: str) -> list[bytes]:
+    """The end of an OpenAI stream that failed: an error event in OpenAI's shape, then [DONE]."""
+    return [sse(render_error("openai", 500, "internal_error", message)[1]), b"data: [DONE]\n\n"]
+
+
+def tgi_stream_error(message: str) -> list[bytes]:
+    """The end of a TGI stream that failed: TGI's error event (huggingface_hub raises it)."""
+    return [sse(render_error("tgi", 500, "internal_error", message)[1])]
+
+
 def sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
@@ -133,11 +145,19 @@ def timing_headers(reqs: list[GenRequest], compute_type: str | None = None) -> d
     return headers
 
 
-async def events_then_close(gen: AsyncIterator[bytes], reqs: list[GenRequest]) -> AsyncIterator[bytes]:
-    """Wrap a stream so that a client that leaves (Starlette cancels the stream) cancels its requests."""
+async def events_then_close(gen: AsyncIterator[bytes], reqs: list[GenRequest],
+                            closing: Callable[[str], list[bytes]]) -> AsyncIterator[bytes]:
+    """Wrap a stream so that a client that leaves (Starlette cancels the stream) cancels its requests, and so that a
+    stream never ends without its closing event: if anything fails inside it after the 200 went out, the client gets
+    `closing(message)` (the surface's error event and end marker), and the log the traceback."""
     try:
-        async for chunk in gen:
-            yield chunk
+        try:
+            async for chunk in gen:
+                yield chunk
+        except Exception:  # noqa: BLE001 - the header is sent: an event is the only way left to say it
+            log.exception("unexpected error in a stream")
+            for chunk in closing("internal error; the server log has the details"):
+                yield chunk
     finally:
         for r in reqs:
             r.cancel("the client disconnected")

@@ -205,7 +205,14 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(request, 500, "internal_error", f"{type(exc).__name__}: {exc}")
+        return error_response(request, 500, "internal_error", internal_error_message(request))
+
+
+def internal_error_message(request: Any) -> str:
+    """A 5xx never quotes the exception: its text may hold the client's input or the server's internals. The request
+    id leads to the log line that has it."""
+    rid = getattr(getattr(request, "state", None), "request_id", None) if request is not None else None
+    return "internal error; the server log has the details" + (f" (request id {rid})" if rid else "")
 
 
 def validation_summary(errors: list) -> tuple[str, str]:

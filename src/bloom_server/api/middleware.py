@@ -5,7 +5,9 @@ the API key."""
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import contextlib
 import hmac
 import json
 import logging
@@ -16,7 +18,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 
-from bloom_server.api.errors import render_error, surface_of
+from bloom_server.api.errors import loc_to_field, render_error, surface_of
 
 
 # Probes and the metrics scrape: never behind the API key, not counted as in-flight, not logged per request.
@@ -25,8 +27,13 @@ PROBES = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/hea
 PUBLIC_PAGES = frozenset({"/", "/ui", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/favicon.ico"})
 CLIENT_CLOSED = 499
 _ID_OK = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
-_FORM = b"application/x-www-form-urlencoded"
+# Labels read as JSON on every POST route: curl -d's form type, and text/plain (a browser's fetch() of a string).
+# One rule for all routes; other non-JSON types are refused as not JSON.
+_AS_JSON = (b"application/x-www-form-urlencoded", b"text/plain")
 _JSON_TYPE = (b"content-type", b"application/json")
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff). Paired, it is one character; alone, json.loads makes a str
+# that cannot be encoded, which would fail wherever the text is echoed or tokenized: such bodies are refused here.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _new_request_id() -> str:
@@ -47,9 +54,10 @@ class Gateway:
       what they know in scope["state"]: `gen` (the engine's requests) for tokens and timing.
     - max_bytes: 413 past it (before the body is read into memory; the rest of the body is drained so the client
       reads the answer), and 422 for a body that is not strict UTF-8 (Python's json.loads(bytes) would accept
-      CESU-8 surrogates). Either is answered here, once; the app's own answer to the aborted read is dropped.
-    - json_default: a POST body without a content type, or with curl's default form type, is JSON (curl -d sends
-      form encoding unless told otherwise; every body here is JSON).
+      CESU-8 surrogates), or whose JSON holds a lone surrogate escape (`"\\ud800"`), naming the field. Either is
+      answered here, once, for every route; the app's own answer to the aborted read is dropped.
+    - json_default: a POST body without a content type, with curl's default form type or with text/plain is JSON,
+      on every route (curl -d sends form encoding unless told otherwise, fetch() text/plain; every body here is JSON).
     """
 
     def __init__(
@@ -60,9 +68,11 @@ class Gateway:
         metrics: Any = None,
         access_log: logging.Logger | None = None,
         max_bytes: int | None = None,
+        body_timeout_s: float | None = None,
         json_default: bool = True,
     ):
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.context = context
         self.metrics = metrics if context else None
         self.log = access_log or logging.getLogger("bloom_server.access")
@@ -98,6 +108,11 @@ class Gateway:
 
         context = self.context
         metrics = self.metrics
+        app_scope = scope
+        if context and scope.get("method") == "HEAD":
+            # HEAD is GET without the body (uvicorn drops it, reading its own scope): routed as GET, so that every
+            # GET route answers it. A copy: uvicorn must still see HEAD.
+            app_scope = dict(scope, method="GET")
         request_id = ""
         rid = b""
         probe = False
@@ -114,12 +129,15 @@ class Gateway:
             if metrics is not None and not probe:
                 metrics.in_flight.inc()
         status = 500
-        refused = False  # answered here (413, 422): what the app answers to the aborted read is dropped
+        refused = False  # answered here (408, 413, 422): what the app answers to the aborted read is dropped
+        started = False  # the response has begun (its status is out)
 
         async def send_out(message: dict) -> None:
-            nonlocal status
+            nonlocal status, started
             if refused:
                 return
+            if message["type"] == "http.response.start":
+                started = True
             if context and message["type"] == "http.response.start":
                 status = message["status"]
                 out = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
@@ -127,32 +145,65 @@ class Gateway:
                 message = dict(message, headers=out)
             await send(message)
 
-        async def refuse(code: int, kind: str, message: str, limit: Any) -> None:
+        async def refuse(code: int, kind: str, message: str, limit: Any, field: str = "body", *,
+                         close: bool = False, then: Any = None) -> None:
+            """Answer here. `close`: the connection closes after it (a body left unread); `then`: awaited after the
+            answer's bytes went out and before the response completes (draining a body the client may still send,
+            so that it reads the answer instead of a reset connection)."""
             nonlocal refused
-            code, content = render_error(surface_of(scope), code, kind, message, "body", limit)
+            code, content = render_error(surface_of(scope), code, kind, message, field, limit)
             body = json.dumps(content).encode()
-            await send_out(
-                {
-                    "type": "http.response.start",
-                    "status": code,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send_out({"type": "http.response.body", "body": body})
+            hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            if close:
+                hdrs.append((b"connection", b"close"))
+            await send_out({"type": "http.response.start", "status": code, "headers": hdrs})
+            await send_out({"type": "http.response.body", "body": body, "more_body": then is not None})
+            if then is not None:
+                try:
+                    await then
+                finally:
+                    await send_out({"type": "http.response.body", "body": b""})
             refused = True
 
         app_receive = receive
+        body_timeout = self.body_timeout_s
+        deadline = asyncio.get_running_loop().time() + body_timeout if body_timeout is not None else None
+        body_done = False
+
+        async def drain() -> None:
+            """Discard what is left of the body (bounded in bytes and by the body deadline)."""
+            with contextlib.suppress(asyncio.TimeoutError):
+                await _before(deadline, _drain(receive))
+
         if max_bytes is not None:
             seen = 0
             utf8: Any = None  # made at the first chunk that is not ASCII (ASCII leaves no partial character)
+            chunks: list[bytes] = []
+            escapes = False  # a surrogate escape seen somewhere in the body: parse it and look closer at the end
 
             async def limited_receive() -> dict:
-                nonlocal seen, utf8
-                message = await receive()
+                nonlocal seen, utf8, escapes, body_done
+                if body_done or deadline is None or started:
+                    message = await receive()
+                else:
+                    # Only reading the body is bounded; once it is in (or the answer has begun), receive() waits for
+                    # the client to leave, unbounded.
+                    try:
+                        message = await _before(deadline, receive())
+                    except asyncio.TimeoutError:
+                        if not refused:
+                            await refuse(408, "request_timeout", f"body: {seen} bytes received in {body_timeout:g} s, "
+                                         "not all of it (the body deadline)", body_timeout, close=True)  # fmt: skip
+                        raise _BodyRefused() from None
                 if message["type"] == "http.request":
+                    body_done = not message.get("more_body")
                     chunk = message.get("body", b"")
                     seen += len(chunk)
-                    problem = None
+                    problem: Any = None
+                    if not escapes and b"\\" in chunk:
+                        edge = chunks[-1][-5:] if chunks else b""  # an escape may straddle two chunks
+                        escapes = _SURROGATE_ESCAPE.search(edge + chunk) is not None
+                    chunks.append(chunk)
                     if seen > max_bytes:
                         problem = (413, "payload_too_large", f"body: {seen} bytes or more; the limit is {max_bytes} bytes",
                                    max_bytes)  # fmt: skip
@@ -169,29 +220,41 @@ class Gateway:
                         except UnicodeDecodeError as exc:
                             problem = (422, "validation_error", f"body: not valid UTF-8 ({exc.reason} at byte "
                                        f"{seen - len(chunk) + exc.start})", None)  # fmt: skip
+                    if problem is None and escapes and not message.get("more_body"):
+                        problem = _lone_surrogate_problem(b"".join(chunks))
                     if problem is not None:
                         if not refused:
-                            if message.get("more_body"):
-                                await _drain(receive)
-                            await refuse(*problem)
+                            more = bool(message.get("more_body"))
+                            await refuse(*problem, close=more, then=drain() if more else None)
                         raise _BodyRefused()
                 return message
 
             app_receive = limited_receive
 
-        if self.json_default and scope.get("method") == "POST" and (not ctype or ctype.startswith(_FORM)):
+        if self.json_default and scope.get("method") == "POST" and (not ctype or ctype.lower().startswith(_AS_JSON)):
             # In place: the router records the matched route in this same scope (the access log reads it).
             scope["headers"] = [(k, v) for k, v in headers if k != b"content-type"] + [_JSON_TYPE]
 
         try:
             if declared_over is not None:
-                await _drain(receive)
+                # Answered before reading a byte of it. A client that waits for "100 Continue" never sends it; one
+                # that sends it anyway reads this answer while the rest is discarded.
+                waits = any(k == b"expect" and v.lower() == b"100-continue" for k, v in headers)
                 await refuse(413, "payload_too_large", f"body: {declared_over} bytes or more; the limit is "
-                             f"{max_bytes} bytes", max_bytes)  # fmt: skip
+                             f"{max_bytes} bytes", max_bytes, close=True, then=None if waits else drain())  # fmt: skip
                 return
-            await self.app(scope, app_receive, send_out)
+            await self.app(app_scope, app_receive, send_out)
         except _BodyRefused:
             pass
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when the drain timeout has passed (a client stalled mid-body,
+            # typically): it gets the server's own 503 instead of uvicorn's plain-text 500 and a traceback.
+            if max_bytes is None or started:
+                status = 500
+                raise
+            status = 503
+            await refuse(503, "not_ready", "the server is shutting down (its drain timeout has passed); retry "
+                         "elsewhere", None, close=True)  # fmt: skip
         except ClientDisconnect:
             # The client left before its answer (mid-body, or while its request ran; the engine's work for it is
             # cancelled by then): nobody is left to answer. Not a server error: 499, nginx's "client closed request".
@@ -207,7 +270,7 @@ class Gateway:
                 if metrics is not None:
                     if not probe:
                         metrics.in_flight.dec()
-                    route = getattr(scope.get("route"), "path", None) or "unmatched"
+                    route = getattr(app_scope.get("route"), "path", None) or "unmatched"
                     metrics.observe_http(route, scope.get("method", ""), status, elapsed)
                 if not probe and self.log.isEnabledFor(logging.INFO):
                     self._log(scope, state, request_id, status, elapsed)
@@ -231,6 +294,56 @@ class Gateway:
             fields["client"] = f"{client[0]}:{client[1]}"
         text = " ".join(f"{k}={v}" for k, v in fields.items())
         self.log.info("request %s", text, extra={"request": fields})
+
+
+def _lone_surrogate_problem(body: bytes) -> tuple | None:
+    """(status, kind, message, limit, field) when a string of the JSON body holds a lone surrogate; None when none
+    does or the body is not JSON (the route's parser says so)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    found = _surrogate_loc(data, ())
+    if found is None:
+        return None
+    loc, in_name = found
+    field = loc_to_field(loc)
+    what = "a field name in it" if in_name else "it"
+    return (422, "validation_error", f"{field}: {what} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
+            "its pair), which is not a Unicode character", None, field)
+
+
+def _surrogate_loc(value: Any, loc: tuple) -> tuple[tuple, bool] | None:
+    stack = [(value, loc)]
+    while stack:  # iterative: the nesting depth is the client's
+        v, here = stack.pop()
+        if isinstance(v, str):
+            if not _encodable(v):
+                return here, False
+        elif isinstance(v, dict):
+            if not all(_encodable(k) for k in v):
+                return here, True
+            stack.extend((item, (*here, k)) for k, item in reversed(list(v.items())))
+        elif isinstance(v, list):
+            stack.extend((item, (*here, i)) for i, item in reversed(list(enumerate(v))))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+async def _before(deadline: float, awaitable: Any) -> Any:
+    """`awaitable`'s result, or asyncio.TimeoutError at `deadline` (the loop's clock)."""
+    timeout_at = getattr(asyncio, "timeout_at", None)  # Python 3.11+: no task per call
+    if timeout_at is not None:
+        async with timeout_at(deadline):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
 
 
 async def _drain(receive: Any, cap: int = 64 << 20) -> None:

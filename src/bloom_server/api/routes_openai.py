@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from bloom_server.api.common import (
     SSE_HEADERS,
     events_then_close,
+    openai_stream_error,
     header_timeout,
     remember,
     rename_field,
@@ -160,7 +161,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _completion_chunks(engine, req, rid, created, model_name, echo, body.logprobs, include_usage, body.n)
-            return StreamingResponse(events_then_close(gen, [req]), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
         (comps,) = await result_or_disconnect(request, [req])
         choices = []
         for i, c in enumerate(comps):
@@ -195,7 +197,8 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _chat_chunks(engine, req, rid, created, model_name, body.logprobs, include_usage, body.n)
-            return StreamingResponse(events_then_close(gen, [req]), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
         (comps,) = await result_or_disconnect(request, [req])
         choices = [
             {

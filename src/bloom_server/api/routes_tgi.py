@@ -21,6 +21,7 @@ from bloom_server.api.common import (
     result_or_disconnect,
     sse,
     sse_schema,
+    tgi_stream_error,
     timing_headers,
 )
 from bloom_server.api.errors import error_responses, render_error, status_of
@@ -134,8 +135,8 @@ def compute_type(engine: Engine) -> str | None:
 
 def stream(engine: Engine, request: Request, body: TGIRequest) -> StreamingResponse:
     req = submit(engine, request, body, streaming=True)  # every 4xx happens here, before the stream's first byte
-    return StreamingResponse(events_then_close(_events(engine, req), [req]), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return StreamingResponse(events_then_close(_events(engine, req), [req], tgi_stream_error),
+                             media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def _events(engine: Engine, req: GenRequest) -> AsyncIterator[bytes]:

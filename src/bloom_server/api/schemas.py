@@ -5,11 +5,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 
 from bloom_server.types import ACCEPTED_GENERATE_KWARGS
 
 Prompt = Annotated[str, StringConstraints(min_length=1)]
+
+
+def _not_a_boolean(v: Any) -> Any:
+    # Lax parsing would read true as 1: refused where a number is expected. Strings such as "10" and "true" are
+    # still parsed as the original server did.
+    if isinstance(v, bool):
+        raise ValueError("must be a number, not a boolean")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
 
 
 def _as_list(v: Any) -> Any:
@@ -21,29 +33,29 @@ class GenerateKwargs(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    min_length: int | None = Field(None, description="Minimum total length (prompt + output), in tokens.")
+    min_length: Int | None = Field(None, description="Minimum total length (prompt + output), in tokens.")
     do_sample: bool | None = Field(None, description="Sample instead of greedy decoding.")
     early_stopping: bool | None = None
-    temperature: float | None = Field(None, description="> 0 when sampling.")
-    top_k: int | None = Field(None, description=">= 0; 0 disables.")
-    top_p: float | None = Field(None, description="In (0, 1].")
-    typical_p: float | None = Field(None, description="In (0, 1].")
-    repetition_penalty: float | None = Field(None, description="> 0.")
-    bos_token_id: int | None = None
-    pad_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    length_penalty: float | None = None
-    no_repeat_ngram_size: int | None = None
-    encoder_no_repeat_ngram_size: int | None = None
-    max_time: float | None = Field(None, description="Seconds; generation stops when it runs out.")
-    max_new_tokens: int | None = Field(None, description="New tokens to generate; at most the server's limit.")
-    decoder_start_token_id: int | None = None
-    diversity_penalty: float | None = None
-    forced_bos_token_id: int | None = None
-    forced_eos_token_id: int | None = None
-    exponential_decay_length_penalty: tuple[int, float] | None = None
+    temperature: Float | None = Field(None, description="> 0 when sampling.")
+    top_k: Int | None = Field(None, description=">= 0; 0 disables.")
+    top_p: Float | None = Field(None, description="In (0, 1].")
+    typical_p: Float | None = Field(None, description="In (0, 1].")
+    repetition_penalty: Float | None = Field(None, description="> 0.")
+    bos_token_id: Int | None = None
+    pad_token_id: Int | None = None
+    eos_token_id: Int | list[Int] | None = None
+    length_penalty: Float | None = None
+    no_repeat_ngram_size: Int | None = None
+    encoder_no_repeat_ngram_size: Int | None = None
+    max_time: Float | None = Field(None, description="Seconds; generation stops when it runs out.")
+    max_new_tokens: Int | None = Field(None, description="New tokens to generate; at most the server's limit.")
+    decoder_start_token_id: Int | None = None
+    diversity_penalty: Float | None = None
+    forced_bos_token_id: Int | None = None
+    forced_eos_token_id: Int | None = None
+    exponential_decay_length_penalty: tuple[Int, Float] | None = None
     remove_input_from_output: bool | None = Field(None, description="Return only the new text (default true).")
-    min_new_tokens: int | None = Field(None, description="The end-of-sequence token is held back until this many new "
+    min_new_tokens: Int | None = Field(None, description="The end-of-sequence token is held back until this many new "
                                        "tokens (>= 0, at most max_new_tokens); equal to max_new_tokens, every row "
                                        "generates exactly max_new_tokens.")
 

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bloom_server.api.schemas import Float, Int
+
 MAX_STOP = 4
 MAX_LOGPROBS = 5
 
@@ -18,26 +20,26 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = Field(None, description="The served model's id (GET /v1/models); optional.")
-    temperature: float | None = Field(None, ge=0, le=2, description="0: greedy; default 1 (sampling).")
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1, description="Choices per prompt (prompts x n <= max batch size).")
+    temperature: Float | None = Field(None, ge=0, le=2, description="0: greedy; default 1 (sampling).")
+    top_p: Float | None = Field(None, gt=0, le=1)
+    n: Int = Field(1, ge=1, description="Choices per prompt (prompts x n <= max batch size).")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOP} strings; not included in the text.")
-    seed: int | None = Field(None, ge=0, description="Reproduces a sampled answer.")
-    presence_penalty: float | None = Field(None, description="Only 0 is supported.")
-    frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported.")
+    seed: Int | None = Field(None, ge=0, description="Reproduces a sampled answer.")
+    presence_penalty: Float | None = Field(None, description="Only 0 is supported.")
+    frequency_penalty: Float | None = Field(None, description="Only 0 is supported.")
+    logit_bias: dict[str, Float] | None = Field(None, description="Not supported.")
     user: str | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
         description="A prompt or a list of prompts; a prompt may be given as a list of token ids.")
-    max_tokens: int | None = Field(16, ge=1, description="New tokens per choice (default 16).")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Log-probabilities of the chosen and top tokens.")
+    max_tokens: Int | None = Field(16, ge=1, description="New tokens per choice (default 16).")
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Log-probabilities of the chosen and top tokens.")
     echo: bool = Field(False, description="Prepend the prompt to the text.")
-    best_of: int | None = Field(None, description="Only 1 (or n) is supported.")
+    best_of: Int | None = Field(None, description="Only 1 (or n) is supported.")
     suffix: str | None = Field(None, description="Not supported.")
 
 
@@ -51,10 +53,10 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="New tokens per choice (default: the server's limit).")
-    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
+    max_tokens: Int | None = Field(None, ge=1, description="New tokens per choice (default: the server's limit).")
+    max_completion_tokens: Int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # Structured output and tool calls are not implemented: refused by name rather than silently ignored.
     response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is supported.')
     tools: list[dict[str, Any]] | None = Field(None, description="Not supported (an empty list is).")

@@ -49,7 +49,8 @@ RUN pip install \
         "pydantic==2.14.3" \
         "pydantic-settings==2.16.3" \
         "prometheus-client==0.26.0" \
-        "jinja2==3.1.6"
+        "jinja2==3.1.6" \
+        "fastapi-offline==1.7.7"
 
 COPY pyproject.toml /src/
 COPY src/ /src/src/

@@ -70,12 +70,12 @@ if [ -n "$QUICK" ]; then
   SHAPE=tiny; DTYPE=fp32; CORR_LAYERS=2; INIT_STD=0.05; NEW=12
   BENCH_LAYERS=2; BS=1,4; BENCH_NEW=8; CYCLES=1; COLD_LAYERS=2
   CONCS="1 4"; LT_PROMPT=8-32; LT_NEW=8-32; LT_DUR=4; LT_DRAIN=10; LT_WARM=2; MAXB=8
-  SERVER_MIN=10; BENCH_MIN=20; COLD_MIN=30
+  SERVER_MIN=10; BENCH_MIN=20; COLD_MIN=30; LT_START=30  # a tiny CPU server starts in seconds
 else
   SERVER_MIN=${GPU_TP_SERVER_MIN_S:-60}; BENCH_MIN=${GPU_TP_BENCH_MIN_S:-90}; COLD_MIN=${GPU_TP_COLD_MIN_S:-150}
   SHAPE=176b; DTYPE=fp16; INIT_STD=${GPU_TP_INIT_STD:-0.05}; NEW=${GPU_TP_NEW:-24}; BENCH_NEW=100
   CYCLES=${GPU_TP_CYCLES:-3}; LT_PROMPT=16-256; LT_NEW=16-512; LT_DUR=${GPU_TP_LT_DURATION:-20}
-  LT_DRAIN=${GPU_TP_LT_DRAIN:-15}; LT_WARM=${GPU_TP_LT_WARM:-8}; MAXB=128
+  LT_DRAIN=${GPU_TP_LT_DRAIN:-15}; LT_WARM=${GPU_TP_LT_WARM:-8}; MAXB=128; LT_START=90
   if [ "$TP" -ge 8 ]; then
     CORR_LAYERS=${GPU_TP_CORR_LAYERS:-2}; BENCH_LAYERS=70; BS=1,8,32,64,128; COLD_LAYERS=${GPU_TP_COLD_LAYERS:-12}
     CONCS="1 8 64 128"
@@ -275,7 +275,7 @@ if want 4; then
   t0=$(date +%s); rc=0
   if [ ! -f "$LT_MODEL/preshard.json" ]; then
     record 4 "load test" 1 0 "no pre-sharded checkpoint (run step 1 or 3 first)"
-  elif [ "$(left)" -lt $(( LT_WARM + LT_DUR + LT_DRAIN + 90 )) ]; then
+  elif [ "$(left)" -lt $(( LT_WARM + LT_DUR + LT_DRAIN + LT_START )) ]; then
     record 4 "load test" 0 0 "skipped: $(left) s left"
   else
     port=$(free_port)

@@ -59,6 +59,25 @@ def connect(srv, source: str = "127.0.0.1", timeout: float = 10) -> socket.socke
     return s
 
 
+def read_response(s: socket.socket) -> bytes:
+    """One whole response (headers, then Content-Length bytes of body), however the bytes were segmented."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        part = s.recv(65536)
+        if not part:
+            return data
+        data += part
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        part = s.recv(65536)
+        if not part:
+            break
+        body += part
+    return head + b"\r\n\r\n" + body
+
+
 def read_all(s: socket.socket) -> bytes:
     """Everything until the server closes (raises socket.timeout if it does not)."""
     data = b""
@@ -131,7 +150,7 @@ def test_idle_keep_alive_connections_are_closed(srv):
         body = json.dumps({"text": ["Hello"], "max_new_tokens": 2}).encode()
         s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        first = s.recv(65536)
+        first = read_response(s)
         assert first.startswith(b"HTTP/1.1 200"), first[:200]
         t0 = time.monotonic()
         s.settimeout(IDLE_S + 2)

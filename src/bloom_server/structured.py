@@ -173,8 +173,9 @@ class Grammars:
 
 
 def _first_line(error: str) -> str:
-    line = error.strip().splitlines()[0] if error.strip() else "invalid grammar"
-    return line[:300]
+    """The engine's error on one line (its regex errors span several), bounded."""
+    line = " ".join(part.strip() for part in error.strip().splitlines() if part.strip()) or "invalid grammar"
+    return line[:400]
 
 
 def bitmask_words(vocab_size: int) -> int:

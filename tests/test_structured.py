@@ -266,8 +266,9 @@ def test_hostile_grammars_do_not_stall_the_server(srv):
     """Grammars whose automaton explodes are refused (or served) within the grammar engine's limits, quickly, and
     the server answers the next request."""
     nested: dict = {"type": "string"}
-    for _ in range(60):
-        nested = {"type": "object", "properties": {"a": nested, "b": {"anyOf": [nested, {"type": "integer"}]}}}
+    for i in range(300):  # deep, and every level a choice
+        nested = {"type": "object", "properties": {"a": nested, "b": {"anyOf": [{"type": "integer"},
+                                                                              {"pattern": f"(x|y)*x(x|y){{{i % 30}}}"}]}}}
     for grammar in ({"type": "regex", "value": "(a|b)*a(a|b){40}"}, {"type": "regex", "value": "[a-z]{100000}"},
                     {"type": "regex", "value": "((a+)+|(b+)+)+c"}, {"type": "json", "value": nested}):  # fmt: skip
         t0 = time.monotonic()

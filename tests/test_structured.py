@@ -296,7 +296,7 @@ def test_openai_client_parse_and_tool_calls(srv):
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
     done = 0
     for seed in range(4):
-        out = client.beta.chat.completions.parse(model="tiny", messages=[{"role": "user", "content": "Pick one"}],
+        out = client.beta.chat.completions.parse(model="tgi", messages=[{"role": "user", "content": "Pick one"}],
                                                  response_format=Pick, max_tokens=40, seed=seed)  # fmt: skip
         assert isinstance(out.choices[0].message.parsed, Pick)
         done += 1
@@ -312,7 +312,7 @@ def test_openai_client_parse_and_tool_calls(srv):
     named = {"type": "function", "function": {"name": "get_weather"}}
     for choice in (named, "required"):
         for stream in (False, True):
-            kw = dict(model="tiny", messages=[{"role": "user", "content": "Weather?"}], tools=tools,
+            kw = dict(model="tgi", messages=[{"role": "user", "content": "Weather?"}], tools=tools,
                       tool_choice=choice, max_tokens=40)  # fmt: skip
             if stream:
                 calls, finish = {}, None

@@ -36,6 +36,15 @@ EXTRA_GENERATE_KWARGS: tuple[str, ...] = ("min_new_tokens",)
 ACCEPTED_GENERATE_KWARGS: tuple[str, ...] = GENERATE_KWARGS + EXTRA_GENERATE_KWARGS
 
 
+@dataclass(frozen=True)
+class Grammar:
+    """What a constrained row's output must match (bloom_server.structured): kind "json_schema" (source: the schema
+    as canonical JSON text), "json_object" (any JSON object; source empty) or "regex" (source: the pattern)."""
+
+    kind: str
+    source: str
+
+
 class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
     EOS = "eos_token"  # the model produced its end-of-sequence token
@@ -79,6 +88,7 @@ class GenerateBatch:
     input_ids: one list of token ids per row (no padding; backends pad on their side).
     max_new_tokens: per row; the call runs to the largest and cuts each row at its own.
     seed: every rank seeds its RNG from it, so sampled tokens agree across tensor-parallel ranks.
+    grammars: per row, the Grammar its tokens must follow, or None (empty: no row is constrained).
     """
 
     input_ids: tuple[tuple[int, ...], ...]
@@ -87,6 +97,7 @@ class GenerateBatch:
     seed: int
     pad_token_id: int
     eos_token_id: int | None
+    grammars: tuple["Grammar | None", ...] = ()
 
 
 @dataclass(frozen=True)

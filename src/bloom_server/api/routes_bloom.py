@@ -22,6 +22,7 @@ from bloom_server.api.common import (
     timing_headers,
 )
 from bloom_server.api.errors import error_responses
+from bloom_server.api.grammar import tgi_grammar
 from bloom_server.api.schemas import (
     ErrorResponse,
     ForwardRequest,
@@ -135,7 +136,8 @@ def build_router(engine: Engine) -> APIRouter:
             return await routes_tgi.answer(engine, request, parse(TGIRequest, data), as_list=False)
         body = parse(GenerateRequest, data)
         req = engine.submit(
-            body.text, body.generate_kwargs(), timeout_s=header_timeout(request), request_id=request_id(request)
+            body.text, body.generate_kwargs(), timeout_s=header_timeout(request), request_id=request_id(request),
+            grammar=tgi_grammar(body.grammar, "grammar"),
         )
         remember(request, req)
         (completions,) = await result_or_disconnect(request, [req])

@@ -24,6 +24,7 @@ from bloom_server.api.common import (
     timing_headers,
 )
 from bloom_server.api.errors import NotFound, error_responses, render_error, status_of
+from bloom_server.api.grammar import ToolPlan, response_format_grammar, tool_field, tool_grammar
 from bloom_server.api.schemas_openai import (
     MAX_STOP,
     ChatRequest,
@@ -38,6 +39,7 @@ from bloom_server.engine.chat import ChatTemplate
 from bloom_server.engine.core import Engine
 from bloom_server.engine.requests import Completion, GenRequest
 from bloom_server.errors import BloomServerError, InvalidRequest
+from bloom_server.types import Grammar
 
 OPENAI_ERRORS = error_responses(OpenAIError, e400="Invalid request: `param` names the field", e404="No such model")
 _FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
@@ -62,15 +64,27 @@ def _unsupported(body: Any) -> None:
     best_of = getattr(body, "best_of", None)
     if best_of not in (None, 1, body.n):
         raise InvalidRequest("best_of: only 1 (or n) is supported", field="best_of", limit=1)
-    response_format = getattr(body, "response_format", None)
-    if response_format is not None and response_format.get("type") != "text":
-        raise InvalidRequest('response_format: not supported (only {"type": "text"})', field="response_format")
-    for name in ("tools", "functions"):
-        if getattr(body, name, None):
-            raise InvalidRequest(f"{name}: tool calls are not supported", field=name)
-    for name in ("tool_choice", "function_call"):
-        if getattr(body, name, None) not in (None, "none"):
-            raise InvalidRequest(f'{name}: tool calls are not supported (only "none")', field=name)
+    # The deprecated function-calling fields: `tools` with `tool_choice` serve the same purpose.
+    if getattr(body, "functions", None):
+        raise InvalidRequest("functions: not supported; use tools with tool_choice", field="functions")
+    if getattr(body, "function_call", None) not in (None, "none"):
+        raise InvalidRequest('function_call: not supported; use tools with tool_choice', field="function_call")
+
+
+def _grammar(body: Any) -> tuple[Grammar | None, str, ToolPlan | None]:
+    """The body's structured output: (grammar, the field a bad one is reported under, the tool call plan)."""
+    rf = getattr(body, "response_format", None)
+    grammar = response_format_grammar(rf)
+    field = "response_format.json_schema.schema" if grammar is not None and grammar.kind == "json_schema" \
+        else "response_format"  # fmt: skip
+    tools = getattr(body, "tools", None)
+    tool = tool_grammar(tools, getattr(body, "tool_choice", None)) if hasattr(body, "tools") else None
+    if tool is None:
+        return grammar, field, None
+    if grammar is not None:
+        raise InvalidRequest("response_format: cannot be combined with a required tool call (tool_choice)",
+                             field="response_format")  # fmt: skip
+    return tool[0], tool_field(tools, body.tool_choice), tool[1]
 
 
 def _kwargs(body: Any, max_tokens: int | None) -> dict[str, Any]:
@@ -104,6 +118,7 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
 
     def submit(request: Request, prompts: list[str], body: Any, max_tokens: int | None, field: str, top_n: int):
         _unsupported(body)
+        grammar, grammar_field, plan = _grammar(body)
         try:
             req = engine.submit(
                 prompts,
@@ -116,11 +131,15 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
                 top_n=top_n,
                 request_id=request_id(request),
                 streaming=body.stream,
+                grammar=grammar,
+                grammar_field=grammar_field,
             )
         except InvalidRequest as exc:
+            if exc.field and (exc.field.startswith(("response_format", "tools")) or exc.field == grammar_field):
+                raise
             raise rename_field(exc, {**_FIELDS, "text": field}, keep_index=field == "prompt") from None
         remember(request, req)
-        return req
+        return req, plan
 
     def card() -> dict[str, Any]:
         # `created`: when the model was loaded (the server's start while it loads), the same on every call.
@@ -155,7 +174,7 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         prompts = _prompts(body.prompt)
         if not prompts or any(not p for p in prompts):
             raise InvalidRequest("prompt: a non-empty string or a list of them (or of token id lists)", field="prompt")
-        req = submit(request, prompts, body, body.max_tokens, "prompt", body.logprobs or 0)
+        req, _ = submit(request, prompts, body, body.max_tokens, "prompt", body.logprobs or 0)
         rid, created = f"cmpl-{req.id}", int(time.time())
         echo = [_prompt_text(engine, p) for p in prompts for _ in range(body.n)] if body.echo else None
         if body.stream:
@@ -192,28 +211,48 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         prompt = template.render(messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         top_n = (body.top_logprobs or 0) if body.logprobs else 0
-        req = submit(request, [prompt], body, max_tokens, "messages", top_n)
+        req, plan = submit(request, [prompt], body, max_tokens, "messages", top_n)
         rid, created = f"chatcmpl-{req.id}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            gen = _chat_chunks(engine, req, rid, created, model_name, body.logprobs, include_usage, body.n)
+            gen = _chat_chunks(engine, req, rid, created, model_name, body.logprobs, include_usage, body.n, plan)
             return StreamingResponse(events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         (comps,) = await result_or_disconnect(request, [req])
-        choices = [
-            {
+        choices = []
+        for i, c in enumerate(comps):
+            message, finish = _chat_message(c, plan, f"{rid}-{i}")
+            choices.append({
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                "message": message,
                 "logprobs": {"content": _chat_logprobs(engine, c)} if body.logprobs else None,
-                "finish_reason": _FINISH.get(c.finish_reason, "length"),
-            }
-            for i, c in enumerate(comps)
-        ]
+                "finish_reason": finish,
+            })  # fmt: skip
         out = {"id": rid, "object": "chat.completion", "created": created, "model": model_name, "choices": choices,
                "usage": _usage(req, body.n)}
         return JSONResponse(out, headers=timing_headers([req]))
 
     return router
+
+
+def _tool_call(plan: ToolPlan, c: Completion, call_id: str) -> dict[str, Any] | None:
+    """OpenAI's tool call of a finished constrained answer (None: it was cut, or does not parse)."""
+    if c.finish_reason not in ("eos_token", "stop_sequence"):
+        return None
+    call = plan.call(c.text)
+    if call is None:
+        return None
+    return {"id": f"call_{call_id}", "type": "function", "function": {"name": call[0], "arguments": call[1]}}
+
+
+def _chat_message(c: Completion, plan: ToolPlan | None, call_id: str) -> tuple[dict[str, Any], str]:
+    """The choice's message and finish_reason: a tool call when the answer is a complete one (finish_reason
+    `tool_calls`); otherwise the text, with `length` when it was cut."""
+    if plan is not None:
+        call = _tool_call(plan, c, call_id)
+        if call is not None:
+            return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+    return {"role": "assistant", "content": c.text}, _FINISH.get(c.finish_reason, "length")
 
 
 def _prompts(prompt: Any) -> list[str | list[int]]:
@@ -312,13 +351,14 @@ async def _completion_chunks(engine: Engine, req: GenRequest, rid: str, created:
 
 
 async def _chat_chunks(engine: Engine, req: GenRequest, rid: str, created: int, model: str, logprobs: bool,
-                       include_usage: bool, n: int) -> AsyncIterator[bytes]:
+                       include_usage: bool, n: int, plan: ToolPlan | None = None) -> AsyncIterator[bytes]:
     def chunk(index: int, delta: dict, finish: str | None, lp: Any = None) -> bytes:
         return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
+    texts: dict[int, str] = {}  # with a tool call: each choice's text so far
     for i in range(req.n_rows):
-        yield chunk(i, {"role": "assistant", "content": ""}, None)
+        yield chunk(i, {"role": "assistant", "content": "" if plan is None else None}, None)
     async for ev in req.stream():
         lp = None
         if logprobs:
@@ -327,10 +367,20 @@ async def _chat_chunks(engine: Engine, req: GenRequest, rid: str, created: int, 
                                "bytes": list(text.encode()),
                                "top_logprobs": [{"token": _text(engine, i), "logprob": p,
                                                  "bytes": list(_text(engine, i).encode())} for i, p in (ev.top or ())]}]}
-        yield chunk(ev.row, {"content": ev.text}, None, lp)
-    async for tail in _finish(req, lambda i, c: chunk(i, {"content": c.stream_tail} if c.stream_tail else {},
-                                                      _FINISH.get(c.finish_reason, "length")),
-                              rid, created, model, "chat.completion.chunk", include_usage, n):
+        if plan is None:
+            yield chunk(ev.row, {"content": ev.text}, None, lp)
+        else:  # a tool call is sent whole once it is complete (its name is known only then with "required")
+            texts[ev.row] = texts.get(ev.row, "") + ev.text
+
+    def last(i: int, c: Completion) -> bytes:
+        if plan is not None:
+            message, finish = _chat_message(c, plan, f"{rid}-{i}")
+            if message.get("tool_calls"):
+                return chunk(i, {"tool_calls": [{"index": 0, **message["tool_calls"][0]}]}, finish)
+            return chunk(i, {"content": texts.get(i, "") + c.stream_tail}, finish)
+        return chunk(i, {"content": c.stream_tail} if c.stream_tail else {}, _FINISH.get(c.finish_reason, "length"))
+
+    async for tail in _finish(req, last, rid, created, model, "chat.completion.chunk", include_usage, n):
         yield tail
 
 

@@ -25,6 +25,7 @@ from bloom_server.api.common import (
     timing_headers,
 )
 from bloom_server.api.errors import error_responses, render_error, status_of
+from bloom_server.api.grammar import tgi_grammar
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
 from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse
 from bloom_server.engine.core import Engine
@@ -43,7 +44,6 @@ def submit(engine: Engine, request: Request, body: TGIRequest, streaming: bool =
         raise InvalidRequest("parameters.best_of: only 1 is supported", field="parameters.best_of", limit=1)
     for name, unsupported in (
         ("watermark", p.watermark),
-        ("grammar", p.grammar is not None),
         ("adapter_id", p.adapter_id is not None),
         ("frequency_penalty", p.frequency_penalty not in (None, 0)),
     ):
@@ -69,6 +69,7 @@ def submit(engine: Engine, request: Request, body: TGIRequest, streaming: bool =
     extra = {k: v for k, v in (p.model_extra or {}).items() if k in ACCEPTED_GENERATE_KWARGS and k not in kwargs}
     if extra:
         kwargs.update(parse(GenerateKwargs, extra).generate_kwargs())
+    grammar = tgi_grammar(p.grammar, "parameters.grammar")
     try:
         req = engine.submit(
             [body.inputs],
@@ -81,8 +82,12 @@ def submit(engine: Engine, request: Request, body: TGIRequest, streaming: bool =
             truncate=p.truncate,
             request_id=request_id(request),
             streaming=streaming,
+            grammar=grammar,
+            grammar_field="parameters.grammar",
         )
     except InvalidRequest as exc:
+        if exc.field and exc.field.startswith("parameters.grammar"):
+            raise
         raise rename_field(exc, _FIELDS, prefix="parameters.", keep_index=False) from None
     remember(request, req)
     return req

@@ -68,6 +68,8 @@ class GenerateKwargs(BaseModel):
 
 class GenerateRequest(GenerateKwargs):
     text: Annotated[list[Prompt], Field(min_length=1, description="Prompts (a single string is accepted too).")]
+    grammar: Any = Field(None, description='Structured output, as TGI takes it: {"type": "json", "value": <JSON '
+                         'schema>}, {"type": "regex", "value": <pattern>} or {"type": "json_object"}.')
 
     _text_list = field_validator("text", mode="before")(_as_list)
 

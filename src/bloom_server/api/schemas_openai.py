@@ -12,6 +12,10 @@ MAX_STOP = 4
 MAX_LOGPROBS = 5
 
 
+_RESPONSE_FORMAT = ('{"type": "text"} (free), {"type": "json_object"}, or {"type": "json_schema", "json_schema": '
+                    '{"name": ..., "schema": {...}, "strict": true}}: every token is masked by the grammar.')
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -41,6 +45,7 @@ class CompletionRequest(_Sampling):
     echo: bool = Field(False, description="Prepend the prompt to the text.")
     best_of: Int | None = Field(None, description="Only 1 (or n) is supported.")
     suffix: str | None = Field(None, description="Not supported.")
+    response_format: dict[str, Any] | None = Field(None, description=_RESPONSE_FORMAT)
 
 
 class ChatMessage(BaseModel):
@@ -57,12 +62,14 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens.")
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    # Structured output and tool calls are not implemented: refused by name rather than silently ignored.
-    response_format: dict[str, Any] | None = Field(None, description='Only {"type": "text"} is supported.')
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported (an empty list is).")
-    tool_choice: str | dict[str, Any] | None = Field(None, description='Only "none" is supported.')
-    functions: list[dict[str, Any]] | None = Field(None, description="Not supported.")
-    function_call: str | dict[str, Any] | None = Field(None, description='Only "none" is supported.')
+    response_format: dict[str, Any] | None = Field(None, description=_RESPONSE_FORMAT)
+    tools: list[dict[str, Any]] | None = Field(None, description="Functions the answer may call: "
+                                               '{"type": "function", "function": {"name", "parameters"}}.')
+    tool_choice: str | dict[str, Any] | None = Field(None, description='"none", "required" (a call of any of the '
+                                                     'tools) or {"type": "function", "function": {"name": ...}}; '
+                                                     '"auto" is not supported.')
+    functions: list[dict[str, Any]] | None = Field(None, description="Not supported (use tools).")
+    function_call: str | dict[str, Any] | None = Field(None, description='Only "none" is supported (use tool_choice).')
 
 
 class Usage(BaseModel):
@@ -96,14 +103,15 @@ class CompletionResponse(BaseModel):
 
 class ChatChoiceMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatChoiceMessage
     logprobs: dict[str, Any] | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatResponse(BaseModel):

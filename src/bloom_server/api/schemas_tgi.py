@@ -32,7 +32,8 @@ class TGIParameters(BaseModel):
     top_n_tokens: Int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS, description="Alternatives per token.")
     best_of: Int | None = Field(None, description="Not supported beyond 1.")
     watermark: bool = Field(False, description="Not supported.")
-    grammar: Any = Field(None, description="Not supported.")
+    grammar: Any = Field(None, description='Structured output: {"type": "json", "value": <JSON schema>}, {"type": '
+                         '"regex", "value": <pattern>} or {"type": "json_object"}.')
     frequency_penalty: Float | None = Field(None, description="Not supported (use repetition_penalty).")
     adapter_id: str | None = Field(None, description="Not supported.")
 

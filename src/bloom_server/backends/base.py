@@ -59,6 +59,10 @@ class TransformersModelBackend(Backend):
     input_device: "torch.device | str" = "cpu"
     supports_streaming = True  # generate() takes a listener (rank 0's per-step token callback)
     supports_lockstep_stops = True  # and, with several ranks, rank 0's row stops shared on every rank (ChannelStops)
+    # Grammars (structured output) through a LogitsProcessor in transformers' generate(): the same code for hf,
+    # ds_inference and ds_zero, whose generate() is transformers' own.
+    supports_grammar = True
+    _grammars: Any = None
 
     def extra_generate_kwargs(self) -> dict[str, Any]:
         return {}
@@ -81,6 +85,11 @@ class TransformersModelBackend(Backend):
             may_stop = self.ctx.world_size == 1 or stops is not None
             hook = StreamHook(listener, batch.max_new_tokens, may_stop=may_stop, stops=stops)
             kwargs.update(hook.generate_kwargs())
+        if any(g is not None for g in batch.grammars):
+            eos = kwargs.get("eos_token_id")
+            eos_t = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+            mask = GrammarMask(self, batch.grammars, input_ids.shape[1], eos_t)
+            kwargs["logits_processor"] = mask.processors(kwargs.get("logits_processor"))
         with torch.inference_mode(), warnings.catch_warnings():
             # min_length past the output (allowed: it means "never stop on EOS") is legal here, not worth a warning.
             warnings.filterwarnings("ignore", message="Unfeasible length constraints", category=UserWarning)
@@ -117,6 +126,55 @@ class TransformersModelBackend(Backend):
         logits = logits[:, :-1].reshape(-1, logits.shape[-1])
         target = labels[:, 1:].reshape(-1).to(logits.device)
         return float(torch.nn.functional.cross_entropy(logits, target, ignore_index=-100))
+
+
+class GrammarMask:
+    """Constrained rows in transformers' generate(): a LogitsProcessor, first in the list this backend passes (after
+    transformers' own processors, before its temperature/top-k/top-p warpers), feeds each constrained row's matcher
+    the token it chose last, then sets every token its grammar does not allow to -inf, greedy and sampled alike.
+    Free rows are untouched. Every rank computes the same masks from the same tokens (bloom_server.structured)."""
+
+    def __init__(self, backend: "TransformersModelBackend", grammars: tuple, width: int, eos_ids: tuple[int, ...]):
+        self.backend = backend
+        self.grammars = grammars
+        self.width = width
+        self.eos_ids = eos_ids
+        self.rows = [i for i, g in enumerate(grammars) if g is not None]
+        self.matchers: Any = None
+
+    def processors(self, existing: Any) -> Any:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        mask = self
+
+        class _Mask(LogitsProcessor):
+            def __call__(self, input_ids, scores):  # noqa: ANN001 - transformers' signature
+                return mask(input_ids, scores)
+
+        return LogitsProcessorList([_Mask(), *(existing or [])])
+
+    def __call__(self, input_ids: "torch.Tensor", scores: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        from bloom_server import structured
+
+        if self.matchers is None:
+            b = self.backend
+            if b._grammars is None or b._grammars.vocab_size != scores.shape[-1]:
+                b._grammars = structured.Grammars.for_model(b.model_dir.path, self.eos_ids, scores.shape[-1])
+            self.matchers = structured.RowMatchers(b._grammars)
+            for i in self.rows:
+                self.matchers.add(i, self.grammars[i])
+        if input_ids.shape[1] > self.width:  # the previous step's tokens
+            last = input_ids[:, -1].tolist()
+            for i in self.rows:
+                self.matchers.advance(i, last[i])
+        active = self.matchers.active(self.rows)
+        if active:
+            bitmask = self.matchers.masks(active).to(scores.device)
+            rows = torch.tensor(active, dtype=torch.long, device=scores.device)
+            structured.apply_bitmask(scores, rows, bitmask)
+        return scores
 
 
 class StreamHook:

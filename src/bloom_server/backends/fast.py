@@ -38,6 +38,10 @@ class FastBackend(Backend):
     engine: "FastEngine | None" = None
     supports_streaming = True  # generate() takes rank 0's listener (per-step tokens, log-probabilities, stops)
     supports_continuous = True  # cstep(): rows join and leave the running batch at step boundaries
+    # Grammars (structured output) in the continuous batcher only: a mask needs the previous token on the host,
+    # which the static generate() loop never reads (its decode loop runs without host syncs).
+    supports_grammar = True
+    supports_grammar_dynamic = False
     _batcher: "ContinuousBatcher | None" = None
 
     def load(self) -> None:
@@ -190,6 +194,12 @@ class FastBackend(Backend):
         if self._batcher is None:
             self._batcher = ContinuousBatcher(self.engine)
         cb = self._batcher
+        if cb.grammars is None and any(j.grammar is not None for j in step.joins):
+            from bloom_server.structured import Grammars
+
+            eos = next((j.eos_token_id for j in step.joins if j.eos_token_id is not None), None)
+            cb.grammars = Grammars.for_model(self.model_dir.path, (eos,) if eos is not None else (),
+                                             self.engine.shape.vocab_size)  # fmt: skip
         finished: list[tuple[Any, str]] = []
         for rid in step.leaves:
             if cb.leave(rid) is not None:
@@ -200,7 +210,8 @@ class FastBackend(Backend):
                 kwargs, eos_token_id=j.eos_token_id, prompt_width=len(j.prompt), defaults=self._defaults
             )
             cb.add(Request(rid=j.rid, prompt=tuple(j.prompt), max_new_tokens=j.max_new_tokens, cfg=cfg, seed=j.seed,
-                           top_n=j.top_n if rank0 else 0, pad_token_id=kwargs.get("pad_token_id", j.pad_token_id)))  # fmt: skip
+                           top_n=j.top_n if rank0 else 0, pad_token_id=kwargs.get("pad_token_id", j.pad_token_id),
+                           grammar=j.grammar))  # fmt: skip
         tokens: list[tuple[Any, int]] = []
         extra: list | None = [] if rank0 else None
         while True:  # once; a draining step (a cstep on its own, e.g. the warm-up) until every row has finished

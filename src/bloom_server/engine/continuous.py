@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from bloom_server.engine.scheduler import check_queue_bounds
 from bloom_server.errors import EngineDead, NotReady
-from bloom_server.types import FinishReason, GenerateBatch, SamplingParams
+from bloom_server.types import FinishReason, GenerateBatch, Grammar, SamplingParams
 
 if TYPE_CHECKING:
     from bloom_server.engine.requests import GenRequest
@@ -65,6 +65,7 @@ class Join:
     eos_token_id: int | None
     pad_token_id: int
     top_n: int = 0
+    grammar: Grammar | None = None  # the row's output must follow it (every rank builds the same matcher)
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class ContinuousScheduler:
                     rid = req._rids[r]
                     self._live[rid] = (req, r)
                     joins.append(Join(rid, tuple(row.prompt), spec.max_new_tokens, spec.params, row_seed(seed, r),
-                                      self.eos_token_id, self.pad_token_id, req.top_n))  # fmt: skip
+                                      self.eos_token_id, self.pad_token_id, req.top_n, spec.grammar))  # fmt: skip
                 free -= req.n_rows
                 started.append((req, seed, now))
             if not joins and not leaves and not self._live:

@@ -7,6 +7,7 @@ import dataclasses
 import enum
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from bloom_server.engine.continuous import CStep, ContinuousScheduler, Join
@@ -16,7 +17,7 @@ from bloom_server.engine.tokenizer import TextTokenizer
 from bloom_server.engine.validation import check_prompts, validate_generate
 from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, NotReady
 from bloom_server.settings import Settings
-from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput, ModelInfo, SamplingParams
+from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput, Grammar, ModelInfo, SamplingParams
 
 __all__ = ["Completion", "Engine", "GenRequest", "State", "StepRunner"]
 
@@ -55,6 +56,7 @@ class Engine:
         # Called with each request once it is answered, failed or cancelled (the API layer records metrics).
         self.on_request_done: Callable[[GenRequest, BaseException | None], None] | None = None
         self.on_batch: Callable[[GenerateBatch, float], None] | None = None
+        self._grammars: Any = None  # bloom_server.structured.Grammars, built at the first constrained request
 
     # ---- lifecycle (called by the composition root) ----
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -154,6 +156,32 @@ class Engine:
             raise NotReady(f"the model is not ready ({self.state_detail})")
 
     # ---- requests ----
+    def grammar_refusal(self) -> str | None:
+        """Why this server cannot constrain output (None: it can). Asked before anything is queued."""
+        from bloom_server import structured
+
+        backend = getattr(self.runner, "backend", None)
+        name = self.settings.backend
+        if not getattr(backend, "supports_grammar", False):
+            return f"the {name} backend cannot constrain its output"
+        if self.batching == "dynamic" and not getattr(backend, "supports_grammar_dynamic", True):
+            return f"the {name} backend constrains output with continuous batching only (--batching auto or continuous)"
+        return structured.available()
+
+    def check_grammar(self, grammar: Grammar, field: str) -> None:
+        """Compile (cached) and check a grammar on rank 0: a bad schema or regex is a 422 naming `field`, before
+        anything is queued or broadcast."""
+        from bloom_server import structured
+
+        refusal = self.grammar_refusal()
+        if refusal is not None:
+            raise InvalidRequest(f"{field}: not supported here: {refusal}", field=field)
+        assert self.tokenizer is not None and self.info is not None
+        if self._grammars is None:
+            eos = self.tokenizer.eos_token_id
+            self._grammars = structured.Grammars.for_model(Path(self.info.model_dir), (eos,) if eos is not None else ())
+        self._grammars.check(grammar, field)
+
     async def _run_generate(self, batch: GenerateBatch, listener: BatchListener | None = None) -> GenerateOutput:
         assert self.runner is not None
         return await asyncio.wrap_future(self.runner.submit("generate", batch, listener=listener))
@@ -203,6 +231,8 @@ class Engine:
         truncate: int | None = None,
         request_id: str | None = None,
         streaming: bool = False,
+        grammar: Grammar | None = None,
+        grammar_field: str = "grammar",
     ) -> GenRequest:
         """Validate, tokenize and queue a request; raises InvalidRequest/Overloaded/NotReady before anything runs.
 
@@ -210,7 +240,8 @@ class Engine:
         request's deadline from now (the server's request timeout applies too). top_n: alternatives per token.
         truncate: keep only the last `truncate` prompt tokens. streaming: the caller reads token events with
         text (stream()); without it events carry no text until the end. `max_time` is honoured per row, from the start of its
-        batch, on rank 0 (never a wall-clock decision taken separately on each rank).
+        batch, on rank 0 (never a wall-clock decision taken separately on each rank). grammar: every row's output
+        must follow it (bloom_server.structured); checked here, a failure names `grammar_field`.
         """
         self._require_ready()
         assert self.tokenizer is not None and self.batcher is not None
@@ -224,6 +255,14 @@ class Engine:
             vocab_size=self.tokenizer.vocab_size,
             seed=seed,
         )
+        if grammar is not None:
+            for f in ("min_length", "min_new_tokens"):
+                if kwargs.get(f):
+                    # Holding the end of sequence back could leave a finished grammar no token at all.
+                    raise InvalidRequest(f"{f}: cannot be combined with {grammar_field} (the grammar decides where the "
+                                         "output ends)", field=f)  # fmt: skip
+            self.check_grammar(grammar, grammar_field)
+            spec = dataclasses.replace(spec, grammar=grammar)
         params = spec.params.as_dict()
         max_time = params.pop("max_time", None)
         eos = params.get("eos_token_id", self.tokenizer.eos_token_id)

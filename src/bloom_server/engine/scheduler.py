@@ -222,12 +222,13 @@ class Batcher:
         first = taken[0]
         seed_key = first.spec.batch_key(0)[2]
         seed = seed_key if seed_key is not None else random.getrandbits(31)
-        input_ids, max_new, mapping = [], [], []
+        input_ids, max_new, mapping, grammars = [], [], [], []
         for p in taken:
             for r, row in enumerate(p.rows):
                 input_ids.append(tuple(row.prompt))
                 max_new.append(p.spec.max_new_tokens)
                 mapping.append((p, r))
+                grammars.append(p.spec.grammar)
         batch = GenerateBatch(
             input_ids=tuple(input_ids),
             max_new_tokens=tuple(max_new),
@@ -235,6 +236,7 @@ class Batcher:
             seed=seed,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,
+            grammars=tuple(grammars) if any(g is not None for g in grammars) else (),
         )
         listener = BatchListener(asyncio.get_running_loop(), mapping, top_n=max(p.top_n for p in taken))
         for p in taken:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bloom_server.errors import InvalidRequest
-from bloom_server.types import SamplingParams
+from bloom_server.types import Grammar, SamplingParams
 
 # generate() settings that only matter when sampling: dropped for greedy requests so that greedy requests with
 # leftover values still share a call (they change nothing without sampling).
@@ -47,6 +47,8 @@ class GenerateSpec:
     max_new_tokens: int
     remove_input_from_output: bool
     seed: int | None
+    # Not part of the batch key: constrained and free rows share a call (each row has its own mask).
+    grammar: Grammar | None = None
 
     def batch_key(self, prompt_len: int) -> tuple:
         d = dict(self.params.kwargs)

@@ -58,6 +58,7 @@ class Request:
     issued: int = 0  # tokens chosen on the device so far (read or not)
     plain: bool = False  # the step's own argmax is its token at every step
     greedy: bool = False  # greedy with at most EOS held back (min_new_tokens)
+    grammar: Any = None  # types.Grammar: its tokens must follow it (masked before they are chosen)
 
 
 @dataclass
@@ -154,6 +155,9 @@ class ContinuousBatcher:
         self._out_reqs: list[Request] = []
         self._pending: _Pending | None = None  # chosen on the device, not yet read (at most one step's worth)
         self._ended = 0  # live rows finished or left since the last _retire
+        self.grammars: Any = None  # structured.Grammars of the engine's vocabulary: set by the owner before a
+        # constrained row is added
+        self._matchers: Any = None  # structured.RowMatchers, by row id
 
     def add(self, req: Request) -> None:
         if len(req.prompt) + req.max_new_tokens > self.engine.max_seq:
@@ -193,13 +197,16 @@ class ContinuousBatcher:
         self._retire()  # rows that left since the previous step: out before anything runs
         self.out_rids, self.out_tokens, self.out_extra, self._out_reqs = [], [], [], []
         nxt = _Pending()
+        decoded = None
         if any(r.finish is None and r.issued < r.max_new_tokens for r in self.live):
-            self._decode(nxt, logprobs)  # queued on the device behind whatever is still running
+            decoded = self._decode(nxt, logprobs)  # queued on the device behind whatever is still running
         finished: list[Request] = []
         if self.pipeline:
             prev, self._pending = self._pending, None
             if prev is not None:
                 finished = self._process(prev)  # the one host wait: the previous step's tokens
+            if decoded is not None:  # constrained rows: their masks need the tokens just read
+                self._choose(nxt, decoded, logprobs)
             self._retire()
             if not self.live:
                 nxt = _Pending()  # only rows that finished rode along: nothing to read
@@ -208,6 +215,8 @@ class ContinuousBatcher:
                 nxt.stage()
                 self._pending = nxt
         else:  # each step reads its own tokens (the admissions' first tokens in the same read)
+            if decoded is not None:
+                self._choose(nxt, decoded, logprobs)
             self._admit(nxt, logprobs)
             if nxt.rows:
                 nxt.stage()
@@ -241,10 +250,16 @@ class ContinuousBatcher:
             req.sampler = self._sampler(req)
             req.issued = 1
             req.plain, req.greedy = _plain_greedy(req.cfg), _greedy(req.cfg)
+            if req.grammar is not None:
+                req.plain = False
+                self._matcher_set().add(req.rid, req.grammar)
             new.append(req)
         if not new:
             return
         logits = e.prefill([r.slot for r in new], [r.prompt for r in new])  # type: ignore[misc]
+        constrained = [i for i, r in enumerate(new) if r.grammar is not None]
+        if constrained:  # the grammars' first masks (nothing consumed yet: no wait on the device)
+            self._mask(logits, constrained, [new[i].rid for i in constrained])
         firsts = torch.cat([r.sampler(logits[i : i + 1], 0) for i, r in enumerate(new)])  # type: ignore[misc]
         e.tok[new[0].slot : new[0].slot + len(new)] = firsts  # type: ignore[index,operator]
         self.live.extend(new)
@@ -252,9 +267,10 @@ class ContinuousBatcher:
         if logprobs:
             self._want_tops(into, [(base + i, r, logits[i]) for i, r in enumerate(new) if r.top_n])
 
-    def _decode(self, into: _Pending, logprobs: bool) -> None:
+    def _decode(self, into: _Pending, logprobs: bool) -> tuple:
         """One token for every live slot [0, n); rows already finished (or whose finish is not read yet) ride along
-        and their token is dropped. Device work only: the tokens go into `into`."""
+        and their token is dropped. Device work only. Constrained rows are left to `_choose` (their masks need the
+        previous step's tokens, read after this decode is queued), which puts the step's tokens into `into`."""
         e = self.engine
         n = len(self.live)
         e.suppress_eos((), False)  # per-row EOS rules are the rows' own samplers' business
@@ -263,6 +279,7 @@ class ContinuousBatcher:
         assert logits is not None
         rows: list[Request | None] = []
         held: dict[tuple[int, ...], list[int]] = {}  # greedy rows whose EOS is still forbidden, by EOS ids
+        constrained: list[tuple[Request, int]] = []
         for r in self.live:
             t = r.issued
             if r.finish is not None or t >= r.max_new_tokens:
@@ -270,6 +287,9 @@ class ContinuousBatcher:
                 continue
             rows.append(r)
             r.issued = t + 1
+            if r.grammar is not None:
+                constrained.append((r, t))
+                continue
             if r.plain or (r.greedy and t >= r.cfg.min_new_tokens):  # the step's own argmax
                 continue
             if r.greedy:  # min_length / min_new_tokens: batched below, a few kernels in all
@@ -279,10 +299,53 @@ class ContinuousBatcher:
         for eos, slots in held.items():
             idx, eos_t = to_device(slots, e.device), to_device(eos, e.device)  # no stream sync
             e.tok[idx] = logits[idx].float().index_fill(1, eos_t, float("-inf")).argmax(-1)
+        decoded = (rows, constrained, logits, n)
+        if not constrained:
+            self._choose(into, decoded, logprobs)
+            return None
+        return decoded
+
+    def _choose(self, into: _Pending, decoded: tuple, logprobs: bool) -> None:
+        """The constrained rows' tokens of a queued decode (each row's grammar mask, computed on the host from the
+        tokens read so far while the decode runs, then applied on the device before its own choice), then the
+        step's tokens into `into`. A row whose matcher ended (EOS, or a finish read meanwhile) is not masked."""
+        rows, constrained, logits, n = decoded
+        e = self.engine
+        live = [(r, t) for r, t in constrained if r.finish is None and r.rid in self._matchers.rows
+                and r.rid not in self._matchers.done]  # fmt: skip
+        if live:
+            scores = logits.index_select(0, to_device([r.slot for r, _ in live], e.device)).float()
+            self._mask(scores, list(range(len(live))), [r.rid for r, _ in live])
+            greedy = [j for j, (r, _) in enumerate(live) if r.greedy]
+            if greedy:  # one argmax for every greedy constrained row
+                idx = to_device(greedy, e.device)
+                e.tok[to_device([live[j][0].slot for j in greedy], e.device)] = scores[idx].argmax(-1)
+            for j, (r, t) in enumerate(live):
+                if not r.greedy:  # its own rules (penalties, sampling) on its masked scores
+                    e.tok[r.slot] = r.sampler(scores[j : j + 1], t)[0]  # type: ignore[index,misc]
         tokens = e.tok[:n].clone()  # the step buffer is rewritten by the next decode (and by moves)
         base = into.add(rows, tokens, _chosen_logprobs(logits, tokens) if logprobs else None)
         if logprobs:
             self._want_tops(into, [(base + s, r, logits[s]) for s, r in enumerate(rows) if r is not None and r.top_n])
+
+    def _matcher_set(self) -> Any:
+        if self._matchers is None:
+            from bloom_server import structured
+
+            if self.grammars is None:
+                raise ValueError("a constrained row needs the batcher's grammars (structured.Grammars)")
+            self._matchers = structured.RowMatchers(self.grammars)
+        return self._matchers
+
+    def _mask(self, scores: torch.Tensor, rows: list[int], rids: list[Any]) -> None:
+        """scores[rows] in place: -inf where the grammar of row id rids[i] allows nothing. The masks are filled on
+        the host (llguidance's threads, in parallel over rows) and copied to the device without a stream sync."""
+        from bloom_server import structured
+
+        cuda = scores.device.type == "cuda"
+        bitmask = self._matchers.masks(rids, pin=cuda)
+        bitmask = bitmask.to(scores.device, non_blocking=True) if cuda else bitmask
+        structured.apply_bitmask(scores, to_device(rows, scores.device), bitmask)
 
     @staticmethod
     def _want_tops(into: _Pending, want: list) -> None:
@@ -305,6 +368,8 @@ class ContinuousBatcher:
             if r is None or r.finish is not None:  # rode along after its end, or its caller left
                 continue
             token = tokens[i]
+            if r.grammar is not None:
+                self._matchers.advance(r.rid, token)
             toks = r.tokens
             toks.append(token)
             rids.append(r.rid)
@@ -340,6 +405,8 @@ class ContinuousBatcher:
                 i += 1
                 continue
             gone = self.live[i]
+            if gone.grammar is not None:
+                self._matchers.drop(gone.rid)
             last = self.live.pop()
             if last is not gone:
                 e.move(last.slot, i)  # type: ignore[arg-type]

@@ -1,0 +1,234 @@
+"""Structured output: grammars (JSON schema, JSON object, regex) turned into per-row allowed-token masks, with
+llguidance as the grammar engine.
+
+Used on rank 0 by the engine (check a grammar before anything is queued) and on every rank by the backends (one
+matcher per constrained row, advanced by the row's tokens; the next mask filled from it). Every rank computes the
+same masks from the same tokens (a matcher is a deterministic function of the grammar and the tokens so far), so
+nothing is broadcast per step and the lockstep digest of the tokens still compares the ranks.
+
+llguidance and torch are imported inside functions: importing this module does nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bloom_server.errors import InvalidRequest
+from bloom_server.types import Grammar
+
+if TYPE_CHECKING:
+    import torch
+
+# A schema or regex larger than this is refused before it is compiled (a grammar's cost grows with its text).
+MAX_GRAMMAR_BYTES = 64 * 1024
+# Compiled grammars kept (LRU): a repeated schema (the usual case for a program calling the server) is not compiled
+# again; the bound keeps memory flat whatever clients send.
+CACHE_ENTRIES = 256
+# llguidance's own resource limits, tighter than its defaults where a hostile grammar could cost memory or time:
+# lexer states are about 1-2 kB each, and a mask step's fuel is its CPU time (about 14k per ms).
+LIMITS = dict(max_lexer_states=50_000, max_grammar_size=100_000, initial_lexer_fuel=1_000_000,
+              step_lexer_fuel=200_000, step_max_items=50_000)  # fmt: skip
+# Compact JSON (no free whitespace between tokens): a model cannot pad an answer with endless blanks.
+JSON_OPTIONS = {"whitespace_flexible": False}
+KINDS = ("json_schema", "json_object", "regex")
+
+
+def make_grammar(kind: str, value: Any, field: str) -> Grammar:
+    """A request's grammar in canonical form (what crosses the ranks and keys the cache). `value`: the schema (a
+    dict, or a JSON string of one) or the regex. Raises InvalidRequest naming `field` when it is not one."""
+    if kind == "json_object":
+        return Grammar("json_object", "")
+    if kind == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise InvalidRequest(f"{field}: not valid JSON ({exc})", field=field) from None
+        if isinstance(value, bool):  # JSON Schema's true (anything) and false (nothing)
+            value = {} if value else {"not": {}}
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{field}: a JSON schema must be an object", field=field)
+        try:
+            source = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"{field}: {exc}", field=field) from None
+    elif kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise InvalidRequest(f"{field}: a regex must be a non-empty string", field=field)
+        source = value
+    else:
+        raise InvalidRequest(f"{field}: unknown grammar type {kind!r}", field=field)
+    if len(source.encode()) > MAX_GRAMMAR_BYTES:
+        raise InvalidRequest(f"{field}: {len(source.encode())} bytes; the limit is {MAX_GRAMMAR_BYTES}", field=field,
+                             limit=MAX_GRAMMAR_BYTES)  # fmt: skip
+    return Grammar(kind, source)
+
+
+def available() -> str | None:
+    """None when the grammar engine can be imported, else why not."""
+    try:
+        import llguidance  # noqa: F401
+    except ImportError as exc:
+        return f"the grammar engine (llguidance) is not installed: {exc}"
+    return None
+
+
+def _limits() -> Any:
+    import llguidance
+
+    return llguidance.LLParserLimits(**LIMITS)
+
+
+def _grammar_text(g: Grammar) -> str:
+    import llguidance
+
+    if g.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(g.source)
+    schema = {"type": "object"} if g.kind == "json_object" else json.loads(g.source)
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+
+
+class Grammars:
+    """One per process: the grammar engine's view of the tokenizer and the cache of checked grammars. Thread-safe
+    (rank 0 checks on the event loop, the engine thread builds matchers)."""
+
+    def __init__(self, tokenizer_json: Path, vocab_size: int, eos_ids: tuple[int, ...]):
+        import llguidance
+
+        # n_vocab: the model's logits width (BLOOM pads its embedding past the tokenizer's ids); ids past the
+        # tokenizer's are never allowed.
+        self.tokenizer = llguidance.LLTokenizer(str(tokenizer_json), n_vocab=vocab_size,
+                                                eos_token=list(eos_ids) or None)  # fmt: skip
+        self.vocab_size = vocab_size
+        self._cache: collections.OrderedDict[Grammar, tuple[str, str]] = collections.OrderedDict()
+        # A fresh matcher per grammar (LRU like the cache): a row's matcher is a copy of it, cheaper than a compile.
+        self._templates: collections.OrderedDict[Grammar, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._executor: Any = None
+
+    @classmethod
+    def for_model(cls, model_dir: Path, eos_ids: tuple[int, ...], vocab_size: int | None = None) -> "Grammars":
+        if vocab_size is None:
+            vocab_size = int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+        return cls(Path(model_dir) / "tokenizer.json", vocab_size, eos_ids)
+
+    def compiled(self, g: Grammar) -> tuple[str, str]:
+        """(llguidance grammar, error or ""), cached."""
+        with self._lock:
+            hit = self._cache.get(g)
+            if hit is not None:
+                self._cache.move_to_end(g)
+                return hit
+        import llguidance
+
+        try:
+            text = _grammar_text(g)
+            error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer, limits=_limits())
+        except (ValueError, TypeError) as exc:
+            text, error = "", str(exc)
+        out = (text, error)
+        with self._lock:
+            self._cache[g] = out
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+        return out
+
+    def check(self, g: Grammar, field: str) -> None:
+        """Raise InvalidRequest naming `field` when the grammar does not compile (bad schema, bad regex,
+        unsupported keyword, over the limits)."""
+        _, error = self.compiled(g)
+        if error:
+            raise InvalidRequest(f"{field}: {_first_line(error)}", field=field)
+
+    def matcher(self, g: Grammar) -> Any:
+        import llguidance
+
+        with self._lock:
+            template = self._templates.get(g)
+            if template is not None:
+                self._templates.move_to_end(g)
+                return template.deep_copy()
+        text, error = self.compiled(g)
+        if error:
+            raise ValueError(error)
+        template = llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
+        with self._lock:
+            self._templates[g] = template
+            while len(self._templates) > CACHE_ENTRIES:
+                self._templates.popitem(last=False)
+        return template.deep_copy()
+
+    def fill(self, matchers: list[tuple[Any, int]], bitmask: "torch.Tensor") -> None:
+        """Each (matcher, row) writes its allowed tokens into row `row` of `bitmask` ([rows, words] int32, CPU,
+        contiguous), in parallel on llguidance's threads (the GIL is released)."""
+        import llguidance
+
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        self._executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
+
+
+def _first_line(error: str) -> str:
+    """The engine's error on one line (its regex errors span several), bounded."""
+    line = " ".join(part.strip() for part in error.strip().splitlines() if part.strip()) or "invalid grammar"
+    return line[:400]
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def apply_bitmask(logits: "torch.Tensor", rows: "torch.Tensor", bitmask: "torch.Tensor") -> None:
+    """logits [n, V] in place: in each of `rows` ([k] long, on logits' device), tokens whose bit is 0 in the
+    matching row of `bitmask` ([k, words] int32, on logits' device) get -inf. A few elementwise kernels, no sync."""
+    import torch
+
+    V = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, :V].bool()
+    sub = logits.index_select(0, rows)
+    logits.index_copy_(0, rows, sub.masked_fill(~allowed, float("-inf")))
+
+
+class RowMatchers:
+    """The matchers of one batch's constrained rows (keyed by any hashable row id), on one rank. `advance` feeds a
+    row its chosen token; `masks` fills the next masks of the rows still under their grammar."""
+
+    def __init__(self, grammars: Grammars):
+        self.grammars = grammars
+        self.rows: dict[Any, Any] = {}
+        self.done: set[Any] = set()  # ended (EOS taken, or the token broke the grammar): masks no longer apply
+
+    def add(self, key: Any, g: Grammar) -> None:
+        self.rows[key] = self.grammars.matcher(g)
+        self.done.discard(key)
+
+    def drop(self, key: Any) -> None:
+        self.rows.pop(key, None)
+        self.done.discard(key)
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.rows
+
+    def advance(self, key: Any, token: int) -> None:
+        m = self.rows.get(key)
+        if m is None or key in self.done:
+            return
+        if m.is_stopped() or not m.consume_token(int(token)):
+            self.done.add(key)
+
+    def active(self, keys: list[Any]) -> list[Any]:
+        return [k for k in keys if k in self.rows and k not in self.done]
+
+    def masks(self, keys: list[Any], pin: bool = False) -> "torch.Tensor":
+        """[len(keys), words] int32 on the CPU (pinned with `pin`, for an asynchronous copy to the GPU): the allowed
+        tokens of each row (keys must be active)."""
+        import torch
+
+        bitmask = torch.empty((len(keys), bitmask_words(self.grammars.vocab_size)), dtype=torch.int32, pin_memory=pin)
+        self.grammars.fill([(self.rows[k], i) for i, k in enumerate(keys)], bitmask)
+        return bitmask

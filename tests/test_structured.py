@@ -218,8 +218,11 @@ def test_cut_answer_says_length(srv):
     s, b, _ = srv.post("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": schema},
                                                                    "max_new_tokens": 3, "details": True}})  # fmt: skip
     assert s == 200 and b["details"]["finish_reason"] == "length" and b["details"]["generated_tokens"] == 3
+    # A schema no 3 tokens can complete (json_object could: "{}" is two tokens).
+    long = {"type": "object", "properties": {"a": {"type": "string", "minLength": 40}}, "required": ["a"]}
     s, b, _ = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 3,
-                                                "response_format": {"type": "json_object"}})  # fmt: skip
+                                                "response_format": {"type": "json_schema",
+                                                                    "json_schema": {"name": "long", "schema": long}}})  # fmt: skip
     assert s == 200 and b["choices"][0]["finish_reason"] == "length"
 
 

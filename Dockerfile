@@ -50,7 +50,8 @@ RUN pip install \
         "pydantic-settings==2.16.3" \
         "prometheus-client==0.26.0" \
         "jinja2==3.1.6" \
-        "fastapi-offline==1.7.7"
+        "fastapi-offline==1.7.7" \
+        "llguidance==1.9.1"
 
 COPY pyproject.toml /src/
 COPY src/ /src/src/

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Decode speed of the fast engine, transformers and DeepSpeed-Inference side by side (same weights, same run).
 
-The same program as `bloom-server bench`; it lives in the package (bloom_server/fast/bench.py) so the container
+The same program as `bloom-server bench`; it lives in the package (bloom_server/tools/bench.py) so the container
 image, which carries only src/, has it too. Run from a checkout, installed or not:
 
     python scripts/benchmark.py --backend fast,hf --random-weights 7b1 --batch-size 1,8 --new-tokens 100
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bloom_server.fast.bench import main  # noqa: E402
+from bloom_server.tools.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,7 +60,7 @@ def write_checkpoint(out: Path, shape_name: str, dtype: str, layers: int | None)
 
     from bloom_server.fast.shapes import PRESETS, BloomShape
     from bloom_server.fast.weights import _full_shapes, required_names
-    from bloom_server.preshard import write_safetensors
+    from bloom_server.fast.preshard import write_safetensors
 
     shape = BloomShape(vocab_size=2048, hidden_size=64, n_layer=2, n_head=4) if shape_name == "tiny" else PRESETS[shape_name]
     if layers:
@@ -108,7 +108,7 @@ def write_checkpoint(out: Path, shape_name: str, dtype: str, layers: int | None)
 
 
 def weight_files(model_dir: Path, tp: int | None) -> list[Path]:
-    from bloom_server.loading import checkpoint_files, rank_file_name
+    from bloom_server.storage.safetensors import checkpoint_files, rank_file_name
 
     if tp:
         return [model_dir / rank_file_name(r, tp) for r in range(tp)]
@@ -407,7 +407,7 @@ def medians(runs: list[dict]) -> list[str]:
 
 def _cubins(cache: Path | None) -> set[str]:
     """Entries of a Triton cache directory holding a compiled binary (none for a missing one)."""
-    from bloom_server.fast.precompile import cubin_entries
+    from bloom_server.fast.coldstart.precompile import cubin_entries
 
     return cubin_entries(cache) if cache is not None else set()
 
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                              args.shape, dtype, args.layers)  # fmt: skip
     runs: list[tuple[str, Path, int | None]] = [("plain", model, None)]
     if args.preshard:
-        from bloom_server.preshard import preshard
+        from bloom_server.fast.preshard import preshard
 
         out = model.with_name(model.name + f"-tp{args.preshard}")
         if not (out / "preshard.json").is_file():

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bloom_server.backends.fast import FastBackend
-from bloom_server.engine.continuous import Join
+from bloom_server.frontend.batching.continuous import Join
 from bloom_server.fast.engine import FastEngine
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.weights import from_checkpoint
@@ -37,7 +37,7 @@ from bloom_server.types import SamplingParams
 
 
 def tiny_engine(rows: int, max_seq: int, model_dir: Path | None) -> FastEngine:
-    from bloom_server.tiny import build_tiny_model
+    from bloom_server.storage.tiny import build_tiny_model
 
     if model_dir is None:
         model_dir = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny-bloom")

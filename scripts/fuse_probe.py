@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bloom_server.fast import bench as B  # noqa: E402
+from bloom_server.tools import bench as B  # noqa: E402
 
 
 def parse() -> argparse.Namespace:

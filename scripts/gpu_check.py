@@ -79,7 +79,7 @@ def build_models(work: Path, shape: str, layers: int | None, peaky_layers: int, 
 
 
 def open_model_dir(path: Path):
-    from bloom_server.model_dir import ModelDir, resolve_model_dir
+    from bloom_server.storage.model_dir import ModelDir, resolve_model_dir
 
     try:
         return resolve_model_dir(str(path))

@@ -85,8 +85,8 @@ def random_model(config, dtype: str, seed: int, device: str = "cpu"):
 
 
 def train_tokenizer(out_dir: Path, vocab_size: int) -> None:
-    """The project's tokenizer recipe (bloom_server.tiny): byte-level BPE with BLOOM's special ids."""
-    from bloom_server.tiny import train_tokenizer as project_recipe
+    """The project's tokenizer recipe (bloom_server.storage.tiny): byte-level BPE with BLOOM's special ids."""
+    from bloom_server.storage.tiny import train_tokenizer as project_recipe
 
     project_recipe(out_dir, vocab_size)
 

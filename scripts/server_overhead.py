@@ -88,10 +88,10 @@ class InstantRunner:
 
 def real_app(batch_wait_ms: float | None) -> Any:
     from bloom_server.api.app import create_app
-    from bloom_server.engine.core import Engine
-    from bloom_server.engine.tokenizer import TextTokenizer
+    from bloom_server.frontend.core import Engine
+    from bloom_server.frontend.tokenizer import TextTokenizer
     from bloom_server.settings import load_settings
-    from bloom_server.tiny import ensure_tiny_model
+    from bloom_server.storage.tiny import ensure_tiny_model
     from bloom_server.types import ModelInfo
 
     model = ensure_tiny_model()

@@ -9,7 +9,7 @@ from helpers import ServerProcess, free_port
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded tiny BLOOM checkpoint (seeded weights, trained tokenizer), built once per session."""
-    from bloom_server.tiny import build_tiny_model
+    from bloom_server.storage.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-bloom")
 

@@ -500,7 +500,7 @@ def test_gateway_refuses_bad_utf8_and_oversized_bodies_once_after_draining():
 
 
 def test_gateway_counts_a_client_that_leaves_as_499():
-    from bloom_server.metrics import Metrics
+    from bloom_server.api.metrics import Metrics
 
     metrics = Metrics()
 

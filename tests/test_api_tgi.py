@@ -181,8 +181,8 @@ def test_error_after_first_token_ends_the_stream_with_one_error_event(tiny_model
     import httpx
 
     from bloom_server.api.app import create_app
-    from bloom_server.engine.core import Engine
-    from bloom_server.engine.tokenizer import TextTokenizer
+    from bloom_server.frontend.core import Engine
+    from bloom_server.frontend.tokenizer import TextTokenizer
     from bloom_server.errors import EngineDead
     from bloom_server.settings import load_settings
     from bloom_server.types import ModelInfo
@@ -282,9 +282,9 @@ def test_stream_text_holds_back_a_stop_sequence_split_across_tokens(tiny_model_d
     text before it; an incomplete UTF-8 character waits for its next byte."""
     import asyncio
 
-    from bloom_server.engine.requests import GenRequest
-    from bloom_server.engine.tokenizer import TextTokenizer
-    from bloom_server.engine.validation import validate_generate
+    from bloom_server.frontend.requests import GenRequest
+    from bloom_server.frontend.tokenizer import TextTokenizer
+    from bloom_server.frontend.validation import validate_generate
     from bloom_server.types import FinishReason
 
     tok = TextTokenizer(tiny_model_dir)

@@ -139,9 +139,9 @@ def test_streamed_tokens_add_up_to_the_answer_whatever_the_stop_string(server):
 def test_text_held_back_when_a_row_ends_early_is_in_the_answer_and_the_stream(tiny_model_dir):
     """Engine level: text held back as the possible start of a stop string, when the row then ends without it
     (max_time, a deadline), is the completion's stream_tail: the events plus the tail are the answer."""
-    from bloom_server.engine.requests import GenRequest
-    from bloom_server.engine.tokenizer import TextTokenizer
-    from bloom_server.engine.validation import validate_generate
+    from bloom_server.frontend.requests import GenRequest
+    from bloom_server.frontend.tokenizer import TextTokenizer
+    from bloom_server.frontend.validation import validate_generate
 
     tok = TextTokenizer(tiny_model_dir)
     ids = tok.encode(" return the value of the attribute")

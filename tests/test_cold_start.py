@@ -102,7 +102,7 @@ def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
     assert pp["ratio"] > 0 and prog["prefetched_bytes"] >= prog["loaded_bytes"] > 0
     assert prog["timings"]["chunks the loader read from disk itself"] == 0
     # The seeded run: `bloom-server precompile` made the seed with no GPU visible, the server copied all of it.
-    from bloom_server.fast.precompile import triton_installed
+    from bloom_server.fast.coldstart.precompile import triton_installed
 
     if triton_installed():
         (seed,) = res["seeds"]
@@ -112,7 +112,7 @@ def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
         assert sr["progress"]["timings"]["kernel cache seed: entries copied"] == seed["report"]["entries"]
 
 
-# ---- kernels ahead of the warm-up (fast/precompile.py, fast/triton_kernels.py Prewarm): no-ops on a CPU ----
+# ---- kernels ahead of the warm-up (fast/coldstart/precompile.py, fast/triton_kernels.py Prewarm): no-ops on a CPU ----
 
 
 def test_decode_plan_follows_the_model_choices():
@@ -145,9 +145,9 @@ def test_decode_plan_follows_the_model_choices():
 
 def test_kernel_precompile_is_a_noop_without_a_gpu(tiny_model_dir, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    from bloom_server.fast import precompile
+    from bloom_server.fast.coldstart import precompile
     from bloom_server.fast import triton_kernels as tk
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.serve import start_kernel_compile
     from bloom_server.settings import load_settings
 
@@ -174,8 +174,8 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
 
     from bloom_server.backends.fast import FastBackend
     from bloom_server.fast import triton_kernels as tk
-    from bloom_server.loading import LoadProgress
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.progress import LoadProgress
+    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.settings import load_settings
     from bloom_server.types import RankContext
 
@@ -229,7 +229,7 @@ def test_compile_workers_report_their_stages_and_exit(tiny_model_dir):
     """The worker plumbing on a CPU: the child process (python -c, bloom_server found through PYTHONPATH) finds no
     CUDA, reports both stages done with 0 variants and exits 0; the parent's wait returns at once after."""
     pytest.importorskip("torch")
-    from bloom_server.fast.precompile import CompileWorkers
+    from bloom_server.fast.coldstart.precompile import CompileWorkers
 
     facts = {"model_dir": str(tiny_model_dir), "world": 1, "dtype": "float16", "max_batch": 4, "max_seq": 64}
     w = CompileWorkers(facts, parts=1)
@@ -240,8 +240,8 @@ def test_compile_workers_report_their_stages_and_exit(tiny_model_dir):
 
 
 def test_precompile_module_is_torch_free_at_import():
-    """serve.py starts the compile workers before torch is imported: fast/precompile.py must not import it."""
-    code = ("import sys, threading; before = set(threading.enumerate()); import bloom_server.fast.precompile; "
+    """serve.py starts the compile workers before torch is imported: fast/coldstart/precompile.py must not import it."""
+    code = ("import sys, threading; before = set(threading.enumerate()); import bloom_server.fast.coldstart.precompile; "
             "assert 'torch' not in sys.modules and 'triton' not in sys.modules; "
             "assert set(threading.enumerate()) == before; print('ok')")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

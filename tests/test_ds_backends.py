@@ -17,7 +17,7 @@ from bloom_server.backends import create_backend
 from bloom_server.backends import ds_inference as dsi
 from bloom_server.backends import ds_zero as dsz
 from bloom_server.errors import ConfigError, ModelDirError
-from bloom_server.model_dir import ModelDir
+from bloom_server.storage.model_dir import ModelDir
 from bloom_server.settings import load_settings
 from bloom_server.types import RankContext
 
@@ -212,7 +212,7 @@ def test_importing_the_backends_imports_nothing_heavy():
 
 
 def test_make_random_bloom_tiny_is_a_servable_model_dir(tiny_dir):
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     md = resolve_model_dir(str(tiny_dir))
     assert md.layout == "hf" and md.path == tiny_dir
@@ -273,7 +273,7 @@ def test_presharded_without_a_gpu_launch_explains_the_launcher(tmp_path):
 
 
 def test_finalize_presharded_dir_makes_it_servable_and_movable(tiny_dir, tmp_path):
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     out = tmp_path / "ds"
     out.mkdir()

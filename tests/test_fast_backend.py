@@ -32,7 +32,7 @@ class Recorder:
 def backends(tiny_model_dir):
     from bloom_server.backends.fast import FastBackend
     from bloom_server.backends.hf import HFBackend
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.settings import load_settings
 
     md = resolve_model_dir(str(tiny_model_dir))

@@ -29,9 +29,9 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 import hubstub
-from bloom_server import download, marker
+from bloom_server.storage import download, marker
 from bloom_server.errors import ModelDirError
-from bloom_server.model_dir import resolve_model_dir
+from bloom_server.storage.model_dir import resolve_model_dir
 from helpers import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -305,7 +305,7 @@ DRIVER = textwrap.dedent(
         return {"rc": p.returncode, "last": lines[-1] if lines else "", "out": p.stdout + p.stderr}
     def state():
         d = os.path.join(mnt, "model")
-        from bloom_server import marker
+        from bloom_server.storage import marker
         return {"complete": os.path.exists(os.path.join(d, marker.COMPLETE)),
                 "in_progress": os.path.exists(os.path.join(d, marker.IN_PROGRESS)),
                 "df_free": os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize}
@@ -316,7 +316,7 @@ DRIVER = textwrap.dedent(
     res["write_state"] = state()
     try:
         sys.path.insert(0, os.environ["BLOOM_SRC"])
-        from bloom_server.model_dir import resolve_model_dir
+        from bloom_server.storage.model_dir import resolve_model_dir
         resolve_model_dir(os.path.join(mnt, "model"))
         res["server_check"] = "accepted"
     except Exception as e:

@@ -14,14 +14,9 @@ torch = pytest.importorskip("torch")
 
 from bloom_server.fast.weights import read_safetensors, required_names  # noqa: E402
 from bloom_server.fast.shapes import BloomShape  # noqa: E402
-from bloom_server.loading import (  # noqa: E402
-    LoadProgress,
-    Prefetcher,
-    plan_chunks,
-    read_header,
-    start_prefetch,
-    wanted_entries,
-)
+from bloom_server.progress import LoadProgress  # noqa: E402
+from bloom_server.storage.prefetch import Prefetcher  # noqa: E402
+from bloom_server.storage.safetensors import plan_chunks, read_header, wanted_entries  # noqa: E402
 
 CHUNK = 64 << 10  # the tiny model (0.93 MB) in ~15 chunks
 
@@ -210,7 +205,7 @@ def test_a_closed_prefetcher_releases_a_waiting_loader(model):
 
 def test_no_prefetch_when_disabled(tiny_model_dir, monkeypatch):
     from bloom_server.cli import _early_prefetch
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.serve import start_prefetch as serve_start
     from bloom_server.settings import load_settings
 
@@ -330,7 +325,7 @@ def test_serve_keeps_a_matching_early_prefetch_and_replaces_one_the_settings_con
 
 
 def test_compile_workers_scale_with_the_cpus(monkeypatch):
-    from bloom_server.fast import precompile
+    from bloom_server.fast.coldstart import precompile
 
     for var in ("BLOOM_FAST_PRECOMPILE", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -350,7 +345,7 @@ def test_compile_workers_scale_with_the_cpus(monkeypatch):
 
 
 def prefetch_process(model, progress, *, throttle_mbps: float | None = None, budget: int | None = None) -> Prefetcher:
-    from bloom_server.loading import ReadThrottle
+    from bloom_server.storage.prefetch import ReadThrottle
 
     path, header, _, _ = model
     p = Prefetcher([path], plan_chunks([(0, t) for t in header.tensors], CHUNK), threads=2, progress=progress,

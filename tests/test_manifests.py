@@ -313,7 +313,7 @@ def project_rule_problems(docs: list[dict]) -> list[str]:
 # nvidia.com/gpu.product (GPU feature discovery's label) -> the CUDA architecture `bloom-server precompile` targets.
 GPU_ARCH = {"NVIDIA-A10G": 86, "NVIDIA-A100-SXM4-80GB": 80, "NVIDIA-A100-SXM4-40GB": 80, "NVIDIA-A100-80GB-PCIe": 80,
             "NVIDIA-H100-80GB-HBM3": 90, "NVIDIA-H200": 90, "NVIDIA-L4": 89}  # fmt: skip
-# The settings that decide which kernel variants the fast engine compiles (fast/precompile.py's facts).
+# The settings that decide which kernel variants the fast engine compiles (fast/coldstart/precompile.py's facts).
 PLAN_SETTINGS = ("BLOOM_DTYPE", "BLOOM_MAX_BATCH_SIZE", "BLOOM_NUM_GPUS", "BLOOM_MAX_TOTAL_TOKENS",
                  "BLOOM_MAX_INPUT_LENGTH", "BLOOM_MAX_NEW_TOKENS", "BLOOM_FAST_DECODE")  # fmt: skip
 
@@ -401,7 +401,7 @@ def _precompile_problems(name: str, env: dict, pred: dict, job: dict, served: tu
     product = (pred.get("nodeSelector") or {}).get("nvidia.com/gpu.product")
     targets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--target"]
     want = GPU_ARCH.get(product)
-    from bloom_server.fast.precompile import parse_target
+    from bloom_server.fast.coldstart.precompile import parse_target
 
     if want is None:
         out.append(f"{name}: backend fast on GPUs needs a known nvidia.com/gpu.product nodeSelector (got {product!r})")

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from bloom_server.errors import ModelDirError
-from bloom_server.model_dir import resolve_model_dir
+from bloom_server.storage.model_dir import resolve_model_dir
 
 
 def _hub_entry(root, tiny_model_dir, sha="0123456789abcdef0123456789abcdef01234567"):
@@ -51,7 +51,7 @@ def test_hub_cache_entry_directory(tmp_path, tiny_model_dir):
 
 
 def test_pvc_uri_maps_to_kserve_mount(monkeypatch, tiny_model_dir):
-    import bloom_server.model_dir as m
+    import bloom_server.storage.model_dir as m
 
     monkeypatch.setattr(m, "KSERVE_MOUNT", str(tiny_model_dir))
     md = resolve_model_dir("pvc://bloom-weights/tiny")
@@ -102,7 +102,7 @@ def test_server_refuses_bad_directory_before_opening_the_port(tmp_path):
 
 def _downloaded_copy(tmp_path, tiny_model_dir):
     """A copy of the tiny model with the downloader's completion marker, as `bloom-server download` leaves it."""
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     d = tmp_path / "downloaded"
     shutil.copytree(tiny_model_dir, d)
@@ -135,7 +135,7 @@ def test_server_refuses_truncated_download_naming_the_file(tmp_path, tiny_model_
 
 
 def test_server_refuses_unfinished_download(tmp_path, tiny_model_dir):
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     d = _downloaded_copy(tmp_path, tiny_model_dir)
     (d / marker.COMPLETE).unlink()
@@ -176,7 +176,7 @@ def _mark_complete(d):
     """The downloader's completion marker, as after a download that checked every file against its published sha256."""
     import hashlib
 
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     files = [{"path": p.name, "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
               "git_sha1": None} for p in sorted(d.iterdir()) if not p.name.startswith(".")]  # fmt: skip

@@ -1,6 +1,6 @@
 """Kernels compiled ahead of time: `bloom-server precompile` (the fast backend's decode kernels for a named GPU
 architecture, on a host with no GPU, into a Triton cache directory) and the seed a server start copies from it
-(fast/precompile.py). The compile runs Triton's real CUDA compiler (ptxas ships with Triton); nothing launches."""
+(fast/coldstart/precompile.py). The compile runs Triton's real CUDA compiler (ptxas ships with Triton); nothing launches."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bloom_server.fast import precompile as pc
+from bloom_server.fast.coldstart import precompile as pc
 from helpers import ServerProcess, free_port
 
 triton_missing = not pc.triton_installed()

@@ -16,13 +16,14 @@ torch = pytest.importorskip("torch")
 
 from helpers import ServerProcess, free_port  # noqa: E402
 
-from bloom_server import marker  # noqa: E402
+from bloom_server.storage import marker  # noqa: E402
 from bloom_server.errors import ModelDirError  # noqa: E402
 from bloom_server.fast.shapes import BloomShape  # noqa: E402
 from bloom_server.fast.tp import TPGroup  # noqa: E402
 from bloom_server.fast.weights import from_checkpoint, iter_tensors, read_safetensors  # noqa: E402
-from bloom_server.loading import LoadProgress, plan_chunks, read_header, weights_source  # noqa: E402
-from bloom_server.model_dir import resolve_model_dir  # noqa: E402
+from bloom_server.progress import LoadProgress  # noqa: E402
+from bloom_server.storage.safetensors import plan_chunks, read_header, weights_source
+from bloom_server.storage.model_dir import resolve_model_dir  # noqa: E402
 
 ARGS = ["--backend", "fast", "--max-input-length", "32", "--max-new-tokens", "16", "--max-batch-size", "4",
         "--max-total-tokens", "48"]  # fmt: skip

@@ -11,8 +11,8 @@ import threading
 import time
 
 from bloom_server.errors import BloomServerError
-from bloom_server.loading import LoadProgress
-from bloom_server.model_dir import ModelDir, resolve_model_dir
+from bloom_server.progress import LoadProgress
+from bloom_server.storage.model_dir import ModelDir, resolve_model_dir
 from bloom_server.settings import Settings
 from bloom_server.types import ModelInfo, RankContext
 
@@ -21,7 +21,7 @@ log = logging.getLogger("bloom_server")
 
 def resolve(settings: Settings) -> ModelDir:
     if settings.model is None:
-        from bloom_server.tiny import ensure_tiny_model
+        from bloom_server.storage.tiny import ensure_tiny_model
 
         return resolve_model_dir(str(ensure_tiny_model()), model_id=settings.model_id or "bloom-tiny")
     return resolve_model_dir(settings.model, model_id=settings.model_id,
@@ -34,7 +34,7 @@ def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext, prog
 
     backend = create_backend(settings, model_dir, ctx)
     backend.progress = progress
-    backend.kernel_workers = kernel_workers  # the fast backend's load waits on them (fast/precompile.py)
+    backend.kernel_workers = kernel_workers  # the fast backend's load waits on them (fast/coldstart/precompile.py)
     backend.load()
     return backend
 
@@ -42,12 +42,12 @@ def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext, prog
 def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_flag: int | None = None,
                          progress: LoadProgress | None = None):  # fmt: skip
     """The fast backend's decode kernels start compiling now, in child processes, into Triton's cache (the
-    BLOOM_KERNEL_CACHE_DIR setting), while this process imports torch and reads weights (fast/precompile.py). First
+    BLOOM_KERNEL_CACHE_DIR setting), while this process imports torch and reads weights (fast/coldstart/precompile.py). First
     the cache is seeded from kernels compiled ahead of time (BLOOM_KERNEL_CACHE_SEED, else MODEL/.bloom-kernel-cache).
     None where there is nothing to compile (other backends, no GPU or Triton, fp32, BLOOM_FAST_PRECOMPILE=0)."""
     if settings.backend != "fast":
         return None
-    from bloom_server.fast.precompile import (apply_kernel_cache_dir, seed_dir, seed_kernel_cache,
+    from bloom_server.fast.coldstart.precompile import (apply_kernel_cache_dir, seed_dir, seed_kernel_cache,
                                               start_compile_workers, triton_cache_dir)  # fmt: skip
 
     apply_kernel_cache_dir(settings.kernel_cache_dir)
@@ -75,7 +75,7 @@ def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgre
     which the loader follows (loading.Prefetcher). `cli` usually started it already, before the settings loaded."""
     if settings.backend != "fast" or not settings.load_prefetch:
         return
-    from bloom_server.loading import ReadThrottle, start_prefetch as start
+    from bloom_server.storage.prefetch import ReadThrottle, start_prefetch as start
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
@@ -85,7 +85,7 @@ def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgre
 
 
 def serve(settings: Settings, local_rank_flag: int | None = None, early=None) -> int:
-    """`early`: the prefetch cli.py started from a first look at the command line (cli.EarlyPrefetch), kept when
+    """`early`: the prefetch cli/__init__.py started from a first look at the command line (cli.EarlyPrefetch), kept when
     the settings agree with it, closed otherwise."""
     progress = early.progress if early is not None else LoadProgress()  # from process start (nearly)
     try:
@@ -124,7 +124,7 @@ def check_memory(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> N
     a config that asks for more fails here, not after minutes of allocating."""
     if model_dir.sizes is None or settings.cpu_offload:
         return
-    from bloom_server import model_config
+    from bloom_server.storage import model_config
 
     dtype = settings.dtype if settings.dtype != "auto" else ("fp16" if ctx.device_type == "cuda" else "fp32")
     if ctx.device_type == "cuda":
@@ -170,7 +170,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
 
     from bloom_server.api.app import create_app
     from bloom_server.api.connections import connection_limits, guarded_protocol
-    from bloom_server.engine.core import Engine
+    from bloom_server.frontend.core import Engine
     from bloom_server.runtime.distributed import shutdown_distributed
     from bloom_server.runtime.lockstep import die
 
@@ -179,7 +179,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
     holder: dict = {}
 
     def boot() -> None:
-        from bloom_server.engine.tokenizer import TextTokenizer
+        from bloom_server.frontend.tokenizer import TextTokenizer
         from bloom_server.runtime.distributed import init_distributed
         from bloom_server.runtime.lockstep import Leader
 

@@ -12,8 +12,6 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bloom_server.loading import DEFAULT_CHUNK_MB, DEFAULT_PREFETCH_THREADS
-
 Backend = Literal["hf", "ds_inference", "ds_zero", "fast"]
 DType = Literal["auto", "fp16", "bf16", "int8", "fp32"]
 
@@ -21,6 +19,10 @@ DType = Literal["auto", "fp16", "bf16", "int8", "fp32"]
 CONTINUOUS_BACKENDS = ("fast",)
 
 # The original DEPLOYMENT_FRAMEWORK values and what they mean here.
+# The load's disk reader: eight reads of 32 MiB in flight (docs/results/cold-start.md).
+DEFAULT_PREFETCH_THREADS = 8
+DEFAULT_CHUNK_MB = 32
+
 LEGACY_BACKENDS = {"hf_accelerate": "hf", "hf_cpu": "hf", "ds_inference": "ds_inference", "ds_zero": "ds_zero"}
 
 

@@ -15,11 +15,11 @@ from bloom_server.api import routes_bloom, routes_health, routes_info, routes_ks
 from bloom_server.api.errors import install_error_handlers
 from bloom_server.api.logs import apply_log_format
 from bloom_server.api.middleware import ApiKeyAuth, Gateway
-from bloom_server.engine.chat import ChatTemplate
-from bloom_server.engine.core import Engine
-from bloom_server.engine.requests import Cancelled, DeadlineExceeded, GenRequest
+from bloom_server.frontend.chat import ChatTemplate
+from bloom_server.frontend.core import Engine
+from bloom_server.frontend.requests import Cancelled, DeadlineExceeded, GenRequest
 from bloom_server.errors import ConfigError
-from bloom_server.metrics import Metrics
+from bloom_server.api.metrics import Metrics
 from bloom_server.settings import Settings
 
 DESCRIPTION = """BLOOM inference over HTTP.

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from bloom_server.api.errors import malformed_json, render_error
-from bloom_server.engine.requests import Cancelled, Completion, GenRequest
+from bloom_server.frontend.requests import Cancelled, Completion, GenRequest
 from bloom_server.errors import InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from bloom_server.engine.requests import Cancelled, DeadlineExceeded
+from bloom_server.frontend.requests import Cancelled, DeadlineExceeded
 from bloom_server.errors import (
     BloomServerError,
     ConfigError,

@@ -33,7 +33,7 @@ from bloom_server.api.schemas import (
     TokenizeResponse,
 )
 from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse, TGIStreamEvent
-from bloom_server.engine.core import Engine
+from bloom_server.frontend.core import Engine
 
 ERRORS = error_responses(ErrorResponse, e422="Invalid request: the message names the field and the limit")
 # POST /generate takes the original body or TGI's; both schemas are listed (app.py adds them to the components).

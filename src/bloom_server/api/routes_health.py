@@ -7,11 +7,11 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from bloom_server.api.schemas import Health
-from bloom_server.engine.core import Engine
+from bloom_server.frontend.core import Engine
 
 
 def load_progress(engine: Engine) -> dict | None:
-    """Rank 0's load progress (bloom_server.loading.LoadProgress, set by the composition root), as plain data."""
+    """Rank 0's load progress (bloom_server.storage.prefetch.LoadProgress, set by the composition root), as plain data."""
     progress = getattr(engine, "load_progress", None)
     return progress.snapshot() if progress is not None else None
 

@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 from bloom_server import __version__
 from bloom_server.api.routes_health import load_progress
 from bloom_server.api.schemas_tgi import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
-from bloom_server.engine.core import Engine
-from bloom_server.metrics import Metrics
+from bloom_server.frontend.core import Engine
+from bloom_server.api.metrics import Metrics
 from bloom_server.settings import Settings
 
 

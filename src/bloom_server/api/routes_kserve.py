@@ -25,8 +25,8 @@ from bloom_server.api.common import (
 )
 from bloom_server.api.errors import NotFound, error_responses, malformed_json
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
-from bloom_server.engine.core import Engine
-from bloom_server.engine.requests import Completion
+from bloom_server.frontend.core import Engine
+from bloom_server.frontend.requests import Completion
 from bloom_server.errors import InvalidRequest
 
 INPUT_NAME, OUTPUT_NAME = "text_input", "text_output"

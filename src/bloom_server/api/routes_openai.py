@@ -34,9 +34,9 @@ from bloom_server.api.schemas_openai import (
     ModelObject,
     OpenAIError,
 )
-from bloom_server.engine.chat import ChatTemplate
-from bloom_server.engine.core import Engine
-from bloom_server.engine.requests import Completion, GenRequest
+from bloom_server.frontend.chat import ChatTemplate
+from bloom_server.frontend.core import Engine
+from bloom_server.frontend.requests import Completion, GenRequest
 from bloom_server.errors import BloomServerError, InvalidRequest
 
 OPENAI_ERRORS = error_responses(OpenAIError, e400="Invalid request: `param` names the field", e404="No such model")

@@ -27,8 +27,8 @@ from bloom_server.api.common import (
 from bloom_server.api.errors import error_responses, render_error, status_of
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
 from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse
-from bloom_server.engine.core import Engine
-from bloom_server.engine.requests import Completion, GenRequest, TokenEvent
+from bloom_server.frontend.core import Engine
+from bloom_server.frontend.requests import Completion, GenRequest, TokenEvent
 from bloom_server.errors import BloomServerError, InvalidRequest
 from bloom_server.types import ACCEPTED_GENERATE_KWARGS
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bloom_server.backends.base import Backend
-    from bloom_server.model_dir import ModelDir
+    from bloom_server.storage.model_dir import ModelDir
     from bloom_server.settings import Settings
     from bloom_server.types import RankContext
 

@@ -12,8 +12,8 @@ from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, Genera
 if TYPE_CHECKING:
     import torch
 
-    from bloom_server.loading import LoadProgress
-    from bloom_server.model_dir import ModelDir
+    from bloom_server.progress import LoadProgress
+    from bloom_server.storage.model_dir import ModelDir
     from bloom_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ class Backend(abc.ABC):
     """Runs on every rank. `load()` once, then `generate`/`forward_nll` with the same batch on every rank, in lockstep."""
 
     name: str = "?"
-    # Set by the composition root before load(): a bloom_server.loading.LoadProgress the backend reports to (phase,
+    # Set by the composition root before load(): a bloom_server.storage.prefetch.LoadProgress the backend reports to (phase,
     # bytes loaded / total). None: nobody is watching.
     progress: "LoadProgress | None" = None
 

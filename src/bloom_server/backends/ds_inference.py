@@ -27,7 +27,7 @@ from bloom_server.errors import ConfigError, ModelDirError
 if TYPE_CHECKING:
     import torch
 
-    from bloom_server.model_dir import ModelDir
+    from bloom_server.storage.model_dir import ModelDir
     from bloom_server.settings import Settings
     from bloom_server.types import RankContext
 
@@ -374,9 +374,9 @@ def finalize_presharded_dir(out_dir: Path, source_dir: Path) -> None:
             shutil.copyfile(source_dir / name, out_dir / name)
     if not (out_dir / "tokenizer.json").is_file():
         raise ModelDirError(f"{source_dir} has no tokenizer.json to copy into {out_dir}")
-    # The server loads pickled shards only from a directory with a verifying completion marker (model_dir.py):
+    # The server loads pickled shards only from a directory with a verifying completion marker (storage/model_dir.py):
     # this one was written here, from `source_dir`, so it gets one (sizes only: hashing 350 GB would take minutes).
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     source_commit = None
     if (source_dir / marker.COMPLETE).is_file():
@@ -402,7 +402,7 @@ def write_presharded_checkpoint(
 
     Run on every rank under the launcher. With `wait_for_rank0`, ranks first wait at a barrier (rank 0 may still be
     writing model_dir)."""
-    from bloom_server.model_dir import ModelDir
+    from bloom_server.storage.model_dir import ModelDir
     from bloom_server.settings import load_settings
     from bloom_server.types import RankContext
 

@@ -52,7 +52,7 @@ class FastBackend(Backend):
         from bloom_server.fast.shapes import BloomShape
         from bloom_server.fast.tp import TPGroup
         from bloom_server.fast.weights import from_checkpoint
-        from bloom_server.loading import ReadThrottle
+        from bloom_server.storage.prefetch import ReadThrottle
 
         if self.model_dir.layout not in ("hf", "fast_presharded"):
             raise ModelDirError(
@@ -93,7 +93,7 @@ class FastBackend(Backend):
                 shape.params() * torch.empty((), dtype=dtype).element_size() // ctx.world_size  # fmt: skip
             return max(0, total - (progress.loaded_bytes if progress is not None else 0))
 
-        from bloom_server.fast.precompile import plan_facts
+        from bloom_server.fast.coldstart.precompile import plan_facts
 
         prewarm = tk.start_prewarm(
             device, plan_facts(self.model_dir.path, world=ctx.world_size, dtype=str(dtype).replace("torch.", ""),
@@ -178,7 +178,7 @@ class FastBackend(Backend):
         return stream.cut_stopped(out) if stream is not None else out
 
     def cstep(self, step: Any, rank0: bool = False) -> "CStepResult":
-        """One continuous-batching step (engine/continuous.py's CStep: `joins`, `leaves`), the same on every rank:
+        """One continuous-batching step (frontend/batching/continuous.py's CStep: `joins`, `leaves`), the same on every rank:
         rows that left are retired, every live row's next decode is queued, the previous step's tokens are read
         (pipelined one step ahead: fast/scheduler.py), rows that finished by EOS or length leave, joined rows are
         admitted and prefilled. `rank0`: the caller delivers the tokens, so their log-probabilities (and top

@@ -8,7 +8,9 @@ Pieces, top to bottom:
   tp.py        the tensor-parallel layout (which dim each tensor is split on) and the collectives
   shapes.py    model shapes (from config.json, or the published 560m / 7b1 / 176b presets)
   scheduler.py step-level continuous batching over the engine's slots
-  bench.py     `bloom-server bench` / scripts/benchmark.py
+  triton_kernels.py  the fused decode kernels (GEMVs with epilogues, decode attention)
+  preshard.py  `bloom-server preshard`: a checkpoint split into one file per rank
+  coldstart/   the kernels compiled ahead of time (workers, the kernel cache seed, `bloom-server precompile`)
 
 Importing this package imports nothing heavy; the modules that need torch import it themselves.
 """

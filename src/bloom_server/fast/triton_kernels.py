@@ -531,7 +531,7 @@ def use_offline_target(arch: int) -> None:
 
 
 def _worker_main(argv: list[str]) -> int:
-    """A compile worker (bloom_server.fast.precompile starts them): argv = FACTS_JSON PART PARTS DEVICE. Prints
+    """A compile worker (bloom_server.fast.coldstart.precompile starts them): argv = FACTS_JSON PART PARTS DEVICE. Prints
     "stage N done COUNT SECONDS" as it goes (the parent waits on stage 1). facts["target"], when a number, is the
     CUDA architecture to compile for offline (no GPU needed, no launchers built)."""
     facts = json.loads(argv[0])
@@ -677,7 +677,7 @@ def start_prewarm(device: torch.device, facts: dict[str, Any], *, hidden: int, w
                   reserve: Callable[[], int] | None = None) -> Prewarm | None:  # fmt: skip
     """The fast backend's load hook: a started Prewarm on a CUDA device with Triton (facts as `plan_for` takes them),
     None elsewhere (CPU, no Triton, BLOOM_FAST_PRECOMPILE=0, a plan with nothing on Triton: fp32, base fusion)."""
-    from bloom_server.fast import precompile
+    from bloom_server.fast.coldstart import precompile
 
     if device.type != "cuda" or not HAVE_TRITON or not precompile.enabled():
         return None

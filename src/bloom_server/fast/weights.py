@@ -20,10 +20,8 @@ import torch
 from bloom_server.errors import ModelDirError
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup, shard_range, split_dim
-from bloom_server.loading import (
+from bloom_server.storage.safetensors import (
     Chunk,
-    LoadProgress,
-    ReadThrottle,
     SafetensorsFile,
     TensorEntry,
     plan_chunks,
@@ -31,6 +29,8 @@ from bloom_server.loading import (
     wanted_entries,
     weights_source,
 )
+from bloom_server.progress import LoadProgress
+from bloom_server.storage.prefetch import ReadThrottle
 
 PREFIX = "transformer."
 
@@ -427,7 +427,7 @@ def from_checkpoint(
     this rank's own file, sequentially. One rank and a safetensors checkpoint: the files, sequentially, every
     wanted byte once. Several ranks over a plain safetensors checkpoint: each rank reads its slices tensor by tensor
     (strided column slices cannot be one read). `.bin` checkpoints: torch.load(weights_only=True) (the server lets
-    only a verified directory, or an explicit opt-out, come this far: model_dir.py)."""
+    only a verified directory, or an explicit opt-out, come this far: storage/model_dir.py)."""
     tp = tp or TPGroup()
     model_dir = Path(model_dir)
     device = torch.device(device)

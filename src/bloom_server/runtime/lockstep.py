@@ -1,7 +1,7 @@
 """One loop on every rank. Rank 0 (the Leader) broadcasts a step, then runs it; followers receive, then run the same.
 
 Continuous batching: the Leader also runs "cstep" steps (rows join and leave a running batch, see
-engine/continuous.py) from a source the engine attaches (`attach_continuous`). While the source has live rows or rows
+frontend/batching/continuous.py) from a source the engine attaches (`attach_continuous`). While the source has live rows or rows
 waiting, the engine thread runs csteps back to back, taking the source's joins and leaves at each step boundary and
 handing each step's result back to it (the source carries them to the event loop, coalesced); other queued steps
 (forward, generate, noop) run between two csteps. When nothing is live it waits on its queue again (heartbeats).

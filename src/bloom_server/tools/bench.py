@@ -185,15 +185,15 @@ class Bench:
 
     def _model_path(self) -> Path:
         if self.args.model:
-            from bloom_server.model_dir import resolve_model_dir
+            from bloom_server.storage.model_dir import resolve_model_dir
 
             return resolve_model_dir(self.args.model).path
-        from bloom_server.tiny import ensure_tiny_model
+        from bloom_server.storage.tiny import ensure_tiny_model
 
         return ensure_tiny_model()
 
     def _model_dir(self) -> Any:
-        from bloom_server.model_dir import ModelDir
+        from bloom_server.storage.model_dir import ModelDir
 
         if self.args.random_weights:
             name = f"random-{self.args.random_weights}-{self.shape.n_layer}l"

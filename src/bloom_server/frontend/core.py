@@ -9,11 +9,11 @@ import logging
 import time
 from typing import Any, Callable, Protocol
 
-from bloom_server.engine.continuous import CStep, ContinuousScheduler, Join
-from bloom_server.engine.requests import Completion, GenRequest
-from bloom_server.engine.scheduler import BatchListener, Batcher
-from bloom_server.engine.tokenizer import TextTokenizer
-from bloom_server.engine.validation import check_prompts, validate_generate
+from bloom_server.frontend.batching.continuous import CStep, ContinuousScheduler, Join
+from bloom_server.frontend.requests import Completion, GenRequest
+from bloom_server.frontend.batching.dynamic import BatchListener, Batcher
+from bloom_server.frontend.tokenizer import TextTokenizer
+from bloom_server.frontend.validation import check_prompts, validate_generate
 from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, NotReady
 from bloom_server.settings import Settings
 from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput, ModelInfo, SamplingParams

@@ -31,7 +31,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 def safetensors_header(entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, int]:
     """(header bytes incl. the 8-byte length, data bytes) for tensors (name, safetensors dtype, shape) stored in
     this order. The header is padded with spaces to a multiple of 8 bytes (as safetensors does)."""
-    from bloom_server.loading import DTYPE_SIZES
+    from bloom_server.storage.safetensors import DTYPE_SIZES
 
     head: dict[str, Any] = {}
     if metadata:
@@ -79,12 +79,12 @@ def write_safetensors(path: Path, entries: Sequence[tuple[str, str, tuple[int, .
 def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Callable[[str], None] = print) -> Path:
     import torch
 
-    from bloom_server import marker
+    from bloom_server.storage import marker
     from bloom_server.errors import ModelDirError
     from bloom_server.fast.shapes import BloomShape
     from bloom_server.fast.tp import shard_range, split_dim
     from bloom_server.fast.weights import _ST_DTYPES, _full_shapes, rank_shape, required_names
-    from bloom_server.loading import (
+    from bloom_server.storage.safetensors import (
         PRESHARD_FORMAT,
         PRESHARD_MANIFEST,
         checkpoint_files,
@@ -92,7 +92,7 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
         read_header,
         wanted_entries,
     )
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     md = resolve_model_dir(model)
     if md.layout != "hf":
@@ -184,9 +184,9 @@ def out_dt_name(dtype: str | None) -> str:
 def _finished(out: Path, source: Path, tp: int, dtype: str) -> bool:
     """True when `out` is a complete, size-verified preshard of `source` at this degree and dtype: a rerun (the
     download Job retried after a later step failed) leaves it as it is."""
-    from bloom_server import marker
+    from bloom_server.storage import marker
     from bloom_server.errors import ModelDirError
-    from bloom_server.loading import PRESHARD_MANIFEST
+    from bloom_server.storage.safetensors import PRESHARD_MANIFEST
 
     if not (out / marker.COMPLETE).is_file() or (out / marker.IN_PROGRESS).exists():
         return False
@@ -200,7 +200,7 @@ def _finished(out: Path, source: Path, tp: int, dtype: str) -> bool:
 
 
 def _unfinished_preshard(out: Path) -> bool:
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     try:
         data = json.loads((out / marker.IN_PROGRESS).read_text())

@@ -257,7 +257,7 @@ class CompileWorkers:
         self.seed_archs: tuple[int, ...] = ()
         self.returncodes: list[int | None] = []
         self.errors: list[str] = []
-        root = str(Path(__file__).resolve().parents[2])  # the directory holding the bloom_server package
+        root = str(Path(__file__).resolve().parents[3])  # the directory holding the bloom_server package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
         code = ("import sys; from bloom_server.fast.triton_kernels import _worker_main; "
                 "sys.exit(_worker_main(sys.argv[1:]))")

@@ -18,8 +18,8 @@ from bloom_server.errors import BloomServerError
 from bloom_server.types import FinishReason
 
 if TYPE_CHECKING:
-    from bloom_server.engine.tokenizer import TextTokenizer
-    from bloom_server.engine.validation import GenerateSpec
+    from bloom_server.frontend.tokenizer import TextTokenizer
+    from bloom_server.frontend.validation import GenerateSpec
 
 STOP_SEQUENCE = "stop_sequence"  # finish reason of a row cut by one of the request's stop strings
 _ids = itertools.count(1)
@@ -115,7 +115,7 @@ class GenRequest:
         self._timers: list[asyncio.TimerHandle] = []
         self._on_cancel_queued: Any = None  # set by the batcher while the request waits
         self._on_stop_rows: Any = None  # set by the batcher while the request runs: stop these rows in the backend
-        self._rids: list[int] = []  # the continuous scheduler's row ids (engine/continuous.py)
+        self._rids: list[int] = []  # the continuous scheduler's row ids (frontend/batching/continuous.py)
         if deadline is not None:
             self._timers.append(self.loop.call_at(self._loop_time(deadline), self._expire, "deadline"))
 

@@ -13,7 +13,9 @@ import os
 import sys
 import threading
 
-from bloom_server.loading import Chunk, Prefetcher, ReadThrottle
+from bloom_server.storage.safetensors import Chunk
+
+from bloom_server.storage.prefetch import Prefetcher, ReadThrottle
 
 
 def main() -> int:

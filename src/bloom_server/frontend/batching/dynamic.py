@@ -5,7 +5,7 @@ The loop takes the oldest request's group (requests whose settings can share a c
 arrival order, runs it, and hands every caller exactly its own rows. Requests of other groups wait for the next call;
 the oldest always goes first, so none starves. Requests that arrive while a call runs share the next call; an idle
 engine starts at once (`wait_s` 0, the default) or, with `wait_s` > 0, gathers for that long after the first request
-(or until `max_batch_size` rows wait). Continuous batching (joining a running call) is engine/continuous.py.
+(or until `max_batch_size` rows wait). Continuous batching (joining a running call) is frontend/batching/continuous.py.
 
 The queue is bounded twice: in requests and in tokens (prompt + max new tokens). Past either bound a request is
 refused at once (Overloaded -> 429 with Retry-After); a request already accepted is never dropped.
@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Awaitable, Callable
 
-from bloom_server.engine.requests import GenRequest
+from bloom_server.frontend.requests import GenRequest
 from bloom_server.errors import Overloaded
 from bloom_server.types import GenerateBatch, GenerateOutput
 

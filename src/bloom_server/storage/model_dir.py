@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bloom_server.errors import ModelDirError
-from bloom_server.marker import PICKLE_SUFFIXES  # one list of the extensions torch.load unpickles
+from bloom_server.storage.marker import PICKLE_SUFFIXES  # one list of the extensions torch.load unpickles
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def resolve_model_dir(
     if not path.is_dir():
         raise ModelDirError(f"model directory {path} does not exist")
 
-    from bloom_server import marker
-    from bloom_server.loading import PRESHARD_MANIFEST, checkpoint_files
+    from bloom_server.storage import marker
+    from bloom_server.storage.safetensors import PRESHARD_MANIFEST, checkpoint_files
 
     recorded = marker.check_model_dir(path)  # refuses a download that did not finish or does not verify
     sha = sha or recorded
@@ -117,7 +117,7 @@ def resolve_model_dir(
         check_pickles(path, layout, verified=recorded is not None, trust=trust_unverified_pickles)
     sizes = None
     if (path / "config.json").is_file():  # checked before anything is allocated from it
-        from bloom_server import model_config
+        from bloom_server.storage import model_config
 
         sizes = model_config.read_sizes(path)
         if layout == "hf":
@@ -157,7 +157,7 @@ def pickle_files(path: Path, layout: str) -> list[str]:
 def check_pickles(path: Path, layout: str, *, verified: bool, trust: bool) -> None:
     """Pickled weights load only from a directory whose completion marker (`bloom-server download`, or this
     project's own writers) verified and lists every one of them; or with the operator's explicit opt-out."""
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     pickles = pickle_files(path, layout)
     listed = marker.listed_paths(path) if verified else set()

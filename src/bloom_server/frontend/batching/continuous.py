@@ -41,12 +41,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from bloom_server.engine.scheduler import check_queue_bounds
+from bloom_server.frontend.batching.dynamic import check_queue_bounds
 from bloom_server.errors import EngineDead, NotReady
 from bloom_server.types import FinishReason, GenerateBatch, SamplingParams
 
 if TYPE_CHECKING:
-    from bloom_server.engine.requests import GenRequest
+    from bloom_server.frontend.requests import GenRequest
 
 log = logging.getLogger(__name__)
 

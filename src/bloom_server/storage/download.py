@@ -14,7 +14,7 @@ What it does, in order:
 4. Otherwise checks free space, writes the in-progress marker, removes the completion marker, and fetches the files
    (`--max-workers` in parallel) with HTTP Range resumes and bounded retries. Bytes are hashed as they arrive; a file
    is moved into place only once its size and checksum match.
-5. Writes the completion marker (see `bloom_server.marker`) and removes the in-progress one.
+5. Writes the completion marker (see `bloom_server.storage.marker`) and removes the in-progress one.
 
 Logs go to stderr, one line each (readable in `kubectl logs`): the plan, one line when each file starts and ends,
 a progress line every `--progress-interval` seconds (bytes, percent, throughput, elapsed, ETA, the files in flight),
@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from bloom_server import marker
+from bloom_server.storage import marker
 
 DEFAULT_REPO_ID = "microsoft/bloom-deepspeed-inference-fp16"
 
@@ -66,7 +66,7 @@ KIND_BY_CODE = {
 MAX_NAME_BYTES = 255  # one path component, as Linux file systems allow
 
 CHUNK = 1 << 18  # a connection cut loses at most one chunk of what was in flight
-LOG = logging.getLogger("bloom_server.download")
+LOG = logging.getLogger("bloom_server.storage.download")
 
 
 class DownloadError(Exception):
@@ -1053,7 +1053,7 @@ def _utc_now() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bloom_server.download ...`: the same as `bloom-server download ...`."""
+    """`python -m bloom_server.storage.download ...`: the same as `bloom-server download ...`."""
     parser = argparse.ArgumentParser(prog="bloom-server download", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_local_rank(serve, "local_rank")
 
     download = sub.add_parser("download", help="download a model repository to a directory (resumable, verified)")
-    from bloom_server import download as download_mod
+    from bloom_server.storage import download as download_mod
 
     download_mod.add_arguments(download)
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
     preshard = sub.add_parser("preshard", help="write one safetensors file per tensor-parallel rank (--backend fast)")
-    from bloom_server import preshard as preshard_mod
+    from bloom_server.fast import preshard as preshard_mod
 
     preshard_mod.add_arguments(preshard)
 
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--workers", type=int, default=None, help="compile processes (default: the CPUs, at most 16)")
 
     client = sub.add_parser("client", help="stream a completion from a running server to the terminal")
-    from bloom_server import client as client_mod
+    from bloom_server.cli import client as client_mod
 
     client_mod.add_arguments(client)
     return parser
@@ -132,7 +132,7 @@ def _print_invalid(command: str, exc) -> None:
 
 def _precompile(args: argparse.Namespace) -> int:
     """`bloom-server precompile`: the fast backend's decode kernels for the settings the server will run with, into
-    a kernel cache that `serve` seeds its own from (fast/precompile.py)."""
+    a kernel cache that `serve` seeds its own from (fast/coldstart/precompile.py)."""
     import json
     import logging
     from pathlib import Path
@@ -140,7 +140,7 @@ def _precompile(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from bloom_server.errors import BloomServerError
-    from bloom_server.fast import precompile as pc
+    from bloom_server.fast.coldstart import precompile as pc
 
     try:
         settings = _settings_from_args(args, backend="fast")
@@ -277,16 +277,16 @@ def _early_prefetch(argv: Sequence[str]) -> EarlyPrefetch | None:
         from pathlib import Path
 
         if spec.startswith("pvc://"):
-            from bloom_server.model_dir import KSERVE_MOUNT
+            from bloom_server.storage.model_dir import KSERVE_MOUNT
 
             path = Path(KSERVE_MOUNT)
         else:
             path = Path(spec).expanduser()
         if path.name.startswith("models--") or not (path / "config.json").is_file():
             return None
-        from bloom_server.loading import DEFAULT_CHUNK_MB, DEFAULT_PREFETCH_THREADS
+        from bloom_server.settings import DEFAULT_CHUNK_MB, DEFAULT_PREFETCH_THREADS
 
-        # The settings' defaults (they take them from loading.py too): a difference is caught by matches().
+        # The settings' defaults (they take them from storage/prefetch.py too): a difference is caught by matches().
         threads = int(env.get("BLOOM_LOAD_PREFETCH_THREADS") or DEFAULT_PREFETCH_THREADS)
         chunk_mb = float(env.get("BLOOM_LOAD_CHUNK_MB") or DEFAULT_CHUNK_MB)
         throttle = float(env["BLOOM_LOAD_THROTTLE_MBPS"]) if env.get("BLOOM_LOAD_THROTTLE_MBPS", "").strip() else None
@@ -294,7 +294,8 @@ def _early_prefetch(argv: Sequence[str]) -> EarlyPrefetch | None:
             return None
         chunk_bytes = max(4096, int(chunk_mb * 2**20))
         process = env.get("BLOOM_LOAD_PREFETCH_PROCESS", "").strip().lower() in ("1", "true", "yes", "on", "t", "y")
-        from bloom_server.loading import LoadProgress, ReadThrottle, start_prefetch
+        from bloom_server.progress import LoadProgress
+        from bloom_server.storage.prefetch import ReadThrottle, start_prefetch
 
         progress = LoadProgress()
         p = start_prefetch(path, rank=int(env.get("RANK", "0")), world=int(env.get("WORLD_SIZE", "1")),
@@ -335,30 +336,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         local_rank = args.local_rank if args.local_rank is not None else args.local_rank_top
         return serve(settings, local_rank, early=early)
     if args.command == "download":
-        from bloom_server import download as download_mod
+        from bloom_server.storage import download as download_mod
 
         return download_mod.run(args)
     if args.command == "launch":
         return _launch([a for a in args.serve_args if a != "--"])
     if args.command == "bench":
-        from bloom_server.fast.bench import main as bench_main
+        from bloom_server.tools.bench import main as bench_main
 
         extra = [] if args.local_rank_top is None else ["--local_rank", str(args.local_rank_top)]
         return bench_main([*args.bench_args, *extra])
     if args.command == "preshard":
-        from bloom_server import preshard as preshard_mod
+        from bloom_server.fast import preshard as preshard_mod
 
         return preshard_mod.run(args)
     if args.command == "precompile":
         return _precompile(args)
     if args.command == "client":
-        from bloom_server import client as client_mod
+        from bloom_server.cli import client as client_mod
 
         return client_mod.run(args)
     if args.command == "make-tiny-model":
         from pathlib import Path
 
-        from bloom_server.tiny import build_tiny_model
+        from bloom_server.storage.tiny import build_tiny_model
 
         print(build_tiny_model(Path(args.out_dir)))
         return 0

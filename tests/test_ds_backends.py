@@ -1,6 +1,6 @@
 """The DeepSpeed backends on a CPU (CI has no DeepSpeed and no GPU): what they refuse, and when; what they report;
 the random-checkpoint script; the pre-sharded directory post-processing; the tied-head fix. GPU-only tests are marked
-`gpu` and skip without CUDA (scripts/gpu_check.sh runs the full comparison on a GPU)."""
+`gpu` and skip without CUDA (scripts/gpu/check.sh runs the full comparison on a GPU)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from bloom_server.settings import load_settings
 from bloom_server.types import RankContext
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "make_random_bloom.py"
+SCRIPT = ROOT / "scripts" / "bench" / "make_random_bloom.py"
 GPU = RankContext(rank=0, world_size=1, local_rank=0, device_type="cuda")
 
 

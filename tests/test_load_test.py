@@ -1,4 +1,4 @@
-"""scripts/load_test.py against a real tiny-model server on 127.0.0.1: counts, exact lengths, timings present, errors
+"""scripts/bench/load_test.py against a real tiny-model server on 127.0.0.1: counts, exact lengths, timings present, errors
 reported (not crashed on), bounds honoured. No speed is asserted."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 
 from helpers import REPO, ServerProcess, free_port
 
-SCRIPT = REPO / "scripts" / "load_test.py"
-sys.path.insert(0, str(REPO / "scripts"))
+SCRIPT = REPO / "scripts" / "bench" / "load_test.py"
+sys.path.insert(0, str(REPO / "scripts" / "bench"))
 import load_test  # noqa: E402
 
 

@@ -72,7 +72,7 @@ def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_fla
 def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgress) -> None:
     """The fast backend's weights start flowing from disk into the page cache now, before torch is imported and
     CUDA initialised (seconds that would otherwise pass with the disk idle): one sequential stream to the last byte,
-    which the loader follows (loading.Prefetcher). `cli` usually started it already, before the settings loaded."""
+    which the loader follows (storage/prefetch.py)."""
     if settings.backend != "fast" or not settings.load_prefetch:
         return
     from bloom_server.storage.prefetch import ReadThrottle, start_prefetch as start
@@ -81,29 +81,17 @@ def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgre
     throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
     start(model_dir.path, rank=rank, world=world, threads=settings.load_prefetch_threads,
           chunk_bytes=max(4096, int(settings.load_chunk_mb * 2**20)), progress=progress,
-          throttle=throttle, process=settings.load_prefetch_process)  # fmt: skip
+          throttle=throttle)
 
 
-def serve(settings: Settings, local_rank_flag: int | None = None, early=None) -> int:
-    """`early`: the prefetch cli/__init__.py started from a first look at the command line (cli.EarlyPrefetch), kept when
-    the settings agree with it, closed otherwise."""
-    progress = early.progress if early is not None else LoadProgress()  # from process start (nearly)
+def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
+    progress = LoadProgress()
     try:
         model_dir = resolve(settings)  # cheap checks first: refuse a bad directory before opening the port
     except BloomServerError as exc:
-        if early is not None:
-            early.close()
         log.error("cannot serve: %s", exc)
         return 2
-    if early is not None and early.matches(settings, model_dir.path):
-        started = progress.timings.get("prefetch started, s after process start")
-        log.info("load phase: prefetching (started before the settings were read%s)",
-                 f", {started:.2f} s after process start" if started is not None else "")  # fmt: skip
-    else:
-        if early is not None:
-            early.close()  # a guess the settings contradict (another directory, backend or load setting)
-            progress = LoadProgress()
-        start_prefetch(settings, model_dir, progress)  # before torch: rank_context imports it
+    start_prefetch(settings, model_dir, progress)  # before torch: rank_context imports it
     workers = start_kernel_compile(settings, model_dir, local_rank_flag, progress)
 
     from bloom_server.runtime.distributed import rank_context

@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", validation_alias=_env("log_level"))
     debug: bool = Field(False, validation_alias=_env("debug", "DEBUG"))
 
-    # Production API (issue 4)
+    # Production API
     max_queued_tokens: int | None = Field(
         None,
         ge=1,
@@ -169,14 +169,7 @@ class Settings(BaseSettings):
     )  # fmt: skip
     load_prefetch_threads: int = Field(
         DEFAULT_PREFETCH_THREADS, ge=1, le=64, validation_alias=_env("load_prefetch_threads"),
-        description="fast backend: threads of the prefetch, the load's one disk reader, reading in file order (1: one "
-        "sequential stream, which stalls while the main thread holds the GIL; more: several reads in flight)",
-    )  # fmt: skip
-    load_prefetch_process: bool = Field(
-        False, validation_alias=_env("load_prefetch_process"),
-        description="fast backend: run the prefetch's reader threads in a child process, where no read waits for "
-        "the server's GIL (held for long stretches by torch's import and CUDA start-up); on the H100 host it "
-        "made no difference that the disk's own swing did not hide (docs/benchmarks.md), so it is off",
+        description="fast backend: reads in flight of the prefetch, the load's one disk reader, in file order",
     )  # fmt: skip
     load_chunk_mb: float = Field(
         DEFAULT_CHUNK_MB, gt=0, le=1024, validation_alias=_env("load_chunk_mb"),

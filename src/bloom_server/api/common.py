@@ -201,8 +201,8 @@ def request_id(request: Request) -> str | None:
 class RequestOnlyRoute(fastapi_routing.APIRoute):
     """A route whose endpoint takes only the Request and returns a Response (it reads and validates its own body):
     FastAPI's per-request handler around it (dependency solving with nothing to solve, no body to read, no response
-    model to apply) is left out and the endpoint is called directly: measured, +9-15% requests per server CPU-second
-    on POST /generate (scripts/server_overhead.py). Routing, exception handlers, middleware and the OpenAPI
+    model to apply) is left out and the endpoint is called directly: more requests per server CPU-second on POST
+    /generate (docs/results/benchmarks.md "Server overhead"). Routing, exception handlers, middleware and the OpenAPI
     document are FastAPI's as for any route. An endpoint with any other parameter gets FastAPI's handler. (FastAPI's
     opt-in telemetry, `FastAPI(telemetry=...)`, which this app does not turn on, would see no dependency/endpoint
     spans for such a route.)"""

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="decode speed of backends side by side (scripts/benchmark.py; `bloom-server bench -h` for its flags)",
+        help="decode speed of backends side by side (scripts/bench/benchmark.py; `bloom-server bench -h` for its flags)",
         add_help=False,
         prefix_chars="+",  # every flag after `bench` is the benchmark's own, parsed by it
     )
@@ -212,114 +212,9 @@ def _launch(serve_args: list[str]) -> int:
     return 1  # not reached
 
 
-class EarlyPrefetch:
-    """The weight prefetch of `serve --backend fast`, started from a first look at the command line and the
-    environment, before the parser, pydantic and the settings are imported (~0.1-0.2 s of a cold start on which the
-    disk would idle). A guess only: serve() keeps it when the settings agree (matches) and closes it otherwise."""
-
-    def __init__(self, progress, prefetcher, model_dir: str, threads: int, chunk_bytes: int,
-                 throttle_mbps: float | None):  # fmt: skip
-        self.progress, self.prefetcher, self.model_dir = progress, prefetcher, model_dir
-        self.threads, self.chunk_bytes, self.throttle_mbps = threads, chunk_bytes, throttle_mbps
-
-    def matches(self, settings, model_dir_path) -> bool:
-        return (settings.backend == "fast" and settings.load_prefetch
-                and os.path.realpath(model_dir_path) == self.model_dir
-                and settings.load_prefetch_threads == self.threads
-                and max(4096, int(settings.load_chunk_mb * 2**20)) == self.chunk_bytes
-                and settings.load_throttle_mbps == self.throttle_mbps
-                and settings.load_prefetch_process == self.prefetcher.process)  # fmt: skip
-
-    def close(self) -> None:
-        self.prefetcher.close()
-
-
-def _flag_values(args: Sequence[str], names: tuple[str, ...]) -> dict[str, str]:
-    """The last value of each of `names` in `args` (`--name VALUE` or `--name=VALUE`; no abbreviations)."""
-    out: dict[str, str] = {}
-    for i, a in enumerate(args):
-        name, eq, value = a.partition("=")
-        if name in names:
-            if eq:
-                out[name] = value
-            elif i + 1 < len(args):
-                out[name] = args[i + 1]
-    return out
-
-
-def _early_prefetch(argv: Sequence[str]) -> EarlyPrefetch | None:
-    """Start the fast backend's weight prefetch now when the command is `serve`, the backend is `fast` (flag, then
-    BLOOM_BACKEND, then DEPLOYMENT_FRAMEWORK, as the settings read them) and the model is a local directory or
-    pvc:// (flag, then BLOOM_MODEL, MODEL_NAME, STORAGE_URI); the load_* values come from their BLOOM_LOAD_*
-    variables with the settings' defaults. Anything unclear (a Hub repo id, an abbreviated flag, a value the
-    settings would refuse): None, and serve() starts the prefetch after the settings as before."""
-    try:
-        args, i = list(argv), 0
-        while i < len(args) and args[i].startswith(("--local_rank", "--local-rank")):  # the deepspeed launcher's
-            i += 1 if "=" in args[i] else 2
-        if i >= len(args) or args[i] != "serve":
-            return None
-        flags = _flag_values(args[i + 1 :], ("--model", "--backend"))
-        env = os.environ
-
-        def first(flag: str, *names: str) -> str:
-            if flag in flags:
-                return flags[flag]
-            return next((env[n] for n in names if n in env), "")
-
-        if first("--backend", "BLOOM_BACKEND", "DEPLOYMENT_FRAMEWORK").strip().lower() != "fast":
-            return None
-        if env.get("BLOOM_LOAD_PREFETCH", "1").strip().lower() not in ("1", "true", "yes", "on", "t", "y"):
-            return None
-        spec = first("--model", "BLOOM_MODEL", "MODEL_NAME", "STORAGE_URI").strip()
-        if not spec:
-            return None
-        from pathlib import Path
-
-        if spec.startswith("pvc://"):
-            from bloom_server.storage.model_dir import KSERVE_MOUNT
-
-            path = Path(KSERVE_MOUNT)
-        else:
-            path = Path(spec).expanduser()
-        if path.name.startswith("models--") or not (path / "config.json").is_file():
-            return None
-        from bloom_server.settings import DEFAULT_CHUNK_MB, DEFAULT_PREFETCH_THREADS
-
-        # The settings' defaults (they take them from storage/prefetch.py too): a difference is caught by matches().
-        threads = int(env.get("BLOOM_LOAD_PREFETCH_THREADS") or DEFAULT_PREFETCH_THREADS)
-        chunk_mb = float(env.get("BLOOM_LOAD_CHUNK_MB") or DEFAULT_CHUNK_MB)
-        throttle = float(env["BLOOM_LOAD_THROTTLE_MBPS"]) if env.get("BLOOM_LOAD_THROTTLE_MBPS", "").strip() else None
-        if not (1 <= threads <= 64 and 0 < chunk_mb <= 1024) or (throttle is not None and throttle <= 0):
-            return None
-        chunk_bytes = max(4096, int(chunk_mb * 2**20))
-        process = env.get("BLOOM_LOAD_PREFETCH_PROCESS", "").strip().lower() in ("1", "true", "yes", "on", "t", "y")
-        from bloom_server.progress import LoadProgress
-        from bloom_server.storage.prefetch import ReadThrottle, start_prefetch
-
-        progress = LoadProgress()
-        p = start_prefetch(path, rank=int(env.get("RANK", "0")), world=int(env.get("WORLD_SIZE", "1")),
-                           threads=threads, chunk_bytes=chunk_bytes, progress=progress,
-                           throttle=ReadThrottle(throttle) if throttle else None, process=process)  # fmt: skip
-        if p is None:
-            return None
-        return EarlyPrefetch(progress, p, os.path.realpath(path), threads, chunk_bytes, throttle)
-    except Exception:  # noqa: BLE001 - a guess only: serve() starts the prefetch the usual way
-        return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    early = _early_prefetch(argv)  # the disk starts now, before the parser, pydantic and the settings load
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit:
-        if early is not None:
-            early.close()
-        raise
-    if early is not None and args.command != "serve":
-        early.close()
-        early = None
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
         from pydantic import ValidationError
 
@@ -328,13 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings = _settings_from_args(args)
         except ValidationError as exc:
-            if early is not None:
-                early.close()
             _print_invalid("serve", exc)
             return 2
         configure_logging(settings.log_level)
         local_rank = args.local_rank if args.local_rank is not None else args.local_rank_top
-        return serve(settings, local_rank, early=early)
+        return serve(settings, local_rank)
     if args.command == "download":
         from bloom_server.storage import download as download_mod
 

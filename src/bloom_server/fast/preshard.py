@@ -8,7 +8,7 @@ server verifies the directory as it verifies a download. A preshard cut off midw
 and the server refuses the directory. Rerun (a retried Job): a finished preshard of the same source, degree and dtype
 is left as it is; one its own in-progress marker shows cut off is removed and written again.
 
-`write_safetensors` is the streaming writer used here and by scripts/make_random_bloom.py: the header first, then
+`write_safetensors` is the streaming writer used here and by scripts/bench/make_random_bloom.py: the header first, then
 each tensor's bytes as it is produced, hashed on the way; no whole model in memory.
 """
 

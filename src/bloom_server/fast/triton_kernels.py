@@ -284,7 +284,7 @@ def decode_attention(
 #
 # The first decode step would otherwise compile every kernel variant it uses (Triton specialises on constexprs,
 # dtypes, integer arguments equal to 1 or divisible by 16 and 16-byte pointer alignment) and autotune each GEMV key
-# (N, K, BM): ~8 s of compiles and ~4 s of benchmarks on an H100, all on the critical path of the warm-up. Here the
+# (N, K, BM): seconds of compiles and benchmarks, all on the critical path of the warm-up. Here the
 # same calls run ahead, while the weights stream in:
 #   - `compile_workers` (started by serve.py at process start): child processes that compile the variants into
 #     Triton's on-disk cache (Kernel.warmup with dtypes in place of tensors: no memory, no launch; the compiles run
@@ -292,7 +292,7 @@ def decode_attention(
 #   - `warm` (the fast backend's load thread helper): the real `gemv`/`decode_attention` calls on dummy device
 #     tensors of the real shapes, which load those binaries (or compile what is missing) and run the autotuner's
 #     benchmarks, so the warm-up's calls find everything in memory.
-# The plan mirrors BloomRankModel.decode_layer / logits (fast/model.py): keep them in step.
+# The plan mirrors BloomRankModel.decode_layer / logits (fast/model.py): a change to either is a change to both.
 
 
 @dataclass(frozen=True)
@@ -350,23 +350,20 @@ def decode_plan(*, hidden: int, n_head: int, vocab_size: int, world: int, dtype:
     f = 4 * hidden // world
     vp = -(-vocab_size // world)
     none = DecodePlan(dtype, (), False, hp, D, max_seq, max_batch)
-    if dtype not in ("float16", "bfloat16") or post or not (set(fuse) & {"tgemv", "tattn", "thead"}):
+    if dtype not in ("float16", "bfloat16") or post or not fuse:
         return none
     big = (hp * 3 * D * hidden, hidden * hp * D, f * hidden, hidden * f)
     if any(n >= 2**31 for n in big):
         return none
-    gemvs: list[GemvCall] = []
-    tln = "tln" in fuse
-    if "tgemv" in fuse or tln:
-        gemvs.append(GemvCall("qkv", hp * 3 * D, hidden, None, tln))
-        if world == 1 and "tgemv" in fuse:
-            gemvs.append(GemvCall("dense", hidden, hp * D, "residual"))
-        gemvs.append(GemvCall("fc1", f, hidden, "gelu", tln))
-        if world == 1 and "tgemv" in fuse:
-            gemvs.append(GemvCall("fc2", hidden, f, "residual"))
-    if "thead" in fuse and vp * hidden < 2**31:
+    gemvs: list[GemvCall] = [GemvCall("qkv", hp * 3 * D, hidden)]
+    if world == 1:
+        gemvs.append(GemvCall("dense", hidden, hp * D, "residual"))
+    gemvs.append(GemvCall("fc1", f, hidden, "gelu"))
+    if world == 1:
+        gemvs.append(GemvCall("fc2", hidden, f, "residual"))
+    if vp * hidden < 2**31:
         gemvs.append(GemvCall("head", vp, hidden))
-    attention = "tattn" in fuse and D & (D - 1) == 0
+    attention = D & (D - 1) == 0
     return DecodePlan(dtype, tuple(gemvs), attention, hp, D, max_seq, max_batch)
 
 

@@ -20,7 +20,6 @@ import os
 import queue
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 
 NOOP, GENERATE, FORWARD, SHUTDOWN, CSTEP = "noop", "generate", "forward", "shutdown", "cstep"
 _WAKE = object()  # queue marker: the continuous source has work
-CSTEP_LOG_EVERY = 1000  # csteps between two debug lines of their host time
 
 
 @dataclass(frozen=True)
@@ -114,9 +112,6 @@ class Leader:
         self.supports_continuous = bool(getattr(backend, "supports_continuous", False))
         self._source: Any = None  # the engine's continuous scheduler (take / deliver / fail)
         self._continuous = False  # the engine thread is running csteps back to back
-        # csteps run, and their engine-thread seconds (wall, CPU) in take, the step itself, deliver; logged at debug
-        # every CSTEP_LOG_EVERY steps (the host side of a continuous step, see scripts/cstep_overhead.py)
-        self.cstep_times = [0, 0.0, 0.0, 0.0, 0.0]  # steps, take+step wall, take+step CPU, deliver wall, deliver CPU
 
     def attach_continuous(self, source: Any) -> None:
         """The engine's continuous source: `take()` -> the next cstep's payload or None (nothing live or waiting),
@@ -203,7 +198,6 @@ class Leader:
     def _cstep(self) -> bool:
         """One continuous step from the source, or back to waiting when it has nothing. False: the engine died."""
         source = self._source
-        w0, c0 = time.perf_counter(), time.thread_time()
         try:
             payload = source.take() if source is not None else None
             if payload is None:
@@ -218,18 +212,7 @@ class Leader:
             log.exception("cstep step failed on rank 0")
             self._fail(f"cstep step failed: {type(exc).__name__}: {exc}", None)
             return False
-        w1, c1 = time.perf_counter(), time.thread_time()
         source.deliver(payload, result)  # hands over to the event loop; never raises into the engine thread
-        t = self.cstep_times
-        t[0] += 1
-        t[1] += w1 - w0
-        t[2] += c1 - c0
-        t[3] += time.perf_counter() - w1
-        t[4] += time.thread_time() - c1
-        if t[0] % CSTEP_LOG_EVERY == 0 and log.isEnabledFor(logging.DEBUG):
-            n = t[0]
-            log.debug("%d csteps: per step %.0f us (%.0f us engine-thread CPU) in take+step, %.0f us (%.0f us CPU) "
-                      "in deliver", n, 1e6 * t[1] / n, 1e6 * t[2] / n, 1e6 * t[3] / n, 1e6 * t[4] / n)  # fmt: skip
         return True
 
     def abort(self, reason: str) -> None:

@@ -7,15 +7,12 @@ Standard library only, so the composition root can start reading before torch is
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from bloom_server.errors import ModelDirError
 from bloom_server.storage.safetensors import Chunk, plan_chunks, read_header, weights_source
@@ -64,8 +61,7 @@ def mem_available() -> int | None:
 class Prefetcher:
     """The one disk reader of a load: reads `chunks` of `paths` in file order into a small throw-away buffer, from
     process start (before torch is imported) to the last byte, so that the page cache holds each chunk when the
-    loader comes for it. One thread by default: one sequential stream, which a disk serves at least as fast as
-    several (a virtio disk measurably faster); `threads` > 1 keeps several reads in flight (NVMe queue depth).
+    loader comes for it. `threads` reads in flight (the load setting's default: eight, docs/results/cold-start.md).
 
     The loader (fast/weights.py `read_safetensors`) asks, for each of its chunks, `need(path, end)`: how many of
     this plan's chunks must be read before that chunk's bytes are all in memory; `wait_for(k)` blocks until they are
@@ -79,21 +75,12 @@ class Prefetcher:
     loader_wait_s (the loader waiting for bytes not read yet), frontier (chunks read, in order). Never raises: a read
     error ends the prefetch (logged) and the loader reads the rest itself."""
 
-    # Not here: a posix_fadvise(WILLNEED) look-ahead past the chunk being read (tried: the loader read the pages it
-    # brought in 2x slower, CPU box, docs/benchmarks.md "One disk stream for the whole load").
+    # No posix_fadvise(WILLNEED) look-ahead past the chunk being read: it slowed the loader (docs/results/removed.md).
 
     def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int = 1,
                  progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
-                 budget: int | None = None, process: bool = False,
-                 on_read: Callable[[int], None] | None = None):  # fmt: skip
-        """`process`: the reader threads run in a child process (`bloom_server.storage.prefetch_child`, the same class in
-        thread mode), so no read waits for this process's GIL; a thread here turns its reports into the same
-        bookkeeping and passes the loader's demand on. `on_read(i)`: called after chunk i is read (the child's
-        report)."""
+                 budget: int | None = None):  # fmt: skip
         self.paths = [Path(p) for p in paths]
-        self.process = process
-        self.on_read = on_read
-        self._child: subprocess.Popen | None = None
         self.chunks = list(chunks)
         self.threads = max(1, threads)
         self.progress = progress
@@ -128,8 +115,6 @@ class Prefetcher:
     def start(self) -> "Prefetcher":
         with self._cv:
             self.state = "running" if self.chunks else "finished"
-        if self.process and self.chunks:
-            return self._start_child()
         for i in range(min(self.threads, len(self.chunks))):
             t = threading.Thread(target=self._run, name=f"bloom-prefetch-{i}", daemon=True)
             with self._cv:
@@ -144,16 +129,12 @@ class Prefetcher:
             t.join(timeout)
 
     def close(self) -> None:
-        """Stop reading (the readers finish their current chunk; a child process is killed); waiting loaders
-        return False."""
+        """Stop reading (the readers finish their current chunk); waiting loaders return False."""
         with self._cv:
             stopped = self.state in ("new", "running")
             if stopped:
                 self.state = "closed"
             self._cv.notify_all()
-        child = self._child
-        if stopped and child is not None and child.poll() is None:
-            child.kill()  # (a child that read everything exits by itself)
 
     def advance(self, k: int) -> None:
         """The loader has asked for chunks [0, k): a reader paused at the budget may go on."""
@@ -164,66 +145,6 @@ class Prefetcher:
         if k > self.demand:
             self.demand = k
             self._cv.notify_all()
-            child = self._child
-            if child is not None and child.stdin is not None and child.poll() is None:
-                try:
-                    child.stdin.write(b"%d\n" % k)  # a few bytes into a pipe the child drains: does not block
-                except (OSError, ValueError):  # the child is gone, or its pipe closed
-                    pass
-
-    # ---- the child process (process=True)
-
-    def _start_child(self) -> "Prefetcher":
-        job = {"paths": [str(p) for p in self.paths], "chunks": [[c.file, c.offset, c.length] for c in self.chunks],
-               "threads": self.threads, "budget": self.budget,
-               "throttle_mbps": self.throttle.rate / 1e6 if self.throttle is not None else None}  # fmt: skip
-        try:
-            self._child = subprocess.Popen([sys.executable, "-m", "bloom_server.storage.prefetch_child"], stdin=subprocess.PIPE,
-                                           stdout=subprocess.PIPE, bufsize=0)  # fmt: skip
-            self._child.stdin.write(json.dumps(job).encode() + b"\n")  # type: ignore[union-attr]
-        except OSError as e:
-            with self._cv:
-                self.state, self.error = "failed", f"prefetch process: {e}"
-                self._cv.notify_all()
-            log.warning("prefetch process did not start: %s (the loader reads from disk itself)", e)
-            self._started = True
-            return self
-        t = threading.Thread(target=self._follow_child, name="bloom-prefetch-child", daemon=True)
-        with self._cv:
-            self._alive += 1
-        t.start()
-        self._workers.append(t)
-        self._started = True
-        return self
-
-    def _follow_child(self) -> None:
-        """The child's reports (one chunk index per line) -> the same bookkeeping as a reader thread's."""
-        child = self._child
-        assert child is not None and child.stdout is not None
-        try:
-            for line in child.stdout:
-                i = int(line)
-                if self.progress is not None:
-                    self.progress.add_prefetched(self.chunks[i].wanted_bytes)
-                self._complete(i)
-        except (ValueError, IndexError, OSError) as e:
-            log.warning("prefetch process: %s", e)
-        finally:
-            rc = child.wait()
-            if child.stdin is not None:
-                try:
-                    child.stdin.close()
-                except OSError:
-                    pass
-            with self._cv:
-                self._alive -= 1
-                if self.state == "running":
-                    self.state = "finished" if self.frontier == len(self.chunks) else "failed"
-                    if self.state == "failed":
-                        self.error = f"prefetch process exited with {rc} after {self.frontier} chunk(s)"
-                self._cv.notify_all()
-            if self.state == "failed":
-                log.warning("%s (the loader reads the rest from disk itself)", self.error)
 
     def _take(self) -> int | None:
         with self._cv:
@@ -254,8 +175,6 @@ class Prefetcher:
             if self.frontier == len(self.chunks) and self.state == "running":
                 self.state = "finished"  # every byte read (its threads exit on their own)
             self._cv.notify_all()
-        if self.on_read is not None:
-            self.on_read(i)
 
     def _run(self) -> None:
         fds: dict[int, int] = {}
@@ -344,11 +263,10 @@ class Prefetcher:
 
 def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chunk_bytes: int,
                    progress: LoadProgress, throttle: ReadThrottle | None = None,
-                   budget: int | None = None, process: bool = False) -> Prefetcher | None:  # fmt: skip
+                   budget: int | None = None) -> Prefetcher | None:  # fmt: skip
     """Start reading this rank's weight bytes for the fast backend (`progress.prefetcher` is then the Prefetcher,
     which the loader follows), or None when there is nothing to read ahead (several ranks slicing a plain
-    checkpoint, pickles, or anything unexpected: the loader will say what). `process`: the reads run in a child
-    process (Prefetcher's `process`)."""
+    checkpoint, pickles, or anything unexpected: the loader will say what)."""
     try:
         src = weights_source(model_dir, rank, world)
         if src.kind not in ("presharded", "whole"):
@@ -360,8 +278,7 @@ def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chun
     except (ModelDirError, OSError) as e:
         log.debug("no prefetch: %s", e)
         return None
-    p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget,
-                   process=process)  # fmt: skip
+    p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget)
     progress.prefetcher = p
     progress.set_phase("prefetching")
     p.start()

@@ -1,4 +1,4 @@
-"""`bloom-server bench` (and scripts/benchmark.py): decode speed of any backend, side by side on the same weights.
+"""`bloom-server bench` (and scripts/bench/benchmark.py): decode speed of any backend, side by side on the same weights.
 
 Every backend runs the server's own code path, `backend.generate(GenerateBatch)`, greedy with min_new_tokens ==
 max_new_tokens so every variant does the same work. For each batch size: one generate (the original's
@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the largest --batch-size (each to its longest row, the original server) and by continuous "
                    "batching over the same slots; tokens/s of each")  # fmt: skip
     p.add_argument("--decode-fusion", default=None,
-                   help="fast: the decode fusion, a variant of fast/model.py's FUSE_VARIANTS or a comma list of flags "
-                   "(default: BLOOM_FAST_DECODE, else the model's default)")
+                   help="fast: the decode fusion, triton_head or base (fast/model.py's FUSE_VARIANTS; default: "
+                   "BLOOM_FAST_DECODE, else triton_head)")
     p.add_argument("--max-batch-search", type=int, default=0, metavar="N",
                    help="instead of timing: the largest batch in [1, N] each backend runs with rows of --input-tokens "
                    "+ --new-tokens tokens (fast: a cache of that many positions per slot), peak memory of each try")

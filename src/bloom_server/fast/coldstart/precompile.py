@@ -170,10 +170,8 @@ def parse_target(spec: str) -> int:
 # stream), the loader threads (page cache -> pinned memory -> device) and the load thread's kernel helper.
 RESERVED_CPUS = 4
 # The decode step's one-row stage has ~19 variants (18 GEMV configs and the attention kernel), the multi-row stage ~24.
-# More workers do not compile sooner: on the H100 host (16 CPUs, scripts/cold_start.py, 7b1, first starts on 2026-11-23)
-# the load waited for kernels after the weights 0.6, 1.1 and 1.9 s with 4 workers, 4.5 and 1.6 s with 8, 2.5 and 0 s
-# with 12, whose torch imports and CUDA contexts (each worker holds one, a few hundred MB of device memory, until it
-# exits) also delayed the main process's own load by up to ~1.8 s.
+# More workers do not compile sooner, and each one's torch import and CUDA context delay the main process's own load
+# (docs/results/cold-start.md).
 MAX_WORKERS = 4
 
 

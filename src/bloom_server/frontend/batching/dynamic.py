@@ -35,7 +35,7 @@ class BatchListener:
     and reads `stopped_rows()` to stop rows whose callers are gone. Steps cross to the event loop with
     `loop.call_soon_threadsafe`, so they reach callers in order and before the call's own result. Steps that arrive
     while the loop has not yet taken the previous ones are taken together: one wake-up of the loop per step would
-    make the two threads trade the GIL on every token (measured: 7x slower generation on CPU).
+    make the two threads trade the GIL on every token (several times slower generation on CPU).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, rows: list[tuple[GenRequest, int]], top_n: int):

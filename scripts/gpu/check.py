@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Check the DeepSpeed backends against the hf backend on random-weight BLOOMs, on one GPU.
 
-    python scripts/gpu_check.py all --work /tmp/gpu-check --out "$OUT"          # every check, then a table
-    python scripts/gpu_check.py all --work /tmp/cpu-check --device cpu --cases hf --shape tiny   # script logic on CPU
+    python scripts/gpu/check.py all --work /tmp/gpu-check --out "$OUT"          # every check, then a table
+    python scripts/gpu/check.py all --work /tmp/cpu-check --device cpu --cases hf --shape tiny   # script logic on CPU
 
 Each check runs in its own process (a crash or a DeepSpeed sys.exit cannot stop the others; DeepSpeed keeps one
 fused-kernel workspace per process) and writes a JSON result; the `all` command compares them with the reference and
@@ -27,8 +27,8 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE.parent / "bench"))
+sys.path.insert(0, str(HERE.parents[1] / "src"))
 
 PROMPTS = (
     "DeepSpeed is",

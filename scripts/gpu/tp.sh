@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issues 6 (TP=2, nvidia-h200-x2) and 7 (TP=8, nvidia-h200-x8): tensor parallelism in one device call.
+# Tensor parallelism in one device call: TP=2 (nvidia-h200-x2) or TP=8 (nvidia-h200-x8).
 # At TP=8 it covers the bloom-176b-fast overlay's path (manifests/components/bloom-176b-fast): `bloom-server preshard
 # --tp 8` of a 176B-layer-shape checkpoint, then `serve --backend fast` at 8 ranks from the pre-sharded directory (steps
 # 1, 3 and 4), its bench at all 70 layers (step 2). The overlay's own settings are not forced here.
-#   1. correctness: a random-weight BLOOM of the 176B layer shape with a few layers (scripts/make_random_bloom.py,
+#   1. correctness: a random-weight BLOOM of the 176B layer shape with a few layers (scripts/bench/make_random_bloom.py,
 #      drawn on GPU 0; 4 layers at TP=2, 2 at TP=8) served at TP=1 and at TP=$TP; POST /generate, greedy, the prompts
 #      as one batch and one by one; the texts at TP=$TP must equal the TP=1 texts of the same backend:
 #        fast:          TP=1 `python -m bloom_server serve`, TP=$TP under torchrun, and the `bloom-server preshard
@@ -11,23 +11,23 @@
 #        ds_inference:  (only if deepspeed imports) TP=1 and TP=$TP under the deepspeed launcher, and DeepSpeed's own
 #                       pre-sharded TP=$TP layout (make_random_bloom.py --presharded-only --presharded-out under the
 #                       launcher: write_presharded_checkpoint, the writer gpu_check used);
-#   2. speed: scripts/benchmark.py under the launcher (deepspeed when it imports, else torchrun) at TP=$TP, 176B layer
+#   2. speed: scripts/bench/benchmark.py under the launcher (deepspeed when it imports, else torchrun) at TP=$TP, 176B layer
 #      shape, 100 new tokens, greedy: TP=2: 10 layers, hf,fast,ds_inference at bs 1, 8, 64; TP=8: fast on all 70
 #      layers at bs 1, 8, 32, 64, 128, then hf,fast,ds_inference on GPU_TP_CMP_LAYERS (14) layers (a whole copy of
 #      the model per GPU is what bench.py's hf and ds_inference start from: 70 layers cannot). bench.py's hf is
 #      transformers on one GPU per rank (no accelerate device_map), so hf's figure is one GPU's;
-#   3. cold start: scripts/cold_start.py --preshard $TP (176B layer shape, 10 layers at TP=2, 12 at TP=8: the
+#   3. cold start: scripts/bench/cold_start.py --preshard $TP (176B layer shape, 10 layers at TP=2, 12 at TP=8: the
 #      checkpoint and its pre-sharded copy must both fit the disk), start-to-ready vs `cat` of the same bytes;
-#   4. the server: scripts/load_test.py, streaming, prompts 16-256 and outputs 16-512 tokens (--force-length off),
+#   4. the server: scripts/bench/load_test.py, streaming, prompts 16-256 and outputs 16-512 tokens (--force-length off),
 #      at concurrency 1, 8, 64 (TP=2) or 1, 8, 64, 128 (TP=8) against `serve --backend fast` at TP=$TP (torchrun) on
 #      step 3's pre-sharded checkpoint (step 1's when step 3 did not run).
 # Random weights are drawn on the GPUs: bench.py's fast weights per rank (each rank draws one tensor at a time on its
 # own GPU and keeps its shard), cold_start.py's writer tensor by tensor on GPU 0 to disk; nothing builds the 70-layer
 # model on the host.
-#     TP=2 OUT=$OUT bash scripts/gpu_tp.sh                        # nvidia-h200-x2 (carry .whl)
-#     TP=8 OUT=$OUT bash scripts/gpu_tp.sh                        # nvidia-h200-x8
-#     GPU_TP_STEPS="3 4" TP=8 OUT=$OUT bash scripts/gpu_tp.sh     # some steps only (a second call)
-#     GPU_TP_QUICK=1 TP=2 PYTHON=.venv/bin/python OUT=/tmp/gtp bash scripts/gpu_tp.sh   # CPU dry run: tiny, 2 gloo ranks
+#     TP=2 OUT=$OUT bash scripts/gpu/tp.sh                        # nvidia-h200-x2 (carry .whl)
+#     TP=8 OUT=$OUT bash scripts/gpu/tp.sh                        # nvidia-h200-x8
+#     GPU_TP_STEPS="3 4" TP=8 OUT=$OUT bash scripts/gpu/tp.sh     # some steps only (a second call)
+#     GPU_TP_QUICK=1 TP=2 PYTHON=.venv/bin/python OUT=/tmp/gtp bash scripts/gpu/tp.sh   # CPU dry run: tiny, 2 gloo ranks
 # Logs, per-step JSON and gpu_tp.json (each step's rc and seconds, the comparisons) go to $OUT. A step (or a server of
 # step 1) that would start past the budget (GPU_TP_BUDGET_S, default 560 s) is skipped, not cut.
 set -u -o pipefail
@@ -38,7 +38,7 @@ STEPS=${GPU_TP_STEPS:-1 2 3 4}
 QUICK=${GPU_TP_QUICK:-}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_tp.log") 2>&1
-source scripts/_device_env.sh gpu_tp.sh
+source scripts/gpu/_device_env.sh tp.sh
 PY=${PYTHON:-python3}
 if [ -n "$QUICK" ]; then export PYTHONPATH=$PWD/src; fi  # the CPU dry run uses $PYTHON's own packages, not .whl's
 export MAX_JOBS=${MAX_JOBS:-14}  # DeepSpeed's op build
@@ -167,7 +167,7 @@ if want 1; then
   t0=$(date +%s)
   rm -rf "$MODEL" "$MODEL-tp$TP" "$MODEL-ds-tp$TP"
   dev=cpu; [ -z "$QUICK" ] && dev=cuda
-  timeout "$(tmo 300)" $PY scripts/make_random_bloom.py "$MODEL" --shape $SHAPE \
+  timeout "$(tmo 300)" $PY scripts/bench/make_random_bloom.py "$MODEL" --shape $SHAPE \
     --layers $CORR_LAYERS --dtype $DTYPE --init-std $INIT_STD --init-device $dev >"$OUT/make.log" 2>&1
   rc=$?; tail -1 "$OUT/make.log"
   timeout "$(tmo 300)" $PY -m bloom_server preshard --model "$MODEL" --tp "$TP" \
@@ -187,7 +187,7 @@ if want 1; then
     if [ "$(left)" -lt $(( SERVER_MIN * 2 )) ]; then
       record 1 "ds pre-sharded write" 0 0 "skipped: $(left) s left"
     else
-      timeout $(( $(left) - SERVER_MIN )) $(launcher "$TP") scripts/make_random_bloom.py "$MODEL" --presharded-only \
+      timeout $(( $(left) - SERVER_MIN )) $(launcher "$TP") scripts/bench/make_random_bloom.py "$MODEL" --presharded-only \
         --presharded-out "$MODEL-ds-tp$TP" --tp "$TP" --max-tokens 1024 >"$OUT/ds-preshard.log" 2>&1
       rc=$?; tail -2 "$OUT/ds-preshard.log"
       record 1 "ds pre-sharded write" $rc $(( $(date +%s) - t0 ))
@@ -229,8 +229,8 @@ bench() {  # label layers backends
   local t0=$(date +%s) budget rc
   budget=$(( $(left) - 20 ))
   if [ "$budget" -lt "$BENCH_MIN" ]; then record 2 "bench $1" 0 0 "skipped: $(left) s left"; return; fi
-  echo "== 2. bench $1: $(launcher "$TP") scripts/benchmark.py --backend $3 --layers $2 --batch-size $BS"
-  timeout $(( budget + 15 )) $(launcher "$TP") scripts/benchmark.py --backend "$3" --random-weights $SHAPE --layers "$2" \
+  echo "== 2. bench $1: $(launcher "$TP") scripts/bench/benchmark.py --backend $3 --layers $2 --batch-size $BS"
+  timeout $(( budget + 15 )) $(launcher "$TP") scripts/bench/benchmark.py --backend "$3" --random-weights $SHAPE --layers "$2" \
     --batch-size $BS --new-tokens $BENCH_NEW --cycles $CYCLES --deadline-s $(( budget * 3 / 4 )) \
     --json "$OUT/bench-$1.json" >"$OUT/bench-$1.log" 2>&1
   rc=$?
@@ -258,7 +258,7 @@ if want 3; then
     record 3 "cold start" 0 0 "skipped: $(left) s left"
   else
     echo "== 3. cold start: $SHAPE, $COLD_LAYERS layers, --preshard $TP"
-    timeout $(( budget + 20 )) $PY scripts/cold_start.py --dir "$COLD_DIR" --shape $SHAPE --layers $COLD_LAYERS --dtype $DTYPE \
+    timeout $(( budget + 20 )) $PY scripts/bench/cold_start.py --dir "$COLD_DIR" --shape $SHAPE --layers $COLD_LAYERS --dtype $DTYPE \
       --preshard "$TP" --no-no-prefetch-run --budget-s $(( budget * 2 / 3 )) --timeout $(( budget / 3 )) \
       --json "$OUT/cold_start.json" >"$OUT/cold_start.log" 2>&1
     rc=$?
@@ -283,12 +283,12 @@ if want 4; then
     if start_server load-tp$TP "$port" "$TP" torchrun "$LT_MODEL" fast; then
       curl -fsS "http://127.0.0.1:$port/info"; echo
       big=${CONCS##* }
-      timeout $(( LT_WARM + LT_DRAIN + 60 )) $PY scripts/load_test.py --url "http://127.0.0.1:$port" --stream \
+      timeout $(( LT_WARM + LT_DRAIN + 60 )) $PY scripts/bench/load_test.py --url "http://127.0.0.1:$port" --stream \
         --concurrency "$big" --prompt-tokens $LT_PROMPT --new-tokens $LT_NEW --requests 100000 --duration $LT_WARM \
         --drain $LT_DRAIN --seed 1 --force-length off --label "warm-up" --json "$OUT/load-warmup.json" | tail -3
       for c in $CONCS; do
         if [ "$(left)" -lt $(( LT_DUR + LT_DRAIN + 20 )) ]; then echo "== concurrency $c: skipped, $(left) s left"; continue; fi
-        timeout $(( LT_DUR + LT_DRAIN + 60 )) $PY scripts/load_test.py --url "http://127.0.0.1:$port" --stream \
+        timeout $(( LT_DUR + LT_DRAIN + 60 )) $PY scripts/bench/load_test.py --url "http://127.0.0.1:$port" --stream \
           --concurrency "$c" --prompt-tokens $LT_PROMPT --new-tokens $LT_NEW --requests 100000 --duration $LT_DUR \
           --drain $LT_DRAIN --seed 0 --force-length off --label "tp$TP c$c" --json "$OUT/load-c$c.json" | tail -8
         r=$?; echo "== load_test concurrency $c rc=$r"; rc=$(( rc | r ))

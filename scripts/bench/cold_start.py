@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Cold start of `bloom-server serve --backend fast` against a plain read of the same bytes (issue "Fast generation",
-target 4: start-to-ready at most 1.2x the plain read, page cache cold both times).
+"""Cold start of `bloom-server serve --backend fast` against a plain read of the same bytes
+(start-to-ready over the plain read, page cache cold both times).
 
-    python scripts/cold_start.py --shape 7b1                 # GPU: BLOOM-7b1 shape, random fp16 weights (14.1 GB)
-    python scripts/cold_start.py --shape tiny                # CPU: a tiny shape, to check the script itself
-    python scripts/cold_start.py --shape 7b1 --preshard 1    # also time the pre-sharded layout
+    python scripts/bench/cold_start.py --shape 7b1                 # GPU: BLOOM-7b1 shape, random fp16 weights (14.1 GB)
+    python scripts/bench/cold_start.py --shape tiny                # CPU: a tiny shape, to check the script itself
+    python scripts/bench/cold_start.py --shape 7b1 --preshard 1    # also time the pre-sharded layout
 
 Steps, each timed and printed: write (or reuse) a random-weight checkpoint of the shape (streamed to disk tensor by
 tensor, drawn on the GPU when there is one), optionally `bloom-server preshard` it; evict its pages from the page cache
@@ -16,8 +16,7 @@ single-stream read) and a parallel read (threads x preadv); evict again; start t
 warm-up generate, Triton work left in it) and a generate's answer. The first server starts from an empty Triton kernel
 cache (the first start on a machine); with --kept-kernel-cache-run a second one restarts on that cache (a container
 restart in the pod), --seeded-run a first start on an empty cache seeded from `bloom-server precompile` (made
-before the rounds with no GPU visible, as the download Job makes it), --prefetch-process-run one with BLOOM_LOAD_PREFETCH_PROCESS=1 (the prefetch's reads in a child
-process) on that cache, and with --no-prefetch-run one runs with BLOOM_LOAD_PREFETCH=0, to show what reading during
+before the rounds with no GPU visible, as the download Job makes it), and with --no-prefetch-run one runs with BLOOM_LOAD_PREFETCH=0, to show what reading during
 the imports buys. No network is used.
 """
 
@@ -39,9 +38,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 
 T0 = time.monotonic()
 
@@ -453,9 +452,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-mb", type=int, default=32)
     p.add_argument("--no-prefetch-run", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the server with BLOOM_LOAD_PREFETCH=0 (default on)")
-    p.add_argument("--prefetch-process-run", action=argparse.BooleanOptionalAction, default=True,
-                   help="also a server with BLOOM_LOAD_PREFETCH_PROCESS=1 (the prefetch's reads in a child process), "
-                        "on the kept kernel cache")
     p.add_argument("--kept-kernel-cache-run", action=argparse.BooleanOptionalAction, default=True,
                    help="also time a restart that finds the first run's Triton kernel cache (a container restart in "
                         "the pod); the first run always starts from an empty one (default on)")
@@ -559,9 +555,6 @@ def main(argv: list[str] | None = None) -> int:
                 name, _, kvs = spec.partition(":")
                 extra = dict(kv.split("=", 1) for kv in kvs.split(",") if "=" in kv)
                 variants.append((name, {**extra, "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
-            if args.prefetch_process_run:
-                variants.append(("prefetch-process", {"BLOOM_LOAD_PREFETCH_PROCESS": "1",
-                                                      "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))  # fmt: skip
             if args.no_prefetch_run:
                 variants.append(("no-prefetch", {"BLOOM_LOAD_PREFETCH": "0", "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
             for vlabel, venv, vsrc in variants:

@@ -9,7 +9,7 @@ Reports the median and mean per-step host microseconds (wall) and the mean threa
 shared machine), and with --profile the top functions of a cProfile of the
 steps (cumulative and own time per step).
 
-    python scripts/cstep_overhead.py --engine fake --rows 64 --steps 400 --profile
+    python scripts/bench/cstep_overhead.py --engine fake --rows 64 --steps 400 --profile
 """
 
 from __future__ import annotations

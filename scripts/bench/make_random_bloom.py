@@ -2,9 +2,9 @@
 """Write a random-weight BLOOM of a named shape as a real Hugging Face checkpoint directory, and optionally the
 DeepSpeed pre-sharded layout of the same weights.
 
-    python scripts/make_random_bloom.py OUT --shape 560m
-    python scripts/make_random_bloom.py OUT --shape 176b --layers 4 --dtype fp16
-    deepspeed --num_gpus 2 scripts/make_random_bloom.py OUT --shape 7b1 --presharded-out OUT-ds --tp 2
+    python scripts/bench/make_random_bloom.py OUT --shape 560m
+    python scripts/bench/make_random_bloom.py OUT --shape 176b --layers 4 --dtype fp16
+    deepspeed --num_gpus 2 scripts/bench/make_random_bloom.py OUT --shape 7b1 --presharded-out OUT-ds --tp 2
 
 OUT gets config.json, model*.safetensors and a byte-level BPE tokenizer (tokenizer.json and its configs) trained
 locally: nothing is downloaded. The embedding has the shape's real vocabulary (250880 for the BLOOM shapes); the
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.presharded_out is not None and args.tp != world:
         raise SystemExit(
             f"--tp {args.tp} needs one process per GPU: run under `deepspeed --num_gpus {args.tp} "
-            f"scripts/make_random_bloom.py ...` (this run has WORLD_SIZE={world})"
+            f"scripts/bench/make_random_bloom.py ...` (this run has WORLD_SIZE={world})"
         )
     if args.presharded_only and (args.presharded_out is None or not (args.out / "config.json").is_file()):
         raise SystemExit("--presharded-only needs --presharded-out and a checkpoint already in OUT (config.json)")

@@ -3,14 +3,14 @@
 and output lengths, streamed (TGI `POST /generate_stream`) or not (the original `POST /generate`).
 
     # a server already running on this machine: 64 clients, streaming, 16-512 new tokens, ~90 s at most
-    python scripts/load_test.py --url http://127.0.0.1:8080 --stream --concurrency 64 \\
+    python scripts/bench/load_test.py --url http://127.0.0.1:8080 --stream --concurrency 64 \\
         --prompt-tokens 16-256 --new-tokens 16-512 --requests 100000 --duration 75 --drain 15 --json run.json
 
     # Poisson arrivals at 8 requests/s (open loop), not streamed
-    python scripts/load_test.py --url http://127.0.0.1:8080 --rate 8 --requests 500 --duration 120
+    python scripts/bench/load_test.py --url http://127.0.0.1:8080 --rate 8 --requests 500 --duration 120
 
     # start the embedded tiny model here (as scripts/dev.sh serve does) and test it
-    python scripts/load_test.py --serve --stream --concurrency 4 --prompt-tokens 8-32 --new-tokens 8-32 \\
+    python scripts/bench/load_test.py --serve --stream --concurrency 4 --prompt-tokens 8-32 --new-tokens 8-32 \\
         --requests 40 --serve-args --max-new-tokens 64
 
 The workload is drawn from `--seed` before anything is sent: the same flags send the same requests in the same order
@@ -31,7 +31,7 @@ Bounds: `--requests` requests at most; no request is sent after `--duration` sec
 get `--drain` seconds more and are then cut (reported as "cut", not as errors); each request has `--timeout`
 seconds. So a run ends within duration + drain (+ start). Loopback addresses only unless `--allow-remote`.
 
-With `--check-greedy K` it is also the load check run before a backend is called working (scripts/gpu_load_check.sh):
+With `--check-greedy K` it is also the load check run before a backend is called working (scripts/gpu/load_check.sh):
 after the load, the first K answered requests are sent again one at a time, and each greedy text must equal the one
 produced under load; where one differs, the step where they part and the gap between the two likeliest tokens there
 tell a near tie (fp16 arithmetic in another batch shape) from a fault.

@@ -1,10 +1,10 @@
-# Sourced by the scripts that run on a lent GPU machine (bench_gpu.sh, gpu_issue8.sh, gpu_issue7_partial.sh,
-# cold_start_gpu.sh) after they set up their log: prints the machine, installs the carried wheels (.whl/: no network
+# Sourced by the scripts that run on a lent GPU machine (bench.sh, serving.sh, cold_start.sh, load_check.sh, tp.sh)
+# after they set up their log: prints the machine, installs the carried wheels (.whl/: no network
 # there) into /tmp/site, and exports the environment every run needs. $1: the script's name for the header line.
 # The lent copy's .git can name an older commit than the working tree it carries: BLOOM_COMMIT (set in the run's
 # command from this side's `git rev-parse`) names the tree that runs.
 _commit=${BLOOM_COMMIT:-"$(git rev-parse --short HEAD 2>/dev/null || echo unknown) (the copy's .git)"}
-echo "== $(date -u +%FT%TZ) on $(hostname): scripts/$1 (commit $_commit)"
+echo "== $(date -u +%FT%TZ) on $(hostname): scripts/gpu/$1 (commit $_commit)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null || true
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

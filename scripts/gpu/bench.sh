@@ -5,8 +5,8 @@
 # mixed output lengths. About 5 minutes on an H100 after the machine starts. Run from the repo root on the lent
 # machine, with the project's wheels (.whl/: transformers 4.43.4, tokenizers, deepspeed...) carried:
 #
-#     bash scripts/bench_gpu.sh                 # logs, JSON and the tables go to $OUT (default /tmp/bench-gpu-out)
-#     BENCH_QUICK=1 bash scripts/bench_gpu.sh   # the same plumbing on a tiny shape (a CPU dry run)
+#     bash scripts/gpu/bench.sh                 # logs, JSON and the tables go to $OUT (default /tmp/bench-gpu-out)
+#     BENCH_QUICK=1 bash scripts/gpu/bench.sh   # the same plumbing on a tiny shape (a CPU dry run)
 #
 # Every step runs even if an earlier one failed; a step that would start past the budget is skipped, not cut.
 set -u -o pipefail
@@ -17,7 +17,7 @@ NEW=${BENCH_NEW_TOKENS:-100}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/bench.log") 2>&1
 
-source scripts/_device_env.sh bench_gpu.sh
+source scripts/gpu/_device_env.sh bench.sh
 python3 - <<'PY'
 import sys, torch, transformers
 try:
@@ -29,35 +29,6 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 PY
 START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
-
-if [ -n "${BENCH_PROBE:-}" ]; then
-  # The decode-fusion probe (scripts/fuse_probe.py) and the largest-batch search, instead of the backend comparison.
-  if [ -n "${BENCH_QUICK:-}" ]; then P7=(--shape tiny); P176=(--shape tiny --layers 1); PN=6; MB=(--random-weights tiny)
-  else P7=(--shape 7b1); P176=(--shape 176b --layers 8); PN=$NEW; MB=(--random-weights 7b1); fi
-  echo "== P1. decode fusion variants, 7b1 shape, bs 1 and 8 (+ GEMV micro-benchmark, long-prompt check)"
-  timeout $(( $(left) - 150 )) python3 scripts/fuse_probe.py "${P7[@]}" --batch-size 1,8 --new-tokens "$PN" \
-    --cycles "$CYCLES" --variants "${BENCH_VARIANTS:-base,eager,tgemv,tgemv_ln,triton,compile}" --micro \
-    --long ${BENCH_LONG:-1000} --deadline-s $(( $(left) - 175 )) --json "$OUT/probe7b1.json"
-  echo "step P1 rc=$?"
-  if [ -n "${BENCH_CONFIRM:-}" ]; then
-    echo "== P1b. the default decode fusion through the server's path: hf,fast on the 7b1 shape, greedy tokens vs transformers"
-    timeout $(( $(left) - 120 )) python3 scripts/benchmark.py --backend hf,fast --check-tokens "${MB[@]}" \
-      --batch-size "${BENCH_CONFIRM_BS:-1,8,32}" --new-tokens "$PN" --cycles "$CYCLES" --json "$OUT/confirm7b1.json"
-    echo "step P1b rc=$?"
-  fi
-  echo "== P2. decode fusion variants, 176B layer shape, bs 1"
-  timeout $(( $(left) - 75 )) python3 scripts/fuse_probe.py "${P176[@]}" --batch-size 1 --new-tokens "$PN" \
-    --cycles 2 --variants "${BENCH_VARIANTS176:-base,eager,triton}" --json "$OUT/probe176b.json"
-  echo "step P2 rc=$?"
-  [ -n "${BENCH_NO_MB:-}" ] && { echo "== done in $(( $(date +%s) - START ))s after the installs"; exit 0; }
-  echo "== P3. largest batch of 1024-token rows (1000 prompt + 24 new), fast and transformers"
-  timeout $(( $(left) - 3 )) python3 scripts/benchmark.py --backend fast,hf "${MB[@]}" --max-batch-search 256 \
-    --input-tokens ${BENCH_MB_INPUT:-1000} --new-tokens ${BENCH_MB_NEW:-24} --deadline-s $(( $(left) - 15 )) \
-    --json "$OUT/maxbatch.json"
-  echo "step P3 rc=$?"
-  echo "== done in $(( $(date +%s) - START ))s after the installs; files in $OUT"
-  exit 0
-fi
 
 if [ -n "${BENCH_QUICK:-}" ]; then
   SHAPE7=(--random-weights tiny); SHAPE176=(--random-weights tiny --layers 1); BS="1,2"
@@ -73,7 +44,7 @@ fi
 
 echo "== 1. 176B layer shape: hf,fast at bs 1, greedy tokens vs transformers"
 if [ "$(left)" -gt 60 ]; then
-  timeout 90 python3 scripts/benchmark.py --backend hf,fast --check-tokens "${SHAPE176[@]}" \
+  timeout 90 python3 scripts/bench/benchmark.py --backend hf,fast --check-tokens "${SHAPE176[@]}" \
     --batch-size 1 --new-tokens "$NEW" --cycles "$CYCLES" --json "$OUT/176b.json"
   echo "step 1 rc=$?"
 else
@@ -81,13 +52,13 @@ else
 fi
 
 echo "== 2. 7b1 shape: $BACKENDS7 at bs $BS ($NEW new tokens, $CYCLES cycles), greedy tokens vs transformers"
-timeout $(( $(left) - 20 )) python3 scripts/benchmark.py --backend "$BACKENDS7" --check-tokens "${SHAPE7[@]}" \
+timeout $(( $(left) - 20 )) python3 scripts/bench/benchmark.py --backend "$BACKENDS7" --check-tokens "${SHAPE7[@]}" \
   --batch-size "$BS" --new-tokens "$NEW" --cycles "$CYCLES" --deadline-s $(( $(left) - 60 )) --json "$OUT/7b1.json"
 echo "step 2 rc=$?"
 
 echo "== 3. 7b1 shape, mixed output lengths: static batches vs continuous batching over 32 slots (engine level)"
 if [ "$(left)" -gt 45 ]; then
-  timeout $(( $(left) - 5 )) python3 scripts/benchmark.py "${SHAPE7[@]}" --mixed ${BENCH_MIXED_REQUESTS:-128} \
+  timeout $(( $(left) - 5 )) python3 scripts/bench/benchmark.py "${SHAPE7[@]}" --mixed ${BENCH_MIXED_REQUESTS:-128} \
     --batch-size 32 --new-tokens ${BENCH_MIXED_MAX_NEW:-256} --json "$OUT/mixed.json"
   echo "step 3 rc=$?"
 else

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The load check a backend passes on a GPU before it is called working: real servers (ds_inference under the
-# deepspeed launcher, hf, fast) on random-weight BLOOM shapes, each under scripts/load_test.py with concurrency at
+# deepspeed launcher, hf, fast) on random-weight BLOOM shapes, each under scripts/bench/load_test.py with concurrency at
 # least twice its max batch size, prompts across the whole input range, outputs up to the limit, for minutes; every
 # request must be a 200, the server must still be up at the end, and a sample of greedy answers must equal the same
 # prompts sent alone (load_test.py --check-greedy). Run from the repo root on the lent GPU machine, with .whl carried:
 #
-#     OUT=$OUT bash scripts/gpu_load_check.sh                        # every shape and limit set the budget allows
-#     LOADCHECK_LIMITS=wide LOADCHECK_SHAPES=176b:2 OUT=$OUT bash scripts/gpu_load_check.sh
+#     OUT=$OUT bash scripts/gpu/load_check.sh                        # every shape and limit set the budget allows
+#     LOADCHECK_LIMITS=wide LOADCHECK_SHAPES=176b:2 OUT=$OUT bash scripts/gpu/load_check.sh
 #
 # Limit sets: `overlay` = the bloom-176b-fp16 overlay's (batch 16, input 512, 100 new, queue 64; 32 clients), `wide`
 # = the bloom-176b-fast overlay's (batch 32, input 1024, 512 new, queue 128; 64 clients). Shapes: 7b1, and 176b:N (the 176B layer shape,
@@ -19,8 +19,8 @@ RAW="$OUT/raw"
 mkdir -p "$RAW"
 exec > >(tee -a "$OUT/run.log") 2>&1
 trap '[ -d "$RAW" ] && tar czf "$OUT/raw.tgz" -C "$OUT" raw' EXIT
-# shellcheck source=scripts/_device_env.sh
-source scripts/_device_env.sh gpu_load_check.sh
+# shellcheck source=scripts/gpu/_device_env.sh
+source scripts/gpu/_device_env.sh load_check.sh
 START=$(date +%s)
 BUDGET_S=${LOADCHECK_BUDGET_S:-560}       # wall seconds for everything; a group that would not end inside is skipped
 DURATION=${LOADCHECK_DURATION_S:-180}     # seconds of load per group
@@ -44,7 +44,7 @@ for shape in $SHAPES; do
   MODEL[$shape]=$dir
   if [ ! -f "$dir/config.json" ]; then
     t=$(date +%s)
-    python3 scripts/make_random_bloom.py "$dir" --shape "$name" $layers --dtype fp16 --init-device "${LOADCHECK_INIT_DEVICE:-cuda}" \
+    python3 scripts/bench/make_random_bloom.py "$dir" --shape "$name" $layers --dtype fp16 --init-device "${LOADCHECK_INIT_DEVICE:-cuda}" \
       > "$RAW/make-${shape/:/-}.log" 2>&1 || { echo "make_random_bloom $shape failed"; tail -5 "$RAW/make-${shape/:/-}.log"; }
     echo "weights $shape: $(du -sh "$dir" | cut -f1) in $(( $(date +%s) - t ))s"
   fi
@@ -54,7 +54,7 @@ wait "$JIT"; tail -1 "$RAW/jit.log"
 if [ "${LOADCHECK_PROBE:-1}" = 1 ] && [[ " $BACKENDS " == *" ds_inference "* ]]; then
   echo "== the cause: DeepSpeed sizes its workspace at the first forward's batch size"
   PROBE_DIR="$WORK/models/probe"
-  [ -f "$PROBE_DIR/config.json" ] || python3 scripts/make_random_bloom.py "$PROBE_DIR" --shape 560m --layers 2 \
+  [ -f "$PROBE_DIR/config.json" ] || python3 scripts/bench/make_random_bloom.py "$PROBE_DIR" --shape 560m --layers 2 \
     --dtype fp16 --init-device cuda > "$RAW/make-probe.log" 2>&1
   for order in small-first large-first; do
     timeout 120 python3 - "$PROBE_DIR" "$order" <<'PY' 2>&1 | grep -E "^probe|Error" | head -3
@@ -159,7 +159,7 @@ for limits in $LIMITS; do
     LT=()
     for key in "${!PORTS[@]}"; do
       json="$RAW/load-$limits-${key//[:\/]/-}.json"
-      python3 scripts/load_test.py --url "http://127.0.0.1:${PORTS[$key]}" $load_flags --requests 100000 \
+      python3 scripts/bench/load_test.py --url "http://127.0.0.1:${PORTS[$key]}" $load_flags --requests 100000 \
         --duration "$DURATION" --drain 60 --timeout 180 --check-greedy "$GREEDY" --seed 1 --json "$json" \
         > "$RAW/load-$limits-${key//[:\/]/-}.log" 2>&1 &
       LT+=("$!:$key")

@@ -1,50 +1,44 @@
 #!/usr/bin/env bash
-# Issue "Fast generation", targets 3 and 4, in one device call on one GPU (about 8 minutes on an H100):
-#   1. cold start: scripts/cold_start.py on the BLOOM-7b1 shape (14.1 GB of random fp16 weights written to
+# The fast backend served, in one device call on one GPU (about 8 minutes):
+#   1. cold start: scripts/bench/cold_start.py on the BLOOM-7b1 shape (14.1 GB of random fp16 weights written to
 #      .cache/cold_start, page cache emptied, `cat` of the bytes vs start-to-ready of `serve --backend fast`);
 #   2. continuous vs dynamic batching over HTTP: the same checkpoint served by `serve --backend fast` with
 #      `--batching continuous`, then `--batching dynamic` (one batch run to completion before the next: the original
-#      behaviour), each under scripts/load_test.py at concurrency 64, streaming, prompts of 16-256 tokens and outputs
+#      behaviour), each under scripts/bench/load_test.py at concurrency 64, streaming, prompts of 16-256 tokens and outputs
 #      of 16-512 tokens (not forced with min_new_tokens: a per-request min_new_tokens is part of dynamic batching's
 #      batch key and would split its batches; random weights practically never end early, and short answers are counted), after a warm-up pass that captures the CUDA graphs the load needs;
-#   3. with the time left, the default decode fusion (GPU8_CHECK="7b1 wide 176b", any of them) vs transformers.
+#   3. with the time left, the default decode fusion (SERVING_CHECK="7b1 wide 176b", any of them) vs transformers.
 # Run from the repo root on the lent machine with the project's wheels carried (.whl/):
-#     OUT=$OUT bash scripts/gpu_issue8.sh
-#     GPU8_QUICK=1 bash scripts/gpu_issue8.sh     # the same plumbing on a tiny shape (a CPU dry run)
-# Logs and JSON go to $OUT (default /tmp/gpu-issue8-out). A step that would start past the budget is skipped.
+#     OUT=$OUT bash scripts/gpu/serving.sh
+#     SERVING_QUICK=1 bash scripts/gpu/serving.sh     # the same plumbing on a tiny shape (a CPU dry run)
+# Logs and JSON go to $OUT (default /tmp/gpu-serving-out). A step that would start past the budget is skipped.
 set -u -o pipefail
-OUT=${OUT:-/tmp/gpu-issue8-out}
-BUDGET_S=${GPU8_BUDGET_S:-560}
-PORT=${GPU8_PORT:-8080}
+OUT=${OUT:-/tmp/gpu-serving-out}
+BUDGET_S=${SERVING_BUDGET_S:-560}
+PORT=${SERVING_PORT:-8080}
 mkdir -p "$OUT"
-exec > >(tee -a "$OUT/gpu_issue8.log") 2>&1
-source scripts/_device_env.sh gpu_issue8.sh
+exec > >(tee -a "$OUT/serving.log") 2>&1
+source scripts/gpu/_device_env.sh serving.sh
 PY=${PYTHON:-python3}
 START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 
-if [ -n "${GPU8_QUICK:-}" ]; then
+if [ -n "${SERVING_QUICK:-}" ]; then
   SHAPE=tiny; DTYPE=fp32; CONC=4; NEW=8-32; PROMPT=8-32; DUR=8; DRAIN=10; WARM=3; MAXB=8
 else
-  SHAPE=7b1; DTYPE=fp16; CONC=64; NEW=16-512; PROMPT=16-256; DUR=${GPU8_DURATION:-60}; DRAIN=${GPU8_DRAIN:-15}
-  WARM=${GPU8_WARM:-12}; MAXB=64
+  SHAPE=7b1; DTYPE=fp16; CONC=64; NEW=16-512; PROMPT=16-256; DUR=${SERVING_DURATION:-60}; DRAIN=${SERVING_DRAIN:-15}
+  WARM=${SERVING_WARM:-12}; MAXB=64
 fi
 MODEL=$PWD/.cache/cold_start/bloom-$SHAPE-$DTYPE
 
-if [ -n "${GPU8_ATTN_PROBE:-}" ] && [ -z "${GPU8_QUICK:-}" ]; then
-  echo "== 0. decode attention: fused (own keys) vs eager (whole bucket), 7b1 heads and the 176B TP=8 rank's heads"
-  timeout 120 $PY scripts/attn_probe.py --heads 32 --head-dim 128
-  timeout 60 $PY scripts/attn_probe.py --heads 14 --head-dim 128 --batch 8,16,32,64 --keys 256,1024
-fi
-
-if [ -z "${GPU8_SKIP_COLD:-}" ]; then
+if [ -z "${SERVING_SKIP_COLD:-}" ]; then
   echo "== 1. cold start ($SHAPE)"
-  timeout "${GPU8_COLD_TIMEOUT_S:-240}" $PY scripts/cold_start.py --shape $SHAPE --dtype $DTYPE --no-no-prefetch-run \
+  timeout "${SERVING_COLD_TIMEOUT_S:-240}" $PY scripts/bench/cold_start.py --shape $SHAPE --dtype $DTYPE --no-no-prefetch-run \
     --budget-s 150 --json "$OUT/cold_start.json"
   echo "== cold_start.py rc=$?"
   cp .cache/cold_start/server-*.log "$OUT/" 2>/dev/null || true
 else
-  echo "== 1. cold start skipped (GPU8_SKIP_COLD): writing the checkpoint only"
+  echo "== 1. cold start skipped (SERVING_SKIP_COLD): writing the checkpoint only"
   $PY -c "import sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import cold_start as c; \
 c.write_checkpoint(Path('$MODEL'), '$SHAPE', '$DTYPE', None)"
 fi
@@ -65,10 +59,10 @@ serve_and_load() {  # $1 = batching mode
   done
   curl -fsS "http://127.0.0.1:$PORT/info" && echo
   # Warm-up: the batch and key buckets this load reaches get their CUDA graphs captured before the measurement.
-  timeout $((WARM + DRAIN + 30)) $PY scripts/load_test.py --url "http://127.0.0.1:$PORT" --stream --concurrency $CONC \
+  timeout $((WARM + DRAIN + 30)) $PY scripts/bench/load_test.py --url "http://127.0.0.1:$PORT" --stream --concurrency $CONC \
     --prompt-tokens $PROMPT --new-tokens $NEW --requests 100000 --duration $WARM --drain $DRAIN --seed 1 --force-length off \
     --label "$mode (warm-up)" --json "$OUT/warmup-$mode.json" | tail -4
-  timeout $((DUR + DRAIN + 60)) $PY scripts/load_test.py --url "http://127.0.0.1:$PORT" --stream --concurrency $CONC \
+  timeout $((DUR + DRAIN + 60)) $PY scripts/bench/load_test.py --url "http://127.0.0.1:$PORT" --stream --concurrency $CONC \
     --prompt-tokens $PROMPT --new-tokens $NEW --requests 100000 --duration $DUR --drain $DRAIN --seed 0 --force-length off \
     --label "$mode" --json "$OUT/load-$mode.json"
   rc=$?
@@ -81,19 +75,19 @@ serve_and_load() {  # $1 = batching mode
   tail -3 "$log"
 }
 
-for mode in ${GPU8_MODES:-continuous dynamic}; do serve_and_load "$mode"; done
+for mode in ${SERVING_MODES:-continuous dynamic}; do serve_and_load "$mode"; done
 
-# GPU8_CHECK: one or more of 7b1 (bs 1 and 8 on the 7b1 shape), 176b (bs 1 on the 176B layer shape, 8 layers),
+# SERVING_CHECK: one or more of 7b1 (bs 1 and 8 on the 7b1 shape), 176b (bs 1 on the 176B layer shape, 8 layers),
 # wide (7b1 bs 1, 32, 64 at 300 prompt tokens: the fused attention past 256 keys), each while time is left.
-for CHECK in ${GPU8_CHECK:-7b1}; do
-  if [ -n "${GPU8_QUICK:-}" ] || [ "$(left)" -le 80 ]; then echo "== 3. skipped (check $CHECK): $(left) s left"; continue; fi
+for CHECK in ${SERVING_CHECK:-7b1}; do
+  if [ -n "${SERVING_QUICK:-}" ] || [ "$(left)" -le 80 ]; then echo "== 3. skipped (check $CHECK): $(left) s left"; continue; fi
   case "$CHECK" in
     176b) CARGS=(--random-weights 176b --layers 8 --batch-size 1) ;;
     wide) CARGS=(--random-weights 7b1 --batch-size 1,32,64 --input-tokens 300) ;;
     *) CARGS=(--random-weights 7b1 --batch-size 1,8) ;;
   esac
   echo "== 3. the default decode fusion ($CHECK): hf,fast, greedy tokens vs transformers"
-  timeout $(( $(left) - 5 )) $PY scripts/benchmark.py --backend hf,fast --check-tokens "${CARGS[@]}" \
+  timeout $(( $(left) - 5 )) $PY scripts/bench/benchmark.py --backend hf,fast --check-tokens "${CARGS[@]}" \
     --new-tokens 100 --cycles 2 --json "$OUT/check-$CHECK.json" | tail -12
   echo "step 3 ($CHECK) rc=$?"
 done

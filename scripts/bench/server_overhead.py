@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What the HTTP and scheduling path costs, on the CPU: the real app in front of an instant fake model, against a
-bare FastAPI route that takes the same JSON body, in one run (issue 8, target 5).
+bare FastAPI route that takes the same JSON body, in one run.
 
 Each server runs in its own process pinned to one core (uvicorn, the same settings for both); the load generator,
 a keep-alive HTTP/1.1 client on asyncio, runs on another core. Reported per server:
@@ -10,14 +10,14 @@ a keep-alive HTTP/1.1 client on asyncio, runs on another core. Reported per serv
   - the server's own CPU time per request at concurrency 1, and requests per second of server CPU time in the
     throughput phase (read from /proc): on a machine others load too, these hold where wall-clock figures swing.
 Variants: `bare` (FastAPI, parse the body, answer), `app` (the real app with the server's default settings:
-validation, tokenizer, batcher, lockstep runner interface, response; the runner answers at once; since 2b12106 an idle
+validation, tokenizer, batcher, lockstep runner interface, response; the runner answers at once; an idle
 engine starts a call at once, --batch-wait-ms 0), `app-wait5` (the same with --batch-wait-ms 5, the former default,
 which shows what the gathering wait costs). `--rounds N` runs every variant N times, interleaved, and reports the
 median and the range of the rounds (the added latency and the ratios are taken within each round).
 
-    python scripts/server_overhead.py                         # defaults: 2000 requests, 32 connections, 5 s
-    python scripts/server_overhead.py --requests 300 --seconds 2 --json out.json
-    python scripts/server_overhead.py --rounds 3 --variants bare,app    # what docs/benchmarks.md reports
+    python scripts/bench/server_overhead.py                         # defaults: 2000 requests, 32 connections, 5 s
+    python scripts/bench/server_overhead.py --requests 300 --seconds 2 --json out.json
+    python scripts/bench/server_overhead.py --rounds 3 --variants bare,app    # what docs/results/benchmarks.md reports
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
 from _loadgen import exchange_content_length, request_bytes  # noqa: E402 - scripts/ is on the path (this script's own directory)
 

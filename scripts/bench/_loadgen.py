@@ -1,4 +1,4 @@
-"""What the load tools share (scripts/soak.py, scripts/load_test.py, scripts/server_overhead.py): loopback checks,
+"""What the load tools share (scripts/bench/soak.py, scripts/bench/load_test.py, scripts/bench/server_overhead.py): loopback checks,
 starting and stopping a local `bloom-server serve`, percentiles, and a small HTTP/1.1 client on asyncio streams
 (keep-alive, Content-Length and chunked bodies, one chunk at a time for server-sent events).
 

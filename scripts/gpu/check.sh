@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The DeepSpeed backends on one GPU, against the hf backend on the same random weights. Run from the repo root on
 # the lent GPU machine, with the wheels of .whl/ carried (see docs/gpu-checks.md):
-#     bash scripts/gpu_check.sh            # logs and the table go to $OUT (default /tmp/gpu-check-out)
+#     bash scripts/gpu/check.sh            # logs and the table go to $OUT (default /tmp/gpu-check-out)
 # Every step runs even if an earlier one failed; the table at the end says what passed.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-check-out}
@@ -26,14 +26,14 @@ JIT=$!
 
 echo "== checks without the op: hf (reference), ds_autotp, ds_zero"
 LAYERS=${GPU_CHECK_LAYERS:-8}
-GPU_CHECK_DEADLINE=$(( START + ${GPU_CHECK_PHASE1_S:-125} )) python3 scripts/gpu_check.py all --work /tmp/gpu-check \
+GPU_CHECK_DEADLINE=$(( START + ${GPU_CHECK_PHASE1_S:-125} )) python3 scripts/gpu/check.py all --work /tmp/gpu-check \
   --out "$OUT" --layers "$LAYERS" --cases hf,ds_autotp,ds_zero
 wait "$JIT"; tail -2 "$OUT/jit.log"
 
 echo "== checks with the op: pre-sharded fp16 written and read back, then int8"
-GPU_CHECK_DEADLINE=$(( START + BUDGET_S - 5 )) python3 scripts/gpu_check.py all --work /tmp/gpu-check \
+GPU_CHECK_DEADLINE=$(( START + BUDGET_S - 5 )) python3 scripts/gpu/check.py all --work /tmp/gpu-check \
   --out "$OUT" --layers "$LAYERS" --cases ${GPU_CHECK_CASES2:-ds_write_fp16,ds_presharded_fp16,ds_write_int8,ds_presharded_int8}
-python3 scripts/gpu_check.py table --work /tmp/gpu-check --out "$OUT"
+python3 scripts/gpu/check.py table --work /tmp/gpu-check --out "$OUT"
 
 echo "== the server under the deepspeed launcher, ds_inference on the pre-sharded checkpoint"
 MODEL=/tmp/gpu-check/models/pre16

@@ -3,10 +3,10 @@
 errors, and the memory growth of the server process.
 
     # start the embedded tiny model here (as `scripts/dev.sh serve` does) and soak it for 10 minutes
-    .venv/bin/python scripts/soak.py --serve --duration 600
+    .venv/bin/python scripts/bench/soak.py --serve --duration 600
 
     # or a server that is already running on this machine (its pid is found from the port, for VmRSS)
-    .venv/bin/python scripts/soak.py --url http://127.0.0.1:8080 --duration 1800 --out soak.json
+    .venv/bin/python scripts/bench/soak.py --url http://127.0.0.1:8080 --duration 1800 --out soak.json
 
 The load: `--concurrency` clients, each sending one request after another with a random pause (exponential, mean
 `--think-ms`): /generate with prompts of 1 to ~60 tokens and max_new_tokens from 1 to the server's limit (greedy and
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from _loadgen import loopback, pct, start_server, stop_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ("the value of a list is returned when the argument is given the default module provides "
          "create open send raise exception file request object string number return").split()
 

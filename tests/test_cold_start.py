@@ -147,7 +147,7 @@ def test_kernel_precompile_is_a_noop_without_a_gpu(tiny_model_dir, tmp_path, mon
     from bloom_server.fast.coldstart import precompile
     from bloom_server.fast import triton_kernels as tk
     from bloom_server.storage.model_dir import resolve_model_dir
-    from bloom_server.serve import start_kernel_compile
+    from bloom_server.backends.fast_coldstart import start_kernel_compile
     from bloom_server.settings import load_settings
 
     monkeypatch.setenv("TRITON_CACHE_DIR", "/nonexistent-before")
@@ -211,7 +211,7 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
     s = load_settings(backend="fast", max_input_length=32, max_total_tokens=96, max_batch_size=4)
     b = FastBackend(s, resolve_model_dir(str(tiny_model_dir)), RankContext())
     progress = LoadProgress()
-    b.progress, b.kernel_workers = progress, "workers"
+    b.progress, b.early = progress, "workers"
     b.load()
     start, finish = calls
     assert start[:3] == ("start", "starting", "cpu") and start[4:] == (64, "workers", True)

@@ -32,7 +32,7 @@ class FakeRunner:
 
 @dataclass
 class Result:
-    """backends.fast.CStepResult's shape."""
+    """runtime.protocol.CStepResult's shape."""
 
     tokens: tuple
     finished: tuple

@@ -145,7 +145,7 @@ def test_cstep_ranks_agree_and_each_row_gets_its_alone_tokens(tiny_model_dir):
     """Two FastBackend.cstep runs fed the same joins and leaves, one as rank 0 (log-probabilities, top alternatives)
     and one as a follower: the digest part of every step agrees, and each row's tokens are its alone tokens."""
     from bloom_server.backends.fast import FastBackend
-    from bloom_server.frontend.batching.continuous import CStep, Join
+    from bloom_server.runtime.protocol import CStep, Join
     from bloom_server.types import SamplingParams
 
     shape = BloomShape.from_dir(tiny_model_dir)
@@ -205,7 +205,7 @@ def test_a_cstep_submitted_on_its_own_drains(tiny_model_dir):
     """The warm-up's lone cstep (Leader.submit, not the continuous loop) runs its row to the end although steps read
     their tokens one step late."""
     from bloom_server.backends.fast import FastBackend
-    from bloom_server.frontend.batching.continuous import CStep, Join
+    from bloom_server.runtime.protocol import CStep, Join
     from bloom_server.runtime.lockstep import Leader
     from bloom_server.types import SamplingParams
 

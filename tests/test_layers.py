@@ -20,7 +20,8 @@ PKG = "bloom_server"
 # package -> the packages and top-level modules of ours it must never import (a name covers what is under it).
 FORBIDDEN = {
     "api": ("backends", "fast", "runtime", "storage", "tools", "cli", "serve"),
-    "frontend": ("api", "backends", "fast", "runtime", "storage", "tools", "cli", "serve"),
+    "frontend": ("api", "backends", "fast", "runtime.lockstep", "runtime.distributed", "storage", "tools", "cli",
+                 "serve"),  # of runtime, only protocol.py: the step types the batchers build
     "fast": ("api", "backends", "frontend", "runtime", "tools", "cli", "serve", "settings"),
     "runtime": ("api", "backends", "fast", "frontend", "storage", "tools", "cli", "serve"),
     "backends": ("api", "frontend", "tools", "cli", "serve"),
@@ -96,6 +97,17 @@ def test_nothing_imports_tools_but_the_command_line():
     wrong = [f"{m} -> {d}" for m, d2 in _graph().items() for d in d2
              if _under(d, "tools") and not _under(m, "tools") and not _under(m, "cli")]  # fmt: skip
     assert not wrong, wrong
+
+
+def test_the_composition_root_names_no_backend():
+    """serve.py wires the layers through the backend's declared capabilities; it imports no backend module and no
+    part of the fast engine."""
+    deps = _graph()["serve"]
+    wrong = [d for d in deps if _under(d, "fast") or (_under(d, "backends") and d != "backends")]
+    assert not wrong, wrong
+    source = (SRC / PKG / "serve.py").read_text()
+    assert "backend ==" not in source and "backend !=" not in source and "getattr(" not in source
+
 
 
 CHECK = """

@@ -205,7 +205,7 @@ def test_a_closed_prefetcher_releases_a_waiting_loader(model):
 
 def test_no_prefetch_when_disabled(tiny_model_dir):
     from bloom_server.storage.model_dir import resolve_model_dir
-    from bloom_server.serve import start_prefetch as serve_start
+    from bloom_server.backends.fast_coldstart import start_prefetch as serve_start
     from bloom_server.settings import load_settings
 
     progress = LoadProgress()

@@ -12,7 +12,7 @@ from bloom_server.frontend.core import Engine
 
 def load_progress(engine: Engine) -> dict | None:
     """Rank 0's load progress (bloom_server.storage.prefetch.LoadProgress, set by the composition root), as plain data."""
-    progress = getattr(engine, "load_progress", None)
+    progress = engine.load_progress
     return progress.snapshot() if progress is not None else None
 
 

@@ -20,7 +20,11 @@ _BACKENDS = {
 }
 
 
+def backend_class(name: str) -> "type[Backend]":
+    """The class of a backend, by its setting's name (importing its module imports neither torch nor DeepSpeed)."""
+    module_name, class_name = _BACKENDS[name]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def create_backend(settings: "Settings", model_dir: "ModelDir", ctx: "RankContext") -> "Backend":
-    module_name, class_name = _BACKENDS[settings.backend]
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(settings, model_dir, ctx)
+    return backend_class(settings.backend)(settings, model_dir, ctx)

@@ -23,9 +23,29 @@ class Backend(abc.ABC):
     """Runs on every rank. `load()` once, then `generate`/`forward_nll` with the same batch on every rank, in lockstep."""
 
     name: str = "?"
-    # Set by the composition root before load(): a bloom_server.storage.prefetch.LoadProgress the backend reports to (phase,
-    # bytes loaded / total). None: nobody is watching.
+    # What the backend can do, declared here and read by the composition root and the runtime.
+    supports_streaming = False  # generate() takes rank 0's listener (per-step tokens)
+    supports_lockstep_stops = False  # with several ranks, rank 0's row stops are shared on every rank
+    supports_continuous = False  # cstep(): rows join and leave the running batch at step boundaries
+    whole_copy_per_rank = False  # every rank holds all the weights (else this rank's shard)
+    spills_over_devices = False  # one process spreads the model over every visible GPU, then the host
+    warmup_loggers: tuple[str, ...] = ()  # loggers raised to DEBUG for the warm-up generate (graph-capture times)
+    # Set by the composition root before load(): the LoadProgress the backend reports to (phase, bytes loaded /
+    # total), and what the class's before_torch() started. None: nobody is watching, nothing was started.
     progress: "LoadProgress | None" = None
+    early: Any = None
+
+    @classmethod
+    def before_torch(cls, settings: "Settings", model_dir: "ModelDir", progress: "LoadProgress",
+                     local_rank_flag: int | None) -> Any:  # fmt: skip
+        """Work to start before torch is imported (the composition root calls it first, on every rank); what it
+        returns becomes `early`. Torch-free. None: nothing to start."""
+        return None
+
+    def kernel_counts(self) -> dict[str, int] | None:
+        """Kernels compiled and autotuned so far in this process ({"compiled", "tuned"}), for the warm-up's report;
+        None where the backend does not track them."""
+        return None
 
     def __init__(self, settings: "Settings", model_dir: "ModelDir", ctx: RankContext):
         self.settings = settings

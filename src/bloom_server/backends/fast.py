@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bloom_server.backends.base import Backend, cut_rows, torch_dtype
 from bloom_server.errors import ConfigError, ModelDirError
+from bloom_server.runtime.protocol import CStepResult
 from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, GenerateOutput
 
 if TYPE_CHECKING:
@@ -38,6 +38,21 @@ class FastBackend(Backend):
     engine: "FastEngine | None" = None
     supports_streaming = True  # generate() takes rank 0's listener (per-step tokens, log-probabilities, stops)
     supports_continuous = True  # cstep(): rows join and leave the running batch at step boundaries
+    warmup_loggers = ("bloom_server.fast.engine",)
+
+    @classmethod
+    def before_torch(cls, settings: Any, model_dir: Any, progress: Any, local_rank_flag: int | None) -> Any:
+        from bloom_server.backends.fast_coldstart import before_torch
+
+        return before_torch(settings, model_dir, progress, local_rank_flag)
+
+    def kernel_counts(self) -> dict[str, int] | None:
+        try:
+            from bloom_server.fast import triton_kernels as tk
+
+            return tk.kernel_counts() if tk.HAVE_TRITON else None
+        except Exception:  # noqa: BLE001 - a report only: no counts rather than a failed warm-up
+            return None
     _batcher: "ContinuousBatcher | None" = None
 
     def load(self) -> None:
@@ -98,7 +113,7 @@ class FastBackend(Backend):
         prewarm = tk.start_prewarm(
             device, plan_facts(self.model_dir.path, world=ctx.world_size, dtype=str(dtype).replace("torch.", ""),
                                max_batch=s.max_batch_size, max_seq=s.total_tokens_limit),
-            hidden=shape.hidden_size, workers=getattr(self, "kernel_workers", None), keep_going=keep_going,
+            hidden=shape.hidden_size, workers=self.early, keep_going=keep_going,
             reserve=reserve,
         )  # fmt: skip
         self._phase("reading weights")
@@ -233,24 +248,6 @@ class FastBackend(Backend):
 
 
 _REASONS = {"eos": FinishReason.EOS.value, "length": FinishReason.LENGTH.value}
-
-
-@dataclass(frozen=True)
-class CStepResult:
-    """What one continuous step read on this rank. tokens: (row id, token) in the order they were chosen (pipelined:
-    the previous step's decode, then the previous step's admissions' first tokens; one per row, except in a
-    draining step, which holds every step it ran); finished:
-    (row id, reason): "eos_token", "length", or "stopped" (it left); live: rows held after the step. extra (rank 0
-    only): per token, (log-probability, top alternatives or None)."""
-
-    tokens: tuple[tuple[Any, int], ...]
-    finished: tuple[tuple[Any, str], ...]
-    live: int
-    extra: tuple[tuple[float | None, Any], ...] | None = None
-
-    def agreed(self) -> tuple:
-        """The part every rank must hold alike (the digest the ranks compare)."""
-        return self.tokens, self.finished, self.live
 
 
 class _Stream:

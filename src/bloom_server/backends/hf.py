@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class HFBackend(TransformersModelBackend):
+    whole_copy_per_rank = True
+    spills_over_devices = True  # device_map="auto" on one process
     name = "hf"
 
     def load(self) -> None:

@@ -51,6 +51,7 @@ class Engine:
         self.batching: str | None = None  # "continuous" | "dynamic", once attached
         self.load_seconds: float | None = None
         self.loaded_at: float | None = None  # wall-clock time the model was attached (OpenAI's `created`)
+        self.load_progress: Any = None  # the load's LoadProgress, set by the composition root (/ready, /info, /metrics)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called with each request once it is answered, failed or cancelled (the API layer records metrics).
         self.on_request_done: Callable[[GenRequest, BaseException | None], None] | None = None

@@ -20,22 +20,15 @@ import os
 import queue
 import signal
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from bloom_server.errors import EngineDead
 from bloom_server.runtime.distributed import ControlChannel
+from bloom_server.runtime.protocol import CSTEP, FORWARD, GENERATE, NOOP, SHUTDOWN, Step
 
 log = logging.getLogger(__name__)
 
-NOOP, GENERATE, FORWARD, SHUTDOWN, CSTEP = "noop", "generate", "forward", "shutdown", "cstep"
 _WAKE = object()  # queue marker: the continuous source has work
-
-
-@dataclass(frozen=True)
-class Step:
-    kind: str
-    payload: Any = None
 
 
 class ChannelStops:
@@ -264,7 +257,7 @@ def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0)
         while True:
             try:
                 step = channel.broadcast()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001 - rank 0 or the group is gone: this rank leaves
                 if terminating.is_set():
                     outcome["code"] = 0
                 else:
@@ -279,7 +272,7 @@ def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0)
                 result = execute(backend, step, None, stops)
                 if step.kind != NOOP and not channel.agree(agreed(result)):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException:  # noqa: BLE001 - a failed step ends this rank (exit 1); the log has the traceback
                 log.exception("step %s failed on this rank", step.kind)
                 outcome["code"] = 1
                 break

@@ -38,11 +38,11 @@ import math
 import random
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from bloom_server.frontend.batching.dynamic import check_queue_bounds
 from bloom_server.errors import EngineDead, NotReady
+from bloom_server.runtime.protocol import CStep, Join
 from bloom_server.types import FinishReason, GenerateBatch, SamplingParams
 
 if TYPE_CHECKING:
@@ -51,31 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # row r of a request samples from seed + r * this (mod 2**63)
-
-
-@dataclass(frozen=True)
-class Join:
-    """A row joining the running batch (broadcast to every rank)."""
-
-    rid: int
-    prompt: tuple[int, ...]
-    max_new_tokens: int
-    params: SamplingParams
-    seed: int
-    eos_token_id: int | None
-    pad_token_id: int
-    top_n: int = 0
-
-
-@dataclass(frozen=True)
-class CStep:
-    """One continuous step's changes: rows that join, and row ids whose callers left. `drain`: run steps until every
-    row has finished (set by the runtime on a cstep submitted on its own, such as the warm-up's, rather than taken by
-    the continuous loop: the backend reads a step's tokens one step later, so a lone step would leave them unread)."""
-
-    joins: tuple[Join, ...] = ()
-    leaves: tuple[int, ...] = ()
-    drain: bool = False
 
 
 def row_seed(seed: int, row: int) -> int:

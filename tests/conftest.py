@@ -19,7 +19,18 @@ def server(tiny_model_dir, tmp_path_factory):
     """A real `bloom-server serve` process on 127.0.0.1 serving the tiny model."""
     port = free_port()
     with ServerProcess(
-        ["--model", str(tiny_model_dir), "--max-input-length", "64", "--max-new-tokens", "64", "--max-batch-size", "16", "--max-total-tokens", "96"],
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--max-input-length",
+            "64",
+            "--max-new-tokens",
+            "64",
+            "--max-batch-size",
+            "16",
+            "--max-total-tokens",
+            "96",
+        ],
         port,
         log_path=tmp_path_factory.mktemp("logs") / "server.log",
     ) as srv:

@@ -117,8 +117,8 @@ def test_queued_tokens_follow_the_queue():
     and are taken; past the bound a request is refused naming the tokens queued."""
     import asyncio
 
-    from bloom_server.frontend.batching.dynamic import Batcher
     from bloom_server.errors import Overloaded
+    from bloom_server.frontend.batching.dynamic import Batcher
 
     async def run():
         started = asyncio.Event()

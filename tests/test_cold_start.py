@@ -144,11 +144,11 @@ def test_decode_plan_follows_the_model_choices():
 
 def test_kernel_precompile_is_a_noop_without_a_gpu(tiny_model_dir, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    from bloom_server.fast.coldstart import precompile
-    from bloom_server.fast import triton_kernels as tk
-    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.backends.fast_coldstart import start_kernel_compile
+    from bloom_server.fast import triton_kernels as tk
+    from bloom_server.fast.coldstart import precompile
     from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     monkeypatch.setenv("TRITON_CACHE_DIR", "/nonexistent-before")
     s = load_settings(backend="fast", kernel_cache_dir=str(tmp_path / "kc"))
@@ -174,8 +174,8 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
     from bloom_server.backends.fast import FastBackend
     from bloom_server.fast import triton_kernels as tk
     from bloom_server.progress import LoadProgress
-    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.types import RankContext
 
     calls: list = []
@@ -269,6 +269,7 @@ def test_prewarm_waits_for_the_workers_then_warms_and_stops_when_the_weights_are
 
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+
     def fake_warm(plan, device, stage, stop=None, reserve=None):
         events.append(("warm", stage, reserve() if reserve else 0))
         return {f"gemv qkv M={stage}": 0.5}

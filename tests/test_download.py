@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from bloom_server.storage import download, marker
 from bloom_server.errors import ModelDirError
+from bloom_server.storage import download, marker
 from hubstub import HubStub
 
 REPO = "bigscience-test/bloom-tiny-ds"
@@ -241,7 +241,15 @@ def test_token_from_a_file_as_the_job_mounts_it(tmp_path):
         env = _env(hub.url, tmp_path)
         env["HF_TOKEN_PATH"] = str(tmp_path / "secret" / "token")
         p = subprocess.run(
-            [sys.executable, "-m", "bloom_server.storage.download", "--repo-id", REPO, "--local-dir", str(tmp_path / "m")],
+            [
+                sys.executable,
+                "-m",
+                "bloom_server.storage.download",
+                "--repo-id",
+                REPO,
+                "--local-dir",
+                str(tmp_path / "m"),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -404,15 +412,15 @@ def test_listing_without_sizes_falls_back_to_head_headers(hub, tmp_path):
     heads = {q.headers.get("x-stub-file") for q in hub.requests if q.method == "HEAD"}
     assert heads == set(FILES)
     m = json.loads((d / marker.COMPLETE).read_text())
-    assert {f["path"]: f["sha256"] for f in m["files"]}["tp_00_00.pt"] == hashlib.sha256(FILES["tp_00_00.pt"]).hexdigest()
+    assert {f["path"]: f["sha256"] for f in m["files"]}["tp_00_00.pt"] == hashlib.sha256(
+        FILES["tp_00_00.pt"]
+    ).hexdigest()
     assert {f["path"]: f["git_sha1"] for f in m["files"]}["config.json"]
 
 
 def test_allow_patterns_repeatable_and_space_separated(hub, tmp_path):
     d = tmp_path / "model"
-    r = run_download(
-        hub.url, tmp_path, d, "--allow-patterns", "*.json", "tp_00_00.pt", "--allow-patterns", "sub/*"
-    )
+    r = run_download(hub.url, tmp_path, d, "--allow-patterns", "*.json", "tp_00_00.pt", "--allow-patterns", "sub/*")
     assert r.rc == 0, r
     want = {"config.json", "ds_inference_config.json", "tokenizer.json", "tp_00_00.pt", "sub/extra.bin"}
     on_disk = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")}
@@ -553,6 +561,7 @@ def test_odd_listings_are_refused_with_a_clear_message_and_their_own_exit_code(t
         r = run_download(hub.url, tmp_path, local)
     assert r.rc == download.EXIT_LISTING == 8, r
     assert "error [listing]" in r.last and "Traceback" not in r.out, r
-    assert {"nul": "control character", "long-name": "304 bytes", "negative-size": "-5",
-            "file-and-folder": "'sub'"}[case] in r.last, r
+    assert {"nul": "control character", "long-name": "304 bytes", "negative-size": "-5", "file-and-folder": "'sub'"}[
+        case
+    ] in r.last, r
     assert not any(p.is_file() for p in tmp_path.rglob("*") if "hf-home" not in p.parts), list(tmp_path.rglob("*"))

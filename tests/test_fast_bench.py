@@ -28,8 +28,27 @@ def run(cmd, timeout=240):
 
 
 def test_bench_prints_the_original_block_and_equal_tokens(tmp_path):
-    out = run([sys.executable, "-m", "bloom_server", "bench", "--backend", "fast", "--check-tokens", "--random-weights",
-               "tiny", "--batch-size", "1,3", "--new-tokens", "6", "--cycles", "2", "--json", str(tmp_path / "b.json")])
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "bloom_server",
+            "bench",
+            "--backend",
+            "fast",
+            "--check-tokens",
+            "--random-weights",
+            "tiny",
+            "--batch-size",
+            "1,3",
+            "--new-tokens",
+            "6",
+            "--cycles",
+            "2",
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
     blocks = STATS.findall(out)
     # hf (the reference, added by --check-tokens) and fast, at bs 1 and 3: 2 cycles x bs x 6 tokens
     assert sorted(blocks) == sorted([("12", "1"), ("12", "1"), ("36", "3"), ("36", "3")]), out

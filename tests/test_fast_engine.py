@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bloom_server.fast.engine import FastEngine, seq_bucket  # noqa: E402
-from bloom_server.fast.model import alibi_slopes  # noqa: E402
-from bloom_server.fast.sampling import SamplingConfig  # noqa: E402
-from bloom_server.fast.shapes import BloomShape  # noqa: E402
-from bloom_server.fast.weights import from_checkpoint, from_state_dict, random_weights  # noqa: E402
+from bloom_server.fast.engine import FastEngine, seq_bucket
+from bloom_server.fast.model import alibi_slopes
+from bloom_server.fast.sampling import SamplingConfig
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.weights import from_checkpoint, from_state_dict, random_weights
 
 PROMPTS = [[5, 17, 99, 4, 300, 8, 1], [42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [1000, 3, 77]]
 PAD = 3

@@ -39,4 +39,4 @@ def test_quick_mode_runs_every_step_and_tp2_answers_like_tp1(tmp_path):
     assert "preshard-tp2-default" in labels, summary["cold_start"]
     assert set(summary["load"]) == {"load-c1", "load-c4"}
     assert all(v["ok"] > 0 and v["errors"] == 0 for v in summary["load"].values()), summary["load"]
-    assert "tensor_parallel\":2" in log
+    assert 'tensor_parallel":2' in log

@@ -20,8 +20,17 @@ PKG = "bloom_server"
 # package -> the packages and top-level modules of ours it must never import (a name covers what is under it).
 FORBIDDEN = {
     "api": ("backends", "fast", "runtime", "storage", "tools", "cli", "serve"),
-    "frontend": ("api", "backends", "fast", "runtime.lockstep", "runtime.distributed", "storage", "tools", "cli",
-                 "serve"),  # of runtime, only protocol.py: the step types the batchers build
+    "frontend": (
+        "api",
+        "backends",
+        "fast",
+        "runtime.lockstep",
+        "runtime.distributed",
+        "storage",
+        "tools",
+        "cli",
+        "serve",
+    ),  # of runtime, only protocol.py: the step types the batchers build
     "fast": ("api", "backends", "frontend", "runtime", "tools", "cli", "serve", "settings"),
     "runtime": ("api", "backends", "fast", "frontend", "storage", "tools", "cli", "serve"),
     "backends": ("api", "frontend", "tools", "cli", "serve"),
@@ -56,9 +65,11 @@ def _imports(path: pathlib.Path) -> set[str]:
         for name in names:
             if name == PKG or name.startswith(PKG + "."):
                 rel = name[len(PKG) + 1 :]
-                if rel == "" or (SRC / PKG / rel.replace(".", "/")).exists() or (
-                    SRC / PKG / (rel.replace(".", "/") + ".py")
-                ).exists():
+                if (
+                    rel == ""
+                    or (SRC / PKG / rel.replace(".", "/")).exists()
+                    or (SRC / PKG / (rel.replace(".", "/") + ".py")).exists()
+                ):
                     out.add(rel)
     return out
 
@@ -107,7 +118,6 @@ def test_the_composition_root_names_no_backend():
     assert not wrong, wrong
     source = (SRC / PKG / "serve.py").read_text()
     assert "backend ==" not in source and "backend !=" not in source and "getattr(" not in source
-
 
 
 CHECK = """

@@ -12,11 +12,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bloom_server.fast.weights import read_safetensors, required_names  # noqa: E402
-from bloom_server.fast.shapes import BloomShape  # noqa: E402
-from bloom_server.progress import LoadProgress  # noqa: E402
-from bloom_server.storage.prefetch import Prefetcher  # noqa: E402
-from bloom_server.storage.safetensors import plan_chunks, read_header, wanted_entries  # noqa: E402
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.weights import read_safetensors, required_names
+from bloom_server.progress import LoadProgress
+from bloom_server.storage.prefetch import Prefetcher
+from bloom_server.storage.safetensors import plan_chunks, read_header, wanted_entries
 
 CHUNK = 64 << 10  # the tiny model (0.93 MB) in ~15 chunks
 
@@ -91,7 +91,7 @@ def load_in_thread(model, progress, threads: int = 2):
         try:
             box["out"] = read_safetensors([header], wanted, dtype=torch.float32, device="cpu", progress=progress,
                                           threads=threads, chunk_bytes=CHUNK)  # fmt: skip
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread, which re-raises it
             box["error"] = e
 
     t = threading.Thread(target=run, daemon=True)
@@ -129,7 +129,7 @@ def test_the_loader_waits_for_the_prefetcher_chunk_by_chunk_and_gets_identical_t
     n = len(p.chunks)
     for k in range(1, n + 1):  # one chunk at a time: the loader follows
         gate.allow(1)
-        until(lambda: p.stats()["frontier"] >= k, f"prefetcher past chunk {k}")
+        until(lambda: p.stats()["frontier"] >= k, f"prefetcher past chunk {k}")  # noqa: B023 - called within this iteration
     out = finish(t, box)
     check_equal(model, out)
     # Every chunk the loader placed had been read by the prefetcher first.
@@ -204,9 +204,9 @@ def test_a_closed_prefetcher_releases_a_waiting_loader(model):
 
 
 def test_no_prefetch_when_disabled(tiny_model_dir):
-    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.backends.fast_coldstart import start_prefetch as serve_start
     from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     progress = LoadProgress()
     serve_start(load_settings(backend="fast", load_prefetch=False), resolve_model_dir(str(tiny_model_dir)), progress)

@@ -55,8 +55,13 @@ def test_unrelated_variables_are_not_read(monkeypatch):
 
 @pytest.mark.parametrize(
     "env",
-    [{"BLOOM_BACKEND": "tensorrt"}, {"DTYPE": "fp8"}, {"BLOOM_MAX_BATCH_SIZE": "0"}, {"BLOOM_PORT": "70000"},
-     {"BLOOM_MAX_TOTAL_TOKENS": "10", "BLOOM_MAX_INPUT_LENGTH": "20"}],
+    [
+        {"BLOOM_BACKEND": "tensorrt"},
+        {"DTYPE": "fp8"},
+        {"BLOOM_MAX_BATCH_SIZE": "0"},
+        {"BLOOM_PORT": "70000"},
+        {"BLOOM_MAX_TOTAL_TOKENS": "10", "BLOOM_MAX_INPUT_LENGTH": "20"},
+    ],
 )
 def test_invalid_settings_are_rejected(monkeypatch, env):
     for k, v in env.items():
@@ -82,7 +87,8 @@ def test_invalid_flag_value_exits_2(tiny_model_dir):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--backend", "nope"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bloom_server", "serve", "--backend", "nope"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     assert "backend" in r.stderr

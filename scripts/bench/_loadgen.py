@@ -36,7 +36,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(serve_args: list[str], log_path: str, name: str, ready_timeout: float = 180) -> tuple[subprocess.Popen, str]:
+def start_server(
+    serve_args: list[str], log_path: str, name: str, ready_timeout: float = 180
+) -> tuple[subprocess.Popen, str]:
     """`python -m bloom_server serve` on 127.0.0.1 and a free port, in its own session; returns when /ready is 200."""
     port = free_port()
     cmd = [sys.executable, "-m", "bloom_server", "serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]

@@ -57,11 +57,15 @@ def write_checkpoint(out: Path, shape_name: str, dtype: str, layers: int | None)
     (one file, written tensor by tensor: no model in memory). Reused when cold_start.json matches."""
     import torch
 
+    from bloom_server.fast.preshard import write_safetensors
     from bloom_server.fast.shapes import PRESETS, BloomShape
     from bloom_server.fast.weights import _full_shapes, required_names
-    from bloom_server.fast.preshard import write_safetensors
 
-    shape = BloomShape(vocab_size=2048, hidden_size=64, n_layer=2, n_head=4) if shape_name == "tiny" else PRESETS[shape_name]
+    shape = (
+        BloomShape(vocab_size=2048, hidden_size=64, n_layer=2, n_head=4)
+        if shape_name == "tiny"
+        else PRESETS[shape_name]
+    )
     if layers:
         shape = shape.with_layers(layers)
     meta = {"shape": shape_name, "layers": shape.n_layer, "dtype": dtype, "format": 1}
@@ -87,7 +91,7 @@ def write_checkpoint(out: Path, shape_name: str, dtype: str, layers: int | None)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def produce(name: str):
-        real = name[len("transformer."):]
+        real = name[len("transformer.") :]
         s = full[real]
         if real.endswith("bias"):
             return torch.zeros(s, dtype=tdt, device=device)
@@ -306,8 +310,11 @@ def time_server(model_dir: Path, label: str, env_extra: dict[str, str], tp: int,
                 out["error"] = f"not ready after {timeout} s"
             out["samples"] = samples
             if "ready_s" in out:
-                req = urllib.request.Request(url + "/generate", data=json.dumps(
-                    {"text": ["Deepspeed is"], "max_new_tokens": 8}).encode(), headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    url + "/generate",
+                    data=json.dumps({"text": ["Deepspeed is"], "max_new_tokens": 8}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
                 try:
                     with urllib.request.urlopen(req, timeout=60) as r:
                         out["generate"] = json.loads(r.read().decode())
@@ -419,13 +426,16 @@ def make_seed(model_dir: Path, out: Path, target: str, tp: int | None, server_ar
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "bloom_server", "precompile", "--model", str(model_dir), "--out", str(out),
            "--target", target, "--tp", str(tp or 1), *server_args]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p),
+    }
     t = time.monotonic()
     p = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=900)
     took = time.monotonic() - t
     try:
-        rep = json.loads(p.stdout[p.stdout.index("{"):])
+        rep = json.loads(p.stdout[p.stdout.index("{") :])
     except ValueError:
         rep = {}
     results.setdefault("seeds", []).append({"target": target, "seconds": round(took, 2), "rc": p.returncode,
@@ -443,39 +453,82 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="tiny", choices=("tiny", "560m", "7b1", "176b"))
     p.add_argument("--layers", type=int, default=None, help="blocks (default: the shape's)")
-    p.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
-                   help="stored dtype (default fp16 on a GPU, fp32 on a CPU: what the server runs)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=("fp16", "bf16", "fp32"),
+        help="stored dtype (default fp16 on a GPU, fp32 on a CPU: what the server runs)",
+    )
     p.add_argument("--dir", type=Path, default=ROOT / ".cache" / "cold_start", help="where checkpoints are written")
-    p.add_argument("--preshard", type=int, default=0, metavar="TP",
-                   help="also write `bloom-server preshard --tp TP` and serve that (TP ranks: torchrun if > 1)")
+    p.add_argument(
+        "--preshard",
+        type=int,
+        default=0,
+        metavar="TP",
+        help="also write `bloom-server preshard --tp TP` and serve that (TP ranks: torchrun if > 1)",
+    )
     p.add_argument("--threads", type=int, default=4, help="threads of the parallel read (and BLOOM_LOAD_THREADS)")
     p.add_argument("--chunk-mb", type=int, default=32)
-    p.add_argument("--no-prefetch-run", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time the server with BLOOM_LOAD_PREFETCH=0 (default on)")
-    p.add_argument("--kept-kernel-cache-run", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time a restart that finds the first run's Triton kernel cache (a container restart in "
-                        "the pod); the first run always starts from an empty one (default on)")
-    p.add_argument("--seeded-run", action=argparse.BooleanOptionalAction, default=True,
-                   help="also a first start (empty kernel cache) seeded from `bloom-server precompile`'s output, "
-                        "compiled once before the rounds with no GPU visible (as the download Job does); on a GPU "
-                        "host, or with --seed-target (default on)")
-    p.add_argument("--seed-target", default=None, metavar="ARCH",
-                   help="architecture for the seed (default: this host's GPU; none on a CPU host)")
-    p.add_argument("--variant", action="append", default=[], metavar="LABEL:K=V[,K=V]",
-                   help="also a server run with these environment variables, on the kept kernel cache (repeatable; "
-                        "e.g. threads8:BLOOM_LOAD_PREFETCH_THREADS=8)")
-    p.add_argument("--read-sweep", default="", metavar="TxMB,...",
-                   help="in the first round, also time parallel reads of these thread x chunk-MiB shapes "
-                        "(e.g. 2x32,8x32,8x64,16x16), each from a cold page cache, and `cat` again after them")
+    p.add_argument(
+        "--no-prefetch-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the server with BLOOM_LOAD_PREFETCH=0 (default on)",
+    )
+    p.add_argument(
+        "--kept-kernel-cache-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time a restart that finds the first run's Triton kernel cache (a container restart in "
+        "the pod); the first run always starts from an empty one (default on)",
+    )
+    p.add_argument(
+        "--seeded-run",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a first start (empty kernel cache) seeded from `bloom-server precompile`'s output, "
+        "compiled once before the rounds with no GPU visible (as the download Job does); on a GPU "
+        "host, or with --seed-target (default on)",
+    )
+    p.add_argument(
+        "--seed-target",
+        default=None,
+        metavar="ARCH",
+        help="architecture for the seed (default: this host's GPU; none on a CPU host)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:K=V[,K=V]",
+        help="also a server run with these environment variables, on the kept kernel cache (repeatable; "
+        "e.g. threads8:BLOOM_LOAD_PREFETCH_THREADS=8)",
+    )
+    p.add_argument(
+        "--read-sweep",
+        default="",
+        metavar="TxMB,...",
+        help="in the first round, also time parallel reads of these thread x chunk-MiB shapes "
+        "(e.g. 2x32,8x32,8x64,16x16), each from a cold page cache, and `cat` again after them",
+    )
     p.add_argument("--timeout", type=float, default=180, help="seconds a server may take to become ready")
     p.add_argument("--budget-s", type=float, default=230, help="skip optional runs past this many seconds")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat the plain read and every server run this many times, interleaved (noisy disks); "
-                        "the summary gives each run's median")
-    p.add_argument("--compare-src", type=Path, default=None, metavar="SRC",
-                   help="also time a server run from another source tree (the `src` folder of an older commit: "
-                        "`git archive COMMIT src | tar -x -C DIR`, then DIR/src), interleaved with the others")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the plain read and every server run this many times, interleaved (noisy disks); "
+        "the summary gives each run's median",
+    )
+    p.add_argument(
+        "--compare-src",
+        type=Path,
+        default=None,
+        metavar="SRC",
+        help="also time a server run from another source tree (the `src` folder of an older commit: "
+        "`git archive COMMIT src | tar -x -C DIR`, then DIR/src), interleaved with the others",
+    )
     p.add_argument("server_args", nargs="*", help="extra `serve` flags, after --")
     args = p.parse_args(argv)
 
@@ -556,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
                 extra = dict(kv.split("=", 1) for kv in kvs.split(",") if "=" in kv)
                 variants.append((name, {**extra, "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
             if args.no_prefetch_run:
-                variants.append(("no-prefetch", {"BLOOM_LOAD_PREFETCH": "0", "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None))
+                variants.append(
+                    ("no-prefetch", {"BLOOM_LOAD_PREFETCH": "0", "BLOOM_KERNEL_CACHE_DIR": str(kdir)}, None)
+                )
             for vlabel, venv, vsrc in variants:
                 if vlabel != "default" and time.monotonic() - T0 > args.budget_s:
                     say(f"[{label}] skipping the {vlabel} run: past the {args.budget_s:.0f} s budget")

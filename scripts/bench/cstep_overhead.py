@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from bloom_server.backends.fast import FastBackend
-from bloom_server.frontend.batching.continuous import Join
 from bloom_server.fast.engine import FastEngine
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.weights import from_checkpoint
+from bloom_server.frontend.batching.continuous import Join
 from bloom_server.types import SamplingParams
 
 

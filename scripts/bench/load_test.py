@@ -63,15 +63,17 @@ from _loadgen import iter_body, loopback, pct, read_body, read_head, request_byt
 
 NAME = "load_test"
 # Candidates for one-token prompt words: common English, then the server's tokenizer decides which are one token.
-WORDS = ("the of and to in is it that for on with as was at by be this from or an are not but have all they which "
-         "one you were her his had we can there their if has when more been would will who so no what out up said "
-         "about into than them only other new some could time these two may then do first any my now such like our "
-         "over man me even most made after also did many before must through back years where much your way well "
-         "down should because each just those people how too little state good very make world still own see men "
-         "work long get here between both life being under never day same another know while last might us great "
-         "old year off come since against go came right used take three value list file data type name string "
-         "number return default module object function class method call open read write create error line test "
-         "set user system form case point group part place order level").split()
+WORDS = (
+    "the of and to in is it that for on with as was at by be this from or an are not but have all they which "
+    "one you were her his had we can there their if has when more been would will who so no what out up said "
+    "about into than them only other new some could time these two may then do first any my now such like our "
+    "over man me even most made after also did many before must through back years where much your way well "
+    "down should because each just those people how too little state good very make world still own see men "
+    "work long get here between both life being under never day same another know while last might us great "
+    "old year off come since against go came right used take three value list file data type name string "
+    "number return default module object function class method call open read write create error line test "
+    "set user system form case point group part place order level"
+).split()
 
 
 # ------------------------------------------------------------------------------------------------------ workload
@@ -234,8 +236,11 @@ class Client:
             r.text = body["text"][0]
         except (ValueError, KeyError, IndexError, TypeError):
             r.error = "bad body"
-        for name, attr, conv in (("x-prompt-tokens", "server_prompt_tokens", int), ("x-queue-time", "queue_ms", float),
-                                 ("x-time-per-token", "time_per_token_ms", float)):
+        for name, attr, conv in (
+            ("x-prompt-tokens", "server_prompt_tokens", int),
+            ("x-queue-time", "queue_ms", float),
+            ("x-time-per-token", "time_per_token_ms", float),
+        ):
             if name in headers:
                 setattr(r, attr, conv(headers[name]))
 
@@ -289,7 +294,7 @@ def close(conn) -> None:
     if conn is not None:
         try:
             conn[1].close()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - closing a dead connection: nothing to report
             pass
 
 
@@ -319,6 +324,7 @@ async def run_load(client: Client, specs, args) -> tuple[list[Result], float, in
 
     tasks: set[asyncio.Task] = set()
     if args.rate:
+
         async def arrivals() -> None:
             while True:
                 s = take()
@@ -334,14 +340,17 @@ async def run_load(client: Client, specs, args) -> tuple[list[Result], float, in
                 task = asyncio.ensure_future(client.send(s, t0))
                 task.add_done_callback(lambda t: (tasks.discard(t), t.cancelled() or results.append(t.result())))
                 tasks.add(task)
+
         await arrivals()
     else:
+
         async def worker() -> None:
             while True:
                 s = take()
                 if s is None:
                     return
                 results.append(await client.send(s, t0))
+
         for _ in range(args.concurrency):
             tasks.add(asyncio.ensure_future(worker()))
     # Closed loop: wait for the workers (they stop taking work at the deadline); open loop: for the requests in flight.
@@ -374,8 +383,9 @@ def get_json(url: str, headers: dict, timeout: float = 30):
 
 
 def post_json(url: str, body, headers: dict, timeout: float = 120):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", **headers})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json", **headers}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.load(r), dict(r.headers)
 
@@ -385,7 +395,7 @@ def one_token_words(url: str, headers: dict, batch: int) -> tuple[list[str], str
     words: list[str] = []
     try:
         for i in range(0, len(WORDS), batch):
-            chunk = WORDS[i:i + batch]
+            chunk = WORDS[i : i + batch]
             out, _ = post_json(url + "/tokenize", {"text": [" " + w for w in chunk]}, headers)
             words += [w for w, ids in zip(chunk, out["token_ids"]) if len(ids) == 1]
         if len(words) >= 8:
@@ -428,20 +438,27 @@ async def check_greedy(client: Client, specs: dict, results: list[Result], args,
     for c in client.idle:  # connections of an earlier event loop cannot be used in this one
         close(c)
     client.idle.clear()
-    sample = sorted((r for r in results if r.ok and r.text is not None), key=lambda r: r.index)[:args.check_greedy]
+    sample = sorted((r for r in results if r.ok and r.text is not None), key=lambda r: r.index)[: args.check_greedy]
     rows = []
     for r in sample:
         s = specs[r.index]
         alone = await client.send(s, time.perf_counter())
-        row = {"index": r.index, "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens,
-               "equal": alone.ok and alone.text == r.text, "alone_status": alone.status, "alone_error": alone.error}
+        row = {
+            "index": r.index,
+            "prompt_tokens": s.prompt_tokens,
+            "new_tokens": s.new_tokens,
+            "equal": alone.ok and alone.text == r.text,
+            "alone_status": alone.status,
+            "alone_error": alone.error,
+        }
         if alone.ok and not row["equal"]:
             params = {"max_new_tokens": s.new_tokens, "do_sample": False, "details": True, "top_n_tokens": 2}
             if client.force:
                 params["min_new_tokens"] = s.new_tokens
             try:
-                out, _ = await asyncio.to_thread(post_json, url + "/generate", {"inputs": s.prompt,
-                                                                                "parameters": params}, client.headers)
+                out, _ = await asyncio.to_thread(
+                    post_json, url + "/generate", {"inputs": s.prompt, "parameters": params}, client.headers
+                )
                 details = out.get("details") or {}
                 step = part_step(details.get("tokens") or [], r.text)
                 top = (details.get("top_tokens") or [])[step] if step is not None else []
@@ -453,8 +470,15 @@ async def check_greedy(client: Client, specs: dict, results: list[Result], args,
     equal = sum(1 for x in rows if x["equal"])
     ties = sum(1 for x in rows if not x["equal"] and x.get("gap") is not None and x["gap"] < args.tie_gap)
     faults = len(rows) - equal - ties
-    return {"checked": len(rows), "equal": equal, "near_ties": ties, "faults": faults, "tie_gap": args.tie_gap,
-            "passed": bool(rows) and faults == 0, "rows": rows}
+    return {
+        "checked": len(rows),
+        "equal": equal,
+        "near_ties": ties,
+        "faults": faults,
+        "tie_gap": args.tie_gap,
+        "passed": bool(rows) and faults == 0,
+        "rows": rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ reports
@@ -464,8 +488,14 @@ def stats(values, scale: float = 1000.0) -> dict:
     v = [x * scale for x in values if x is not None]
     if not v:
         return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None, "max": None}
-    return {"n": len(v), "p50": pct(v, 50), "p90": pct(v, 90), "p99": pct(v, 99), "mean": sum(v) / len(v),
-            "max": max(v)}
+    return {
+        "n": len(v),
+        "p50": pct(v, 50),
+        "p90": pct(v, 90),
+        "p99": pct(v, 99),
+        "mean": sum(v) / len(v),
+        "max": max(v),
+    }
 
 
 def summarize(results: list[Result], wall: float, cut: int) -> dict:
@@ -489,11 +519,13 @@ def summarize(results: list[Result], wall: float, cut: int) -> dict:
         "errors_by_kind": dict(sorted(errors.items())),
         "short": sum(1 for r in ok if (r.generated or 0) < r.new_tokens),
         "long": sum(1 for r in ok if (r.generated or 0) > r.new_tokens),
-        "prompt_tokens_mismatch": sum(1 for r in ok if r.server_prompt_tokens is not None
-                                      and r.server_prompt_tokens != r.prompt_tokens),
+        "prompt_tokens_mismatch": sum(
+            1 for r in ok if r.server_prompt_tokens is not None and r.server_prompt_tokens != r.prompt_tokens
+        ),
         "generated_tokens": tokens,
-        "prompt_tokens": sum(r.server_prompt_tokens if r.server_prompt_tokens is not None else r.prompt_tokens
-                             for r in ok),
+        "prompt_tokens": sum(
+            r.server_prompt_tokens if r.server_prompt_tokens is not None else r.prompt_tokens for r in ok
+        ),
         "wall_s": wall,
         "tokens_per_s": tokens / wall if wall > 0 else None,
         "requests_per_s": len(ok) / wall if wall > 0 else None,
@@ -518,17 +550,27 @@ def table(s: dict, info: dict, args, load: str) -> str:
     model = info.get("model_id", "?")
     backend = info.get("backend", "?")
     batching = args.label or info.get("batching") or "-"
-    head = ("| Model | Backend | Batching | Load | Prompt tokens | New tokens | Requests (ok / errors) | "
-            "Latency P50 (ms) | P90 (ms) | P99 (ms) | Mean (ms) | Throughput (tokens/sec) | Requests/sec |")
-    row = (f"| {model} | {backend} | {batching} | {load} | {args.prompt_tokens} | {args.new_tokens} | "
-           f"{s['requests']} ({s['ok']} / {s['errors']}) | {f(lat['p50'])} | {f(lat['p90'])} | {f(lat['p99'])} | "
-           f"{f(lat['mean'])} | {f(s['tokens_per_s'], 1)} | {f(s['requests_per_s'], 2)} |")
+    head = (
+        "| Model | Backend | Batching | Load | Prompt tokens | New tokens | Requests (ok / errors) | "
+        "Latency P50 (ms) | P90 (ms) | P99 (ms) | Mean (ms) | Throughput (tokens/sec) | Requests/sec |"
+    )
+    row = (
+        f"| {model} | {backend} | {batching} | {load} | {args.prompt_tokens} | {args.new_tokens} | "
+        f"{s['requests']} ({s['ok']} / {s['errors']}) | {f(lat['p50'])} | {f(lat['p90'])} | {f(lat['p99'])} | "
+        f"{f(lat['mean'])} | {f(s['tokens_per_s'], 1)} | {f(s['requests_per_s'], 2)} |"
+    )
     lines = [head, "|" + "---|" * 13, row, "", "| per request (ms) | P50 | P90 | P99 | Mean |", "|---|---|---|---|---|"]
-    names = [("latency", "latency_ms"), ("time to first token", "ttft_ms"),
-             ("time per output token (after the first)", "tpot_ms"), ("inter-token gap (every token)", "itl_ms")]
+    names = [
+        ("latency", "latency_ms"),
+        ("time to first token", "ttft_ms"),
+        ("time per output token (after the first)", "tpot_ms"),
+        ("inter-token gap (every token)", "itl_ms"),
+    ]
     if not args.stream:
-        names += [("server queue time (x-queue-time)", "server_queue_ms"),
-                  ("server time per token (x-time-per-token)", "server_time_per_token_ms")]
+        names += [
+            ("server queue time (x-queue-time)", "server_queue_ms"),
+            ("server time per token (x-time-per-token)", "server_time_per_token_ms"),
+        ]
     for label, key in names:
         st = s[key]
         d = 0 if key == "latency_ms" else (2 if key in ("tpot_ms", "itl_ms", "server_time_per_token_ms") else 1)
@@ -540,39 +582,67 @@ def table(s: dict, info: dict, args, load: str) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8080")
     where.add_argument("--serve", action="store_true", help="start `bloom-server serve` here (the embedded tiny model)")
     p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="flags for `serve` (must come last)")
     p.add_argument("--server-log", default="/tmp/bloom-load-test-server.log")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--concurrency", type=int, default=None, help="closed loop: clients, each sending one request "
-                      "after another (default 8)")
+    mode.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="closed loop: clients, each sending one request after another (default 8)",
+    )
     mode.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals, requests per second")
     p.add_argument("--requests", type=int, default=200, help="requests at most (default 200)")
     p.add_argument("--duration", type=float, default=300, help="no request is sent after this many seconds (300)")
-    p.add_argument("--drain", type=float, default=30, help="seconds the requests in flight at --duration get before "
-                   "they are cut (default 30)")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=30,
+        help="seconds the requests in flight at --duration get before they are cut (default 30)",
+    )
     p.add_argument("--timeout", type=float, default=120, help="seconds one request may take (default 120)")
-    p.add_argument("--prompt-tokens", default="16-256", help="prompt length: N, LO-HI (uniform) or N1,N2,... "
-                   "(default 16-256)")
-    p.add_argument("--new-tokens", default="16-512", help="output length: N, LO-HI (uniform) or N1,N2,... "
-                   "(default 16-512)")
+    p.add_argument(
+        "--prompt-tokens", default="16-256", help="prompt length: N, LO-HI (uniform) or N1,N2,... (default 16-256)"
+    )
+    p.add_argument(
+        "--new-tokens", default="16-512", help="output length: N, LO-HI (uniform) or N1,N2,... (default 16-512)"
+    )
     p.add_argument("--stream", action="store_true", help="POST /generate_stream (TGI events); else POST /generate")
-    p.add_argument("--force-length", choices=("auto", "on", "off"), default="auto",
-                   help="send min_new_tokens = max_new_tokens: auto (if the server honours it), on, off")
+    p.add_argument(
+        "--force-length",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="send min_new_tokens = max_new_tokens: auto (if the server honours it), on, off",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the workload (default 0)")
     p.add_argument("--label", default=None, help="the Batching column of the table (default: /info's, or -)")
     p.add_argument("--api-key", default=os.environ.get("BLOOM_API_KEY"), help="Bearer key (default $BLOOM_API_KEY)")
     p.add_argument("--allow-remote", action="store_true", help="allow a URL that is not a loopback address")
     p.add_argument("--json", dest="json_path", help="write everything here (flags, /info, summary, every request)")
-    p.add_argument("--check-greedy", type=int, default=0, metavar="K", help="after the load, send the first K "
-                   "answered requests again one at a time: each greedy text must equal its text under load (a "
-                   "difference at a near tie, see --tie-gap, is reported, not failed); exit 1 otherwise")
-    p.add_argument("--tie-gap", type=float, default=0.05, help="--check-greedy: a difference where the two likeliest "
-                   "tokens are closer than this (log-probability) is a near tie (default 0.05)")
+    p.add_argument(
+        "--check-greedy",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after the load, send the first K "
+        "answered requests again one at a time: each greedy text must equal its text under load (a "
+        "difference at a near tie, see --tie-gap, is reported, not failed); exit 1 otherwise",
+    )
+    p.add_argument(
+        "--tie-gap",
+        type=float,
+        default=0.05,
+        help="--check-greedy: a difference where the two likeliest "
+        "tokens are closer than this (log-probability) is a near tie (default 0.05)",
+    )
     return p
 
 
@@ -584,8 +654,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{NAME}: --concurrency must be >= 1 and --rate > 0", file=sys.stderr)
         return 2
     if args.requests < 1 or args.duration <= 0 or args.timeout <= 0 or args.drain < 0 or args.check_greedy < 0:
-        print(f"{NAME}: --requests, --duration and --timeout must be > 0, --drain >= 0, --check-greedy >= 0",
-              file=sys.stderr)
+        print(
+            f"{NAME}: --requests, --duration and --timeout must be > 0, --drain >= 0, --check-greedy >= 0",
+            file=sys.stderr,
+        )
         return 2
     parse_lengths(args.prompt_tokens, "--prompt-tokens")
     parse_lengths(args.new_tokens, "--new-tokens")
@@ -620,13 +692,18 @@ def run(url: str, args, argv: list[str]) -> int:
     max_new = largest(parse_lengths(args.new_tokens, "--new-tokens"))
     limits = []
     if "max_input_tokens" in info and max_prompt > info["max_input_tokens"]:
-        limits.append(f"prompts up to {max_prompt} tokens, the server takes {info['max_input_tokens']} "
-                      "(serve --max-input-length)")
+        limits.append(
+            f"prompts up to {max_prompt} tokens, the server takes {info['max_input_tokens']} (serve --max-input-length)"
+        )
     if "max_new_tokens" in info and max_new > info["max_new_tokens"]:
-        limits.append(f"up to {max_new} new tokens, the server allows {info['max_new_tokens']} (serve --max-new-tokens)")
+        limits.append(
+            f"up to {max_new} new tokens, the server allows {info['max_new_tokens']} (serve --max-new-tokens)"
+        )
     if "max_total_tokens" in info and max_prompt + max_new > info["max_total_tokens"]:
-        limits.append(f"prompt + new up to {max_prompt + max_new} tokens, the server's max total is "
-                      f"{info['max_total_tokens']} (serve --max-total-tokens)")
+        limits.append(
+            f"prompt + new up to {max_prompt + max_new} tokens, the server's max total is "
+            f"{info['max_total_tokens']} (serve --max-total-tokens)"
+        )
     if limits:
         print(f"{NAME}: the workload exceeds the server's limits: " + "; ".join(limits), file=sys.stderr)
         return 2
@@ -639,15 +716,21 @@ def run(url: str, args, argv: list[str]) -> int:
             return 2
     else:
         force = args.force_length == "on"
-    length_note = ("min_new_tokens = max_new_tokens sent: every request generates exactly its length" if force else
-                   "output lengths NOT forced (the server ignores min_new_tokens): a request may end early at the "
-                   "end-of-sequence token; such requests are counted as short")
+    length_note = (
+        "min_new_tokens = max_new_tokens sent: every request generates exactly its length"
+        if force
+        else "output lengths NOT forced (the server ignores min_new_tokens): a request may end early at the "
+        "end-of-sequence token; such requests are counted as short"
+    )
     load = f"concurrency {args.concurrency}" if args.concurrency else f"Poisson {args.rate:g} req/s"
-    print(f"{NAME}: {url}, model {info.get('model_id')} ({info.get('backend')}, {info.get('model_dtype')}, "
-          f"tp {info.get('tensor_parallel')}); {load}, {'streamed' if args.stream else 'not streamed'}; prompts "
-          f"{args.prompt_tokens} tokens ({prompt_note}), new tokens {args.new_tokens}, greedy; {length_note}; "
-          f"at most {args.requests} requests, {args.duration:g} s (+{args.drain:g} s drain), timeout "
-          f"{args.timeout:g} s; seed {args.seed}", flush=True)
+    print(
+        f"{NAME}: {url}, model {info.get('model_id')} ({info.get('backend')}, {info.get('model_dtype')}, "
+        f"tp {info.get('tensor_parallel')}); {load}, {'streamed' if args.stream else 'not streamed'}; prompts "
+        f"{args.prompt_tokens} tokens ({prompt_note}), new tokens {args.new_tokens}, greedy; {length_note}; "
+        f"at most {args.requests} requests, {args.duration:g} s (+{args.drain:g} s drain), timeout "
+        f"{args.timeout:g} s; seed {args.seed}",
+        flush=True,
+    )
 
     client = Client(url, args, force)
     cpu0, load0 = time.process_time(), os.getloadavg()
@@ -667,41 +750,67 @@ def run(url: str, args, argv: list[str]) -> int:
 
     print(table(summary, info, args, load))
     kinds = f" {summary['errors_by_kind']}" if summary["errors_by_kind"] else ""
-    print(f"{NAME}: {summary['requests']} requests: {summary['ok']} ok, {summary['errors']} errors{kinds}, "
-          f"{summary['cut']} cut at the end; statuses {summary['statuses']}; "
-          f"{summary['generated_tokens']} tokens generated in {wall:.1f} s; short {summary['short']}; "
-          f"client CPU {100 * (summary['client_cpu_fraction'] or 0):.0f}% of one core, "
-          f"{client.conns_opened} connections; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"{NAME}: {summary['requests']} requests: {summary['ok']} ok, {summary['errors']} errors{kinds}, "
+        f"{summary['cut']} cut at the end; statuses {summary['statuses']}; "
+        f"{summary['generated_tokens']} tokens generated in {wall:.1f} s; short {summary['short']}; "
+        f"client CPU {100 * (summary['client_cpu_fraction'] or 0):.0f}% of one core, "
+        f"{client.conns_opened} connections; load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     if (summary["client_cpu_fraction"] or 0) > 0.7:
-        print(f"{NAME}: warning: the client used more than 70% of a core: it may be what limits the figures",
-              flush=True)
+        print(
+            f"{NAME}: warning: the client used more than 70% of a core: it may be what limits the figures", flush=True
+        )
     if summary["prompt_tokens_mismatch"]:
-        print(f"{NAME}: note: {summary['prompt_tokens_mismatch']} prompts were not the asked length by the "
-              "server's count (see the JSON)", flush=True)
+        print(
+            f"{NAME}: note: {summary['prompt_tokens_mismatch']} prompts were not the asked length by the "
+            "server's count (see the JSON)",
+            flush=True,
+        )
     greedy = None
     if args.check_greedy:
         greedy = asyncio.run(check_greedy(client, specs, results, args, url))
-        print(f"{NAME}: greedy under load vs alone: {greedy['checked']} checked, {greedy['equal']} equal, "
-              f"{greedy['near_ties']} parted at a near tie (gap < {args.tie_gap:g}), {greedy['faults']} faults: "
-              f"{'passed' if greedy['passed'] else 'FAILED'}", flush=True)
+        print(
+            f"{NAME}: greedy under load vs alone: {greedy['checked']} checked, {greedy['equal']} equal, "
+            f"{greedy['near_ties']} parted at a near tie (gap < {args.tie_gap:g}), {greedy['faults']} faults: "
+            f"{'passed' if greedy['passed'] else 'FAILED'}",
+            flush=True,
+        )
         for row in greedy["rows"]:
             if not row["equal"]:
-                print(f"{NAME}:   request {row['index']} ({row['prompt_tokens']} + {row['new_tokens']} tokens): "
-                      f"parted at step {row.get('step')}, gap {row.get('gap')}", flush=True)
+                print(
+                    f"{NAME}:   request {row['index']} ({row['prompt_tokens']} + {row['new_tokens']} tokens): "
+                    f"parted at step {row.get('step')}, gap {row.get('gap')}",
+                    flush=True,
+                )
     if args.json_path:
         report = {
-            "argv": [sys.executable, sys.argv[0], *argv], "url": url, "info": info,
+            "argv": [sys.executable, sys.argv[0], *argv],
+            "url": url,
+            "info": info,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpus": os.cpu_count(), "load_avg_start": load0, "load_avg_end": os.getloadavg(),
-                        "python": sys.version.split()[0]},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "load_avg_start": load0,
+                "load_avg_end": os.getloadavg(),
+                "python": sys.version.split()[0],
+            },
             "config": {k: v for k, v in vars(args).items() if k not in ("api_key",)},
-            "force_length": force, "prompt_words": prompt_note, "load": load,
+            "force_length": force,
+            "prompt_words": prompt_note,
+            "load": load,
             "summary": summary,
             "greedy_check": greedy,
             "table": table(summary, info, args, load),
-            "requests": [{**{k: v for k, v in asdict(r).items() if k != "itl"}, "tpot": r.tpot(),
-                          "itl_ms_mean": (1000 * sum(r.itl) / len(r.itl)) if r.itl else None}
-                         for r in sorted(results, key=lambda r: r.index)],
+            "requests": [
+                {
+                    **{k: v for k, v in asdict(r).items() if k != "itl"},
+                    "tpot": r.tpot(),
+                    "itl_ms_mean": (1000 * sum(r.itl) / len(r.itl)) if r.itl else None,
+                }
+                for r in sorted(results, key=lambda r: r.index)
+            ],
         }
         Path(args.json_path).write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
         print(f"{NAME}: wrote {args.json_path}", flush=True)

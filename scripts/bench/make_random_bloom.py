@@ -133,8 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the pre-sharded layout")
     p.add_argument("--presharded-dtype", choices=("fp16", "int8"), default="fp16")
     p.add_argument("--max-tokens", type=int, default=2048, help="DeepSpeed max_tokens while writing")
-    p.add_argument("--presharded-only", action="store_true",
-                   help="OUT already holds the checkpoint (written earlier by this script): only write --presharded-out")
+    p.add_argument(
+        "--presharded-only",
+        action="store_true",
+        help="OUT already holds the checkpoint (written earlier by this script): only write --presharded-out",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -165,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     from bloom_server.backends.ds_inference import write_presharded_checkpoint
     from bloom_server.types import RankContext
 
-    ctx = RankContext(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), device_type="cuda")
+    ctx = RankContext(
+        rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")), device_type="cuda"
+    )
     # Every rank reads the checkpoint rank 0 wrote: wait for it (the process group exists once DeepSpeed is up).
     write_presharded_checkpoint(
         args.out, args.presharded_out, ctx=ctx, dtype=args.presharded_dtype, max_tokens=args.max_tokens,

@@ -37,7 +37,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
-from _loadgen import exchange_content_length, request_bytes  # noqa: E402 - scripts/ is on the path (this script's own directory)
+from _loadgen import exchange_content_length, request_bytes  # scripts/ is on the path (this script's own directory)
 
 BODY = {"text": ["Hello world, this is a short prompt"], "max_new_tokens": 8}
 VARIANTS = ("bare", "app", "app-wait5")
@@ -52,7 +52,7 @@ def bare_app() -> Any:
     app = FastAPI()
 
     @app.post("/generate/")
-    async def generate(body: dict = Body(...)) -> dict:  # noqa: B008 - FastAPI's idiom
+    async def generate(body: dict = Body(...)) -> dict:  # FastAPI's idiom
         texts = body["text"]
         n = int(body.get("max_new_tokens", 8))
         return {"text": [t + " x" * n for t in texts], "num_generated_tokens": [n] * len(texts), "query_id": 0,
@@ -253,8 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=32, help="connections for the throughput phase")
     p.add_argument("--seconds", type=float, default=5.0, help="length of the throughput phase")
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--rounds", type=int, default=1, help="repeat every variant, interleaved (bare, app, ..., bare, "
-                   "app, ...), and report the median and the range of the rounds (default 1)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every variant, interleaved (bare, app, ..., bare, "
+        "app, ...), and report the median and the range of the rounds (default 1)",
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -277,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.requests} requests at concurrency 1, then {args.concurrency} connections for {args.seconds:.0f} s; "
           f"body {json.dumps(BODY)}; client loop {client_loop()}; {args.rounds} round(s), interleaved: median (min-max) of the rounds; "
           f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end")  # fmt: skip
-    print("| server | p50 ms | p90 ms | p99 ms | p50 added vs bare | server CPU us/request (c=1) | requests/s (1 core) "
-          "| vs bare | requests per server CPU-second | vs bare |")
+    print(
+        "| server | p50 ms | p90 ms | p99 ms | p50 added vs bare | server CPU us/request (c=1) | requests/s (1 core) "
+        "| vs bare | requests per server CPU-second | vs bare |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for i, v in enumerate(variants):
         rs = [rnd[i] for rnd in rounds]
@@ -290,18 +297,30 @@ def main(argv: list[str] | None = None) -> int:
         cpu = [r["cpu_us_per_request"] for r in rs if r["cpu_us_per_request"] is not None]
         have_cpu = have_bare and all(r["rps_per_cpu_s"] and b["rps_per_cpu_s"] for r, b in zip(rs, bares))
         per_cpu = spread([r["rps_per_cpu_s"] for r in rs], "{:.0f}") if all(r["rps_per_cpu_s"] for r in rs) else "-"
-        cpu_ratio = spread([r["rps_per_cpu_s"] / b["rps_per_cpu_s"] for r, b in zip(rs, bares)], "{:.2f}") \
-            if have_cpu else "-"
-        print(f"| {v} | {spread([r['p50_ms'] for r in rs], '{:.2f}')} | {spread([r['p90_ms'] for r in rs], '{:.2f}')} "
-              f"| {spread([r['p99_ms'] for r in rs], '{:.2f}')} | {added} | {spread(cpu, '{:.0f}') if cpu else '-'} "
-              f"| {spread([r['rps'] for r in rs], '{:.0f}')} | {ratio} | {per_cpu} | {cpu_ratio} |")
+        cpu_ratio = (
+            spread([r["rps_per_cpu_s"] / b["rps_per_cpu_s"] for r, b in zip(rs, bares)], "{:.2f}") if have_cpu else "-"
+        )
+        print(
+            f"| {v} | {spread([r['p50_ms'] for r in rs], '{:.2f}')} | {spread([r['p90_ms'] for r in rs], '{:.2f}')} "
+            f"| {spread([r['p99_ms'] for r in rs], '{:.2f}')} | {added} | {spread(cpu, '{:.0f}') if cpu else '-'} "
+            f"| {spread([r['rps'] for r in rs], '{:.0f}')} | {ratio} | {per_cpu} | {cpu_ratio} |"
+        )
     for v in variants:
         rs = [r for rnd in rounds for r in rnd if r["variant"] == v]
         srv = [r["server_cpu_fraction"] for r in rs if r["server_cpu_fraction"] is not None]
-        print(f"# {v}, throughput phase: the server used {spread([100 * x for x in srv], '{:.0f}') if srv else '-'}% of "
-              f"its core, the client {spread([100 * r['client_cpu_fraction'] for r in rs], '{:.0f}')}% of its own")
-    results = {"rounds": rounds, "load_avg_start": load_start, "load_avg_end": load_end, "body": BODY,
-               "requests": args.requests, "concurrency": args.concurrency, "seconds": args.seconds}
+        print(
+            f"# {v}, throughput phase: the server used {spread([100 * x for x in srv], '{:.0f}') if srv else '-'}% of "
+            f"its core, the client {spread([100 * r['client_cpu_fraction'] for r in rs], '{:.0f}')}% of its own"
+        )
+    results = {
+        "rounds": rounds,
+        "load_avg_start": load_start,
+        "load_avg_end": load_end,
+        "body": BODY,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -41,8 +41,10 @@ from pathlib import Path
 from _loadgen import loopback, pct, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = ("the value of a list is returned when the argument is given the default module provides "
-         "create open send raise exception file request object string number return").split()
+WORDS = (
+    "the value of a list is returned when the argument is given the default module provides "
+    "create open send raise exception file request object string number return"
+).split()
 
 
 # ------------------------------------------------------------------------------------------------------ the server
@@ -145,14 +147,18 @@ class Load:
         if r < 0.9 and "/generate_stream" in self.routes:
             return "stream", "/generate_stream", {"inputs": self.prompt(rnd), "parameters": {"max_new_tokens": new}}
         if "/v1/completions" in self.routes and self.model_id:
-            return "openai", "/v1/completions", {"model": self.model_id, "prompt": self.prompt(rnd), "max_tokens": new,
-                                                 "temperature": 0}
+            return (
+                "openai",
+                "/v1/completions",
+                {"model": self.model_id, "prompt": self.prompt(rnd), "max_tokens": new, "temperature": 0},
+            )
         return "generate", "/generate", {"text": [self.prompt(rnd)], "max_new_tokens": new}
 
     def send(self, kind: str, path: str, body: dict, t0: float, shared: Shared) -> None:
         start = time.monotonic()
-        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers=self.headers,
-                                     method="POST")
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), headers=self.headers, method="POST"
+        )
         status, error = 0, ""
         try:
             with urllib.request.urlopen(req, timeout=self.args.timeout) as resp:
@@ -211,7 +217,12 @@ def summarize(samples: list[Sample]) -> dict:
         "no_answer": sum(1 for s in samples if s.status == 0),
         "stream_errors": sum(1 for s in samples if s.error == "error event in stream"),
         "overloaded_429": statuses.get("429", 0),
-        "generate_ms": {"p50": pct(gen, 50), "p90": pct(gen, 90), "p99": pct(gen, 99), "max": max(gen) if gen else None},
+        "generate_ms": {
+            "p50": pct(gen, 50),
+            "p90": pct(gen, 90),
+            "p99": pct(gen, 99),
+            "max": max(gen) if gen else None,
+        },
         "by_kind": {k: sum(1 for s in samples if s.kind == k) for k in sorted({s.kind for s in samples})},
     }
 
@@ -233,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8080")
     where.add_argument("--serve", action="store_true", help="start `bloom-server serve` here (the embedded tiny model)")
-    p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[],
-                   help="flags for `serve` with --serve (must come last)")
+    p.add_argument(
+        "--serve-args", nargs=argparse.REMAINDER, default=[], help="flags for `serve` with --serve (must come last)"
+    )
     p.add_argument("--server-log", default="/tmp/bloom-soak-server.log")
     p.add_argument("--pid", type=int, help="server process to watch (default: the one listening on the URL's port)")
     p.add_argument("--duration", type=float, default=600, help="seconds (default 600)")
@@ -284,17 +296,24 @@ def run(url: str, pid: int | None, args) -> int:
         pass
     load = Load(url, args, routes, model_id)
     machine = f"{os.cpu_count()} cpus, {os.uname().sysname} {os.uname().release}"
-    print(f"soak: {url} (pid {pid}), {args.duration:.0f} s, concurrency {args.concurrency}, think {args.think_ms} ms, "
-          f"bursts every {args.burst_every} s, windows of {args.window:.0f} s; {machine}", flush=True)
-    print(f"{'window':>6} {'end_s':>6} {'reqs':>5} {'req/s':>6} {'5xx':>4} {'none':>4} {'429':>4} "
-          f"{'p50_ms':>7} {'p90_ms':>7} {'p99_ms':>7} {'max_ms':>7} {'rss_mib':>8} {'thr':>4} {'fds':>4} {'load1':>5}",
-          flush=True)
+    print(
+        f"soak: {url} (pid {pid}), {args.duration:.0f} s, concurrency {args.concurrency}, think {args.think_ms} ms, "
+        f"bursts every {args.burst_every} s, windows of {args.window:.0f} s; {machine}",
+        flush=True,
+    )
+    print(
+        f"{'window':>6} {'end_s':>6} {'reqs':>5} {'req/s':>6} {'5xx':>4} {'none':>4} {'429':>4} "
+        f"{'p50_ms':>7} {'p90_ms':>7} {'p99_ms':>7} {'max_ms':>7} {'rss_mib':>8} {'thr':>4} {'fds':>4} {'load1':>5}",
+        flush=True,
+    )
 
     shared = Shared()
     stop = threading.Event()
     t0 = time.monotonic()
-    workers = [threading.Thread(target=load.worker, args=(args.seed * 1000 + i, t0, stop, shared), daemon=True)
-               for i in range(args.concurrency)]
+    workers = [
+        threading.Thread(target=load.worker, args=(args.seed * 1000 + i, t0, stop, shared), daemon=True)
+        for i in range(args.concurrency)
+    ]
     for w in workers:
         w.start()
     windows, mem_points = [], []
@@ -308,8 +327,10 @@ def run(url: str, pid: int | None, args) -> int:
             break
         if now >= next_burst:
             next_burst += args.burst_every
-            burst = [threading.Thread(target=load.send, args=(*load.request(burst_rnd), t0, shared), daemon=True)
-                     for _ in range(2 * args.concurrency)]
+            burst = [
+                threading.Thread(target=load.send, args=(*load.request(burst_rnd), t0, shared), daemon=True)
+                for _ in range(2 * args.concurrency)
+            ]
             for b in burst:
                 b.start()
         if now >= w_start + args.window:
@@ -334,21 +355,36 @@ def run(url: str, pid: int | None, args) -> int:
     growth = None if (baseline is None or last_rss is None) else round(last_rss - baseline, 1)
     slope = slope_mib_per_hour([pt for pt in mem_points if pt[0] >= args.warmup])
     report = {
-        "url": url, "pid": pid, "duration_s": round(end, 1), "concurrency": args.concurrency,
-        "think_ms": args.think_ms, "burst_every_s": args.burst_every, "machine": machine,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "total": total, "windows": windows,
-        "rss_baseline_mib": baseline, "rss_end_mib": last_rss, "rss_growth_mib": growth,
+        "url": url,
+        "pid": pid,
+        "duration_s": round(end, 1),
+        "concurrency": args.concurrency,
+        "think_ms": args.think_ms,
+        "burst_every_s": args.burst_every,
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "total": total,
+        "windows": windows,
+        "rss_baseline_mib": baseline,
+        "rss_end_mib": last_rss,
+        "rss_growth_mib": growth,
         "rss_max_mib": max((v for _, v in mem_points), default=None),
         "rss_slope_mib_per_hour": None if slope is None else round(slope, 1),
         "errors": sorted({s.error for s in shared.samples if s.error})[:20],
     }
     g = total["generate_ms"]
-    print(f"soak: {total['requests']} requests in {end:.0f} s ({total['requests'] / max(end, 1e-9):.1f}/s): "
-          f"statuses {total['statuses']}; 5xx {total['server_errors']}, no answer {total['no_answer']}, "
-          f"stream errors {total['stream_errors']}; /generate p50 {ms(g['p50'])} ms, p90 {ms(g['p90'])} ms, "
-          f"p99 {ms(g['p99'])} ms, max {ms(g['max'])} ms", flush=True)
-    print(f"soak: server RSS {baseline} MiB after warm-up -> {last_rss} MiB at the end (growth {growth} MiB, "
-          f"max {report['rss_max_mib']} MiB, slope {report['rss_slope_mib_per_hour']} MiB/h)", flush=True)
+    print(
+        f"soak: {total['requests']} requests in {end:.0f} s ({total['requests'] / max(end, 1e-9):.1f}/s): "
+        f"statuses {total['statuses']}; 5xx {total['server_errors']}, no answer {total['no_answer']}, "
+        f"stream errors {total['stream_errors']}; /generate p50 {ms(g['p50'])} ms, p90 {ms(g['p90'])} ms, "
+        f"p99 {ms(g['p99'])} ms, max {ms(g['max'])} ms",
+        flush=True,
+    )
+    print(
+        f"soak: server RSS {baseline} MiB after warm-up -> {last_rss} MiB at the end (growth {growth} MiB, "
+        f"max {report['rss_max_mib']} MiB, slope {report['rss_slope_mib_per_hour']} MiB/h)",
+        flush=True,
+    )
     if report["errors"]:
         print("soak: errors: " + "; ".join(report["errors"]), flush=True)
     if args.out:
@@ -368,11 +404,14 @@ def report_window(index: int, start: float, end: float, shared: Shared, pid: int
     g = s["generate_ms"]
     load1 = round(os.getloadavg()[0], 2)  # the machine's load: other work on it slows the server down too
     row = {"window": index, "start_s": round(start, 1), "end_s": round(end, 1), **s, **stats, "load1": load1}
-    print(f"{index:>6} {end:>6.0f} {s['requests']:>5} {s['requests'] / max(end - start, 1e-9):>6.1f} "
-          f"{s['server_errors']:>4} {s['no_answer']:>4} {s['overloaded_429']:>4} {ms(g['p50']):>7} {ms(g['p90']):>7} "
-          f"{ms(g['p99']):>7} {ms(g['max']):>7} {stats['rss_mib'] if stats['rss_mib'] is not None else '-':>8} "
-          f"{stats['threads'] if stats['threads'] is not None else '-':>4} "
-          f"{stats['fds'] if stats['fds'] is not None else '-':>4} {load1:>5.2f}", flush=True)
+    print(
+        f"{index:>6} {end:>6.0f} {s['requests']:>5} {s['requests'] / max(end - start, 1e-9):>6.1f} "
+        f"{s['server_errors']:>4} {s['no_answer']:>4} {s['overloaded_429']:>4} {ms(g['p50']):>7} {ms(g['p90']):>7} "
+        f"{ms(g['p99']):>7} {ms(g['max']):>7} {stats['rss_mib'] if stats['rss_mib'] is not None else '-':>8} "
+        f"{stats['threads'] if stats['threads'] is not None else '-':>4} "
+        f"{stats['fds'] if stats['fds'] is not None else '-':>4} {load1:>5.2f}",
+        flush=True,
+    )
     return row
 
 

@@ -25,6 +25,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "bench"))
@@ -170,7 +174,9 @@ def run_case(name: str, work: Path, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     res["load_s"] = round(time.time() - t0, 2)
-    res["versions"] = {m: sys.modules[m].__version__ for m in ("torch", "transformers", "deepspeed") if m in sys.modules}
+    res["versions"] = {
+        m: sys.modules[m].__version__ for m in ("torch", "transformers", "deepspeed") if m in sys.modules
+    }
     res["describe"] = backend.describe()
 
     # Free-running greedy: each prompt alone (timed), then all four as one padded batch.
@@ -188,9 +194,7 @@ def run_case(name: str, work: Path, device: str) -> dict:
 
     # Forced decoding along the reference's batch tokens (or our own, for a reference), raw logits kept per step.
     ref = spec.get("ref")
-    forced = (
-        json.loads((work / f"{ref}.json").read_text())["tokens_batch"] if ref else res["tokens_batch"]
-    )
+    forced = json.loads((work / f"{ref}.json").read_text())["tokens_batch"] if ref else res["tokens_batch"]
     logits = forced_logits(backend, prompts, forced)  # [steps, batch, vocab] fp32 on CPU
     torch.save(logits, work / f"{name}.logits.pt")  # fp32: the comparison must not add rounding; others compare
     if ref:
@@ -209,7 +213,7 @@ def run_case(name: str, work: Path, device: str) -> dict:
     return res
 
 
-def forced_logits(backend, prompts, forced) -> "torch.Tensor":
+def forced_logits(backend, prompts, forced) -> torch.Tensor:
     """Decode the batch along given tokens through the model's own generate() (so its KV cache is the one in use),
     returning the raw logits of every step."""
     import torch
@@ -335,9 +339,7 @@ def summarize(results: dict) -> str:
         rr = results.get(ref, {})
         same1 = compare_tokens(r["tokens_single"], rr["tokens_single"]) if rr.get("ok") else "-"
         sameb = compare_tokens(r["tokens_batch"], rr["tokens_batch"]) if rr.get("ok") else "-"
-        err = (
-            f"{r['logits_rel_err']:.2e} / {r['logits_rel_err_step0']:.2e}" if "logits_rel_err" in r else "-"
-        )
+        err = f"{r['logits_rel_err']:.2e} / {r['logits_rel_err_step0']:.2e}" if "logits_rel_err" in r else "-"
         agree = f"{100 * r['argmax_agree']:.2f}%" if "argmax_agree" in r else "-"
         nll = f"{r['nll']:.4f}" + (f" ({rr['nll']:.4f})" if rr.get("ok") else "")
         lines.append(

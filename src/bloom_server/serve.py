@@ -9,13 +9,13 @@ import os
 import sys
 import threading
 import time
-
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from bloom_server.errors import BloomServerError
 from bloom_server.progress import LoadProgress
-from bloom_server.storage.model_dir import ModelDir, resolve_model_dir
 from bloom_server.settings import Settings
+from bloom_server.storage.model_dir import ModelDir, resolve_model_dir
 from bloom_server.types import ModelInfo, RankContext
 
 if TYPE_CHECKING:
@@ -87,7 +87,9 @@ def check_memory(settings: Settings, model_dir: ModelDir, ctx: RankContext, cls:
                                      f"{gpus} GPU(s) and the host together")  # fmt: skip
         else:  # a whole copy per rank, or this rank's shard
             share = 1 if cls.whole_copy_per_rank else ctx.world_size
-            model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, total, f"GPU {ctx.local_rank}", share=share)
+            model_config.fits_memory(
+                model_dir.path, model_dir.sizes, dtype, total, f"GPU {ctx.local_rank}", share=share
+            )
     else:  # every rank of a CPU run shares this host's memory
         model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, model_config.host_memory(), "this host")
 
@@ -99,7 +101,7 @@ def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progres
     try:
         channel = init_distributed(ctx)
         backend = load_backend(settings, model_dir, ctx, progress, early)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         log.exception("rank %d failed to load", ctx.rank)
         die(f"rank {ctx.rank} failed to load: {exc}")
     assert channel is not None
@@ -138,7 +140,9 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
             channel = init_distributed(ctx)
             if channel is not None:
                 # Once the leader exists it answers the callers in flight before the process goes.
-                channel.start_watchdog(lambda reason: holder["leader"].abort(reason) if "leader" in holder else die(reason))
+                channel.start_watchdog(
+                    lambda reason: holder["leader"].abort(reason) if "leader" in holder else die(reason)
+                )
             engine.state_detail = f"loading {model_dir.path} ({settings.backend})"
             backend = load_backend(settings, model_dir, ctx, progress, early)
             tokenizer = TextTokenizer(model_dir.path)
@@ -163,7 +167,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
             progress.set_phase("ready")
             log.info("ready: %s loaded in %.1f s (%d rank(s)); load phases: %s", model_dir.model_id,
                      engine.load_seconds, ctx.world_size, progress.summary())  # fmt: skip
-        except BaseException as exc:  # noqa: BLE001 - a failed load is fatal, with the reason in the log
+        except BaseException as exc:  # a failed load is fatal, with the reason in the log
             engine.fail(f"load failed: {exc}")
             log.exception("load failed")
             die(f"load failed: {type(exc).__name__}: {exc}")
@@ -182,11 +186,13 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=settings.drain_timeout_s,
-        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # uvicorn takes a float fine
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # uvicorn takes a float fine
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
         http=guarded_protocol(connection_limits(settings)),
     )
-    server = make_server(config, on_signal=engine.drain, idle=lambda: engine.idle, drain_timeout_s=settings.drain_timeout_s)
+    server = make_server(
+        config, on_signal=engine.drain, idle=lambda: engine.idle, drain_timeout_s=settings.drain_timeout_s
+    )
     server.run()
     shutdown_distributed()
     if engine.runner is not None and engine.runner.dead:
@@ -236,7 +242,7 @@ def make_server(config, on_signal, idle=None, drain_timeout_s: float = 0.0):
     class Server(uvicorn.Server):
         draining = False
 
-        def handle_exit(self, sig, frame):  # type: ignore[override]
+        def handle_exit(self, sig, frame):
             on_signal()
             if idle is None or self.draining or idle():
                 super().handle_exit(sig, frame)
@@ -250,7 +256,7 @@ def make_server(config, on_signal, idle=None, drain_timeout_s: float = 0.0):
             while time.monotonic() < deadline and not idle():
                 time.sleep(0.05)
             # What is left of the drain timeout is uvicorn's own grace for the connections still open.
-            self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())
+            self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())  # type: ignore[assignment]  # a float works
             self.should_exit = True
 
     return Server(config)
@@ -262,4 +268,3 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-

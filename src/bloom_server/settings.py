@@ -221,7 +221,7 @@ class Settings(BaseSettings):
         return v.strip().lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _continuous_backend(self) -> "Settings":
+    def _continuous_backend(self) -> Settings:
         # Checked again against the loaded backend (supports_continuous); here so that it fails before loading.
         if self.batching == "continuous" and self.backend not in CONTINUOUS_BACKENDS:
             raise ValueError(
@@ -231,7 +231,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _limits(self) -> "Settings":
+    def _limits(self) -> Settings:
         if self.max_total_tokens is not None and self.max_total_tokens <= self.max_input_length:
             raise ValueError(
                 f"max_total_tokens ({self.max_total_tokens}) must exceed max_input_length ({self.max_input_length})"

@@ -53,7 +53,7 @@ class SamplingParams:
     kwargs: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         return cls(tuple(sorted((k, _freeze(v)) for k, v in d.items())))
 
     def as_dict(self) -> dict[str, Any]:

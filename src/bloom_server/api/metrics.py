@@ -6,7 +6,8 @@ The KEDA overlay scales on `bloom_server_queue_depth`: keep that name.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -24,58 +25,107 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
         p = PREFIX
-        self.requests = Counter(f"{p}_requests", "HTTP requests answered, by route template, method and status.",
-                                ["route", "method", "status"], registry=r)
-        self.request_duration = Histogram(f"{p}_request_duration_seconds",
-                                          "HTTP request duration (to the last byte, streams included), by route.",
-                                          ["route"], buckets=_LATENCY, registry=r)
-        self.in_flight = Gauge(f"{p}_in_flight_requests", "HTTP requests being served now (probes and metrics excluded).",
-                               registry=r)
-        self.queue_time = Histogram(f"{p}_queue_time_seconds", "Time a generation request waited before its batch started.",
-                                    buckets=_LATENCY, registry=r)
-        self.ttft = Histogram(f"{p}_time_to_first_token_seconds",
-                              "From arrival to the first generated token of a generation request.",
-                              buckets=_LATENCY, registry=r)
-        self.tpot = Histogram(f"{p}_time_per_output_token_seconds",
-                              "Inference time divided by the tokens generated, per request (after the first token).",
-                              buckets=_PER_TOKEN, registry=r)
-        self.inference_time = Histogram(f"{p}_inference_time_seconds",
-                                        "From the start of a request's batch to its last token.",
-                                        buckets=_LATENCY, registry=r)
+        self.requests = Counter(
+            f"{p}_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            f"{p}_request_duration_seconds",
+            "HTTP request duration (to the last byte, streams included), by route.",
+            ["route"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{p}_in_flight_requests", "HTTP requests being served now (probes and metrics excluded).", registry=r
+        )
+        self.queue_time = Histogram(
+            f"{p}_queue_time_seconds",
+            "Time a generation request waited before its batch started.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            f"{p}_time_to_first_token_seconds",
+            "From arrival to the first generated token of a generation request.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            f"{p}_time_per_output_token_seconds",
+            "Inference time divided by the tokens generated, per request (after the first token).",
+            buckets=_PER_TOKEN,
+            registry=r,
+        )
+        self.inference_time = Histogram(
+            f"{p}_inference_time_seconds",
+            "From the start of a request's batch to its last token.",
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens of finished generation requests.", registry=r)
         self.generated_tokens = Counter(f"{p}_generated_tokens", "Tokens generated for callers.", registry=r)
-        self.prompt_tokens_hist = Histogram(f"{p}_request_prompt_tokens", "Prompt tokens per generation request.",
-                                            buckets=_TOKENS, registry=r)
-        self.generated_tokens_hist = Histogram(f"{p}_request_generated_tokens",
-                                               "Generated tokens per generation request.", buckets=_TOKENS, registry=r)
-        self.outcomes = Counter(f"{p}_generation_requests",
-                                "Generation requests by outcome: ok, cancelled (client left), deadline, error.",
-                                ["outcome"], registry=r)
-        self.rejected = Counter(f"{p}_rejected_requests",
-                                "Requests refused before they ran, by reason (overloaded, not_ready, ...).",
-                                ["reason"], registry=r)
+        self.prompt_tokens_hist = Histogram(
+            f"{p}_request_prompt_tokens", "Prompt tokens per generation request.", buckets=_TOKENS, registry=r
+        )
+        self.generated_tokens_hist = Histogram(
+            f"{p}_request_generated_tokens", "Generated tokens per generation request.", buckets=_TOKENS, registry=r
+        )
+        self.outcomes = Counter(
+            f"{p}_generation_requests",
+            "Generation requests by outcome: ok, cancelled (client left), deadline, error.",
+            ["outcome"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            f"{p}_rejected_requests",
+            "Requests refused before they ran, by reason (overloaded, not_ready, ...).",
+            ["reason"],
+            registry=r,
+        )
         self.batches = Counter(f"{p}_batches", "Generate calls run (each may hold several requests).", registry=r)
-        self.batch_size = Histogram(f"{p}_batch_size", "Rows per generate call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-                                    registry=r)
-        self.queue_depth = Gauge(QUEUE_DEPTH, "Generation requests waiting for a batch (KEDA scales on this).",
-                                 registry=r)
+        self.batch_size = Histogram(
+            f"{p}_batch_size", "Rows per generate call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
+        )
+        self.queue_depth = Gauge(
+            QUEUE_DEPTH, "Generation requests waiting for a batch (KEDA scales on this).", registry=r
+        )
         self.queue_tokens = Gauge(f"{p}_queue_tokens", "Tokens (prompt + max new) of the requests waiting.", registry=r)
         self.running_batch = Gauge(f"{p}_running_batch_size", "Rows in the generate call running now.", registry=r)
-        self.load_seconds = Gauge(f"{p}_model_load_seconds", "Seconds from start to the model loaded on every rank.",
-                                  registry=r)
-        self.ready = Gauge(f"{p}_ready", "1 when the server is ready for requests, 0 while loading, draining or dead.",
-                           registry=r)
-        self.info = Gauge(f"{p}_info", "Always 1; the labels say what is served.",
-                          ["model_id", "backend", "dtype", "world_size", "version"], registry=r)
-        self.load_bytes = Gauge(f"{p}_load_bytes", "Bytes of weights rank 0 has loaded (kind=loaded) of its total "
-                                "(kind=total); equal once loaded.", ["kind"], registry=r)
+        self.load_seconds = Gauge(
+            f"{p}_model_load_seconds", "Seconds from start to the model loaded on every rank.", registry=r
+        )
+        self.ready = Gauge(
+            f"{p}_ready", "1 when the server is ready for requests, 0 while loading, draining or dead.", registry=r
+        )
+        self.info = Gauge(
+            f"{p}_info",
+            "Always 1; the labels say what is served.",
+            ["model_id", "backend", "dtype", "world_size", "version"],
+            registry=r,
+        )
+        self.load_bytes = Gauge(
+            f"{p}_load_bytes",
+            "Bytes of weights rank 0 has loaded (kind=loaded) of its total (kind=total); equal once loaded.",
+            ["kind"],
+            registry=r,
+        )
         # Labelled children, looked up once per label set (labels() validates and locks on every call). Bounded:
         # past the bound a label set (a client's odd method, say) is looked up each time, as prometheus_client does.
         self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._outcome_children: dict[str, Any] = {}
 
-    def bind(self, *, queue_depth: Callable[[], float], queue_tokens: Callable[[], float],
-             running: Callable[[], float], ready: Callable[[], float], load_seconds: Callable[[], float]) -> None:
+    def bind(
+        self,
+        *,
+        queue_depth: Callable[[], float],
+        queue_tokens: Callable[[], float],
+        running: Callable[[], float],
+        ready: Callable[[], float],
+        load_seconds: Callable[[], float],
+    ) -> None:
         """Gauges read at scrape time."""
         self.queue_depth.set_function(queue_depth)
         self.queue_tokens.set_function(queue_tokens)
@@ -93,8 +143,16 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe_generation(self, *, outcome: str, queue_s: float | None, ttft_s: float | None,
-                           inference_s: float | None, prompt_tokens: int, generated_tokens: int) -> None:
+    def observe_generation(
+        self,
+        *,
+        outcome: str,
+        queue_s: float | None,
+        ttft_s: float | None,
+        inference_s: float | None,
+        prompt_tokens: int,
+        generated_tokens: int,
+    ) -> None:
         child = self._outcome_children.get(outcome)
         if child is None:
             child = self._outcome_children[outcome] = self.outcomes.labels(outcome)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from urllib.parse import quote
-from typing import Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse

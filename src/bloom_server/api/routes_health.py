@@ -3,6 +3,8 @@ warm-up generate ran on every rank. (KServe's v1 model status, GET /v1/models/{n
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
@@ -29,7 +31,7 @@ def build_router(engine: Engine) -> APIRouter:
     async def ready() -> JSONResponse:
         """Readiness: 200 once the model is loaded and warmed up, 503 before (and while draining). `progress` (when
         the server tracks it): the load's phase, bytes of weights loaded / total on rank 0, and each phase's time."""
-        body = {"status": engine.state.value, "detail": engine.state_detail}
+        body: dict[str, Any] = {"status": engine.state.value, "detail": engine.state_detail}
         progress = load_progress(engine)
         if progress is not None:
             body["progress"] = progress

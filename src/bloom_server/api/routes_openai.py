@@ -4,7 +4,8 @@ body, submit to the engine, translate back. Errors are in OpenAI's shape (api/er
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -13,8 +14,8 @@ from starlette.exceptions import HTTPException
 from bloom_server.api.common import (
     SSE_HEADERS,
     events_then_close,
-    openai_stream_error,
     header_timeout,
+    openai_stream_error,
     remember,
     rename_field,
     request_id,
@@ -34,10 +35,10 @@ from bloom_server.api.schemas_openai import (
     ModelObject,
     OpenAIError,
 )
+from bloom_server.errors import BloomServerError, InvalidRequest
 from bloom_server.frontend.chat import ChatTemplate
 from bloom_server.frontend.core import Engine
 from bloom_server.frontend.requests import Completion, GenRequest
-from bloom_server.errors import BloomServerError, InvalidRequest
 
 OPENAI_ERRORS = error_responses(OpenAIError, e400="Invalid request: `param` names the field", e404="No such model")
 _FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
@@ -102,7 +103,7 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         if name != model_name:
             raise NotFound(f"model: {name!r} is not served here; this server serves {model_name!r}", field="model")
 
-    def submit(request: Request, prompts: list[str], body: Any, max_tokens: int | None, field: str, top_n: int):
+    def submit(request: Request, prompts: list[str] | list[str | list[int]], body: Any, max_tokens: int | None, field: str, top_n: int):
         _unsupported(body)
         try:
             req = engine.submit(
@@ -130,7 +131,7 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
     @router.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS)
     async def list_models() -> ModelList:
         """The one served model, as OpenAI lists models."""
-        return ModelList(data=[card()])  # type: ignore[list-item]
+        return ModelList(data=[card()])
 
     @router.get("/v1/models/{name}", response_model=ModelObject, responses={
         401: OPENAI_ERRORS[401], 404: OPENAI_ERRORS[404],
@@ -256,7 +257,9 @@ def _text(engine: Engine, token_id: int) -> str:
 
 
 def _completion_logprobs(engine: Engine, c: Completion, n: int | None, echo: str | None) -> dict[str, Any]:
-    tokens, lps, tops = [], [], []
+    tokens: list[Any] = []
+    lps: list[Any] = []
+    tops: list[Any] = []
     if echo is not None:  # the prompt's own tokens: their log-probabilities are not computed here (null)
         for t in c.prompt_ids:
             tokens.append(_text(engine, t))

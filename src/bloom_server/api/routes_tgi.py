@@ -4,7 +4,8 @@ InferenceClient(base_url).text_generation(...) works against these unchanged."""
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,9 +28,9 @@ from bloom_server.api.common import (
 from bloom_server.api.errors import error_responses, render_error, status_of
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
 from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse
+from bloom_server.errors import BloomServerError, InvalidRequest
 from bloom_server.frontend.core import Engine
 from bloom_server.frontend.requests import Completion, GenRequest, TokenEvent
-from bloom_server.errors import BloomServerError, InvalidRequest
 from bloom_server.types import ACCEPTED_GENERATE_KWARGS
 
 TGI_ERRORS = error_responses(ErrorResponse, e422="Invalid request: `error` names the field, `error_type` is TGI's kind")

@@ -3,7 +3,7 @@ did ("true" -> True, "10" -> 10); limits are checked in the engine, which knows 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 
@@ -119,7 +119,7 @@ class ErrorResponse(BaseModel):
     error: str
     message: str
     field: str | None = None
-    limit: Union[int, float, str, None] = None
+    limit: int | float | str | None = None
 
 
 class Health(BaseModel):

@@ -35,7 +35,7 @@ _GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "typical_p", "repetitio
 
 class FastBackend(Backend):
     name = "fast"
-    engine: "FastEngine | None" = None
+    engine: FastEngine | None = None
     supports_streaming = True  # generate() takes rank 0's listener (per-step tokens, log-probabilities, stops)
     supports_continuous = True  # cstep(): rows join and leave the running batch at step boundaries
     warmup_loggers = ("bloom_server.fast.engine",)
@@ -53,7 +53,7 @@ class FastBackend(Backend):
             return tk.kernel_counts() if tk.HAVE_TRITON else None
         except Exception:  # noqa: BLE001 - a report only: no counts rather than a failed warm-up
             return None
-    _batcher: "ContinuousBatcher | None" = None
+    _batcher: ContinuousBatcher | None = None
 
     def load(self) -> None:
         """Weights straight from disk into this rank's tensors at the disk's speed (bloom_server.fast.weights
@@ -192,7 +192,7 @@ class FastBackend(Backend):
         out = cut_rows(result.tokens, batch.max_new_tokens, set(cfg.eos_ids))
         return stream.cut_stopped(out) if stream is not None else out
 
-    def cstep(self, step: Any, rank0: bool = False) -> "CStepResult":
+    def cstep(self, step: Any, rank0: bool = False) -> CStepResult:
         """One continuous-batching step (frontend/batching/continuous.py's CStep: `joins`, `leaves`), the same on every rank:
         rows that left are retired, every live row's next decode is queued, the previous step's tokens are read
         (pipelined one step ahead: fast/scheduler.py), rows that finished by EOS or length leave, joined rows are

@@ -20,7 +20,8 @@ def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgre
     """One sequential stream of this rank's weights to the last byte, which the loader follows (storage/prefetch.py)."""
     if not settings.load_prefetch:
         return
-    from bloom_server.storage.prefetch import ReadThrottle, start_prefetch as start
+    from bloom_server.storage.prefetch import ReadThrottle
+    from bloom_server.storage.prefetch import start_prefetch as start
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
@@ -33,8 +34,13 @@ def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_fla
     """The decode kernels compile now, in child processes, into Triton's cache (BLOOM_KERNEL_CACHE_DIR), after the
     cache is seeded from kernels compiled ahead of time (BLOOM_KERNEL_CACHE_SEED, else MODEL/.bloom-kernel-cache).
     None where there is nothing to compile (no GPU or Triton, fp32, BLOOM_FAST_PRECOMPILE=0)."""
-    from bloom_server.fast.coldstart.precompile import (apply_kernel_cache_dir, seed_dir, seed_kernel_cache,
-                                                        start_compile_workers, triton_cache_dir)  # fmt: skip
+    from bloom_server.fast.coldstart.precompile import (
+        apply_kernel_cache_dir,
+        seed_dir,
+        seed_kernel_cache,
+        start_compile_workers,
+        triton_cache_dir,
+    )
 
     apply_kernel_cache_dir(settings.kernel_cache_dir)
     seed = seed_dir(settings.kernel_cache_seed, model_dir.path)
@@ -50,7 +56,7 @@ def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_fla
     try:
         return start_compile_workers(settings, model_dir.path, world=int(os.environ.get("WORLD_SIZE", "1") or 1),
                                      local_rank=local, seed=seed)  # fmt: skip
-    except Exception:  # noqa: BLE001 - ahead-of-time work only: the load compiles what is missing
+    except Exception:  # ahead-of-time work only: the load compiles what is missing
         log.warning("kernel compile workers not started", exc_info=True)
         return None
 

@@ -10,14 +10,18 @@ import argparse
 import os
 import shutil
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # flag -> (Settings field, type, help). Booleans are handled by BooleanOptionalAction.
 _SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--model", "model", str, "model directory, Hub cache repo id, or pvc:// URI (default: the embedded tiny model)"),
     ("--model-id", "model_id", str, "name reported to clients and used in /v1/models/{name}"),
-    ("--model-aliases", "model_aliases", str,
-     "names a request's `model` may give besides the id (default: tgi,dummy; *: any; empty: the id only)"),
+    (
+        "--model-aliases",
+        "model_aliases",
+        str,
+        "names a request's `model` may give besides the id (default: tgi,dummy; *: any; empty: the id only)",
+    ),
     ("--backend", "backend", str, "hf | ds_inference | ds_zero | fast"),
     ("--dtype", "dtype", str, "auto | fp16 | bf16 | int8 | fp32"),
     ("--host", "host", str, "address to listen on (default 0.0.0.0)"),
@@ -38,8 +42,11 @@ _SERVE_BOOLS: list[tuple[str, str, str]] = [
     ("--warmup", "warmup", "run one generate before reporting ready (default on)"),
     ("--kernel-inject", "kernel_inject", "ds_inference: DeepSpeed kernel injection (default on)"),
     ("--cpu-offload", "cpu_offload", "ds_zero: offload parameters to CPU"),
-    ("--trust-unverified-pickles", "trust_unverified_pickles",
-     "DANGEROUS: load pickled weights (.pt, .bin) without a verifying completion marker (docs/security.md)"),
+    (
+        "--trust-unverified-pickles",
+        "trust_unverified_pickles",
+        "DANGEROUS: load pickled weights (.pt, .bin) without a verifying completion marker (docs/security.md)",
+    ),
 ]
 
 

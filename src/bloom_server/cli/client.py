@@ -15,8 +15,11 @@ from typing import Any, TextIO
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help='the prompt ("-" reads it from standard input)')
-    p.add_argument("--url", default=None,
-                   help="server URL (default: $BLOOM_URL, else http://127.0.0.1:$BLOOM_PORT, port 8080 by default)")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="server URL (default: $BLOOM_URL, else http://127.0.0.1:$BLOOM_PORT, port 8080 by default)",
+    )
     p.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer` (default: $BLOOM_API_KEY)")
     p.add_argument("--max-new-tokens", type=int, default=50, help="new tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
@@ -99,8 +102,11 @@ def _stream(resp: http.client.HTTPResponse, out: TextIO, err: TextIO, start: flo
             out.flush()
             if not quiet:
                 took = time.monotonic() - start
-                print(f"[{details['generated_tokens']} tokens, {details['finish_reason']}, {took:.2f} s, "
-                      f"first token after {first - start:.2f} s]", file=err)
+                print(
+                    f"[{details['generated_tokens']} tokens, {details['finish_reason']}, {took:.2f} s, "
+                    f"first token after {first - start:.2f} s]",
+                    file=err,
+                )
     return 0
 
 

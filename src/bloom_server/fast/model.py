@@ -104,7 +104,9 @@ class BloomRankModel:
         self._triton = bool(self.fuse & {"tgemv", "tattn", "thead"}) and tk.available(self.device) and half
         self._triton = self._triton and tk.fits(*big)
         self._thead = self._triton and "thead" in self.fuse and tk.fits(self.w.emb)  # 32-bit offsets (not 176B's)
-        self._zero_vocab = torch.zeros(self.w.emb.shape[0], dtype=self.dtype, device=self.device) if self._thead else None
+        self._zero_vocab = (
+            torch.zeros(self.w.emb.shape[0], dtype=self.dtype, device=self.device) if self._thead else None
+        )
 
     # ---- pieces shared by prefill and decode ----
 
@@ -292,4 +294,3 @@ class BloomRankModel:
         for li in range(self.shape.n_layer):
             x = self.prefill_layer(li, x, bias, None, None, None)
         return x
-

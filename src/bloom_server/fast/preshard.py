@@ -21,14 +21,17 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json")  # fmt: skip
 
 
-def safetensors_header(entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, int]:
+def safetensors_header(
+    entries: Sequence[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, int]:
     """(header bytes incl. the 8-byte length, data bytes) for tensors (name, safetensors dtype, shape) stored in
     this order. The header is padded with spaces to a multiple of 8 bytes (as safetensors does)."""
     from bloom_server.storage.safetensors import DTYPE_SIZES
@@ -48,9 +51,13 @@ def safetensors_header(entries: Sequence[tuple[str, str, tuple[int, ...]]], meta
     return len(raw).to_bytes(8, "little") + raw, pos
 
 
-def write_safetensors(path: Path, entries: Sequence[tuple[str, str, tuple[int, ...]]],
-                      produce: Callable[[str], Any], metadata: dict[str, str] | None = None,
-                      hash: bool = True) -> str | None:  # noqa: A002
+def write_safetensors(
+    path: Path,
+    entries: Sequence[tuple[str, str, tuple[int, ...]]],
+    produce: Callable[[str], Any],
+    metadata: dict[str, str] | None = None,
+    hash: bool = True,
+) -> str | None:
     """Write a safetensors file whose tensors (name, dtype, shape) come one by one from produce(name) (a torch
     tensor of that dtype and shape, any device). fsynced. Returns the file's sha256 (None with hash=False)."""
     import torch
@@ -60,7 +67,7 @@ def write_safetensors(path: Path, entries: Sequence[tuple[str, str, tuple[int, .
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(header)
-        for name, dtype, shape in entries:
+        for name, _dtype, shape in entries:
             t = produce(name)
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced {list(t.shape)}, expected {list(shape)}")
@@ -79,11 +86,12 @@ def write_safetensors(path: Path, entries: Sequence[tuple[str, str, tuple[int, .
 def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Callable[[str], None] = print) -> Path:
     import torch
 
-    from bloom_server.storage import marker
     from bloom_server.errors import ModelDirError
     from bloom_server.fast.shapes import BloomShape
     from bloom_server.fast.tp import shard_range, split_dim
     from bloom_server.fast.weights import _ST_DTYPES, _full_shapes, rank_shape, required_names
+    from bloom_server.storage import marker
+    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.storage.safetensors import (
         PRESHARD_FORMAT,
         PRESHARD_MANIFEST,
@@ -92,7 +100,6 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
         read_header,
         wanted_entries,
     )
-    from bloom_server.storage.model_dir import resolve_model_dir
 
     md = resolve_model_dir(model)
     if md.layout != "hf":
@@ -126,8 +133,11 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
     dtypes = {n: out_dt or t.dtype for n, (_, t) in zip(names, wanted)}
 
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_marker(out, marker.IN_PROGRESS, {"format": marker.FORMAT, "state": "in_progress",
-                                                  "writer": "bloom-server preshard", "source": str(md.path)})
+    marker.write_marker(
+        out,
+        marker.IN_PROGRESS,
+        {"format": marker.FORMAT, "state": "in_progress", "writer": "bloom-server preshard", "source": str(md.path)},
+    )
     from safetensors import safe_open
 
     handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
@@ -150,8 +160,8 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
                 pad = name.endswith("word_embeddings.weight")
                 a, b = shard_range(full[name][dim], r, tp, pad=pad)
                 t = sl[a:b] if dim == 0 else sl[:, a:b]
-                if pad and t.shape[0] < vpart:
-                    t = torch.cat([t, t.new_zeros((vpart - t.shape[0], *t.shape[1:]))])
+                if pad and t.shape[0] < vpart:  # noqa: B023 - called within this iteration
+                    t = torch.cat([t, t.new_zeros((vpart - t.shape[0], *t.shape[1:]))])  # noqa: B023 - called within this iteration
             return t.to(_ST_DTYPES[dtypes[name]])
 
         fname = rank_file_name(r, tp)
@@ -184,8 +194,8 @@ def out_dt_name(dtype: str | None) -> str:
 def _finished(out: Path, source: Path, tp: int, dtype: str) -> bool:
     """True when `out` is a complete, size-verified preshard of `source` at this degree and dtype: a rerun (the
     download Job retried after a later step failed) leaves it as it is."""
-    from bloom_server.storage import marker
     from bloom_server.errors import ModelDirError
+    from bloom_server.storage import marker
     from bloom_server.storage.safetensors import PRESHARD_MANIFEST
 
     if not (out / marker.COMPLETE).is_file() or (out / marker.IN_PROGRESS).exists():
@@ -213,8 +223,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="plain checkpoint directory (safetensors), Hub cache name, pvc://")
     p.add_argument("--tp", type=int, required=True, help="tensor-parallel degree (ranks) the server will run")
     p.add_argument("--out", type=Path, required=True, help="new directory for the pre-sharded layout")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
-                   help="store the weights in this dtype (default: as the checkpoint stores them)")
+    p.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default=None,
+        help="store the weights in this dtype (default: as the checkpoint stores them)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,8 +27,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ if HAVE_TRITON:
         bm = kw.get("BM", nargs.get("BM", 1))
         return [c for c in configs if bm == 1 or c.kwargs["BN"] >= 16] or configs
 
-    def _bench(fn, quantiles=None):  # noqa: ANN001
+    def _bench(fn, quantiles=None):
         # 5 ms of warm-up and 25 ms of timed runs per config instead of Triton's 25 + 100: every GEMV here takes
         # 10 us to 1 ms, so that is still 25 to 2500 timed runs for the median; 5 keys x 6 configs cost ~1 s instead
         # of ~4 s (first start: during the weight read, see Prewarm; a kept cache skips them).
@@ -124,7 +125,9 @@ if HAVE_TRITON:
             s1 = tl.zeros((BM,), tl.float32)
             for k0 in range(0, K, BK):
                 rk = k0 + tl.arange(0, BK)
-                xv = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=mmask[:, None] & (rk < K)[None, :], other=0.0)
+                xv = tl.load(
+                    x_ptr + rm[:, None] * sxm + rk[None, :], mask=mmask[:, None] & (rk < K)[None, :], other=0.0
+                )
                 s1 += tl.sum(xv.to(tl.float32), axis=1)
             mean = s1 / K
             s2 = tl.zeros((BM,), tl.float32)
@@ -244,7 +247,7 @@ def gemv(
     assert epilogue != "residual" or (residual is not None and r.stride(1) == 1)
     lnw, lnb, eps = ln if ln is not None else (b, b, 0.0)
     bm = 1 if M == 1 else 16
-    grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731 - Triton's grid idiom
     _gemv_kernel[grid](
         x, w, b, r, y, lnw, lnb, M, N, K, x.stride(0), w.stride(0), r.stride(0), y.stride(0), float(eps),
         LN=ln is not None, EPI=EPILOGUES[epilogue], BM=bm, LIBDEVICE=not INTERPRET,
@@ -335,7 +338,7 @@ class DecodePlan:
         return json.dumps(d)
 
     @classmethod
-    def from_json(cls, text: str) -> "DecodePlan":
+    def from_json(cls, text: str) -> DecodePlan:
         d = json.loads(text)
         d["gemvs"] = tuple(GemvCall(**g) for g in d["gemvs"])
         return cls(**d)
@@ -451,7 +454,7 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
                     continue
                 seen.add(variant)
 
-                def job(g=g, m=m, bm=bm, cfg=cfg):  # noqa: ANN001
+                def job(g=g, m=m, bm=bm, cfg=cfg):
                     return _gemv_kernel.fn.warmup(
                         dt, dt, dt, dt, dt, dt, dt, m, g.N, g.K, g.K, g.K, g.N, g.N, 1e-5,
                         LN=g.ln, EPI=EPILOGUES[g.epilogue], BM=bm, LIBDEVICE=not INTERPRET, grid=(1,),
@@ -462,7 +465,7 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
         if plan.attention and stage == 1:
             hp, D, S = plan.hp, plan.D, _key_bucket(plan.max_seq)
 
-            def attn(m=m, hp=hp, D=D, S=S):  # noqa: ANN001
+            def attn(m=m, hp=hp, D=D, S=S):
                 s_ch = plan.max_seq * D
                 return _decode_attn_kernel.warmup(
                     dt, dt, dt, torch.int64, torch.float32, dt, torch.float32, S, hp, hp * 3 * D, hp * s_ch, s_ch, D, hp * D, 0.125,
@@ -588,7 +591,7 @@ class Prewarm:
         self.t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="bloom-prewarm", daemon=True)
 
-    def start(self) -> "Prewarm":
+    def start(self) -> Prewarm:
         self._thread.start()
         return self
 
@@ -634,7 +637,7 @@ class Prewarm:
                 self.times.update({f"  {k}": v for k, v in calls.items()})
             side.synchronize()
             torch.cuda.empty_cache()  # the dummy tensors' memory back to the device
-        except Exception as e:  # noqa: BLE001 - ahead-of-time work only: the warm-up compiles what is missing
+        except Exception as e:  # ahead-of-time work only: the warm-up compiles what is missing
             self.error = f"{type(e).__name__}: {e}"
             log.warning("kernel prewarm failed (the warm-up will compile instead): %s", self.error, exc_info=True)
         finally:

@@ -11,15 +11,17 @@ import ctypes
 import os
 import threading
 import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from bloom_server.errors import ModelDirError
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup, shard_range, split_dim
+from bloom_server.progress import LoadProgress
+from bloom_server.storage.prefetch import ReadThrottle
 from bloom_server.storage.safetensors import (
     Chunk,
     SafetensorsFile,
@@ -29,8 +31,6 @@ from bloom_server.storage.safetensors import (
     wanted_entries,
     weights_source,
 )
-from bloom_server.progress import LoadProgress
-from bloom_server.storage.prefetch import ReadThrottle
 
 PREFIX = "transformer."
 
@@ -208,7 +208,7 @@ def _preadv_all(fd: int, views: list[memoryview], offset: int, path: Path) -> No
             raise ModelDirError(f"{path}: unexpected end of file at byte {offset} (truncated while loading?)")
         offset += n
         if n == want:
-            views = views[len(batch):]
+            views = views[len(batch) :]
             continue
         while n:  # a short read: drop what was filled, keep the rest of the view it stopped in
             if n >= len(views[0]):
@@ -246,7 +246,9 @@ def read_safetensors(
     casts: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
     for i, (_, t) in enumerate(wanted):
         if t.dtype not in _ST_DTYPES:
-            raise ModelDirError(f"{files[wanted[i][0]].path}: {t.name} has dtype {t.dtype}, which the fast engine does not read")
+            raise ModelDirError(
+                f"{files[wanted[i][0]].path}: {t.name} has dtype {t.dtype}, which the fast engine does not read"
+            )
         fdt = _ST_DTYPES[t.dtype]
         final = dtype if fdt.is_floating_point else fdt
         if fdt == final:
@@ -384,7 +386,9 @@ def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, 
     names = required_names(shape)
     wanted, missing = wanted_entries([header], names)
     if missing:
-        raise ModelDirError(f"{path}: no tensor {missing[0]!r} ({len(missing)} missing): not a pre-sharded BLOOM of this shape")
+        raise ModelDirError(
+            f"{path}: no tensor {missing[0]!r} ({len(missing)} missing): not a pre-sharded BLOOM of this shape"
+        )
     full = _full_shapes(shape)
     for name, (_, t) in zip(names, wanted):
         want = rank_shape(name, full[name], tp.rank, tp.world)

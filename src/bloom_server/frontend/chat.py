@@ -24,7 +24,7 @@ class ChatTemplate:
         self.bos_token, self.eos_token, self.origin = bos_token, eos_token, origin
 
     @classmethod
-    def load(cls, model_dir: str | Path | None, setting: str | None) -> "ChatTemplate | None":
+    def load(cls, model_dir: str | Path | None, setting: str | None) -> ChatTemplate | None:
         """The setting wins over the tokenizer's template; None when neither exists."""
         config: dict[str, Any] = {}
         if model_dir is not None:

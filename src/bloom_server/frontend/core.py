@@ -7,14 +7,15 @@ import dataclasses
 import enum
 import logging
 import time
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from bloom_server.frontend.batching.continuous import CStep, ContinuousScheduler, Join
+from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, NotReady
+from bloom_server.frontend.batching.continuous import ContinuousScheduler, CStep, Join
+from bloom_server.frontend.batching.dynamic import Batcher, BatchListener
 from bloom_server.frontend.requests import Completion, GenRequest
-from bloom_server.frontend.batching.dynamic import BatchListener, Batcher
 from bloom_server.frontend.tokenizer import TextTokenizer
 from bloom_server.frontend.validation import check_prompts, validate_generate
-from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, NotReady
 from bloom_server.settings import Settings
 from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput, ModelInfo, SamplingParams
 
@@ -67,7 +68,7 @@ class Engine:
         self.loaded_at = time.time()
         s = self.settings
         self.batching = self._batching_mode(runner)
-        on_batch = lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None  # noqa: E731
+        on_batch = lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None  # noqa: E731 - a late-bound hook, read at each call
         if self.batching == "continuous":
             self.batcher = ContinuousScheduler(
                 runner,
@@ -159,7 +160,7 @@ class Engine:
         assert self.runner is not None
         return await asyncio.wrap_future(self.runner.submit("generate", batch, listener=listener))
 
-    def _check_count(self, texts: list[str], field: str, n: int = 1) -> None:
+    def _check_count(self, texts: list[str] | list[str | list[int]], field: str, n: int = 1) -> None:
         if not texts:
             raise InvalidRequest(f"{field}: at least one prompt is required", field=field)
         if len(texts) * n > self.settings.max_batch_size:
@@ -263,7 +264,7 @@ class Engine:
         try:
             assert self.on_request_done is not None
             self.on_request_done(req, fut.exception())
-        except Exception:  # noqa: BLE001 - metrics never break a request
+        except Exception:  # metrics never break a request
             log.exception("request report failed")
 
     async def generate(

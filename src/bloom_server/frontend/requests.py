@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from bloom_server.errors import BloomServerError
 from bloom_server.types import FinishReason
@@ -82,8 +83,8 @@ class GenRequest:
     def __init__(
         self,
         rows: list[list[int]],
-        spec: "GenerateSpec",
-        tokenizer: "TextTokenizer",
+        spec: GenerateSpec,
+        tokenizer: TextTokenizer,
         *,
         stop: tuple[str, ...] = (),
         eos_ids: frozenset[int] = frozenset(),

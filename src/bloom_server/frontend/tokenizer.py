@@ -16,10 +16,9 @@ class TextTokenizer:
         special = _read_json(model_dir / "special_tokens_map.json")
         config = _read_json(model_dir / "config.json")
         self.eos_token_id = self._id(special.get("eos_token"), config.get("eos_token_id"), "</s>")
-        self.pad_token_id = self._id(special.get("pad_token"), config.get("pad_token_id"), "<pad>")
+        pad = self._id(special.get("pad_token"), config.get("pad_token_id"), "<pad>")
         self.bos_token_id = self._id(special.get("bos_token"), config.get("bos_token_id"), "<s>")
-        if self.pad_token_id is None:
-            self.pad_token_id = self.eos_token_id if self.eos_token_id is not None else 0
+        self.pad_token_id: int = pad if pad is not None else (self.eos_token_id if self.eos_token_id is not None else 0)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = {
             i for i in (self.eos_token_id, self.pad_token_id, self.bos_token_id, self._tok.token_to_id("<unk>")) if i

@@ -20,7 +20,8 @@ import os
 import queue
 import signal
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bloom_server.errors import EngineDead
 from bloom_server.runtime.distributed import ControlChannel
@@ -116,7 +117,7 @@ class Leader:
         """Thread-safe: the source has rows to join (or leaves): start or keep running csteps."""
         self._queue.put(_WAKE)  # type: ignore[arg-type]
 
-    def start(self) -> "Leader":
+    def start(self) -> Leader:
         self._thread.start()
         return self
 
@@ -168,7 +169,7 @@ class Leader:
                     self.channel.closing = True
                 try:
                     self._broadcast(Step(SHUTDOWN))
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - exiting anyway: the followers' own watchdog ends them
                     log.warning("followers did not take the shutdown step: %s", exc)
                 return
             step, fut, listener = item
@@ -180,7 +181,7 @@ class Leader:
                 result = execute(self.backend, step, listener, self._stops)
                 if self.channel is not None and step.kind != NOOP and not self.channel.agree(agreed(result)):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
-            except BaseException as exc:  # noqa: BLE001 - every failure here is fatal by design
+            except BaseException as exc:  # every failure here is fatal by design
                 log.exception("%s step failed on rank 0", step.kind)
                 self._fail(f"{step.kind} step failed: {type(exc).__name__}: {exc}", fut)
                 return
@@ -201,7 +202,7 @@ class Leader:
             result = execute(self.backend, step, source, self._stops)
             if self.channel is not None and not self.channel.agree(agreed(result)):
                 raise RuntimeError("ranks disagree on the result of a cstep step")
-        except BaseException as exc:  # noqa: BLE001 - fatal, as for every step
+        except BaseException as exc:  # fatal, as for every step
             log.exception("cstep step failed on rank 0")
             self._fail(f"cstep step failed: {type(exc).__name__}: {exc}", None)
             return False
@@ -222,7 +223,7 @@ class Leader:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None and item is not _WAKE:
+            if item is not None and item is not _WAKE and item[1] is not None:
                 pending.append(item[1])
         for fut in pending:
             if fut is not None and not fut.done():
@@ -230,7 +231,7 @@ class Leader:
         if self._source is not None:
             try:
                 self._source.fail(EngineDead(reason))
-            except Exception:  # noqa: BLE001 - answering callers must not stop the exit
+            except Exception:  # answering callers must not stop the exit
                 log.exception("continuous source failed to fail its requests")
         # Let the HTTP layer answer the requests that were in flight before the process goes.
         threading.Timer(self.fatal_grace_s, self.on_fatal, args=(reason,)).start()
@@ -272,7 +273,7 @@ def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0)
                 result = execute(backend, step, None, stops)
                 if step.kind != NOOP and not channel.agree(agreed(result)):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
-            except BaseException:  # noqa: BLE001 - a failed step ends this rank (exit 1); the log has the traceback
+            except BaseException:  # a failed step ends this rank (exit 1); the log has the traceback
                 log.exception("step %s failed on this rank", step.kind)
                 outcome["code"] = 1
                 break

@@ -36,9 +36,10 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from bloom_server.storage import marker
 
@@ -143,7 +144,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="retries per request after a network error, timeout, 429 or 5xx, resuming where it stopped (default: 5)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to wait for a connection or for the next bytes (default: 60)"
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a connection or for the next bytes (default: 60)",
     )
     parser.add_argument(
         "--progress-interval",
@@ -196,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         LOG.error("bloom-server download: error [interrupted]: stopped; rerun to resume")
         return 130
-    except Exception as e:  # a bug: still one readable line, and never the token
+    except Exception as e:  # noqa: BLE001 - a bug: still one readable line, and never the token
         LOG.error("bloom-server download: error [error]: %s: %s", type(e).__name__, _redact(str(e), token))
         return EXIT_ERROR
     finally:
@@ -205,8 +209,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 class _UTCFormatter(logging.Formatter):
-    converter = time.gmtime
-
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created))
 
@@ -470,7 +472,9 @@ class Downloader:
         resp = getattr(e, "response", None)
         status = getattr(resp, "status_code", None)
         token_state = (
-            "a token was sent (HF_TOKEN or HF_TOKEN_PATH)" if self.token else "no token was sent: set HF_TOKEN or HF_TOKEN_PATH"
+            "a token was sent (HF_TOKEN or HF_TOKEN_PATH)"
+            if self.token
+            else "no token was sent: set HF_TOKEN or HF_TOKEN_PATH"
         )
         repo = f"{self.repo_id}@{self.revision}"
         if isinstance(e, GatedRepoError):
@@ -492,7 +496,9 @@ class Downloader:
             )
         if status == 404:
             if isinstance(e, RevisionNotFoundError):
-                return DownloadError(EXIT_NOT_FOUND, f"HTTP 404: revision {self.revision!r} not found in {self.repo_id}")
+                return DownloadError(
+                    EXIT_NOT_FOUND, f"HTTP 404: revision {self.revision!r} not found in {self.repo_id}"
+                )
             if isinstance(e, EntryNotFoundError):
                 return DownloadError(EXIT_NOT_FOUND, f"HTTP 404: {what} not found in {self.repo_id}@{self.commit}")
             return DownloadError(EXIT_NOT_FOUND, f"HTTP 404: repository {self.repo_id} not found ({what})")
@@ -605,7 +611,7 @@ class Downloader:
                 data = marker.read_marker(self.dir, name)
             except FileNotFoundError:
                 continue
-            except Exception as e:  # a damaged marker only costs re-hashing
+            except Exception as e:  # noqa: BLE001 - a damaged marker only costs re-hashing
                 LOG.info("ignoring %s: %s", name, e)
                 continue
             if data.get("repo_id") != self.repo_id or data.get("commit") != self.commit:
@@ -732,7 +738,7 @@ class Downloader:
             progress.begin(rf.path, have, rf.size)
             fetched = [0]
             try:
-                self._with_retries(rf.path, lambda: self._get_into(rf, part, hasher, progress, fetched))
+                self._with_retries(rf.path, lambda: self._get_into(rf, part, hasher, progress, fetched))  # noqa: B023 - called within this iteration
             finally:
                 progress.end(rf.path)
             bad = hasher.mismatch()
@@ -847,9 +853,7 @@ class Downloader:
             raise _disk_error(e, self.dir) from e
         files = self.list_files()
         total = sum(f.size for f in files)
-        LOG.info(
-            "%s@%s is commit %s: %d files, %s", self.repo_id, self.revision, self.commit, len(files), human(total)
-        )
+        LOG.info("%s@%s is commit %s: %d files, %s", self.repo_id, self.revision, self.commit, len(files), human(total))
         to_fetch, complete = self.plan(files)
         in_progress = (self.dir / marker.IN_PROGRESS).exists()
         listed = {f.path for f in files}
@@ -925,7 +929,7 @@ class Downloader:
                 self.fetch(rf, progress)
             except _Cancelled:
                 pass
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - collected and re-raised by the caller after the pool stops
                 with self.lock:
                     errors.append(e)
                 self.cancel.set()

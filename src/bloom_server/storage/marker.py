@@ -99,14 +99,21 @@ def write_marker(path: pathlib.Path, name: str, data: dict[str, Any]) -> None:
     fsync_dir(path)
 
 
-def write_local_marker(path: pathlib.Path, *, writer: str, repo_id: str, commit: str,
-                       sha256: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_local_marker(
+    path: pathlib.Path,
+    *,
+    writer: str,
+    repo_id: str,
+    commit: str,
+    sha256: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The completion marker for a directory this project wrote itself (`bloom-server preshard`, DeepSpeed's
     pre-sharded layout written by write_presharded_checkpoint), in the downloader's format so the server verifies it
     the same way: every file (outside hidden folders) with its size, and its sha256 where the writer computed it
     while writing (`sha256`: relative path -> hex digest). Atomic, like the downloader's."""
     path = pathlib.Path(path)
-    files = []
+    files: list[dict[str, Any]] = []
     for f in sorted(path.rglob("*")):
         rel = f.relative_to(path)
         if any(part.startswith(".") for part in rel.parts) or not f.is_file():

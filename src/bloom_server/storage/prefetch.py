@@ -11,8 +11,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from bloom_server.errors import ModelDirError
 from bloom_server.storage.safetensors import Chunk, plan_chunks, read_header, weights_source
@@ -112,7 +113,7 @@ class Prefetcher:
 
     # ---- the reader threads
 
-    def start(self) -> "Prefetcher":
+    def start(self) -> Prefetcher:
         with self._cv:
             self.state = "running" if self.chunks else "finished"
         for i in range(min(self.threads, len(self.chunks))):

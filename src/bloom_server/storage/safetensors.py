@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from bloom_server.errors import ModelDirError
 
@@ -76,8 +77,10 @@ def read_header(path: str | os.PathLike) -> SafetensorsFile:
     tensors = []
     for name, info in raw.items():
         try:
-            b, e = (int(x) for x in info["data_offsets"])
-            t = TensorEntry(name, str(info["dtype"]), tuple(int(s) for s in info["shape"]), data_start + b, data_start + e)
+            b, end = (int(x) for x in info["data_offsets"])
+            t = TensorEntry(
+                name, str(info["dtype"]), tuple(int(s) for s in info["shape"]), data_start + b, data_start + end
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelDirError(f"{path}: malformed entry for {name!r} in the safetensors header") from exc
         numel = 1
@@ -88,9 +91,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsFile:
         tensors.append(t)
     tensors.sort(key=lambda t: t.start)
     if tensors and tensors[-1].end > size:
-        raise ModelDirError(
-            f"{path}: truncated: its tensors end at byte {tensors[-1].end}, the file has {size} bytes"
-        )
+        raise ModelDirError(f"{path}: truncated: its tensors end at byte {tensors[-1].end}, the file has {size} bytes")
     return SafetensorsFile(path, data_start, size, tensors, {str(k): str(v) for k, v in meta.items()})
 
 
@@ -179,9 +180,7 @@ class Chunk:
         return sum(p.nbytes for p in self.pieces)
 
 
-def plan_chunks(
-    wanted: Sequence[tuple[int, TensorEntry]], chunk_bytes: int, gap_bytes: int = 1 << 20
-) -> list[Chunk]:
+def plan_chunks(wanted: Sequence[tuple[int, TensorEntry]], chunk_bytes: int, gap_bytes: int = 1 << 20) -> list[Chunk]:
     """Large sequential reads covering the wanted tensors ((file index, entry) pairs). Tensors that follow each
     other closely (gaps of at most `gap_bytes`, read through and dropped) form one span; a span is cut into reads of
     at most `chunk_bytes`. Chunks are in file order, so reading them in order is one sequential pass per file."""
@@ -214,13 +213,15 @@ def plan_chunks(
     return chunks
 
 
-def wanted_entries(files: Sequence[SafetensorsFile], keep: Iterable[str]) -> tuple[list[tuple[int, TensorEntry]], list[str]]:
+def wanted_entries(
+    files: Sequence[SafetensorsFile], keep: Iterable[str]
+) -> tuple[list[tuple[int, TensorEntry]], list[str]]:
     """(file index, entry) of each name in `keep` (names without the "transformer." prefix), and the names found in
     no file."""
     where: dict[str, tuple[int, TensorEntry]] = {}
     for fi, f in enumerate(files):
         for t in f.tensors:
-            where[t.name[len(PREFIX):] if t.name.startswith(PREFIX) else t.name] = (fi, t)
+            where[t.name[len(PREFIX) :] if t.name.startswith(PREFIX) else t.name] = (fi, t)
     out, missing = [], []
     for name in keep:
         if name in where:

@@ -26,9 +26,10 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 log = logging.getLogger("bloom_server.bench")
 
@@ -78,12 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast only: N requests with output lengths drawn from 16..--new-tokens, run as static batches "
                    "of the largest --batch-size (each to its longest row, the original server) and by continuous "
                    "batching over the same slots; tokens/s of each")  # fmt: skip
-    p.add_argument("--decode-fusion", default=None,
-                   help="fast: the decode fusion, triton_head or base (fast/model.py's FUSE_VARIANTS; default: "
-                   "BLOOM_FAST_DECODE, else triton_head)")
-    p.add_argument("--max-batch-search", type=int, default=0, metavar="N",
-                   help="instead of timing: the largest batch in [1, N] each backend runs with rows of --input-tokens "
-                   "+ --new-tokens tokens (fast: a cache of that many positions per slot), peak memory of each try")
+    p.add_argument(
+        "--decode-fusion",
+        default=None,
+        help="fast: the decode fusion, triton_head or base (fast/model.py's FUSE_VARIANTS; default: "
+        "BLOOM_FAST_DECODE, else triton_head)",
+    )
+    p.add_argument(
+        "--max-batch-search",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of timing: the largest batch in [1, N] each backend runs with rows of --input-tokens "
+        "+ --new-tokens tokens (fast: a cache of that many positions per slot), peak memory of each try",
+    )
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -314,7 +323,9 @@ class Bench:
 
         rng = random.Random(1234)
         lo = min(10, self.shape.vocab_size // 2)  # skip the special tokens at the start of BLOOM's vocabulary
-        return [tuple(rng.randrange(lo, self.shape.vocab_size) for _ in range(self.args.input_tokens)) for _ in range(bs)]
+        return [
+            tuple(rng.randrange(lo, self.shape.vocab_size) for _ in range(self.args.input_tokens)) for _ in range(bs)
+        ]
 
     def batch(self, bs: int, new: int) -> Any:
         from bloom_server.types import GenerateBatch, SamplingParams
@@ -518,7 +529,7 @@ def run_max_batch_search(bench: Bench, names: Sequence[str]) -> dict[str, Any]:
         except torch.OutOfMemoryError as exc:
             ok, err = False, "OOM: " + str(exc).split("\n")[0][:160]
         finally:
-            engine = out = None  # noqa: F841 - free before the next try
+            engine = out = None  # free before the next try
         peak = torch.cuda.max_memory_allocated(bench.device) / 1e9 if cuda else None
         reserved = torch.cuda.max_memory_reserved(bench.device) / 1e9 if cuda else None
         tries.append(Try(name, b, ok, time.perf_counter() - t, peak, reserved, err))
@@ -559,12 +570,18 @@ def run_max_batch_search(bench: Bench, names: Sequence[str]) -> dict[str, Any]:
              "|---|---|---|---|---|"]  # fmt: skip
     for n, b in best.items():
         t = rows_of[n][-1] if rows_of[n] else None
-        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+        fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 - a one-line formatter
         seen = ", ".join(f"{x.batch}: {'ok' if x.ok else 'OOM'}" for x in tries if x.backend == n)
         lines.append(f"| {n} | {b} | {fmt(t.peak_alloc_gb if t else None)} | {fmt(t.peak_reserved_gb if t else None)} "
                      f"| {seen} |")  # fmt: skip
     bench.say("\n".join(lines))
-    return {"sequence": seq, "input": args.input_tokens, "new": new, "largest": best, "tries": [asdict(t) for t in tries]}
+    return {
+        "sequence": seq,
+        "input": args.input_tokens,
+        "new": new,
+        "largest": best,
+        "tries": [asdict(t) for t in tries],
+    }
 
 
 def _compare(ours: list[list[int]], ref: list[list[int]]) -> str:
@@ -647,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in shared:
         try:
             ready[name] = bench.prepare(name)
-        except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the others' numbers
+        except Exception as exc:  # one backend failing must not hide the others' numbers
             log.exception("%s failed to load", name)
             bench.say(f"# {name}: FAILED to load: {type(exc).__name__}: {exc}")
     for bs in bench.batch_sizes:
@@ -657,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             try:
                 rows.append(bench.measure(name, backend, ready_s, bs, floors))
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 log.exception("%s bs=%d failed", name, bs)
                 bench.say(f"# {name} bs={bs}: FAILED: {type(exc).__name__}: {exc}")
             save()
@@ -671,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 rows.append(bench.measure("ds_inference", backend, ready_s, bs, floors))
                 save()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log.exception("ds_inference failed")
             bench.say(f"# ds_inference: FAILED: {type(exc).__name__}: {exc}")
     bench.say("\n" + table(rows))

@@ -123,7 +123,7 @@ def triton_version() -> str | None:
         from importlib.metadata import version
 
         return version("triton")
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - any failure reads as no Triton
         return None
 
 
@@ -257,8 +257,10 @@ class CompileWorkers:
         self.errors: list[str] = []
         root = str(Path(__file__).resolve().parents[3])  # the directory holding the bloom_server package
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-        code = ("import sys; from bloom_server.fast.triton_kernels import _worker_main; "
-                "sys.exit(_worker_main(sys.argv[1:]))")
+        code = (
+            "import sys; from bloom_server.fast.triton_kernels import _worker_main; "
+            "sys.exit(_worker_main(sys.argv[1:]))"
+        )
         for k in range(parts):
             try:
                 p = subprocess.Popen(

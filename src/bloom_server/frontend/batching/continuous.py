@@ -38,10 +38,11 @@ import math
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from bloom_server.frontend.batching.dynamic import check_queue_bounds
 from bloom_server.errors import EngineDead, NotReady
+from bloom_server.frontend.batching.dynamic import check_queue_bounds
 from bloom_server.runtime.protocol import CStep, Join
 from bloom_server.types import FinishReason, GenerateBatch, SamplingParams
 
@@ -121,7 +122,7 @@ class ContinuousScheduler:
         ahead = 1 + math.ceil(rows / self.max_batch_size)
         return max(1.0, min(60.0, ahead * self._request_seconds))
 
-    def submit(self, req: "GenRequest") -> None:
+    def submit(self, req: GenRequest) -> None:
         """Queue one request (all its rows join together) or refuse it at once (Overloaded)."""
         if self._closed is not None:
             raise EngineDead(str(self._closed)) if isinstance(self._closed, EngineDead) else self._closed
@@ -134,7 +135,7 @@ class ContinuousScheduler:
             self._waiting.append(req)
         self._runner.wake()
 
-    def _remove(self, req: "GenRequest") -> None:
+    def _remove(self, req: GenRequest) -> None:
         """A request leaves before it started: out of the queue, or, if the engine thread admitted it meanwhile, its
         rows leave the batch at the next step."""
         with self._lock:
@@ -143,7 +144,7 @@ class ContinuousScheduler:
                 return
         self._leave(req, list(range(req.n_rows)))
 
-    def _leave(self, req: "GenRequest", rows: list[int]) -> None:
+    def _leave(self, req: GenRequest, rows: list[int]) -> None:
         """Rows whose callers no longer read them (disconnect, stop string, deadline, max_time): their slots are
         freed at the next step boundary."""
         with self._lock:
@@ -234,7 +235,7 @@ class ContinuousScheduler:
                     rows_now = ((),) * live
                     self.on_batch(GenerateBatch(rows_now, (0,) * live, SamplingParams(), 0, self.pad_token_id,
                                                 self.eos_token_id), 0.0)  # fmt: skip
-                except Exception:  # noqa: BLE001 - metrics never break a request
+                except Exception:  # metrics never break a request
                     log.exception("batch report failed")
             for req, r, token, lp, top in rows:
                 if not req.done:

@@ -19,10 +19,10 @@ import math
 import random
 import threading
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-from bloom_server.frontend.requests import GenRequest
 from bloom_server.errors import Overloaded
+from bloom_server.frontend.requests import GenRequest
 from bloom_server.types import GenerateBatch, GenerateOutput
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class Batcher:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping: the task's own failure was reported where it happened
                 pass
             self._task = None
 

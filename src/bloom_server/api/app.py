@@ -196,13 +196,12 @@ def _install_docs(app: FastAPI) -> None:
 
     assets = resources.files("fastapi_offline").joinpath("static")
     app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
-    title = f"{app.title} - API docs"
+    page: dict[str, Any] = {"openapi_url": "/openapi.json", "title": f"{app.title} - API docs"}
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title=title,
+            **page,
             swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
@@ -218,8 +217,7 @@ def _install_docs(app: FastAPI) -> None:
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
         return get_redoc_html(
-            openapi_url="/openapi.json",
-            title=title,
+            **page,
             redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
             redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
             with_google_fonts=False,

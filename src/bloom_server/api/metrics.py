@@ -24,93 +24,72 @@ _TOKENS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
-        p = PREFIX
-        self.requests = Counter(
-            f"{p}_requests",
-            "HTTP requests answered, by route template, method and status.",
-            ["route", "method", "status"],
-            registry=r,
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(f"{PREFIX}_{name}", doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+            return Histogram(f"{PREFIX}_{name}", doc, labels, buckets=buckets, registry=r)
+
+        def gauge(name: str, doc: str, *labels: str) -> Gauge:
+            return Gauge(f"{PREFIX}_{name}", doc, labels, registry=r)
+
+        self.requests = counter(
+            "requests", "HTTP requests answered, by route template, method and status.", "route", "method", "status"
         )
-        self.request_duration = Histogram(
-            f"{p}_request_duration_seconds",
+        self.request_duration = histogram(
+            "request_duration_seconds",
             "HTTP request duration (to the last byte, streams included), by route.",
-            ["route"],
-            buckets=_LATENCY,
-            registry=r,
+            _LATENCY,
+            "route",
         )
-        self.in_flight = Gauge(
-            f"{p}_in_flight_requests", "HTTP requests being served now (probes and metrics excluded).", registry=r
+        self.in_flight = gauge("in_flight_requests", "HTTP requests being served now (probes and metrics excluded).")
+        self.queue_time = histogram(
+            "queue_time_seconds", "Time a generation request waited before its batch started.", _LATENCY
         )
-        self.queue_time = Histogram(
-            f"{p}_queue_time_seconds",
-            "Time a generation request waited before its batch started.",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            f"{p}_time_to_first_token_seconds",
+        self.ttft = histogram(
+            "time_to_first_token_seconds",
             "From arrival to the first generated token of a generation request.",
-            buckets=_LATENCY,
-            registry=r,
+            _LATENCY,
         )
-        self.tpot = Histogram(
-            f"{p}_time_per_output_token_seconds",
+        self.tpot = histogram(
+            "time_per_output_token_seconds",
             "Inference time divided by the tokens generated, per request (after the first token).",
-            buckets=_PER_TOKEN,
-            registry=r,
+            _PER_TOKEN,
         )
-        self.inference_time = Histogram(
-            f"{p}_inference_time_seconds",
-            "From the start of a request's batch to its last token.",
-            buckets=_LATENCY,
-            registry=r,
+        self.inference_time = histogram(
+            "inference_time_seconds", "From the start of a request's batch to its last token.", _LATENCY
         )
-        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens of finished generation requests.", registry=r)
-        self.generated_tokens = Counter(f"{p}_generated_tokens", "Tokens generated for callers.", registry=r)
-        self.prompt_tokens_hist = Histogram(
-            f"{p}_request_prompt_tokens", "Prompt tokens per generation request.", buckets=_TOKENS, registry=r
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished generation requests.")
+        self.generated_tokens = counter("generated_tokens", "Tokens generated for callers.")
+        self.prompt_tokens_hist = histogram("request_prompt_tokens", "Prompt tokens per generation request.", _TOKENS)
+        self.generated_tokens_hist = histogram(
+            "request_generated_tokens", "Generated tokens per generation request.", _TOKENS
         )
-        self.generated_tokens_hist = Histogram(
-            f"{p}_request_generated_tokens", "Generated tokens per generation request.", buckets=_TOKENS, registry=r
-        )
-        self.outcomes = Counter(
-            f"{p}_generation_requests",
+        self.outcomes = counter(
+            "generation_requests",
             "Generation requests by outcome: ok, cancelled (client left), deadline, error.",
-            ["outcome"],
-            registry=r,
+            "outcome",
         )
-        self.rejected = Counter(
-            f"{p}_rejected_requests",
-            "Requests refused before they ran, by reason (overloaded, not_ready, ...).",
-            ["reason"],
-            registry=r,
+        self.rejected = counter(
+            "rejected_requests", "Requests refused before they ran, by reason (overloaded, not_ready, ...).", "reason"
         )
-        self.batches = Counter(f"{p}_batches", "Generate calls run (each may hold several requests).", registry=r)
-        self.batch_size = Histogram(
-            f"{p}_batch_size", "Rows per generate call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
-        )
+        self.batches = counter("batches", "Generate calls run (each may hold several requests).")
+        self.batch_size = histogram("batch_size", "Rows per generate call.", (1, 2, 4, 8, 16, 32, 64, 128))
         self.queue_depth = Gauge(
             QUEUE_DEPTH, "Generation requests waiting for a batch (KEDA scales on this).", registry=r
         )
-        self.queue_tokens = Gauge(f"{p}_queue_tokens", "Tokens (prompt + max new) of the requests waiting.", registry=r)
-        self.running_batch = Gauge(f"{p}_running_batch_size", "Rows in the generate call running now.", registry=r)
-        self.load_seconds = Gauge(
-            f"{p}_model_load_seconds", "Seconds from start to the model loaded on every rank.", registry=r
+        self.queue_tokens = gauge("queue_tokens", "Tokens (prompt + max new) of the requests waiting.")
+        self.running_batch = gauge("running_batch_size", "Rows in the generate call running now.")
+        self.load_seconds = gauge("model_load_seconds", "Seconds from start to the model loaded on every rank.")
+        self.ready = gauge("ready", "1 when the server is ready for requests, 0 while loading, draining or dead.")
+        self.info = gauge(
+            "info", "Always 1; the labels say what is served.", "model_id", "backend", "dtype", "world_size", "version"
         )
-        self.ready = Gauge(
-            f"{p}_ready", "1 when the server is ready for requests, 0 while loading, draining or dead.", registry=r
-        )
-        self.info = Gauge(
-            f"{p}_info",
-            "Always 1; the labels say what is served.",
-            ["model_id", "backend", "dtype", "world_size", "version"],
-            registry=r,
-        )
-        self.load_bytes = Gauge(
-            f"{p}_load_bytes",
+        self.load_bytes = gauge(
+            "load_bytes",
             "Bytes of weights rank 0 has loaded (kind=loaded) of its total (kind=total); equal once loaded.",
-            ["kind"],
-            registry=r,
+            "kind",
         )
         # Labelled children, looked up once per label set (labels() validates and locks on every call). Bounded:
         # past the bound a label set (a client's odd method, say) is looked up each time, as prometheus_client does.

@@ -1,6 +1,7 @@
 """The project's own BLOOM engine in plain PyTorch (learned from gpt-fast's shape, written here).
 
 Pieces, top to bottom:
+  catalog.py   the BLOOM tensor list, once: names, full shapes, tensor-parallel split, engine fields
   engine.py    FastEngine: slots of a preallocated KV cache, `prefill` / `decode` / `generate`, CUDA graphs per bucket
   model.py     the BLOOM forward for one rank: embeddings, ALiBi attention over the slot cache, MLP, tied head
   sampling.py  next-token choice on the device (greedy, temperature, top-k, top-p, penalties), no host syncs

@@ -236,7 +236,7 @@ class BloomRankModel:
         ):  # fmt: skip
             ctx = tk.decode_attention(qkv, k_cache, v_cache, pos, self.slopes, S, self.inv_norm, self.hp, self.D)
         else:
-            ctx = self._decode_attend(qkv, k_cache, v_cache, rows, pos, S, prefix, bias)
+            ctx = self._decode_attend(qkv, k_cache, v_cache, bias, rows, pos, S, prefix)
         # Attention output projection, + residual.
         if tri and one:
             x = tk.gemv(ctx, lw.dense_w, lw.dense_b, epilogue="residual", residual=residual)
@@ -258,11 +258,11 @@ class BloomRankModel:
         qkv: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        bias: torch.Tensor,
         rows: torch.Tensor,
         pos: torch.Tensor,
         S: int,
         prefix: bool,
-        bias: torch.Tensor,
     ) -> torch.Tensor:
         """qkv [B, hp*3*D] -> ctx [B, hp*D]: writes the rows' K/V into the cache, attends over keys [0, S)."""
         B = qkv.shape[0]

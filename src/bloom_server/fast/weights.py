@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bloom_server.errors import ModelDirError
+from bloom_server.fast.catalog import LAYER_FIELDS, full_shapes
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup, shard_range, split_dim
 from bloom_server.progress import LoadProgress
@@ -53,20 +54,7 @@ class LayerWeights:
     fc2_b: torch.Tensor  # [h]        added once, after the all-reduce
 
 
-_LAYER_NAMES = {
-    "ln1_w": "input_layernorm.weight",
-    "ln1_b": "input_layernorm.bias",
-    "qkv_w": "self_attention.query_key_value.weight",
-    "qkv_b": "self_attention.query_key_value.bias",
-    "dense_w": "self_attention.dense.weight",
-    "dense_b": "self_attention.dense.bias",
-    "ln2_w": "post_attention_layernorm.weight",
-    "ln2_b": "post_attention_layernorm.bias",
-    "fc1_w": "mlp.dense_h_to_4h.weight",
-    "fc1_b": "mlp.dense_h_to_4h.bias",
-    "fc2_w": "mlp.dense_4h_to_h.weight",
-    "fc2_b": "mlp.dense_4h_to_h.bias",
-}
+_LAYER_NAMES = LAYER_FIELDS
 
 
 @dataclass
@@ -399,20 +387,7 @@ def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, 
 
 
 def _full_shapes(shape: BloomShape) -> dict[str, tuple[int, ...]]:
-    h, f = shape.hidden_size, 4 * shape.hidden_size
-    per = {
-        "input_layernorm.weight": (h,), "input_layernorm.bias": (h,),
-        "self_attention.query_key_value.weight": (3 * h, h), "self_attention.query_key_value.bias": (3 * h,),
-        "self_attention.dense.weight": (h, h), "self_attention.dense.bias": (h,),
-        "post_attention_layernorm.weight": (h,), "post_attention_layernorm.bias": (h,),
-        "mlp.dense_h_to_4h.weight": (f, h), "mlp.dense_h_to_4h.bias": (f,),
-        "mlp.dense_4h_to_h.weight": (h, f), "mlp.dense_4h_to_h.bias": (h,),
-    }  # fmt: skip
-    out = {"word_embeddings.weight": (shape.vocab_size, h), "word_embeddings_layernorm.weight": (h,),
-           "word_embeddings_layernorm.bias": (h,), "ln_f.weight": (h,), "ln_f.bias": (h,)}  # fmt: skip
-    for i in range(shape.n_layer):
-        out.update({f"h.{i}.{k}": v for k, v in per.items()})
-    return out
+    return full_shapes(shape.hidden_size, shape.vocab_size, shape.n_layer)
 
 
 def from_checkpoint(
@@ -522,32 +497,13 @@ def random_weights(
     (std about emb_std * sqrt(h)), so greedy choices are far from ties and two correct engines agree token for token
     in fp16; the input side does not care, it is layer-normed at once."""
     tp = tp or TPGroup()
-    h, f = shape.hidden_size, 4 * shape.hidden_size
-    full_shapes = {
-        "input_layernorm.weight": (h,),
-        "input_layernorm.bias": (h,),
-        "self_attention.query_key_value.weight": (3 * h, h),
-        "self_attention.query_key_value.bias": (3 * h,),
-        "self_attention.dense.weight": (h, h),
-        "self_attention.dense.bias": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "post_attention_layernorm.bias": (h,),
-        "mlp.dense_h_to_4h.weight": (f, h),
-        "mlp.dense_h_to_4h.bias": (f,),
-        "mlp.dense_4h_to_h.weight": (h, f),
-        "mlp.dense_4h_to_h.bias": (h,),
-        "word_embeddings.weight": (shape.vocab_size, h),
-        "word_embeddings_layernorm.weight": (h,),
-        "word_embeddings_layernorm.bias": (h,),
-        "ln_f.weight": (h,),
-        "ln_f.bias": (h,),
-    }
+    shapes = full_shapes(shape.hidden_size, shape.vocab_size)
     vpart = -(-shape.vocab_size // tp.world)
 
     def get(name: str, dim: int | None, pad: bool) -> torch.Tensor:
         suffix = name.split(".", 2)[2] if name.startswith("h.") else name
         gen = torch.Generator(device=device).manual_seed(_seed_of(seed, name))
-        t = torch.randn(full_shapes[suffix], generator=gen, device=device, dtype=dtype)
+        t = torch.randn(shapes[suffix], generator=gen, device=device, dtype=dtype)
         t = t.mul_(emb_std if suffix == "word_embeddings.weight" else std)
         if ("layernorm" in suffix or suffix.startswith("ln_f")) and suffix.endswith("weight"):
             t = t.add_(1.0)

@@ -159,12 +159,12 @@ def test_kernel_precompile_is_a_noop_without_a_gpu(tiny_model_dir, tmp_path, mon
 
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "kc") and (tmp_path / "kc").is_dir()
     assert start_kernel_compile(load_settings(backend="hf"), md) is None
-    facts = {"model_dir": str(tiny_model_dir), "world": 1, "dtype": "float32", "max_batch": 4, "max_seq": 64}
+    facts = {"model_dir": str(tiny_model_dir), "world": 1, "dtype": "float32", "max_batch": 4, "max_seq": 64,
+             "fast_decode": None}  # fmt: skip
     assert tk.start_prewarm(torch.device("cpu"), facts, hidden=64) is None
-    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "0")
-    assert not precompile.enabled() and precompile.worker_count() == 0
-    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "3")
-    assert precompile.enabled() and precompile.worker_count() == 3
+    assert not precompile.enabled("0") and precompile.worker_count("0") == 0
+    assert precompile.enabled("3") and precompile.worker_count("3") == 3
+    assert load_settings(fast_precompile="0").fast_precompile == "0"  # BLOOM_FAST_PRECOMPILE, through the settings
 
 
 def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tiny_model_dir, monkeypatch):
@@ -201,7 +201,7 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
 
     fake = FakePrewarm()
 
-    def start_prewarm(device, facts, *, hidden, workers=None, keep_going=None, reserve=None):
+    def start_prewarm(device, facts, *, hidden, workers=None, keep_going=None, reserve=None, enabled=True):
         calls.append(("start", progress.phase, device.type, facts, hidden, workers, keep_going()))
         kv = 2 * 2 * 4 * 4 * 96 * 16 * 4  # 2 layers x 4 rows x 4 heads x 96 positions x 16 dims, fp32, K and V
         assert reserve() > kv  # the weights still to come and the KV cache
@@ -215,7 +215,14 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
     b.load()
     start, finish = calls
     assert start[:3] == ("start", "starting", "cpu") and start[4:] == (64, "workers", True)
-    assert start[3] == {"model_dir": str(tiny_model_dir), "world": 1, "max_batch": 4, "dtype": "float32", "max_seq": 96}
+    assert start[3] == {
+        "model_dir": str(tiny_model_dir),
+        "world": 1,
+        "max_batch": 4,
+        "dtype": "float32",
+        "max_seq": 96,
+        "fast_decode": None,
+    }
     assert finish == ("finish", "compiling kernels") and fake.finished == 1
     phases = [p for p, _ in progress.phases]
     assert phases == ["starting", "reading weights", "allocating cache", "compiling kernels"], phases

@@ -292,6 +292,12 @@ def test_min_length_suppresses_eos_inside_the_captured_step(pair):
 def test_fusion_names_parse_and_unknown_ones_are_refused():
     from bloom_server.fast.model import FUSE_VARIANTS, parse_fuse
 
+    from typing import get_args
+
+    from bloom_server.settings import Settings
+
+    literal = get_args(Settings.model_fields["fast_decode"].annotation)[0]  # the setting's names are the variants
+    assert set(get_args(literal)) == set(FUSE_VARIANTS)
     assert parse_fuse("base") == frozenset()
     assert parse_fuse("triton_head") == frozenset(FUSE_VARIANTS["triton_head"])
     for gone in ("eager", "triton_ln", "compile", "tgemv,nonsense"):

@@ -253,15 +253,13 @@ def test_need_maps_the_loaders_chunks_onto_the_prefetch_plan(model):
 def test_compile_workers_scale_with_the_cpus(monkeypatch):
     from bloom_server.fast.coldstart import precompile
 
-    for var in ("BLOOM_FAST_PRECOMPILE", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+    for var in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     cases = {(16, 1): 4, (2, 1): 1, (6, 1): 2, (8, 1): 4, (64, 1): 4, (128, 8): 4, (32, 4): 4, (16, 8): 1}
     for (cpus, ranks), want in cases.items():
         monkeypatch.setattr(precompile, "available_cpus", lambda c=cpus: c)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
-        assert precompile.worker_count() == want, (cpus, ranks)
-    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "3")
-    assert precompile.worker_count() == 3
-    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "0")
-    assert precompile.worker_count() == 0 and not precompile.enabled()
+        assert precompile.worker_count("") == want, (cpus, ranks)
+    assert precompile.worker_count("3") == 3
+    assert precompile.worker_count("0") == 0 and not precompile.enabled("0")
     assert precompile.available_cpus() >= 1

@@ -186,8 +186,8 @@ def _info(tmp_path: Path, **over) -> Path:
 
 
 def test_seed_archs_only_for_the_same_settings_and_triton(tmp_path, monkeypatch):
-    monkeypatch.delenv("BLOOM_FAST_DECODE", raising=False)
-    facts = {"model_dir": "/mnt/models", "world": 2, "dtype": "float16", "max_batch": 16, "max_seq": 612}
+    facts = {"model_dir": "/mnt/models", "world": 2, "dtype": "float16", "max_batch": 16, "max_seq": 612,
+             "fast_decode": None}  # fmt: skip
     if pc.triton_version() is None:
         pytest.skip("Triton is not installed")
     assert pc.seed_archs(_info(tmp_path), facts) == (90, 80)
@@ -197,7 +197,7 @@ def test_seed_archs_only_for_the_same_settings_and_triton(tmp_path, monkeypatch)
     assert pc.seed_archs(_info(tmp_path, ok=False), facts) == ()
     assert pc.seed_archs(_info(tmp_path, targets=[{"target": 90, "ok": False}, {"target": 80, "ok": True}]),
                          facts) == (80,)  # fmt: skip
-    monkeypatch.setenv("BLOOM_FAST_DECODE", "base")  # another fusion: other kernels
-    assert pc.seed_archs(_info(tmp_path), facts) == ()
-    assert pc.seed_archs(_info(tmp_path, fast_decode="base"), facts) == (90, 80)
+    base = {**facts, "fast_decode": "base"}  # another fusion: other kernels
+    assert pc.seed_archs(_info(tmp_path), base) == ()
+    assert pc.seed_archs(_info(tmp_path, fast_decode="base"), base) == (90, 80)
     assert pc.seed_archs(tmp_path / "missing", facts) == () and pc.seed_archs(None, facts) == ()

@@ -205,7 +205,7 @@ class Settings(BaseSettings):
     def _lower_format(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v
 
-    @field_validator("api_key", "chat_template", mode="before")
+    @field_validator("api_key", "chat_template", "fast_decode", mode="before")
     @classmethod
     def _empty_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -265,6 +265,16 @@ class Settings(BaseSettings):
         description="fast backend: a kernel cache made ahead of time (`bloom-server precompile`) whose entries are "
         "copied into the kernel cache directory at start, so that a first start on a new node skips the compiles. "
         "Default: MODEL/.bloom-kernel-cache when it exists; off: none.",
+    )  # fmt: skip
+    fast_decode: Literal["triton_head", "base"] | None = Field(
+        None, validation_alias=_env("fast_decode"),
+        description="fast backend: the decode step's fusion (fast/model.py FUSE_VARIANTS): triton_head, the default, "
+        "or base, the eager layer. It decides which kernels are compiled, so a kernel seed records it.",
+    )  # fmt: skip
+    fast_precompile: str = Field(
+        "", validation_alias=_env("fast_precompile"),
+        description="fast backend: the decode kernels compiled ahead of time, in worker processes while the weights "
+        "load: 0 (or off, false, no): none; a number: that many workers; empty: by the CPUs available.",
     )  # fmt: skip
 
 

@@ -95,7 +95,7 @@ class FastBackend(Backend):
             kv_hold = [torch.empty(cache_shape, dtype=dtype, device=device) for _ in range(2)]
         # On CUDA with Triton: a thread that compiles/loads and autotunes the decode kernels and warms cuBLAS while
         # the weights stream in (the compile workers serve.py started put the binaries in Triton's cache); None on
-        # CPU, without Triton, for fp32 and with BLOOM_FAST_PRECOMPILE=0 (fast/triton_kernels.py start_prewarm).
+        # CPU, without Triton, for fp32 and with fast_precompile off (fast/triton_kernels.py start_prewarm).
         from bloom_server.fast import triton_kernels as tk
 
         progress = self.progress
@@ -108,13 +108,13 @@ class FastBackend(Backend):
                 shape.params() * torch.empty((), dtype=dtype).element_size() // ctx.world_size  # fmt: skip
             return max(0, total - (progress.loaded_bytes if progress is not None else 0))
 
-        from bloom_server.fast.coldstart.precompile import plan_facts
+        from bloom_server.fast.coldstart.precompile import enabled, plan_facts
 
         prewarm = tk.start_prewarm(
             device, plan_facts(self.model_dir.path, world=ctx.world_size, dtype=str(dtype).replace("torch.", ""),
-                               max_batch=s.max_batch_size, max_seq=s.total_tokens_limit),
+                               max_batch=s.max_batch_size, max_seq=s.total_tokens_limit, fast_decode=s.fast_decode),
             hidden=shape.hidden_size, workers=self.early, keep_going=keep_going,
-            reserve=reserve,
+            reserve=reserve, enabled=enabled(s.fast_precompile),
         )  # fmt: skip
         self._phase("reading weights")
         t0 = time.perf_counter()
@@ -133,6 +133,8 @@ class FastBackend(Backend):
             max_seq=self.settings.total_tokens_limit,
             tp=tp,
         )
+        if self.settings.fast_decode is not None:
+            self.engine.model.set_fuse(self.settings.fast_decode)
         self._defaults = _generation_defaults(self.model_dir.path)
         self._dtype = str(dtype).replace("torch.", "")
         if prewarm is not None:

@@ -12,7 +12,7 @@ baddbmm(bias, q, k^T, alpha=1/sqrt(D)) in the model dtype, softmax accumulated i
 before the product with V, and the bias in the model dtype. Masked keys carry -inf in the bias (probability exactly 0, as
 transformers' fill with the dtype's minimum gives). GELU is the tanh form as one kernel.
 
-Decode fusion (`fuse`: BLOOM_FAST_DECODE or the engine's model.set_fuse; the variants in FUSE_VARIANTS): the
+Decode fusion (`fuse`: the engine's model.set_fuse, from the fast_decode setting; the variants in FUSE_VARIANTS): the
 small-batch decode step runs its layer as fewer kernels. Prefill is unchanged.
   triton_head  (the default) Triton GEMVs (fast/triton_kernels.py) with the bias, GELU and residual in their
                epilogues; one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context, one program per
@@ -29,7 +29,6 @@ that lost to the default are listed in docs/results/removed.md.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +48,8 @@ ATTN_WIDE_PROGRAMS = 448
 
 
 def parse_fuse(spec: str | None) -> frozenset[str]:
-    """A variant name (FUSE_VARIANTS); None: BLOOM_FAST_DECODE, else DEFAULT_FUSE."""
-    spec = (spec if spec is not None else os.environ.get("BLOOM_FAST_DECODE", DEFAULT_FUSE)).strip()
+    """A variant name (FUSE_VARIANTS); None: DEFAULT_FUSE."""
+    spec = (spec if spec is not None else DEFAULT_FUSE).strip()
     if spec not in FUSE_VARIANTS:
         raise ValueError(f"unknown decode fusion {spec!r}: one of {list(FUSE_VARIANTS)}")
     return frozenset(FUSE_VARIANTS[spec])
@@ -93,7 +92,7 @@ class BloomRankModel:
         self.set_fuse(None)
 
     def set_fuse(self, spec: str | None) -> None:
-        """Choose the decode fusion (see the module doc); None: BLOOM_FAST_DECODE, else DEFAULT_FUSE. An engine's
+        """Choose the decode fusion (see the module doc); None: DEFAULT_FUSE. An engine's
         captured graphs keep the fusion they were captured with."""
         from bloom_server.fast import triton_kernels as tk
 

@@ -490,15 +490,15 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
 
 def plan_for(facts: dict[str, Any]) -> DecodePlan:
     """The DecodePlan of one rank from plain facts (what serve.py hands the compile workers, and the fast backend's
-    load uses itself): model_dir, world, dtype ("float16" ...), max_batch, max_seq; the fusion from BLOOM_FAST_DECODE
-    (fast/model.py's parse_fuse)."""
+    load uses itself): model_dir, world, dtype ("float16" ...), max_batch, max_seq, fast_decode (the fusion, as
+    fast/model.py's parse_fuse reads it; None: the default)."""
     from bloom_server.fast.model import parse_fuse
     from bloom_server.fast.shapes import BloomShape
 
     shape = BloomShape.from_dir(facts["model_dir"])
     return decode_plan(hidden=shape.hidden_size, n_head=shape.n_head, vocab_size=shape.vocab_size,
                        world=int(facts["world"]), dtype=str(facts["dtype"]), max_batch=int(facts["max_batch"]),
-                       max_seq=int(facts["max_seq"]), fuse=parse_fuse(None),
+                       max_seq=int(facts["max_seq"]), fuse=parse_fuse(facts.get("fast_decode")),
                        post=shape.apply_residual_connection_post_layernorm)  # fmt: skip
 
 
@@ -674,16 +674,15 @@ class _Either:
 
 def start_prewarm(device: torch.device, facts: dict[str, Any], *, hidden: int, workers: Any = None,
                   keep_going: Callable[[], bool] | None = None,
-                  reserve: Callable[[], int] | None = None) -> Prewarm | None:  # fmt: skip
+                  reserve: Callable[[], int] | None = None, enabled: bool = True) -> Prewarm | None:  # fmt: skip
     """The fast backend's load hook: a started Prewarm on a CUDA device with Triton (facts as `plan_for` takes them),
-    None elsewhere (CPU, no Triton, BLOOM_FAST_PRECOMPILE=0, a plan with nothing on Triton: fp32, base fusion)."""
-    from bloom_server.fast.coldstart import precompile
-
-    if device.type != "cuda" or not HAVE_TRITON or not precompile.enabled():
+    None elsewhere (CPU, no Triton, not `enabled` (BLOOM_FAST_PRECOMPILE=0), a plan with nothing on Triton: fp32,
+    base fusion)."""
+    if device.type != "cuda" or not HAVE_TRITON or not enabled:
         return None
     try:
         plan = plan_for(facts)
-    except (ValueError, OSError, KeyError) as e:  # the model's own set_fuse reports a bad BLOOM_FAST_DECODE
+    except (ValueError, OSError, KeyError) as e:  # a directory without a readable config
         log.warning("no kernel prewarm: %s", e)
         return None
     return Prewarm(plan, device, hidden, workers, keep_going, reserve).start()

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-fusion",
         default=None,
         help="fast: the decode fusion, triton_head or base (fast/model.py's FUSE_VARIANTS; default: "
-        "BLOOM_FAST_DECODE, else triton_head)",
+        "the fast_decode setting (BLOOM_FAST_DECODE), else triton_head)",
     )
     p.add_argument(
         "--max-batch-search",
@@ -514,8 +514,9 @@ def run_max_batch_search(bench: Bench, names: Sequence[str]) -> dict[str, Any]:
             if name == "fast":
                 engine = FastEngine(bench.weights(), bench.shape, max_batch=b, max_seq=seq,
                                     tp=TPGroup(rank=bench.ctx.rank, world=bench.ctx.world_size))  # fmt: skip
-                if args.decode_fusion is not None:
-                    engine.model.set_fuse(args.decode_fusion)
+                fusion = args.decode_fusion or bench.settings("fast").fast_decode
+                if fusion is not None:
+                    engine.model.set_fuse(fusion)
                 out = engine.generate(prompts, new, SamplingConfig(min_new_tokens=new))
                 assert all(len(r) == new for r in out.tokens)
             else:

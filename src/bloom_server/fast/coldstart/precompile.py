@@ -15,7 +15,7 @@ of kernel variants, the workers' own code, `warm`).
 - `precompile`: the `bloom-server precompile` command's work: the same compile workers for a named GPU
   architecture (`--target cuda:86`), offline.
 
-BLOOM_FAST_PRECOMPILE: "0" turns the ahead-of-time work off (workers and the load thread's warm calls); a number sets
+The fast_precompile setting (BLOOM_FAST_PRECOMPILE): "0" turns the ahead-of-time work off (workers and the load thread's warm calls); a number sets
 the worker processes (default `worker_count`: the CPUs this process may use, shared by the ranks of this host, less
 RESERVED_CPUS per rank for the load itself, between 1 and MAX_WORKERS: 4 on a 16-CPU host with one GPU).
 """
@@ -37,8 +37,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ENV = "BLOOM_FAST_PRECOMPILE"
-
 
 # The seed's directory inside a model directory: `bloom-server precompile` writes it there by default and `serve` looks
 # for it there when BLOOM_KERNEL_CACHE_SEED does not name another.
@@ -46,8 +44,9 @@ SEED_DIRNAME = ".bloom-kernel-cache"
 SEED_INFO = "precompile.json"
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV, "").strip().lower() not in ("0", "off", "false", "no")
+def enabled(setting: str) -> bool:
+    """The fast_precompile setting (BLOOM_FAST_PRECOMPILE) allows work ahead of time."""
+    return setting.strip().lower() not in ("0", "off", "false", "no")
 
 
 def apply_kernel_cache_dir(path: str | None) -> str | None:
@@ -127,17 +126,19 @@ def triton_version() -> str | None:
         return None
 
 
-def plan_facts(model_dir: Path | str, *, world: int, dtype: str, max_batch: int, max_seq: int) -> dict[str, Any]:
+def plan_facts(
+    model_dir: Path | str, *, world: int, dtype: str, max_batch: int, max_seq: int, fast_decode: str | None
+) -> dict[str, Any]:
     """What decides one rank's decode kernel variants (triton_kernels.plan_for reads it), as the compile workers,
     the load's helper and a seed's precompile.json all carry it. dtype: "float16" | "bfloat16"."""
     return {"model_dir": str(model_dir), "world": int(world), "dtype": dtype, "max_batch": int(max_batch),
-            "max_seq": int(max_seq)}  # fmt: skip
+            "max_seq": int(max_seq), "fast_decode": fast_decode}  # fmt: skip
 
 
 def seed_archs(seed: Path | None, facts: dict[str, Any]) -> tuple[int, ...]:
     """The GPU architectures whose every decode kernel variant the seed holds for this server: those its
     `precompile` run compiled without a failure, when that run had the same plan facts (ranks, dtype, batch, sequence
-    length, BLOOM_FAST_DECODE) and the same Triton version. Empty when unknown or different."""
+    length, decode fusion) and the same Triton version. Empty when unknown or different."""
     if seed is None:
         return ()
     try:
@@ -147,7 +148,7 @@ def seed_archs(seed: Path | None, facts: dict[str, Any]) -> tuple[int, ...]:
     same = (info.get("ok") is True
             and [info.get(k) for k in ("world", "dtype", "max_batch", "max_seq")]
             == [facts.get(k) for k in ("world", "dtype", "max_batch", "max_seq")]
-            and info.get("fast_decode") == (os.environ.get("BLOOM_FAST_DECODE") or None)
+            and info.get("fast_decode") == facts.get("fast_decode")
             and info.get("triton") is not None and info.get("triton") == triton_version())  # fmt: skip
     if not same:
         return ()
@@ -205,11 +206,11 @@ def available_cpus() -> int:
     return max(1, n)
 
 
-def worker_count() -> int:
-    """Compile worker processes for this rank: BLOOM_FAST_PRECOMPILE's number when it gives one (0: none), else
+def worker_count(setting: str) -> int:
+    """Compile worker processes for this rank: the fast_precompile setting's number when it gives one (0: none), else
     the CPUs available over the ranks of this host, less RESERVED_CPUS, at least 1 and at most MAX_WORKERS
     (16 CPUs and one rank: 4; 2 CPUs: 1; 6 CPUs: 2; 128 CPUs and 8 ranks: 4 each)."""
-    raw = os.environ.get(ENV, "").strip().lower()
+    raw = setting.strip().lower()
     if raw not in ("", "1", "on", "true", "yes", "auto"):
         try:
             return max(0, int(raw))
@@ -322,14 +323,14 @@ def start_compile_workers(settings: Any, model_dir: Path, *, world: int, local_r
                           seed: Path | None = None) -> CompileWorkers | None:  # fmt: skip
     """Start the workers for the fast backend on a GPU host (None elsewhere, or when there is nothing to compile
     for: no Triton, fp32, BLOOM_FAST_PRECOMPILE=0)."""
-    if getattr(settings, "backend", None) != "fast" or not enabled() or not gpu_likely() or not triton_installed():
+    if not enabled(settings.fast_precompile) or not gpu_likely() or not triton_installed():
         return None
     dtype = model_dtype(str(settings.dtype))
-    parts = worker_count()
+    parts = worker_count(settings.fast_precompile)
     if dtype is None or parts < 1 or not (Path(model_dir) / "config.json").is_file():
         return None
     facts = plan_facts(model_dir, world=world, dtype=dtype, max_batch=settings.max_batch_size,
-                       max_seq=settings.total_tokens_limit)  # fmt: skip
+                       max_seq=settings.total_tokens_limit, fast_decode=settings.fast_decode)  # fmt: skip
     w = CompileWorkers(facts, parts, device_index=local_rank)
     w.seed_archs = seed_archs(seed, facts)
     log.info("kernel compile: %d worker process(es) started (Triton cache %s%s)", len(w.procs),
@@ -348,7 +349,7 @@ def cubin_entries(cache: Path) -> set[str]:
 
 
 def precompile(model_dir: Path, out: Path, *, targets: list[int | None], world: int, dtype: str, max_batch: int,
-               max_seq: int, workers: int, timeout: float = 1800.0) -> dict[str, Any]:  # fmt: skip
+               max_seq: int, workers: int, fast_decode: str | None, timeout: float = 1800.0) -> dict[str, Any]:  # fmt: skip
     """Compile one rank's decode kernel variants (every rank of a tensor-parallel group has the same shapes) for each
     target architecture into `out`, a Triton cache directory (what `seed_kernel_cache` copies at a server's start).
     A target of None: the GPU of this host. With a number no GPU is needed: Triton compiles for that architecture
@@ -359,9 +360,9 @@ def precompile(model_dir: Path, out: Path, *, targets: list[int | None], world: 
     out.mkdir(parents=True, exist_ok=True)
     before = cubin_entries(out)
     os.environ["TRITON_CACHE_DIR"] = str(out)  # the workers inherit it
-    facts = plan_facts(model_dir, world=world, dtype=dtype, max_batch=max_batch, max_seq=max_seq)
-    report: dict[str, Any] = {**facts, "fast_decode": os.environ.get("BLOOM_FAST_DECODE") or None,
-                              "targets": [], "ok": True, "triton": triton_version()}  # fmt: skip
+    facts = plan_facts(model_dir, world=world, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
+                       fast_decode=fast_decode)  # fmt: skip
+    report: dict[str, Any] = {**facts, "targets": [], "ok": True, "triton": triton_version()}
     for target in targets:
         t0 = time.monotonic()
         w = CompileWorkers({**facts, "target": target}, max(1, workers))

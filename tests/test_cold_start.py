@@ -117,7 +117,7 @@ def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
 def test_decode_plan_follows_the_model_choices():
     pytest.importorskip("torch")
     from bloom_server.fast import triton_kernels as tk
-    from bloom_server.fast.model import FUSE_VARIANTS
+    from bloom_server.fast.fusion import FUSE_VARIANTS
 
     default = frozenset(FUSE_VARIANTS["triton_head"])
     p = tk.decode_plan(hidden=4096, n_head=32, vocab_size=250880, world=1, dtype="float16", max_batch=32,

@@ -290,10 +290,9 @@ def test_min_length_suppresses_eos_inside_the_captured_step(pair):
 
 
 def test_fusion_names_parse_and_unknown_ones_are_refused():
-    from bloom_server.fast.model import FUSE_VARIANTS, parse_fuse
-
     from typing import get_args
 
+    from bloom_server.fast.fusion import FUSE_VARIANTS, parse_fuse
     from bloom_server.settings import Settings
 
     literal = get_args(Settings.model_fields["fast_decode"].annotation)[0]  # the setting's names are the variants

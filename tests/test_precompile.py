@@ -36,6 +36,7 @@ def report_of(p: subprocess.CompletedProcess) -> dict:
     return json.loads(p.stdout[start:])
 
 
+@pytest.mark.slow  # compile worker processes, a minute on two cores
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed (the test extra installs it on Linux x86_64)")
 def test_precompile_writes_every_variant_for_the_target_and_a_second_run_finds_them(tiny_model_dir, tmp_path):
     out = tmp_path / "seed"
@@ -67,6 +68,7 @@ def test_precompile_writes_every_variant_for_the_target_and_a_second_run_finds_t
     assert archs == {80, 90}
 
 
+@pytest.mark.slow  # compile worker processes
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed")
 def test_precompile_follows_the_server_settings_a_bigger_batch_adds_variants(tiny_model_dir, tmp_path):
     one = run_cli("--model", str(tiny_model_dir), "--out", str(tmp_path / "a"), "--target", "90", "--workers", "2",

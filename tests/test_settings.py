@@ -92,3 +92,11 @@ def test_invalid_flag_value_exits_2(tiny_model_dir):
     )
     assert r.returncode == 2
     assert "backend" in r.stderr
+
+
+def test_the_continuous_backends_are_those_whose_class_declares_it():
+    """settings.py names them so that a bad combination fails before loading; the classes declare the capability."""
+    from bloom_server.backends import _BACKENDS, backend_class
+    from bloom_server.settings import CONTINUOUS_BACKENDS
+
+    assert set(CONTINUOUS_BACKENDS) == {name for name in _BACKENDS if backend_class(name).supports_continuous}

@@ -3,6 +3,7 @@
 Pieces, top to bottom:
   catalog.py   the BLOOM tensor list, once: names, full shapes, tensor-parallel split, engine fields
   engine.py    FastEngine: slots of a preallocated KV cache, `prefill` / `decode` / `generate`, CUDA graphs per bucket
+  fusion.py    the decode step's fusion variants and the default
   model.py     the BLOOM forward for one rank: embeddings, ALiBi attention over the slot cache, MLP, tied head
   sampling.py  next-token choice on the device (greedy, temperature, top-k, top-p, penalties), no host syncs
   weights.py   checkpoint tensors -> this rank's shards (safetensors slices: a rank reads only its share)

@@ -33,26 +33,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bloom_server.fast.fusion import parse_fuse
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup
 from bloom_server.fast.weights import BloomWeights, LayerWeights
 
-FUSE_FLAGS = ("tgemv", "tattn", "thead")
-FUSE_VARIANTS: dict[str, tuple[str, ...]] = {"base": (), "triton_head": FUSE_FLAGS}
-# The fastest decode step measured (docs/results/fast-engine.md).
-DEFAULT_FUSE = "triton_head"
 # Where the fused decode attention beats the eager chain (docs/results/fast-engine.md): up to ATTN_MAX_KEYS keys at
 # every batch size, past it only from ATTN_WIDE_PROGRAMS (row, head) programs.
 ATTN_MAX_KEYS = 256
 ATTN_WIDE_PROGRAMS = 448
-
-
-def parse_fuse(spec: str | None) -> frozenset[str]:
-    """A variant name (FUSE_VARIANTS); None: DEFAULT_FUSE."""
-    spec = (spec if spec is not None else DEFAULT_FUSE).strip()
-    if spec not in FUSE_VARIANTS:
-        raise ValueError(f"unknown decode fusion {spec!r}: one of {list(FUSE_VARIANTS)}")
-    return frozenset(FUSE_VARIANTS[spec])
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:

@@ -492,7 +492,7 @@ def plan_for(facts: dict[str, Any]) -> DecodePlan:
     """The DecodePlan of one rank from plain facts (what serve.py hands the compile workers, and the fast backend's
     load uses itself): model_dir, world, dtype ("float16" ...), max_batch, max_seq, fast_decode (the fusion, as
     fast/model.py's parse_fuse reads it; None: the default)."""
-    from bloom_server.fast.model import parse_fuse
+    from bloom_server.fast.fusion import parse_fuse
     from bloom_server.fast.shapes import BloomShape
 
     shape = BloomShape.from_dir(facts["model_dir"])

@@ -1,4 +1,4 @@
-"""scripts/gpu/tp.sh (issues 6 and 7: tensor parallelism on 2 / 8 GPUs) in its CPU dry run: GPU_TP_QUICK=1, TP=2,
+"""scripts/gpu/tp.sh (tensor parallelism on 2 / 8 GPUs) in its CPU dry run: GPU_TP_QUICK=1, TP=2,
 a tiny random BLOOM, 2 gloo ranks under torchrun, fast backend only. Every step must report rc=0, and the texts the
 TP=2 servers (plain checkpoint, and the `bloom-server preshard --tp 2` layout) answer over POST /generate must equal
 the TP=1 server's, batch and single. No speed is asserted."""

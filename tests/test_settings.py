@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from bloom_server.cli import _settings_from_args, build_parser
+from bloom_server.cli import build_parser
+from bloom_server.cli.serve import settings_from_args as _settings_from_args
 from bloom_server.settings import load_settings
 
 LEGACY = {

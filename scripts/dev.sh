@@ -6,7 +6,9 @@
 #   scripts/dev.sh client "a prompt" [...]  stream a completion from that server (`bloom-server client`; it finds the
 #                                         port in $BLOOM_PORT, or give --url)
 #   scripts/dev.sh test   [pytest args]   set up .venv with the test extras, the offline deploy checkers and headless
-#                                         Chromium, then run the whole test suite
+#                                         Chromium, then the checks (`lint`), then the tests (the default tier unless
+#                                         -m says otherwise: see pyproject.toml's markers)
+#   scripts/dev.sh lint                   ruff (format and lint) and mypy, as configured in pyproject.toml
 #   scripts/dev.sh setup  [test]          only set up .venv (runtime packages; with `test`, the test extras too)
 #
 # torch is pinned to 2.13.0 first: on these machines that resolves to a local CPU wheel, where an unpinned torch would
@@ -53,6 +55,14 @@ setup() {
   say "set up in $((SECONDS - t0)) s; $(du -sh "$venv" | cut -f1) in $venv"
 }
 
+# The checks CI runs before the tests; each one's configuration is in pyproject.toml.
+lint() {
+  say "ruff format --check, ruff check, mypy"
+  "$venv/bin/ruff" format --check --quiet .
+  "$venv/bin/ruff" check --quiet .
+  "$venv/bin/mypy"
+}
+
 cmd="${1:-serve}"
 shift || true
 case "$cmd" in
@@ -69,8 +79,13 @@ case "$cmd" in
     setup runtime
     exec "$venv/bin/bloom-server" client "$@"
     ;;
+  lint)
+    setup test
+    lint
+    ;;
   test)
     setup test
+    lint
     bash scripts/setup-tools.sh
     # Headless Chromium + Selenium for the playground test; apt needs the package mirror: if it is unreachable the
     # browser test says why it skipped instead of failing the whole run.
@@ -79,7 +94,7 @@ case "$cmd" in
     exec "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
     ;;
   *)
-    echo "usage: scripts/dev.sh serve|client|test|setup [args]" >&2
+    echo "usage: scripts/dev.sh serve|client|test|lint|setup [args]" >&2
     exit 2
     ;;
 esac

@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "kserve" / "inferenceservice_v1beta1-strict.json"
+DEFAULT_OUT = (
+    Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "kserve" / "inferenceservice_v1beta1-strict.json"
+)
 SOURCE = "config/crd/full/serving.kserve.io_inferenceservices.yaml"
 OBJECT_META = ("annotations", "creationTimestamp", "deletionGracePeriodSeconds", "deletionTimestamp", "finalizers",
                "generateName", "generation", "labels", "managedFields", "name", "namespace", "ownerReferences",
@@ -44,8 +46,11 @@ def nullable(node: Any) -> Any:
 def strict(node: Any) -> Any:
     if isinstance(node, dict):
         node = {k: strict(v) for k, v in node.items()}
-        if ("properties" in node and "additionalProperties" not in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
             node["additionalProperties"] = False
         return node
     if isinstance(node, list):
@@ -73,7 +78,7 @@ def build(crd: dict, tag: str, commit: str) -> dict:
     schema["additionalProperties"] = False
     return {
         "$comment": f"Generated from the CRD's openAPIV3Schema. Source: github.com/kserve/kserve tag {tag} "
-                    f"(commit {commit}), {SOURCE}.",
+        f"(commit {commit}), {SOURCE}.",
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "KServe InferenceService serving.kserve.io/v1beta1 (strict: unknown fields rejected)",
         **schema,

@@ -23,7 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: Any = None, timeout: float = 60, headers: dict | None = None, raw: bytes | None = None):
+def http(
+    method: str, url: str, body: Any = None, timeout: float = 60, headers: dict | None = None, raw: bytes | None = None
+):
     """(status, parsed JSON or text, headers). Never raises for HTTP statuses."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(url, data=data, method=method)
@@ -44,20 +46,36 @@ def http(method: str, url: str, body: Any = None, timeout: float = 60, headers: 
 class ServerProcess:
     """`bloom-server serve` (or a launcher around it) as a real child process."""
 
-    def __init__(self, args: list[str], port: int, env: dict | None = None, log_path: Path | None = None, launcher: list[str] | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        port: int,
+        env: dict | None = None,
+        log_path: Path | None = None,
+        launcher: list[str] | None = None,
+    ):
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        cmd = (launcher or [sys.executable, "-m", "bloom_server"]) + ["serve", "--host", "127.0.0.1", "--port", str(port), *args]
+        cmd = (launcher or [sys.executable, "-m", "bloom_server"]) + [
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *args,
+        ]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"bloom-server-{port}.log"
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         """`with ServerProcess(...) as srv:` waits until ready, and stops the server however the block ends."""
         try:
             self.wait_ready()

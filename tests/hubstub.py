@@ -123,7 +123,7 @@ class HubStub:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def __enter__(self) -> "HubStub":
+    def __enter__(self) -> HubStub:
         self.start()
         return self
 
@@ -275,7 +275,11 @@ class _Handler(BaseHTTPRequestHandler):
                     s.update(
                         size=len(data),
                         blobId=git_blob_sha1(pointer),
-                        lfs={"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(pointer)},
+                        lfs={
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                            "size": len(data),
+                            "pointerSize": len(pointer),
+                        },
                     )
                 else:
                     s.update(size=len(data), blobId=git_blob_sha1(data))

@@ -99,10 +99,17 @@ class GuardedServer(ServerProcess):
         return super().stop(timeout)
 
 
-def start_server(model_dir: Path, log_path: Path, *flags: str, env: dict | None = None,
-                 rss_limit_mib: float = DEFAULT_RSS_LIMIT_MIB, timeout: float = 120) -> GuardedServer:
-    srv = GuardedServer(["--model", str(model_dir), *flags], free_port(), env=env, log_path=log_path,
-                        rss_limit_mib=rss_limit_mib)
+def start_server(
+    model_dir: Path,
+    log_path: Path,
+    *flags: str,
+    env: dict | None = None,
+    rss_limit_mib: float = DEFAULT_RSS_LIMIT_MIB,
+    timeout: float = 120,
+) -> GuardedServer:
+    srv = GuardedServer(
+        ["--model", str(model_dir), *flags], free_port(), env=env, log_path=log_path, rss_limit_mib=rss_limit_mib
+    )
     try:
         srv.wait_ready(timeout)
     except BaseException:

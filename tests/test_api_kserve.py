@@ -55,8 +55,10 @@ def test_v2_infer_bad_input_is_400_naming_the_field(server):
 
 
 def test_v1_predict(server):
-    status, body, _ = server.post("/v1/models/tiny-bloom:predict",
-                                  {"instances": ["Deepspeed is", {"text": "Hello"}], "parameters": {"max_new_tokens": 4}})
+    status, body, _ = server.post(
+        "/v1/models/tiny-bloom:predict",
+        {"instances": ["Deepspeed is", {"text": "Hello"}], "parameters": {"max_new_tokens": 4}},
+    )
     assert status == 200, body
     assert body == {"predictions": [greedy(server, "Deepspeed is", 4), greedy(server, "Hello", 4)]}
     status, body, _ = server.post("/v1/models/tiny-bloom:predict", {"instances": [""]})

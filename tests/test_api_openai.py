@@ -17,7 +17,7 @@ TEMPLATE = (
 KEY = "sk-test-key"
 
 
-def client_for(srv, key: str = "unused") -> "openai.OpenAI":
+def client_for(srv, key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
@@ -58,8 +58,12 @@ def test_models_retrieve_is_also_kserve_v1_status(server, chat_server):
 
 def test_client_errors_have_client_error_types(server):
     """Bug 12: every 4xx on the OpenAI surface is a client error type (a 405 was "server_error")."""
-    for method, path, want in [("POST", "/v1/models", 405), ("GET", "/v1/completions", 405),
-                               ("PUT", "/v1/chat/completions", 405), ("GET", "/v1/nothing-here", 404)]:
+    for method, path, want in [
+        ("POST", "/v1/models", 405),
+        ("GET", "/v1/completions", 405),
+        ("PUT", "/v1/chat/completions", 405),
+        ("GET", "/v1/nothing-here", 404),
+    ]:
         status, body, _ = http(method, server.url + path, {} if method != "GET" else None)
         assert status == want and body["error"]["type"] == "invalid_request_error", (method, path, status, body)
         assert body["error"]["message"], body
@@ -74,8 +78,9 @@ def test_completion_greedy_matches_generate(server):
 
 
 def test_prompt_list_and_n(server):
-    c = client_for(server).completions.create(model="tiny-bloom", prompt=["Hello", "Open the file"], max_tokens=4,
-                                              temperature=0, n=2)
+    c = client_for(server).completions.create(
+        model="tiny-bloom", prompt=["Hello", "Open the file"], max_tokens=4, temperature=0, n=2
+    )
     assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
     assert c.choices[0].text == c.choices[1].text == greedy(server, "Hello", 4)
     assert c.choices[2].text == c.choices[3].text == greedy(server, "Open the file", 4)
@@ -88,8 +93,9 @@ def test_stop_echo_and_logprobs(server):
     stop = text[6:9]
     c = client.completions.create(model="tiny-bloom", prompt="Deepspeed is", max_tokens=20, temperature=0, stop=[stop])
     assert c.choices[0].finish_reason == "stop" and c.choices[0].text == text[:6]
-    c = client.completions.create(model="tiny-bloom", prompt="Deepspeed is", max_tokens=5, temperature=0, echo=True,
-                                  logprobs=2)
+    c = client.completions.create(
+        model="tiny-bloom", prompt="Deepspeed is", max_tokens=5, temperature=0, echo=True, logprobs=2
+    )
     assert c.choices[0].text == "Deepspeed is" + greedy(server, "Deepspeed is", 5)
     lp = c.choices[0].logprobs
     generated = [x for x in lp.token_logprobs if x is not None]
@@ -112,14 +118,23 @@ def test_streaming_completion_with_usage_and_done(server):
     from test_api_tgi import sse_post
 
     client = client_for(server)
-    chunks = list(client.completions.create(model="tiny-bloom", prompt="Deepspeed is", max_tokens=7, temperature=0,
-                                            stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny-bloom",
+            prompt="Deepspeed is",
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == greedy(server, "Deepspeed is", 7)
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 7
-    status, _, events, _ = sse_post(server.url, "/v1/completions",
-                                    {"prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True})
+    status, _, events, _ = sse_post(
+        server.url, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True}
+    )
     assert status == 200 and events[-1] == "[DONE]"
 
 
@@ -166,8 +181,9 @@ def test_chat_with_a_template_from_settings(chat_server):
     expected = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
     assert c.choices[0].message.role == "assistant" and c.choices[0].message.content == expected
     assert c.usage.completion_tokens == 6
-    stream = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=6, temperature=0,
-                                            stream=True, logprobs=True, top_logprobs=2)
+    stream = client.chat.completions.create(
+        model="tiny-chat", messages=messages, max_tokens=6, temperature=0, stream=True, logprobs=True, top_logprobs=2
+    )
     pieces, logprobs = [], []
     for ch in stream:
         pieces.append(ch.choices[0].delta.content or "")

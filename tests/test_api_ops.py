@@ -82,12 +82,28 @@ def pressure(tiny_model_dir, tmp_path_factory):
     """Two queued requests at most, 1500 queued tokens at most, long generations allowed, JSON logs, CORS for one
     origin."""
     with ServerProcess(
-        ["--model", str(tiny_model_dir), "--max-input-length", "64", "--max-new-tokens", str(LONG),
-         "--max-total-tokens", str(LONG + 100), "--max-batch-size", "4", "--max-queued-requests", "2",
-         "--batch-wait-ms", "1"],
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--max-input-length",
+            "64",
+            "--max-new-tokens",
+            str(LONG),
+            "--max-total-tokens",
+            str(LONG + 100),
+            "--max-batch-size",
+            "4",
+            "--max-queued-requests",
+            "2",
+            "--batch-wait-ms",
+            "1",
+        ],
         free_port(),
-        env={"BLOOM_MAX_QUEUED_TOKENS": "1500", "BLOOM_LOG_FORMAT": "json",
-             "BLOOM_CORS_ALLOW_ORIGINS": "http://example.test"},
+        env={
+            "BLOOM_MAX_QUEUED_TOKENS": "1500",
+            "BLOOM_LOG_FORMAT": "json",
+            "BLOOM_CORS_ALLOW_ORIGINS": "http://example.test",
+        },
         log_path=tmp_path_factory.mktemp("logs") / "pressure.log",
     ) as srv:
         yield srv
@@ -97,8 +113,11 @@ def start_long_stream(srv) -> tuple[Stream, float]:
     """A greedy stream of LONG tokens, running: returns it and its decoding rate (tokens/s)."""
     # min_length (the original server's keyword, honoured in TGI's parameters too) keeps EOS away: greedy CPU output
     # is not bit-reproducible across runs, and an early EOS would end the stream by itself.
-    s = Stream(srv.url, "/generate_stream",
-               {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": LONG, "min_length": LONG + 50}})
+    s = Stream(
+        srv.url,
+        "/generate_stream",
+        {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": LONG, "min_length": LONG + 50}},
+    )
     assert s.resp.status == 200
     for _ in range(10):
         assert s.next_event()["generated_text"] is None
@@ -114,7 +133,11 @@ def test_info_lists_model_and_limits(server):
     assert info["model_id"] == "tiny-bloom" and info["backend"] == "hf" and info["state"] == "ready"
     assert info["tensor_parallel"] == 1 and info["model_dtype"] == "float32"
     assert (info["max_input_tokens"], info["max_new_tokens"], info["max_total_tokens"], info["max_batch_size"]) == (
-        64, 64, 96, 16)
+        64,
+        64,
+        96,
+        16,
+    )
     assert info["max_queued_requests"] == 256 and info["max_queued_tokens"] == 4 * 16 * 96
     assert info["version"] and info["model_load_seconds"] > 0
 
@@ -123,11 +146,19 @@ def test_metrics_names_and_values(server):
     server.post("/generate", {"text": ["Hello"], "max_new_tokens": 3})
     status, text, headers = server.get("/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    for name in ("bloom_server_queue_depth", "bloom_server_running_batch_size", "bloom_server_in_flight_requests",
-                 "bloom_server_model_load_seconds", "bloom_server_ready", "bloom_server_queue_time_seconds_count",
-                 "bloom_server_time_to_first_token_seconds_count", "bloom_server_time_per_output_token_seconds_count",
-                 "bloom_server_prompt_tokens_total", "bloom_server_generated_tokens_total",
-                 "bloom_server_request_duration_seconds_count"):
+    for name in (
+        "bloom_server_queue_depth",
+        "bloom_server_running_batch_size",
+        "bloom_server_in_flight_requests",
+        "bloom_server_model_load_seconds",
+        "bloom_server_ready",
+        "bloom_server_queue_time_seconds_count",
+        "bloom_server_time_to_first_token_seconds_count",
+        "bloom_server_time_per_output_token_seconds_count",
+        "bloom_server_prompt_tokens_total",
+        "bloom_server_generated_tokens_total",
+        "bloom_server_request_duration_seconds_count",
+    ):
         assert re.search(rf"^{name}(\{{[^}}]*\}})? ", text, re.M), name
     assert metric(server, "bloom_server_ready") == 1.0
     assert metric(server, "bloom_server_queue_depth") == 0.0
@@ -137,8 +168,9 @@ def test_metrics_names_and_values(server):
 
 
 def test_request_id_timing_headers_and_access_log(server):
-    status, body, headers = server.post("/generate", {"text": ["Hello"], "max_new_tokens": 4},
-                                        headers={"X-Request-Id": "abc-123"})
+    status, body, headers = server.post(
+        "/generate", {"text": ["Hello"], "max_new_tokens": 4}, headers={"X-Request-Id": "abc-123"}
+    )
     assert status == 200 and headers["x-request-id"] == "abc-123"
     for h in ("x-queue-time", "x-inference-time", "x-time-per-token", "x-total-time"):
         assert int(headers[h]) >= 0, h
@@ -212,8 +244,11 @@ def test_queue_bounds_disconnects_and_an_abandoned_request(pressure):
     assert status == 200 and 1 <= body["num_generated_tokens"][0] <= 50
     remaining = (LONG - 50) / rate
     assert b["done"] - left < remaining / 2, (b["done"] - left, remaining)
-    wait_until(lambda: metric(pressure, "bloom_server_generation_requests_total", '{outcome="cancelled"}') >= 2, 10,
-               "both cancellations counted")
+    wait_until(
+        lambda: metric(pressure, "bloom_server_generation_requests_total", '{outcome="cancelled"}') >= 2,
+        10,
+        "both cancellations counted",
+    )
     # B's answer can reach its client a moment before its batch's bookkeeping ends on the engine side.
     wait_until(lambda: metric(pressure, "bloom_server_running_batch_size") == 0, 10, "nothing running")
     assert metric(pressure, "bloom_server_rejected_requests_total", '{reason="overloaded"}') == 2
@@ -227,9 +262,12 @@ def test_non_streaming_client_that_leaves_stops_its_request_and_is_a_499(pressur
     host, port = pressure.url.removeprefix("http://").split(":")
     gone_before = metric(pressure, "bloom_server_requests_total", '{method="POST",route="/generate",status="499"}')
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request("POST", "/generate", json.dumps({"text": ["Deepspeed is"], "max_new_tokens": LONG,
-                                                  "min_length": LONG + 50}),
-                 {"Content-Type": "application/json", "X-Request-Id": "left-before-answer"})
+    conn.request(
+        "POST",
+        "/generate",
+        json.dumps({"text": ["Deepspeed is"], "max_new_tokens": LONG, "min_length": LONG + 50}),
+        {"Content-Type": "application/json", "X-Request-Id": "left-before-answer"},
+    )
     wait_until(lambda: metric(pressure, "bloom_server_running_batch_size") == 1, 10, "the request running")
     before = metric(pressure, "bloom_server_generation_requests_total", '{outcome="cancelled"}')
     conn.sock.shutdown(socket.SHUT_RDWR)
@@ -241,9 +279,11 @@ def test_non_streaming_client_that_leaves_stops_its_request_and_is_a_499(pressur
     # routes whose body FastAPI parses).
     for path in ("/generate", "/tokenize", "/v1/completions"):
         with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      f"X-Request-Id: left-mid-body{path.replace('/', '-')}\r\nContent-Length: 1000\r\n\r\n"
-                      .encode() + b'{"text": [')
+            s.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"X-Request-Id: left-mid-body{path.replace('/', '-')}\r\nContent-Length: 1000\r\n\r\n".encode()
+                + b'{"text": ['
+            )
             time.sleep(0.2)
     ids = ["left-before-answer", "left-mid-body-generate", "left-mid-body-tokenize", "left-mid-body-v1-completions"]
     wait_until(lambda: all(i in pressure.log()[log_start:] for i in ids), 10, "the access log lines")
@@ -254,8 +294,10 @@ def test_non_streaming_client_that_leaves_stops_its_request_and_is_a_499(pressur
     assert statuses == dict.fromkeys(ids, 499), log[-3000:]
     for noise in ("Traceback", "unexpected error", "never retrieved", "ClientDisconnect", '"status": 500'):
         assert noise not in log, log[-3000:]
-    assert metric(pressure, "bloom_server_requests_total",
-                  '{method="POST",route="/generate",status="499"}') == gone_before + 2
+    assert (
+        metric(pressure, "bloom_server_requests_total", '{method="POST",route="/generate",status="499"}')
+        == gone_before + 2
+    )
     assert metric(pressure, "bloom_server_requests_total", '{method="POST",route="/tokenize",status="500"}') == 0
 
 
@@ -263,9 +305,22 @@ def test_refusals_are_counted_by_reason(tiny_model_dir, tmp_path):
     """bloom_server_rejected_requests_total (docs/metrics.md) counts every 429 by reason on every surface (bug 11):
     queue 1, batch 1; one request running, one queued, then each surface's generate route is refused."""
     srv = ServerProcess(
-        ["--model", str(tiny_model_dir), "--max-input-length", "64", "--max-new-tokens", str(LONG),
-         "--max-total-tokens", str(LONG + 100), "--max-batch-size", "1", "--max-queued-requests", "1",
-         "--batch-wait-ms", "1"],
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--max-input-length",
+            "64",
+            "--max-new-tokens",
+            str(LONG),
+            "--max-total-tokens",
+            str(LONG + 100),
+            "--max-batch-size",
+            "1",
+            "--max-queued-requests",
+            "1",
+            "--batch-wait-ms",
+            "1",
+        ],
         free_port(),
         log_path=tmp_path / "refusals.log",
     )
@@ -279,8 +334,10 @@ def test_refusals_are_counted_by_reason(tiny_model_dir, tmp_path):
             ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
             ("/generate_stream", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
             ("/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
-            ("/v2/models/tiny-bloom/infer", {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
-                                                         "data": ["Hello"]}]}),
+            (
+                "/v2/models/tiny-bloom/infer",
+                {"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["Hello"]}]},
+            ),
             ("/v1/models/tiny-bloom:predict", {"instances": ["Hello"]}),
         ]
         threads = [in_thread(lambda p=p, body=body: srv.post(p, body)) for p, body in refused]
@@ -297,37 +354,52 @@ def test_refusals_are_counted_by_reason(tiny_model_dir, tmp_path):
 
 def test_deadlines_and_max_time(pressure):
     start = time.monotonic()
-    status, body, _ = pressure.post("/generate", {"text": ["Deepspeed is"], "max_new_tokens": LONG,
-                                                  "min_length": LONG + 50}, headers={"X-Request-Timeout": "0.5"})
+    status, body, _ = pressure.post(
+        "/generate",
+        {"text": ["Deepspeed is"], "max_new_tokens": LONG, "min_length": LONG + 50},
+        headers={"X-Request-Timeout": "0.5"},
+    )
     assert status == 200 and body["num_generated_tokens"][0] < LONG  # answered at its deadline with what it had
     assert time.monotonic() - start < 10
     start = time.monotonic()
-    status, body, _ = pressure.post("/generate", {"inputs": "Deepspeed is",
-                                                  "parameters": {"max_new_tokens": LONG, "details": True,
-                                                                 "min_length": LONG + 50}},
-                                    headers={"X-Request-Timeout": "0.5"})
+    status, body, _ = pressure.post(
+        "/generate",
+        {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": LONG, "details": True, "min_length": LONG + 50}},
+        headers={"X-Request-Timeout": "0.5"},
+    )
     assert status == 200 and body["details"]["finish_reason"] == "max_time"
-    status, body, _ = pressure.post("/generate", {"text": ["Deepspeed is"], "max_new_tokens": LONG, "max_time": 0.5,
-                                                  "min_length": LONG + 50})
+    status, body, _ = pressure.post(
+        "/generate", {"text": ["Deepspeed is"], "max_new_tokens": LONG, "max_time": 0.5, "min_length": LONG + 50}
+    )
     assert status == 200 and body["num_generated_tokens"][0] < LONG
     assert time.monotonic() - start < 20
 
     a, _ = start_long_stream(pressure)
     try:
-        status, body, _ = pressure.post("/generate", {"text": ["Hi"], "max_new_tokens": 5},
-                                        headers={"X-Request-Timeout": "0.3"})
+        status, body, _ = pressure.post(
+            "/generate", {"text": ["Hi"], "max_new_tokens": 5}, headers={"X-Request-Timeout": "0.3"}
+        )
         assert status == 504 and body["error"] == "deadline_exceeded"
     finally:
         a.close()
-    status, body, _ = pressure.post("/generate", {"text": ["Hi"], "max_new_tokens": 5},
-                                    headers={"X-Request-Timeout": "soon"})
+    status, body, _ = pressure.post(
+        "/generate", {"text": ["Hi"], "max_new_tokens": 5}, headers={"X-Request-Timeout": "soon"}
+    )
     assert status == 422 and body["field"] == "x-request-timeout"
 
 
 def test_sigterm_drains_then_exits_zero(tiny_model_dir, tmp_path):
     srv = ServerProcess(
-        ["--model", str(tiny_model_dir), "--max-new-tokens", str(LONG), "--max-total-tokens", str(LONG + 100),
-         "--drain-timeout-s", "60"],
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            str(LONG),
+            "--max-total-tokens",
+            str(LONG + 100),
+            "--drain-timeout-s",
+            "60",
+        ],
         free_port(),
         log_path=tmp_path / "drain.log",
     )
@@ -354,7 +426,9 @@ def test_sigterm_drains_then_exits_zero(tiny_model_dir, tmp_path):
         # The stream in flight finished normally: every token, then the final event (greedy output may end at EOS).
         details = events[-1]["details"]
         assert details["finish_reason"] in ("length", "eos_token"), events[-1]
-        assert details["generated_tokens"] == len(events) + 1 and (details["finish_reason"] == "eos_token" or len(events) + 1 == 600)
+        assert details["generated_tokens"] == len(events) + 1 and (
+            details["finish_reason"] == "eos_token" or len(events) + 1 == 600
+        )
         b_thread.join(60)
         assert b["result"][0] == 200  # and so did the request that was queued
         assert srv.proc.wait(60) == 0
@@ -367,12 +441,27 @@ def test_openapi_docs_list_every_route_with_its_schema(server):
     assert status == 200
     paths = spec["paths"]
     expected = {
-        "/": {"get", "post"}, "/generate": {"post"}, "/generate_stream": {"post"}, "/tokenize": {"post"},
-        "/forward": {"post"}, "/query_id": {"get"}, "/health": {"get"}, "/ready": {"get"}, "/info": {"get"},
-        "/metrics": {"get"}, "/v1/models": {"get"}, "/v1/completions": {"post"}, "/v1/chat/completions": {"post"},
-        "/v1/models/{name}": {"get"}, "/v1/models/{name}:predict": {"post"}, "/v2": {"get"},
-        "/v2/health/live": {"get"}, "/v2/health/ready": {"get"}, "/v2/models/{name}": {"get"},
-        "/v2/models/{name}/ready": {"get"}, "/v2/models/{name}/infer": {"post"},
+        "/": {"get", "post"},
+        "/generate": {"post"},
+        "/generate_stream": {"post"},
+        "/tokenize": {"post"},
+        "/forward": {"post"},
+        "/query_id": {"get"},
+        "/health": {"get"},
+        "/ready": {"get"},
+        "/info": {"get"},
+        "/metrics": {"get"},
+        "/v1/models": {"get"},
+        "/v1/completions": {"post"},
+        "/v1/chat/completions": {"post"},
+        "/v1/models/{name}": {"get"},
+        "/v1/models/{name}:predict": {"post"},
+        "/v2": {"get"},
+        "/v2/health/live": {"get"},
+        "/v2/health/ready": {"get"},
+        "/v2/models/{name}": {"get"},
+        "/v2/models/{name}/ready": {"get"},
+        "/v2/models/{name}/infer": {"post"},
     }
     for path, methods in expected.items():
         assert path in paths and methods <= set(paths[path]), path
@@ -381,8 +470,18 @@ def test_openapi_docs_list_every_route_with_its_schema(server):
             assert "requestBody" in ops["post"], path
             assert "application/json" in ops["post"]["requestBody"]["content"], path
     schemas = spec["components"]["schemas"]
-    for name in ("GenerateRequest", "TGIRequest", "TGIResponse", "TGIStreamEvent", "CompletionRequest", "ChatRequest", "V2InferRequest",
-                 "Info", "OpenAIError", "ErrorResponse"):
+    for name in (
+        "GenerateRequest",
+        "TGIRequest",
+        "TGIResponse",
+        "TGIStreamEvent",
+        "CompletionRequest",
+        "ChatRequest",
+        "V2InferRequest",
+        "Info",
+        "OpenAIError",
+        "ErrorResponse",
+    ):
         assert name in schemas, name
     assert "max_new_tokens" in schemas["TGIParameters"]["properties"]
     assert "limit" in spec["info"]["description"].lower()
@@ -397,7 +496,6 @@ def test_sigterm_with_two_ranks_finishes_the_stream_then_every_rank_exits_zero(t
 
     procs, url = _manual_ranks(tiny_model_dir, tmp_path)
     try:
-
         from helpers import http
 
         def not_ready() -> bool:
@@ -500,7 +598,7 @@ def test_gateway_refuses_bad_utf8_and_oversized_bodies_once_after_draining():
 
 
 def test_gateway_counts_a_client_that_leaves_as_499():
-    from bloom_server.metrics import Metrics
+    from bloom_server.api.metrics import Metrics
 
     metrics = Metrics()
 

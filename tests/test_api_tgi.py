@@ -37,8 +37,9 @@ def tgi(server, prompt: str, **parameters):
 
 
 def test_generate_stream_one_event_per_token_then_final(server):
-    status, headers, events, _ = sse_post(server.url, "/generate_stream",
-                                          {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 8}})
+    status, headers, events, _ = sse_post(
+        server.url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 8}}
+    )
     assert status == 200
     assert headers["content-type"].startswith("text/event-stream")
     assert len(events) == 8
@@ -71,7 +72,7 @@ def test_logprobs_are_the_models_and_do_not_change_the_text(server, tiny_model_d
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, pad_token_id=3, eos_token_id=2)
         logits = model(out).logits[0].float()
-    new = out[0, len(ids):].tolist()
+    new = out[0, len(ids) :].tolist()
     assert [t["id"] for t in tokens] == new  # greedy text unchanged by the hook
     logp = torch.log_softmax(logits, -1)
     for j, t in enumerate(tokens):
@@ -103,8 +104,9 @@ def test_invalid_stream_request_is_4xx_before_any_event(server, body, field):
 def test_post_root_is_tgi_compat(server):
     status, body, _ = server.post("/", {"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
     assert status == 200 and isinstance(body, list) and set(body[0]) == {"generated_text"}
-    status, _, events, _ = sse_post(server.url, "/", {"inputs": "Hello", "parameters": {"max_new_tokens": 3},
-                                                      "stream": True})
+    status, _, events, _ = sse_post(
+        server.url, "/", {"inputs": "Hello", "parameters": {"max_new_tokens": 3}, "stream": True}
+    )
     assert status == 200 and len(events) == 3 and events[-1]["generated_text"] == body[0]["generated_text"]
 
 
@@ -123,8 +125,9 @@ def test_stop_sequence_ends_the_generation(server):
     text = plain["generated_text"]
     stop = text[6:9]
     assert len(stop) == 3 and text.find(stop) == 6
-    status, _, events, _ = sse_post(server.url, "/generate_stream",
-                                    {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 20, "stop": [stop]}})
+    status, _, events, _ = sse_post(
+        server.url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 20, "stop": [stop]}}
+    )
     final = events[-1]
     assert final["details"]["finish_reason"] == "stop_sequence"
     assert final["generated_text"] == text[:9]
@@ -165,8 +168,9 @@ def test_huggingface_hub_inference_client(server):
     chunks = list(client.text_generation("Deepspeed is", max_new_tokens=6, stream=True, details=True))
     assert len(chunks) == 6
     assert chunks[-1].generated_text == expected and chunks[-1].details.generated_tokens == 6
-    sampled = [client.text_generation("Hello", max_new_tokens=8, do_sample=True, seed=7, temperature=1.3)
-               for _ in range(2)]
+    sampled = [
+        client.text_generation("Hello", max_new_tokens=8, do_sample=True, seed=7, temperature=1.3) for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
     with pytest.raises(ValidationError):
         client.text_generation("Hello", max_new_tokens=10_000)
@@ -181,9 +185,9 @@ def test_error_after_first_token_ends_the_stream_with_one_error_event(tiny_model
     import httpx
 
     from bloom_server.api.app import create_app
-    from bloom_server.engine.core import Engine
-    from bloom_server.engine.tokenizer import TextTokenizer
     from bloom_server.errors import EngineDead
+    from bloom_server.frontend.core import Engine
+    from bloom_server.frontend.tokenizer import TextTokenizer
     from bloom_server.settings import load_settings
     from bloom_server.types import ModelInfo
 
@@ -207,7 +211,9 @@ def test_error_after_first_token_ends_the_stream_with_one_error_event(tiny_model
         engine = Engine(settings)
         app = create_app(engine, settings, "tiny")
         engine.bind_loop(asyncio.get_running_loop())
-        engine.attach(FailingRunner(), TextTokenizer(tiny_model_dir), ModelInfo("tiny", str(tiny_model_dir), "hf", "fp32", 1))
+        engine.attach(
+            FailingRunner(), TextTokenizer(tiny_model_dir), ModelInfo("tiny", str(tiny_model_dir), "hf", "fp32", 1)
+        )
         engine.warmup()
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             resp = await client.post("/generate_stream", json={"inputs": "Hello", "parameters": {"max_new_tokens": 5}})
@@ -237,8 +243,14 @@ def test_two_ranks_stream_and_stop_the_row_of_a_client_that_leaves(server, tiny_
     one = sse_post(server.url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 12}})[2]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     srv = ServerProcess(
-        ["--model", str(tiny_model_dir), "--max-new-tokens", str(long_tokens), "--max-total-tokens",
-         str(long_tokens + 100)],
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            str(long_tokens),
+            "--max-total-tokens",
+            str(long_tokens + 100),
+        ],
         free_port(),
         launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "bloom_server"],
         log_path=tmp_path / "torchrun.log",
@@ -282,9 +294,9 @@ def test_stream_text_holds_back_a_stop_sequence_split_across_tokens(tiny_model_d
     text before it; an incomplete UTF-8 character waits for its next byte."""
     import asyncio
 
-    from bloom_server.engine.requests import GenRequest
-    from bloom_server.engine.tokenizer import TextTokenizer
-    from bloom_server.engine.validation import validate_generate
+    from bloom_server.frontend.requests import GenRequest
+    from bloom_server.frontend.tokenizer import TextTokenizer
+    from bloom_server.frontend.validation import validate_generate
     from bloom_server.types import FinishReason
 
     tok = TextTokenizer(tiny_model_dir)
@@ -294,8 +306,13 @@ def test_stream_text_holds_back_a_stop_sequence_split_across_tokens(tiny_model_d
     assert len(ids) >= 6 and all(stop not in tok.token_text(i) for i in ids)  # the stop spans tokens
 
     async def run(stop_strings, token_ids):
-        spec = validate_generate({"max_new_tokens": 50}, max_new_tokens_limit=64, cap_max_new_tokens=False,
-                                 default_remove_input=True, vocab_size=tok.vocab_size)
+        spec = validate_generate(
+            {"max_new_tokens": 50},
+            max_new_tokens_limit=64,
+            cap_max_new_tokens=False,
+            default_remove_input=True,
+            vocab_size=tok.vocab_size,
+        )
         req = GenRequest([[1]], spec, tok, stop=stop_strings, eos_ids=frozenset({2}), streaming=True)
         for t in token_ids:
             req.add_token(0, t, -1.0, None)

@@ -38,18 +38,39 @@ CASES = [
     ({"text": ["x"], "min_new_tokens": "many"}, 422, "min_new_tokens"),
     ({"text": ["x"], "max_new_tokens": 4, "min_new_tokens": 5}, 422, "min_new_tokens"),
     ({"text": ["x"], "min_new_tokens": 65}, 422, "min_new_tokens"),  # past the default max_new_tokens (64 here)
-    ({"text": ["x"], "do_sample": True, "exponential_decay_length_penalty": [0, 1.5], "min_new_tokens": 3,
-      "max_new_tokens": 4}, 422, "exponential_decay_length_penalty"),
+    (
+        {
+            "text": ["x"],
+            "do_sample": True,
+            "exponential_decay_length_penalty": [0, 1.5],
+            "min_new_tokens": 3,
+            "max_new_tokens": 4,
+        },
+        422,
+        "exponential_decay_length_penalty",
+    ),
     ({"text": ["x"] * 17}, 422, "text"),
     ({"text": ["word " * 80]}, 422, "text[0]"),
     ({"text": ["word " * 45], "max_new_tokens": 64}, 422, "max_new_tokens"),
     ([1, 2, 3], 422, "body"),
     # Once fatal for the whole server (found by the reliability suite): NaN from min_length + decay while sampling,
     # unbounded memory from a huge n-gram size.
-    ({"text": ["x"], "do_sample": True, "exponential_decay_length_penalty": [0, 1.5], "min_length": 3,
-      "max_new_tokens": 4}, 422, "exponential_decay_length_penalty"),
-    ({"text": ["x"], "encoder_no_repeat_ngram_size": 100000000, "max_new_tokens": 2}, 422,
-     "encoder_no_repeat_ngram_size"),
+    (
+        {
+            "text": ["x"],
+            "do_sample": True,
+            "exponential_decay_length_penalty": [0, 1.5],
+            "min_length": 3,
+            "max_new_tokens": 4,
+        },
+        422,
+        "exponential_decay_length_penalty",
+    ),
+    (
+        {"text": ["x"], "encoder_no_repeat_ngram_size": 100000000, "max_new_tokens": 2},
+        422,
+        "encoder_no_repeat_ngram_size",
+    ),
     ({"text": ["x"], "no_repeat_ngram_size": 100000000, "max_new_tokens": 2}, 422, "no_repeat_ngram_size"),
 ]
 
@@ -99,7 +120,13 @@ def test_bad_tokenize_and_forward(server, path, body, field):
     status, resp, _ = server.post(path, body)
     assert status == 422, resp
     assert resp["field"] == field
-    assert server.post(path.rstrip("/"), {"text": ["a"]} if path == "/tokenize" else {"conditioning_text": ["a"], "response": ["b"]})[0] == 200
+    assert (
+        server.post(
+            path.rstrip("/"),
+            {"text": ["a"]} if path == "/tokenize" else {"conditioning_text": ["a"], "response": ["b"]},
+        )[0]
+        == 200
+    )
 
 
 def test_unknown_fields_are_reported_not_fatal(server):
@@ -156,9 +183,18 @@ def test_cap_setting_caps_instead_of_rejecting(tiny_model_dir, tmp_path):
 # null) when they were not JSON; every route now answers as its surface documents, naming `body`.
 MALFORMED = {"not JSON": b"{bad json", "nested 100,000 deep": b"[" * 100_000 + b"]" * 100_000}
 SURFACES = {
-    "/generate": "bloom", "/generate/": "bloom", "/tokenize": "bloom", "/tokenize/": "bloom", "/forward": "bloom",
-    "/forward/": "bloom", "/generate_stream": "tgi", "/": "tgi", "/v1/completions": "openai",
-    "/v1/chat/completions": "openai", "/v2/models/tiny-bloom/infer": "kserve", "/v1/models/tiny-bloom:predict": "kserve",
+    "/generate": "bloom",
+    "/generate/": "bloom",
+    "/tokenize": "bloom",
+    "/tokenize/": "bloom",
+    "/forward": "bloom",
+    "/forward/": "bloom",
+    "/generate_stream": "tgi",
+    "/": "tgi",
+    "/v1/completions": "openai",
+    "/v1/chat/completions": "openai",
+    "/v2/models/tiny-bloom/infer": "kserve",
+    "/v1/models/tiny-bloom:predict": "kserve",
 }
 
 

@@ -73,8 +73,8 @@ class _Tok:
 
 
 def _request(max_new, streaming=False, prompts=((5, 6),)):
-    from bloom_server.engine.requests import GenRequest
-    from bloom_server.engine.validation import GenerateSpec
+    from bloom_server.frontend.requests import GenRequest
+    from bloom_server.frontend.validation import GenerateSpec
     from bloom_server.types import SamplingParams
 
     spec = GenerateSpec(SamplingParams(), max_new, True, None)
@@ -117,8 +117,8 @@ def test_queued_tokens_follow_the_queue():
     and are taken; past the bound a request is refused naming the tokens queued."""
     import asyncio
 
-    from bloom_server.engine.scheduler import Batcher
     from bloom_server.errors import Overloaded
+    from bloom_server.frontend.batching.dynamic import Batcher
 
     async def run():
         started = asyncio.Event()

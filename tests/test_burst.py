@@ -36,8 +36,16 @@ FD_TOLERANCE = 2
 SETTLE_S = 15
 
 PROMPTS = [
-    "Deepspeed is", "The quick brown fox", "Return the value of", "Hello", "A list of", "This module provides",
-    "Create a new", "If the argument is", "The default is", "Raise an exception when",
+    "Deepspeed is",
+    "The quick brown fox",
+    "Return the value of",
+    "Hello",
+    "A list of",
+    "This module provides",
+    "Create a new",
+    "If the argument is",
+    "The default is",
+    "Raise an exception when",
 ]
 
 
@@ -113,12 +121,18 @@ def srv(tiny_model_dir, tmp_path_factory):
     s = start_server(
         tiny_model_dir,
         tmp_path_factory.mktemp("burst") / "server.log",
-        "--max-queued-requests", str(QUEUE),
-        "--max-batch-size", str(BATCH),
-        "--max-input-length", "32",
-        "--max-new-tokens", str(NEW_TOKENS),
-        "--max-total-tokens", "48",
-        "--batch-wait-ms", "5",
+        "--max-queued-requests",
+        str(QUEUE),
+        "--max-batch-size",
+        str(BATCH),
+        "--max-input-length",
+        "32",
+        "--max-new-tokens",
+        str(NEW_TOKENS),
+        "--max-total-tokens",
+        "48",
+        "--batch-wait-ms",
+        "5",
     )
     try:
         yield s
@@ -182,8 +196,12 @@ def test_ten_times_the_queue_at_once(srv):
 
     # The server's own view: nothing in flight, queued or running; it counted every refusal it answered.
     m1 = metrics(srv)
-    for gauge in ("bloom_server_in_flight_requests", "bloom_server_queue_depth", "bloom_server_queue_tokens",
-                  "bloom_server_running_batch_size"):
+    for gauge in (
+        "bloom_server_in_flight_requests",
+        "bloom_server_queue_depth",
+        "bloom_server_queue_tokens",
+        "bloom_server_running_batch_size",
+    ):
         assert total(m1, gauge) == 0, (gauge, total(m1, gauge))
     for status in (200, 429):
         key = f'bloom_server_requests_total{{method="POST",route="/generate",status="{status}"}}'

@@ -15,15 +15,22 @@ from helpers import ServerProcess, free_port
 def client(*args: str, env: dict | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "bloom_server", "client", *args],
-        capture_output=True, text=True, timeout=120, input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
         env={**os.environ, "BLOOM_URL": "", "BLOOM_API_KEY": "", **(env or {})},
     )
 
 
 @pytest.fixture(scope="module")
 def keyed(tiny_model_dir, tmp_path_factory):
-    with ServerProcess(["--model", str(tiny_model_dir), "--max-new-tokens", "32", "--no-warmup"], free_port(),
-                       env={"BLOOM_API_KEY": "s3cret"}, log_path=tmp_path_factory.mktemp("logs") / "keyed.log") as srv:
+    with ServerProcess(
+        ["--model", str(tiny_model_dir), "--max-new-tokens", "32", "--no-warmup"],
+        free_port(),
+        env={"BLOOM_API_KEY": "s3cret"},
+        log_path=tmp_path_factory.mktemp("logs") / "keyed.log",
+    ) as srv:
         yield srv
 
 
@@ -47,12 +54,29 @@ def test_finds_a_server_on_another_port_from_bloom_port(server):
 
 
 def test_sampling_flags_and_seed(server):
-    args = ["Hello", "--url", server.url, "--max-new-tokens", "10", "--temperature", "1.3", "--top-p", "0.9",
-            "--seed", "5", "--quiet"]
+    args = [
+        "Hello",
+        "--url",
+        server.url,
+        "--max-new-tokens",
+        "10",
+        "--temperature",
+        "1.3",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+        "--quiet",
+    ]
     a, b = client(*args), client(*args)
     assert a.returncode == 0 and a.stdout == b.stdout
-    expected = server.post("/generate", {"inputs": "Hello", "parameters": {
-        "max_new_tokens": 10, "do_sample": True, "temperature": 1.3, "top_p": 0.9, "seed": 5}})[1]["generated_text"]
+    expected = server.post(
+        "/generate",
+        {
+            "inputs": "Hello",
+            "parameters": {"max_new_tokens": 10, "do_sample": True, "temperature": 1.3, "top_p": 0.9, "seed": 5},
+        },
+    )[1]["generated_text"]
     assert a.stdout == expected + "\n"
 
 

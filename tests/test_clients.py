@@ -27,7 +27,7 @@ PROMPT = "Deepspeed is"
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
 
-def oai(srv) -> "openai.OpenAI":
+def oai(srv) -> openai.OpenAI:
     return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
@@ -43,8 +43,12 @@ def test_hub_chat_completion_with_a_url_as_its_model(server):
     answered by the served model, streamed or not, the same text as a completion of the rendered prompt."""
     client = hub(server)
     out = client.chat_completion(MESSAGES, max_tokens=8, temperature=0)
-    expected = oai(server).completions.create(model=MODEL, prompt="user: Hello\nassistant:", max_tokens=8,
-                                              temperature=0).choices[0].text
+    expected = (
+        oai(server)
+        .completions.create(model=MODEL, prompt="user: Hello\nassistant:", max_tokens=8, temperature=0)
+        .choices[0]
+        .text
+    )
     assert out.choices[0].message.content == expected and out.model == MODEL
     chunks = list(client.chat_completion(MESSAGES, max_tokens=8, temperature=0, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
@@ -60,8 +64,12 @@ def test_hub_chat_completion_with_a_url_as_its_model(server):
 def test_model_name_policy_is_a_setting(tiny_model_dir, tmp_path):
     """BLOOM_MODEL_ALIASES: empty is vLLM's rule (the served id only), `*` is TGI's (any name)."""
     for aliases, dummy_ok, other_ok in (("", False, False), ("*", True, True)):
-        with ServerProcess(["--model", str(tiny_model_dir), "--no-warmup"], free_port(),
-                           env={"BLOOM_MODEL_ALIASES": aliases}, log_path=tmp_path / f"aliases{aliases!r}.log") as srv:
+        with ServerProcess(
+            ["--model", str(tiny_model_dir), "--no-warmup"],
+            free_port(),
+            env={"BLOOM_MODEL_ALIASES": aliases},
+            log_path=tmp_path / f"aliases{aliases!r}.log",
+        ) as srv:
             for name, ok in ((MODEL, True), ("dummy", dummy_ok), ("gpt-4o", other_ok)):
                 status, body, _ = srv.post("/v1/completions", {"model": name, "prompt": PROMPT, "max_tokens": 2})
                 assert status == (200 if ok else 404), (aliases, name, body)
@@ -75,7 +83,9 @@ def test_model_name_policy_is_a_setting(tiny_model_dir, tmp_path):
 def _stops(server) -> tuple[str, list[str]]:
     """The greedy answer and stop strings cut from it: inside one token, ending inside a token, spanning tokens,
     a whole token, from the first character."""
-    status, body, _ = server.post("/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 16, "details": True}})
+    status, body, _ = server.post(
+        "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 16, "details": True}}
+    )
     assert status == 200, body
     text = body["generated_text"]
     toks = [t["text"] for t in body["details"]["tokens"]]
@@ -116,32 +126,40 @@ def test_streamed_tokens_add_up_to_the_answer_whatever_the_stop_string(server):
         assert "".join(t.token.text for t in streamed) == answer == streamed[-1].generated_text, stop
         assert streamed[-1].details.finish_reason == "stop_sequence"
         assert tg.generate(PROMPT, max_new_tokens=16, stop_sequences=[stop]).generated_text == answer
-        assert "".join(r.token.text for r in tg.generate_stream(PROMPT, max_new_tokens=16, stop_sequences=[stop])) == answer
-        events = _sse(server.url + "/", {"inputs": PROMPT, "parameters": {"max_new_tokens": 16, "stop": [stop]},
-                                         "stream": True})
+        assert (
+            "".join(r.token.text for r in tg.generate_stream(PROMPT, max_new_tokens=16, stop_sequences=[stop]))
+            == answer
+        )
+        events = _sse(
+            server.url + "/", {"inputs": PROMPT, "parameters": {"max_new_tokens": 16, "stop": [stop]}, "stream": True}
+        )
         assert "".join(e["token"]["text"] for e in events) == answer == events[-1]["generated_text"]
         # OpenAI: the stop string is not in the text, streamed or not.
         plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
         assert plain.choices[0].text == text[: text.index(stop)]
-        chunks = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop],
-                                           stream=True)
+        chunks = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop], stream=True
+        )
         assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text, stop
     chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0)
     reply = chat.choices[0].message.content
     for stop in (reply[3:5], reply[5:12], reply[1:2]):
-        plain = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0, stop=[stop])
+        plain = client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0, stop=[stop]
+        )
         assert plain.choices[0].message.content == reply[: reply.index(stop)]
-        chunks = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0,
-                                                stop=[stop], stream=True)
+        chunks = client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0, stop=[stop], stream=True
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain.choices[0].message.content, stop
 
 
 def test_text_held_back_when_a_row_ends_early_is_in_the_answer_and_the_stream(tiny_model_dir):
     """Engine level: text held back as the possible start of a stop string, when the row then ends without it
     (max_time, a deadline), is the completion's stream_tail: the events plus the tail are the answer."""
-    from bloom_server.engine.requests import GenRequest
-    from bloom_server.engine.tokenizer import TextTokenizer
-    from bloom_server.engine.validation import validate_generate
+    from bloom_server.frontend.requests import GenRequest
+    from bloom_server.frontend.tokenizer import TextTokenizer
+    from bloom_server.frontend.validation import validate_generate
 
     tok = TextTokenizer(tiny_model_dir)
     ids = tok.encode(" return the value of the attribute")
@@ -149,8 +167,13 @@ def test_text_held_back_when_a_row_ends_early_is_in_the_answer_and_the_stream(ti
     stop = held[-2:] + "\u2603"  # starts like the text's end, never completed
 
     async def run():
-        spec = validate_generate({"max_new_tokens": 50}, max_new_tokens_limit=64, cap_max_new_tokens=False,
-                                 default_remove_input=True, vocab_size=tok.vocab_size)
+        spec = validate_generate(
+            {"max_new_tokens": 50},
+            max_new_tokens_limit=64,
+            cap_max_new_tokens=False,
+            default_remove_input=True,
+            vocab_size=tok.vocab_size,
+        )
         req = GenRequest([[1]], spec, tok, stop=(stop,), eos_ids=frozenset({2}), streaming=True)
         req.on_start(0)
         for t in ids[:4]:
@@ -230,9 +253,16 @@ def test_tritonclient_binary_tensors_and_versioned_routes(server):
     assert res.as_numpy("generated_tokens").tolist() == [5, 5]
     assert res.get_output("text_output")["parameters"]["binary_data_size"] > 0
     # Binary input, JSON output asked for; on the versioned path.
-    res = client.infer(MODEL, [tensor(True)], model_version=version, parameters={"max_new_tokens": 5},
-                       outputs=[http.InferRequestedOutput("text_output", binary_data=False),
-                                http.InferRequestedOutput("finish_reason", binary_data=True)])
+    res = client.infer(
+        MODEL,
+        [tensor(True)],
+        model_version=version,
+        parameters={"max_new_tokens": 5},
+        outputs=[
+            http.InferRequestedOutput("text_output", binary_data=False),
+            http.InferRequestedOutput("finish_reason", binary_data=True),
+        ],
+    )
     assert res.get_response()["model_version"] == version
     assert res.get_output("text_output")["data"] == expected
     assert [x.decode() for x in res.as_numpy("finish_reason")] == ["length", "length"]
@@ -247,9 +277,14 @@ def test_binary_tensor_data_that_does_not_add_up_is_a_400_naming_it(server):
     url = f"{server.url}/v2/models/{MODEL}/infer"
     element = PROMPT.encode()
     blob = len(element).to_bytes(4, "little") + element
-    head = json.dumps({"inputs": [{"name": "text_input", "shape": [1], "datatype": "BYTES",
-                                   "parameters": {"binary_data_size": len(blob)}}],
-                       "parameters": {"max_new_tokens": 2}}).encode()
+    head = json.dumps(
+        {
+            "inputs": [
+                {"name": "text_input", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": len(blob)}}
+            ],
+            "parameters": {"max_new_tokens": 2},
+        }
+    ).encode()
     ok = httpx.post(url, content=head + blob, headers={"Inference-Header-Content-Length": str(len(head))}, timeout=60)
     assert ok.status_code == 200 and ok.json()["outputs"][0]["data"][0]
     cases = [
@@ -258,8 +293,11 @@ def test_binary_tensor_data_that_does_not_add_up_is_a_400_naming_it(server):
         (head + blob[:-1], str(len(head)), "binary_data_size"),
         (head + blob + b"xx", str(len(head)), "Inference-Header-Content-Length"),
         (head + (100).to_bytes(4, "little") + element, str(len(head)), "inputs[0].data"),
-        (head + len(b"\xff\xfe").to_bytes(4, "little") + b"\xff\xfe" + b"\x00" * (len(blob) - 6), str(len(head)),
-         "inputs[0].data"),
+        (
+            head + len(b"\xff\xfe").to_bytes(4, "little") + b"\xff\xfe" + b"\x00" * (len(blob) - 6),
+            str(len(head)),
+            "inputs[0].data",
+        ),
     ]
     for body, length, field in cases:
         resp = httpx.post(url, content=body, headers={"Inference-Header-Content-Length": length}, timeout=60)
@@ -269,13 +307,16 @@ def test_binary_tensor_data_that_does_not_add_up_is_a_400_naming_it(server):
 # ------------------------------------------------------------------------------------------------------- OpenAI
 
 
-@pytest.mark.parametrize("fields, field", [
-    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
-    ({"function_call": {"name": "f"}}, "function_call"),
-    # tools without tool_choice mean "auto" (answer in text or call), which a grammar cannot honour
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tool_choice"),
-    ({"tool_choice": "required"}, "tool_choice"),  # and no tools
-])
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+        # tools without tool_choice mean "auto" (answer in text or call), which a grammar cannot honour
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),  # and no tools
+    ],
+)
 def test_chat_fields_not_implemented_are_refused_by_name(server, fields, field):
     with pytest.raises(openai.BadRequestError) as info:
         oai(server).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, **fields)
@@ -283,8 +324,15 @@ def test_chat_fields_not_implemented_are_refused_by_name(server, fields, field):
 
 
 def test_chat_fields_at_their_defaults_are_accepted(server):
-    c = oai(server).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0,
-                                            response_format={"type": "text"}, tools=[], tool_choice="none")
+    c = oai(server).chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=2,
+        temperature=0,
+        response_format={"type": "text"},
+        tools=[],
+        tool_choice="none",
+    )
     assert c.choices[0].finish_reason == "length"
 
 

@@ -1,5 +1,5 @@
 """Cold start: /ready (503) shows the load's progress while the weights are read, and reaches loaded == total at
-ready; /info and /metrics carry the same numbers; scripts/cold_start.py runs end to end on a CPU (no speed asserted).
+ready; /info and /metrics carry the same numbers; scripts/bench/cold_start.py runs end to end on a CPU (no speed asserted).
 
 The load is made observably slow with BLOOM_LOAD_THROTTLE_MBPS, a real rate limit on the reads (documented in
 docs/deploy.md as a test/rehearsal setting), not a sleep elsewhere."""
@@ -82,7 +82,7 @@ def test_prefetch_reads_ahead_before_the_loader_starts(tiny_model_dir, tmp_path)
 
 
 def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "cold_start.py"), "--shape", "tiny", "--dir",
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "cold_start.py"), "--shape", "tiny", "--dir",
                         str(tmp_path), "--no-no-prefetch-run", "--no-kept-kernel-cache-run", "--json",
                         str(tmp_path / "r.json"), "--seed-target", "cuda:90"],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -96,13 +96,12 @@ def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
 
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["runs"][0]["ratio"] > 0 and res["runs"][0]["progress"]["loaded_bytes"] > 0
-    # The prefetch-process run: a real server whose prefetch read every byte in a child process.
-    (pp,) = [r for r in res["runs"] if r["variant"] == "plain-prefetch-process"]
-    prog = pp["progress"]
-    assert pp["ratio"] > 0 and prog["prefetched_bytes"] >= prog["loaded_bytes"] > 0
+    # The prefetch read every byte ahead of the loader, which never read the disk itself.
+    prog = res["runs"][0]["progress"]
+    assert prog["prefetched_bytes"] >= prog["loaded_bytes"] > 0
     assert prog["timings"]["chunks the loader read from disk itself"] == 0
     # The seeded run: `bloom-server precompile` made the seed with no GPU visible, the server copied all of it.
-    from bloom_server.fast.precompile import triton_installed
+    from bloom_server.fast.coldstart.precompile import triton_installed
 
     if triton_installed():
         (seed,) = res["seeds"]
@@ -112,13 +111,13 @@ def test_cold_start_script_runs_on_cpu_and_prints_a_ratio(tmp_path):
         assert sr["progress"]["timings"]["kernel cache seed: entries copied"] == seed["report"]["entries"]
 
 
-# ---- kernels ahead of the warm-up (fast/precompile.py, fast/triton_kernels.py Prewarm): no-ops on a CPU ----
+# ---- kernels ahead of the warm-up (fast/coldstart/precompile.py, fast/triton_kernels.py Prewarm): no-ops on a CPU ----
 
 
 def test_decode_plan_follows_the_model_choices():
     pytest.importorskip("torch")
     from bloom_server.fast import triton_kernels as tk
-    from bloom_server.fast.model import FUSE_VARIANTS
+    from bloom_server.fast.fusion import FUSE_VARIANTS
 
     default = frozenset(FUSE_VARIANTS["triton_head"])
     p = tk.decode_plan(hidden=4096, n_head=32, vocab_size=250880, world=1, dtype="float16", max_batch=32,
@@ -145,11 +144,11 @@ def test_decode_plan_follows_the_model_choices():
 
 def test_kernel_precompile_is_a_noop_without_a_gpu(tiny_model_dir, tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
-    from bloom_server.fast import precompile
+    from bloom_server.backends.fast_coldstart import start_kernel_compile
     from bloom_server.fast import triton_kernels as tk
-    from bloom_server.model_dir import resolve_model_dir
-    from bloom_server.serve import start_kernel_compile
+    from bloom_server.fast.coldstart import precompile
     from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     monkeypatch.setenv("TRITON_CACHE_DIR", "/nonexistent-before")
     s = load_settings(backend="fast", kernel_cache_dir=str(tmp_path / "kc"))
@@ -160,12 +159,12 @@ def test_kernel_precompile_is_a_noop_without_a_gpu(tiny_model_dir, tmp_path, mon
 
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "kc") and (tmp_path / "kc").is_dir()
     assert start_kernel_compile(load_settings(backend="hf"), md) is None
-    facts = {"model_dir": str(tiny_model_dir), "world": 1, "dtype": "float32", "max_batch": 4, "max_seq": 64}
+    facts = {"model_dir": str(tiny_model_dir), "world": 1, "dtype": "float32", "max_batch": 4, "max_seq": 64,
+             "fast_decode": None}  # fmt: skip
     assert tk.start_prewarm(torch.device("cpu"), facts, hidden=64) is None
-    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "0")
-    assert not precompile.enabled() and precompile.worker_count() == 0
-    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "3")
-    assert precompile.enabled() and precompile.worker_count() == 3
+    assert not precompile.enabled("0") and precompile.worker_count("0") == 0
+    assert precompile.enabled("3") and precompile.worker_count("3") == 3
+    assert load_settings(fast_precompile="0").fast_precompile == "0"  # BLOOM_FAST_PRECOMPILE, through the settings
 
 
 def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tiny_model_dir, monkeypatch):
@@ -174,9 +173,9 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
 
     from bloom_server.backends.fast import FastBackend
     from bloom_server.fast import triton_kernels as tk
-    from bloom_server.loading import LoadProgress
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.progress import LoadProgress
     from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.types import RankContext
 
     calls: list = []
@@ -202,7 +201,7 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
 
     fake = FakePrewarm()
 
-    def start_prewarm(device, facts, *, hidden, workers=None, keep_going=None, reserve=None):
+    def start_prewarm(device, facts, *, hidden, workers=None, keep_going=None, reserve=None, enabled=True):
         calls.append(("start", progress.phase, device.type, facts, hidden, workers, keep_going()))
         kv = 2 * 2 * 4 * 4 * 96 * 16 * 4  # 2 layers x 4 rows x 4 heads x 96 positions x 16 dims, fp32, K and V
         assert reserve() > kv  # the weights still to come and the KV cache
@@ -212,11 +211,18 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
     s = load_settings(backend="fast", max_input_length=32, max_total_tokens=96, max_batch_size=4)
     b = FastBackend(s, resolve_model_dir(str(tiny_model_dir)), RankContext())
     progress = LoadProgress()
-    b.progress, b.kernel_workers = progress, "workers"
+    b.progress, b.early = progress, "workers"
     b.load()
     start, finish = calls
     assert start[:3] == ("start", "starting", "cpu") and start[4:] == (64, "workers", True)
-    assert start[3] == {"model_dir": str(tiny_model_dir), "world": 1, "max_batch": 4, "dtype": "float32", "max_seq": 96}
+    assert start[3] == {
+        "model_dir": str(tiny_model_dir),
+        "world": 1,
+        "max_batch": 4,
+        "dtype": "float32",
+        "max_seq": 96,
+        "fast_decode": None,
+    }
     assert finish == ("finish", "compiling kernels") and fake.finished == 1
     phases = [p for p, _ in progress.phases]
     assert phases == ["starting", "reading weights", "allocating cache", "compiling kernels"], phases
@@ -229,7 +235,7 @@ def test_compile_workers_report_their_stages_and_exit(tiny_model_dir):
     """The worker plumbing on a CPU: the child process (python -c, bloom_server found through PYTHONPATH) finds no
     CUDA, reports both stages done with 0 variants and exits 0; the parent's wait returns at once after."""
     pytest.importorskip("torch")
-    from bloom_server.fast.precompile import CompileWorkers
+    from bloom_server.fast.coldstart.precompile import CompileWorkers
 
     facts = {"model_dir": str(tiny_model_dir), "world": 1, "dtype": "float16", "max_batch": 4, "max_seq": 64}
     w = CompileWorkers(facts, parts=1)
@@ -240,8 +246,8 @@ def test_compile_workers_report_their_stages_and_exit(tiny_model_dir):
 
 
 def test_precompile_module_is_torch_free_at_import():
-    """serve.py starts the compile workers before torch is imported: fast/precompile.py must not import it."""
-    code = ("import sys, threading; before = set(threading.enumerate()); import bloom_server.fast.precompile; "
+    """serve.py starts the compile workers before torch is imported: fast/coldstart/precompile.py must not import it."""
+    code = ("import sys, threading; before = set(threading.enumerate()); import bloom_server.fast.coldstart.precompile; "
             "assert 'torch' not in sys.modules and 'triton' not in sys.modules; "
             "assert set(threading.enumerate()) == before; print('ok')")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -270,6 +276,7 @@ def test_prewarm_waits_for_the_workers_then_warms_and_stops_when_the_weights_are
 
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+
     def fake_warm(plan, device, stage, stop=None, reserve=None):
         events.append(("warm", stage, reserve() if reserve else 0))
         return {f"gemv qkv M={stage}": 0.5}

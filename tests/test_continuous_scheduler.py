@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from bloom_server.engine.continuous import ContinuousScheduler, row_seed
-from bloom_server.engine.requests import Cancelled, GenRequest
-from bloom_server.engine.tokenizer import TextTokenizer
-from bloom_server.engine.validation import validate_generate
 from bloom_server.errors import EngineDead, Overloaded
+from bloom_server.frontend.batching.continuous import ContinuousScheduler, row_seed
+from bloom_server.frontend.requests import Cancelled, GenRequest
+from bloom_server.frontend.tokenizer import TextTokenizer
+from bloom_server.frontend.validation import validate_generate
 
 
 class FakeRunner:
@@ -32,7 +32,7 @@ class FakeRunner:
 
 @dataclass
 class Result:
-    """backends.fast.CStepResult's shape."""
+    """runtime.protocol.CStepResult's shape."""
 
     tokens: tuple
     finished: tuple
@@ -204,9 +204,9 @@ def test_nothing_live_means_no_step(tok):
 def test_mode_follows_the_backend_and_continuous_without_support_is_refused(tok, tiny_model_dir):
     from pydantic import ValidationError
 
-    from bloom_server.engine.core import Engine
-    from bloom_server.engine.scheduler import Batcher
     from bloom_server.errors import ConfigError
+    from bloom_server.frontend.batching.dynamic import Batcher
+    from bloom_server.frontend.core import Engine
     from bloom_server.settings import load_settings
     from bloom_server.types import ModelInfo
 

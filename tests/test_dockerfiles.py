@@ -11,9 +11,9 @@ import pathlib
 import re
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 from hubstub import HubStub
@@ -207,9 +207,17 @@ def test_downloader_install_steps_in_a_clean_venv(tmp_path):
         p = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
         assert p.returncode == 0, f"{argv[:6]}...\n{output(p)}"
     probe = subprocess.run(
-        [str(venv / "bin/python"), "-c", "import importlib.util as u; print([m for m in ('torch', 'fastapi', "
-         "'transformers', 'pydantic', 'bloom_server') if u.find_spec(m)])"],
-        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+        [
+            str(venv / "bin/python"),
+            "-c",
+            "import importlib.util as u; print([m for m in ('torch', 'fastapi', "
+            "'transformers', 'pydantic', 'bloom_server') if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
     )
     assert probe.stdout.strip() == "['bloom_server']", output(probe)
 
@@ -225,7 +233,11 @@ def test_downloader_install_steps_in_a_clean_venv(tmp_path):
         d = tmp_path / "model"
         p = subprocess.run(
             cmd + ["--repo-id", "org/tiny", "--local-dir", str(d)],
-            capture_output=True, text=True, timeout=120, env=denv, cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=denv,
+            cwd=tmp_path,
         )
     assert p.returncode == 0, output(p)
     assert json.loads((d / ".bloom-download.json").read_text())["commit"] == sha

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from bloom_server import download, marker
 from bloom_server.errors import ModelDirError
+from bloom_server.storage import download, marker
 from hubstub import HubStub
 
 REPO = "bigscience-test/bloom-tiny-ds"
@@ -87,7 +87,7 @@ class Result:
 def run_download(
     hub_url: str, tmp_path: pathlib.Path, local_dir: pathlib.Path, *args: str, token: str | None = None, cmd=None
 ) -> Result:
-    cmd = cmd or [sys.executable, "-m", "bloom_server.download"]
+    cmd = cmd or [sys.executable, "-m", "bloom_server.storage.download"]
     argv = [*cmd, "--repo-id", REPO, "--local-dir", str(local_dir), "--progress-interval", "0", *args]
     t0 = time.monotonic()
     p = subprocess.run(argv, env=_env(hub_url, tmp_path, token), capture_output=True, text=True, timeout=120)
@@ -241,7 +241,15 @@ def test_token_from_a_file_as_the_job_mounts_it(tmp_path):
         env = _env(hub.url, tmp_path)
         env["HF_TOKEN_PATH"] = str(tmp_path / "secret" / "token")
         p = subprocess.run(
-            [sys.executable, "-m", "bloom_server.download", "--repo-id", REPO, "--local-dir", str(tmp_path / "m")],
+            [
+                sys.executable,
+                "-m",
+                "bloom_server.storage.download",
+                "--repo-id",
+                REPO,
+                "--local-dir",
+                str(tmp_path / "m"),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -343,7 +351,7 @@ def test_bytes_that_do_not_match_the_checksum_fail_verification(hub, tmp_path):
 
 
 def test_truncated_file_is_detected_by_the_server_and_repaired_by_a_rerun(hub, tmp_path):
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     d = tmp_path / "model"
     assert run_download(hub.url, tmp_path, d).rc == 0
@@ -404,15 +412,15 @@ def test_listing_without_sizes_falls_back_to_head_headers(hub, tmp_path):
     heads = {q.headers.get("x-stub-file") for q in hub.requests if q.method == "HEAD"}
     assert heads == set(FILES)
     m = json.loads((d / marker.COMPLETE).read_text())
-    assert {f["path"]: f["sha256"] for f in m["files"]}["tp_00_00.pt"] == hashlib.sha256(FILES["tp_00_00.pt"]).hexdigest()
+    assert {f["path"]: f["sha256"] for f in m["files"]}["tp_00_00.pt"] == hashlib.sha256(
+        FILES["tp_00_00.pt"]
+    ).hexdigest()
     assert {f["path"]: f["git_sha1"] for f in m["files"]}["config.json"]
 
 
 def test_allow_patterns_repeatable_and_space_separated(hub, tmp_path):
     d = tmp_path / "model"
-    r = run_download(
-        hub.url, tmp_path, d, "--allow-patterns", "*.json", "tp_00_00.pt", "--allow-patterns", "sub/*"
-    )
+    r = run_download(hub.url, tmp_path, d, "--allow-patterns", "*.json", "tp_00_00.pt", "--allow-patterns", "sub/*")
     assert r.rc == 0, r
     want = {"config.json", "ds_inference_config.json", "tokenizer.json", "tp_00_00.pt", "sub/extra.bin"}
     on_disk = {str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")}
@@ -437,7 +445,7 @@ def test_new_revision_into_the_same_dir_fetches_only_changed_files(hub, tmp_path
 
 def test_downloader_imports_nothing_heavy():
     code = (
-        "import sys, argparse; import bloom_server.download as d, bloom_server.marker; "
+        "import sys, argparse; import bloom_server.storage.download as d, bloom_server.storage.marker; "
         "p = argparse.ArgumentParser(); d.add_arguments(p); p.parse_args(['--local-dir', 'x']); "
         "heavy = sorted(m for m in ('torch', 'fastapi', 'huggingface_hub', 'requests', 'transformers') "
         "if m in sys.modules); print(heavy)"
@@ -449,8 +457,8 @@ def test_downloader_imports_nothing_heavy():
 
 def test_console_script_download(hub, tmp_path):
     exe = pathlib.Path(sys.executable).with_name("bloom-server")
-    if not (ROOT / "src" / "bloom_server" / "cli.py").exists() or not exe.exists():
-        pytest.skip("bloom_server/cli.py (the `bloom-server` console script) has not landed yet")
+    if not (ROOT / "src" / "bloom_server" / "cli/__init__.py").exists() or not exe.exists():
+        pytest.skip("bloom_server/cli/__init__.py (the `bloom-server` console script) has not landed yet")
     d = tmp_path / "model"
     r = run_download(hub.url, tmp_path, d, cmd=[str(exe), "download"])
     assert r.rc == 0, r
@@ -510,7 +518,7 @@ def test_a_pickle_whose_hash_the_hub_did_not_publish_is_marked_unverified_and_re
     """The Hub lists pytorch_model.bin with no LFS sha256, no blob id, and answers a HEAD with an ETag that is no hash:
     the download checks its size only, says so (never "all ... checksums verified"), marks it unverified, and the
     server refuses to unpickle it unless told to trust unverified pickles."""
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     files = {
         "config.json": b'{"model_type": "bloom", "n_layer": 2}',
@@ -553,6 +561,7 @@ def test_odd_listings_are_refused_with_a_clear_message_and_their_own_exit_code(t
         r = run_download(hub.url, tmp_path, local)
     assert r.rc == download.EXIT_LISTING == 8, r
     assert "error [listing]" in r.last and "Traceback" not in r.out, r
-    assert {"nul": "control character", "long-name": "304 bytes", "negative-size": "-5",
-            "file-and-folder": "'sub'"}[case] in r.last, r
+    assert {"nul": "control character", "long-name": "304 bytes", "negative-size": "-5", "file-and-folder": "'sub'"}[
+        case
+    ] in r.last, r
     assert not any(p.is_file() for p in tmp_path.rglob("*") if "hf-home" not in p.parts), list(tmp_path.rglob("*"))

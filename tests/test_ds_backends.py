@@ -1,6 +1,6 @@
 """The DeepSpeed backends on a CPU (CI has no DeepSpeed and no GPU): what they refuse, and when; what they report;
 the random-checkpoint script; the pre-sharded directory post-processing; the tied-head fix. GPU-only tests are marked
-`gpu` and skip without CUDA (scripts/gpu_check.sh runs the full comparison on a GPU)."""
+`gpu` and skip without CUDA (scripts/gpu/check.sh runs the full comparison on a GPU)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from bloom_server.backends import create_backend
 from bloom_server.backends import ds_inference as dsi
 from bloom_server.backends import ds_zero as dsz
 from bloom_server.errors import ConfigError, ModelDirError
-from bloom_server.model_dir import ModelDir
 from bloom_server.settings import load_settings
+from bloom_server.storage.model_dir import ModelDir
 from bloom_server.types import RankContext
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "make_random_bloom.py"
+SCRIPT = ROOT / "scripts" / "bench" / "make_random_bloom.py"
 GPU = RankContext(rank=0, world_size=1, local_rank=0, device_type="cuda")
 
 
@@ -212,7 +212,7 @@ def test_importing_the_backends_imports_nothing_heavy():
 
 
 def test_make_random_bloom_tiny_is_a_servable_model_dir(tiny_dir):
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     md = resolve_model_dir(str(tiny_dir))
     assert md.layout == "hf" and md.path == tiny_dir
@@ -273,7 +273,7 @@ def test_presharded_without_a_gpu_launch_explains_the_launcher(tmp_path):
 
 
 def test_finalize_presharded_dir_makes_it_servable_and_movable(tiny_dir, tmp_path):
-    from bloom_server.model_dir import resolve_model_dir
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     out = tmp_path / "ds"
     out.mkdir()
@@ -364,8 +364,6 @@ def _cuda() -> bool:
         return False
 
 
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kernel_inject", [True, False])
@@ -404,8 +402,13 @@ class _RecordingEngine:
             raise RuntimeError(self.fail)
         if not hasattr(self.module, "generate"):  # a shape too large to run on a CPU: recorded only
             return None
-        return self.module.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                    min_new_tokens=min_new_tokens, **kwargs)
+        return self.module.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            **kwargs,
+        )
 
 
 def _tiny_model(tiny_dir):
@@ -433,24 +436,32 @@ def test_the_first_forward_is_a_generate_at_the_configured_limits(tiny_dir, tmp_
         b.model = _RecordingEngine(_tiny_model(tiny_dir))
     b.input_device = torch.device("cpu")
     b.reserve_at_limits()
-    (shape, new, min_new, attended), = b.model.calls
+    ((shape, new, min_new, attended),) = b.model.calls
     assert (shape, new) == expect and min_new == new and attended == shape[0] * shape[1]
 
 
 def test_a_batch_deepspeed_cannot_hold_stops_the_start_naming_the_limits(tiny_dir):
     import torch
 
-    settings = load_settings(backend="ds_inference", dtype="fp16", max_batch_size=4, max_input_length=30,
-                             max_new_tokens=10)
+    settings = load_settings(
+        backend="ds_inference", dtype="fp16", max_batch_size=4, max_input_length=30, max_new_tokens=10
+    )
     b = dsi.DSInferenceBackend(settings, _hf_dir(tiny_dir), GPU)
-    b.model = _RecordingEngine(_tiny_model(tiny_dir), fail="The specified pointer resides on host memory and is "
-                               "not registered with any CUDA device.")
+    b.model = _RecordingEngine(
+        _tiny_model(tiny_dir),
+        fail="The specified pointer resides on host memory and is not registered with any CUDA device.",
+    )
     b.input_device = torch.device("cpu")
     with pytest.raises(ConfigError) as err:
         b.reserve_at_limits()
     msg = str(err.value)
-    for part in ("--max-batch-size 4", "--max-input-length 30", "--max-total-tokens 40", "BLOOM_MAX_BATCH_SIZE",
-                 "resides on host memory"):
+    for part in (
+        "--max-batch-size 4",
+        "--max-input-length 30",
+        "--max-total-tokens 40",
+        "BLOOM_MAX_BATCH_SIZE",
+        "resides on host memory",
+    ):
         assert part in msg
 
 
@@ -472,8 +483,9 @@ def test_kernel_injection_asks_deepspeed_for_a_workspace_of_max_tokens_or_a_refu
     monkeypatch.setattr(dsi, "ensure_distributed", lambda deepspeed, ctx: None)
     for inject, expect in ((True, 700), (False, None)):
         seen.clear()
-        settings = load_settings(backend="ds_inference", dtype="fp16", max_input_length=600, max_new_tokens=100,
-                                 kernel_inject=inject)
+        settings = load_settings(
+            backend="ds_inference", dtype="fp16", max_input_length=600, max_new_tokens=100, kernel_inject=inject
+        )
         with pytest.raises(Stop):
             dsi.DSInferenceBackend(settings, _hf_dir(tiny_dir), GPU).load()
         assert seen["max_tokens"] == 700 and seen.get("min_tokens") == expect

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, RankContext, SamplingParams  # noqa: E402
+from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, RankContext, SamplingParams
 
 
 class Recorder:
@@ -32,8 +32,8 @@ class Recorder:
 def backends(tiny_model_dir):
     from bloom_server.backends.fast import FastBackend
     from bloom_server.backends.hf import HFBackend
-    from bloom_server.model_dir import resolve_model_dir
     from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     md = resolve_model_dir(str(tiny_model_dir))
     out = {}

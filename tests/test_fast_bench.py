@@ -1,6 +1,6 @@
 """The benchmarks run and print what they promise (speed itself is never asserted): `bloom-server bench` prints the
 original `*** Performance stats:` block line for line, a row per backend and batch size, and greedy tokens equal to
-transformers'; scripts/benchmark.py is the same program; scripts/server_overhead.py measures all three servers."""
+transformers'; scripts/bench/benchmark.py is the same program; scripts/bench/server_overhead.py measures all three servers."""
 
 from __future__ import annotations
 
@@ -28,8 +28,27 @@ def run(cmd, timeout=240):
 
 
 def test_bench_prints_the_original_block_and_equal_tokens(tmp_path):
-    out = run([sys.executable, "-m", "bloom_server", "bench", "--backend", "fast", "--check-tokens", "--random-weights",
-               "tiny", "--batch-size", "1,3", "--new-tokens", "6", "--cycles", "2", "--json", str(tmp_path / "b.json")])
+    out = run(
+        [
+            sys.executable,
+            "-m",
+            "bloom_server",
+            "bench",
+            "--backend",
+            "fast",
+            "--check-tokens",
+            "--random-weights",
+            "tiny",
+            "--batch-size",
+            "1,3",
+            "--new-tokens",
+            "6",
+            "--cycles",
+            "2",
+            "--json",
+            str(tmp_path / "b.json"),
+        ]
+    )
     blocks = STATS.findall(out)
     # hf (the reference, added by --check-tokens) and fast, at bs 1 and 3: 2 cycles x bs x 6 tokens
     assert sorted(blocks) == sorted([("12", "1"), ("12", "1"), ("36", "3"), ("36", "3")]), out
@@ -41,12 +60,12 @@ def test_bench_prints_the_original_block_and_equal_tokens(tmp_path):
 
 
 def test_the_script_is_the_same_program():
-    out = run([sys.executable, "scripts/benchmark.py", "--help"])
+    out = run([sys.executable, "scripts/bench/benchmark.py", "--help"])
     assert "--random-weights" in out and "--batch-size" in out and "--new-tokens" in out
 
 
 def test_server_overhead_measures_every_server(tmp_path):
-    out = run([sys.executable, "scripts/server_overhead.py", "--requests", "60", "--seconds", "0.5", "--concurrency",
+    out = run([sys.executable, "scripts/bench/server_overhead.py", "--requests", "60", "--seconds", "0.5", "--concurrency",
                "4", "--json", str(tmp_path / "o.json")], timeout=180)  # fmt: skip
     (results,) = json.loads((tmp_path / "o.json").read_text())["rounds"]
     assert [r["variant"] for r in results] == ["bare", "app", "app-wait5"]
@@ -55,7 +74,7 @@ def test_server_overhead_measures_every_server(tmp_path):
 
 
 def test_mixed_load_compares_static_and_continuous_batching(tmp_path):
-    out = run([sys.executable, "scripts/benchmark.py", "--random-weights", "tiny", "--mixed", "7", "--batch-size", "3",
+    out = run([sys.executable, "scripts/bench/benchmark.py", "--random-weights", "tiny", "--mixed", "7", "--batch-size", "3",
                "--new-tokens", "20", "--json", str(tmp_path / "m.json")])  # fmt: skip
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["requests"] == 7 and result["continuous_steps"] <= result["static_steps"] + 3

@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bloom_server.fast.engine import FastEngine  # noqa: E402
-from bloom_server.fast.sampling import SamplingConfig  # noqa: E402
-from bloom_server.fast.scheduler import ContinuousBatcher, Request  # noqa: E402
-from bloom_server.fast.shapes import BloomShape  # noqa: E402
-from bloom_server.fast.weights import from_checkpoint  # noqa: E402
+from bloom_server.fast.engine import FastEngine
+from bloom_server.fast.sampling import SamplingConfig
+from bloom_server.fast.scheduler import ContinuousBatcher, Request
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.weights import from_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_cstep_ranks_agree_and_each_row_gets_its_alone_tokens(tiny_model_dir):
     """Two FastBackend.cstep runs fed the same joins and leaves, one as rank 0 (log-probabilities, top alternatives)
     and one as a follower: the digest part of every step agrees, and each row's tokens are its alone tokens."""
     from bloom_server.backends.fast import FastBackend
-    from bloom_server.engine.continuous import CStep, Join
+    from bloom_server.runtime.protocol import CStep, Join
     from bloom_server.types import SamplingParams
 
     shape = BloomShape.from_dir(tiny_model_dir)
@@ -205,8 +205,8 @@ def test_a_cstep_submitted_on_its_own_drains(tiny_model_dir):
     """The warm-up's lone cstep (Leader.submit, not the continuous loop) runs its row to the end although steps read
     their tokens one step late."""
     from bloom_server.backends.fast import FastBackend
-    from bloom_server.engine.continuous import CStep, Join
     from bloom_server.runtime.lockstep import Leader
+    from bloom_server.runtime.protocol import CStep, Join
     from bloom_server.types import SamplingParams
 
     shape = BloomShape.from_dir(tiny_model_dir)

@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import free_port  # noqa: E402
-from test_fast_engine import PROMPTS, build_random_bloom  # noqa: E402
+from helpers import free_port
+from test_fast_engine import PROMPTS, build_random_bloom
 
 pytestmark = pytest.mark.slow
 

@@ -29,9 +29,9 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 import hubstub
-from bloom_server import download, marker
 from bloom_server.errors import ModelDirError
-from bloom_server.model_dir import resolve_model_dir
+from bloom_server.storage import download, marker
+from bloom_server.storage.model_dir import resolve_model_dir
 from helpers import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
@@ -89,14 +89,32 @@ class ThrottledHub(hubstub.HubStub):
 
 def _env(hub_url: str, tmp_path: pathlib.Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
-    env.update(HF_ENDPOINT=hub_url, HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(
+        HF_ENDPOINT=hub_url,
+        HF_HOME=str(tmp_path / "hf-home"),
+        NO_PROXY="127.0.0.1",
+        no_proxy="127.0.0.1",
+        PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     return env
 
 
 def _download_cmd(local_dir: pathlib.Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "bloom_server", "download", "--repo-id", REPO, "--local-dir", str(local_dir),
-            "--progress-interval", "0", "--max-workers", "1", *args]
+    return [
+        sys.executable,
+        "-m",
+        "bloom_server",
+        "download",
+        "--repo-id",
+        REPO,
+        "--local-dir",
+        str(local_dir),
+        "--progress-interval",
+        "0",
+        "--max-workers",
+        "1",
+        *args,
+    ]
 
 
 def _files_of(model_dir: pathlib.Path) -> dict[str, bytes]:
@@ -172,7 +190,7 @@ def test_downloader_killed_mid_file_twice_then_rerun_is_complete_and_served(tiny
         assert r.returncode == 0, r.stdout + r.stderr
         assert "bloom-server download: complete:" in r.stderr.strip().splitlines()[-1]
         assert len(hub.content_gets(first)) == before[first], "a verified file was fetched again"
-        again = hub.content_gets(second)[before[second]:]
+        again = hub.content_gets(second)[before[second] :]
         assert len(again) == 1 and again[0].range == f"bytes={kept2}-"
 
     _assert_identical(d, files)
@@ -205,11 +223,19 @@ def test_downloader_killed_mid_file_twice_then_rerun_is_complete_and_served(tiny
 def _presharded_files() -> dict[str, bytes]:
     rnd = __import__("random").Random(99)
     return {
-        "config.json": json.dumps({"model_type": "bloom", "n_layer": 2, "hidden_size": 64, "n_head": 8,
-                                   "vocab_size": 2048}).encode(),
-        "ds_inference_config.json": json.dumps({
-            "type": "BLOOM", "checkpoints": {"non_tp": ["non-tp.pt"], "tp": ["tp_00_00.pt", "tp_00_01.pt"]},
-            "parallelization": "tp", "tp_size": 2, "dtype": "float16", "version": 1.0}).encode(),
+        "config.json": json.dumps(
+            {"model_type": "bloom", "n_layer": 2, "hidden_size": 64, "n_head": 8, "vocab_size": 2048}
+        ).encode(),
+        "ds_inference_config.json": json.dumps(
+            {
+                "type": "BLOOM",
+                "checkpoints": {"non_tp": ["non-tp.pt"], "tp": ["tp_00_00.pt", "tp_00_01.pt"]},
+                "parallelization": "tp",
+                "tp_size": 2,
+                "dtype": "float16",
+                "version": 1.0,
+            }
+        ).encode(),
         "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
         "non-tp.pt": rnd.randbytes(60_000),
         "tp_00_00.pt": rnd.randbytes(150_000),
@@ -218,8 +244,12 @@ def _presharded_files() -> dict[str, bytes]:
 
 
 def _serve_exit(model_dir: pathlib.Path, *flags: str) -> tuple[int, str]:
-    r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--model", str(model_dir), "--port", "0",
-                        *flags], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bloom_server", "serve", "--model", str(model_dir), "--port", "0", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return r.returncode, r.stderr
 
 
@@ -283,8 +313,9 @@ def test_presharded_dir_with_an_unfinished_download_is_refused(tmp_path):
     with ThrottledHub(lfs_threshold=1024, rate=100_000) as hub:
         hub.add_repo(REPO, files)
         d = tmp_path / "bloom-ds"
-        p = subprocess.Popen(_download_cmd(d), env=_env(hub.url, tmp_path), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            _download_cmd(d), env=_env(hub.url, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         # killed once files started to change (the in-progress marker is written before the first byte)
         _kill_when(p, d / marker.IN_PROGRESS, 1)
     assert not (d / marker.COMPLETE).exists()
@@ -305,7 +336,7 @@ DRIVER = textwrap.dedent(
         return {"rc": p.returncode, "last": lines[-1] if lines else "", "out": p.stdout + p.stderr}
     def state():
         d = os.path.join(mnt, "model")
-        from bloom_server import marker
+        from bloom_server.storage import marker
         return {"complete": os.path.exists(os.path.join(d, marker.COMPLETE)),
                 "in_progress": os.path.exists(os.path.join(d, marker.IN_PROGRESS)),
                 "df_free": os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize}
@@ -316,7 +347,7 @@ DRIVER = textwrap.dedent(
     res["write_state"] = state()
     try:
         sys.path.insert(0, os.environ["BLOOM_SRC"])
-        from bloom_server.model_dir import resolve_model_dir
+        from bloom_server.storage.model_dir import resolve_model_dir
         resolve_model_dir(os.path.join(mnt, "model"))
         res["server_check"] = "accepted"
     except Exception as e:
@@ -338,15 +369,20 @@ def _private_tmpfs_works(tmp_path: pathlib.Path) -> bool:
         return False
     probe = tmp_path / "probe"
     probe.mkdir()
-    r = subprocess.run([unshare, "-Urm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
-                       capture_output=True, timeout=30)
+    r = subprocess.run(
+        [unshare, "-Urm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)],
+        capture_output=True,
+        timeout=30,
+    )
     return r.returncode == 0
 
 
 def test_full_disk_during_download_is_a_clear_error_without_completion_marker(tiny_model_dir, tmp_path):
     if not _private_tmpfs_works(tmp_path):
-        pytest.skip("no user+mount namespaces here (unshare -Urm) to make a small real filesystem; the ENOSPC path "
-                    "is still covered in-process by test_download.py::test_enospc_while_writing_maps_to_disk_full")
+        pytest.skip(
+            "no user+mount namespaces here (unshare -Urm) to make a small real filesystem; the ENOSPC path "
+            "is still covered in-process by test_download.py::test_enospc_while_writing_maps_to_disk_full"
+        )
     files = _files_of(tiny_model_dir)
     total = sum(len(v) for v in files.values())
     assert total > 900_000  # more than the 600 KiB volume holds
@@ -359,8 +395,13 @@ def test_full_disk_during_download_is_a_clear_error_without_completion_marker(ti
         env = _env(hub.url, tmp_path)
         env["BLOOM_SRC"] = str(ROOT / "src")
         cmd = _download_cmd(mnt / "model")
-        r = subprocess.run(["unshare", "-Urm", sys.executable, str(driver), str(mnt), str(tmp_path / "res.json"),
-                            json.dumps(cmd)], env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            ["unshare", "-Urm", sys.executable, str(driver), str(mnt), str(tmp_path / "res.json"), json.dumps(cmd)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((tmp_path / "res.json").read_text())
 

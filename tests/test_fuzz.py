@@ -57,11 +57,16 @@ def fuzz_server(tiny_model_dir, tmp_path_factory):
     srv = start_server(
         tiny_model_dir,
         tmp_path_factory.mktemp("fuzz") / "server.log",
-        "--max-input-length", "32",
-        "--max-new-tokens", "16",  # OpenAI's default max_tokens; still cheap with the tiny model
-        "--max-total-tokens", "48",
-        "--max-batch-size", "8",
-        "--batch-wait-ms", "1",
+        "--max-input-length",
+        "32",
+        "--max-new-tokens",
+        "16",  # OpenAI's default max_tokens; still cheap with the tiny model
+        "--max-total-tokens",
+        "48",
+        "--max-batch-size",
+        "8",
+        "--batch-wait-ms",
+        "1",
         # the tiny tokenizer has no chat template: give one, so /v1/chat/completions reaches the engine
         env={"BLOOM_CHAT_TEMPLATE": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"},
     )
@@ -127,7 +132,12 @@ def _one_case(case, srv) -> None:
         kwargs["url"] = kwargs["url"].replace(case.operation.path, case.operation.path + "/", 1)
         twin = requests.request(**kwargs, timeout=REQUEST_TIMEOUT_S, allow_redirects=False)
         STATS[label + " (slash)"][twin.status_code] += 1
-        assert twin.status_code == response.status_code, (label, twin.status_code, response.status_code, twin.text[:300])
+        assert twin.status_code == response.status_code, (
+            label,
+            twin.status_code,
+            response.status_code,
+            twin.text[:300],
+        )
         _error_shape(case, twin)
     srv.assert_alive(label)
 
@@ -182,8 +192,10 @@ def corpus(model: str) -> list[tuple[str, dict]]:
         ("POST /v1/completions", {"model": model, "prompt": "a\ud800b", "echo": True, "max_tokens": 2}),
         ("POST /v1/completions", {"model": model, "prompt": "a\ud800b", "echo": True, "max_tokens": 2, "stream": True}),
         ("POST /v1/completions", {"model": model, "prompt": "x", "stop": ["\udfff"], "max_tokens": 2}),
-        ("POST /v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "\ud800"}],
-                                       "stream": True, "max_tokens": 2}),
+        (
+            "POST /v1/chat/completions",
+            {"model": model, "messages": [{"role": "user", "content": "\ud800"}], "stream": True, "max_tokens": 2},
+        ),
         ("POST /v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}], "n": True}),
         ("POST /v2/models/{name}/infer", {"id": "a\ud800b", **infer}),
         ("POST /v2/models/{name}/infer", {"inputs": [dict(infer["inputs"][0], data=["\udc00"])]}),
@@ -229,6 +241,8 @@ def test_fuzzing_reached_every_route_and_the_server_still_serves(fuzz_server, ap
     status, body = r.status_code, r.json()
     assert status == 200 and body["num_generated_tokens"][0] <= 2, body
     total = sum(sum(c.values()) for c in STATS.values())
-    print(f"\nfuzz: {total} requests in {time.monotonic() - STARTED:.0f} s, peak RSS {fuzz_server.peak_rss_mib:.0f} MiB")
+    print(
+        f"\nfuzz: {total} requests in {time.monotonic() - STARTED:.0f} s, peak RSS {fuzz_server.peak_rss_mib:.0f} MiB"
+    )
     for label in sorted(STATS):
         print(f"  {label}: {sum(STATS[label].values())} cases, statuses {dict(sorted(STATS[label].items()))}")

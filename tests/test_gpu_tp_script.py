@@ -1,4 +1,4 @@
-"""scripts/gpu_tp.sh (issues 6 and 7: tensor parallelism on 2 / 8 GPUs) in its CPU dry run: GPU_TP_QUICK=1, TP=2,
+"""scripts/gpu/tp.sh (tensor parallelism on 2 / 8 GPUs) in its CPU dry run: GPU_TP_QUICK=1, TP=2,
 a tiny random BLOOM, 2 gloo ranks under torchrun, fast backend only. Every step must report rc=0, and the texts the
 TP=2 servers (plain checkpoint, and the `bloom-server preshard --tp 2` layout) answer over POST /generate must equal
 the TP=1 server's, batch and single. No speed is asserted."""
@@ -17,7 +17,7 @@ def test_quick_mode_runs_every_step_and_tp2_answers_like_tp1(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "GPU_TP_QUICK": "1", "TP": "2", "PYTHON": sys.executable, "OUT": str(out),
            "GPU_TP_CACHE": str(tmp_path / "cache"), "GPU_TP_BUDGET_S": "150"}  # fmt: skip
-    proc = subprocess.run(["bash", "scripts/gpu_tp.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
+    proc = subprocess.run(["bash", "scripts/gpu/tp.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=170)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     summary = json.loads((out / "gpu_tp.json").read_text())
@@ -39,4 +39,4 @@ def test_quick_mode_runs_every_step_and_tp2_answers_like_tp1(tmp_path):
     assert "preshard-tp2-default" in labels, summary["cold_start"]
     assert set(summary["load"]) == {"load-c1", "load-c4"}
     assert all(v["ok"] > 0 and v["errors"] == 0 for v in summary["load"].values()), summary["load"]
-    assert "tensor_parallel\":2" in log
+    assert 'tensor_parallel":2' in log

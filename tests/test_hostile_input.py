@@ -44,10 +44,14 @@ def srv(tiny_model_dir, tmp_path_factory):
     s = start_server(
         tiny_model_dir,
         tmp_path_factory.mktemp("hostile") / "server.log",
-        "--max-input-length", str(MAX_INPUT),
-        "--max-new-tokens", str(MAX_NEW),
-        "--max-batch-size", str(MAX_BATCH),
-        "--max-total-tokens", str(MAX_TOTAL),
+        "--max-input-length",
+        str(MAX_INPUT),
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--max-batch-size",
+        str(MAX_BATCH),
+        "--max-total-tokens",
+        str(MAX_TOTAL),
         env={"BLOOM_CHAT_TEMPLATE": "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"},
     )
     try:
@@ -73,8 +77,9 @@ def post_routes(srv, spec, model):
     """Every POST path of the schema (with the served model's name), plus each one's trailing-slash twin where the
     server has one."""
     # KServe's versioned paths: the model's one version ("1": the tiny model has no revision).
-    paths = sorted(p.replace("{name}", model).replace("{version}", "1") for p, ops in spec["paths"].items()
-                   if "post" in ops)
+    paths = sorted(
+        p.replace("{name}", model).replace("{version}", "1") for p, ops in spec["paths"].items() if "post" in ops
+    )
     assert set(ORIGINAL) <= set(paths), paths
     out = []
     for p in paths:
@@ -103,10 +108,14 @@ def reference(tiny_model_dir):
             ids = tok.encode(text).ids
             with torch.inference_mode():
                 out = lm.generate(
-                    torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=n,
-                    do_sample=False, pad_token_id=3, eos_token_id=2,
+                    torch.tensor([ids]),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                    max_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=3,
+                    eos_token_id=2,
                 )
-            new = out[0, len(ids):].tolist()
+            new = out[0, len(ids) :].tolist()
             if 2 in new:
                 new = new[: new.index(2) + 1]
             return tok.decode(new, skip_special_tokens=True), len(new)
@@ -117,8 +126,14 @@ def reference(tiny_model_dir):
 # ------------------------------------------------------------------------------------------------------------ sending
 
 
-def send(srv, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-         timeout: float = ANSWER_TIMEOUT_S) -> tuple[int, bytes, dict]:
+def send(
+    srv,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict | None = None,
+    timeout: float = ANSWER_TIMEOUT_S,
+) -> tuple[int, bytes, dict]:
     """One request on its own connection; raises on a dropped connection or when no answer comes within `timeout`."""
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=timeout)
     try:
@@ -227,8 +242,10 @@ def test_the_limit_is_exact(srv):
 def _chunked(srv, path: str, total: int, chunk: int = 1 << 16) -> tuple[int, bytes]:
     """A body without Content-Length (chunked), so only counting the bytes as they arrive can stop it."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=ANSWER_TIMEOUT_S) as s:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
+        )
         sent = 0
         try:
             s.sendall(b'%x\r\n{"text": ["\r\n' % len(b'{"text": ["'))
@@ -311,8 +328,15 @@ def test_huge_integers_are_a_4xx(srv, post_routes):
 
 
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", '"NaN"', '"inf"', '"-Infinity"']
-FLOAT_FIELDS = ["temperature", "top_p", "typical_p", "repetition_penalty", "length_penalty", "max_time",
-                "diversity_penalty"]
+FLOAT_FIELDS = [
+    "temperature",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "max_time",
+    "diversity_penalty",
+]
 INT_FIELDS = ["max_new_tokens", "top_k", "min_length", "no_repeat_ngram_size", "eos_token_id"]
 
 
@@ -341,8 +365,11 @@ def test_nan_and_infinity_are_refused_naming_the_field(srv, literal, model):
         err = assert_clear_4xx(status, body, allowed=(400, 422), context=f"{path} {raw}")
         assert any(f in message_of(err) for f in ("temperature", "top_p")), err
     if not literal.startswith('"'):  # as a prompt ("NaN" in quotes is just text)
-        for path, raw in [("/generate", f'{{"text": [{literal}]}}'), ("/tokenize", f'{{"text": [{literal}]}}'),
-                          ("/forward", f'{{"conditioning_text": ["a"], "response": [{literal}]}}')]:
+        for path, raw in [
+            ("/generate", f'{{"text": [{literal}]}}'),
+            ("/tokenize", f'{{"text": [{literal}]}}'),
+            ("/forward", f'{{"conditioning_text": ["a"], "response": [{literal}]}}'),
+        ]:
             status, body, _ = send(srv, "POST", path, raw.encode())
             assert_clear_4xx(status, body, allowed=(422,), context=f"{path} {literal}")
     after(srv, literal)
@@ -354,14 +381,20 @@ def test_booleans_are_refused_where_numbers_are_expected(srv, model):
         ("/generate", {"text": ["Hello"], "max_new_tokens": True}, "max_new_tokens"),
         ("/generate", {"text": ["Hello"], "eos_token_id": True}, "eos_token_id"),
         ("/generate", {"text": ["Hello"], "do_sample": True, "temperature": True}, "temperature"),
-        ("/generate", {"text": ["Hello"], "exponential_decay_length_penalty": [True, 1.0]},
-         "exponential_decay_length_penalty"),
+        (
+            "/generate",
+            {"text": ["Hello"], "exponential_decay_length_penalty": [True, 1.0]},
+            "exponential_decay_length_penalty",
+        ),
         ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": True}}, "max_new_tokens"),
         ("/generate_stream", {"inputs": "Hello", "parameters": {"top_k": False}}, "top_k"),
         ("/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": True}, "max_tokens"),
         ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "x"}], "n": True}, "n"),
-        (f"/v1/models/{model}:predict", {"instances": ["Hello"], "parameters": {"max_new_tokens": True}},
-         "max_new_tokens"),
+        (
+            f"/v1/models/{model}:predict",
+            {"instances": ["Hello"], "parameters": {"max_new_tokens": True}},
+            "max_new_tokens",
+        ),
     ]:
         status, err = post_json(srv, path, body)
         assert status in (400, 422) and field in message_of(err), (path, body, status, err)
@@ -405,20 +438,33 @@ def surrogate_cases(model: str) -> list[tuple[str, str, str]]:
     infer = '{"id": "a\\ud800b", "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}'
     return [
         ("/v1/completions", f'{{"model": "{model}", "prompt": "a\\ud800b", "echo": true, "max_tokens": 2}}', "prompt"),
-        ("/v1/completions", f'{{"model": "{model}", "prompt": "a\\ud800b", "echo": true, "max_tokens": 2, '
-                            '"stream": true}', "prompt"),
+        (
+            "/v1/completions",
+            f'{{"model": "{model}", "prompt": "a\\ud800b", "echo": true, "max_tokens": 2, "stream": true}}',
+            "prompt",
+        ),
         ("/v1/completions", f'{{"model": "{model}", "prompt": ["x", "\\udfff"], "max_tokens": 2}}', "prompt[1]"),
         ("/v1/completions", f'{{"model": "{model}", "prompt": "x", "stop": "\\ud83d", "max_tokens": 2}}', "stop"),
-        ("/v1/chat/completions", f'{{"model": "{model}", "messages": [{{"role": "user", "content": "a\\ud800"}}], '
-                                 '"max_tokens": 2, "stream": true}', "messages[0].content"),
+        (
+            "/v1/chat/completions",
+            f'{{"model": "{model}", "messages": [{{"role": "user", "content": "a\\ud800"}}], '
+            '"max_tokens": 2, "stream": true}',
+            "messages[0].content",
+        ),
         (f"/v2/models/{model}/infer", infer, "id"),
-        (f"/v2/models/{model}/infer", infer.replace('"a\\ud800b"', '"r"').replace('["x"]', '["\\udc00"]'),
-         "inputs[0].data[0]"),
+        (
+            f"/v2/models/{model}/infer",
+            infer.replace('"a\\ud800b"', '"r"').replace('["x"]', '["\\udc00"]'),
+            "inputs[0].data[0]",
+        ),
         (f"/v1/models/{model}:predict", '{"instances": ["\\ud800"]}', "instances[0]"),
         ("/generate", '{"inputs": "a\\ud800b", "parameters": {"max_new_tokens": 2}}', "inputs"),
         ("/generate_stream", '{"inputs": "a\\ud800b", "parameters": {"max_new_tokens": 2}}', "inputs"),
-        ("/", '{"inputs": "x", "parameters": {"max_new_tokens": 2, "stop": ["\\ud800"]}, "stream": true}',
-         "parameters.stop[0]"),
+        (
+            "/",
+            '{"inputs": "x", "parameters": {"max_new_tokens": 2, "stop": ["\\ud800"]}, "stream": true}',
+            "parameters.stop[0]",
+        ),
         ("/generate", '{"text": ["x"], "max_new_tokens": 2, "note": "\\ud800"}', "note"),
         ("/tokenize", '{"text": "\\ud800"}', "text"),
     ]
@@ -438,7 +484,7 @@ def test_lone_surrogate_escapes_are_a_4xx_naming_the_field_on_every_surface(srv,
     err = assert_clear_4xx(status, body, allowed=(422,))
     assert "field name" in err["message"], err
     # a surrogate pair is one character, and escaped backslashes are text: both are served
-    status, out = post_json(srv, "/tokenize", {"text": ["\U0001F600 \\ud800"]})
+    status, out = post_json(srv, "/tokenize", {"text": ["\U0001f600 \\ud800"]})
     assert status == 200, out
     raw = b'{"text": ["\\ud83d\\ude00 \\\\ud800"]}'
     status, body, _ = send(srv, "POST", "/tokenize", raw)
@@ -467,7 +513,7 @@ ODD_PROMPTS = [
     CONTROL,
     "a\x00b\x07c\x1b[31mred\x1b[0m",
     "\t\n\r",
-    "\U0001F600" * 10,
+    "\U0001f600" * 10,
     "\u0301\u0301\u0301",  # combining marks with nothing to combine with
 ]
 
@@ -486,15 +532,22 @@ def test_special_token_and_control_character_prompts_get_correct_answers(srv, re
     # the same greedy answer on every other surface
     status, out = post_json(srv, "/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 8}})
     assert status == 200 and out["generated_text"] == want, out
-    status, out = post_json(srv, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 8,
-                                                     "temperature": 0})
+    status, out = post_json(
+        srv, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    )
     assert status == 200 and out["choices"][0]["text"] == want, out
-    status, out = post_json(srv, f"/v1/models/{model}:predict",
-                            {"instances": [prompt], "parameters": {"max_new_tokens": 8}})
+    status, out = post_json(
+        srv, f"/v1/models/{model}:predict", {"instances": [prompt], "parameters": {"max_new_tokens": 8}}
+    )
     assert status == 200 and out["predictions"] == [want], out
-    status, out = post_json(srv, f"/v2/models/{model}/infer", {
-        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [prompt]}],
-        "parameters": {"max_new_tokens": 8}})
+    status, out = post_json(
+        srv,
+        f"/v2/models/{model}/infer",
+        {
+            "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [prompt]}],
+            "parameters": {"max_new_tokens": 8},
+        },
+    )
     assert status == 200 and out["outputs"][0]["data"] == [want], out
 
     status, out = post_json(srv, "/forward", {"conditioning_text": [prompt], "response": [" there"]})
@@ -513,7 +566,7 @@ def test_very_long_single_tokens(srv, reference):
         "ascii": "a" * 200_000,
         "digits": "".join(rnd.choice("0123456789") for _ in range(200_000)),
         "cjk": "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(80_000)),
-        "emoji": "\U0001F600" * 60_000,
+        "emoji": "\U0001f600" * 60_000,
     }
     for name, word in words.items():
         raw = json.dumps({"text": [word]}, ensure_ascii=False).encode()
@@ -544,7 +597,10 @@ def test_wrong_content_types_are_a_4xx(srv, post_routes):
     cases = [
         ("text/plain", b"just some text"),
         ("application/xml", b"<text>Hello</text>"),
-        ("multipart/form-data; boundary=x", b'--x\r\nContent-Disposition: form-data; name="text"\r\n\r\nHello\r\n--x--\r\n'),
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Disposition: form-data; name="text"\r\n\r\nHello\r\n--x--\r\n',
+        ),
         ("application/octet-stream", bytes(range(256))),
         ("image/png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64),
         ("application/x-www-form-urlencoded", b"text=Hello&max_new_tokens=2"),
@@ -602,8 +658,16 @@ def test_wrong_methods_and_unknown_paths(srv, spec, model):
             # 404 where another route's pattern takes the path (GET /v1/models/{name} takes ".../x:predict")
             assert_clear_4xx(status, body, allowed=(404, 405), context=f"{method} {path}")
             assert status == 404 or headers.get("allow"), headers
-    for path in ("/nope", "//generate", "/generate//", "/generate/x", "/v1/models/", "/%00", "/..%2f..%2fetc%2fpasswd",
-                 "/v2/models/" + "x" * 5000 + "/infer"):
+    for path in (
+        "/nope",
+        "//generate",
+        "/generate//",
+        "/generate/x",
+        "/v1/models/",
+        "/%00",
+        "/..%2f..%2fetc%2fpasswd",
+        "/v2/models/" + "x" * 5000 + "/infer",
+    ):
         status, body, _ = send(srv, "POST", path, b"{}")
         assert_clear_4xx(status, body, allowed=(400, 404, 405), context=path)
     after(srv, "methods and paths")
@@ -617,14 +681,19 @@ def test_stalled_and_vanishing_clients_do_not_block_others(srv):
         stalled = []
         for _ in range(5):  # declared 1000 bytes, sent 10, then silence
             s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
-            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: 1000\r\n\r\n" b'{"text": [')
+            s.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n"
+                b'{"text": ['
+            )
             stalled.append(s)
         for _ in range(5):  # a generate request whose client hangs up before the answer
             s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
             raw = json.dumps({"text": ["Hello"], "max_new_tokens": MAX_NEW, "min_length": 1000}).encode()
-            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n" % len(raw) + raw)
+            s.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(raw) + raw
+            )
             s.close()
         try:
             for _ in range(3):

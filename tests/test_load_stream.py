@@ -1,4 +1,4 @@
-"""The load's one disk stream (loading.Prefetcher) and the loader that follows it (fast/weights.py read_safetensors),
+"""The load's one disk stream (storage/prefetch.py Prefetcher) and the loader that follows it (fast/weights.py read_safetensors),
 on real files, on the CPU. The prefetcher's reads are held and released through its `throttle` hook (called after
 each chunk it read), so every step is observed through counters: nothing here depends on a sleep being long enough.
 """
@@ -12,16 +12,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bloom_server.fast.weights import read_safetensors, required_names  # noqa: E402
-from bloom_server.fast.shapes import BloomShape  # noqa: E402
-from bloom_server.loading import (  # noqa: E402
-    LoadProgress,
-    Prefetcher,
-    plan_chunks,
-    read_header,
-    start_prefetch,
-    wanted_entries,
-)
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.weights import read_safetensors, required_names
+from bloom_server.progress import LoadProgress
+from bloom_server.storage.prefetch import Prefetcher
+from bloom_server.storage.safetensors import plan_chunks, read_header, wanted_entries
 
 CHUNK = 64 << 10  # the tiny model (0.93 MB) in ~15 chunks
 
@@ -96,7 +91,7 @@ def load_in_thread(model, progress, threads: int = 2):
         try:
             box["out"] = read_safetensors([header], wanted, dtype=torch.float32, device="cpu", progress=progress,
                                           threads=threads, chunk_bytes=CHUNK)  # fmt: skip
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread, which re-raises it
             box["error"] = e
 
     t = threading.Thread(target=run, daemon=True)
@@ -134,7 +129,7 @@ def test_the_loader_waits_for_the_prefetcher_chunk_by_chunk_and_gets_identical_t
     n = len(p.chunks)
     for k in range(1, n + 1):  # one chunk at a time: the loader follows
         gate.allow(1)
-        until(lambda: p.stats()["frontier"] >= k, f"prefetcher past chunk {k}")
+        until(lambda: p.stats()["frontier"] >= k, f"prefetcher past chunk {k}")  # noqa: B023 - called within this iteration
     out = finish(t, box)
     check_equal(model, out)
     # Every chunk the loader placed had been read by the prefetcher first.
@@ -208,17 +203,14 @@ def test_a_closed_prefetcher_releases_a_waiting_loader(model):
     assert p.stats()["state"] == "closed"
 
 
-def test_no_prefetch_when_disabled(tiny_model_dir, monkeypatch):
-    from bloom_server.cli import _early_prefetch
-    from bloom_server.model_dir import resolve_model_dir
-    from bloom_server.serve import start_prefetch as serve_start
+def test_no_prefetch_when_disabled(tiny_model_dir):
+    from bloom_server.backends.fast_coldstart import start_prefetch as serve_start
     from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import resolve_model_dir
 
     progress = LoadProgress()
     serve_start(load_settings(backend="fast", load_prefetch=False), resolve_model_dir(str(tiny_model_dir)), progress)
     assert progress.prefetcher is None and progress.phase == "starting"
-    monkeypatch.setenv("BLOOM_LOAD_PREFETCH", "0")
-    assert _early_prefetch(["serve", "--backend", "fast", "--model", str(tiny_model_dir)]) is None
 
 
 # ------------------------------------------------------------------------------------------ the memory budget
@@ -255,156 +247,19 @@ def test_need_maps_the_loaders_chunks_onto_the_prefetch_plan(model):
     assert p.need(path.parent / "other.safetensors", 10) is None
 
 
-# ------------------------------------------------------------------------------------------ the early start
-
-
-def test_the_early_prefetch_follows_the_command_line_and_the_environment(tiny_model_dir, monkeypatch):
-    from bloom_server.cli import _early_prefetch
-    from bloom_server.settings import load_settings
-
-    for var in ("BLOOM_BACKEND", "DEPLOYMENT_FRAMEWORK", "BLOOM_MODEL", "MODEL_NAME", "STORAGE_URI",
-                "BLOOM_LOAD_PREFETCH", "BLOOM_LOAD_CHUNK_MB", "BLOOM_LOAD_PREFETCH_THREADS",
-                "BLOOM_LOAD_THROTTLE_MBPS", "BLOOM_LOAD_PREFETCH_PROCESS", "RANK", "WORLD_SIZE"):  # fmt: skip
-        monkeypatch.delenv(var, raising=False)
-    d = str(tiny_model_dir)
-    e = _early_prefetch(["--local_rank=0", "serve", "--backend", "fast", f"--model={d}", "--port", "1"])
-    assert e is not None and e.progress.prefetcher is e.prefetcher and e.progress.phase == "prefetching"
-    assert e.matches(load_settings(backend="fast", model=d), tiny_model_dir)
-    assert not e.matches(load_settings(backend="fast", model=d, load_chunk_mb=8), tiny_model_dir)
-    assert not e.matches(load_settings(backend="hf", model=d), tiny_model_dir)
-    e.prefetcher.join(30)
-    assert e.prefetcher.stats()["frontier"] == len(e.prefetcher.chunks)  # it read the whole file
-    assert "prefetch started, s after process start" in e.progress.timings
-    assert _early_prefetch(["serve", "--backend", "hf", "--model", d]) is None
-    assert _early_prefetch(["serve", "--model", d]) is None  # the default backend is hf
-    assert _early_prefetch(["download", "--backend", "fast", "--model", d]) is None
-    assert _early_prefetch(["serve", "--backend", "fast", "--model", "org/name"]) is None  # a Hub id: later
-    monkeypatch.setenv("DEPLOYMENT_FRAMEWORK", "fast")
-    monkeypatch.setenv("MODEL_NAME", d)
-    monkeypatch.setenv("BLOOM_LOAD_CHUNK_MB", "0.5")
-    e = _early_prefetch(["serve"])
-    assert e is not None and e.chunk_bytes == 512 << 10
-    e.close()
-    monkeypatch.setenv("BLOOM_LOAD_CHUNK_MB", "lots")  # the settings will refuse it: no guess
-    assert _early_prefetch(["serve"]) is None
-    monkeypatch.setenv("BLOOM_LOAD_CHUNK_MB", "0.5")
-    monkeypatch.setenv("BLOOM_LOAD_PREFETCH_PROCESS", "true")  # the reads in a child process
-    e = _early_prefetch(["serve"])
-    assert e is not None and e.prefetcher.process and e.prefetcher._child is not None
-    assert e.matches(load_settings(load_chunk_mb=0.5), tiny_model_dir)  # the settings read the same variables
-    assert not e.matches(load_settings(load_chunk_mb=0.5, load_prefetch_process=False), tiny_model_dir)
-    assert e.prefetcher.wait_for(len(e.prefetcher.chunks), timeout=30) is True
-    e.close()
-
-
-def test_serve_keeps_a_matching_early_prefetch_and_replaces_one_the_settings_contradict(tiny_model_dir, monkeypatch):
-    from bloom_server import serve as serve_mod
-    from bloom_server.cli import _early_prefetch
-    from bloom_server.settings import load_settings
-
-    monkeypatch.delenv("BLOOM_LOAD_CHUNK_MB", raising=False)
-    seen: dict = {}
-
-    def fake_rank_context(flag):
-        raise RuntimeError("stop here")
-
-    import bloom_server.runtime.distributed as dist
-
-    monkeypatch.setattr(dist, "rank_context", fake_rank_context)
-    monkeypatch.setattr(serve_mod, "start_kernel_compile", lambda *a: None)
-    real_start = serve_mod.start_prefetch
-    monkeypatch.setattr(serve_mod, "start_prefetch", lambda s, md, pr: (seen.setdefault("started", pr), real_start(s, md, pr)))
-    d = str(tiny_model_dir)
-    early = _early_prefetch(["serve", "--backend", "fast", "--model", d])
-    with pytest.raises(RuntimeError, match="stop here"):
-        serve_mod.serve(load_settings(backend="fast", model=d), early=early)
-    assert "started" not in seen and early.prefetcher.state != "closed"  # kept
-    early2 = _early_prefetch(["serve", "--backend", "fast", "--model", d])
-    with pytest.raises(RuntimeError, match="stop here"):
-        serve_mod.serve(load_settings(backend="fast", model=d, load_prefetch_threads=2), early=early2)
-    assert early2.prefetcher.state == "closed" or early2.prefetcher.stats()["frontier"] == len(early2.prefetcher.chunks)
-    assert seen["started"] is not early2.progress and seen["started"].prefetcher.threads == 2
-
-
 # ------------------------------------------------------------------------------------------ compile workers
 
 
 def test_compile_workers_scale_with_the_cpus(monkeypatch):
-    from bloom_server.fast import precompile
+    from bloom_server.fast.coldstart import precompile
 
-    for var in ("BLOOM_FAST_PRECOMPILE", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+    for var in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     cases = {(16, 1): 4, (2, 1): 1, (6, 1): 2, (8, 1): 4, (64, 1): 4, (128, 8): 4, (32, 4): 4, (16, 8): 1}
     for (cpus, ranks), want in cases.items():
         monkeypatch.setattr(precompile, "available_cpus", lambda c=cpus: c)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
-        assert precompile.worker_count() == want, (cpus, ranks)
-    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "3")
-    assert precompile.worker_count() == 3
-    monkeypatch.setenv("BLOOM_FAST_PRECOMPILE", "0")
-    assert precompile.worker_count() == 0 and not precompile.enabled()
+        assert precompile.worker_count("") == want, (cpus, ranks)
+    assert precompile.worker_count("3") == 3
+    assert precompile.worker_count("0") == 0 and not precompile.enabled("0")
     assert precompile.available_cpus() >= 1
-
-
-# ------------------------------------------------------------------------------------------ in a child process
-
-
-def prefetch_process(model, progress, *, throttle_mbps: float | None = None, budget: int | None = None) -> Prefetcher:
-    from bloom_server.loading import ReadThrottle
-
-    path, header, _, _ = model
-    p = Prefetcher([path], plan_chunks([(0, t) for t in header.tensors], CHUNK), threads=2, progress=progress,
-                   throttle=ReadThrottle(throttle_mbps) if throttle_mbps else None, budget=budget, process=True)  # fmt: skip
-    progress.prefetcher = p
-    return p.start()
-
-
-def test_a_prefetch_process_reads_every_chunk_and_the_loader_follows_it(model):
-    progress = Recorder()
-    p = prefetch_process(model, progress)
-    out = finish(*load_in_thread(model, progress, threads=2))
-    check_equal(model, out)
-    p.join(30)
-    st = p.stats()
-    assert p._child is not None and p._child.returncode == 0  # a real child did the reading, and ended well
-    assert st["state"] == "finished" and st["frontier"] == len(p.chunks)
-    assert progress.snapshot()["timings"]["chunks the loader read from disk itself"] == 0
-    assert all(loaded <= read for loaded, read in progress.seen), progress.seen
-    assert progress.prefetched_bytes >= progress.total_bytes > 900_000
-
-
-def test_the_loader_reads_the_rest_itself_when_the_prefetch_process_dies(model):
-    progress = LoadProgress()
-    p = prefetch_process(model, progress, throttle_mbps=0.5)  # ~0.13 s per 64 KiB chunk
-    until(lambda: p.stats()["frontier"] >= 2, "the child read two chunks")
-    p._child.kill()  # type: ignore[union-attr]
-    out = finish(*load_in_thread(model, progress, threads=2))
-    check_equal(model, out)
-    st = p.stats()
-    assert st["state"] == "failed" and "exited" in st["error"] and st["frontier"] < len(p.chunks)
-    assert progress.snapshot()["timings"]["chunks the loader read from disk itself"] >= len(p.chunks) - st["frontier"]
-
-
-def test_a_prefetch_process_pauses_at_its_budget_until_the_loader_asks(model):
-    progress = LoadProgress()
-    p = prefetch_process(model, progress, budget=CHUNK)  # one chunk ahead of the loader at most
-    until(lambda: p.stats()["frontier"] >= 1, "the first chunk")
-    time.sleep(0.5)  # unbounded, the child would read all ~15 chunks of this small file in far less
-    assert p.stats()["frontier"] == 1
-    p.advance(5)  # the loader asked for chunks [0, 5): the child may read up to one past them
-    until(lambda: p.stats()["frontier"] >= 5, "chunks up to the demand")
-    time.sleep(0.3)
-    assert 5 <= p.stats()["frontier"] <= 6
-    assert p.wait_for(len(p.chunks), timeout=30) is True
-    p.join(30)
-    assert p.stats()["state"] == "finished" and p._child.returncode == 0  # type: ignore[union-attr]
-
-
-def test_closing_a_prefetch_process_ends_the_child_and_releases_the_loader(model):
-    progress = LoadProgress()
-    p = prefetch_process(model, progress, throttle_mbps=0.2)
-    until(lambda: p.stats()["frontier"] >= 1, "the first chunk")
-    p.close()
-    assert p.wait_for(len(p.chunks), timeout=20) is False
-    assert p._child.wait(timeout=20) != 0  # type: ignore[union-attr]  # killed, not finished
-    check_equal(model, finish(*load_in_thread(model, progress, threads=2)))

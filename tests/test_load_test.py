@@ -1,4 +1,4 @@
-"""scripts/load_test.py against a real tiny-model server on 127.0.0.1: counts, exact lengths, timings present, errors
+"""scripts/bench/load_test.py against a real tiny-model server on 127.0.0.1: counts, exact lengths, timings present, errors
 reported (not crashed on), bounds honoured. No speed is asserted."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 
 from helpers import REPO, ServerProcess, free_port
 
-SCRIPT = REPO / "scripts" / "load_test.py"
-sys.path.insert(0, str(REPO / "scripts"))
-import load_test  # noqa: E402
+SCRIPT = REPO / "scripts" / "bench" / "load_test.py"
+sys.path.insert(0, str(REPO / "scripts" / "bench"))
+import load_test
 
 
 def run_script(*args: str, timeout: float = 180) -> tuple[int, str, float]:
@@ -25,8 +25,23 @@ def run_script(*args: str, timeout: float = 180) -> tuple[int, str, float]:
 
 def test_streamed_closed_loop_exact_lengths(server, tmp_path):
     out = tmp_path / "run.json"
-    code, text, _ = run_script("--url", server.url, "--stream", "--concurrency", "3", "--prompt-tokens", "4-24",
-                               "--new-tokens", "4-24", "--requests", "12", "--duration", "120", "--json", str(out))
+    code, text, _ = run_script(
+        "--url",
+        server.url,
+        "--stream",
+        "--concurrency",
+        "3",
+        "--prompt-tokens",
+        "4-24",
+        "--new-tokens",
+        "4-24",
+        "--requests",
+        "12",
+        "--duration",
+        "120",
+        "--json",
+        str(out),
+    )
     assert code == 0, text
     report = json.loads(out.read_text())
     s = report["summary"]
@@ -51,8 +66,22 @@ def test_streamed_closed_loop_exact_lengths(server, tmp_path):
 
 def test_not_streamed_poisson(server, tmp_path):
     out = tmp_path / "run.json"
-    code, text, _ = run_script("--url", server.url, "--rate", "20", "--prompt-tokens", "8", "--new-tokens", "5,9,13",
-                               "--requests", "10", "--duration", "120", "--json", str(out))
+    code, text, _ = run_script(
+        "--url",
+        server.url,
+        "--rate",
+        "20",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "5,9,13",
+        "--requests",
+        "10",
+        "--duration",
+        "120",
+        "--json",
+        str(out),
+    )
     assert code == 0, text
     report = json.loads(out.read_text())
     s = report["summary"]
@@ -67,13 +96,30 @@ def test_not_streamed_poisson(server, tmp_path):
 
 
 def test_queue_full_gives_429s_that_are_reported(tiny_model_dir, tmp_path):
-    srv = ServerProcess(["--model", str(tiny_model_dir), "--max-queued-requests", "1", "--max-new-tokens", "64"],
-                        free_port(), log_path=tmp_path / "server.log")
+    srv = ServerProcess(
+        ["--model", str(tiny_model_dir), "--max-queued-requests", "1", "--max-new-tokens", "64"],
+        free_port(),
+        log_path=tmp_path / "server.log",
+    )
     try:
         srv.wait_ready()
         out = tmp_path / "run.json"
-        code, text, _ = run_script("--url", srv.url, "--concurrency", "8", "--prompt-tokens", "8-16",
-                                   "--new-tokens", "32", "--requests", "40", "--duration", "120", "--json", str(out))
+        code, text, _ = run_script(
+            "--url",
+            srv.url,
+            "--concurrency",
+            "8",
+            "--prompt-tokens",
+            "8-16",
+            "--new-tokens",
+            "32",
+            "--requests",
+            "40",
+            "--duration",
+            "120",
+            "--json",
+            str(out),
+        )
     finally:
         srv.stop()
     assert code == 1, text  # some requests failed: exit 1, with the report
@@ -86,9 +132,25 @@ def test_queue_full_gives_429s_that_are_reported(tiny_model_dir, tmp_path):
 
 def test_duration_bounds_the_run_and_cuts_what_is_left(server, tmp_path):
     out = tmp_path / "run.json"
-    code, text, wall = run_script("--url", server.url, "--stream", "--concurrency", "2", "--prompt-tokens", "8",
-                                  "--new-tokens", "64", "--requests", "100000", "--duration", "1.5", "--drain", "0",
-                                  "--json", str(out))
+    code, text, wall = run_script(
+        "--url",
+        server.url,
+        "--stream",
+        "--concurrency",
+        "2",
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "64",
+        "--requests",
+        "100000",
+        "--duration",
+        "1.5",
+        "--drain",
+        "0",
+        "--json",
+        str(out),
+    )
     assert code == 0, text  # cut requests are not errors
     s = json.loads(out.read_text())["summary"]
     assert s["cut"] >= 1 and s["requests"] == s["answered"] + s["cut"] < 100000
@@ -106,9 +168,10 @@ def test_refusals(server):
 
 def test_workload_is_drawn_from_the_seed():
     def specs(seed: int, rate: float | None):
-        args = load_test.parser().parse_args(["--url", "http://127.0.0.1:1", "--seed", str(seed), "--prompt-tokens",
-                                              "16-256", "--new-tokens", "16,512"]
-                                             + (["--rate", str(rate)] if rate else []))
+        args = load_test.parser().parse_args(
+            ["--url", "http://127.0.0.1:1", "--seed", str(seed), "--prompt-tokens", "16-256", "--new-tokens", "16,512"]
+            + (["--rate", str(rate)] if rate else [])
+        )
         gen = load_test.workload(args, ["a", "b", "c"])
         return [next(gen) for _ in range(50)]
 
@@ -126,9 +189,25 @@ def test_workload_is_drawn_from_the_seed():
 @pytest.mark.parametrize("stream", [False, True])
 def test_greedy_check_under_load_equals_alone(server, tmp_path, stream):
     out = tmp_path / "run.json"
-    code, text, _ = run_script("--url", server.url, *(["--stream"] if stream else []), "--concurrency", "4",
-                               "--prompt-tokens", "1-24", "--new-tokens", "1-12", "--requests", "12", "--duration",
-                               "120", "--check-greedy", "5", "--json", str(out))
+    code, text, _ = run_script(
+        "--url",
+        server.url,
+        *(["--stream"] if stream else []),
+        "--concurrency",
+        "4",
+        "--prompt-tokens",
+        "1-24",
+        "--new-tokens",
+        "1-12",
+        "--requests",
+        "12",
+        "--duration",
+        "120",
+        "--check-greedy",
+        "5",
+        "--json",
+        str(out),
+    )
     assert code == 0, text
     greedy = json.loads(out.read_text())["greedy_check"]
     assert (greedy["checked"], greedy["equal"], greedy["faults"], greedy["passed"]) == (5, 5, 0, True)

@@ -32,7 +32,9 @@ def _children_by_rank(pid: int) -> dict[int, int]:
             continue
         try:
             env = dict(
-                kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv
+                kv.split("=", 1)
+                for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in kv
             )
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
@@ -80,14 +82,36 @@ def _manual_ranks(model_dir, tmp_path, world=2, env_extra=None):
     port, master = free_port(), free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(master),
+            "PYTHONUNBUFFERED": "1",
+        }
         log = open(tmp_path / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "bloom_server", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-             "--port", str(port)],
-            env={**env, "BLOOM_HEARTBEAT_S": "1", **(env_extra or {})},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bloom_server",
+                    "serve",
+                    "--model",
+                    str(model_dir),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                env={**env, "BLOOM_HEARTBEAT_S": "1", **(env_extra or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -158,8 +182,12 @@ def test_follower_dies_mid_generation_request_gets_an_error(tiny_model_dir, tmp_
 
         def long_call():
             try:
-                result["r"] = http("POST", url + "/generate",
-                                   {"text": ["Deepspeed is"] * 8, "max_new_tokens": 1000, "min_length": 5000}, timeout=60)
+                result["r"] = http(
+                    "POST",
+                    url + "/generate",
+                    {"text": ["Deepspeed is"] * 8, "max_new_tokens": 1000, "min_length": 5000},
+                    timeout=60,
+                )
             except OSError as exc:  # the connection closed with the process: also an answer, not a hang
                 result["r"] = (None, str(exc), {})
 

@@ -124,7 +124,9 @@ def test_yamllint_strict():
 
 
 def test_yamllint_catches_a_duplicate_key():
-    p = run_tool([tool("yamllint"), "--strict", "-c", str(FIXTURES / "yamllint.yaml"), str(FIXTURES / "duplicate-key.yaml")])
+    p = run_tool(
+        [tool("yamllint"), "--strict", "-c", str(FIXTURES / "yamllint.yaml"), str(FIXTURES / "duplicate-key.yaml")]
+    )
     assert p.returncode != 0 and 'duplication of key "minReplicas"' in p.stdout, output(p)
 
 
@@ -241,7 +243,9 @@ def project_rule_problems(docs: list[dict]) -> list[str]:
                 problems.append(f"{name}: autoscalerClass keda takes spec.predictor.autoScaling, not scaleMetric")
         if mode in KNATIVE:
             if _seconds(ann.get("serving.knative.dev/progress-deadline")) < 600:
-                problems.append(f"{name}: serving.knative.dev/progress-deadline must cover a multi-minute load (>= 600s)")
+                problems.append(
+                    f"{name}: serving.knative.dev/progress-deadline must cover a multi-minute load (>= 600s)"
+                )
         containers = {c["name"]: c for c in pred.get("containers", [])}
         c = containers.get("kserve-container")
         if c is None:
@@ -313,7 +317,7 @@ def project_rule_problems(docs: list[dict]) -> list[str]:
 # nvidia.com/gpu.product (GPU feature discovery's label) -> the CUDA architecture `bloom-server precompile` targets.
 GPU_ARCH = {"NVIDIA-A10G": 86, "NVIDIA-A100-SXM4-80GB": 80, "NVIDIA-A100-SXM4-40GB": 80, "NVIDIA-A100-80GB-PCIe": 80,
             "NVIDIA-H100-80GB-HBM3": 90, "NVIDIA-H200": 90, "NVIDIA-L4": 89}  # fmt: skip
-# The settings that decide which kernel variants the fast engine compiles (fast/precompile.py's facts).
+# The settings that decide which kernel variants the fast engine compiles (fast/coldstart/precompile.py's facts).
 PLAN_SETTINGS = ("BLOOM_DTYPE", "BLOOM_MAX_BATCH_SIZE", "BLOOM_NUM_GPUS", "BLOOM_MAX_TOTAL_TOKENS",
                  "BLOOM_MAX_INPUT_LENGTH", "BLOOM_MAX_NEW_TOKENS", "BLOOM_FAST_DECODE")  # fmt: skip
 
@@ -335,7 +339,11 @@ def _on_pvc(spec: dict, c: dict, path: str | None, writable: bool = False) -> tu
     """(pvc, subpath) that `path` names in container `c` of a pod `spec`, or None (not on a mounted PVC)."""
     if not path:
         return None
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", []) if "persistentVolumeClaim" in v}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in spec.get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
     for m in c.get("volumeMounts", []):
         mount = m["mountPath"].rstrip("/")
         if m["name"] in claims and path.startswith(mount + "/") and not (writable and m.get("readOnly")):
@@ -365,7 +373,9 @@ def _preshard_problems(name: str, env: dict, job: dict, served: tuple[str, str])
         out.append(f"{name}: Job {jname} pre-shards for --tp {_flag([c], '--tp')}, the server runs BLOOM_NUM_GPUS {tp}")
     dtype = _flag([c], "--dtype")
     if dtype is not None and dtype != env.get("BLOOM_DTYPE"):
-        out.append(f"{name}: Job {jname} pre-shards to --dtype {dtype}, the server runs BLOOM_DTYPE {env.get('BLOOM_DTYPE')!r}")
+        out.append(
+            f"{name}: Job {jname} pre-shards to --dtype {dtype}, the server runs BLOOM_DTYPE {env.get('BLOOM_DTYPE')!r}"
+        )
     source = _on_pvc(spec, c, _flag([c], "--model"))
     downloads = [d for d in steps if "--local-dir" in d.get("args", [])]
     dl = [d for d in downloads if _on_pvc(spec, d, _flag([d], "--local-dir"), True) == source]
@@ -397,11 +407,13 @@ def _precompile_problems(name: str, env: dict, pred: dict, job: dict, served: tu
                    f"(pvc {served[0]!r} subpath {served[1]!r})")  # fmt: skip
     tp = _flag([c], "--tp")
     if tp is not None and tp != str(env.get("BLOOM_NUM_GPUS") or 1):
-        out.append(f"{name}: Job {jname} precompiles for --tp {tp}, the server runs BLOOM_NUM_GPUS {env.get('BLOOM_NUM_GPUS')}")
+        out.append(
+            f"{name}: Job {jname} precompiles for --tp {tp}, the server runs BLOOM_NUM_GPUS {env.get('BLOOM_NUM_GPUS')}"
+        )
     product = (pred.get("nodeSelector") or {}).get("nvidia.com/gpu.product")
     targets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--target"]
     want = GPU_ARCH.get(product)
-    from bloom_server.fast.precompile import parse_target
+    from bloom_server.fast.coldstart.precompile import parse_target
 
     if want is None:
         out.append(f"{name}: backend fast on GPUs needs a known nvidia.com/gpu.product nodeSelector (got {product!r})")
@@ -410,7 +422,9 @@ def _precompile_problems(name: str, env: dict, pred: dict, job: dict, served: tu
     penv = _env(c)
     for key in PLAN_SETTINGS:
         if penv.get(key) != env.get(key):
-            out.append(f"{name}: Job {jname} precompiles with {key}={penv.get(key)!r}, the server runs {env.get(key)!r}")
+            out.append(
+                f"{name}: Job {jname} precompiles with {key}={penv.get(key)!r}, the server runs {env.get(key)!r}"
+            )
     if not (spec.get("initContainers") and spec["initContainers"][-1] is not c
             and c in spec.get("containers", [])):  # fmt: skip
         out.append(f"{name}: Job {jname} must precompile after the download (download in initContainers)")
@@ -480,18 +494,27 @@ def test_overlay_specifics():
     env = _env(pred["containers"][0])
     assert ann["serving.kserve.io/deploymentMode"] == "Knative" and pred["minReplicas"] == 0
     assert pred["maxReplicas"] >= 1 and pred["scaleMetric"] == "concurrency"
-    assert pred["scaleTarget"] == int(env["BLOOM_MAX_BATCH_SIZE"]) and pred["containerConcurrency"] >= pred["scaleTarget"]
+    assert (
+        pred["scaleTarget"] == int(env["BLOOM_MAX_BATCH_SIZE"]) and pred["containerConcurrency"] >= pred["scaleTarget"]
+    )
     assert int(env["BLOOM_MAX_QUEUED_REQUESTS"]) >= pred["containerConcurrency"]
-    assert "autoscaling.knative.dev/scale-to-zero-pod-retention-period" in ann and "autoscaling.knative.dev/window" in ann
+    assert (
+        "autoscaling.knative.dev/scale-to-zero-pod-retention-period" in ann and "autoscaling.knative.dev/window" in ann
+    )
     assert _seconds(ann["serving.knative.dev/progress-deadline"]) >= 1200
     assert gpus("bloom-176b-fp16") == 8 and gpus("bloom-176b-int8") == 4 and gpus("bloom-7b1") == 1
     assert gpus("dev-cpu") == 0 and _env(isvc("dev-cpu")["spec"]["predictor"]["containers"][0])["BLOOM_BACKEND"] == "hf"
     jobs = {o: next(d for d in rendered(o) if d["kind"] == "Job") for o in OVERLAYS}
-    assert "microsoft/bloom-deepspeed-inference-int8" in jobs["bloom-176b-int8"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert (
+        "microsoft/bloom-deepspeed-inference-int8"
+        in jobs["bloom-176b-int8"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
     _fast_176b_specifics(isvc("bloom-176b-fast"), next(d for d in rendered("bloom-176b-fast") if d["kind"] == "Job"))
     keda = isvc("standard-keda")
     kann, kpred = keda["metadata"]["annotations"], keda["spec"]["predictor"]
-    assert kann["serving.kserve.io/deploymentMode"] == "Standard" and kann["serving.kserve.io/autoscalerClass"] == "keda"
+    assert (
+        kann["serving.kserve.io/deploymentMode"] == "Standard" and kann["serving.kserve.io/autoscalerClass"] == "keda"
+    )
     metric = kpred["autoScaling"]["metrics"][0]["external"]["metric"]
     assert metric["backend"] == "prometheus" and "bloom_server_queue_depth" in metric["query"]
     assert keda["metadata"]["name"] + "-predictor" in metric["query"]

@@ -85,7 +85,7 @@ def test_bad_min_new_tokens_is_a_422_naming_it(server, params, tgi_field):
 
 def test_min_new_tokens_is_capped_with_max_new_tokens():
     """With BLOOM_CAP_MAX_NEW_TOKENS, a max_new_tokens past the limit is capped, and min_new_tokens with it."""
-    from bloom_server.engine.validation import validate_generate
+    from bloom_server.frontend.validation import validate_generate
 
     spec = validate_generate({"max_new_tokens": 80, "min_new_tokens": 80}, max_new_tokens_limit=64,
                              cap_max_new_tokens=True, default_remove_input=True, vocab_size=100)  # fmt: skip

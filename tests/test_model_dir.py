@@ -13,7 +13,7 @@ import time
 import pytest
 
 from bloom_server.errors import ModelDirError
-from bloom_server.model_dir import resolve_model_dir
+from bloom_server.storage.model_dir import resolve_model_dir
 
 
 def _hub_entry(root, tiny_model_dir, sha="0123456789abcdef0123456789abcdef01234567"):
@@ -26,7 +26,7 @@ def _hub_entry(root, tiny_model_dir, sha="0123456789abcdef0123456789abcdef012345
 
 
 def _read_only(path):
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, _dirnames, filenames in os.walk(path):
         for name in filenames:
             os.chmod(os.path.join(dirpath, name), stat.S_IRUSR)
         os.chmod(dirpath, stat.S_IRUSR | stat.S_IXUSR)
@@ -51,7 +51,7 @@ def test_hub_cache_entry_directory(tmp_path, tiny_model_dir):
 
 
 def test_pvc_uri_maps_to_kserve_mount(monkeypatch, tiny_model_dir):
-    import bloom_server.model_dir as m
+    import bloom_server.storage.model_dir as m
 
     monkeypatch.setattr(m, "KSERVE_MOUNT", str(tiny_model_dir))
     md = resolve_model_dir("pvc://bloom-weights/tiny")
@@ -82,8 +82,12 @@ def test_server_serves_a_read_only_hub_cache(tmp_path, tiny_model_dir):
 
     entry, snap, sha = _hub_entry(tmp_path, tiny_model_dir)
     _read_only(tmp_path / "hub")
-    srv = ServerProcess(["--model", "bigscience/bloom-tiny"], free_port(), env={"HF_HOME": str(tmp_path),
-                        "HF_HUB_OFFLINE": "1"}, log_path=tmp_path / "log")
+    srv = ServerProcess(
+        ["--model", "bigscience/bloom-tiny"],
+        free_port(),
+        env={"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"},
+        log_path=tmp_path / "log",
+    )
     try:
         srv.wait_ready()
         status, body, _ = srv.post("/generate/", {"text": ["Hello"], "max_new_tokens": 3})
@@ -94,29 +98,45 @@ def test_server_serves_a_read_only_hub_cache(tmp_path, tiny_model_dir):
 
 
 def test_server_refuses_bad_directory_before_opening_the_port(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--model", str(tmp_path / "none")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bloom_server", "serve", "--model", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "does not exist" in r.stderr
 
 
 def _downloaded_copy(tmp_path, tiny_model_dir):
     """A copy of the tiny model with the downloader's completion marker, as `bloom-server download` leaves it."""
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     d = tmp_path / "downloaded"
     shutil.copytree(tiny_model_dir, d)
     files = [{"path": p.name, "size": p.stat().st_size, "sha256": None, "git_sha1": None} for p in sorted(d.iterdir())]
-    marker.write_marker(d, marker.COMPLETE, {
-        "format": marker.FORMAT, "state": "complete", "repo_id": "org/tiny", "revision": "main",
-        "commit": "a" * 40, "files": files,
-    })
+    marker.write_marker(
+        d,
+        marker.COMPLETE,
+        {
+            "format": marker.FORMAT,
+            "state": "complete",
+            "repo_id": "org/tiny",
+            "revision": "main",
+            "commit": "a" * 40,
+            "files": files,
+        },
+    )
     return d
 
 
 def _serve_exit(model_dir):
-    r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--model", str(model_dir), "--port", "0"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bloom_server", "serve", "--model", str(model_dir), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return r.returncode, r.stderr
 
 
@@ -135,7 +155,7 @@ def test_server_refuses_truncated_download_naming_the_file(tmp_path, tiny_model_
 
 
 def test_server_refuses_unfinished_download(tmp_path, tiny_model_dir):
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     d = _downloaded_copy(tmp_path, tiny_model_dir)
     (d / marker.COMPLETE).unlink()
@@ -176,7 +196,7 @@ def _mark_complete(d):
     """The downloader's completion marker, as after a download that checked every file against its published sha256."""
     import hashlib
 
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     files = [{"path": p.name, "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
               "git_sha1": None} for p in sorted(d.iterdir()) if not p.name.startswith(".")]  # fmt: skip
@@ -271,18 +291,31 @@ def _crafted_copy(tmp_path, tiny_model_dir, name, **changes):
     return d
 
 
-@pytest.mark.parametrize("changes,field", [
-    ({"n_layer": 1_000_000}, "n_layer"),
-    ({"n_layer": 3}, "n_layer"),  # the weights hold 2
-    ({"n_head": 0}, "n_head"),
-    ({"n_head": 5}, "hidden_size"),  # 64 is not divisible by 5
-    ({"hidden_size": -64}, "hidden_size"),
-    ({"n_head": "4"}, "n_head"),
-    ({"n_layer": True}, "n_layer"),
-    ({"vocab_size": 4096}, "vocab_size"),  # the weights' embedding has 2048 rows
-    ({"hidden_size": 128, "n_head": 4}, "hidden_size"),  # the weights' embedding is 64 wide
-], ids=["huge-n_layer", "n_layer-vs-weights", "zero-heads", "indivisible", "negative", "string", "boolean",
-        "vocab-vs-weights", "hidden-vs-weights"])
+@pytest.mark.parametrize(
+    "changes,field",
+    [
+        ({"n_layer": 1_000_000}, "n_layer"),
+        ({"n_layer": 3}, "n_layer"),  # the weights hold 2
+        ({"n_head": 0}, "n_head"),
+        ({"n_head": 5}, "hidden_size"),  # 64 is not divisible by 5
+        ({"hidden_size": -64}, "hidden_size"),
+        ({"n_head": "4"}, "n_head"),
+        ({"n_layer": True}, "n_layer"),
+        ({"vocab_size": 4096}, "vocab_size"),  # the weights' embedding has 2048 rows
+        ({"hidden_size": 128, "n_head": 4}, "hidden_size"),  # the weights' embedding is 64 wide
+    ],
+    ids=[
+        "huge-n_layer",
+        "n_layer-vs-weights",
+        "zero-heads",
+        "indivisible",
+        "negative",
+        "string",
+        "boolean",
+        "vocab-vs-weights",
+        "hidden-vs-weights",
+    ],
+)
 def test_a_crafted_config_is_refused_at_start_naming_the_field(tmp_path, tiny_model_dir, changes, field):
     d = _crafted_copy(tmp_path, tiny_model_dir, "crafted", **changes)
     t0 = time.monotonic()

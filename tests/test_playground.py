@@ -13,17 +13,26 @@ from helpers import REPO, ServerProcess, free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--window-size=1280,900"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+]
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is set up by scripts/setup-browser.sh")
 if not (Path(CHROMIUM).exists() and Path(DRIVER).exists()):
     pytest.skip("chromium/chromedriver missing: run scripts/setup-browser.sh", allow_module_level=True)
 
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +40,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def slow_server(tiny_model_dir, tmp_path_factory):
     """Long generations allowed, so that streaming is visible as it happens."""
-    with ServerProcess(["--model", str(tiny_model_dir), "--max-new-tokens", "1000", "--max-total-tokens", "1100"],
-                       free_port(), log_path=tmp_path_factory.mktemp("logs") / "playground.log") as srv:
+    with ServerProcess(
+        ["--model", str(tiny_model_dir), "--max-new-tokens", "1000", "--max-total-tokens", "1100"],
+        free_port(),
+        log_path=tmp_path_factory.mktemp("logs") / "playground.log",
+    ) as srv:
         yield srv
 
 
@@ -77,8 +89,10 @@ def test_playground_streams_a_completion(slow_server, browser):
     """)
     browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 120, poll_frequency=0.1).until(lambda d: "finish:" in d.find_element(By.ID, "status").text)
-    assert browser.find_element(By.ID, "generated").text.strip() == expected.strip() or \
-        browser.execute_script("return document.getElementById('generated').textContent") == expected
+    assert (
+        browser.find_element(By.ID, "generated").text.strip() == expected.strip()
+        or browser.execute_script("return document.getElementById('generated').textContent") == expected
+    )
     changes = browser.execute_script("return window.__changes")
     lengths = [n for _, n in changes]
     assert len({n for n in lengths if 0 < n < len(expected)}) >= 10, "the text did not grow step by step"

@@ -1,6 +1,6 @@
 """Kernels compiled ahead of time: `bloom-server precompile` (the fast backend's decode kernels for a named GPU
 architecture, on a host with no GPU, into a Triton cache directory) and the seed a server start copies from it
-(fast/precompile.py). The compile runs Triton's real CUDA compiler (ptxas ships with Triton); nothing launches."""
+(fast/coldstart/precompile.py). The compile runs Triton's real CUDA compiler (ptxas ships with Triton); nothing launches."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bloom_server.fast import precompile as pc
+from bloom_server.fast.coldstart import precompile as pc
 from helpers import ServerProcess, free_port
 
 triton_missing = not pc.triton_installed()
@@ -36,6 +36,7 @@ def report_of(p: subprocess.CompletedProcess) -> dict:
     return json.loads(p.stdout[start:])
 
 
+@pytest.mark.slow  # compile worker processes, a minute on two cores
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed (the test extra installs it on Linux x86_64)")
 def test_precompile_writes_every_variant_for_the_target_and_a_second_run_finds_them(tiny_model_dir, tmp_path):
     out = tmp_path / "seed"
@@ -67,6 +68,7 @@ def test_precompile_writes_every_variant_for_the_target_and_a_second_run_finds_t
     assert archs == {80, 90}
 
 
+@pytest.mark.slow  # compile worker processes
 @pytest.mark.skipif(triton_missing, reason="Triton is not installed")
 def test_precompile_follows_the_server_settings_a_bigger_batch_adds_variants(tiny_model_dir, tmp_path):
     one = run_cli("--model", str(tiny_model_dir), "--out", str(tmp_path / "a"), "--target", "90", "--workers", "2",
@@ -186,8 +188,8 @@ def _info(tmp_path: Path, **over) -> Path:
 
 
 def test_seed_archs_only_for_the_same_settings_and_triton(tmp_path, monkeypatch):
-    monkeypatch.delenv("BLOOM_FAST_DECODE", raising=False)
-    facts = {"model_dir": "/mnt/models", "world": 2, "dtype": "float16", "max_batch": 16, "max_seq": 612}
+    facts = {"model_dir": "/mnt/models", "world": 2, "dtype": "float16", "max_batch": 16, "max_seq": 612,
+             "fast_decode": None}  # fmt: skip
     if pc.triton_version() is None:
         pytest.skip("Triton is not installed")
     assert pc.seed_archs(_info(tmp_path), facts) == (90, 80)
@@ -197,7 +199,7 @@ def test_seed_archs_only_for_the_same_settings_and_triton(tmp_path, monkeypatch)
     assert pc.seed_archs(_info(tmp_path, ok=False), facts) == ()
     assert pc.seed_archs(_info(tmp_path, targets=[{"target": 90, "ok": False}, {"target": 80, "ok": True}]),
                          facts) == (80,)  # fmt: skip
-    monkeypatch.setenv("BLOOM_FAST_DECODE", "base")  # another fusion: other kernels
-    assert pc.seed_archs(_info(tmp_path), facts) == ()
-    assert pc.seed_archs(_info(tmp_path, fast_decode="base"), facts) == (90, 80)
+    base = {**facts, "fast_decode": "base"}  # another fusion: other kernels
+    assert pc.seed_archs(_info(tmp_path), base) == ()
+    assert pc.seed_archs(_info(tmp_path, fast_decode="base"), base) == (90, 80)
     assert pc.seed_archs(tmp_path / "missing", facts) == () and pc.seed_archs(None, facts) == ()

@@ -14,15 +14,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from helpers import ServerProcess, free_port  # noqa: E402
-
-from bloom_server import marker  # noqa: E402
-from bloom_server.errors import ModelDirError  # noqa: E402
-from bloom_server.fast.shapes import BloomShape  # noqa: E402
-from bloom_server.fast.tp import TPGroup  # noqa: E402
-from bloom_server.fast.weights import from_checkpoint, iter_tensors, read_safetensors  # noqa: E402
-from bloom_server.loading import LoadProgress, plan_chunks, read_header, weights_source  # noqa: E402
-from bloom_server.model_dir import resolve_model_dir  # noqa: E402
+from bloom_server.errors import ModelDirError
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.tp import TPGroup
+from bloom_server.fast.weights import from_checkpoint, iter_tensors, read_safetensors
+from bloom_server.progress import LoadProgress
+from bloom_server.storage import marker
+from bloom_server.storage.model_dir import resolve_model_dir
+from bloom_server.storage.safetensors import plan_chunks, read_header, weights_source
+from helpers import ServerProcess, free_port
 
 ARGS = ["--backend", "fast", "--max-input-length", "32", "--max-new-tokens", "16", "--max-batch-size", "4",
         "--max-total-tokens", "48"]  # fmt: skip
@@ -112,8 +112,16 @@ def test_a_rerun_keeps_a_finished_preshard_and_redoes_a_cut_off_one(presharded, 
     # cut off mid-way: the in-progress marker (ours) and a partial rank file; the rerun starts again and finishes
     (d / "model-tp02-rank01.safetensors").unlink()
     (d / marker.COMPLETE).unlink()
-    marker.write_marker(d, marker.IN_PROGRESS, {"format": marker.FORMAT, "state": "in_progress",
-                                                "writer": "bloom-server preshard", "source": str(tiny_model_dir)})
+    marker.write_marker(
+        d,
+        marker.IN_PROGRESS,
+        {
+            "format": marker.FORMAT,
+            "state": "in_progress",
+            "writer": "bloom-server preshard",
+            "source": str(tiny_model_dir),
+        },
+    )
     (d / "model-tp02-rank01.safetensors.tmp").write_bytes(b"partial")
     r = _preshard(tiny_model_dir, 2, d)
     assert r.returncode == 0 and "unfinished preshard" in r.stderr, r.stderr
@@ -198,7 +206,9 @@ def _component_steps() -> tuple[list[str], dict[str, str]]:
 
     comp = Path(__file__).resolve().parents[1] / "manifests" / "components" / "bloom-176b-fast" / "kustomization.yaml"
     ops = [op for p in yaml.safe_load(comp.read_text())["patches"] for op in yaml.safe_load(p["patch"])]
-    preshard = next(op["value"] for op in ops if isinstance(op.get("value"), dict) and op["value"].get("name") == "preshard")
+    preshard = next(
+        op["value"] for op in ops if isinstance(op.get("value"), dict) and op["value"].get("name") == "preshard"
+    )
     env = next(op["value"] for op in ops if op["path"] == "/spec/predictor/containers/0/env")
     return [str(a) for a in preshard["args"]], {e["name"]: e["value"] for e in env if e["name"].startswith("BLOOM_")}
 
@@ -237,7 +247,10 @@ def test_the_176b_fast_overlays_steps_at_two_ranks_serve_the_one_rank_text(tiny_
             status, info, _ = srv.get("/info")
             assert status == 200 and info["backend"] == "fast" and info["tensor_parallel"] == tp, info
             assert (info["max_batch_size"], info["max_input_tokens"], info["max_new_tokens"]) == (
-                int(env["BLOOM_MAX_BATCH_SIZE"]), int(env["BLOOM_MAX_INPUT_LENGTH"]), int(env["BLOOM_MAX_NEW_TOKENS"]))
+                int(env["BLOOM_MAX_BATCH_SIZE"]),
+                int(env["BLOOM_MAX_INPUT_LENGTH"]),
+                int(env["BLOOM_MAX_NEW_TOKENS"]),
+            )
             if tp == 2:
                 assert "2 of 4 heads" in srv.log()
         finally:

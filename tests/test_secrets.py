@@ -51,15 +51,33 @@ def assert_absent(text: str, *secrets_: str, where: str = "") -> None:
 
 def _env(hub_url: str, tmp_path: pathlib.Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
-    env.update(HF_ENDPOINT=hub_url, HF_HOME=str(tmp_path / "hf-home"), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1",
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.update(
+        HF_ENDPOINT=hub_url,
+        HF_HOME=str(tmp_path / "hf-home"),
+        NO_PROXY="127.0.0.1",
+        no_proxy="127.0.0.1",
+        PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     env.update(extra)
     return env
 
 
 def _download(env: dict, local_dir: pathlib.Path, *args: str, repo: str = REPO) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "bloom_server", "download", "--repo-id", repo, "--local-dir", str(local_dir),
-           "--progress-interval", "0", "--retries", "1", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bloom_server",
+        "download",
+        "--repo-id",
+        repo,
+        "--local-dir",
+        str(local_dir),
+        "--progress-interval",
+        "0",
+        "--retries",
+        "1",
+        *args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -96,7 +114,8 @@ def test_downloader_never_prints_the_token(tmp_path):
         assert (tmp_path / "ok" / "weights.bin").read_bytes() == FILES["weights.bin"]
         outputs["success"] = ok
         outputs["success, huggingface_hub at debug"] = _download(
-            _env(hub.url, tmp_path, HF_TOKEN=token, HF_HUB_VERBOSITY="debug"), tmp_path / "dbg", "--verify")
+            _env(hub.url, tmp_path, HF_TOKEN=token, HF_HUB_VERBOSITY="debug"), tmp_path / "dbg", "--verify"
+        )
         assert outputs["success, huggingface_hub at debug"].returncode == 0
 
         r = _download(_env(hub.url, tmp_path, HF_TOKEN=wrong), tmp_path / "wrong")
@@ -117,7 +136,9 @@ def test_downloader_never_prints_the_token(tmp_path):
         n = len(hub.requests)
         r = _download(_env(hub.url, tmp_path, HF_TOKEN_PATH=str(secret_file)), tmp_path / "file")
         assert r.returncode == 0, r.stderr
-        assert all(q.headers.get("authorization") == f"Bearer {token}" for q in hub.requests[n:] if "/cdn/" not in q.path)
+        assert all(
+            q.headers.get("authorization") == f"Bearer {token}" for q in hub.requests[n:] if "/cdn/" not in q.path
+        )
         outputs["token from HF_TOKEN_PATH"] = r
 
     with EchoingHub() as echo:
@@ -162,8 +183,12 @@ def test_downloader_never_prints_credentials_in_the_endpoint_url(tmp_path):
 def test_server_never_shows_the_token_or_the_api_key(tiny_model_dir, tmp_path):
     token, key, wrong_key = _secret("hf_"), _secret("bk_"), _secret("bk_")
     env = {"HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token, "BLOOM_API_KEY": key, "BLOOM_LOG_LEVEL": "debug"}
-    srv = ServerProcess(["--model", str(tiny_model_dir), "--max-new-tokens", "8", "--max-body-bytes", "4096"],
-                        free_port(), env=env, log_path=tmp_path / "server.log")
+    srv = ServerProcess(
+        ["--model", str(tiny_model_dir), "--max-new-tokens", "8", "--max-body-bytes", "4096"],
+        free_port(),
+        env=env,
+        log_path=tmp_path / "server.log",
+    )
     bodies: list[str] = []
     try:
         srv.wait_ready()
@@ -217,7 +242,12 @@ def test_server_start_failures_do_not_show_the_token(tmp_path):
         ["--max-batch-size", "-3"],  # invalid settings: the error echoes the value it got
     ]
     for args in runs:
-        r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--port", "0", *args], env=env,
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "bloom_server", "serve", "--port", "0", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 2, (args, r.stderr)
         assert_absent(r.stdout + r.stderr, token, key, where=f"serve {' '.join(args)}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from bloom_server.cli import _settings_from_args, build_parser
+from bloom_server.cli import build_parser
+from bloom_server.cli.serve import settings_from_args as _settings_from_args
 from bloom_server.settings import load_settings
 
 LEGACY = {
@@ -55,8 +56,13 @@ def test_unrelated_variables_are_not_read(monkeypatch):
 
 @pytest.mark.parametrize(
     "env",
-    [{"BLOOM_BACKEND": "tensorrt"}, {"DTYPE": "fp8"}, {"BLOOM_MAX_BATCH_SIZE": "0"}, {"BLOOM_PORT": "70000"},
-     {"BLOOM_MAX_TOTAL_TOKENS": "10", "BLOOM_MAX_INPUT_LENGTH": "20"}],
+    [
+        {"BLOOM_BACKEND": "tensorrt"},
+        {"DTYPE": "fp8"},
+        {"BLOOM_MAX_BATCH_SIZE": "0"},
+        {"BLOOM_PORT": "70000"},
+        {"BLOOM_MAX_TOTAL_TOKENS": "10", "BLOOM_MAX_INPUT_LENGTH": "20"},
+    ],
 )
 def test_invalid_settings_are_rejected(monkeypatch, env):
     for k, v in env.items():
@@ -82,7 +88,16 @@ def test_invalid_flag_value_exits_2(tiny_model_dir):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "bloom_server", "serve", "--backend", "nope"], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bloom_server", "serve", "--backend", "nope"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     assert "backend" in r.stderr
+
+
+def test_the_continuous_backends_are_those_whose_class_declares_it():
+    """settings.py names them so that a bad combination fails before loading; the classes declare the capability."""
+    from bloom_server.backends import _BACKENDS, backend_class
+    from bloom_server.settings import CONTINUOUS_BACKENDS
+
+    assert set(CONTINUOUS_BACKENDS) == {name for name in _BACKENDS if backend_class(name).supports_continuous}

@@ -34,7 +34,8 @@ def srv(tiny_model_dir, tmp_path_factory):
     s = start_server(
         tiny_model_dir,
         tmp_path_factory.mktemp("slow") / "server.log",
-        "--max-new-tokens", "8",
+        "--max-new-tokens",
+        "8",
         env={
             "BLOOM_HEADER_TIMEOUT_S": str(HEADER_S),
             "BLOOM_BODY_TIMEOUT_S": str(BODY_S),
@@ -68,8 +69,9 @@ def read_response(s: socket.socket) -> bytes:
             return data
         data += part
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
     while len(body) < length:
         part = s.recv(65536)
         if not part:
@@ -131,7 +133,7 @@ def test_request_deadlines_close_silent_half_sent_and_trickling_clients(srv):
         t0 = time.monotonic()
         try:
             for i in range(start, len(raw)):
-                s.sendall(raw[i:i + 1])
+                s.sendall(raw[i : i + 1])
                 time.sleep(0.5)
                 if time.monotonic() - t0 > limit + 1.5:
                     break
@@ -148,8 +150,10 @@ def test_idle_keep_alive_connections_are_closed(srv):
     s = connect(srv)
     try:
         body = json.dumps({"text": ["Hello"], "max_new_tokens": 2}).encode()
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        s.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
         first = read_response(s)
         assert first.startswith(b"HTTP/1.1 200"), first[:200]
         t0 = time.monotonic()
@@ -164,8 +168,9 @@ def test_a_declared_body_over_the_limit_gets_413_at_once(srv):
     """Content-Length over the limit: answered before a byte of the body is sent (nothing to drain first)."""
     s = connect(srv)
     try:
-        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 10000000\r\n\r\n")
+        s.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+        )
         t0 = time.monotonic()
         data = b""
         while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
@@ -181,11 +186,15 @@ def test_a_declared_body_over_the_limit_gets_413_at_once(srv):
     good_request_succeeds(srv)
 
 
-@pytest.mark.parametrize("head", [
-    b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
-    b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
-    b"GARBAGE\r\n\r\n",
-], ids=["negative", "conflicting", "request-line"])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcdef",
+        b"GARBAGE\r\n\r\n",
+    ],
+    ids=["negative", "conflicting", "request-line"],
+)
 def test_unparseable_http_gets_a_json_400(srv, head):
     s = connect(srv)
     try:
@@ -228,8 +237,10 @@ def test_hundreds_of_slow_clients_cannot_exhaust_the_server(srv):
         t0 = time.monotonic()
         body = json.dumps({"text": ["Hello"], "max_new_tokens": 2}).encode()
         other = connect(srv, source="127.0.0.2")
-        other.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        other.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
         assert read_all(other).startswith(b"HTTP/1.1 200")
         other.close()
         assert time.monotonic() - t0 < 5
@@ -245,8 +256,11 @@ def test_hundreds_of_slow_clients_cannot_exhaust_the_server(srv):
 
 def test_a_server_error_does_not_quote_the_exception(srv, tiny_model_dir):
     for stream in (False, True):
-        status, body, _ = http("POST", srv.url + "/v1/chat/completions", {
-            "model": tiny_model_dir.name, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+        status, body, _ = http(
+            "POST",
+            srv.url + "/v1/chat/completions",
+            {"model": tiny_model_dir.name, "messages": [{"role": "user", "content": "hi"}], "stream": stream},
+        )
         assert status == 500, body
         text = json.dumps(body)
         assert "ZeroDivision" not in text and "division" not in text and "request id" in text, body
@@ -265,17 +279,18 @@ def test_a_stream_that_fails_inside_still_ends_with_its_closing_event():
 
     out = asyncio.run(collect(openai_stream_error))
     assert out[0] == b"data: {}\n\n" and out[-1] == b"data: [DONE]\n\n", out
-    assert json.loads(out[1][len(b"data: "):])["error"]["message"] and b"secret" not in b"".join(out)
+    assert json.loads(out[1][len(b"data: ") :])["error"]["message"] and b"secret" not in b"".join(out)
     out = asyncio.run(collect(tgi_stream_error))
-    event = json.loads(out[-1][len(b"data: "):])
+    event = json.loads(out[-1][len(b"data: ") :])
     assert event["error"] and event["error_type"] and b"secret" not in b"".join(out), out
 
 
 def test_the_drain_answers_a_request_stalled_mid_body_with_json_503(tiny_model_dir, tmp_path):
     """SIGTERM with a client stalled mid-body (its body deadline far away): when the drain timeout has passed, it gets
     the server's JSON 503, and the log has no traceback."""
-    srv = start_server(tiny_model_dir, tmp_path / "server.log", "--drain-timeout-s", "1",
-                       env={"BLOOM_BODY_TIMEOUT_S": "60"})
+    srv = start_server(
+        tiny_model_dir, tmp_path / "server.log", "--drain-timeout-s", "1", env={"BLOOM_BODY_TIMEOUT_S": "60"}
+    )
     try:
         s = connect(srv, timeout=20)
         s.sendall(HEAD + b'{"text": ["')

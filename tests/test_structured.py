@@ -49,7 +49,9 @@ def validator(schema):
 
 
 def _sse(resp_text: str) -> list:
-    return [json.loads(line[6:]) for line in resp_text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+    return [
+        json.loads(line[6:]) for line in resp_text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"
+    ]
 
 
 def _post_stream(url: str, body: dict) -> tuple[int, list]:
@@ -109,8 +111,14 @@ def r_completions_stream(srv, prompt, tgi, rf):
 
 
 def r_chat(srv, prompt, tgi, rf, stream=False):
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_NEW, "response_format": rf,
-            "stream": stream, "temperature": 1, "seed": 7}  # sampled rows, masked like greedy ones
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": MAX_NEW,
+        "response_format": rf,
+        "stream": stream,
+        "temperature": 1,
+        "seed": 7,
+    }  # sampled rows, masked like greedy ones
     if not stream:
         s, b, _ = srv.post("/v1/chat/completions", body, timeout=300)
         if s != 200:
@@ -172,8 +180,12 @@ def _check(job, result, stats):
         assert re.fullmatch(spec, text), (name, route.__name__, text)
     else:
         value = json.loads(text)
-        assert validator(spec).is_valid(value), (name, route.__name__, text,
-                                                 [str(e)[:200] for e in validator(spec).iter_errors(value)])
+        assert validator(spec).is_valid(value), (
+            name,
+            route.__name__,
+            text,
+            [str(e)[:200] for e in validator(spec).iter_errors(value)],
+        )
 
 
 @pytest.fixture(scope="module", params=["hf", "fast"])
@@ -244,8 +256,16 @@ def test_bad_grammars_are_4xx_naming_the_field(srv):
         assert s == 422 and b["field"].startswith("parameters.grammar") and words in b["message"], (grammar, b)
         s, b, _ = srv.post("/generate", {"text": ["x"], "grammar": grammar})
         assert s == 422 and b["field"].startswith("grammar") and words in b["message"], (grammar, b)
-    s, b, _ = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
-        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "two"}}}})
+    s, b, _ = srv.post(
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "object", "minProperties": "two"}},
+            },
+        },
+    )
     assert s == 400 and b["error"]["param"] == "response_format.json_schema.schema", b
     for rf, param in (({"type": "xml"}, "response_format.type"),
                       ({"type": "json_schema"}, "response_format.json_schema"),
@@ -270,8 +290,13 @@ def test_hostile_grammars_do_not_stall_the_server(srv):
     the server answers the next request."""
     nested: dict = {"type": "string"}
     for i in range(300):  # deep, and every level a choice
-        nested = {"type": "object", "properties": {"a": nested, "b": {"anyOf": [{"type": "integer"},
-                                                                              {"pattern": f"(x|y)*x(x|y){{{i % 30}}}"}]}}}
+        nested = {
+            "type": "object",
+            "properties": {
+                "a": nested,
+                "b": {"anyOf": [{"type": "integer"}, {"pattern": f"(x|y)*x(x|y){{{i % 30}}}"}]},
+            },
+        }
     for grammar in ({"type": "regex", "value": "(a|b)*a(a|b){40}"}, {"type": "regex", "value": "[a-z]{100000}"},
                     {"type": "regex", "value": "((a+)+|(b+)+)+c"}, {"type": "json", "value": nested}):  # fmt: skip
         t0 = time.monotonic()

@@ -54,7 +54,9 @@ def test_coreweave_curl_body(server):
 def test_plain_curl_without_content_type(server):
     import urllib.request
 
-    req = urllib.request.Request(server.url + "/generate/", data=b'{"text": ["Hi"], "max_new_tokens": 3}', method="POST")
+    req = urllib.request.Request(
+        server.url + "/generate/", data=b'{"text": ["Hi"], "max_new_tokens": 3}', method="POST"
+    )
     req.add_header("Content-Type", "application/x-www-form-urlencoded")  # what `curl -d` sends by default
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
@@ -162,7 +164,9 @@ def test_string_values_parsed_like_the_original(server):
 
 
 def test_remove_input_from_output(server):
-    kept = server.post("/generate", {"text": ["Hello there"], "max_new_tokens": 4, "remove_input_from_output": False})[1]
+    kept = server.post("/generate", {"text": ["Hello there"], "max_new_tokens": 4, "remove_input_from_output": False})[
+        1
+    ]
     removed = server.post("/generate", {"text": ["Hello there"], "max_new_tokens": 4})[1]
     assert kept["text"][0].startswith("Hello there")
     assert kept["text"][0] == "Hello there" + removed["text"][0] or kept["text"][0].endswith(removed["text"][0])
@@ -175,7 +179,7 @@ def test_num_generated_tokens_counted_from_ids(server, tiny_model_dir):
 
     tok = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
     _, body, _ = server.post("/generate", {"text": ["Deepspeed is", "The"], "max_new_tokens": 20})
-    for text, n in zip(body["text"], body["num_generated_tokens"]):
+    for _text, n in zip(body["text"], body["num_generated_tokens"]):
         assert 1 <= n <= 20
     # The tiny model's raw byte-level output does not round-trip through text for every row; the count must not
     # depend on that: ask for exactly N and get N whenever EOS did not come first.

@@ -9,19 +9,24 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from bloom_server.errors import BloomServerError
-from bloom_server.loading import LoadProgress
-from bloom_server.model_dir import ModelDir, resolve_model_dir
+from bloom_server.progress import LoadProgress
 from bloom_server.settings import Settings
+from bloom_server.storage.model_dir import ModelDir, resolve_model_dir
 from bloom_server.types import ModelInfo, RankContext
+
+if TYPE_CHECKING:
+    from bloom_server.backends.base import Backend
 
 log = logging.getLogger("bloom_server")
 
 
 def resolve(settings: Settings) -> ModelDir:
     if settings.model is None:
-        from bloom_server.tiny import ensure_tiny_model
+        from bloom_server.storage.tiny import ensure_tiny_model
 
         return resolve_model_dir(str(ensure_tiny_model()), model_id=settings.model_id or "bloom-tiny")
     return resolve_model_dir(settings.model, model_id=settings.model_id,
@@ -29,128 +34,74 @@ def resolve(settings: Settings) -> ModelDir:
 
 
 def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress | None = None,
-                 kernel_workers=None):  # fmt: skip
+                 early: Any = None) -> Backend:  # fmt: skip
     from bloom_server.backends import create_backend
 
     backend = create_backend(settings, model_dir, ctx)
     backend.progress = progress
-    backend.kernel_workers = kernel_workers  # the fast backend's load waits on them (fast/precompile.py)
+    backend.early = early  # what the class's before_torch() started (the fast backend's load waits on it)
     backend.load()
     return backend
 
 
-def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_flag: int | None = None,
-                         progress: LoadProgress | None = None):  # fmt: skip
-    """The fast backend's decode kernels start compiling now, in child processes, into Triton's cache (the
-    BLOOM_KERNEL_CACHE_DIR setting), while this process imports torch and reads weights (fast/precompile.py). First
-    the cache is seeded from kernels compiled ahead of time (BLOOM_KERNEL_CACHE_SEED, else MODEL/.bloom-kernel-cache).
-    None where there is nothing to compile (other backends, no GPU or Triton, fp32, BLOOM_FAST_PRECOMPILE=0)."""
-    if settings.backend != "fast":
-        return None
-    from bloom_server.fast.precompile import (apply_kernel_cache_dir, seed_dir, seed_kernel_cache,
-                                              start_compile_workers, triton_cache_dir)  # fmt: skip
+def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
+    from bloom_server.backends import backend_class
 
-    apply_kernel_cache_dir(settings.kernel_cache_dir)
-    seed = seed_dir(settings.kernel_cache_seed, model_dir.path)
-    if seed is not None:  # kernels compiled ahead of time (`bloom-server precompile`): a first start finds them
-        got = seed_kernel_cache(seed, triton_cache_dir())
-        if progress is not None:
-            progress.note("kernel cache seed: entries copied", got["copied"])
-            progress.note("kernel cache seed: entries already there", got["present"])
-            progress.note("kernel cache seed, s", got["seconds"])
-        log.info("kernel cache seeded from %s: %d entries copied (%.1f MB), %d already there, %d failed, %.2f s",
-                 seed, got["copied"], got["bytes"] / 1e6, got["present"], got["failed"], got["seconds"])  # fmt: skip
-    local = local_rank_flag if local_rank_flag is not None else int(os.environ.get("LOCAL_RANK", "0") or 0)
-    try:
-        return start_compile_workers(settings, model_dir.path, world=int(os.environ.get("WORLD_SIZE", "1") or 1),
-                                     local_rank=local, seed=seed)  # fmt: skip
-    except Exception:  # noqa: BLE001 - ahead-of-time work only: the load compiles what is missing
-        log.warning("kernel compile workers not started", exc_info=True)
-        return None
-
-
-def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgress) -> None:
-    """The fast backend's weights start flowing from disk into the page cache now, before torch is imported and
-    CUDA initialised (seconds that would otherwise pass with the disk idle): one sequential stream to the last byte,
-    which the loader follows (loading.Prefetcher). `cli` usually started it already, before the settings loaded."""
-    if settings.backend != "fast" or not settings.load_prefetch:
-        return
-    from bloom_server.loading import ReadThrottle, start_prefetch as start
-
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
-    start(model_dir.path, rank=rank, world=world, threads=settings.load_prefetch_threads,
-          chunk_bytes=max(4096, int(settings.load_chunk_mb * 2**20)), progress=progress,
-          throttle=throttle, process=settings.load_prefetch_process)  # fmt: skip
-
-
-def serve(settings: Settings, local_rank_flag: int | None = None, early=None) -> int:
-    """`early`: the prefetch cli.py started from a first look at the command line (cli.EarlyPrefetch), kept when
-    the settings agree with it, closed otherwise."""
-    progress = early.progress if early is not None else LoadProgress()  # from process start (nearly)
+    progress = LoadProgress()
     try:
         model_dir = resolve(settings)  # cheap checks first: refuse a bad directory before opening the port
     except BloomServerError as exc:
-        if early is not None:
-            early.close()
         log.error("cannot serve: %s", exc)
         return 2
-    if early is not None and early.matches(settings, model_dir.path):
-        started = progress.timings.get("prefetch started, s after process start")
-        log.info("load phase: prefetching (started before the settings were read%s)",
-                 f", {started:.2f} s after process start" if started is not None else "")  # fmt: skip
-    else:
-        if early is not None:
-            early.close()  # a guess the settings contradict (another directory, backend or load setting)
-            progress = LoadProgress()
-        start_prefetch(settings, model_dir, progress)  # before torch: rank_context imports it
-    workers = start_kernel_compile(settings, model_dir, local_rank_flag, progress)
+    cls = backend_class(settings.backend)
+    early = cls.before_torch(settings, model_dir, progress, local_rank_flag)  # before torch: rank_context imports it
 
     from bloom_server.runtime.distributed import rank_context
 
     ctx = rank_context(local_rank_flag)
     try:
-        check_memory(settings, model_dir, ctx)  # torch is imported now; nothing is allocated yet
+        check_memory(settings, model_dir, ctx, cls)  # torch is imported now; nothing is allocated yet
     except BloomServerError as exc:
         log.error("cannot serve: %s", exc)
         return 2
     if ctx.rank != 0:
-        return _follower(settings, model_dir, ctx, progress, workers)
-    return _leader(settings, model_dir, ctx, progress, workers)
+        return _follower(settings, model_dir, ctx, progress, early)
+    return _leader(settings, model_dir, ctx, progress, early)
 
 
-def check_memory(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> None:
+def check_memory(settings: Settings, model_dir: ModelDir, ctx: RankContext, cls: type[Backend]) -> None:
     """The weights the config describes against the memory of this rank's devices (ModelDirError if they cannot fit):
     a config that asks for more fails here, not after minutes of allocating."""
     if model_dir.sizes is None or settings.cpu_offload:
         return
-    from bloom_server import model_config
+    from bloom_server.storage import model_config
 
     dtype = settings.dtype if settings.dtype != "auto" else ("fp16" if ctx.device_type == "cuda" else "fp32")
     if ctx.device_type == "cuda":
         import torch
 
         total = torch.cuda.get_device_properties(ctx.local_rank).total_memory
-        if settings.backend == "hf" and ctx.world_size == 1:  # device_map="auto": every visible GPU, then the host
+        if cls.spills_over_devices and ctx.world_size == 1:  # every visible GPU, then the host
             gpus = torch.cuda.device_count()
             model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, total * gpus + model_config.host_memory(),
                                      f"{gpus} GPU(s) and the host together")  # fmt: skip
-        else:  # hf: a whole copy per rank; the other backends: this rank's shard
-            share = 1 if settings.backend == "hf" else ctx.world_size
-            model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, total, f"GPU {ctx.local_rank}", share=share)
+        else:  # a whole copy per rank, or this rank's shard
+            share = 1 if cls.whole_copy_per_rank else ctx.world_size
+            model_config.fits_memory(
+                model_dir.path, model_dir.sizes, dtype, total, f"GPU {ctx.local_rank}", share=share
+            )
     else:  # every rank of a CPU run shares this host's memory
         model_config.fits_memory(model_dir.path, model_dir.sizes, dtype, model_config.host_memory(), "this host")
 
 
-def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress,
-              workers=None) -> int:  # fmt: skip
+def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress, early: Any) -> int:
     from bloom_server.runtime.distributed import init_distributed, shutdown_distributed
     from bloom_server.runtime.lockstep import die, follow
 
     try:
         channel = init_distributed(ctx)
-        backend = load_backend(settings, model_dir, ctx, progress, workers)
-    except BaseException as exc:  # noqa: BLE001
+        backend = load_backend(settings, model_dir, ctx, progress, early)
+    except BaseException as exc:
         log.exception("rank %d failed to load", ctx.rank)
         die(f"rank {ctx.rank} failed to load: {exc}")
     assert channel is not None
@@ -165,21 +116,21 @@ def _follower(settings: Settings, model_dir: ModelDir, ctx: RankContext, progres
     os._exit(code)
 
 
-def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress, workers=None) -> int:
+def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress: LoadProgress, early: Any) -> int:
     import uvicorn
 
     from bloom_server.api.app import create_app
     from bloom_server.api.connections import connection_limits, guarded_protocol
-    from bloom_server.engine.core import Engine
+    from bloom_server.frontend.core import Engine
     from bloom_server.runtime.distributed import shutdown_distributed
     from bloom_server.runtime.lockstep import die
 
     engine = Engine(settings)
-    engine.load_progress = progress  # type: ignore[attr-defined]  # read by /ready, /info, /metrics
+    engine.load_progress = progress  # read by /ready, /info, /metrics
     holder: dict = {}
 
     def boot() -> None:
-        from bloom_server.engine.tokenizer import TextTokenizer
+        from bloom_server.frontend.tokenizer import TextTokenizer
         from bloom_server.runtime.distributed import init_distributed
         from bloom_server.runtime.lockstep import Leader
 
@@ -189,9 +140,11 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
             channel = init_distributed(ctx)
             if channel is not None:
                 # Once the leader exists it answers the callers in flight before the process goes.
-                channel.start_watchdog(lambda reason: holder["leader"].abort(reason) if "leader" in holder else die(reason))
+                channel.start_watchdog(
+                    lambda reason: holder["leader"].abort(reason) if "leader" in holder else die(reason)
+                )
             engine.state_detail = f"loading {model_dir.path} ({settings.backend})"
-            backend = load_backend(settings, model_dir, ctx, progress, workers)
+            backend = load_backend(settings, model_dir, ctx, progress, early)
             tokenizer = TextTokenizer(model_dir.path)
             leader = Leader(backend, channel, heartbeat_s=settings.heartbeat_s).start()
             holder["leader"] = leader
@@ -209,12 +162,12 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
             engine.attach(leader, tokenizer, info)
             engine.load_seconds = time.perf_counter() - start
             progress.set_phase("warming up")  # the first generate (on GPUs it captures its CUDA graph)
-            with warmup_report(settings, progress):
+            with warmup_report(backend, progress):
                 engine.warmup()
             progress.set_phase("ready")
             log.info("ready: %s loaded in %.1f s (%d rank(s)); load phases: %s", model_dir.model_id,
                      engine.load_seconds, ctx.world_size, progress.summary())  # fmt: skip
-        except BaseException as exc:  # noqa: BLE001 - a failed load is fatal, with the reason in the log
+        except BaseException as exc:  # a failed load is fatal, with the reason in the log
             engine.fail(f"load failed: {exc}")
             log.exception("load failed")
             die(f"load failed: {type(exc).__name__}: {exc}")
@@ -233,11 +186,13 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=settings.drain_timeout_s,
-        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # uvicorn takes a float fine
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # uvicorn takes a float fine
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works
         http=guarded_protocol(connection_limits(settings)),
     )
-    server = make_server(config, on_signal=engine.drain, idle=lambda: engine.idle, drain_timeout_s=settings.drain_timeout_s)
+    server = make_server(
+        config, on_signal=engine.drain, idle=lambda: engine.idle, drain_timeout_s=settings.drain_timeout_s
+    )
     server.run()
     shutdown_distributed()
     if engine.runner is not None and engine.runner.dead:
@@ -246,33 +201,27 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
 
 
 @contextlib.contextmanager
-def warmup_report(settings: Settings, progress: LoadProgress):
-    """Around the warm-up generate: its seconds (progress.timings, /ready's progress), the engine's graph-capture
-    times at info for its duration (fast.engine logs them at debug), and, for the fast backend, whether the warm-up
-    still compiled or autotuned Triton kernels (it should not: they were done during the weight read)."""
-    counts = None
-    if settings.backend == "fast":
-        try:
-            from bloom_server.fast import triton_kernels as tk
-
-            counts = tk.kernel_counts if tk.HAVE_TRITON else None
-        except Exception:  # noqa: BLE001
-            counts = None
-    before = counts() if counts else None
-    engine_log = logging.getLogger("bloom_server.fast.engine")
-    level = engine_log.level
-    if log.isEnabledFor(logging.INFO) and not engine_log.isEnabledFor(logging.DEBUG):
-        engine_log.setLevel(logging.DEBUG)
+def warmup_report(backend: Backend, progress: LoadProgress) -> Iterator[None]:
+    """Around the warm-up generate: its seconds (progress.timings, /ready's progress), the backend's graph-capture
+    times at info for its duration (its warmup_loggers log them at debug), and whether the warm-up still compiled or
+    autotuned kernels (it should not: they were done during the weight read)."""
+    before = backend.kernel_counts()
+    loggers = [logging.getLogger(name) for name in backend.warmup_loggers]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if log.isEnabledFor(logging.INFO) and not lg.isEnabledFor(logging.DEBUG):
+            lg.setLevel(logging.DEBUG)
     t = time.perf_counter()
     try:
         yield
     finally:
-        engine_log.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
         took = time.perf_counter() - t
         progress.note("warm-up generate", took)
         extra = ""
-        if counts and before is not None:
-            after = counts()
+        after = backend.kernel_counts() if before is not None else None
+        if before is not None and after is not None:
             new = {k: after[k] - before[k] for k in after}
             progress.note("warm-up kernel compiles", new["compiled"])
             progress.note("warm-up kernel autotunes", new["tuned"])
@@ -293,7 +242,7 @@ def make_server(config, on_signal, idle=None, drain_timeout_s: float = 0.0):
     class Server(uvicorn.Server):
         draining = False
 
-        def handle_exit(self, sig, frame):  # type: ignore[override]
+        def handle_exit(self, sig, frame):
             on_signal()
             if idle is None or self.draining or idle():
                 super().handle_exit(sig, frame)
@@ -307,7 +256,7 @@ def make_server(config, on_signal, idle=None, drain_timeout_s: float = 0.0):
             while time.monotonic() < deadline and not idle():
                 time.sleep(0.05)
             # What is left of the drain timeout is uvicorn's own grace for the connections still open.
-            self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())
+            self.config.timeout_graceful_shutdown = max(1.0, deadline - time.monotonic())  # type: ignore[assignment]  # a float works
             self.should_exit = True
 
     return Server(config)
@@ -319,4 +268,3 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-

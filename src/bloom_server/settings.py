@@ -12,8 +12,6 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bloom_server.loading import DEFAULT_CHUNK_MB, DEFAULT_PREFETCH_THREADS
-
 Backend = Literal["hf", "ds_inference", "ds_zero", "fast"]
 DType = Literal["auto", "fp16", "bf16", "int8", "fp32"]
 
@@ -21,6 +19,10 @@ DType = Literal["auto", "fp16", "bf16", "int8", "fp32"]
 CONTINUOUS_BACKENDS = ("fast",)
 
 # The original DEPLOYMENT_FRAMEWORK values and what they mean here.
+# The load's disk reader: eight reads of 32 MiB in flight (docs/results/cold-start.md).
+DEFAULT_PREFETCH_THREADS = 8
+DEFAULT_CHUNK_MB = 32
+
 LEGACY_BACKENDS = {"hf_accelerate": "hf", "hf_cpu": "hf", "ds_inference": "ds_inference", "ds_zero": "ds_zero"}
 
 
@@ -44,7 +46,7 @@ class Settings(BaseSettings):
         "tgi,dummy",
         validation_alias=_env("model_aliases"),
         description="Comma-separated names that a request's `model` may give besides the served id (docs/api.md "
-        "\"Model names\"): by default the placeholders that huggingface_hub sends when given a URL; `*`: any name "
+        '"Model names"): by default the placeholders that huggingface_hub sends when given a URL; `*`: any name '
         "(Text Generation Inference's rule); empty: the served id only (vLLM's rule).",
     )
     backend: Backend = Field("hf", validation_alias=_env("backend", "DEPLOYMENT_FRAMEWORK"))
@@ -121,7 +123,7 @@ class Settings(BaseSettings):
     log_level: str = Field("info", validation_alias=_env("log_level"))
     debug: bool = Field(False, validation_alias=_env("debug", "DEBUG"))
 
-    # Production API (issue 4)
+    # Production API
     max_queued_tokens: int | None = Field(
         None,
         ge=1,
@@ -167,14 +169,7 @@ class Settings(BaseSettings):
     )  # fmt: skip
     load_prefetch_threads: int = Field(
         DEFAULT_PREFETCH_THREADS, ge=1, le=64, validation_alias=_env("load_prefetch_threads"),
-        description="fast backend: threads of the prefetch, the load's one disk reader, reading in file order (1: one "
-        "sequential stream, which stalls while the main thread holds the GIL; more: several reads in flight)",
-    )  # fmt: skip
-    load_prefetch_process: bool = Field(
-        False, validation_alias=_env("load_prefetch_process"),
-        description="fast backend: run the prefetch's reader threads in a child process, where no read waits for "
-        "the server's GIL (held for long stretches by torch's import and CUDA start-up); on the H100 host it "
-        "made no difference that the disk's own swing did not hide (docs/benchmarks.md), so it is off",
+        description="fast backend: reads in flight of the prefetch, the load's one disk reader, in file order",
     )  # fmt: skip
     load_chunk_mb: float = Field(
         DEFAULT_CHUNK_MB, gt=0, le=1024, validation_alias=_env("load_chunk_mb"),
@@ -210,7 +205,7 @@ class Settings(BaseSettings):
     def _lower_format(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v
 
-    @field_validator("api_key", "chat_template", mode="before")
+    @field_validator("api_key", "chat_template", "fast_decode", mode="before")
     @classmethod
     def _empty_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
@@ -226,7 +221,7 @@ class Settings(BaseSettings):
         return v.strip().lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _continuous_backend(self) -> "Settings":
+    def _continuous_backend(self) -> Settings:
         # Checked again against the loaded backend (supports_continuous); here so that it fails before loading.
         if self.batching == "continuous" and self.backend not in CONTINUOUS_BACKENDS:
             raise ValueError(
@@ -236,7 +231,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _limits(self) -> "Settings":
+    def _limits(self) -> Settings:
         if self.max_total_tokens is not None and self.max_total_tokens <= self.max_input_length:
             raise ValueError(
                 f"max_total_tokens ({self.max_total_tokens}) must exceed max_input_length ({self.max_input_length})"
@@ -270,6 +265,16 @@ class Settings(BaseSettings):
         description="fast backend: a kernel cache made ahead of time (`bloom-server precompile`) whose entries are "
         "copied into the kernel cache directory at start, so that a first start on a new node skips the compiles. "
         "Default: MODEL/.bloom-kernel-cache when it exists; off: none.",
+    )  # fmt: skip
+    fast_decode: Literal["triton_head", "base"] | None = Field(
+        None, validation_alias=_env("fast_decode"),
+        description="fast backend: the decode step's fusion (fast/model.py FUSE_VARIANTS): triton_head, the default, "
+        "or base, the eager layer. It decides which kernels are compiled, so a kernel seed records it.",
+    )  # fmt: skip
+    fast_precompile: str = Field(
+        "", validation_alias=_env("fast_precompile"),
+        description="fast backend: the decode kernels compiled ahead of time, in worker processes while the weights "
+        "load: 0 (or off, false, no): none; a number: that many workers; empty: by the CPUs available.",
     )  # fmt: skip
 
 

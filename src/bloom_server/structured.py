@@ -111,7 +111,7 @@ class Grammars:
         self._executor: Any = None
 
     @classmethod
-    def for_model(cls, model_dir: Path, eos_ids: tuple[int, ...], vocab_size: int | None = None) -> "Grammars":
+    def for_model(cls, model_dir: Path, eos_ids: tuple[int, ...], vocab_size: int | None = None) -> Grammars:
         if vocab_size is None:
             vocab_size = int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
         return cls(Path(model_dir) / "tokenizer.json", vocab_size, eos_ids)
@@ -162,7 +162,7 @@ class Grammars:
                 self._templates.popitem(last=False)
         return template.deep_copy()
 
-    def fill(self, matchers: list[tuple[Any, int]], bitmask: "torch.Tensor") -> None:
+    def fill(self, matchers: list[tuple[Any, int]], bitmask: torch.Tensor) -> None:
         """Each (matcher, row) writes its allowed tokens into row `row` of `bitmask` ([rows, words] int32, CPU,
         contiguous), in parallel on llguidance's threads (the GIL is released)."""
         import llguidance
@@ -182,7 +182,7 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def apply_bitmask(logits: "torch.Tensor", rows: "torch.Tensor", bitmask: "torch.Tensor") -> None:
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
     """logits [n, V] in place: in each of `rows` ([k] long, on logits' device), tokens whose bit is 0 in the
     matching row of `bitmask` ([k, words] int32, on logits' device) get -inf. A few elementwise kernels, no sync."""
     import torch
@@ -224,7 +224,7 @@ class RowMatchers:
     def active(self, keys: list[Any]) -> list[Any]:
         return [k for k in keys if k in self.rows and k not in self.done]
 
-    def masks(self, keys: list[Any], pin: bool = False) -> "torch.Tensor":
+    def masks(self, keys: list[Any], pin: bool = False) -> torch.Tensor:
         """[len(keys), words] int32 on the CPU (pinned with `pin`, for an asynchronous copy to the GPU): the allowed
         tokens of each row (keys must be active)."""
         import torch

@@ -62,7 +62,7 @@ class SamplingParams:
     kwargs: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         return cls(tuple(sorted((k, _freeze(v)) for k, v in d.items())))
 
     def as_dict(self) -> dict[str, Any]:
@@ -97,7 +97,7 @@ class GenerateBatch:
     seed: int
     pad_token_id: int
     eos_token_id: int | None
-    grammars: tuple["Grammar | None", ...] = ()
+    grammars: tuple[Grammar | None, ...] = ()
 
 
 @dataclass(frozen=True)

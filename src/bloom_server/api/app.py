@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
@@ -14,12 +15,12 @@ from bloom_server import __version__
 from bloom_server.api import routes_bloom, routes_health, routes_info, routes_kserve, routes_openai, routes_tgi
 from bloom_server.api.errors import install_error_handlers
 from bloom_server.api.logs import apply_log_format
+from bloom_server.api.metrics import Metrics
 from bloom_server.api.middleware import ApiKeyAuth, Gateway
-from bloom_server.engine.chat import ChatTemplate
-from bloom_server.engine.core import Engine
-from bloom_server.engine.requests import Cancelled, DeadlineExceeded, GenRequest
 from bloom_server.errors import ConfigError
-from bloom_server.metrics import Metrics
+from bloom_server.frontend.chat import ChatTemplate
+from bloom_server.frontend.core import Engine
+from bloom_server.frontend.requests import Cancelled, DeadlineExceeded, GenRequest
 from bloom_server.settings import Settings
 
 DESCRIPTION = """BLOOM inference over HTTP.
@@ -101,12 +102,14 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
     count; then CORS and the API key where configured; then the body guard and JSON by default. Without CORS and a
     key these are one layer (Gateway): every layer costs CPU on every request."""
     if settings.api_key is None and not settings.cors_origins:
-        app.add_middleware(Gateway, metrics=metrics, max_bytes=settings.max_body_bytes,
-                           body_timeout_s=settings.body_timeout_s)
+        app.add_middleware(
+            Gateway, metrics=metrics, max_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+        )
         return
     # Added innermost first.
-    app.add_middleware(Gateway, context=False, max_bytes=settings.max_body_bytes,
-                       body_timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        Gateway, context=False, max_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+    )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyAuth, api_key=settings.api_key.get_secret_value())
     if settings.cors_origins:
@@ -117,8 +120,16 @@ def _install_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> N
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Request-Timeout"],
-            expose_headers=["x-request-id", "x-queue-time", "x-inference-time", "x-time-per-token",
-                            "x-prompt-tokens", "x-generated-tokens", "x-total-time", "Retry-After"],
+            expose_headers=[
+                "x-request-id",
+                "x-queue-time",
+                "x-inference-time",
+                "x-time-per-token",
+                "x-prompt-tokens",
+                "x-generated-tokens",
+                "x-total-time",
+                "Retry-After",
+            ],
         )
     app.add_middleware(Gateway, metrics=metrics, max_bytes=None, json_default=False)
 
@@ -133,8 +144,16 @@ def _wire_metrics(engine: Engine, metrics: Metrics) -> None:
     )
 
     def done(req: GenRequest, exc: BaseException | None) -> None:
-        outcome = "ok" if exc is None else (
-            "cancelled" if isinstance(exc, Cancelled) else "deadline" if isinstance(exc, DeadlineExceeded) else "error"
+        outcome = (
+            "ok"
+            if exc is None
+            else (
+                "cancelled"
+                if isinstance(exc, Cancelled)
+                else "deadline"
+                if isinstance(exc, DeadlineExceeded)
+                else "error"
+            )
         )
         ttft = (req.first_token - req.enqueued) if req.first_token is not None else None
         metrics.observe_generation(
@@ -177,13 +196,12 @@ def _install_docs(app: FastAPI) -> None:
 
     assets = resources.files("fastapi_offline").joinpath("static")
     app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
-    title = f"{app.title} - API docs"
+    page: dict[str, Any] = {"openapi_url": "/openapi.json", "title": f"{app.title} - API docs"}
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title=title,
+            **page,
             swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
@@ -198,8 +216,12 @@ def _install_docs(app: FastAPI) -> None:
 
     @app.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
-        return get_redoc_html(openapi_url="/openapi.json", title=title, redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
-                              redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
+        return get_redoc_html(
+            **page,
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
 
 
 def wants_html(accept: str) -> bool:
@@ -230,11 +252,18 @@ def _playground_router(engine: Engine):
             page["html"] = resources.files("bloom_server").joinpath("static/playground.html").read_text("utf-8")
         return page["html"]
 
-    @router.get("/", response_class=HTMLResponse, responses={
-        200: {"content": {"application/json": {"example": {"status": "alive"}}},
-              "description": "The playground page when the Accept header lists text/html (a browser); "
-                             "otherwise KServe v1's liveness, `{\"status\": \"alive\"}`"},
-        500: {"content": {"application/json": {"example": {"status": "dead"}}}, "description": "The engine died"}})
+    @router.get(
+        "/",
+        response_class=HTMLResponse,
+        responses={
+            200: {
+                "content": {"application/json": {"example": {"status": "alive"}}},
+                "description": "The playground page when the Accept header lists text/html (a browser); "
+                'otherwise KServe v1\'s liveness, `{"status": "alive"}`',
+            },
+            500: {"content": {"application/json": {"example": {"status": "dead"}}}, "description": "The engine died"},
+        },
+    )
     async def root(request: Request) -> Response:
         """A browser (Accept: text/html) gets the playground; an API client gets KServe v1's liveness answer, as
         KServe's own model server gives it (the KServe SDK's v1 `is_server_live()` reads it)."""
@@ -261,7 +290,8 @@ def _openapi(app: FastAPI) -> dict:
     routes = sorted(app.routes, key=lambda r: rank.get(id(getattr(r, "original_router", None)), -1))
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for model in routes_bloom.OPENAPI_MODELS + routes_kserve.OPENAPI_MODELS:
+    models: list[Any] = [*routes_bloom.OPENAPI_MODELS, *routes_kserve.OPENAPI_MODELS]
+    for model in models:
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         for name, sub in js.pop("$defs", {}).items():
             components.setdefault(name, sub)

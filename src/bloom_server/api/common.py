@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator, Callable, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi import routing as fastapi_routing
@@ -14,8 +15,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from bloom_server.api.errors import malformed_json, render_error
-from bloom_server.engine.requests import Cancelled, Completion, GenRequest
 from bloom_server.errors import InvalidRequest
+from bloom_server.frontend.requests import Cancelled, Completion, GenRequest
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ async def result_or_disconnect(request: Request, reqs: list[GenRequest]) -> list
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     results = asyncio.ensure_future(asyncio.gather(*(r.result() for r in reqs)))
     try:
-        done, _ = await asyncio.wait({watcher, results}, return_when=asyncio.FIRST_COMPLETED)
+        both: set[asyncio.Future[Any]] = {watcher, results}
+        done, _ = await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
         if results in done:
             return results.result()
         raise Cancelled("the client disconnected")
@@ -145,8 +147,9 @@ def timing_headers(reqs: list[GenRequest], compute_type: str | None = None) -> d
     return headers
 
 
-async def events_then_close(gen: AsyncIterator[bytes], reqs: list[GenRequest],
-                            closing: Callable[[str], list[bytes]]) -> AsyncIterator[bytes]:
+async def events_then_close(
+    gen: AsyncIterator[bytes], reqs: list[GenRequest], closing: Callable[[str], list[bytes]]
+) -> AsyncIterator[bytes]:
     """Wrap a stream so that a client that leaves (Starlette cancels the stream) cancels its requests, and so that a
     stream never ends without its closing event: if anything fails inside it after the 200 went out, the client gets
     `closing(message)` (the surface's error event and end marker), and the log the traceback."""
@@ -154,7 +157,7 @@ async def events_then_close(gen: AsyncIterator[bytes], reqs: list[GenRequest],
         try:
             async for chunk in gen:
                 yield chunk
-        except Exception:  # noqa: BLE001 - the header is sent: an event is the only way left to say it
+        except Exception:  # the header is sent: an event is the only way left to say it
             log.exception("unexpected error in a stream")
             for chunk in closing("internal error; the server log has the details"):
                 yield chunk
@@ -163,7 +166,9 @@ async def events_then_close(gen: AsyncIterator[bytes], reqs: list[GenRequest],
             r.cancel("the client disconnected")
 
 
-def rename_field(exc: InvalidRequest, mapping: dict[str, str], prefix: str = "", keep_index: bool = True) -> InvalidRequest:
+def rename_field(
+    exc: InvalidRequest, mapping: dict[str, str], prefix: str = "", keep_index: bool = True
+) -> InvalidRequest:
     """The engine names its own fields (text[0], max_new_tokens, ...); a surface names them as its clients sent
     them (inputs, parameters.max_new_tokens, prompt[1], max_tokens, ...)."""
     old = exc.field or ""
@@ -201,13 +206,13 @@ def request_id(request: Request) -> str | None:
 class RequestOnlyRoute(fastapi_routing.APIRoute):
     """A route whose endpoint takes only the Request and returns a Response (it reads and validates its own body):
     FastAPI's per-request handler around it (dependency solving with nothing to solve, no body to read, no response
-    model to apply) is left out and the endpoint is called directly: measured, +9-15% requests per server CPU-second
-    on POST /generate (scripts/server_overhead.py). Routing, exception handlers, middleware and the OpenAPI
+    model to apply) is left out and the endpoint is called directly: more requests per server CPU-second on POST
+    /generate (docs/results/benchmarks.md "Server overhead"). Routing, exception handlers, middleware and the OpenAPI
     document are FastAPI's as for any route. An endpoint with any other parameter gets FastAPI's handler. (FastAPI's
     opt-in telemetry, `FastAPI(telemetry=...)`, which this app does not turn on, would see no dependency/endpoint
     spans for such a route.)"""
 
-    def get_route_handler(self):  # type: ignore[override]
+    def get_route_handler(self):
         # Included in a router, FastAPI builds the handler for the route as included (its context may add the
         # including router's dependencies): judge that one.
         var = getattr(fastapi_routing, "_effective_route_context_var", None)

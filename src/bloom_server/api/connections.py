@@ -63,9 +63,12 @@ class ConnectionLimits:
 
 
 def connection_limits(settings: Any) -> ConnectionLimits:
-    return ConnectionLimits(max_connections=settings.max_connections,
-                            max_per_client=settings.max_connections_per_client,
-                            header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s)
+    return ConnectionLimits(
+        max_connections=settings.max_connections,
+        max_per_client=settings.max_connections_per_client,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+    )
 
 
 def raw_error(status: int, kind: str, message: str, limit: Any = None, headers: tuple = ()) -> bytes:
@@ -86,7 +89,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
             self._timer: Any = None
             self._phase: str | None = None  # "headers" or "body": which deadline runs
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             host = self.client[0] if self.client else ""
             over = limits.admit(host)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,7 +23,6 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from bloom_server.engine.requests import Cancelled, DeadlineExceeded
 from bloom_server.errors import (
     BloomServerError,
     ConfigError,
@@ -32,6 +32,7 @@ from bloom_server.errors import (
     NotReady,
     Overloaded,
 )
+from bloom_server.frontend.requests import Cancelled, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ _COMMON_ERROR_DOCS = {
 }
 
 
-def error_responses(model: Any, **surface: str) -> dict[int, dict]:
+def error_responses(model: Any, **surface: str) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI `responses` of a generate route: the errors every surface shares, plus the surface's own (given
     as `e400="..."`, `e422="..."`), each with the surface's error schema."""
     docs = {**_COMMON_ERROR_DOCS, **{int(k[1:]): v for k, v in surface.items()}}
@@ -125,7 +126,12 @@ def render_error(
             }
         }
     if surface == "kserve":
-        return (400 if status == 422 else status), {"error": message, "message": message, "field": field, "limit": limit}
+        return (400 if status == 422 else status), {
+            "error": message,
+            "message": message,
+            "field": field,
+            "limit": limit,
+        }
     if surface == "tgi":
         tgi_type = _TGI_TYPES.get(kind, kind)
         return status, {"error": message, "error_type": tgi_type, "message": message, "field": field, "limit": limit}
@@ -159,11 +165,13 @@ def malformed_json(exc: BaseException) -> RequestValidationError:
     """The validation error of a body that is not JSON (also one nested deeper than the parser goes), as FastAPI
     makes it for the routes whose body it parses: the position in `loc`, the reason in `ctx`."""
     if isinstance(exc, json.JSONDecodeError):
-        loc, reason = ("body", exc.pos), exc.msg
+        loc: tuple[str | int, ...] = ("body", exc.pos)
+        reason = exc.msg
     else:
         loc, reason = ("body",), "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-    return RequestValidationError([{"type": "json_invalid", "loc": loc, "msg": "JSON decode error",
-                                    "ctx": {"error": reason}}])
+    return RequestValidationError(
+        [{"type": "json_invalid", "loc": loc, "msg": "JSON decode error", "ctx": {"error": reason}}]
+    )
 
 
 def _validation_message(err: dict) -> tuple[str, str]:
@@ -215,7 +223,7 @@ def internal_error_message(request: Any) -> str:
     return "internal error; the server log has the details" + (f" (request id {rid})" if rid else "")
 
 
-def validation_summary(errors: list) -> tuple[str, str]:
+def validation_summary(errors: Sequence[Any]) -> tuple[str, str]:
     """(field, message) of pydantic errors: the first named, the next few listed."""
     field, message = _validation_message(errors[0]) if errors else ("body", "invalid request")
     if len(errors) > 1:

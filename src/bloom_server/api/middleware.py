@@ -20,7 +20,6 @@ from starlette.requests import ClientDisconnect
 
 from bloom_server.api.errors import loc_to_field, render_error, surface_of
 
-
 # Probes and the metrics scrape: never behind the API key, not counted as in-flight, not logged per request.
 PROBES = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
 # Pages that hold no data (the playground and the API docs): served without the key; every call they make needs it.
@@ -145,8 +144,16 @@ class Gateway:
                 message = dict(message, headers=out)
             await send(message)
 
-        async def refuse(code: int, kind: str, message: str, limit: Any, field: str = "body", *,
-                         close: bool = False, then: Any = None) -> None:
+        async def refuse(
+            code: int,
+            kind: str,
+            message: str,
+            limit: Any,
+            field: str = "body",
+            *,
+            close: bool = False,
+            then: Any = None,
+        ) -> None:
             """Answer here. `close`: the connection closes after it (a body left unread); `then`: awaited after the
             answer's bytes went out and before the response completes (draining a body the client may still send,
             so that it reads the answer instead of a reset connection)."""
@@ -309,8 +316,14 @@ def _lone_surrogate_problem(body: bytes) -> tuple | None:
     loc, in_name = found
     field = loc_to_field(loc)
     what = "a field name in it" if in_name else "it"
-    return (422, "validation_error", f"{field}: {what} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
-            "its pair), which is not a Unicode character", None, field)
+    return (
+        422,
+        "validation_error",
+        f"{field}: {what} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without "
+        "its pair), which is not a Unicode character",
+        None,
+        field,
+    )
 
 
 def _surrogate_loc(value: Any, loc: tuple) -> tuple[tuple, bool] | None:
@@ -337,8 +350,10 @@ def _encodable(text: str) -> bool:
     return True
 
 
-async def _before(deadline: float, awaitable: Any) -> Any:
-    """`awaitable`'s result, or asyncio.TimeoutError at `deadline` (the loop's clock)."""
+async def _before(deadline: float | None, awaitable: Any) -> Any:
+    """`awaitable`'s result, or asyncio.TimeoutError at `deadline` (the loop's clock; None: no deadline)."""
+    if deadline is None:
+        return await awaitable
     timeout_at = getattr(asyncio, "timeout_at", None)  # Python 3.11+: no task per call
     if timeout_at is not None:
         async with timeout_at(deadline):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from urllib.parse import quote
-from typing import Callable
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -34,7 +34,7 @@ from bloom_server.api.schemas import (
     TokenizeResponse,
 )
 from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse, TGIStreamEvent
-from bloom_server.engine.core import Engine
+from bloom_server.frontend.core import Engine
 
 ERRORS = error_responses(ErrorResponse, e422="Invalid request: the message names the field and the limit")
 # POST /generate takes the original body or TGI's; both schemas are listed (app.py adds them to the components).
@@ -124,8 +124,13 @@ def build_router(engine: Engine) -> APIRouter:
         return deco
 
     # The hot route: called without FastAPI's per-request handler (nothing for it to solve; see RequestOnlyRoute).
-    @both("/generate", "POST", responses=GENERATE_RESPONSES, openapi_extra=GENERATE_BODY,
-          route_class_override=RequestOnlyRoute)
+    @both(
+        "/generate",
+        "POST",
+        responses=GENERATE_RESPONSES,
+        openapi_extra=GENERATE_BODY,
+        route_class_override=RequestOnlyRoute,
+    )
     async def generate(request: Request) -> Response:
         """Generate a completion for each prompt. The original body (`{"text": [...], <generate() kwargs>}`) gets
         the original answer; TGI's body (`{"inputs": str, "parameters": {...}}`) gets TGI's."""
@@ -136,7 +141,10 @@ def build_router(engine: Engine) -> APIRouter:
             return await routes_tgi.answer(engine, request, parse(TGIRequest, data), as_list=False)
         body = parse(GenerateRequest, data)
         req = engine.submit(
-            body.text, body.generate_kwargs(), timeout_s=header_timeout(request), request_id=request_id(request),
+            body.text,
+            body.generate_kwargs(),
+            timeout_s=header_timeout(request),
+            request_id=request_id(request),
             grammar=tgi_grammar(body.grammar, "grammar"),
         )
         remember(request, req)
@@ -167,7 +175,9 @@ def build_router(engine: Engine) -> APIRouter:
         """Negative log-likelihood of each response given its conditioning text (mean over response tokens)."""
         start = time.perf_counter()
         nll = await engine.forward(body.conditioning_text, body.response)
-        return ForwardResponse(nll=nll, query_id=ids.take("forward"), total_time_taken=secs(time.perf_counter() - start))
+        return ForwardResponse(
+            nll=nll, query_id=ids.take("forward"), total_time_taken=secs(time.perf_counter() - start)
+        )
 
     @both("/query_id", "GET", response_model=QueryIdResponse)
     async def query_id() -> QueryIdResponse:

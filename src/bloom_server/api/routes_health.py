@@ -3,16 +3,18 @@ warm-up generate ran on every rank. (KServe's v1 model status, GET /v1/models/{n
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from bloom_server.api.schemas import Health
-from bloom_server.engine.core import Engine
+from bloom_server.frontend.core import Engine
 
 
 def load_progress(engine: Engine) -> dict | None:
-    """Rank 0's load progress (bloom_server.loading.LoadProgress, set by the composition root), as plain data."""
-    progress = getattr(engine, "load_progress", None)
+    """Rank 0's load progress (bloom_server.storage.prefetch.LoadProgress, set by the composition root), as plain data."""
+    progress = engine.load_progress
     return progress.snapshot() if progress is not None else None
 
 
@@ -29,7 +31,7 @@ def build_router(engine: Engine) -> APIRouter:
     async def ready() -> JSONResponse:
         """Readiness: 200 once the model is loaded and warmed up, 503 before (and while draining). `progress` (when
         the server tracks it): the load's phase, bytes of weights loaded / total on rank 0, and each phase's time."""
-        body = {"status": engine.state.value, "detail": engine.state_detail}
+        body: dict[str, Any] = {"status": engine.state.value, "detail": engine.state_detail}
         progress = load_progress(engine)
         if progress is not None:
             body["progress"] = progress

@@ -9,10 +9,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from bloom_server import __version__
+from bloom_server.api.metrics import Metrics
 from bloom_server.api.routes_health import load_progress
 from bloom_server.api.schemas_tgi import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
-from bloom_server.engine.core import Engine
-from bloom_server.metrics import Metrics
+from bloom_server.frontend.core import Engine
 from bloom_server.settings import Settings
 
 
@@ -92,8 +92,9 @@ def build_router(engine: Engine, settings: Settings, model_name: str, metrics: M
             metrics.set_load_progress(progress["loaded_bytes"], progress["total_bytes"])
         if engine.info is not None:
             i = engine.info
-            metrics.set_info(model_id=i.model_id, backend=i.backend, dtype=i.dtype, world_size=i.world_size,
-                             version=__version__)
+            metrics.set_info(
+                model_id=i.model_id, backend=i.backend, dtype=i.dtype, world_size=i.world_size, version=__version__
+            )
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

@@ -25,9 +25,9 @@ from bloom_server.api.common import (
 )
 from bloom_server.api.errors import NotFound, error_responses, malformed_json
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
-from bloom_server.engine.core import Engine
-from bloom_server.engine.requests import Completion
 from bloom_server.errors import InvalidRequest
+from bloom_server.frontend.core import Engine
+from bloom_server.frontend.requests import Completion
 
 INPUT_NAME, OUTPUT_NAME = "text_input", "text_output"
 # Parameters of the protocol itself, not generation settings.
@@ -40,8 +40,11 @@ class V2Tensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any] | None = Field(None, description="The elements (row-major; nested lists are flattened); absent "
-                                   "when the tensor's bytes follow the JSON (parameters.binary_data_size).")
+    data: list[Any] | None = Field(
+        None,
+        description="The elements (row-major; nested lists are flattened); absent "
+        "when the tensor's bytes follow the JSON (parameters.binary_data_size).",
+    )
     parameters: dict[str, Any] | None = None
 
 
@@ -54,8 +57,11 @@ class V2RequestedOutput(BaseModel):
 class V2InferRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str | None = None
-    parameters: dict[str, Any] | None = Field(None, description="Generation settings: max_new_tokens, temperature, "
-                                              "top_k, top_p, do_sample, repetition_penalty, seed, stop, ...")
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description="Generation settings: max_new_tokens, temperature, "
+        "top_k, top_p, do_sample, repetition_penalty, seed, stop, ...",
+    )
     inputs: list[V2Tensor] = Field(min_length=1, description=f"One BYTES tensor of prompts (`{INPUT_NAME}`).")
     outputs: list[V2RequestedOutput] | None = None
 
@@ -104,7 +110,8 @@ def _split_body(raw: bytes, header_length: str | None) -> tuple[Any, bytes]:
         raise InvalidRequest(
             f"Inference-Header-Content-Length: must be the JSON header's length in bytes, from 1 to the body's "
             f"{len(raw)} (got {header_length!r})",
-            field="Inference-Header-Content-Length", limit=len(raw),
+            field="Inference-Header-Content-Length",
+            limit=len(raw),
         )
     return _json(raw[:n]), raw[n:]
 
@@ -137,21 +144,24 @@ def _bytes_elements(blob: bytes, field: str) -> list[bytes]:
     return out
 
 
-def _input_data(body: "V2InferRequest", rest: bytes) -> list[list[Any]]:
+def _input_data(body: V2InferRequest, rest: bytes) -> list[list[Any]]:
     """Each input's elements: from its JSON `data`, or from its share of the binary data after the JSON."""
     out, at = [], 0
     for i, t in enumerate(body.inputs):
         size = (t.parameters or {}).get("binary_data_size")
         if size is None:
             if t.data is None:
-                raise InvalidRequest(f"inputs[{i}].data: is required (or parameters.binary_data_size with the "
-                                     "binary data extension)", field=f"inputs[{i}].data")
+                raise InvalidRequest(
+                    f"inputs[{i}].data: is required (or parameters.binary_data_size with the binary data extension)",
+                    field=f"inputs[{i}].data",
+                )
             out.append(_flatten(t.data))
             continue
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or at + size > len(rest):
             raise InvalidRequest(
                 f"inputs[{i}].parameters.binary_data_size: {size!r} bytes, but {len(rest) - at} follow the JSON header",
-                field=f"inputs[{i}].parameters.binary_data_size", limit=len(rest) - at,
+                field=f"inputs[{i}].parameters.binary_data_size",
+                limit=len(rest) - at,
             )
         blob, at = rest[at : at + size], at + size
         if t.datatype.upper() != "BYTES":
@@ -162,7 +172,9 @@ def _input_data(body: "V2InferRequest", rest: bytes) -> list[list[Any]]:
             try:
                 texts.append(element.decode("utf-8"))
             except UnicodeDecodeError:
-                raise InvalidRequest(f"inputs[{i}].data: prompts must be UTF-8 text", field=f"inputs[{i}].data") from None
+                raise InvalidRequest(
+                    f"inputs[{i}].data: prompts must be UTF-8 text", field=f"inputs[{i}].data"
+                ) from None
         out.append(texts)
     if at != len(rest):
         raise InvalidRequest(
@@ -209,12 +221,21 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
         if name != model_name:
             raise NotFound(f"name: no model named {name!r} (this server serves {model_name!r})", field="name")
 
-    async def run(request: Request, prompts: list[str], params: dict | None, field: str) -> tuple[list[Completion], Any]:
+    async def run(
+        request: Request, prompts: list[str], params: dict | None, field: str
+    ) -> tuple[list[Completion], Any]:
         kwargs, seed, stop = _settings(params, "parameters")
         kwargs.setdefault("remove_input_from_output", True)
         try:
-            req = engine.submit(prompts, kwargs, seed=seed, field="text", stop=stop, timeout_s=header_timeout(request),
-                                request_id=request_id(request))
+            req = engine.submit(
+                prompts,
+                kwargs,
+                seed=seed,
+                field="text",
+                stop=stop,
+                timeout_s=header_timeout(request),
+                request_id=request_id(request),
+            )
         except InvalidRequest as exc:
             raise rename_field(exc, {"text": field}, prefix="parameters.") from None
         remember(request, req)
@@ -238,8 +259,9 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
 
     def check_version(version: str) -> None:
         if version not in versions():
-            raise NotFound(f"version: model {model_name!r} has no version {version!r} (it has {versions()})",
-                           field="version")
+            raise NotFound(
+                f"version: model {model_name!r} has no version {version!r} (it has {versions()})", field="version"
+            )
 
     def versions() -> list[str]:
         # One model, one version: its revision when known, else "1".
@@ -301,11 +323,14 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
                 f"inputs[0].data: {len(elements)} non-empty strings expected to match shape {t.shape}",
                 field="inputs[0].data",
             )
-        params = {k: v for k, v in {**(t.parameters or {}), **(body.parameters or {})}.items()
-                  if k not in _PROTOCOL_PARAMETERS}
+        params = {
+            k: v
+            for k, v in {**(t.parameters or {}), **(body.parameters or {})}.items()
+            if k not in _PROTOCOL_PARAMETERS
+        }
         comps, req = await run(request, elements, params, "inputs[0].data")
         n = len(comps)
-        outputs = [
+        outputs: list[dict[str, Any]] = [
             {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [n], "data": [c.text for c in comps]},
             {"name": "generated_tokens", "datatype": "INT64", "shape": [n], "data": [len(c.token_ids) for c in comps]},
             {"name": "finish_reason", "datatype": "BYTES", "shape": [n], "data": [c.finish_reason for c in comps]},
@@ -327,8 +352,13 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
                 blobs.append(blob)
                 del o["data"]
                 o["parameters"] = {"binary_data_size": len(blob)}
-        out = {"model_name": model_name, "model_version": version, "id": body.id or req.id, "parameters": {},
-               "outputs": outputs}
+        out: dict[str, Any] = {
+            "model_name": model_name,
+            "model_version": version,
+            "id": body.id or req.id,
+            "parameters": {},
+            "outputs": outputs,
+        }
         headers = timing_headers([req])
         if not blobs:
             return JSONResponse(out, headers=headers)
@@ -341,18 +371,29 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
             "required": True,
             "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}, "description": (
-                    "The binary tensor data extension: the JSON request (Inference-Header-Content-Length bytes), "
-                    "then each binary input's bytes")},
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": (
+                        "The binary tensor data extension: the JSON request (Inference-Header-Content-Length bytes), "
+                        "then each binary input's bytes"
+                    ),
+                },
             },
         },
-        "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
-                        "schema": {"type": "integer"},
-                        "description": "Length of the JSON header when binary tensor data follows it"}],
+        "parameters": [
+            {
+                "name": "Inference-Header-Content-Length",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "integer"},
+                "description": "Length of the JSON header when binary tensor data follows it",
+            }
+        ],
     }
 
-    @router.post("/v2/models/{name}/infer", response_model=V2InferResponse, responses=KSERVE_ERRORS,
-                 openapi_extra=infer_doc)
+    @router.post(
+        "/v2/models/{name}/infer", response_model=V2InferResponse, responses=KSERVE_ERRORS, openapi_extra=infer_doc
+    )
     async def v2_infer(name: str, request: Request) -> Response:
         """Generate for each prompt of the BYTES input tensor; `parameters` (of the request, or of the tensor)
         carry the generation settings. Takes the binary tensor data extension (inputs as raw bytes after the JSON,
@@ -360,8 +401,12 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
         request's parameters, or `binary_data` in an output's)."""
         return await infer(name, None, request)
 
-    @router.post("/v2/models/{name}/versions/{version}/infer", response_model=V2InferResponse,
-                 responses=KSERVE_ERRORS, openapi_extra=infer_doc)
+    @router.post(
+        "/v2/models/{name}/versions/{version}/infer",
+        response_model=V2InferResponse,
+        responses=KSERVE_ERRORS,
+        openapi_extra=infer_doc,
+    )
     async def v2_version_infer(name: str, version: str, request: Request) -> Response:
         """As /v2/models/{name}/infer, for a version of the model (it has one: `versions` in its metadata)."""
         return await infer(name, version, request)
@@ -374,8 +419,9 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
         for i, inst in enumerate(body.instances):
             text = inst if isinstance(inst, str) else (inst.get("text") or inst.get("prompt") or inst.get("inputs"))
             if not isinstance(text, str) or not text:
-                raise InvalidRequest(f"instances[{i}]: a non-empty prompt string (or {{\"text\": ...}})",
-                                     field=f"instances[{i}]")
+                raise InvalidRequest(
+                    f'instances[{i}]: a non-empty prompt string (or {{"text": ...}})', field=f"instances[{i}]"
+                )
             prompts.append(text)
         comps, req = await run(request, prompts, body.parameters, "instances")
         return JSONResponse({"predictions": [c.text for c in comps]}, headers=timing_headers([req]))

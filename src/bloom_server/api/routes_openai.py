@@ -4,7 +4,8 @@ body, submit to the engine, translate back. Errors are in OpenAI's shape (api/er
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -13,8 +14,8 @@ from starlette.exceptions import HTTPException
 from bloom_server.api.common import (
     SSE_HEADERS,
     events_then_close,
-    openai_stream_error,
     header_timeout,
+    openai_stream_error,
     remember,
     rename_field,
     request_id,
@@ -35,10 +36,10 @@ from bloom_server.api.schemas_openai import (
     ModelObject,
     OpenAIError,
 )
-from bloom_server.engine.chat import ChatTemplate
-from bloom_server.engine.core import Engine
-from bloom_server.engine.requests import Completion, GenRequest
 from bloom_server.errors import BloomServerError, InvalidRequest
+from bloom_server.frontend.chat import ChatTemplate
+from bloom_server.frontend.core import Engine
+from bloom_server.frontend.requests import Completion, GenRequest
 from bloom_server.types import Grammar
 
 OPENAI_ERRORS = error_responses(OpenAIError, e400="Invalid request: `param` names the field", e404="No such model")
@@ -68,7 +69,7 @@ def _unsupported(body: Any) -> None:
     if getattr(body, "functions", None):
         raise InvalidRequest("functions: not supported; use tools with tool_choice", field="functions")
     if getattr(body, "function_call", None) not in (None, "none"):
-        raise InvalidRequest('function_call: not supported; use tools with tool_choice', field="function_call")
+        raise InvalidRequest("function_call: not supported; use tools with tool_choice", field="function_call")
 
 
 def _grammar(body: Any) -> tuple[Grammar | None, str, ToolPlan | None]:
@@ -100,8 +101,12 @@ def _kwargs(body: Any, max_tokens: int | None) -> dict[str, Any]:
     return kw
 
 
-def build_router(engine: Engine, model_name: str, chat_template: Callable[[], ChatTemplate | None],
-                 aliases: frozenset[str] = frozenset()) -> APIRouter:
+def build_router(
+    engine: Engine,
+    model_name: str,
+    chat_template: Callable[[], ChatTemplate | None],
+    aliases: frozenset[str] = frozenset(),
+) -> APIRouter:
     router = APIRouter(tags=["openai"])
     started = time.time()
 
@@ -116,7 +121,14 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         if name != model_name:
             raise NotFound(f"model: {name!r} is not served here; this server serves {model_name!r}", field="model")
 
-    def submit(request: Request, prompts: list[str], body: Any, max_tokens: int | None, field: str, top_n: int):
+    def submit(
+        request: Request,
+        prompts: list[str] | list[str | list[int]],
+        body: Any,
+        max_tokens: int | None,
+        field: str,
+        top_n: int,
+    ):
         _unsupported(body)
         grammar, grammar_field, plan = _grammar(body)
         try:
@@ -143,17 +155,27 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
 
     def card() -> dict[str, Any]:
         # `created`: when the model was loaded (the server's start while it loads), the same on every call.
-        return {"id": model_name, "object": "model", "created": int(engine.loaded_at or started),
-                "owned_by": "bloom-server"}
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": int(engine.loaded_at or started),
+            "owned_by": "bloom-server",
+        }
 
     @router.get("/v1/models", response_model=ModelList, responses=OPENAI_ERRORS)
     async def list_models() -> ModelList:
         """The one served model, as OpenAI lists models."""
-        return ModelList(data=[card()])  # type: ignore[list-item]
+        return ModelList(data=[card()])
 
-    @router.get("/v1/models/{name}", response_model=ModelObject, responses={
-        401: OPENAI_ERRORS[401], 404: OPENAI_ERRORS[404],
-        503: {"model": ModelObject, "description": "Not ready yet (loading) or draining"}})
+    @router.get(
+        "/v1/models/{name}",
+        response_model=ModelObject,
+        responses={
+            401: OPENAI_ERRORS[401],
+            404: OPENAI_ERRORS[404],
+            503: {"model": ModelObject, "description": "Not ready yet (loading) or draining"},
+        },
+    )
     async def retrieve_model(name: str) -> JSONResponse:
         """OpenAI's model object (`client.models.retrieve`), which is also KServe v1's model status: `name` and
         `ready` are there too, and the status is 503 until the model is loaded and warmed up (and while draining)."""
@@ -163,10 +185,19 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         body = {**card(), "name": name, "ready": engine.ready}
         return JSONResponse(body, status_code=200 if engine.ready else 503)
 
-    @router.post("/v1/completions", response_model=CompletionResponse, responses={
-        **OPENAI_ERRORS, 200: {"description": "CompletionResponse; with stream: server-sent chunks, then [DONE]",
-                               "content": {"text/event-stream": {"schema": sse_schema(
-                                   "a text_completion chunk (JSON), or [DONE] last")}}}})
+    @router.post(
+        "/v1/completions",
+        response_model=CompletionResponse,
+        responses={
+            **OPENAI_ERRORS,
+            200: {
+                "description": "CompletionResponse; with stream: server-sent chunks, then [DONE]",
+                "content": {
+                    "text/event-stream": {"schema": sse_schema("a text_completion chunk (JSON), or [DONE] last")}
+                },
+            },
+        },
+    )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n, stop, seed, logprobs,
         echo, stream (with stream_options.include_usage). Choice i*n+j is prompt i's j-th choice."""
@@ -180,22 +211,44 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _completion_chunks(engine, req, rid, created, model_name, echo, body.logprobs, include_usage, body.n)
-            return StreamingResponse(events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            return StreamingResponse(
+                events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream", headers=SSE_HEADERS
+            )
         (comps,) = await result_or_disconnect(request, [req])
         choices = []
         for i, c in enumerate(comps):
             text = (echo[i] if echo else "") + c.text
-            lp = _completion_logprobs(engine, c, body.logprobs, echo[i] if echo else None) if body.logprobs is not None else None
-            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": _FINISH.get(c.finish_reason, "length")})
-        out = {"id": rid, "object": "text_completion", "created": created, "model": model_name, "choices": choices,
-               "usage": _usage(req, body.n)}
+            lp = (
+                _completion_logprobs(engine, c, body.logprobs, echo[i] if echo else None)
+                if body.logprobs is not None
+                else None
+            )
+            choices.append(
+                {"index": i, "text": text, "logprobs": lp, "finish_reason": _FINISH.get(c.finish_reason, "length")}
+            )
+        out = {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model_name,
+            "choices": choices,
+            "usage": _usage(req, body.n),
+        }
         return JSONResponse(out, headers=timing_headers([req]))
 
-    @router.post("/v1/chat/completions", response_model=ChatResponse, responses={
-        **OPENAI_ERRORS, 200: {"description": "ChatResponse; with stream: server-sent chunks, then [DONE]",
-                               "content": {"text/event-stream": {"schema": sse_schema(
-                                   "a chat.completion.chunk (JSON), or [DONE] last")}}}})
+    @router.post(
+        "/v1/chat/completions",
+        response_model=ChatResponse,
+        responses={
+            **OPENAI_ERRORS,
+            200: {
+                "description": "ChatResponse; with stream: server-sent chunks, then [DONE]",
+                "content": {
+                    "text/event-stream": {"schema": sse_schema("a chat.completion.chunk (JSON), or [DONE] last")}
+                },
+            },
+        },
+    )
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         """OpenAI chat completions, for a model whose tokenizer has a chat template (or with BLOOM_CHAT_TEMPLATE);
         otherwise a 400 that says so."""
@@ -216,8 +269,9 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _chat_chunks(engine, req, rid, created, model_name, body.logprobs, include_usage, body.n, plan)
-            return StreamingResponse(events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            return StreamingResponse(
+                events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream", headers=SSE_HEADERS
+            )
         (comps,) = await result_or_disconnect(request, [req])
         choices = []
         for i, c in enumerate(comps):
@@ -228,8 +282,14 @@ def build_router(engine: Engine, model_name: str, chat_template: Callable[[], Ch
                 "logprobs": {"content": _chat_logprobs(engine, c)} if body.logprobs else None,
                 "finish_reason": finish,
             })  # fmt: skip
-        out = {"id": rid, "object": "chat.completion", "created": created, "model": model_name, "choices": choices,
-               "usage": _usage(req, body.n)}
+        out = {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": choices,
+            "usage": _usage(req, body.n),
+        }
         return JSONResponse(out, headers=timing_headers([req]))
 
     return router
@@ -275,7 +335,9 @@ def _message(m: dict[str, Any], i: int) -> dict[str, Any]:
         parts = []
         for part in content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidRequest(f"messages[{i}].content: only text parts are supported", field=f"messages[{i}].content")
+                raise InvalidRequest(
+                    f"messages[{i}].content: only text parts are supported", field=f"messages[{i}].content"
+                )
             parts.append(part["text"])
         m["content"] = "".join(parts)
     elif content is None:
@@ -295,13 +357,17 @@ def _text(engine: Engine, token_id: int) -> str:
 
 
 def _completion_logprobs(engine: Engine, c: Completion, n: int | None, echo: str | None) -> dict[str, Any]:
-    tokens, lps, tops = [], [], []
+    tokens: list[Any] = []
+    lps: list[Any] = []
+    tops: list[Any] = []
     if echo is not None:  # the prompt's own tokens: their log-probabilities are not computed here (null)
         for t in c.prompt_ids:
             tokens.append(_text(engine, t))
             lps.append(None)
             tops.append(None)
-    for t, lp, top in zip(c.token_ids, c.logprobs or [None] * len(c.token_ids), c.top_logprobs or [None] * len(c.token_ids)):
+    for t, lp, top in zip(
+        c.token_ids, c.logprobs or [None] * len(c.token_ids), c.top_logprobs or [None] * len(c.token_ids)
+    ):
         tokens.append(_text(engine, t))
         lps.append(lp)
         tops.append({_text(engine, i): p for i, p in top} if (n and top) else None)
@@ -314,24 +380,45 @@ def _completion_logprobs(engine: Engine, c: Completion, n: int | None, echo: str
 
 def _chat_logprobs(engine: Engine, c: Completion) -> list[dict[str, Any]]:
     out = []
-    for t, lp, top in zip(c.token_ids, c.logprobs or [None] * len(c.token_ids), c.top_logprobs or [None] * len(c.token_ids)):
+    for t, lp, top in zip(
+        c.token_ids, c.logprobs or [None] * len(c.token_ids), c.top_logprobs or [None] * len(c.token_ids)
+    ):
         text = _text(engine, t)
-        out.append({
-            "token": text,
-            "logprob": lp if lp is not None else 0.0,
-            "bytes": list(text.encode()),
-            "top_logprobs": [{"token": _text(engine, i), "logprob": p, "bytes": list(_text(engine, i).encode())}
-                             for i, p in (top or ())],
-        })
+        out.append(
+            {
+                "token": text,
+                "logprob": lp if lp is not None else 0.0,
+                "bytes": list(text.encode()),
+                "top_logprobs": [
+                    {"token": _text(engine, i), "logprob": p, "bytes": list(_text(engine, i).encode())}
+                    for i, p in (top or ())
+                ],
+            }
+        )
     return out
 
 
-async def _completion_chunks(engine: Engine, req: GenRequest, rid: str, created: int, model: str,
-                             echo: list[str] | None, logprobs: int | None, include_usage: bool,
-                             n: int) -> AsyncIterator[bytes]:
+async def _completion_chunks(
+    engine: Engine,
+    req: GenRequest,
+    rid: str,
+    created: int,
+    model: str,
+    echo: list[str] | None,
+    logprobs: int | None,
+    include_usage: bool,
+    n: int,
+) -> AsyncIterator[bytes]:
     def chunk(index: int, text: str, finish: str | None, lp: Any = None) -> bytes:
-        return sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]})
+        return sse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}],
+            }
+        )
 
     if echo:
         for i, prompt in enumerate(echo):
@@ -340,21 +427,48 @@ async def _completion_chunks(engine: Engine, req: GenRequest, rid: str, created:
         lp = None
         if logprobs is not None:
             text = _text(engine, ev.token_id)
-            lp = {"tokens": [text], "token_logprobs": [ev.logprob],
-                  "top_logprobs": [{_text(engine, i): p for i, p in (ev.top or ())}] if logprobs else None,
-                  "text_offset": [0]}
+            lp = {
+                "tokens": [text],
+                "token_logprobs": [ev.logprob],
+                "top_logprobs": [{_text(engine, i): p for i, p in (ev.top or ())}] if logprobs else None,
+                "text_offset": [0],
+            }
         yield chunk(ev.row, ev.text, None, lp)
     # The finishing chunk carries any text the token events held back, so the chunks add up to the answer.
-    async for tail in _finish(req, lambda i, c: chunk(i, c.stream_tail, _FINISH.get(c.finish_reason, "length")),
-                              rid, created, model, "text_completion", include_usage, n):
+    async for tail in _finish(
+        req,
+        lambda i, c: chunk(i, c.stream_tail, _FINISH.get(c.finish_reason, "length")),
+        rid,
+        created,
+        model,
+        "text_completion",
+        include_usage,
+        n,
+    ):
         yield tail
 
 
-async def _chat_chunks(engine: Engine, req: GenRequest, rid: str, created: int, model: str, logprobs: bool,
-                       include_usage: bool, n: int, plan: ToolPlan | None = None) -> AsyncIterator[bytes]:
+async def _chat_chunks(
+    engine: Engine,
+    req: GenRequest,
+    rid: str,
+    created: int,
+    model: str,
+    logprobs: bool,
+    include_usage: bool,
+    n: int,
+    plan: ToolPlan | None = None,
+) -> AsyncIterator[bytes]:
     def chunk(index: int, delta: dict, finish: str | None, lp: Any = None) -> bytes:
-        return sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+        return sse(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+            }
+        )
 
     texts: dict[int, str] = {}  # with a tool call: each choice's text so far
     for i in range(req.n_rows):
@@ -363,10 +477,19 @@ async def _chat_chunks(engine: Engine, req: GenRequest, rid: str, created: int, 
         lp = None
         if logprobs:
             text = _text(engine, ev.token_id)
-            lp = {"content": [{"token": text, "logprob": ev.logprob if ev.logprob is not None else 0.0,
-                               "bytes": list(text.encode()),
-                               "top_logprobs": [{"token": _text(engine, i), "logprob": p,
-                                                 "bytes": list(_text(engine, i).encode())} for i, p in (ev.top or ())]}]}
+            lp = {
+                "content": [
+                    {
+                        "token": text,
+                        "logprob": ev.logprob if ev.logprob is not None else 0.0,
+                        "bytes": list(text.encode()),
+                        "top_logprobs": [
+                            {"token": _text(engine, i), "logprob": p, "bytes": list(_text(engine, i).encode())}
+                            for i, p in (ev.top or ())
+                        ],
+                    }
+                ]
+            }
         if plan is None:
             yield chunk(ev.row, {"content": ev.text}, None, lp)
         else:  # a tool call is sent whole once it is complete (its name is known only then with "required")
@@ -384,8 +507,16 @@ async def _chat_chunks(engine: Engine, req: GenRequest, rid: str, created: int, 
         yield tail
 
 
-async def _finish(req: GenRequest, last: Callable[[int, Completion], bytes], rid: str, created: int, model: str,
-                  obj: str, include_usage: bool, n: int) -> AsyncIterator[bytes]:
+async def _finish(
+    req: GenRequest,
+    last: Callable[[int, Completion], bytes],
+    rid: str,
+    created: int,
+    model: str,
+    obj: str,
+    include_usage: bool,
+    n: int,
+) -> AsyncIterator[bytes]:
     """The stream's end: one chunk per choice with its finish_reason, usage if asked, then [DONE]; or, if the
     request failed after the stream began, one error event (OpenAI's error shape) and [DONE]."""
     try:
@@ -398,5 +529,7 @@ async def _finish(req: GenRequest, last: Callable[[int, Completion], bytes], rid
     for i, c in enumerate(comps):
         yield last(i, c)
     if include_usage:
-        yield sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": _usage(req, n)})
+        yield sse(
+            {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": _usage(req, n)}
+        )
     yield b"data: [DONE]\n\n"

@@ -4,7 +4,8 @@ InferenceClient(base_url).text_generation(...) works against these unchanged."""
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,9 +29,9 @@ from bloom_server.api.errors import error_responses, render_error, status_of
 from bloom_server.api.grammar import tgi_grammar
 from bloom_server.api.schemas import ErrorResponse, GenerateKwargs
 from bloom_server.api.schemas_tgi import TGIRequest, TGIResponse
-from bloom_server.engine.core import Engine
-from bloom_server.engine.requests import Completion, GenRequest, TokenEvent
 from bloom_server.errors import BloomServerError, InvalidRequest
+from bloom_server.frontend.core import Engine
+from bloom_server.frontend.requests import Completion, GenRequest, TokenEvent
 from bloom_server.types import ACCEPTED_GENERATE_KWARGS
 
 TGI_ERRORS = error_responses(ErrorResponse, e422="Invalid request: `error` names the field, `error_type` is TGI's kind")
@@ -101,7 +102,12 @@ def generated_text(c: Completion) -> str:
 def _token(engine: Engine, token_id: int, logprob: float | None) -> dict:
     tok = engine.tokenizer
     assert tok is not None
-    return {"id": token_id, "text": tok.token_text(token_id), "logprob": logprob, "special": token_id in tok.special_ids}
+    return {
+        "id": token_id,
+        "text": tok.token_text(token_id),
+        "logprob": logprob,
+        "special": token_id in tok.special_ids,
+    }
 
 
 def response_body(engine: Engine, req: GenRequest, c: Completion, details: bool, prefill: bool) -> dict:
@@ -140,8 +146,11 @@ def compute_type(engine: Engine) -> str | None:
 
 def stream(engine: Engine, request: Request, body: TGIRequest) -> StreamingResponse:
     req = submit(engine, request, body, streaming=True)  # every 4xx happens here, before the stream's first byte
-    return StreamingResponse(events_then_close(_events(engine, req), [req], tgi_stream_error),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(
+        events_then_close(_events(engine, req), [req], tgi_stream_error),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+    )
 
 
 async def _events(engine: Engine, req: GenRequest) -> AsyncIterator[bytes]:
@@ -196,10 +205,15 @@ def build_router(engine: Engine) -> APIRouter:
     @router.post(
         "/generate_stream",
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {"schema": sse_schema("TGIStreamEvent (JSON)")}},
-                         "description": "One `data: {TGIStreamEvent}` event per token; the last has "
-                         "generated_text and details; an error after the first token ends the stream with "
-                         '`data: {"error": <message>, "error_type": <kind>}`.'}, **TGI_ERRORS},
+        responses={
+            200: {
+                "content": {"text/event-stream": {"schema": sse_schema("TGIStreamEvent (JSON)")}},
+                "description": "One `data: {TGIStreamEvent}` event per token; the last has "
+                "generated_text and details; an error after the first token ends the stream with "
+                '`data: {"error": <message>, "error_type": <kind>}`.',
+            },
+            **TGI_ERRORS,
+        },
     )
     async def generate_stream(body: TGIRequest, request: Request) -> StreamingResponse:
         """TGI's streaming route: tokens as server-sent events. Invalid requests get their 4xx before any event."""

@@ -3,7 +3,7 @@ did ("true" -> True, "10" -> 10); limits are checked in the engine, which knows 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, field_validator
 
@@ -55,9 +55,12 @@ class GenerateKwargs(BaseModel):
     forced_eos_token_id: Int | None = None
     exponential_decay_length_penalty: tuple[Int, Float] | None = None
     remove_input_from_output: bool | None = Field(None, description="Return only the new text (default true).")
-    min_new_tokens: Int | None = Field(None, description="The end-of-sequence token is held back until this many new "
-                                       "tokens (>= 0, at most max_new_tokens); equal to max_new_tokens, every row "
-                                       "generates exactly max_new_tokens.")
+    min_new_tokens: Int | None = Field(
+        None,
+        description="The end-of-sequence token is held back until this many new "
+        "tokens (>= 0, at most max_new_tokens); equal to max_new_tokens, every row "
+        "generates exactly max_new_tokens.",
+    )
 
     def generate_kwargs(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ACCEPTED_GENERATE_KWARGS if getattr(self, k) is not None}
@@ -68,8 +71,11 @@ class GenerateKwargs(BaseModel):
 
 class GenerateRequest(GenerateKwargs):
     text: Annotated[list[Prompt], Field(min_length=1, description="Prompts (a single string is accepted too).")]
-    grammar: Any = Field(None, description='Structured output, as TGI takes it: {"type": "json", "value": <JSON '
-                         'schema>}, {"type": "regex", "value": <pattern>} or {"type": "json_object"}.')
+    grammar: Any = Field(
+        None,
+        description='Structured output, as TGI takes it: {"type": "json", "value": <JSON '
+        'schema>}, {"type": "regex", "value": <pattern>} or {"type": "json_object"}.',
+    )
 
     _text_list = field_validator("text", mode="before")(_as_list)
 
@@ -121,7 +127,7 @@ class ErrorResponse(BaseModel):
     error: str
     message: str
     field: str | None = None
-    limit: Union[int, float, str, None] = None
+    limit: int | float | str | None = None
 
 
 class Health(BaseModel):

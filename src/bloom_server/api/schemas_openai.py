@@ -12,8 +12,10 @@ MAX_STOP = 4
 MAX_LOGPROBS = 5
 
 
-_RESPONSE_FORMAT = ('{"type": "text"} (free), {"type": "json_object"}, or {"type": "json_schema", "json_schema": '
-                    '{"name": ..., "schema": {...}, "strict": true}}: every token is masked by the grammar.')
+_RESPONSE_FORMAT = (
+    '{"type": "text"} (free), {"type": "json_object"}, or {"type": "json_schema", "json_schema": '
+    '{"name": ..., "schema": {...}, "strict": true}}: every token is masked by the grammar.'
+)
 
 
 class StreamOptions(BaseModel):
@@ -39,9 +41,12 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[Int] | list[list[Int]] = Field(
-        description="A prompt or a list of prompts; a prompt may be given as a list of token ids.")
+        description="A prompt or a list of prompts; a prompt may be given as a list of token ids."
+    )
     max_tokens: Int | None = Field(16, ge=1, description="New tokens per choice (default 16).")
-    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Log-probabilities of the chosen and top tokens.")
+    logprobs: Int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Log-probabilities of the chosen and top tokens."
+    )
     echo: bool = Field(False, description="Prepend the prompt to the text.")
     best_of: Int | None = Field(None, description="Only 1 (or n) is supported.")
     suffix: str | None = Field(None, description="Not supported.")
@@ -63,11 +68,15 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = Field(None, description=_RESPONSE_FORMAT)
-    tools: list[dict[str, Any]] | None = Field(None, description="Functions the answer may call: "
-                                               '{"type": "function", "function": {"name", "parameters"}}.')
-    tool_choice: str | dict[str, Any] | None = Field(None, description='"none", "required" (a call of any of the '
-                                                     'tools) or {"type": "function", "function": {"name": ...}}; '
-                                                     '"auto" is not supported.')
+    tools: list[dict[str, Any]] | None = Field(
+        None, description='Functions the answer may call: {"type": "function", "function": {"name", "parameters"}}.'
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None,
+        description='"none", "required" (a call of any of the '
+        'tools) or {"type": "function", "function": {"name": ...}}; '
+        '"auto" is not supported.',
+    )
     functions: list[dict[str, Any]] | None = Field(None, description="Not supported (use tools).")
     function_call: str | dict[str, Any] | None = Field(None, description='Only "none" is supported (use tool_choice).')
 

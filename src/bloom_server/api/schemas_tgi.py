@@ -15,8 +15,12 @@ MAX_TOP_N_TOKENS = 5
 class TGIParameters(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    max_new_tokens: Int | None = Field(None, description="New tokens to generate; at most the server's limit (GET /info).")
-    do_sample: bool = Field(False, description="Sample; also implied by temperature != 1, top_k, top_p < 1 or typical_p < 1.")
+    max_new_tokens: Int | None = Field(
+        None, description="New tokens to generate; at most the server's limit (GET /info)."
+    )
+    do_sample: bool = Field(
+        False, description="Sample; also implied by temperature != 1, top_k, top_p < 1 or typical_p < 1."
+    )
     temperature: Float | None = Field(None, description="> 0.")
     top_k: Int | None = Field(None, description="> 0.")
     top_p: Float | None = Field(None, description="In (0, 1].")
@@ -24,16 +28,22 @@ class TGIParameters(BaseModel):
     repetition_penalty: Float | None = Field(None, description="> 0.")
     return_full_text: bool | None = Field(None, description="Prepend the prompt to generated_text (default false).")
     seed: Int | None = Field(None, ge=0, description="Seed of a sampled request: the same seed gives the same text.")
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES,
-                            description=f"Up to {MAX_STOP_SEQUENCES} strings that end the generation.")
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_SEQUENCES,
+        description=f"Up to {MAX_STOP_SEQUENCES} strings that end the generation.",
+    )
     truncate: Int | None = Field(None, ge=1, description="Keep only the last `truncate` prompt tokens.")
     details: bool = Field(False, description="Return finish reason, token ids, logprobs and seed.")
     decoder_input_details: bool = Field(False, description="Return the prompt's tokens too (logprob null).")
     top_n_tokens: Int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS, description="Alternatives per token.")
     best_of: Int | None = Field(None, description="Not supported beyond 1.")
     watermark: bool = Field(False, description="Not supported.")
-    grammar: Any = Field(None, description='Structured output: {"type": "json", "value": <JSON schema>}, {"type": '
-                         '"regex", "value": <pattern>} or {"type": "json_object"}.')
+    grammar: Any = Field(
+        None,
+        description='Structured output: {"type": "json", "value": <JSON schema>}, {"type": '
+        '"regex", "value": <pattern>} or {"type": "json_object"}.',
+    )
     frequency_penalty: Float | None = Field(None, description="Not supported (use repetition_penalty).")
     adapter_id: str | None = Field(None, description="Not supported.")
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bloom_server.backends.base import Backend
-    from bloom_server.model_dir import ModelDir
     from bloom_server.settings import Settings
+    from bloom_server.storage.model_dir import ModelDir
     from bloom_server.types import RankContext
 
 _BACKENDS = {
@@ -20,7 +20,11 @@ _BACKENDS = {
 }
 
 
-def create_backend(settings: "Settings", model_dir: "ModelDir", ctx: "RankContext") -> "Backend":
-    module_name, class_name = _BACKENDS[settings.backend]
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(settings, model_dir, ctx)
+def backend_class(name: str) -> type[Backend]:
+    """The class of a backend, by its setting's name (importing its module imports neither torch nor DeepSpeed)."""
+    module_name, class_name = _BACKENDS[name]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext) -> Backend:
+    return backend_class(settings.backend)(settings, model_dir, ctx)

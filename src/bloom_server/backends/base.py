@@ -12,9 +12,9 @@ from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, Genera
 if TYPE_CHECKING:
     import torch
 
-    from bloom_server.loading import LoadProgress
-    from bloom_server.model_dir import ModelDir
+    from bloom_server.progress import LoadProgress
     from bloom_server.settings import Settings
+    from bloom_server.storage.model_dir import ModelDir
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +23,31 @@ class Backend(abc.ABC):
     """Runs on every rank. `load()` once, then `generate`/`forward_nll` with the same batch on every rank, in lockstep."""
 
     name: str = "?"
-    # Set by the composition root before load(): a bloom_server.loading.LoadProgress the backend reports to (phase,
-    # bytes loaded / total). None: nobody is watching.
-    progress: "LoadProgress | None" = None
+    # What the backend can do, declared here and read by the composition root and the runtime.
+    supports_streaming = False  # generate() takes rank 0's listener (per-step tokens)
+    supports_lockstep_stops = False  # with several ranks, rank 0's row stops are shared on every rank
+    supports_continuous = False  # cstep(): rows join and leave the running batch at step boundaries
+    whole_copy_per_rank = False  # every rank holds all the weights (else this rank's shard)
+    spills_over_devices = False  # one process spreads the model over every visible GPU, then the host
+    warmup_loggers: tuple[str, ...] = ()  # loggers raised to DEBUG for the warm-up generate (graph-capture times)
+    # Set by the composition root before load(): the LoadProgress the backend reports to (phase, bytes loaded /
+    # total), and what the class's before_torch() started. None: nobody is watching, nothing was started.
+    progress: LoadProgress | None = None
+    early: Any = None
 
-    def __init__(self, settings: "Settings", model_dir: "ModelDir", ctx: RankContext):
+    @classmethod
+    def before_torch(cls, settings: Settings, model_dir: ModelDir, progress: LoadProgress,
+                     local_rank_flag: int | None) -> Any:  # fmt: skip
+        """Work to start before torch is imported (the composition root calls it first, on every rank); what it
+        returns becomes `early`. Torch-free. None: nothing to start."""
+        return None
+
+    def kernel_counts(self) -> dict[str, int] | None:
+        """Kernels compiled and autotuned so far in this process ({"compiled", "tuned"}), for the warm-up's report;
+        None where the backend does not track them."""
+        return None
+
+    def __init__(self, settings: Settings, model_dir: ModelDir, ctx: RankContext):
         self.settings = settings
         self.model_dir = model_dir
         self.ctx = ctx
@@ -56,7 +76,7 @@ class TransformersModelBackend(Backend):
     and `self.input_device` in `load()`."""
 
     model: Any = None
-    input_device: "torch.device | str" = "cpu"
+    input_device: torch.device | str = "cpu"
     supports_streaming = True  # generate() takes a listener (rank 0's per-step token callback)
     supports_lockstep_stops = True  # and, with several ranks, rank 0's row stops shared on every rank (ChannelStops)
     # Grammars (structured output) through a LogitsProcessor in transformers' generate(): the same code for hf,
@@ -134,7 +154,7 @@ class GrammarMask:
     the token it chose last, then sets every token its grammar does not allow to -inf, greedy and sampled alike.
     Free rows are untouched. Every rank computes the same masks from the same tokens (bloom_server.structured)."""
 
-    def __init__(self, backend: "TransformersModelBackend", grammars: tuple, width: int, eos_ids: tuple[int, ...]):
+    def __init__(self, backend: TransformersModelBackend, grammars: tuple, width: int, eos_ids: tuple[int, ...]):
         self.backend = backend
         self.grammars = grammars
         self.width = width
@@ -148,12 +168,12 @@ class GrammarMask:
         mask = self
 
         class _Mask(LogitsProcessor):
-            def __call__(self, input_ids, scores):  # noqa: ANN001 - transformers' signature
+            def __call__(self, input_ids, scores):
                 return mask(input_ids, scores)
 
         return LogitsProcessorList([_Mask(), *(existing or [])])
 
-    def __call__(self, input_ids: "torch.Tensor", scores: "torch.Tensor") -> "torch.Tensor":
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         import torch
 
         from bloom_server import structured
@@ -192,7 +212,7 @@ class StreamHook:
         self.may_stop = may_stop
         self.stops = stops
         self.step = 0
-        self.logprobs: "torch.Tensor | None" = None
+        self.logprobs: torch.Tensor | None = None
         self.stopped_at: dict[int, int] = {}  # row -> tokens it had when it was stopped
 
     def generate_kwargs(self) -> dict[str, Any]:
@@ -201,12 +221,12 @@ class StreamHook:
         hook = self
 
         class _Keep(LogitsProcessor):
-            def __call__(self, input_ids, scores):  # noqa: ANN001 - transformers' signature
+            def __call__(self, input_ids, scores):  # transformers' signature
                 hook.keep(scores)
                 return scores
 
         class _Step(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):  # noqa: ANN001
+            def __call__(self, input_ids, scores, **kwargs):
                 return hook.after_step(input_ids)
 
         kwargs: dict[str, Any] = {"stopping_criteria": StoppingCriteriaList([_Step()])}
@@ -214,12 +234,12 @@ class StreamHook:
             kwargs["logits_processor"] = LogitsProcessorList([_Keep()])
         return kwargs
 
-    def keep(self, scores: "torch.Tensor") -> None:
+    def keep(self, scores: torch.Tensor) -> None:
         import torch
 
         self.logprobs = torch.log_softmax(scores.float(), dim=-1)
 
-    def after_step(self, input_ids: "torch.Tensor") -> "torch.Tensor":
+    def after_step(self, input_ids: torch.Tensor) -> torch.Tensor:
         import torch
 
         tokens = input_ids[:, -1]
@@ -264,7 +284,7 @@ def cut_stopped(out: GenerateOutput, stopped_at: dict[int, int]) -> GenerateOutp
     return GenerateOutput(tuple(rows), tuple(reasons))
 
 
-def pad_left(rows: tuple[tuple[int, ...], ...], pad_id: int, device: Any) -> "tuple[torch.Tensor, torch.Tensor]":
+def pad_left(rows: tuple[tuple[int, ...], ...], pad_id: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of different lengths -> [batch, max_len] ids and mask, padded on the left (decoder-only generation)."""
     import torch
 
@@ -294,7 +314,7 @@ def cut_rows(new_tokens: list[list[int]], max_new: tuple[int, ...], eos_ids: set
     return GenerateOutput(tuple(rows), tuple(reasons))
 
 
-def torch_dtype(name: str, device_type: str) -> "torch.dtype":
+def torch_dtype(name: str, device_type: str) -> torch.dtype:
     """Map a dtype setting to torch. 'auto': fp16 on GPU, fp32 on CPU. int8 loads fp16 weights (quantized later)."""
     import torch
 

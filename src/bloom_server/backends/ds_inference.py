@@ -27,8 +27,8 @@ from bloom_server.errors import ConfigError, ModelDirError
 if TYPE_CHECKING:
     import torch
 
-    from bloom_server.model_dir import ModelDir
     from bloom_server.settings import Settings
+    from bloom_server.storage.model_dir import ModelDir
     from bloom_server.types import RankContext
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def import_deepspeed(backend: str) -> Any:
     return deepspeed
 
 
-def require_cuda(backend: str, ctx: "RankContext") -> None:
+def require_cuda(backend: str, ctx: RankContext) -> None:
     import torch
 
     if ctx.device_type != "cuda" or not torch.cuda.is_available():
@@ -73,7 +73,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_distributed(deepspeed: Any, ctx: "RankContext") -> None:
+def ensure_distributed(deepspeed: Any, ctx: RankContext) -> None:
     """DeepSpeed wants a process group even for one rank. Adopt the runtime's (it must reach GPUs: nccl), or, for a
     single process started without a launcher, make a one-rank group on a free local port."""
     import torch.distributed as dist
@@ -107,9 +107,9 @@ class DSInferenceBackend(TransformersModelBackend):
 
     def __init__(
         self,
-        settings: "Settings",
-        model_dir: "ModelDir",
-        ctx: "RankContext",
+        settings: Settings,
+        model_dir: ModelDir,
+        ctx: RankContext,
         *,
         save_mp_checkpoint_path: str | os.PathLike | None = None,
     ):
@@ -233,8 +233,12 @@ class DSInferenceBackend(TransformersModelBackend):
         try:
             with torch.inference_mode():
                 self.model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                    do_sample=False, pad_token_id=token,
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=token,
                 )
             if torch.device(self.input_device).type == "cuda":
                 torch.cuda.synchronize(self.input_device)
@@ -247,7 +251,7 @@ class DSInferenceBackend(TransformersModelBackend):
         log.info("rank %d: DeepSpeed's workspace holds %d rows x %d tokens (a generate at the limits ran)",
                  self.ctx.rank, rows, self.max_tokens)  # fmt: skip
 
-    def _meta_model(self, deepspeed: Any, dtype: "torch.dtype") -> Any:
+    def _meta_model(self, deepspeed: Any, dtype: torch.dtype) -> Any:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if not (self.model_dir.path / "config.json").is_file():
@@ -258,12 +262,14 @@ class DSInferenceBackend(TransformersModelBackend):
         tie_head_for_meta_load(model)
         return model.eval()
 
-    def _hf_model(self, dtype: "torch.dtype") -> Any:
+    def _hf_model(self, dtype: torch.dtype) -> Any:
         from transformers import AutoModelForCausalLM
 
         # On the CPU: DeepSpeed moves each rank's share to its GPU (every rank reads the whole checkpoint once).
         return AutoModelForCausalLM.from_pretrained(
-            str(self.model_dir.path), torch_dtype=dtype, low_cpu_mem_usage=True,
+            str(self.model_dir.path),
+            torch_dtype=dtype,
+            low_cpu_mem_usage=True,
             use_safetensors=self.model_dir.weights_format == "safetensors",  # never a .bin beside safetensors
         ).eval()
 
@@ -327,7 +333,7 @@ def tie_head_for_meta_load(model: Any) -> None:
     model.set_output_embeddings(TiedOutputEmbedding(head.weight))
 
 
-def restore_head_dtype(model: Any, dtype: "torch.dtype") -> None:
+def restore_head_dtype(model: Any, dtype: torch.dtype) -> None:
     """Cast an output layer that came back in another floating dtype than the model runs (an untied head loaded by
     DeepSpeed's fp32 LinearLayer). Kernel-injected layers (int8 weights, fp32 scales) are left alone."""
     import torch
@@ -341,13 +347,13 @@ def restore_head_dtype(model: Any, dtype: "torch.dtype") -> None:
             p.data = p.data.to(dtype)
 
 
-def _refuse_meta_leftovers(model: Any, model_dir: "ModelDir") -> None:
+def _refuse_meta_leftovers(model: Any, model_dir: ModelDir) -> None:
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise ModelDirError(f"{model_dir.path}: the checkpoint did not provide {left[:5]} ({len(left)} tensors)")
 
 
-def _ckpt_dtype(model_dir: "ModelDir") -> str:
+def _ckpt_dtype(model_dir: ModelDir) -> str:
     raw = str(model_dir.ds_config.get("dtype", "float16")).lower()
     return {"float16": "fp16", "fp16": "fp16", "half": "fp16", "int8": "int8", "bfloat16": "bf16"}.get(raw, raw)
 
@@ -374,9 +380,9 @@ def finalize_presharded_dir(out_dir: Path, source_dir: Path) -> None:
             shutil.copyfile(source_dir / name, out_dir / name)
     if not (out_dir / "tokenizer.json").is_file():
         raise ModelDirError(f"{source_dir} has no tokenizer.json to copy into {out_dir}")
-    # The server loads pickled shards only from a directory with a verifying completion marker (model_dir.py):
+    # The server loads pickled shards only from a directory with a verifying completion marker (storage/model_dir.py):
     # this one was written here, from `source_dir`, so it gets one (sizes only: hashing 350 GB would take minutes).
-    from bloom_server import marker
+    from bloom_server.storage import marker
 
     source_commit = None
     if (source_dir / marker.COMPLETE).is_file():
@@ -391,7 +397,7 @@ def write_presharded_checkpoint(
     model_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    ctx: "RankContext | None" = None,
+    ctx: RankContext | None = None,
     dtype: str = "fp16",
     max_tokens: int = 2048,
     wait_for_rank0: bool = False,
@@ -402,8 +408,8 @@ def write_presharded_checkpoint(
 
     Run on every rank under the launcher. With `wait_for_rank0`, ranks first wait at a barrier (rank 0 may still be
     writing model_dir)."""
-    from bloom_server.model_dir import ModelDir
     from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import ModelDir
     from bloom_server.types import RankContext
 
     ctx = ctx or RankContext(device_type="cuda")
@@ -423,10 +429,10 @@ def write_presharded_checkpoint(
         save_mp_checkpoint_path=out_dir,
     )
     if wait_for_rank0:
-        deepspeed = import_deepspeed(backend.name)
+        ds = import_deepspeed(backend.name)
         require_cuda(backend.name, ctx)
-        ensure_distributed(deepspeed, ctx)
-        deepspeed.comm.barrier()
+        ensure_distributed(ds, ctx)
+        ds.comm.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
     backend.load()
     if ctx.world_size > 1:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bloom_server.backends.base import Backend, cut_rows, torch_dtype
 from bloom_server.errors import ConfigError, ModelDirError
+from bloom_server.runtime.protocol import CStepResult
 from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, GenerateOutput
 
 if TYPE_CHECKING:
@@ -35,14 +35,30 @@ _GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "typical_p", "repetitio
 
 class FastBackend(Backend):
     name = "fast"
-    engine: "FastEngine | None" = None
+    engine: FastEngine | None = None
     supports_streaming = True  # generate() takes rank 0's listener (per-step tokens, log-probabilities, stops)
     supports_continuous = True  # cstep(): rows join and leave the running batch at step boundaries
     # Grammars (structured output) in the continuous batcher only: a mask needs the previous token on the host,
     # which the static generate() loop never reads (its decode loop runs without host syncs).
     supports_grammar = True
     supports_grammar_dynamic = False
-    _batcher: "ContinuousBatcher | None" = None
+    warmup_loggers = ("bloom_server.fast.engine",)
+
+    @classmethod
+    def before_torch(cls, settings: Any, model_dir: Any, progress: Any, local_rank_flag: int | None) -> Any:
+        from bloom_server.backends.fast_coldstart import before_torch
+
+        return before_torch(settings, model_dir, progress, local_rank_flag)
+
+    def kernel_counts(self) -> dict[str, int] | None:
+        try:
+            from bloom_server.fast import triton_kernels as tk
+
+            return tk.kernel_counts() if tk.HAVE_TRITON else None
+        except Exception:  # noqa: BLE001 - a report only: no counts rather than a failed warm-up
+            return None
+
+    _batcher: ContinuousBatcher | None = None
 
     def load(self) -> None:
         """Weights straight from disk into this rank's tensors at the disk's speed (bloom_server.fast.weights
@@ -56,7 +72,7 @@ class FastBackend(Backend):
         from bloom_server.fast.shapes import BloomShape
         from bloom_server.fast.tp import TPGroup
         from bloom_server.fast.weights import from_checkpoint
-        from bloom_server.loading import ReadThrottle
+        from bloom_server.storage.prefetch import ReadThrottle
 
         if self.model_dir.layout not in ("hf", "fast_presharded"):
             raise ModelDirError(
@@ -84,7 +100,7 @@ class FastBackend(Backend):
             kv_hold = [torch.empty(cache_shape, dtype=dtype, device=device) for _ in range(2)]
         # On CUDA with Triton: a thread that compiles/loads and autotunes the decode kernels and warms cuBLAS while
         # the weights stream in (the compile workers serve.py started put the binaries in Triton's cache); None on
-        # CPU, without Triton, for fp32 and with BLOOM_FAST_PRECOMPILE=0 (fast/triton_kernels.py start_prewarm).
+        # CPU, without Triton, for fp32 and with fast_precompile off (fast/triton_kernels.py start_prewarm).
         from bloom_server.fast import triton_kernels as tk
 
         progress = self.progress
@@ -97,13 +113,13 @@ class FastBackend(Backend):
                 shape.params() * torch.empty((), dtype=dtype).element_size() // ctx.world_size  # fmt: skip
             return max(0, total - (progress.loaded_bytes if progress is not None else 0))
 
-        from bloom_server.fast.precompile import plan_facts
+        from bloom_server.fast.coldstart.precompile import enabled, plan_facts
 
         prewarm = tk.start_prewarm(
             device, plan_facts(self.model_dir.path, world=ctx.world_size, dtype=str(dtype).replace("torch.", ""),
-                               max_batch=s.max_batch_size, max_seq=s.total_tokens_limit),
-            hidden=shape.hidden_size, workers=getattr(self, "kernel_workers", None), keep_going=keep_going,
-            reserve=reserve,
+                               max_batch=s.max_batch_size, max_seq=s.total_tokens_limit, fast_decode=s.fast_decode),
+            hidden=shape.hidden_size, workers=self.early, keep_going=keep_going,
+            reserve=reserve, enabled=enabled(s.fast_precompile),
         )  # fmt: skip
         self._phase("reading weights")
         t0 = time.perf_counter()
@@ -122,6 +138,8 @@ class FastBackend(Backend):
             max_seq=self.settings.total_tokens_limit,
             tp=tp,
         )
+        if self.settings.fast_decode is not None:
+            self.engine.model.set_fuse(self.settings.fast_decode)
         self._defaults = _generation_defaults(self.model_dir.path)
         self._dtype = str(dtype).replace("torch.", "")
         if prewarm is not None:
@@ -181,8 +199,8 @@ class FastBackend(Backend):
         out = cut_rows(result.tokens, batch.max_new_tokens, set(cfg.eos_ids))
         return stream.cut_stopped(out) if stream is not None else out
 
-    def cstep(self, step: Any, rank0: bool = False) -> "CStepResult":
-        """One continuous-batching step (engine/continuous.py's CStep: `joins`, `leaves`), the same on every rank:
+    def cstep(self, step: Any, rank0: bool = False) -> CStepResult:
+        """One continuous-batching step (frontend/batching/continuous.py's CStep: `joins`, `leaves`), the same on every rank:
         rows that left are retired, every live row's next decode is queued, the previous step's tokens are read
         (pipelined one step ahead: fast/scheduler.py), rows that finished by EOS or length leave, joined rows are
         admitted and prefilled. `rank0`: the caller delivers the tokens, so their log-probabilities (and top
@@ -244,24 +262,6 @@ class FastBackend(Backend):
 
 
 _REASONS = {"eos": FinishReason.EOS.value, "length": FinishReason.LENGTH.value}
-
-
-@dataclass(frozen=True)
-class CStepResult:
-    """What one continuous step read on this rank. tokens: (row id, token) in the order they were chosen (pipelined:
-    the previous step's decode, then the previous step's admissions' first tokens; one per row, except in a
-    draining step, which holds every step it ran); finished:
-    (row id, reason): "eos_token", "length", or "stopped" (it left); live: rows held after the step. extra (rank 0
-    only): per token, (log-probability, top alternatives or None)."""
-
-    tokens: tuple[tuple[Any, int], ...]
-    finished: tuple[tuple[Any, str], ...]
-    live: int
-    extra: tuple[tuple[float | None, Any], ...] | None = None
-
-    def agreed(self) -> tuple:
-        """The part every rank must hold alike (the digest the ranks compare)."""
-        return self.tokens, self.finished, self.live
 
 
 class _Stream:

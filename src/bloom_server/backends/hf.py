@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class HFBackend(TransformersModelBackend):
+    whole_copy_per_rank = True
+    spills_over_devices = True  # device_map="auto" on one process
     name = "hf"
 
     def load(self) -> None:
@@ -34,7 +36,10 @@ class HFBackend(TransformersModelBackend):
         dtype = torch_dtype(self.settings.dtype, self.ctx.device_type)
         # safetensors whenever the directory has them: transformers then never unpickles a pytorch_model.bin lying
         # beside them. A pickle-only directory came through model_dir.check_pickles (verified, or the opt-out).
-        kwargs: dict[str, Any] = {"torch_dtype": dtype, "use_safetensors": self.model_dir.weights_format == "safetensors"}
+        kwargs: dict[str, Any] = {
+            "torch_dtype": dtype,
+            "use_safetensors": self.model_dir.weights_format == "safetensors",
+        }
         if self.settings.dtype == "int8":
             if self.ctx.device_type != "cuda":
                 raise ConfigError("int8 with the hf backend needs a GPU (bitsandbytes); use fp32 or bf16 on CPU")

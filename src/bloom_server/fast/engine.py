@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Protocol
 
 import torch
 
@@ -58,7 +59,7 @@ def seq_bucket(need: int, max_seq: int) -> int:
     return min(-(-need // 256) * 256, max_seq)
 
 
-class StepObserver:
+class StepObserver(Protocol):
     """Sees each step of `FastEngine.generate` (rank 0's streaming): `observe` gets the step's chosen tokens [n] and
     logits [n, V] on the device (valid until the next step); `stop` is asked before each step; `finish` at the end."""
 
@@ -330,7 +331,7 @@ class FastEngine:
         seed: int = 0,
         pad_token_id: int = 0,
         max_time: float | None = None,
-        observer: "StepObserver | None" = None,
+        observer: StepObserver | None = None,
     ) -> GenerateResult:
         """Greedy or sampled continuation of each prompt, max_new_tokens each (or fewer for every row, once every row
         has produced an EOS at or after min_new_tokens, or max_time ran out, or the observer says stop). Rows use

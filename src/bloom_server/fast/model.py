@@ -12,68 +12,36 @@ baddbmm(bias, q, k^T, alpha=1/sqrt(D)) in the model dtype, softmax accumulated i
 before the product with V, and the bias in the model dtype. Masked keys carry -inf in the bias (probability exactly 0, as
 transformers' fill with the dtype's minimum gives). GELU is the tanh form as one kernel.
 
-Decode fusion (`fuse`, a set of flags; the named variants in FUSE_VARIANTS, chosen by BLOOM_FAST_DECODE or the
-engine's model.set_fuse): the small-batch decode step can run its layer as fewer kernels. Prefill is unchanged.
-  addmm_gelu  fc1 as torch._addmm_activation(bias, x, w^T, use_gelu=True) (cuBLASLt's tanh-GELU epilogue where cuBLAS
-              takes it: more than one row); CUDA only: on CPU that op's GELU is the erf form, not BLOOM's
-  fold_res    dense and fc2 add into (residual + bias) in place: one kernel fewer each (one rounding differs)
-  tgemv       Triton GEMVs (fast/triton_kernels.py) with the bias, GELU and residual in their epilogues
-  tln         ... and the layer norms in their prologues
-  tattn       one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context, one program per (row,
-              head) reading that row's own keys only (not the bucket's padding), for prefix decode of any number of
-              rows: up to ATTN_MAX_KEYS keys always, past it from ATTN_WIDE_PROGRAMS (row, head) programs (fewer
-              programs leave the GPU idle on long key loops: the eager chain runs those)
-  thead       the tied head (logits) as a Triton GEMV, for at most MAX_ROWS rows (prefill's last tokens too), where the
-              head has under 2**31 elements (7b1's does; 176B's, 250880 x 14336, does not and stays on cuBLAS)
-  compile     torch.compile (inductor) of the eager layer
-The Triton GEMV flags apply to prefix decode of at most triton_kernels.MAX_ROWS rows in fp16/bf16 on a GPU (the
-row-parallel epilogues on one rank only), tattn as above; anything else takes the eager path.
+Decode fusion (`fuse`: the engine's model.set_fuse, from the fast_decode setting; the variants in FUSE_VARIANTS): the
+small-batch decode step runs its layer as fewer kernels. Prefill is unchanged.
+  triton_head  (the default) Triton GEMVs (fast/triton_kernels.py) with the bias, GELU and residual in their
+               epilogues; one Triton kernel for the K/V write, scores, ALiBi bias, softmax and context, one program per
+               (row, head) reading that row's own keys only, up to ATTN_MAX_KEYS keys always, past it from
+               ATTN_WIDE_PROGRAMS (row, head) programs (fewer leave the GPU idle on long key loops: the eager chain runs
+               those); the tied head (logits) as a Triton GEMV for at most MAX_ROWS rows where the head has under 2**31
+               elements (7b1's does; 176B's does not and stays on cuBLAS)
+  base         the eager layer
+The Triton GEMVs apply to prefix decode of at most triton_kernels.MAX_ROWS rows in fp16/bf16 on a GPU (the
+row-parallel epilogues on one rank only), the attention as above; anything else takes the eager path. The variants
+that lost to the default are listed in docs/results/removed.md.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
+from bloom_server.fast.fusion import parse_fuse
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup
 from bloom_server.fast.weights import BloomWeights, LayerWeights
 
-FUSE_FLAGS = ("addmm_gelu", "fold_res", "tgemv", "tln", "tattn", "thead", "compile")
-FUSE_VARIANTS: dict[str, tuple[str, ...]] = {
-    "base": (),
-    "eager": ("addmm_gelu", "fold_res"),
-    "tgemv": ("tgemv",),
-    "tgemv_ln": ("tgemv", "tln"),
-    "triton_ln": ("tgemv", "tln", "tattn"),
-    "triton": ("tgemv", "tattn"),
-    "triton_head": ("tgemv", "tattn", "thead"),
-    "compile": ("compile",),
-}
-# Measured on an H100 (docs/benchmarks.md, "bs 1: decode fusion"): the Triton GEMVs + fused attention + head.
-DEFAULT_FUSE = "triton_head"
-# When the fused decode attention runs (scripts/attn_probe.py on an H100, docs/benchmarks.md "Decode attention"): up
-# to ATTN_MAX_KEYS keys at every batch size (0.4-0.8x the eager chain's time, rows at the bucket's end or spread);
-# past it only from ATTN_WIDE_PROGRAMS (row, head) programs, where rows of mixed lengths (a continuous batch) take
-# 0.6-0.8x the eager time (each row reads its own keys, the eager chain the whole bucket) and rows all at the end of
-# a long bucket up to 1.2x; with fewer programs long key loops leave the GPU idle (bs 1 at 1024 keys: 1.7x).
+# Where the fused decode attention beats the eager chain (docs/results/fast-engine.md): up to ATTN_MAX_KEYS keys at
+# every batch size, past it only from ATTN_WIDE_PROGRAMS (row, head) programs.
 ATTN_MAX_KEYS = 256
 ATTN_WIDE_PROGRAMS = 448
-
-
-def parse_fuse(spec: str | None) -> frozenset[str]:
-    """A variant name (FUSE_VARIANTS) or a comma list of flags (FUSE_FLAGS)."""
-    spec = (spec if spec is not None else os.environ.get("BLOOM_FAST_DECODE", DEFAULT_FUSE)).strip()
-    if spec in FUSE_VARIANTS:
-        return frozenset(FUSE_VARIANTS[spec])
-    flags = frozenset(f.strip() for f in spec.split(",") if f.strip())
-    unknown = flags - set(FUSE_FLAGS)
-    if unknown:
-        raise ValueError(f"unknown decode fusion {sorted(unknown)}: variants {list(FUSE_VARIANTS)}, flags {FUSE_FLAGS}")
-    return flags
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -113,7 +81,7 @@ class BloomRankModel:
         self.set_fuse(None)
 
     def set_fuse(self, spec: str | None) -> None:
-        """Choose the decode fusion (see the module doc); None: BLOOM_FAST_DECODE, else DEFAULT_FUSE. An engine's
+        """Choose the decode fusion (see the module doc); None: DEFAULT_FUSE. An engine's
         captured graphs keep the fusion they were captured with."""
         from bloom_server.fast import triton_kernels as tk
 
@@ -124,12 +92,9 @@ class BloomRankModel:
         self._triton = bool(self.fuse & {"tgemv", "tattn", "thead"}) and tk.available(self.device) and half
         self._triton = self._triton and tk.fits(*big)
         self._thead = self._triton and "thead" in self.fuse and tk.fits(self.w.emb)  # 32-bit offsets (not 176B's)
-        self._zero_vocab = torch.zeros(self.w.emb.shape[0], dtype=self.dtype, device=self.device) if self._thead else None
-        self._compiled = None
-        if "compile" in self.fuse:
-            if self.tp.world != 1:
-                raise ValueError("the compile fusion is for one rank")
-            self._compiled = torch.compile(_layer_math, dynamic=False)
+        self._zero_vocab = (
+            torch.zeros(self.w.emb.shape[0], dtype=self.dtype, device=self.device) if self._thead else None
+        )
 
     # ---- pieces shared by prefill and decode ----
 
@@ -169,10 +134,6 @@ class BloomRankModel:
         residual = ln if self.shape.apply_residual_connection_post_layernorm else x
         mid = F.gelu(F.linear(ln, lw.fc1_w, lw.fc1_b), approximate="tanh")  # [..., 4h / world]
         return self._row_parallel(mid, lw.fc2_w, lw.fc2_b) + residual
-
-    def _add_into(self, residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):
-        """residual + (x @ weight^T + bias) as (residual + bias) += x @ weight^T: two kernels, not three."""
-        return torch.addmm(residual + bias, x, weight.t())
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q [N, Lq, D], k [N, Lk, D] (any strides with D contiguous), v [N, Lk, D], bias [N, Lq, Lk] -> [N, Lq, D]."""
@@ -250,54 +211,34 @@ class BloomRankModel:
         each row's new K/V go; keys [0, S) are read, S > max(pos)."""
         lw = self.w.layers[li]
         B = x.shape[0]
-        f = self.fuse
         post = self.shape.apply_residual_connection_post_layernorm
-        if self._compiled is not None and prefix and not post:
-            return self._compiled(
-                x, bias, k_cache, v_cache, pos, lw.ln1_w, lw.ln1_b, lw.qkv_w, lw.qkv_b, lw.dense_w, lw.dense_b,
-                lw.ln2_w, lw.ln2_b, lw.fc1_w, lw.fc1_b, lw.fc2_w, lw.fc2_b, self.hp, self.D, S, self.eps, self.inv_norm,
-            )  # fmt: skip
         tk = self._tk
         tri = self._triton and prefix and B <= tk.MAX_ROWS and not post
         one = self.tp.world == 1
-        if tri and "tln" in f:
-            qkv = tk.gemv(x, lw.qkv_w, lw.qkv_b, ln=(lw.ln1_w, lw.ln1_b, self.eps))
-            residual = x
-        else:
-            ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
-            residual = ln if post else x
-            qkv = tk.gemv(ln, lw.qkv_w, lw.qkv_b) if tri and "tgemv" in f else F.linear(ln, lw.qkv_w, lw.qkv_b)
+        ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
+        residual = ln if post else x
+        qkv = tk.gemv(ln, lw.qkv_w, lw.qkv_b) if tri else F.linear(ln, lw.qkv_w, lw.qkv_b)
         if (
-            self._triton and prefix and not post and "tattn" in f
+            self._triton and prefix and not post
             and (S <= ATTN_MAX_KEYS or B * self.hp >= ATTN_WIDE_PROGRAMS) and tk.fits(k_cache, v_cache)
         ):  # fmt: skip
             ctx = tk.decode_attention(qkv, k_cache, v_cache, pos, self.slopes, S, self.inv_norm, self.hp, self.D)
         else:
-            ctx = self._decode_attend(qkv, k_cache, v_cache, rows, pos, S, prefix, bias)
+            ctx = self._decode_attend(qkv, k_cache, v_cache, bias, rows, pos, S, prefix)
         # Attention output projection, + residual.
-        if tri and "tgemv" in f and one:
+        if tri and one:
             x = tk.gemv(ctx, lw.dense_w, lw.dense_b, epilogue="residual", residual=residual)
-        elif "fold_res" in f and one:
-            x = self._add_into(residual, ctx, lw.dense_w, lw.dense_b)
         else:
             x = self._row_parallel(ctx, lw.dense_w, lw.dense_b) + residual
         # MLP.
-        if tri and "tln" in f:
-            mid = tk.gemv(x, lw.fc1_w, lw.fc1_b, ln=(lw.ln2_w, lw.ln2_b, self.eps), epilogue="gelu")
-            residual = x
+        ln = F.layer_norm(x, (self.h,), lw.ln2_w, lw.ln2_b, self.eps)
+        residual = ln if post else x
+        if tri:
+            mid = tk.gemv(ln, lw.fc1_w, lw.fc1_b, epilogue="gelu")
         else:
-            ln = F.layer_norm(x, (self.h,), lw.ln2_w, lw.ln2_b, self.eps)
-            residual = ln if post else x
-            if tri and "tgemv" in f:
-                mid = tk.gemv(ln, lw.fc1_w, lw.fc1_b, epilogue="gelu")
-            elif "addmm_gelu" in f and self.device.type == "cuda":  # on CPU it is the erf GELU (not BLOOM's)
-                mid = torch._addmm_activation(lw.fc1_b, ln, lw.fc1_w.t(), use_gelu=True)
-            else:
-                mid = F.gelu(F.linear(ln, lw.fc1_w, lw.fc1_b), approximate="tanh")
-        if tri and "tgemv" in f and one:
+            mid = F.gelu(F.linear(ln, lw.fc1_w, lw.fc1_b), approximate="tanh")
+        if tri and one:
             return tk.gemv(mid, lw.fc2_w, lw.fc2_b, epilogue="residual", residual=residual)
-        if "fold_res" in f and one:
-            return self._add_into(residual, mid, lw.fc2_w, lw.fc2_b)
         return self._row_parallel(mid, lw.fc2_w, lw.fc2_b) + residual
 
     def _decode_attend(
@@ -305,11 +246,11 @@ class BloomRankModel:
         qkv: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        bias: torch.Tensor,
         rows: torch.Tensor,
         pos: torch.Tensor,
         S: int,
         prefix: bool,
-        bias: torch.Tensor,
     ) -> torch.Tensor:
         """qkv [B, hp*3*D] -> ctx [B, hp*D]: writes the rows' K/V into the cache, attends over keys [0, S)."""
         B = qkv.shape[0]
@@ -341,26 +282,3 @@ class BloomRankModel:
         for li in range(self.shape.n_layer):
             x = self.prefill_layer(li, x, bias, None, None, None)
         return x
-
-
-def _layer_math(
-    x, bias, kc, vc, pos, ln1_w, ln1_b, qkv_w, qkv_b, dense_w, dense_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b,
-    hp: int, D: int, S: int, eps: float, inv_norm: float,
-):  # fmt: skip
-    """decode_layer's eager math for one rank, prefix rows, as a function of tensors (what the compile fusion compiles
-    once for every layer)."""
-    B, h = x.shape
-    ln = F.layer_norm(x, (h,), ln1_w, ln1_b, eps)
-    qkv = F.linear(ln, qkv_w, qkv_b).view(B, hp, 3, D)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    at = pos.view(B, 1, 1, 1).expand(B, hp, 1, D)
-    kc[:B].scatter_(2, at, k.unsqueeze(2))
-    vc[:B].scatter_(2, at, v.unsqueeze(2))
-    N = B * hp
-    keys, values = kc[:B, :, :S].reshape(N, S, D), vc[:B, :, :S].reshape(N, S, D)
-    scores = torch.baddbmm(bias, q.reshape(N, 1, D), keys.transpose(1, 2), alpha=inv_norm)
-    ctx = torch.bmm(torch.softmax(scores, dim=-1), values).view(B, hp * D)
-    x = F.linear(ctx, dense_w, dense_b) + x
-    ln = F.layer_norm(x, (h,), ln2_w, ln2_b, eps)
-    mid = F.gelu(F.linear(ln, fc1_w, fc1_b), approximate="tanh")
-    return F.linear(mid, fc2_w, fc2_b) + x

@@ -10,15 +10,22 @@ generate()'s order, on the full token history: exact semantics, at the cost of a
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
 # transformers' GenerationConfig defaults that matter here: sampling without top_k uses top_k=50 there.
-HF_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0}
+HF_DEFAULTS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+}
 RARE = ("typical_p", "no_repeat_ngram_size", "forced_bos_token_id", "forced_eos_token_id",
         "exponential_decay_length_penalty")  # fmt: skip
 
@@ -50,7 +57,7 @@ class SamplingConfig:
         eos_token_id: int | Sequence[int] | None,
         prompt_width: int,
         defaults: dict[str, Any] | None = None,
-    ) -> "SamplingConfig":
+    ) -> SamplingConfig:
         """kwargs as the server validated them (transformers names). prompt_width: the longest prompt of the call,
         which is what transformers counts min_length from (its left-padded input). min_new_tokens (not an API
         setting; the benchmark forces its token count with it) is honoured too."""
@@ -102,7 +109,7 @@ class SamplingConfig:
             and not self.uses_transformers
         )
 
-    def greedy(self) -> "SamplingConfig":
+    def greedy(self) -> SamplingConfig:
         return replace(self, do_sample=False)
 
 

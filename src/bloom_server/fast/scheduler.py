@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ class Request:
     max_new_tokens: int
     cfg: SamplingConfig = field(default_factory=SamplingConfig)
     seed: int = 0
-    on_token: Callable[["Request", int], None] | None = None
+    on_token: Callable[[Request, int], None] | None = None
     top_n: int = 0  # alternatives per token to report (with step(logprobs=True))
     pad_token_id: int = 0
     tokens: list[int] = field(default_factory=list)

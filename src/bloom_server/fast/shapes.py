@@ -23,7 +23,7 @@ class BloomShape:
         return self.hidden_size // self.n_head
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> "BloomShape":
+    def from_config(cls, cfg: dict[str, Any]) -> BloomShape:
         hidden = cfg.get("hidden_size", cfg.get("n_embed"))
         shape = cls(
             vocab_size=int(cfg["vocab_size"]),
@@ -38,10 +38,10 @@ class BloomShape:
         return shape
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "BloomShape":
+    def from_dir(cls, model_dir: str | Path) -> BloomShape:
         return cls.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
-    def with_layers(self, n_layer: int) -> "BloomShape":
+    def with_layers(self, n_layer: int) -> BloomShape:
         return replace(self, n_layer=n_layer)
 
     def params(self) -> int:

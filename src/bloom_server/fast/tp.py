@@ -18,26 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# name suffix -> dim split on (None: replicated). Names are those of the BLOOM checkpoint without "transformer.".
-SPLIT_DIM: dict[str, int | None] = {
-    "self_attention.query_key_value.weight": 0,
-    "self_attention.query_key_value.bias": 0,
-    "self_attention.dense.weight": 1,
-    "self_attention.dense.bias": None,
-    "mlp.dense_h_to_4h.weight": 0,
-    "mlp.dense_h_to_4h.bias": 0,
-    "mlp.dense_4h_to_h.weight": 1,
-    "mlp.dense_4h_to_h.bias": None,
-    "input_layernorm.weight": None,
-    "input_layernorm.bias": None,
-    "post_attention_layernorm.weight": None,
-    "post_attention_layernorm.bias": None,
-    "word_embeddings.weight": 0,
-    "word_embeddings_layernorm.weight": None,
-    "word_embeddings_layernorm.bias": None,
-    "ln_f.weight": None,
-    "ln_f.bias": None,
-}
+from bloom_server.fast.catalog import SPLIT_DIM
 
 
 def split_dim(name: str) -> int | None:

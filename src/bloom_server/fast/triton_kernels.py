@@ -27,8 +27,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ if HAVE_TRITON:
         bm = kw.get("BM", nargs.get("BM", 1))
         return [c for c in configs if bm == 1 or c.kwargs["BN"] >= 16] or configs
 
-    def _bench(fn, quantiles=None):  # noqa: ANN001
+    def _bench(fn, quantiles=None):
         # 5 ms of warm-up and 25 ms of timed runs per config instead of Triton's 25 + 100: every GEMV here takes
         # 10 us to 1 ms, so that is still 25 to 2500 timed runs for the median; 5 keys x 6 configs cost ~1 s instead
         # of ~4 s (first start: during the weight read, see Prewarm; a kept cache skips them).
@@ -124,7 +125,9 @@ if HAVE_TRITON:
             s1 = tl.zeros((BM,), tl.float32)
             for k0 in range(0, K, BK):
                 rk = k0 + tl.arange(0, BK)
-                xv = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=mmask[:, None] & (rk < K)[None, :], other=0.0)
+                xv = tl.load(
+                    x_ptr + rm[:, None] * sxm + rk[None, :], mask=mmask[:, None] & (rk < K)[None, :], other=0.0
+                )
                 s1 += tl.sum(xv.to(tl.float32), axis=1)
             mean = s1 / K
             s2 = tl.zeros((BM,), tl.float32)
@@ -244,7 +247,7 @@ def gemv(
     assert epilogue != "residual" or (residual is not None and r.stride(1) == 1)
     lnw, lnb, eps = ln if ln is not None else (b, b, 0.0)
     bm = 1 if M == 1 else 16
-    grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731 - Triton's grid idiom
     _gemv_kernel[grid](
         x, w, b, r, y, lnw, lnb, M, N, K, x.stride(0), w.stride(0), r.stride(0), y.stride(0), float(eps),
         LN=ln is not None, EPI=EPILOGUES[epilogue], BM=bm, LIBDEVICE=not INTERPRET,
@@ -284,7 +287,7 @@ def decode_attention(
 #
 # The first decode step would otherwise compile every kernel variant it uses (Triton specialises on constexprs,
 # dtypes, integer arguments equal to 1 or divisible by 16 and 16-byte pointer alignment) and autotune each GEMV key
-# (N, K, BM): ~8 s of compiles and ~4 s of benchmarks on an H100, all on the critical path of the warm-up. Here the
+# (N, K, BM): seconds of compiles and benchmarks, all on the critical path of the warm-up. Here the
 # same calls run ahead, while the weights stream in:
 #   - `compile_workers` (started by serve.py at process start): child processes that compile the variants into
 #     Triton's on-disk cache (Kernel.warmup with dtypes in place of tensors: no memory, no launch; the compiles run
@@ -292,7 +295,7 @@ def decode_attention(
 #   - `warm` (the fast backend's load thread helper): the real `gemv`/`decode_attention` calls on dummy device
 #     tensors of the real shapes, which load those binaries (or compile what is missing) and run the autotuner's
 #     benchmarks, so the warm-up's calls find everything in memory.
-# The plan mirrors BloomRankModel.decode_layer / logits (fast/model.py): keep them in step.
+# The plan mirrors BloomRankModel.decode_layer / logits (fast/model.py): a change to either is a change to both.
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,7 @@ class DecodePlan:
         return json.dumps(d)
 
     @classmethod
-    def from_json(cls, text: str) -> "DecodePlan":
+    def from_json(cls, text: str) -> DecodePlan:
         d = json.loads(text)
         d["gemvs"] = tuple(GemvCall(**g) for g in d["gemvs"])
         return cls(**d)
@@ -350,23 +353,20 @@ def decode_plan(*, hidden: int, n_head: int, vocab_size: int, world: int, dtype:
     f = 4 * hidden // world
     vp = -(-vocab_size // world)
     none = DecodePlan(dtype, (), False, hp, D, max_seq, max_batch)
-    if dtype not in ("float16", "bfloat16") or post or not (set(fuse) & {"tgemv", "tattn", "thead"}):
+    if dtype not in ("float16", "bfloat16") or post or not fuse:
         return none
     big = (hp * 3 * D * hidden, hidden * hp * D, f * hidden, hidden * f)
     if any(n >= 2**31 for n in big):
         return none
-    gemvs: list[GemvCall] = []
-    tln = "tln" in fuse
-    if "tgemv" in fuse or tln:
-        gemvs.append(GemvCall("qkv", hp * 3 * D, hidden, None, tln))
-        if world == 1 and "tgemv" in fuse:
-            gemvs.append(GemvCall("dense", hidden, hp * D, "residual"))
-        gemvs.append(GemvCall("fc1", f, hidden, "gelu", tln))
-        if world == 1 and "tgemv" in fuse:
-            gemvs.append(GemvCall("fc2", hidden, f, "residual"))
-    if "thead" in fuse and vp * hidden < 2**31:
+    gemvs: list[GemvCall] = [GemvCall("qkv", hp * 3 * D, hidden)]
+    if world == 1:
+        gemvs.append(GemvCall("dense", hidden, hp * D, "residual"))
+    gemvs.append(GemvCall("fc1", f, hidden, "gelu"))
+    if world == 1:
+        gemvs.append(GemvCall("fc2", hidden, f, "residual"))
+    if vp * hidden < 2**31:
         gemvs.append(GemvCall("head", vp, hidden))
-    attention = "tattn" in fuse and D & (D - 1) == 0
+    attention = D & (D - 1) == 0
     return DecodePlan(dtype, tuple(gemvs), attention, hp, D, max_seq, max_batch)
 
 
@@ -454,7 +454,7 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
                     continue
                 seen.add(variant)
 
-                def job(g=g, m=m, bm=bm, cfg=cfg):  # noqa: ANN001
+                def job(g=g, m=m, bm=bm, cfg=cfg):
                     return _gemv_kernel.fn.warmup(
                         dt, dt, dt, dt, dt, dt, dt, m, g.N, g.K, g.K, g.K, g.N, g.N, 1e-5,
                         LN=g.ln, EPI=EPILOGUES[g.epilogue], BM=bm, LIBDEVICE=not INTERPRET, grid=(1,),
@@ -465,7 +465,7 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
         if plan.attention and stage == 1:
             hp, D, S = plan.hp, plan.D, _key_bucket(plan.max_seq)
 
-            def attn(m=m, hp=hp, D=D, S=S):  # noqa: ANN001
+            def attn(m=m, hp=hp, D=D, S=S):
                 s_ch = plan.max_seq * D
                 return _decode_attn_kernel.warmup(
                     dt, dt, dt, torch.int64, torch.float32, dt, torch.float32, S, hp, hp * 3 * D, hp * s_ch, s_ch, D, hp * D, 0.125,
@@ -490,15 +490,15 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
 
 def plan_for(facts: dict[str, Any]) -> DecodePlan:
     """The DecodePlan of one rank from plain facts (what serve.py hands the compile workers, and the fast backend's
-    load uses itself): model_dir, world, dtype ("float16" ...), max_batch, max_seq; the fusion from BLOOM_FAST_DECODE
-    (fast/model.py's parse_fuse)."""
-    from bloom_server.fast.model import parse_fuse
+    load uses itself): model_dir, world, dtype ("float16" ...), max_batch, max_seq, fast_decode (the fusion, as
+    fast/model.py's parse_fuse reads it; None: the default)."""
+    from bloom_server.fast.fusion import parse_fuse
     from bloom_server.fast.shapes import BloomShape
 
     shape = BloomShape.from_dir(facts["model_dir"])
     return decode_plan(hidden=shape.hidden_size, n_head=shape.n_head, vocab_size=shape.vocab_size,
                        world=int(facts["world"]), dtype=str(facts["dtype"]), max_batch=int(facts["max_batch"]),
-                       max_seq=int(facts["max_seq"]), fuse=parse_fuse(None),
+                       max_seq=int(facts["max_seq"]), fuse=parse_fuse(facts.get("fast_decode")),
                        post=shape.apply_residual_connection_post_layernorm)  # fmt: skip
 
 
@@ -531,7 +531,7 @@ def use_offline_target(arch: int) -> None:
 
 
 def _worker_main(argv: list[str]) -> int:
-    """A compile worker (bloom_server.fast.precompile starts them): argv = FACTS_JSON PART PARTS DEVICE. Prints
+    """A compile worker (bloom_server.fast.coldstart.precompile starts them): argv = FACTS_JSON PART PARTS DEVICE. Prints
     "stage N done COUNT SECONDS" as it goes (the parent waits on stage 1). facts["target"], when a number, is the
     CUDA architecture to compile for offline (no GPU needed, no launchers built)."""
     facts = json.loads(argv[0])
@@ -591,7 +591,7 @@ class Prewarm:
         self.t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="bloom-prewarm", daemon=True)
 
-    def start(self) -> "Prewarm":
+    def start(self) -> Prewarm:
         self._thread.start()
         return self
 
@@ -637,7 +637,7 @@ class Prewarm:
                 self.times.update({f"  {k}": v for k, v in calls.items()})
             side.synchronize()
             torch.cuda.empty_cache()  # the dummy tensors' memory back to the device
-        except Exception as e:  # noqa: BLE001 - ahead-of-time work only: the warm-up compiles what is missing
+        except Exception as e:  # ahead-of-time work only: the warm-up compiles what is missing
             self.error = f"{type(e).__name__}: {e}"
             log.warning("kernel prewarm failed (the warm-up will compile instead): %s", self.error, exc_info=True)
         finally:
@@ -674,16 +674,15 @@ class _Either:
 
 def start_prewarm(device: torch.device, facts: dict[str, Any], *, hidden: int, workers: Any = None,
                   keep_going: Callable[[], bool] | None = None,
-                  reserve: Callable[[], int] | None = None) -> Prewarm | None:  # fmt: skip
+                  reserve: Callable[[], int] | None = None, enabled: bool = True) -> Prewarm | None:  # fmt: skip
     """The fast backend's load hook: a started Prewarm on a CUDA device with Triton (facts as `plan_for` takes them),
-    None elsewhere (CPU, no Triton, BLOOM_FAST_PRECOMPILE=0, a plan with nothing on Triton: fp32, base fusion)."""
-    from bloom_server.fast import precompile
-
-    if device.type != "cuda" or not HAVE_TRITON or not precompile.enabled():
+    None elsewhere (CPU, no Triton, not `enabled` (BLOOM_FAST_PRECOMPILE=0), a plan with nothing on Triton: fp32,
+    base fusion)."""
+    if device.type != "cuda" or not HAVE_TRITON or not enabled:
         return None
     try:
         plan = plan_for(facts)
-    except (ValueError, OSError, KeyError) as e:  # the model's own set_fuse reports a bad BLOOM_FAST_DECODE
+    except (ValueError, OSError, KeyError) as e:  # a directory without a readable config
         log.warning("no kernel prewarm: %s", e)
         return None
     return Prewarm(plan, device, hidden, workers, keep_going, reserve).start()

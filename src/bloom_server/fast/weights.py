@@ -11,19 +11,20 @@ import ctypes
 import os
 import threading
 import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from bloom_server.errors import ModelDirError
+from bloom_server.fast.catalog import LAYER_FIELDS, full_shapes
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup, shard_range, split_dim
-from bloom_server.loading import (
+from bloom_server.progress import LoadProgress
+from bloom_server.storage.prefetch import ReadThrottle
+from bloom_server.storage.safetensors import (
     Chunk,
-    LoadProgress,
-    ReadThrottle,
     SafetensorsFile,
     TensorEntry,
     plan_chunks,
@@ -53,20 +54,7 @@ class LayerWeights:
     fc2_b: torch.Tensor  # [h]        added once, after the all-reduce
 
 
-_LAYER_NAMES = {
-    "ln1_w": "input_layernorm.weight",
-    "ln1_b": "input_layernorm.bias",
-    "qkv_w": "self_attention.query_key_value.weight",
-    "qkv_b": "self_attention.query_key_value.bias",
-    "dense_w": "self_attention.dense.weight",
-    "dense_b": "self_attention.dense.bias",
-    "ln2_w": "post_attention_layernorm.weight",
-    "ln2_b": "post_attention_layernorm.bias",
-    "fc1_w": "mlp.dense_h_to_4h.weight",
-    "fc1_b": "mlp.dense_h_to_4h.bias",
-    "fc2_w": "mlp.dense_4h_to_h.weight",
-    "fc2_b": "mlp.dense_4h_to_h.bias",
-}
+_LAYER_NAMES = LAYER_FIELDS
 
 
 @dataclass
@@ -208,7 +196,7 @@ def _preadv_all(fd: int, views: list[memoryview], offset: int, path: Path) -> No
             raise ModelDirError(f"{path}: unexpected end of file at byte {offset} (truncated while loading?)")
         offset += n
         if n == want:
-            views = views[len(batch):]
+            views = views[len(batch) :]
             continue
         while n:  # a short read: drop what was filled, keep the rest of the view it stopped in
             if n >= len(views[0]):
@@ -246,7 +234,9 @@ def read_safetensors(
     casts: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
     for i, (_, t) in enumerate(wanted):
         if t.dtype not in _ST_DTYPES:
-            raise ModelDirError(f"{files[wanted[i][0]].path}: {t.name} has dtype {t.dtype}, which the fast engine does not read")
+            raise ModelDirError(
+                f"{files[wanted[i][0]].path}: {t.name} has dtype {t.dtype}, which the fast engine does not read"
+            )
         fdt = _ST_DTYPES[t.dtype]
         final = dtype if fdt.is_floating_point else fdt
         if fdt == final:
@@ -384,7 +374,9 @@ def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, 
     names = required_names(shape)
     wanted, missing = wanted_entries([header], names)
     if missing:
-        raise ModelDirError(f"{path}: no tensor {missing[0]!r} ({len(missing)} missing): not a pre-sharded BLOOM of this shape")
+        raise ModelDirError(
+            f"{path}: no tensor {missing[0]!r} ({len(missing)} missing): not a pre-sharded BLOOM of this shape"
+        )
     full = _full_shapes(shape)
     for name, (_, t) in zip(names, wanted):
         want = rank_shape(name, full[name], tp.rank, tp.world)
@@ -395,20 +387,7 @@ def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, 
 
 
 def _full_shapes(shape: BloomShape) -> dict[str, tuple[int, ...]]:
-    h, f = shape.hidden_size, 4 * shape.hidden_size
-    per = {
-        "input_layernorm.weight": (h,), "input_layernorm.bias": (h,),
-        "self_attention.query_key_value.weight": (3 * h, h), "self_attention.query_key_value.bias": (3 * h,),
-        "self_attention.dense.weight": (h, h), "self_attention.dense.bias": (h,),
-        "post_attention_layernorm.weight": (h,), "post_attention_layernorm.bias": (h,),
-        "mlp.dense_h_to_4h.weight": (f, h), "mlp.dense_h_to_4h.bias": (f,),
-        "mlp.dense_4h_to_h.weight": (h, f), "mlp.dense_4h_to_h.bias": (h,),
-    }  # fmt: skip
-    out = {"word_embeddings.weight": (shape.vocab_size, h), "word_embeddings_layernorm.weight": (h,),
-           "word_embeddings_layernorm.bias": (h,), "ln_f.weight": (h,), "ln_f.bias": (h,)}  # fmt: skip
-    for i in range(shape.n_layer):
-        out.update({f"h.{i}.{k}": v for k, v in per.items()})
-    return out
+    return full_shapes(shape.hidden_size, shape.vocab_size, shape.n_layer)
 
 
 def from_checkpoint(
@@ -427,7 +406,7 @@ def from_checkpoint(
     this rank's own file, sequentially. One rank and a safetensors checkpoint: the files, sequentially, every
     wanted byte once. Several ranks over a plain safetensors checkpoint: each rank reads its slices tensor by tensor
     (strided column slices cannot be one read). `.bin` checkpoints: torch.load(weights_only=True) (the server lets
-    only a verified directory, or an explicit opt-out, come this far: model_dir.py)."""
+    only a verified directory, or an explicit opt-out, come this far: storage/model_dir.py)."""
     tp = tp or TPGroup()
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -518,32 +497,13 @@ def random_weights(
     (std about emb_std * sqrt(h)), so greedy choices are far from ties and two correct engines agree token for token
     in fp16; the input side does not care, it is layer-normed at once."""
     tp = tp or TPGroup()
-    h, f = shape.hidden_size, 4 * shape.hidden_size
-    full_shapes = {
-        "input_layernorm.weight": (h,),
-        "input_layernorm.bias": (h,),
-        "self_attention.query_key_value.weight": (3 * h, h),
-        "self_attention.query_key_value.bias": (3 * h,),
-        "self_attention.dense.weight": (h, h),
-        "self_attention.dense.bias": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "post_attention_layernorm.bias": (h,),
-        "mlp.dense_h_to_4h.weight": (f, h),
-        "mlp.dense_h_to_4h.bias": (f,),
-        "mlp.dense_4h_to_h.weight": (h, f),
-        "mlp.dense_4h_to_h.bias": (h,),
-        "word_embeddings.weight": (shape.vocab_size, h),
-        "word_embeddings_layernorm.weight": (h,),
-        "word_embeddings_layernorm.bias": (h,),
-        "ln_f.weight": (h,),
-        "ln_f.bias": (h,),
-    }
+    shapes = full_shapes(shape.hidden_size, shape.vocab_size)
     vpart = -(-shape.vocab_size // tp.world)
 
     def get(name: str, dim: int | None, pad: bool) -> torch.Tensor:
         suffix = name.split(".", 2)[2] if name.startswith("h.") else name
         gen = torch.Generator(device=device).manual_seed(_seed_of(seed, name))
-        t = torch.randn(full_shapes[suffix], generator=gen, device=device, dtype=dtype)
+        t = torch.randn(shapes[suffix], generator=gen, device=device, dtype=dtype)
         t = t.mul_(emb_std if suffix == "word_embeddings.weight" else std)
         if ("layernorm" in suffix or suffix.startswith("ln_f")) and suffix.endswith("weight"):
             t = t.add_(1.0)

@@ -8,7 +8,8 @@ import os
 import pickle
 import time
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bloom_server.types import RankContext
 
@@ -53,7 +54,7 @@ class ControlChannel:
             while not self.closing:
                 try:
                     dist.all_reduce(beat, group=self.watchdog_group)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - any failure of the heartbeat is a lost peer
                     if not self.closing:
                         on_lost(f"rank {self.ctx.rank} lost a peer rank: {type(exc).__name__}: {exc}")
                     return

@@ -1,7 +1,7 @@
 """One loop on every rank. Rank 0 (the Leader) broadcasts a step, then runs it; followers receive, then run the same.
 
 Continuous batching: the Leader also runs "cstep" steps (rows join and leave a running batch, see
-engine/continuous.py) from a source the engine attaches (`attach_continuous`). While the source has live rows or rows
+frontend/batching/continuous.py) from a source the engine attaches (`attach_continuous`). While the source has live rows or rows
 waiting, the engine thread runs csteps back to back, taking the source's joins and leaves at each step boundary and
 handing each step's result back to it (the source carries them to the event loop, coalesced); other queued steps
 (forward, generate, noop) run between two csteps. When nothing is live it waits on its queue again (heartbeats).
@@ -20,24 +20,16 @@ import os
 import queue
 import signal
 import threading
-import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bloom_server.errors import EngineDead
 from bloom_server.runtime.distributed import ControlChannel
+from bloom_server.runtime.protocol import CSTEP, FORWARD, GENERATE, NOOP, SHUTDOWN, Step
 
 log = logging.getLogger(__name__)
 
-NOOP, GENERATE, FORWARD, SHUTDOWN, CSTEP = "noop", "generate", "forward", "shutdown", "cstep"
 _WAKE = object()  # queue marker: the continuous source has work
-CSTEP_LOG_EVERY = 1000  # csteps between two debug lines of their host time
-
-
-@dataclass(frozen=True)
-class Step:
-    kind: str
-    payload: Any = None
 
 
 class ChannelStops:
@@ -114,9 +106,6 @@ class Leader:
         self.supports_continuous = bool(getattr(backend, "supports_continuous", False))
         self._source: Any = None  # the engine's continuous scheduler (take / deliver / fail)
         self._continuous = False  # the engine thread is running csteps back to back
-        # csteps run, and their engine-thread seconds (wall, CPU) in take, the step itself, deliver; logged at debug
-        # every CSTEP_LOG_EVERY steps (the host side of a continuous step, see scripts/cstep_overhead.py)
-        self.cstep_times = [0, 0.0, 0.0, 0.0, 0.0]  # steps, take+step wall, take+step CPU, deliver wall, deliver CPU
 
     def attach_continuous(self, source: Any) -> None:
         """The engine's continuous source: `take()` -> the next cstep's payload or None (nothing live or waiting),
@@ -128,7 +117,7 @@ class Leader:
         """Thread-safe: the source has rows to join (or leaves): start or keep running csteps."""
         self._queue.put(_WAKE)  # type: ignore[arg-type]
 
-    def start(self) -> "Leader":
+    def start(self) -> Leader:
         self._thread.start()
         return self
 
@@ -180,7 +169,7 @@ class Leader:
                     self.channel.closing = True
                 try:
                     self._broadcast(Step(SHUTDOWN))
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # noqa: BLE001 - exiting anyway: the followers' own watchdog ends them
                     log.warning("followers did not take the shutdown step: %s", exc)
                 return
             step, fut, listener = item
@@ -192,7 +181,7 @@ class Leader:
                 result = execute(self.backend, step, listener, self._stops)
                 if self.channel is not None and step.kind != NOOP and not self.channel.agree(agreed(result)):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
-            except BaseException as exc:  # noqa: BLE001 - every failure here is fatal by design
+            except BaseException as exc:  # every failure here is fatal by design
                 log.exception("%s step failed on rank 0", step.kind)
                 self._fail(f"{step.kind} step failed: {type(exc).__name__}: {exc}", fut)
                 return
@@ -203,7 +192,6 @@ class Leader:
     def _cstep(self) -> bool:
         """One continuous step from the source, or back to waiting when it has nothing. False: the engine died."""
         source = self._source
-        w0, c0 = time.perf_counter(), time.thread_time()
         try:
             payload = source.take() if source is not None else None
             if payload is None:
@@ -214,22 +202,11 @@ class Leader:
             result = execute(self.backend, step, source, self._stops)
             if self.channel is not None and not self.channel.agree(agreed(result)):
                 raise RuntimeError("ranks disagree on the result of a cstep step")
-        except BaseException as exc:  # noqa: BLE001 - fatal, as for every step
+        except BaseException as exc:  # fatal, as for every step
             log.exception("cstep step failed on rank 0")
             self._fail(f"cstep step failed: {type(exc).__name__}: {exc}", None)
             return False
-        w1, c1 = time.perf_counter(), time.thread_time()
         source.deliver(payload, result)  # hands over to the event loop; never raises into the engine thread
-        t = self.cstep_times
-        t[0] += 1
-        t[1] += w1 - w0
-        t[2] += c1 - c0
-        t[3] += time.perf_counter() - w1
-        t[4] += time.thread_time() - c1
-        if t[0] % CSTEP_LOG_EVERY == 0 and log.isEnabledFor(logging.DEBUG):
-            n = t[0]
-            log.debug("%d csteps: per step %.0f us (%.0f us engine-thread CPU) in take+step, %.0f us (%.0f us CPU) "
-                      "in deliver", n, 1e6 * t[1] / n, 1e6 * t[2] / n, 1e6 * t[3] / n, 1e6 * t[4] / n)  # fmt: skip
         return True
 
     def abort(self, reason: str) -> None:
@@ -246,7 +223,7 @@ class Leader:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None and item is not _WAKE:
+            if item is not None and item is not _WAKE and item[1] is not None:
                 pending.append(item[1])
         for fut in pending:
             if fut is not None and not fut.done():
@@ -254,7 +231,7 @@ class Leader:
         if self._source is not None:
             try:
                 self._source.fail(EngineDead(reason))
-            except Exception:  # noqa: BLE001 - answering callers must not stop the exit
+            except Exception:  # answering callers must not stop the exit
                 log.exception("continuous source failed to fail its requests")
         # Let the HTTP layer answer the requests that were in flight before the process goes.
         threading.Timer(self.fatal_grace_s, self.on_fatal, args=(reason,)).start()
@@ -281,7 +258,7 @@ def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0)
         while True:
             try:
                 step = channel.broadcast()
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001 - rank 0 or the group is gone: this rank leaves
                 if terminating.is_set():
                     outcome["code"] = 0
                 else:
@@ -296,7 +273,7 @@ def follow(backend: Any, channel: ControlChannel, drain_timeout_s: float = 30.0)
                 result = execute(backend, step, None, stops)
                 if step.kind != NOOP and not channel.agree(agreed(result)):
                     raise RuntimeError(f"ranks disagree on the result of a {step.kind} step")
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException:  # a failed step ends this rank (exit 1); the log has the traceback
                 log.exception("step %s failed on this rank", step.kind)
                 outcome["code"] = 1
                 break

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Structured output's cost on the fast engine's continuous batcher: time per output token of a full batch whose
+rows are all unconstrained ("free"), all constrained by one JSON schema ("constrained"), or half and half
+("mixed": every row shares each step, so the step time is the free rows' time per token too). Same process, same
+weights, runs interleaved (free, constrained, mixed, repeated), medians reported.
+
+    python3 scripts/bench/structured_bench.py --shape 7b1 --json OUT.json            # a GPU: random 7b1-shape weights
+    python3 scripts/bench/structured_bench.py --shape tiny --new-tokens 16 --repeats 1   # any CPU, seconds
+
+Weights are random (seeded; fast/weights.py random_weights), so the text is noise and only the grammar shapes it:
+a constrained row's tokens are the grammar's. The masks are computed by the same code the server runs (each step:
+the previous tokens read, each constrained row's mask filled on the host while the decode runs, then applied on
+the device). `--tokenizer` takes a tokenizer.json (BLOOM's own for realistic mask costs: its 250k tokens make a
+mask costlier than the embedded tiny model's 2k, which is the default when none is given). Only steps where every
+row of the batch is live count (a row that finishes early would shrink the batch). Bounded by --time-limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+# A realistic schema with free-text fields (what makes constrained rows run long: strings, arrays of objects).
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "order_id": {"type": "string", "format": "uuid"},
+        "customer": {"type": "object", "properties": {"name": {"type": "string"}, "email": {"type": "string"}},
+                     "required": ["name", "email"], "additionalProperties": False},
+        "status": {"enum": ["pending", "paid", "shipped", "delivered", "cancelled"]},
+        "notes": {"type": "string"},
+        "items": {"type": "array", "items": {"type": "object", "properties": {
+            "sku": {"type": "string"}, "quantity": {"type": "integer", "minimum": 1, "maximum": 99},
+            "price": {"type": "number", "minimum": 0}}, "required": ["sku", "quantity", "price"],
+            "additionalProperties": False}},
+    },
+    "required": ["order_id", "customer", "status", "notes", "items"],
+    "additionalProperties": False,
+}  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=["tiny", "560m", "7b1"], default="7b1")
+    p.add_argument("--layers", type=int, default=None, help="this many layers of the shape (default: all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps per run")
+    p.add_argument("--input-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: the embedded tiny model's)")
+    p.add_argument("--schema", type=Path, default=None, help="a JSON schema file (default: an order with free text)")
+    p.add_argument("--time-limit", type=float, default=480.0, help="seconds; no new run starts after this")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from bloom_server import structured
+    from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.sampling import SamplingConfig
+    from bloom_server.fast.scheduler import ContinuousBatcher, Request
+    from bloom_server.fast.shapes import PRESETS, BloomShape
+    from bloom_server.fast.weights import random_weights
+
+    args = parse_args(argv)
+    t_start = time.monotonic()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    shape = PRESETS[args.shape] if args.shape in PRESETS else BloomShape(2048, 64, 2, 4)
+    if args.layers:
+        shape = BloomShape(shape.vocab_size, shape.hidden_size, args.layers, shape.n_head)
+    tokenizer_json = args.tokenizer
+    if tokenizer_json is None:
+        from bloom_server.storage.tiny import build_tiny_model
+
+        tokenizer_json = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny") / "tokenizer.json"
+    schema = json.loads(args.schema.read_text()) if args.schema else SCHEMA
+    grammar = structured.make_grammar("json_schema", schema, "schema")
+    eos = 2  # BLOOM's </s> (and the embedded model's)
+    grammars = structured.Grammars(tokenizer_json, shape.vocab_size, (eos,))
+    grammars.check(grammar, "schema")
+
+    bs, new = args.batch_size, args.new_tokens
+    weights = random_weights(shape, None, dtype=dtype, device=device, seed=0)
+    engine = FastEngine(weights, shape, max_batch=bs, max_seq=args.input_tokens + new + 8)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [tuple(int(t) for t in torch.randint(10, 2000, (args.input_tokens,), generator=gen)) for _ in range(bs)]
+
+    mask_s = [0.0]
+
+    def run(constrained: int) -> dict:
+        cb = ContinuousBatcher(engine)
+        cb.grammars = grammars
+        inner = cb._mask
+
+        def timed_mask(*a, **kw):  # host time of the masks (fill + queueing their application)
+            t0 = time.perf_counter()
+            inner(*a, **kw)
+            mask_s[0] += time.perf_counter() - t0
+
+        cb._mask = timed_mask  # type: ignore[method-assign]
+        rows = [Request(rid=i, prompt=prompts[i], max_new_tokens=new, cfg=SamplingConfig(eos_ids=(eos,)),
+                        grammar=grammar if i < constrained else None) for i in range(bs)]  # fmt: skip
+        for r in rows:
+            cb.add(r)
+        cb.step()  # admits and prefills every row
+        cb.step()  # the first decode (pipelined: the admissions' tokens are read now)
+        if cuda:
+            torch.cuda.synchronize()
+        mask_s[0] = 0.0
+        steps, t0 = 0, time.perf_counter()
+        while len(cb.live) == bs and all(r.finish is None for r in rows) and steps < new - 3:
+            cb.step()
+            steps += 1
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        full_mask = mask_s[0]
+        while not cb.idle:  # finish the run (not timed)
+            cb.step()
+        return {"steps": steps, "ms_per_token": 1e3 * elapsed / max(1, steps),
+                "mask_host_ms_per_step": 1e3 * full_mask / max(1, steps)}  # fmt: skip
+
+    modes = {"free": 0, "constrained": bs, "mixed": bs // 2}
+    run(0)  # warm-up: CUDA graphs of the buckets these runs use, cuBLAS
+    run(bs)  # the grammar's template matcher, llguidance's lexer states
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    for rep in range(args.repeats):
+        if rep and time.monotonic() - t_start > args.time_limit:
+            break
+        for mode, n in modes.items():
+            results[mode].append(run(n))
+
+    def med(mode: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[mode])
+
+    summary = {m: {"ms_per_token": med(m, "ms_per_token"), "mask_host_ms_per_step": med(m, "mask_host_ms_per_step"),
+                   "timed_steps": [r["steps"] for r in results[m]], "runs_ms_per_token":
+                   [round(r["ms_per_token"], 4) for r in results[m]]} for m in modes}  # fmt: skip
+    free = summary["free"]["ms_per_token"]
+    out = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "shape": args.shape, "layers": shape.n_layer, "vocab": shape.vocab_size, "dtype": str(dtype),
+        "batch_size": bs, "new_tokens": new, "tokenizer": str(tokenizer_json),
+        "tokenizer_tokens": grammars.tokenizer.vocab_size, "modes": summary,
+        "constrained_over_free": summary["constrained"]["ms_per_token"] / free,
+        "mixed_over_free": summary["mixed"]["ms_per_token"] / free,
+        "target_constrained_over_free": 1.15,
+        "seconds": time.monotonic() - t_start,
+    }  # fmt: skip
+    print(f"device {out['device']}, shape {args.shape} ({shape.n_layer} layers, vocab {shape.vocab_size}), bs {bs}, "
+          f"tokenizer {tokenizer_json} ({out['tokenizer_tokens']} tokens)")  # fmt: skip
+    print("| rows | ms per output token (median) | runs | host mask ms/step |")
+    print("|---|---|---|---|")
+    for m in modes:
+        s = summary[m]
+        print(f"| {m} | {s['ms_per_token']:.3f} | {s['runs_ms_per_token']} | {s['mask_host_ms_per_step']:.3f} |")
+    print(f"constrained / free: {out['constrained_over_free']:.3f} (target <= 1.15); "
+          f"mixed / free: {out['mixed_over_free']:.3f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,11 +88,13 @@ IGNORED_NAMES, IGNORED_NAME_CHARS = 16, 56  # the header stays under 1 KiB, what
 
 def ignored_fields_header(names: list[str]) -> str:
     """x-ignored-fields: the unknown fields of the body, comma-separated. Header values are latin-1: a name that is
-    not printable ASCII (or holds a comma or %) goes percent-encoded. Bounded: the first 16 names, each cut to 56
+    not printable ASCII (or holds a comma or %, or starts or ends with a space) goes percent-encoded. Bounded: the first 16 names, each cut to 56
     characters (a cut name ends with "..."), then "+N more" for the names left out."""
     items = []
     for name in names[:IGNORED_NAMES]:
-        plain = name.isascii() and name.isprintable() and not set(name) & {",", "%"}
+        # Edge whitespace is percent-encoded too: a header value may not begin or end with it (h11 refuses to send
+        # one, and the connection would drop without an answer).
+        plain = name.isascii() and name.isprintable() and name == name.strip() and not set(name) & {",", "%"}
         item, cut = (name if plain else quote(name, safe="")), name[:IGNORED_NAME_CHARS]
         while len(item) > IGNORED_NAME_CHARS:
             cut = cut[:-1]

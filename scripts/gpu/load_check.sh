@@ -84,12 +84,20 @@ PY
   done
 fi
 
-if [ "${LOADCHECK_BENCH:-0}" = 1 ]; then
+bench() {
   echo "== greedy tokens against batch size, each backend against itself and against transformers (7b1 shape)"
-  timeout 240 python3 -m bloom_server bench --backend hf,fast,ds_inference --random-weights 7b1 \
+  timeout 300 python3 -m bloom_server bench --backend hf,fast,ds_inference --random-weights 7b1 \
     --batch-size 1,8,64,128 --input-tokens 64 --new-tokens 32 --cycles 2 --check-tokens --deadline-s 200 \
-    --json "$RAW/bench.json" 2>&1 | grep -E "^\||vs hf|vs its own" | tee "$OUT/bench.md"
-fi
+    --json "$RAW/bench.json" > "$RAW/bench.log" 2>&1
+  grep -E "^\||vs hf|vs its own" "$RAW/bench.log" | tee "$OUT/bench.md"
+}
+# LOADCHECK_BENCH=1: the bench first, alone; =bg: beside the load groups (its timings then are of a shared GPU, its
+# greedy comparisons hold all the same).
+BENCH_PID=""
+case ${LOADCHECK_BENCH:-0} in
+  1) bench ;;
+  bg) bench & BENCH_PID=$! ;;
+esac
 
 limit_flags() {  # serve flags and load flags of a limit set
   case $1 in
@@ -129,17 +137,22 @@ FAILED=0
 port=18100
 for limits in $LIMITS; do
   IFS='|' read -r serve_flags load_flags <<<"$(limit_flags "$limits")"
-  # Groups: every shape at once where the GPU holds them all (>= 120 GB), else one shape at a time.
+  # Groups: every shape at once where the GPU holds them all (>= 120 GB), else one shape at a time; with
+  # LOADCHECK_SOLO=1 one backend at a time too (a throughput of the GPU alone).
   if [ "$gpu_gb" -ge 120 ] && [ "$limits" = overlay ]; then groups=("$SHAPES"); else groups=($SHAPES); fi
-  for group in "${groups[@]}"; do
+  if [ "${LOADCHECK_SOLO:-0}" = 1 ]; then
+    solo=(); for g in "${groups[@]}"; do for b in $BACKENDS; do solo+=("$g@$b"); done; done; groups=("${solo[@]}")
+  fi
+  for group_entry in "${groups[@]}"; do
+    group=${group_entry%@*}; group_backends=$BACKENDS; [[ $group_entry == *@* ]] && group_backends=${group_entry##*@}
     if [ "$(left)" -lt $(( DURATION + 150 )) ]; then
       echo "== $limits / $group: SKIPPED ($(left) s left of the budget, $(( DURATION + 150 )) needed)"
       FAILED=1; continue
     fi
-    echo "== $limits limits ($serve_flags), shapes: $group; backends: $BACKENDS; load: $load_flags, ${DURATION}s"
+    echo "== $limits limits ($serve_flags), shapes: $group; backends: $group_backends; load: $load_flags, ${DURATION}s"
     declare -A PIDS=() PORTS=()
     for shape in $group; do
-      for backend in $BACKENDS; do
+      for backend in $group_backends; do
         key="$shape/$backend"; port=$(( port + 1 ))
         PORTS[$key]=$port
         PIDS[$key]=$(start_server "$backend" "${MODEL[$shape]}" "$port" "$RAW/server-$limits-${shape/:/-}-$backend.log" $serve_flags)
@@ -194,6 +207,7 @@ PY
     unset PIDS PORTS
   done
 done
+[ -n "$BENCH_PID" ] && wait "$BENCH_PID"
 echo "== summary ($(( $(date +%s) - START ))s)"
 cat "$OUT/summary.md"
 tar czf "$OUT/raw.tgz" -C "$OUT" raw && rm -rf "$RAW"

@@ -138,9 +138,11 @@ port=18100
 for limits in $LIMITS; do
   IFS='|' read -r serve_flags load_flags <<<"$(limit_flags "$limits")"
   # Groups: every shape at once where the GPU holds them all (>= 120 GB), else one shape at a time; with
-  # LOADCHECK_SOLO=1 one backend at a time too (a throughput of the GPU alone).
+  # LOADCHECK_SOLO=1 one backend at a time too (a throughput of the GPU alone); =auto: solo where the GPU is under
+  # 120 GB (the wide limits' servers need ~40-60 GB each).
   if [ "$gpu_gb" -ge 120 ] && [ "$limits" = overlay ]; then groups=("$SHAPES"); else groups=($SHAPES); fi
-  if [ "${LOADCHECK_SOLO:-0}" = 1 ]; then
+  solo_mode=${LOADCHECK_SOLO:-0}; [ "$solo_mode" = auto ] && { [ "$gpu_gb" -ge 120 ] && solo_mode=0 || solo_mode=1; }
+  if [ "$solo_mode" = 1 ]; then
     solo=(); for g in "${groups[@]}"; do for b in $BACKENDS; do solo+=("$g@$b"); done; done; groups=("${solo[@]}")
   fi
   for group_entry in "${groups[@]}"; do

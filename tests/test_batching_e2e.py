@@ -118,7 +118,8 @@ def test_queued_tokens_follow_the_queue():
     import asyncio
 
     from bloom_server.errors import Overloaded
-    from bloom_server.frontend.batching.dynamic import Batcher
+    from bloom_server.frontend.batching.bounds import QueueBounds
+    from bloom_server.frontend.batching.dynamic import DynamicBatcher
 
     async def run():
         started = asyncio.Event()
@@ -127,8 +128,7 @@ def test_queued_tokens_follow_the_queue():
             started.set()
             await asyncio.sleep(3600)
 
-        b = Batcher(run_batch, max_batch_size=1, max_queued=10, wait_s=0, pad_token_id=0, eos_token_id=2,
-                    max_queued_tokens=30)  # fmt: skip
+        b = DynamicBatcher(run_batch, QueueBounds(1, 10, 30), wait_s=0, pad_token_id=0, eos_token_id=2)
         first = _request(4)  # 2 + 4 tokens: taken by the loop at once
         b.submit(first)
         await started.wait()

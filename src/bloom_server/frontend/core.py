@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, NotReady
-from bloom_server.frontend.batching.continuous import ContinuousScheduler, CStep, Join
-from bloom_server.frontend.batching.dynamic import Batcher, BatchListener
+from bloom_server.frontend.batching.bounds import QueueBounds
+from bloom_server.frontend.batching.continuous import ContinuousBatcher, CStep, Join
+from bloom_server.frontend.batching.dynamic import BatchListener, DynamicBatcher
 from bloom_server.frontend.requests import Completion, GenRequest
 from bloom_server.frontend.tokenizer import TextTokenizer
 from bloom_server.frontend.validation import check_prompts, validate_generate
@@ -49,7 +50,7 @@ class Engine:
         self.info: ModelInfo | None = None
         self.tokenizer: TextTokenizer | None = None
         self.runner: StepRunner | None = None
-        self.batcher: Batcher | ContinuousScheduler | None = None
+        self.batcher: DynamicBatcher | ContinuousBatcher | None = None
         self.batching: str | None = None  # "continuous" | "dynamic", once attached
         self.load_seconds: float | None = None
         self.loaded_at: float | None = None  # wall-clock time the model was attached (OpenAI's `created`)
@@ -71,27 +72,12 @@ class Engine:
         s = self.settings
         self.batching = self._batching_mode(runner)
         on_batch = lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None  # noqa: E731 - a late-bound hook, read at each call
+        bounds = QueueBounds(s.max_batch_size, s.max_queued_requests, s.queued_tokens_limit)
+        ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "on_batch": on_batch}
         if self.batching == "continuous":
-            self.batcher = ContinuousScheduler(
-                runner,
-                max_batch_size=s.max_batch_size,
-                max_queued=s.max_queued_requests,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                max_queued_tokens=s.queued_tokens_limit,
-                on_batch=on_batch,
-            )
+            self.batcher = ContinuousBatcher(runner, bounds, **ids)
         else:
-            self.batcher = Batcher(
-                self._run_generate,
-                max_batch_size=s.max_batch_size,
-                max_queued=s.max_queued_requests,
-                wait_s=s.batch_wait_ms / 1000.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                max_queued_tokens=s.queued_tokens_limit,
-                on_batch=on_batch,
-            )
+            self.batcher = DynamicBatcher(self._run_generate, bounds, wait_s=s.batch_wait_ms / 1000.0, **ids)
         if info is not None:
             info.extra.setdefault("batching", self.batching)
         log.info("batching: %s", self.batching)

@@ -5,23 +5,20 @@ The loop takes the oldest request's group (requests whose settings can share a c
 arrival order, runs it, and hands every caller exactly its own rows. Requests of other groups wait for the next call;
 the oldest always goes first, so none starves. Requests that arrive while a call runs share the next call; an idle
 engine starts at once (`wait_s` 0, the default) or, with `wait_s` > 0, gathers for that long after the first request
-(or until `max_batch_size` rows wait). Continuous batching (joining a running call) is frontend/batching/continuous.py.
-
-The queue is bounded twice: in requests and in tokens (prompt + max new tokens). Past either bound a request is
-refused at once (Overloaded -> 429 with Retry-After); a request already accepted is never dropped.
+(or until `max_batch_size` rows wait). Continuous batching (joining a running call) is frontend/batching/continuous.py;
+the queue's bounds, shared with it, are frontend/batching/bounds.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from bloom_server.errors import Overloaded
+from bloom_server.frontend.batching.bounds import QueueBounds
 from bloom_server.frontend.requests import GenRequest
 from bloom_server.types import GenerateBatch, GenerateOutput
 
@@ -80,39 +77,20 @@ class BatchListener:
             req.add_token(r, int(token_ids[i]), lp, alt)
 
 
-def check_queue_bounds(sched, depth: int, queued_tokens: Callable[[], int], tokens: int) -> None:
-    """The queue's two bounds, shared by both schedulers: refuse a request at once (Overloaded -> 429 with
-    Retry-After) when `depth` requests already wait, or when its `tokens` would take the waiting tokens past the
-    limit (a request alone in the queue is always admitted: it was checked against the engine's limits)."""
-    if depth >= sched.max_queued:
-        raise Overloaded(f"{depth} requests are queued (the limit is {sched.max_queued})", sched.retry_after())
-    if sched.max_queued_tokens is not None and depth:
-        queued = queued_tokens()
-        if queued + tokens > sched.max_queued_tokens:
-            raise Overloaded(
-                f"{queued} tokens are queued; this request needs {tokens} more "
-                f"(the limit is {sched.max_queued_tokens})",
-                sched.retry_after(),
-            )
-
-
-class Batcher:
+class DynamicBatcher:
     def __init__(
         self,
         run_batch: Callable[[GenerateBatch, BatchListener], Awaitable[GenerateOutput]],
+        bounds: QueueBounds,
         *,
-        max_batch_size: int,
-        max_queued: int,
         wait_s: float,
         pad_token_id: int,
         eos_token_id: int | None,
-        max_queued_tokens: int | None = None,
         on_batch: Callable[[GenerateBatch, float], None] | None = None,
     ):
         self._run_batch = run_batch
-        self.max_batch_size = max_batch_size
-        self.max_queued = max_queued
-        self.max_queued_tokens = max_queued_tokens
+        self.bounds = bounds
+        self.max_batch_size = bounds.max_batch_size
         self.wait_s = wait_s
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
@@ -157,13 +135,12 @@ class Batcher:
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: the calls ahead of a new request, at the recent pace."""
-        calls_ahead = 1 + math.ceil(len(self._pending) / self.max_batch_size)
-        return max(1.0, min(60.0, calls_ahead * self._batch_seconds))
+        return self.bounds.retry_after(len(self._pending), self._batch_seconds)
 
     def submit(self, req: GenRequest) -> None:
         """Admit one request (all its rows go in the same call) or refuse it at once."""
         tokens = req.tokens
-        check_queue_bounds(self, len(self._pending), lambda: self._queued_tokens, tokens)
+        self.bounds.check(len(self._pending), lambda: self._queued_tokens, tokens, self.retry_after)
         self.start()
         req._on_cancel_queued = self._remove
         self._pending.append(req)

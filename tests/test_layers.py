@@ -140,7 +140,7 @@ def run(modules: str, allow_fastapi: bool = True) -> None:
 
 
 def test_api_and_frontend_do_not_import_torch():
-    run("bloom_server.api.app, bloom_server.api.routes_bloom, bloom_server.frontend.core,"
+    run("bloom_server.api.app, bloom_server.api.routes_bloom, bloom_server.frontend.core, bloom_server.runtime.protocol,"
         " bloom_server.frontend.batching.dynamic, bloom_server.frontend.batching.continuous")  # fmt: skip
 
 

@@ -75,7 +75,8 @@ class InstantRunner:
         self.token = token
 
     def submit(self, kind: str, payload: Any = None, listener: Any = None) -> concurrent.futures.Future:
-        from bloom_server.types import FinishReason, GenerateOutput
+        from bloom_server.runtime.protocol import GenerateOutput
+        from bloom_server.types import FinishReason
 
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if kind == "generate":

@@ -1,4 +1,5 @@
-"""Plain data passed between layers. No torch, no FastAPI: these cross the rank boundary (pickled) and the API boundary."""
+"""Plain data passed between layers: the request-level types (sampling parameters, grammars, finish reasons, model
+and rank facts). No torch, no FastAPI. The batches that cross ranks are in runtime/protocol.py."""
 
 from __future__ import annotations
 
@@ -79,42 +80,6 @@ def _freeze(v: Any) -> Any:
 
 def _thaw(v: Any) -> Any:
     return [_thaw(x) for x in v] if isinstance(v, tuple) else v
-
-
-@dataclass(frozen=True)
-class GenerateBatch:
-    """One generate call: what rank 0 broadcasts and every rank runs.
-
-    input_ids: one list of token ids per row (no padding; backends pad on their side).
-    max_new_tokens: per row; the call runs to the largest and cuts each row at its own.
-    seed: every rank seeds its RNG from it, so sampled tokens agree across tensor-parallel ranks.
-    grammars: per row, the Grammar its tokens must follow, or None (empty: no row is constrained).
-    """
-
-    input_ids: tuple[tuple[int, ...], ...]
-    max_new_tokens: tuple[int, ...]
-    params: SamplingParams
-    seed: int
-    pad_token_id: int
-    eos_token_id: int | None
-    grammars: tuple[Grammar | None, ...] = ()
-
-
-@dataclass(frozen=True)
-class GenerateOutput:
-    """Per row: the new token ids (prompt excluded, cut at EOS inclusive and at the row's max_new_tokens)."""
-
-    token_ids: tuple[tuple[int, ...], ...]
-    finish_reasons: tuple[FinishReason, ...]
-
-
-@dataclass(frozen=True)
-class ForwardBatch:
-    """Negative log-likelihood of each response given its conditioning text (token ids, no padding)."""
-
-    conditioning_ids: tuple[tuple[int, ...], ...]
-    response_ids: tuple[tuple[int, ...], ...]
-    pad_token_id: int
 
 
 @dataclass(frozen=True)

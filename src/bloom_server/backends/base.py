@@ -7,7 +7,8 @@ import logging
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, GenerateOutput, RankContext
+from bloom_server.runtime.protocol import ForwardBatch, GenerateBatch, GenerateOutput
+from bloom_server.types import FinishReason, RankContext
 
 if TYPE_CHECKING:
     import torch

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from bloom_server.backends.base import Backend, cut_rows, torch_dtype
 from bloom_server.errors import ConfigError, ModelDirError
-from bloom_server.runtime.protocol import CStepResult
-from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, GenerateOutput
+from bloom_server.runtime.protocol import CStepResult, ForwardBatch, GenerateBatch, GenerateOutput
+from bloom_server.types import FinishReason
 
 if TYPE_CHECKING:
     from bloom_server.fast.engine import FastEngine

@@ -13,13 +13,14 @@ from typing import Any, Protocol
 
 from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, NotReady
 from bloom_server.frontend.batching.bounds import QueueBounds
-from bloom_server.frontend.batching.continuous import ContinuousBatcher, CStep, Join
+from bloom_server.frontend.batching.continuous import ContinuousBatcher
 from bloom_server.frontend.batching.dynamic import BatchListener, DynamicBatcher
 from bloom_server.frontend.requests import Completion, GenRequest
 from bloom_server.frontend.tokenizer import TextTokenizer
 from bloom_server.frontend.validation import check_prompts, validate_generate
 from bloom_server.settings import Settings
-from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput, Grammar, ModelInfo, SamplingParams
+from bloom_server.runtime.protocol import CStep, ForwardBatch, GenerateBatch, GenerateOutput, Join
+from bloom_server.types import Grammar, ModelInfo, SamplingParams
 
 __all__ = ["Completion", "Engine", "GenRequest", "State", "StepRunner"]
 

@@ -328,7 +328,8 @@ class Bench:
         ]
 
     def batch(self, bs: int, new: int) -> Any:
-        from bloom_server.types import GenerateBatch, SamplingParams
+        from bloom_server.runtime.protocol import GenerateBatch
+        from bloom_server.types import SamplingParams
 
         params = SamplingParams.from_dict({"do_sample": False, "min_new_tokens": new})
         return GenerateBatch(self.prompts(bs), (new,) * bs, params, seed=0, pad_token_id=3, eos_token_id=2)

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 from bloom_server.errors import EngineDead, NotReady
 from bloom_server.frontend.batching.bounds import QueueBounds
-from bloom_server.runtime.protocol import CStep, Join
-from bloom_server.types import FinishReason, GenerateBatch, SamplingParams
+from bloom_server.runtime.protocol import CStep, GenerateBatch, Join
+from bloom_server.types import FinishReason, SamplingParams
 
 if TYPE_CHECKING:
     from bloom_server.frontend.requests import GenRequest

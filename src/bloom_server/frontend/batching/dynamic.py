@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from bloom_server.frontend.batching.bounds import QueueBounds
 from bloom_server.frontend.requests import GenRequest
-from bloom_server.types import GenerateBatch, GenerateOutput
+from bloom_server.runtime.protocol import GenerateBatch, GenerateOutput
 
 log = logging.getLogger(__name__)
 

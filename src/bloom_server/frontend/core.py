@@ -18,8 +18,8 @@ from bloom_server.frontend.batching.dynamic import BatchListener, DynamicBatcher
 from bloom_server.frontend.requests import Completion, GenRequest
 from bloom_server.frontend.tokenizer import TextTokenizer
 from bloom_server.frontend.validation import check_prompts, validate_generate
-from bloom_server.settings import Settings
 from bloom_server.runtime.protocol import CStep, ForwardBatch, GenerateBatch, GenerateOutput, Join
+from bloom_server.settings import Settings
 from bloom_server.types import Grammar, ModelInfo, SamplingParams
 
 __all__ = ["Completion", "Engine", "GenRequest", "State", "StepRunner"]

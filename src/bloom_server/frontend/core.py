@@ -11,7 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, NotReady
+from bloom_server.errors import EngineDead, InvalidRequest, NotReady
+from bloom_server.frontend.batching import batching_mode
 from bloom_server.frontend.batching.bounds import QueueBounds
 from bloom_server.frontend.batching.continuous import ContinuousBatcher
 from bloom_server.frontend.batching.dynamic import BatchListener, DynamicBatcher
@@ -71,30 +72,22 @@ class Engine:
         self.runner, self.tokenizer, self.info = runner, tokenizer, info
         self.loaded_at = time.time()
         s = self.settings
-        self.batching = self._batching_mode(runner)
+        self.batching = batching_mode(
+            self.settings.batching, bool(getattr(runner, "supports_continuous", False)), self.settings.backend
+        )
         on_batch = lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None  # noqa: E731 - a late-bound hook, read at each call
         bounds = QueueBounds(s.max_batch_size, s.max_queued_requests, s.queued_tokens_limit)
-        ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "on_batch": on_batch}
+        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
         if self.batching == "continuous":
-            self.batcher = ContinuousBatcher(runner, bounds, **ids)
+            self.batcher = ContinuousBatcher(runner, bounds, pad_token_id=pad, eos_token_id=eos, on_batch=on_batch)
         else:
-            self.batcher = DynamicBatcher(self._run_generate, bounds, wait_s=s.batch_wait_ms / 1000.0, **ids)
+            wait_s = s.batch_wait_ms / 1000.0
+            self.batcher = DynamicBatcher(
+                self._run_generate, bounds, wait_s=wait_s, pad_token_id=pad, eos_token_id=eos, on_batch=on_batch
+            )
         if info is not None:
             info.extra.setdefault("batching", self.batching)
         log.info("batching: %s", self.batching)
-
-    def _batching_mode(self, runner: StepRunner) -> str:
-        """auto: continuous when the backend can join requests to a running batch, else dynamic."""
-        wanted = getattr(self.settings, "batching", "auto")
-        can = bool(getattr(runner, "supports_continuous", False))
-        if wanted == "continuous" and not can:
-            raise ConfigError(
-                f"--batching continuous: the {self.settings.backend} backend cannot join requests to a running "
-                "batch (only --backend fast can); use --batching dynamic or auto"
-            )
-        if wanted == "auto":
-            return "continuous" if can else "dynamic"
-        return wanted
 
     def warmup(self) -> None:
         """One real generate on every rank (from the loading thread), then ready."""

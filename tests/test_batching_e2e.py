@@ -149,3 +149,25 @@ def test_queued_tokens_follow_the_queue():
         await b.stop()
 
     asyncio.run(run())
+
+
+def test_one_end_of_row_rule_token_by_token_and_over_a_run():
+    """A row ends at EOS (kept) or at its max_new_tokens; row_end and cut_row say the same for every split."""
+    from bloom_server.types import FinishReason, cut_row, eos_set, row_end
+
+    eos = eos_set([2, 9])
+    assert eos == eos_set((9, 2)) and eos_set(None) == frozenset() and eos_set(2) == {2}
+    for tokens in [(5, 6, 2, 7), (5, 6, 7, 8, 1), (2,), (5, 9, 2), ()]:
+        for limit in (1, 3, 4, 10):
+            one, end = [], None
+            for t in tokens:
+                one.append(t)
+                end = row_end(t, len(one), limit, eos)
+                if end is not None:
+                    break
+            assert cut_row(tokens, limit, eos) == (tuple(one), end)
+            for have in range(len(one) + (end is None)):  # the same row settled after `have` streamed tokens
+                rest, end2 = cut_row(tokens[have:], limit, eos, have=have)
+                assert (tuple(one[:have]) + rest, end2) == (tuple(one), end)
+    assert cut_row((5, 6, 7), 3, frozenset()) == ((5, 6, 7), FinishReason.LENGTH)
+    assert cut_row((5, 2, 7), 3, eos)[1] is FinishReason.EOS

@@ -4,6 +4,7 @@ and rank facts). No torch, no FastAPI. The batches that cross ranks are in runti
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,37 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
     EOS = "eos_token"  # the model produced its end-of-sequence token
     TIME = "max_time"  # max_time ran out
+
+
+def eos_set(eos_token_id: Any) -> frozenset[int]:
+    """The eos_token_id setting (one id, a list of ids, or None) as a set of ids."""
+    if eos_token_id is None:
+        return frozenset()
+    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,)
+    return frozenset(int(t) for t in ids)
+
+
+# The one end-of-row rule: a row ends at an EOS token (kept in its output) or once it holds its max_new_tokens.
+# row_end is the rule token by token, cut_row the same rule over a run of tokens; every rank-0 and backend path
+# that decides where a row ends calls one of them.
+def row_end(token: int, count: int, limit: int, eos_ids: Collection[int]) -> FinishReason | None:
+    """Whether a row ends with `token`, its `count`-th new token, given its max_new_tokens `limit`; None: it goes on."""
+    if token in eos_ids:
+        return FinishReason.EOS
+    return FinishReason.LENGTH if count >= limit else None
+
+
+def cut_row(
+    tokens: Sequence[int], limit: int, eos_ids: Collection[int], have: int = 0
+) -> tuple[tuple[int, ...], FinishReason | None]:
+    """A row's next `tokens` (after the `have` it holds) cut by row_end: up to and including the first EOS, at most
+    up to `limit` in all; with why the row ended there, or None if it goes on."""
+    take = tuple(tokens[: max(0, limit - have)])
+    if eos_ids:
+        for i, t in enumerate(take):
+            if t in eos_ids:
+                return take[: i + 1], FinishReason.EOS
+    return take, (FinishReason.LENGTH if have + len(take) >= limit else None)
 
 
 @dataclass(frozen=True)

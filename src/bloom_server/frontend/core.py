@@ -21,7 +21,7 @@ from bloom_server.frontend.tokenizer import TextTokenizer
 from bloom_server.frontend.validation import check_prompts, validate_generate
 from bloom_server.runtime.protocol import CStep, ForwardBatch, GenerateBatch, GenerateOutput, Join
 from bloom_server.settings import Settings
-from bloom_server.types import Grammar, ModelInfo, SamplingParams
+from bloom_server.types import Grammar, ModelInfo, SamplingParams, eos_set
 
 __all__ = ["Completion", "Engine", "GenRequest", "State", "StepRunner"]
 
@@ -248,8 +248,7 @@ class Engine:
             spec = dataclasses.replace(spec, grammar=grammar)
         params = spec.params.as_dict()
         max_time = params.pop("max_time", None)
-        eos = params.get("eos_token_id", self.tokenizer.eos_token_id)
-        eos_ids = frozenset(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        eos_ids = eos_set(params.get("eos_token_id", self.tokenizer.eos_token_id))
         spec = dataclasses.replace(spec, params=SamplingParams.from_dict(params))
         rows = self._encode(texts, field)
         if truncate is not None:

@@ -35,6 +35,9 @@ FORBIDDEN = {
     "runtime": ("api", "backends", "fast", "frontend", "storage", "tools", "cli", "serve"),
     "backends": ("api", "frontend", "tools", "cli", "serve"),
     "storage": None,  # see STORAGE_MAY
+    # structured output's grammar engine: rank 0's frontend checks grammars with it, every rank's sampling (backends,
+    # the fast engine's batcher) masks with it; so it sits below them all, on the leaves only.
+    "structured": ("api", "backends", "cli", "fast", "frontend", "runtime", "serve", "settings", "storage", "tools"),
 }
 # storage sits on the standard library (and third-party packages); of ours only the leaf modules below.
 STORAGE_MAY = ("errors", "storage", "")  # "": the package itself (its __version__)

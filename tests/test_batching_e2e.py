@@ -118,7 +118,7 @@ def test_queued_tokens_follow_the_queue():
     import asyncio
 
     from bloom_server.errors import Overloaded
-    from bloom_server.frontend.batching.bounds import QueueBounds
+    from bloom_server.frontend.batching.config import BatcherConfig
     from bloom_server.frontend.batching.dynamic import DynamicBatcher
 
     async def run():
@@ -128,7 +128,7 @@ def test_queued_tokens_follow_the_queue():
             started.set()
             await asyncio.sleep(3600)
 
-        b = DynamicBatcher(run_batch, QueueBounds(1, 10, 30), wait_s=0, pad_token_id=0, eos_token_id=2)
+        b = DynamicBatcher(run_batch, BatcherConfig(1, 10, pad_token_id=0, eos_token_id=2, max_queued_tokens=30))
         first = _request(4)  # 2 + 4 tokens: taken by the loop at once
         b.submit(first)
         await started.wait()

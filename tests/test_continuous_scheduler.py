@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from bloom_server.errors import EngineDead, Overloaded
-from bloom_server.frontend.batching.bounds import QueueBounds
+from bloom_server.frontend.batching.config import BatcherConfig
 from bloom_server.frontend.batching.continuous import ContinuousBatcher, row_seed
 from bloom_server.frontend.requests import Cancelled, GenRequest
 from bloom_server.frontend.tokenizer import TextTokenizer
@@ -54,7 +54,7 @@ def make(tok, rows, max_new=4, seed=None, **kw):
 
 def scheduler(max_batch=3, max_queued=8):
     runner = FakeRunner()
-    sched = ContinuousBatcher(runner, QueueBounds(max_batch, max_queued), pad_token_id=3, eos_token_id=2)
+    sched = ContinuousBatcher(runner, BatcherConfig(max_batch, max_queued, pad_token_id=3, eos_token_id=2))
     assert runner.source is sched
     return sched, runner
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import AliasChoices, AliasGenerator, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, AliasGenerator, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["hf", "ds_inference", "ds_zero", "fast"]
@@ -22,6 +22,11 @@ DEFAULT_CHUNK_MB = 32
 
 # The original DEPLOYMENT_FRAMEWORK values and what they mean here.
 LEGACY_BACKENDS = {"hf_accelerate": "hf", "hf_cpu": "hf", "ds_inference": "ds_inference", "ds_zero": "ds_zero"}
+# Other spellings a setting's value may take, by field.
+_SPELLINGS = {
+    "backend": LEGACY_BACKENDS,
+    "dtype": {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"},
+}
 
 
 def _env(name: str, *legacy: str) -> AliasChoices:
@@ -153,35 +158,19 @@ class Settings(BaseSettings):
     url: str | None = None
     """`client`: the server's URL (default: http://127.0.0.1:PORT, with this `port`)."""
 
-    @field_validator("backend", mode="before")
+    @field_validator("backend", "dtype", "log_format", "batching", mode="before")
     @classmethod
-    def _legacy_backend(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return LEGACY_BACKENDS.get(v.strip().lower(), v.strip().lower())
-        return v
-
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _dtype_names(cls, v: Any) -> Any:
-        names = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
-        if isinstance(v, str):
-            return names.get(v.strip().lower(), v.strip().lower())
-        return v
-
-    @field_validator("log_format", mode="before")
-    @classmethod
-    def _lower_format(cls, v: Any) -> Any:
-        return v.strip().lower() if isinstance(v, str) else v
+    def _name(cls, v: Any, info: ValidationInfo) -> Any:
+        """Names are case-blind; the original server's backend names and torch's dtype names map to ours."""
+        if not isinstance(v, str):
+            return v
+        v = v.strip().lower()
+        return _SPELLINGS.get(info.field_name or "", {}).get(v, v)
 
     @field_validator("model", "api_key", "chat_template", "fast_decode", "home", "num_gpus", "url", mode="before")
     @classmethod
     def _empty_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v
-
-    @field_validator("batching", mode="before")
-    @classmethod
-    def _lower_batching(cls, v: Any) -> Any:
-        return v.strip().lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _limits(self) -> Settings:

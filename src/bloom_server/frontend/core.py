@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from bloom_server.errors import EngineDead, InvalidRequest, NotReady
 from bloom_server.frontend.batching import batching_mode
-from bloom_server.frontend.batching.bounds import QueueBounds
+from bloom_server.frontend.batching.config import BatcherConfig
 from bloom_server.frontend.batching.continuous import ContinuousBatcher
 from bloom_server.frontend.batching.dynamic import BatchListener, DynamicBatcher
 from bloom_server.frontend.requests import Completion, GenRequest
@@ -76,15 +76,12 @@ class Engine:
             self.settings.batching, bool(getattr(runner, "supports_continuous", False)), self.settings.backend
         )
         on_batch = lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None  # noqa: E731 - a late-bound hook, read at each call
-        bounds = QueueBounds(s.max_batch_size, s.max_queued_requests, s.queued_tokens_limit)
-        pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        config = BatcherConfig(s.max_batch_size, s.max_queued_requests, tokenizer.pad_token_id,
+                               tokenizer.eos_token_id, s.queued_tokens_limit)  # fmt: skip
         if self.batching == "continuous":
-            self.batcher = ContinuousBatcher(runner, bounds, pad_token_id=pad, eos_token_id=eos, on_batch=on_batch)
+            self.batcher = ContinuousBatcher(runner, config, on_batch)
         else:
-            wait_s = s.batch_wait_ms / 1000.0
-            self.batcher = DynamicBatcher(
-                self._run_generate, bounds, wait_s=wait_s, pad_token_id=pad, eos_token_id=eos, on_batch=on_batch
-            )
+            self.batcher = DynamicBatcher(self._run_generate, config, s.batch_wait_ms / 1000.0, on_batch)
         if info is not None:
             info.extra.setdefault("batching", self.batching)
         log.info("batching: %s", self.batching)

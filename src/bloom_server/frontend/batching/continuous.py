@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bloom_server.errors import EngineDead, NotReady
-from bloom_server.frontend.batching.bounds import QueueBounds
+from bloom_server.frontend.batching.config import BatcherConfig
 from bloom_server.runtime.protocol import CStep, GenerateBatch, Join
 from bloom_server.types import FinishReason, SamplingParams
 
@@ -61,17 +61,11 @@ class ContinuousBatcher:
     def __init__(
         self,
         runner: Any,
-        bounds: QueueBounds,
-        *,
-        pad_token_id: int,
-        eos_token_id: int | None,
+        config: BatcherConfig,
         on_batch: Callable[[GenerateBatch, float], None] | None = None,
     ):
         self._runner = runner
-        self.bounds = bounds
-        self.max_batch_size = bounds.max_batch_size
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
+        self.config = config
         self.on_batch = on_batch
         self._lock = threading.Lock()  # guards _waiting, _live, _leaves (event loop and engine thread)
         self._waiting: collections.deque[GenRequest] = collections.deque()
@@ -116,13 +110,13 @@ class ContinuousBatcher:
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: batches' worth of rows ahead of a new request, at the recent pace."""
-        return self.bounds.retry_after(sum(p.n_rows for p in list(self._waiting)), self._request_seconds)
+        return self.config.retry_after(sum(p.n_rows for p in list(self._waiting)), self._request_seconds)
 
     def submit(self, req: GenRequest) -> None:
         """Queue one request (all its rows join together) or refuse it at once (Overloaded)."""
         if self._closed is not None:
             raise EngineDead(str(self._closed)) if isinstance(self._closed, EngineDead) else self._closed
-        self.bounds.check(len(self._waiting), lambda: self.queued_tokens, req.tokens, self.retry_after)
+        self.config.check(len(self._waiting), lambda: self.queued_tokens, req.tokens, self.retry_after)
         self._loop = req.loop
         req._rids = [next(self._rids) for _ in req.rows]
         req._on_cancel_queued = self._remove
@@ -157,7 +151,8 @@ class ContinuousBatcher:
         with self._lock:
             leaves = tuple(rid for rid in self._leaves if rid in self._live)
             self._leaves.clear()
-            free = self.max_batch_size - len(self._live) + len(leaves)
+            cfg = self.config
+            free = cfg.max_batch_size - len(self._live) + len(leaves)
             joins: list[Join] = []
             started: list[tuple[GenRequest, int, float]] = []
             now = time.monotonic()
@@ -175,7 +170,7 @@ class ContinuousBatcher:
                     rid = req._rids[r]
                     self._live[rid] = (req, r)
                     joins.append(Join(rid, tuple(row.prompt), spec.max_new_tokens, spec.params, row_seed(seed, r),
-                                      self.eos_token_id, self.pad_token_id, req.top_n, spec.grammar))  # fmt: skip
+                                      cfg.eos_token_id, cfg.pad_token_id, req.top_n, spec.grammar))  # fmt: skip
                 free -= req.n_rows
                 started.append((req, seed, now))
             if not joins and not leaves and not self._live:
@@ -229,8 +224,9 @@ class ContinuousBatcher:
             if started and self.on_batch is not None:
                 try:
                     rows_now = ((),) * live
-                    self.on_batch(GenerateBatch(rows_now, (0,) * live, SamplingParams(), 0, self.pad_token_id,
-                                                self.eos_token_id), 0.0)  # fmt: skip
+                    cfg = self.config
+                    self.on_batch(GenerateBatch(rows_now, (0,) * live, SamplingParams(), 0, cfg.pad_token_id,
+                                                cfg.eos_token_id), 0.0)  # fmt: skip
                 except Exception:  # metrics never break a request
                     log.exception("batch report failed")
             for req, r, token, lp, top in rows:

@@ -6,7 +6,7 @@ arrival order, runs it, and hands every caller exactly its own rows. Requests of
 the oldest always goes first, so none starves. Requests that arrive while a call runs share the next call; an idle
 engine starts at once (`wait_s` 0, the default) or, with `wait_s` > 0, gathers for that long after the first request
 (or until `max_batch_size` rows wait). Continuous batching (joining a running call) is frontend/batching/continuous.py;
-the queue's bounds, shared with it, are frontend/batching/bounds.py.
+the queue's bounds, shared with it, are frontend/batching/config.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from bloom_server.frontend.batching.bounds import QueueBounds
+from bloom_server.frontend.batching.config import BatcherConfig
 from bloom_server.frontend.requests import GenRequest
 from bloom_server.runtime.protocol import GenerateBatch, GenerateOutput
 
@@ -81,19 +81,13 @@ class DynamicBatcher:
     def __init__(
         self,
         run_batch: Callable[[GenerateBatch, BatchListener], Awaitable[GenerateOutput]],
-        bounds: QueueBounds,
-        *,
-        wait_s: float,
-        pad_token_id: int,
-        eos_token_id: int | None,
+        config: BatcherConfig,
+        wait_s: float = 0.0,
         on_batch: Callable[[GenerateBatch, float], None] | None = None,
     ):
         self._run_batch = run_batch
-        self.bounds = bounds
-        self.max_batch_size = bounds.max_batch_size
+        self.config = config
         self.wait_s = wait_s
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
         self.on_batch = on_batch
         self._pending: list[GenRequest] = []
         self._queued_tokens = 0  # sum of `tokens` over _pending, kept as it changes (not summed at each submit)
@@ -135,12 +129,12 @@ class DynamicBatcher:
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: the calls ahead of a new request, at the recent pace."""
-        return self.bounds.retry_after(len(self._pending), self._batch_seconds)
+        return self.config.retry_after(len(self._pending), self._batch_seconds)
 
     def submit(self, req: GenRequest) -> None:
         """Admit one request (all its rows go in the same call) or refuse it at once."""
         tokens = req.tokens
-        self.bounds.check(len(self._pending), lambda: self._queued_tokens, tokens, self.retry_after)
+        self.config.check(len(self._pending), lambda: self._queued_tokens, tokens, self.retry_after)
         self.start()
         req._on_cancel_queued = self._remove
         self._pending.append(req)
@@ -157,7 +151,7 @@ class DynamicBatcher:
         key = self._key(self._pending[0])
         taken, rows = [], 0
         for p in self._pending:
-            if self._key(p) == key and rows + p.n_rows <= self.max_batch_size:
+            if self._key(p) == key and rows + p.n_rows <= self.config.max_batch_size:
                 taken.append(p)
                 rows += p.n_rows
         ids = {id(p) for p in taken}
@@ -183,7 +177,7 @@ class DynamicBatcher:
             deadline = self._pending[0].enqueued + self.wait_s
             while (
                 self.wait_s > 0
-                and self._rows_waiting() < self.max_batch_size
+                and self._rows_waiting() < self.config.max_batch_size
                 and (delay := deadline - time.monotonic()) > 0
             ):
                 self._wakeup.clear()
@@ -211,8 +205,8 @@ class DynamicBatcher:
             max_new_tokens=tuple(max_new),
             params=first.spec.params,
             seed=seed,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
+            pad_token_id=self.config.pad_token_id,
+            eos_token_id=self.config.eos_token_id,
             grammars=tuple(grammars) if any(g is not None for g in grammars) else (),
         )
         listener = BatchListener(asyncio.get_running_loop(), mapping, top_n=max(p.top_n for p in taken))

@@ -1,4 +1,5 @@
-"""What both batchers share: the rows in one batch, the queue's two bounds, and the Retry-After estimate.
+"""What both batchers are built with: the rows in one batch, the queue's two bounds and the Retry-After estimate, and
+the token ids every row carries.
 
 The queue is bounded twice: in requests and in tokens (prompt + max new tokens). Past either bound a request is
 refused at once (Overloaded -> 429 with Retry-After); a request already accepted is never dropped.
@@ -14,9 +15,11 @@ from bloom_server.errors import Overloaded
 
 
 @dataclass(frozen=True)
-class QueueBounds:
+class BatcherConfig:
     max_batch_size: int  # rows in one batch (a request's rows always go together)
     max_queued: int  # requests waiting
+    pad_token_id: int
+    eos_token_id: int | None
     max_queued_tokens: int | None = None  # tokens waiting (None: no bound)
 
     def check(

@@ -118,7 +118,8 @@ def test_queued_tokens_follow_the_queue():
     import asyncio
 
     from bloom_server.errors import Overloaded
-    from bloom_server.frontend.batching.dynamic import Batcher
+    from bloom_server.frontend.batching.config import BatcherConfig
+    from bloom_server.frontend.batching.dynamic import DynamicBatcher
 
     async def run():
         started = asyncio.Event()
@@ -127,8 +128,7 @@ def test_queued_tokens_follow_the_queue():
             started.set()
             await asyncio.sleep(3600)
 
-        b = Batcher(run_batch, max_batch_size=1, max_queued=10, wait_s=0, pad_token_id=0, eos_token_id=2,
-                    max_queued_tokens=30)  # fmt: skip
+        b = DynamicBatcher(run_batch, BatcherConfig(1, 10, pad_token_id=0, eos_token_id=2, max_queued_tokens=30))
         first = _request(4)  # 2 + 4 tokens: taken by the loop at once
         b.submit(first)
         await started.wait()
@@ -149,3 +149,25 @@ def test_queued_tokens_follow_the_queue():
         await b.stop()
 
     asyncio.run(run())
+
+
+def test_one_end_of_row_rule_token_by_token_and_over_a_run():
+    """A row ends at EOS (kept) or at its max_new_tokens; row_end and cut_row say the same for every split."""
+    from bloom_server.types import FinishReason, cut_row, eos_set, row_end
+
+    eos = eos_set([2, 9])
+    assert eos == eos_set((9, 2)) and eos_set(None) == frozenset() and eos_set(2) == {2}
+    for tokens in [(5, 6, 2, 7), (5, 6, 7, 8, 1), (2,), (5, 9, 2), ()]:
+        for limit in (1, 3, 4, 10):
+            one, end = [], None
+            for t in tokens:
+                one.append(t)
+                end = row_end(t, len(one), limit, eos)
+                if end is not None:
+                    break
+            assert cut_row(tokens, limit, eos) == (tuple(one), end)
+            for have in range(len(one) + (end is None)):  # the same row settled after `have` streamed tokens
+                rest, end2 = cut_row(tokens[have:], limit, eos, have=have)
+                assert (tuple(one[:have]) + rest, end2) == (tuple(one), end)
+    assert cut_row((5, 6, 7), 3, frozenset()) == ((5, 6, 7), FinishReason.LENGTH)
+    assert cut_row((5, 2, 7), 3, eos)[1] is FinishReason.EOS

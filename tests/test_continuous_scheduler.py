@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import pytest
 
 from bloom_server.errors import EngineDead, Overloaded
-from bloom_server.frontend.batching.continuous import ContinuousScheduler, row_seed
+from bloom_server.frontend.batching.config import BatcherConfig
+from bloom_server.frontend.batching.continuous import ContinuousBatcher, row_seed
 from bloom_server.frontend.requests import Cancelled, GenRequest
 from bloom_server.frontend.tokenizer import TextTokenizer
 from bloom_server.frontend.validation import validate_generate
@@ -53,8 +54,7 @@ def make(tok, rows, max_new=4, seed=None, **kw):
 
 def scheduler(max_batch=3, max_queued=8):
     runner = FakeRunner()
-    sched = ContinuousScheduler(runner, max_batch_size=max_batch, max_queued=max_queued, pad_token_id=3,
-                                eos_token_id=2, max_queued_tokens=None)  # fmt: skip
+    sched = ContinuousBatcher(runner, BatcherConfig(max_batch, max_queued, pad_token_id=3, eos_token_id=2))
     assert runner.source is sched
     return sched, runner
 
@@ -202,16 +202,12 @@ def test_nothing_live_means_no_step(tok):
 
 
 def test_mode_follows_the_backend_and_continuous_without_support_is_refused(tok, tiny_model_dir):
-    from pydantic import ValidationError
-
     from bloom_server.errors import ConfigError
-    from bloom_server.frontend.batching.dynamic import Batcher
+    from bloom_server.frontend.batching.dynamic import DynamicBatcher
     from bloom_server.frontend.core import Engine
     from bloom_server.settings import load_settings
     from bloom_server.types import ModelInfo
 
-    with pytest.raises(ValidationError, match="continuous"):
-        load_settings(backend="hf", batching="continuous")
     info = ModelInfo(model_id="m", model_dir=str(tiny_model_dir), backend="fast", dtype="fp32", world_size=1)
 
     class Plain:  # a runner whose backend cannot join a running batch
@@ -219,10 +215,10 @@ def test_mode_follows_the_backend_and_continuous_without_support_is_refused(tok,
 
     engine = Engine(load_settings(backend="fast"))
     engine.attach(FakeRunner(), tok, info)
-    assert engine.batching == "continuous" and isinstance(engine.batcher, ContinuousScheduler)
+    assert engine.batching == "continuous" and isinstance(engine.batcher, ContinuousBatcher)
     engine = Engine(load_settings(backend="fast", batching="dynamic"))
     engine.attach(FakeRunner(), tok, info)
-    assert engine.batching == "dynamic" and isinstance(engine.batcher, Batcher)
+    assert engine.batching == "dynamic" and isinstance(engine.batcher, DynamicBatcher)
     engine = Engine(load_settings(backend="hf"))
     engine.attach(Plain(), tok, info)
     assert engine.batching == "dynamic"

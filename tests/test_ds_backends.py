@@ -372,7 +372,8 @@ def test_ds_inference_matches_plain_transformers_on_gpu(tiny_dir, kernel_inject)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bloom_server.types import GenerateBatch, SamplingParams
+    from bloom_server.runtime.protocol import GenerateBatch
+    from bloom_server.types import SamplingParams
 
     settings = load_settings(backend="ds_inference", dtype="fp16", kernel_inject=kernel_inject)
     b = dsi.DSInferenceBackend(settings, _hf_dir(tiny_dir), GPU)

@@ -8,7 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, RankContext, SamplingParams
+from bloom_server.runtime.protocol import ForwardBatch, GenerateBatch
+from bloom_server.types import FinishReason, RankContext, SamplingParams
 
 
 class Recorder:

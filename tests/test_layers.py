@@ -35,6 +35,9 @@ FORBIDDEN = {
     "runtime": ("api", "backends", "fast", "frontend", "storage", "tools", "cli", "serve"),
     "backends": ("api", "frontend", "tools", "cli", "serve"),
     "storage": None,  # see STORAGE_MAY
+    # structured output's grammar engine: rank 0's frontend checks grammars with it, every rank's sampling (backends,
+    # the fast engine's batcher) masks with it; so it sits below them all, on the leaves only.
+    "structured": ("api", "backends", "cli", "fast", "frontend", "runtime", "serve", "settings", "storage", "tools"),
 }
 # storage sits on the standard library (and third-party packages); of ours only the leaf modules below.
 STORAGE_MAY = ("errors", "storage", "")  # "": the package itself (its __version__)
@@ -140,7 +143,7 @@ def run(modules: str, allow_fastapi: bool = True) -> None:
 
 
 def test_api_and_frontend_do_not_import_torch():
-    run("bloom_server.api.app, bloom_server.api.routes_bloom, bloom_server.frontend.core,"
+    run("bloom_server.api.app, bloom_server.api.routes_bloom, bloom_server.frontend.core, bloom_server.runtime.protocol,"
         " bloom_server.frontend.batching.dynamic, bloom_server.frontend.batching.continuous")  # fmt: skip
 
 

@@ -95,9 +95,45 @@ def test_invalid_flag_value_exits_2(tiny_model_dir):
     assert "backend" in r.stderr
 
 
-def test_the_continuous_backends_are_those_whose_class_declares_it():
-    """settings.py names them so that a bad combination fails before loading; the classes declare the capability."""
-    from bloom_server.backends import _BACKENDS, backend_class
-    from bloom_server.settings import CONTINUOUS_BACKENDS
+def test_continuous_batching_where_the_backend_cannot_stops_the_server_before_loading(caplog):
+    """The backend class declares the capability (supports_continuous); serve asks it before anything is read."""
+    from bloom_server.serve import serve
 
-    assert set(CONTINUOUS_BACKENDS) == {name for name in _BACKENDS if backend_class(name).supports_continuous}
+    assert serve(load_settings(backend="hf", batching="continuous")) == 2
+    assert "the hf backend cannot join requests to a running batch" in caplog.text
+
+
+def test_the_other_commands_read_their_variables_through_the_settings(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from bloom_server.cli.client import default_url
+    from bloom_server.cli.launch import gpu_count
+    from bloom_server.storage.tiny import tiny_dir
+
+    s = load_settings()
+    assert default_url(s) == "http://127.0.0.1:8080" and s.num_gpus is None
+    assert tiny_dir(s.home) == Path.home() / ".cache" / "bloom-server" / "tiny-bloom"
+    env = {"BLOOM_NUM_GPUS": "0", "BLOOM_HOME": str(tmp_path), "BLOOM_PORT": "9000", "BLOOM_URL": ""}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = load_settings()
+    assert gpu_count(s.num_gpus) == 0 and tiny_dir(s.home) == tmp_path / "tiny-bloom"
+    assert default_url(s) == "http://127.0.0.1:9000"
+    monkeypatch.setenv("BLOOM_URL", "https://example.org/bloom")
+    assert default_url(load_settings()) == "https://example.org/bloom"
+    monkeypatch.setenv("BLOOM_NUM_GPUS", "-1")
+    with pytest.raises(ValidationError, match="BLOOM_NUM_GPUS"):
+        load_settings()
+
+
+def test_nothing_but_settings_reads_a_bloom_variable():
+    """One Settings object for every BLOOM_* variable: no other module reads one from the environment."""
+    import pathlib
+    import re
+
+    src = pathlib.Path(__file__).resolve().parents[1] / "src" / "bloom_server"
+    read = re.compile(r"""(environ\b[^\n]{0,12}|getenv\()\(?\[?["']BLOOM_""")
+    wrong = [
+        str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "settings.py" and read.search(p.read_text())
+    ]
+    assert not wrong, wrong

@@ -75,7 +75,8 @@ class InstantRunner:
         self.token = token
 
     def submit(self, kind: str, payload: Any = None, listener: Any = None) -> concurrent.futures.Future:
-        from bloom_server.types import FinishReason, GenerateOutput
+        from bloom_server.runtime.protocol import GenerateOutput
+        from bloom_server.types import FinishReason
 
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if kind == "generate":
@@ -91,10 +92,10 @@ def real_app(batch_wait_ms: float | None) -> Any:
     from bloom_server.frontend.core import Engine
     from bloom_server.frontend.tokenizer import TextTokenizer
     from bloom_server.settings import load_settings
-    from bloom_server.storage.tiny import ensure_tiny_model
+    from bloom_server.storage.tiny import ensure_tiny_model, tiny_dir
     from bloom_server.types import ModelInfo
 
-    model = ensure_tiny_model()
+    model = ensure_tiny_model(tiny_dir(load_settings().home))
     overrides = {} if batch_wait_ms is None else {"batch_wait_ms": batch_wait_ms}
     settings = load_settings(model=str(model), log_level="warning", **overrides)
     engine = Engine(settings)

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bloom_server import structured
+    from bloom_server.api.grammar import make_grammar
     from bloom_server.fast.engine import FastEngine
     from bloom_server.fast.sampling import SamplingConfig
     from bloom_server.fast.scheduler import ContinuousBatcher, Request
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tokenizer_json = build_tiny_model(Path(tempfile.mkdtemp()) / "tiny") / "tokenizer.json"
     schema = json.loads(args.schema.read_text()) if args.schema else SCHEMA
-    grammar = structured.make_grammar("json_schema", schema, "schema")
+    grammar = make_grammar("json_schema", schema, "schema")
     eos = 2  # BLOOM's </s> (and the embedded model's)
     grammars = structured.Grammars(tokenizer_json, shape.vocab_size, (eos,))
     grammars.check(grammar, "schema")

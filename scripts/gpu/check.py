@@ -152,7 +152,8 @@ def run_case(name: str, work: Path, device: str) -> dict:
     import torch
     from tokenizers import Tokenizer
 
-    from bloom_server.types import ForwardBatch, GenerateBatch, SamplingParams
+    from bloom_server.runtime.protocol import ForwardBatch, GenerateBatch
+    from bloom_server.types import SamplingParams
 
     spec = CASES[name]
     res: dict = {"case": name, "ok": False, "spec": spec}

@@ -26,9 +26,11 @@ log = logging.getLogger("bloom_server")
 
 def resolve(settings: Settings) -> ModelDir:
     if settings.model is None:
-        from bloom_server.storage.tiny import ensure_tiny_model
+        from bloom_server.storage.tiny import ensure_tiny_model, tiny_dir
 
-        return resolve_model_dir(str(ensure_tiny_model()), model_id=settings.model_id or "bloom-tiny")
+        return resolve_model_dir(
+            str(ensure_tiny_model(tiny_dir(settings.home))), model_id=settings.model_id or "bloom-tiny"
+        )
     return resolve_model_dir(settings.model, model_id=settings.model_id,
                              trust_unverified_pickles=settings.trust_unverified_pickles)  # fmt: skip
 
@@ -46,14 +48,16 @@ def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext, prog
 
 def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
     from bloom_server.backends import backend_class
+    from bloom_server.frontend.batching import batching_mode
 
     progress = LoadProgress()
-    try:
-        model_dir = resolve(settings)  # cheap checks first: refuse a bad directory before opening the port
+    cls = backend_class(settings.backend)
+    try:  # cheap checks first: refuse a bad setting or directory before opening the port
+        batching_mode(settings.batching, cls.supports_continuous, settings.backend)
+        model_dir = resolve(settings)
     except BloomServerError as exc:
         log.error("cannot serve: %s", exc)
         return 2
-    cls = backend_class(settings.backend)
     early = cls.before_torch(settings, model_dir, progress, local_rank_flag)  # before torch: rank_context imports it
 
     from bloom_server.runtime.distributed import rank_context

@@ -1,8 +1,10 @@
-"""Structured output: grammars (JSON schema, JSON object, regex) turned into per-row allowed-token masks, with
-llguidance as the grammar engine.
+"""Structured output's grammar engine: grammars (types.Grammar: JSON schema, JSON object, regex; api/grammar.py builds
+them from each surface's fields) compiled by llguidance and turned into per-row allowed-token masks.
 
-Used on rank 0 by the engine (check a grammar before anything is queued) and on every rank by the backends (one
-matcher per constrained row, advanced by the row's tokens; the next mask filled from it). Every rank computes the
+Used on rank 0 by the frontend (check a grammar before anything is queued) and on every rank in sampling, by the
+backends and the fast engine's batcher (one matcher per constrained row, advanced by the row's tokens; the next mask
+filled from it). Because the frontend and the fast engine may not import each other, it sits below both: it imports
+only the leaf modules (tests/test_layers.py). Every rank computes the
 same masks from the same tokens (a matcher is a deterministic function of the grammar and the tokens so far), so
 nothing is broadcast per step and the lockstep digest of the tokens still compares the ranks.
 
@@ -23,8 +25,6 @@ from bloom_server.types import Grammar
 if TYPE_CHECKING:
     import torch
 
-# A schema or regex larger than this is refused before it is compiled (a grammar's cost grows with its text).
-MAX_GRAMMAR_BYTES = 64 * 1024
 # Compiled grammars kept (LRU): a repeated schema (the usual case for a program calling the server) is not compiled
 # again; the bound keeps memory flat whatever clients send.
 CACHE_ENTRIES = 256
@@ -34,38 +34,6 @@ LIMITS = dict(max_lexer_states=50_000, max_grammar_size=100_000, initial_lexer_f
               step_lexer_fuel=200_000, step_max_items=50_000)  # fmt: skip
 # Compact JSON (no free whitespace between tokens): a model cannot pad an answer with endless blanks.
 JSON_OPTIONS = {"whitespace_flexible": False}
-KINDS = ("json_schema", "json_object", "regex")
-
-
-def make_grammar(kind: str, value: Any, field: str) -> Grammar:
-    """A request's grammar in canonical form (what crosses the ranks and keys the cache). `value`: the schema (a
-    dict, or a JSON string of one) or the regex. Raises InvalidRequest naming `field` when it is not one."""
-    if kind == "json_object":
-        return Grammar("json_object", "")
-    if kind == "json_schema":
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise InvalidRequest(f"{field}: not valid JSON ({exc})", field=field) from None
-        if isinstance(value, bool):  # JSON Schema's true (anything) and false (nothing)
-            value = {} if value else {"not": {}}
-        if not isinstance(value, dict):
-            raise InvalidRequest(f"{field}: a JSON schema must be an object", field=field)
-        try:
-            source = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequest(f"{field}: {exc}", field=field) from None
-    elif kind == "regex":
-        if not isinstance(value, str) or not value:
-            raise InvalidRequest(f"{field}: a regex must be a non-empty string", field=field)
-        source = value
-    else:
-        raise InvalidRequest(f"{field}: unknown grammar type {kind!r}", field=field)
-    if len(source.encode()) > MAX_GRAMMAR_BYTES:
-        raise InvalidRequest(f"{field}: {len(source.encode())} bytes; the limit is {MAX_GRAMMAR_BYTES}", field=field,
-                             limit=MAX_GRAMMAR_BYTES)  # fmt: skip
-    return Grammar(kind, source)
 
 
 def available() -> str | None:

@@ -1,8 +1,10 @@
-"""Plain data passed between layers. No torch, no FastAPI: these cross the rank boundary (pickled) and the API boundary."""
+"""Plain data passed between layers: the request-level types (sampling parameters, grammars, finish reasons, model
+and rank facts). No torch, no FastAPI. The batches that cross ranks are in runtime/protocol.py."""
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,37 @@ class FinishReason(str, enum.Enum):
     TIME = "max_time"  # max_time ran out
 
 
+def eos_set(eos_token_id: Any) -> frozenset[int]:
+    """The eos_token_id setting (one id, a list of ids, or None) as a set of ids."""
+    if eos_token_id is None:
+        return frozenset()
+    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,)
+    return frozenset(int(t) for t in ids)
+
+
+# The one end-of-row rule: a row ends at an EOS token (kept in its output) or once it holds its max_new_tokens.
+# row_end is the rule token by token, cut_row the same rule over a run of tokens; every rank-0 and backend path
+# that decides where a row ends calls one of them.
+def row_end(token: int, count: int, limit: int, eos_ids: Collection[int]) -> FinishReason | None:
+    """Whether a row ends with `token`, its `count`-th new token, given its max_new_tokens `limit`; None: it goes on."""
+    if token in eos_ids:
+        return FinishReason.EOS
+    return FinishReason.LENGTH if count >= limit else None
+
+
+def cut_row(
+    tokens: Sequence[int], limit: int, eos_ids: Collection[int], have: int = 0
+) -> tuple[tuple[int, ...], FinishReason | None]:
+    """A row's next `tokens` (after the `have` it holds) cut by row_end: up to and including the first EOS, at most
+    up to `limit` in all; with why the row ended there, or None if it goes on."""
+    take = tuple(tokens[: max(0, limit - have)])
+    if eos_ids:
+        for i, t in enumerate(take):
+            if t in eos_ids:
+                return take[: i + 1], FinishReason.EOS
+    return take, (FinishReason.LENGTH if have + len(take) >= limit else None)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Settings that every row of one generate call must share, as keyword arguments for `generate()`.
@@ -79,42 +112,6 @@ def _freeze(v: Any) -> Any:
 
 def _thaw(v: Any) -> Any:
     return [_thaw(x) for x in v] if isinstance(v, tuple) else v
-
-
-@dataclass(frozen=True)
-class GenerateBatch:
-    """One generate call: what rank 0 broadcasts and every rank runs.
-
-    input_ids: one list of token ids per row (no padding; backends pad on their side).
-    max_new_tokens: per row; the call runs to the largest and cuts each row at its own.
-    seed: every rank seeds its RNG from it, so sampled tokens agree across tensor-parallel ranks.
-    grammars: per row, the Grammar its tokens must follow, or None (empty: no row is constrained).
-    """
-
-    input_ids: tuple[tuple[int, ...], ...]
-    max_new_tokens: tuple[int, ...]
-    params: SamplingParams
-    seed: int
-    pad_token_id: int
-    eos_token_id: int | None
-    grammars: tuple[Grammar | None, ...] = ()
-
-
-@dataclass(frozen=True)
-class GenerateOutput:
-    """Per row: the new token ids (prompt excluded, cut at EOS inclusive and at the row's max_new_tokens)."""
-
-    token_ids: tuple[tuple[int, ...], ...]
-    finish_reasons: tuple[FinishReason, ...]
-
-
-@dataclass(frozen=True)
-class ForwardBatch:
-    """Negative log-likelihood of each response given its conditioning text (token ids, no padding)."""
-
-    conditioning_ids: tuple[tuple[int, ...], ...]
-    response_ids: tuple[tuple[int, ...], ...]
-    pad_token_id: int
 
 
 @dataclass(frozen=True)

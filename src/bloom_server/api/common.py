@@ -7,16 +7,20 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from fastapi import routing as fastapi_routing
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from bloom_server.api.errors import malformed_json, render_error
 from bloom_server.errors import InvalidRequest
 from bloom_server.frontend.requests import Cancelled, Completion, GenRequest
+
+if TYPE_CHECKING:
+    from bloom_server.frontend.core import Engine
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger(__name__)
@@ -36,6 +40,29 @@ def parse(model: type[M], data: Any) -> M:
     except ValidationError as exc:
         errors = [dict(e, loc=("body", *e["loc"])) for e in exc.errors(include_url=False)]
         raise RequestValidationError(errors) from None
+
+
+def submit_generation(
+    engine: Engine,
+    request: Request,
+    prompts: list[Any],
+    kwargs: dict[str, Any],
+    rename: Callable[[InvalidRequest], InvalidRequest] | None = None,
+    **options: Any,
+) -> GenRequest:
+    """A route's generation request, submitted with the HTTP request's deadline (X-Request-Timeout) and id, and left
+    where the access log and the error handlers find it. A refusal is raised as `rename` names its field (the field
+    as the surface's clients sent it)."""
+    try:
+        req = engine.submit(
+            prompts, kwargs, timeout_s=header_timeout(request), request_id=request_id(request), **options
+        )
+    except InvalidRequest as exc:
+        if rename is None:
+            raise
+        raise rename(exc) from None
+    remember(request, req)
+    return req
 
 
 def remember(request: Request, *reqs: GenRequest) -> None:
@@ -118,13 +145,22 @@ def sse(data: Any) -> bytes:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse_schema(description: str) -> dict:
-    """OpenAPI schema of one server-sent event: its `data` is a JSON document (described in `description`)."""
-    return {
+def sse_response(description: str, event: str) -> dict[str, Any]:
+    """OpenAPI's 200 of a route that may stream: `description`, and server-sent events whose `data` is a JSON
+    document (described in `event`)."""
+    schema = {
         "type": "object",
-        "properties": {"data": {"type": "string", "description": description}, "event": {"type": "string"}},
+        "properties": {"data": {"type": "string", "description": event}, "event": {"type": "string"}},
         "required": ["data"],
     }
+    return {"description": description, "content": {"text/event-stream": {"schema": schema}}}
+
+
+def event_stream(
+    gen: AsyncIterator[bytes], reqs: list[GenRequest], closing: Callable[[str], list[bytes]]
+) -> StreamingResponse:
+    """A streamed answer: `gen`'s server-sent events, through events_then_close."""
+    return StreamingResponse(events_then_close(gen, reqs, closing), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def timing_headers(reqs: list[GenRequest], compute_type: str | None = None) -> dict[str, str]:

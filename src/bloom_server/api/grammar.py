@@ -1,7 +1,8 @@
 """Structured output as each API surface asks for it, turned into the engine's Grammar: TGI's `grammar`
 (`{"type": "json" | "regex" | "json_object", "value": ...}`, also in the original /generate body), OpenAI's
 `response_format` (`text`, `json_object`, `json_schema`) and chat `tools` with a `tool_choice` that names a function
-or is `required`. Shapes only: the grammar itself is compiled and checked by the engine, which names the field."""
+or is `required`. Shapes and canonical form only: the grammar itself is compiled and checked by the engine
+(bloom_server.structured), which names the field."""
 
 from __future__ import annotations
 
@@ -10,8 +11,41 @@ from dataclasses import dataclass
 from typing import Any
 
 from bloom_server.errors import InvalidRequest
-from bloom_server.structured import make_grammar
 from bloom_server.types import Grammar
+
+# A schema or regex larger than this is refused before it is compiled (a grammar's cost grows with its text).
+MAX_GRAMMAR_BYTES = 64 * 1024
+
+
+def make_grammar(kind: str, value: Any, field: str) -> Grammar:
+    """A request's grammar in canonical form (what crosses the ranks and keys the cache). `value`: the schema (a
+    dict, or a JSON string of one) or the regex. Raises InvalidRequest naming `field` when it is not one."""
+    if kind == "json_object":
+        return Grammar("json_object", "")
+    if kind == "json_schema":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise InvalidRequest(f"{field}: not valid JSON ({exc})", field=field) from None
+        if isinstance(value, bool):  # JSON Schema's true (anything) and false (nothing)
+            value = {} if value else {"not": {}}
+        if not isinstance(value, dict):
+            raise InvalidRequest(f"{field}: a JSON schema must be an object", field=field)
+        try:
+            source = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"{field}: {exc}", field=field) from None
+    elif kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise InvalidRequest(f"{field}: a regex must be a non-empty string", field=field)
+        source = value
+    else:
+        raise InvalidRequest(f"{field}: unknown grammar type {kind!r}", field=field)
+    if len(source.encode()) > MAX_GRAMMAR_BYTES:
+        raise InvalidRequest(f"{field}: {len(source.encode())} bytes; the limit is {MAX_GRAMMAR_BYTES}", field=field,
+                             limit=MAX_GRAMMAR_BYTES)  # fmt: skip
+    return Grammar(kind, source)
 
 
 def _bad(field: str, message: str) -> InvalidRequest:

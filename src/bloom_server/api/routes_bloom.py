@@ -13,12 +13,10 @@ from fastapi.responses import JSONResponse
 from bloom_server.api import routes_tgi
 from bloom_server.api.common import (
     RequestOnlyRoute,
-    header_timeout,
     parse,
     read_json,
-    remember,
-    request_id,
     result_or_disconnect,
+    submit_generation,
     timing_headers,
 )
 from bloom_server.api.errors import error_responses
@@ -142,14 +140,9 @@ def build_router(engine: Engine) -> APIRouter:
             request.state.surface = "tgi"
             return await routes_tgi.answer(engine, request, parse(TGIRequest, data), as_list=False)
         body = parse(GenerateRequest, data)
-        req = engine.submit(
-            body.text,
-            body.generate_kwargs(),
-            timeout_s=header_timeout(request),
-            request_id=request_id(request),
-            grammar=tgi_grammar(body.grammar, "grammar"),
+        req = submit_generation(
+            engine, request, body.text, body.generate_kwargs(), grammar=tgi_grammar(body.grammar, "grammar")
         )
-        remember(request, req)
         (completions,) = await result_or_disconnect(request, [req])
         headers = timing_headers([req])
         ignored = body.ignored_fields()

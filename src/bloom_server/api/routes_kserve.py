@@ -15,12 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bloom_server import __version__
 from bloom_server.api.common import (
-    header_timeout,
     parse,
-    remember,
     rename_field,
-    request_id,
     result_or_disconnect,
+    submit_generation,
     timing_headers,
 )
 from bloom_server.api.errors import NotFound, error_responses, malformed_json
@@ -226,19 +224,8 @@ def build_router(engine: Engine, model_name: str) -> APIRouter:
     ) -> tuple[list[Completion], Any]:
         kwargs, seed, stop = _settings(params, "parameters")
         kwargs.setdefault("remove_input_from_output", True)
-        try:
-            req = engine.submit(
-                prompts,
-                kwargs,
-                seed=seed,
-                field="text",
-                stop=stop,
-                timeout_s=header_timeout(request),
-                request_id=request_id(request),
-            )
-        except InvalidRequest as exc:
-            raise rename_field(exc, {"text": field}, prefix="parameters.") from None
-        remember(request, req)
+        rename = lambda exc: rename_field(exc, {"text": field}, prefix="parameters.")  # noqa: E731
+        req = submit_generation(engine, request, prompts, kwargs, rename, seed=seed, field="text", stop=stop)
         (comps,) = await result_or_disconnect(request, [req])
         return comps, req
 

@@ -8,20 +8,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from bloom_server.api.common import (
-    SSE_HEADERS,
-    events_then_close,
-    header_timeout,
+    event_stream,
     openai_stream_error,
-    remember,
     rename_field,
-    request_id,
     result_or_disconnect,
     sse,
-    sse_schema,
+    sse_response,
+    submit_generation,
     timing_headers,
 )
 from bloom_server.api.errors import NotFound, error_responses, render_error, status_of
@@ -45,6 +42,18 @@ from bloom_server.types import Grammar
 OPENAI_ERRORS = error_responses(OpenAIError, e400="Invalid request: `param` names the field", e404="No such model")
 _FIELDS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
 _FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length", "max_time": "length"}
+
+
+def _streamed(answer: str, chunk: str) -> dict[Any, Any]:
+    """The responses of a route that answers `answer`, or with `stream` its chunks."""
+    return {**OPENAI_ERRORS, 200: sse_response(f"{answer}; with stream: server-sent chunks, then [DONE]",
+                                                f"{chunk} (JSON), or [DONE] last")}  # fmt: skip
+
+
+def _answer(rid: str, obj: str, created: int, model: str, choices: list, req: GenRequest, n: int) -> JSONResponse:
+    """A whole (not streamed) completion or chat completion, with TGI's timing headers."""
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, "usage": _usage(req, n)}
+    return JSONResponse(out, headers=timing_headers([req]))
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -131,26 +140,15 @@ def build_router(
     ):
         _unsupported(body)
         grammar, grammar_field, plan = _grammar(body)
-        try:
-            req = engine.submit(
-                prompts,
-                _kwargs(body, max_tokens),
-                seed=body.seed,
-                field="text",
-                n=body.n,
-                stop=_stops(body.stop),
-                timeout_s=header_timeout(request),
-                top_n=top_n,
-                request_id=request_id(request),
-                streaming=body.stream,
-                grammar=grammar,
-                grammar_field=grammar_field,
-            )
-        except InvalidRequest as exc:
+
+        def rename(exc: InvalidRequest) -> InvalidRequest:
             if exc.field and (exc.field.startswith(("response_format", "tools")) or exc.field == grammar_field):
-                raise
-            raise rename_field(exc, {**_FIELDS, "text": field}, keep_index=field == "prompt") from None
-        remember(request, req)
+                return exc
+            return rename_field(exc, {**_FIELDS, "text": field}, keep_index=field == "prompt")
+
+        req = submit_generation(engine, request, prompts, _kwargs(body, max_tokens), rename, seed=body.seed,
+                            field="text", n=body.n, stop=_stops(body.stop), top_n=top_n, streaming=body.stream,
+                            grammar=grammar, grammar_field=grammar_field)  # fmt: skip
         return req, plan
 
     def card() -> dict[str, Any]:
@@ -188,15 +186,7 @@ def build_router(
     @router.post(
         "/v1/completions",
         response_model=CompletionResponse,
-        responses={
-            **OPENAI_ERRORS,
-            200: {
-                "description": "CompletionResponse; with stream: server-sent chunks, then [DONE]",
-                "content": {
-                    "text/event-stream": {"schema": sse_schema("a text_completion chunk (JSON), or [DONE] last")}
-                },
-            },
-        },
+        responses=_streamed("CompletionResponse", "a text_completion chunk"),
     )
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """OpenAI completions: prompt (string or list), max_tokens, temperature, top_p, n, stop, seed, logprobs,
@@ -211,9 +201,7 @@ def build_router(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _completion_chunks(engine, req, rid, created, model_name, echo, body.logprobs, include_usage, body.n)
-            return StreamingResponse(
-                events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream", headers=SSE_HEADERS
-            )
+            return event_stream(gen, [req], openai_stream_error)
         (comps,) = await result_or_disconnect(request, [req])
         choices = []
         for i, c in enumerate(comps):
@@ -226,28 +214,12 @@ def build_router(
             choices.append(
                 {"index": i, "text": text, "logprobs": lp, "finish_reason": _FINISH.get(c.finish_reason, "length")}
             )
-        out = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-            "usage": _usage(req, body.n),
-        }
-        return JSONResponse(out, headers=timing_headers([req]))
+        return _answer(rid, "text_completion", created, model_name, choices, req, body.n)
 
     @router.post(
         "/v1/chat/completions",
         response_model=ChatResponse,
-        responses={
-            **OPENAI_ERRORS,
-            200: {
-                "description": "ChatResponse; with stream: server-sent chunks, then [DONE]",
-                "content": {
-                    "text/event-stream": {"schema": sse_schema("a chat.completion.chunk (JSON), or [DONE] last")}
-                },
-            },
-        },
+        responses=_streamed("ChatResponse", "a chat.completion.chunk"),
     )
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         """OpenAI chat completions, for a model whose tokenizer has a chat template (or with BLOOM_CHAT_TEMPLATE);
@@ -269,9 +241,7 @@ def build_router(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             gen = _chat_chunks(engine, req, rid, created, model_name, body.logprobs, include_usage, body.n, plan)
-            return StreamingResponse(
-                events_then_close(gen, [req], openai_stream_error), media_type="text/event-stream", headers=SSE_HEADERS
-            )
+            return event_stream(gen, [req], openai_stream_error)
         (comps,) = await result_or_disconnect(request, [req])
         choices = []
         for i, c in enumerate(comps):
@@ -282,15 +252,7 @@ def build_router(
                 "logprobs": {"content": _chat_logprobs(engine, c)} if body.logprobs else None,
                 "finish_reason": finish,
             })  # fmt: skip
-        out = {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-            "usage": _usage(req, body.n),
-        }
-        return JSONResponse(out, headers=timing_headers([req]))
+        return _answer(rid, "chat.completion", created, model_name, choices, req, body.n)
 
     return router
 

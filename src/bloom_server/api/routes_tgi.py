@@ -11,17 +11,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bloom_server.api.common import (
-    SSE_HEADERS,
-    events_then_close,
-    header_timeout,
+    event_stream,
     parse,
     read_json,
-    remember,
     rename_field,
-    request_id,
     result_or_disconnect,
     sse,
-    sse_schema,
+    sse_response,
+    submit_generation,
     tgi_stream_error,
     timing_headers,
 )
@@ -71,27 +68,15 @@ def submit(engine: Engine, request: Request, body: TGIRequest, streaming: bool =
     if extra:
         kwargs.update(parse(GenerateKwargs, extra).generate_kwargs())
     grammar = tgi_grammar(p.grammar, "parameters.grammar")
-    try:
-        req = engine.submit(
-            [body.inputs],
-            kwargs,
-            seed=p.seed,
-            field="text",
-            stop=tuple(p.stop),
-            timeout_s=header_timeout(request),
-            top_n=p.top_n_tokens or 0,
-            truncate=p.truncate,
-            request_id=request_id(request),
-            streaming=streaming,
-            grammar=grammar,
-            grammar_field="parameters.grammar",
-        )
-    except InvalidRequest as exc:
+
+    def rename(exc: InvalidRequest) -> InvalidRequest:
         if exc.field and exc.field.startswith("parameters.grammar"):
-            raise
-        raise rename_field(exc, _FIELDS, prefix="parameters.", keep_index=False) from None
-    remember(request, req)
-    return req
+            return exc
+        return rename_field(exc, _FIELDS, prefix="parameters.", keep_index=False)
+
+    return submit_generation(engine, request, [body.inputs], kwargs, rename, seed=p.seed, field="text",
+                         stop=tuple(p.stop), top_n=p.top_n_tokens or 0, truncate=p.truncate, streaming=streaming,
+                         grammar=grammar, grammar_field="parameters.grammar")  # fmt: skip
 
 
 def generated_text(c: Completion) -> str:
@@ -146,11 +131,7 @@ def compute_type(engine: Engine) -> str | None:
 
 def stream(engine: Engine, request: Request, body: TGIRequest) -> StreamingResponse:
     req = submit(engine, request, body, streaming=True)  # every 4xx happens here, before the stream's first byte
-    return StreamingResponse(
-        events_then_close(_events(engine, req), [req], tgi_stream_error),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-    )
+    return event_stream(_events(engine, req), [req], tgi_stream_error)
 
 
 async def _events(engine: Engine, req: GenRequest) -> AsyncIterator[bytes]:
@@ -206,12 +187,11 @@ def build_router(engine: Engine) -> APIRouter:
         "/generate_stream",
         response_class=StreamingResponse,
         responses={
-            200: {
-                "content": {"text/event-stream": {"schema": sse_schema("TGIStreamEvent (JSON)")}},
-                "description": "One `data: {TGIStreamEvent}` event per token; the last has "
-                "generated_text and details; an error after the first token ends the stream with "
-                '`data: {"error": <message>, "error_type": <kind>}`.',
-            },
+            200: sse_response(
+                "One `data: {TGIStreamEvent}` event per token; the last has generated_text and details; an error "
+                'after the first token ends the stream with `data: {"error": <message>, "error_type": <kind>}`.',
+                "TGIStreamEvent (JSON)",
+            ),
             **TGI_ERRORS,
         },
     )
@@ -224,10 +204,9 @@ def build_router(engine: Engine) -> APIRouter:
         "/",
         response_model=list[TGIResponse],
         responses={
-            200: {
-                "content": {"text/event-stream": {"schema": sse_schema("TGIStreamEvent (JSON)")}},
-                "description": "`[TGIResponse]` as JSON; with `stream: true`, the events of /generate_stream",
-            },
+            200: sse_response(
+                "`[TGIResponse]` as JSON; with `stream: true`, the events of /generate_stream", "TGIStreamEvent (JSON)"
+            ),
             **TGI_ERRORS,
         },
         openapi_extra={

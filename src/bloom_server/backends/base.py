@@ -5,9 +5,11 @@ from __future__ import annotations
 import abc
 import logging
 import warnings
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
-from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, GenerateOutput, RankContext
+from bloom_server.runtime.protocol import ForwardBatch, GenerateBatch, GenerateOutput
+from bloom_server.types import FinishReason, RankContext, cut_row, eos_set
 
 if TYPE_CHECKING:
     import torch
@@ -105,10 +107,9 @@ class TransformersModelBackend(Backend):
             may_stop = self.ctx.world_size == 1 or stops is not None
             hook = StreamHook(listener, batch.max_new_tokens, may_stop=may_stop, stops=stops)
             kwargs.update(hook.generate_kwargs())
+        eos_ids = eos_set(kwargs.get("eos_token_id"))
         if any(g is not None for g in batch.grammars):
-            eos = kwargs.get("eos_token_id")
-            eos_t = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-            mask = GrammarMask(self, batch.grammars, input_ids.shape[1], eos_t)
+            mask = GrammarMask(self, batch.grammars, input_ids.shape[1], tuple(sorted(eos_ids)))
             kwargs["logits_processor"] = mask.processors(kwargs.get("logits_processor"))
         with torch.inference_mode(), warnings.catch_warnings():
             # min_length past the output (allowed: it means "never stop on EOS") is legal here, not worth a warning.
@@ -120,8 +121,6 @@ class TransformersModelBackend(Backend):
                 **kwargs,
             )
         new_tokens = out[:, input_ids.shape[1] :].tolist()
-        eos = kwargs.get("eos_token_id")
-        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
         result = cut_rows(new_tokens, batch.max_new_tokens, eos_ids)
         return hook.cut_stopped(result) if hook is not None else result
 
@@ -298,20 +297,11 @@ def pad_left(rows: tuple[tuple[int, ...], ...], pad_id: int, device: Any) -> tup
     return ids.to(device), mask.to(device)
 
 
-def cut_rows(new_tokens: list[list[int]], max_new: tuple[int, ...], eos_ids: set[int]) -> GenerateOutput:
-    """Cut each row after its first EOS (kept) or at its own max_new_tokens; the rest is batch padding."""
-    rows: list[tuple[int, ...]] = []
-    reasons: list[FinishReason] = []
-    for toks, limit in zip(new_tokens, max_new):
-        toks = toks[:limit]
-        reason = FinishReason.LENGTH if len(toks) >= limit else FinishReason.TIME
-        for j, t in enumerate(toks):
-            if t in eos_ids:
-                toks, reason = toks[: j + 1], FinishReason.EOS
-                break
-        rows.append(tuple(toks))
-        reasons.append(reason)
-    return GenerateOutput(tuple(rows), tuple(reasons))
+def cut_rows(new_tokens: list[list[int]], max_new: tuple[int, ...], eos_ids: Collection[int]) -> GenerateOutput:
+    """Each row of a whole generate call cut by the end-of-row rule (types.cut_row); the rest is batch padding. A row
+    that ended neither way stopped for time (max_time)."""
+    cut = [cut_row(toks, limit, eos_ids) for toks, limit in zip(new_tokens, max_new)]
+    return GenerateOutput(tuple(t for t, _ in cut), tuple(r or FinishReason.TIME for _, r in cut))
 
 
 def torch_dtype(name: str, device_type: str) -> torch.dtype:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from bloom_server.backends.base import Backend, cut_rows, torch_dtype
 from bloom_server.errors import ConfigError, ModelDirError
-from bloom_server.runtime.protocol import CStepResult
-from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, GenerateOutput
+from bloom_server.runtime.protocol import CStepResult, ForwardBatch, GenerateBatch, GenerateOutput
+from bloom_server.types import FinishReason, row_end
 
 if TYPE_CHECKING:
     from bloom_server.fast.engine import FastEngine
@@ -300,7 +300,7 @@ class _Stream:
         self.listener.on_tokens(tokens, logprobs, top)
         self.delivered += 1
         for row, tok in enumerate(tokens):
-            if tok in self.eos_ids or self.delivered >= self.max_new[row]:
+            if row_end(tok, self.delivered, self.max_new[row], self.eos_ids) is not None:
                 self.finished[row] = True
         if self.may_stop:
             for row in self.listener.stopped_rows():

@@ -5,8 +5,9 @@ and CUDA initialises (seconds that would otherwise pass with the disk and the CP
 from __future__ import annotations
 
 import logging
-import os
 from typing import TYPE_CHECKING, Any
+
+from bloom_server.runtime.distributed import launcher_ranks
 
 if TYPE_CHECKING:
     from bloom_server.progress import LoadProgress
@@ -23,7 +24,7 @@ def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgre
     from bloom_server.storage.prefetch import ReadThrottle
     from bloom_server.storage.prefetch import start_prefetch as start
 
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, _ = launcher_ranks()
     throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
     start(model_dir.path, rank=rank, world=world, threads=settings.load_prefetch_threads,
           chunk_bytes=max(4096, int(settings.load_chunk_mb * 2**20)), progress=progress, throttle=throttle)  # fmt: skip
@@ -52,10 +53,9 @@ def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_fla
             progress.note("kernel cache seed, s", got["seconds"])
         log.info("kernel cache seeded from %s: %d entries copied (%.1f MB), %d already there, %d failed, %.2f s",
                  seed, got["copied"], got["bytes"] / 1e6, got["present"], got["failed"], got["seconds"])  # fmt: skip
-    local = local_rank_flag if local_rank_flag is not None else int(os.environ.get("LOCAL_RANK", "0") or 0)
+    _, world, local = launcher_ranks(local_rank_flag)
     try:
-        return start_compile_workers(settings, model_dir.path, world=int(os.environ.get("WORLD_SIZE", "1") or 1),
-                                     local_rank=local, seed=seed)  # fmt: skip
+        return start_compile_workers(settings, model_dir.path, world=world, local_rank=local, seed=seed)
     except Exception:  # ahead-of-time work only: the load compiles what is missing
         log.warning("kernel compile workers not started", exc_info=True)
         return None

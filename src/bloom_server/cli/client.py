@@ -1,12 +1,11 @@
-"""`bloom-server client "a prompt"`: stream a completion from a running server to the terminal. Standard library only
-(http.client), so it runs anywhere Python does, without the server's dependencies."""
+"""`bloom-server client "a prompt"`: stream a completion from a running server to the terminal, over the standard
+library's http.client. Its defaults (url, port, api_key) are the settings' (settings.py), as `serve` reads them."""
 
 from __future__ import annotations
 
 import argparse
 import http.client
 import json
-import os
 import sys
 import time
 import urllib.parse
@@ -32,13 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no statistics on standard error")
 
 
-def default_url(env: dict[str, str] | os._Environ) -> str:
-    """$BLOOM_URL, else the local server on the port `serve` reads ($BLOOM_PORT, 8080 by default). Read here rather
-    than through the settings object: the client stays standard library only."""
-    if env.get("BLOOM_URL"):
-        return env["BLOOM_URL"]
-    port = (env.get("BLOOM_PORT") or "").strip() or "8080"
-    return f"http://127.0.0.1:{port}"
+def default_url(settings: Any) -> str:
+    """The url setting ($BLOOM_URL), else the local server on the port `serve` reads ($BLOOM_PORT, 8080 by default)."""
+    return settings.url or f"http://127.0.0.1:{settings.port}"
 
 
 def body_for(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
@@ -57,9 +52,19 @@ def body_for(args: argparse.Namespace, prompt: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """0: done; 1: the server refused or failed the request (its message on stderr); 2: no server reachable."""
+    from pydantic import ValidationError
+
+    from bloom_server.cli.serve import print_invalid
+    from bloom_server.settings import load_settings
+
+    try:
+        settings = load_settings()
+    except ValidationError as exc:
+        print_invalid("client", exc)
+        return 2
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    url = urllib.parse.urlparse(args.url or default_url(os.environ))
-    key = args.api_key or os.environ.get("BLOOM_API_KEY")
+    url = urllib.parse.urlparse(args.url or default_url(settings))
+    key = args.api_key or (settings.api_key.get_secret_value() if settings.api_key is not None else None)
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if key:
         headers["Authorization"] = f"Bearer {key}"

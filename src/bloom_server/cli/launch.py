@@ -1,5 +1,5 @@
-"""`bloom-server launch`: `serve` under the deepspeed launcher on BLOOM_NUM_GPUS GPUs (all visible by default), or
-alone on a CPU host."""
+"""`bloom-server launch`: `serve` under the deepspeed launcher on BLOOM_NUM_GPUS GPUs (the num_gpus setting; all
+visible by default), or alone on a CPU host."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import shutil
 import sys
 
 
-def gpu_count() -> int:
-    if os.environ.get("BLOOM_NUM_GPUS"):
-        return int(os.environ["BLOOM_NUM_GPUS"])
+def gpu_count(num_gpus: int | None) -> int:
+    if num_gpus is not None:
+        return num_gpus
     try:
         import torch
 
@@ -20,7 +20,16 @@ def gpu_count() -> int:
 
 
 def run(serve_args: list[str]) -> int:
-    n = gpu_count()
+    from pydantic import ValidationError
+
+    from bloom_server.cli.serve import print_invalid
+    from bloom_server.settings import load_settings
+
+    try:
+        n = gpu_count(load_settings().num_gpus)
+    except ValidationError as exc:
+        print_invalid("launch", exc)
+        return 2
     if n <= 0:
         argv = [sys.executable, "-m", "bloom_server", "serve", *serve_args]
     else:

@@ -4,7 +4,6 @@ will run with, into a kernel cache that `serve` seeds its own from (fast/coldsta
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from bloom_server.cli.serve import add_settings_flags, print_invalid, settings_from_args
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     except BloomServerError as exc:
         print(f"bloom-server precompile: {exc}", file=sys.stderr)
         return 2
-    tp = args.tp if args.tp is not None else int(os.environ.get("BLOOM_NUM_GPUS") or 1)
+    tp = args.tp if args.tp is not None else (settings.num_gpus if settings.num_gpus is not None else 1)
     if tp < 1:
         print("bloom-server precompile: --tp must be at least 1", file=sys.stderr)
         return 2

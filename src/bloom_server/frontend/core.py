@@ -11,14 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from bloom_server.errors import ConfigError, EngineDead, InvalidRequest, NotReady
-from bloom_server.frontend.batching.continuous import ContinuousScheduler, CStep, Join
-from bloom_server.frontend.batching.dynamic import Batcher, BatchListener
+from bloom_server.errors import EngineDead, InvalidRequest, NotReady
+from bloom_server.frontend.batching import batching_mode
+from bloom_server.frontend.batching.config import BatcherConfig
+from bloom_server.frontend.batching.continuous import ContinuousBatcher
+from bloom_server.frontend.batching.dynamic import BatchListener, DynamicBatcher
 from bloom_server.frontend.requests import Completion, GenRequest
 from bloom_server.frontend.tokenizer import TextTokenizer
 from bloom_server.frontend.validation import check_prompts, validate_generate
+from bloom_server.runtime.protocol import CStep, ForwardBatch, GenerateBatch, GenerateOutput, Join
 from bloom_server.settings import Settings
-from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput, Grammar, ModelInfo, SamplingParams
+from bloom_server.types import Grammar, ModelInfo, SamplingParams, eos_set
 
 __all__ = ["Completion", "Engine", "GenRequest", "State", "StepRunner"]
 
@@ -49,7 +52,7 @@ class Engine:
         self.info: ModelInfo | None = None
         self.tokenizer: TextTokenizer | None = None
         self.runner: StepRunner | None = None
-        self.batcher: Batcher | ContinuousScheduler | None = None
+        self.batcher: DynamicBatcher | ContinuousBatcher | None = None
         self.batching: str | None = None  # "continuous" | "dynamic", once attached
         self.load_seconds: float | None = None
         self.loaded_at: float | None = None  # wall-clock time the model was attached (OpenAI's `created`)
@@ -69,45 +72,19 @@ class Engine:
         self.runner, self.tokenizer, self.info = runner, tokenizer, info
         self.loaded_at = time.time()
         s = self.settings
-        self.batching = self._batching_mode(runner)
+        self.batching = batching_mode(
+            self.settings.batching, bool(getattr(runner, "supports_continuous", False)), self.settings.backend
+        )
         on_batch = lambda batch, seconds: self.on_batch(batch, seconds) if self.on_batch else None  # noqa: E731 - a late-bound hook, read at each call
+        config = BatcherConfig(s.max_batch_size, s.max_queued_requests, tokenizer.pad_token_id,
+                               tokenizer.eos_token_id, s.queued_tokens_limit)  # fmt: skip
         if self.batching == "continuous":
-            self.batcher = ContinuousScheduler(
-                runner,
-                max_batch_size=s.max_batch_size,
-                max_queued=s.max_queued_requests,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                max_queued_tokens=s.queued_tokens_limit,
-                on_batch=on_batch,
-            )
+            self.batcher = ContinuousBatcher(runner, config, on_batch)
         else:
-            self.batcher = Batcher(
-                self._run_generate,
-                max_batch_size=s.max_batch_size,
-                max_queued=s.max_queued_requests,
-                wait_s=s.batch_wait_ms / 1000.0,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                max_queued_tokens=s.queued_tokens_limit,
-                on_batch=on_batch,
-            )
+            self.batcher = DynamicBatcher(self._run_generate, config, s.batch_wait_ms / 1000.0, on_batch)
         if info is not None:
             info.extra.setdefault("batching", self.batching)
         log.info("batching: %s", self.batching)
-
-    def _batching_mode(self, runner: StepRunner) -> str:
-        """auto: continuous when the backend can join requests to a running batch, else dynamic."""
-        wanted = getattr(self.settings, "batching", "auto")
-        can = bool(getattr(runner, "supports_continuous", False))
-        if wanted == "continuous" and not can:
-            raise ConfigError(
-                f"--batching continuous: the {self.settings.backend} backend cannot join requests to a running "
-                "batch (only --backend fast can); use --batching dynamic or auto"
-            )
-        if wanted == "auto":
-            return "continuous" if can else "dynamic"
-        return wanted
 
     def warmup(self) -> None:
         """One real generate on every rank (from the loading thread), then ready."""
@@ -268,8 +245,7 @@ class Engine:
             spec = dataclasses.replace(spec, grammar=grammar)
         params = spec.params.as_dict()
         max_time = params.pop("max_time", None)
-        eos = params.get("eos_token_id", self.tokenizer.eos_token_id)
-        eos_ids = frozenset(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        eos_ids = eos_set(params.get("eos_token_id", self.tokenizer.eos_token_id))
         spec = dataclasses.replace(spec, params=SamplingParams.from_dict(params))
         rows = self._encode(texts, field)
         if truncate is not None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bloom_server.errors import BloomServerError
-from bloom_server.types import FinishReason
+from bloom_server.types import FinishReason, cut_row, row_end
 
 if TYPE_CHECKING:
     from bloom_server.frontend.tokenizer import TextTokenizer
@@ -175,10 +175,9 @@ class GenRequest:
         row.logprobs.append(logprob)
         row.top.append(top)
         special = token_id in self.tok.special_ids
-        if token_id in self.eos_ids:
-            row.done, row.reason = True, FinishReason.EOS.value
-        elif len(row.ids) >= self.spec.max_new_tokens:
-            row.done, row.reason = True, FinishReason.LENGTH.value
+        end = row_end(token_id, len(row.ids), self.spec.max_new_tokens, self.eos_ids)
+        if end is not None:
+            row.done, row.reason = True, end.value
         if self.incremental:
             self._advance_text(r, row, token_id, logprob, special, top)
         if row.stop is not None and not row.done:
@@ -210,15 +209,8 @@ class GenRequest:
         the row's tokens up to its first EOS or its max_new_tokens."""
         if not new or self.done:
             return
-        take = list(new[: max(0, self.spec.max_new_tokens - len(row.ids))])
-        reason = None
-        if self.eos_ids:
-            for i, t in enumerate(take):
-                if t in self.eos_ids:
-                    take, reason = take[: i + 1], FinishReason.EOS.value
-                    break
-        if reason is None and len(row.ids) + len(take) >= self.spec.max_new_tokens:
-            reason = FinishReason.LENGTH.value
+        take, end = cut_row(new, self.spec.max_new_tokens, self.eos_ids, have=len(row.ids))
+        reason = None if end is None else end.value
         if take and self.first_token is None:
             self.first_token = time.monotonic()
         row.ids.extend(take)

@@ -23,13 +23,20 @@ CONTROL_TIMEOUT = datetime.timedelta(minutes=30)
 WATCHDOG_TIMEOUT = datetime.timedelta(seconds=30)
 
 
+def launcher_ranks(local_rank_flag: int | None = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment, torch-free. `--local_rank` (passed by the
+    deepspeed launcher) is accepted as a fallback for LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    rank = int(os.environ.get("RANK") or 0)
+    local = int(os.environ.get("LOCAL_RANK") or (local_rank_flag if local_rank_flag is not None else 0))
+    return rank, world, local
+
+
 def rank_context(local_rank_flag: int | None = None) -> RankContext:
-    """Read the launcher's environment. `--local_rank` (passed by the deepspeed launcher) is accepted as a fallback."""
+    """This process among the launcher's ranks, and its device type (imports torch)."""
     import torch
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", local_rank_flag if local_rank_flag is not None else 0))
+    rank, world, local = launcher_ranks(local_rank_flag)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return RankContext(rank=rank, world_size=world, local_rank=local, device_type=device)
 

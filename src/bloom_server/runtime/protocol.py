@@ -1,6 +1,6 @@
 """Everything that crosses ranks: rank 0 decides each step, every rank runs it (runtime/lockstep.py) and the ranks
-compare a digest of the result. A step is a kind and a payload; the payload types are here, or, for the whole-call
-batches that the other layers build too, in types.py (re-exported here so that this module is the one list).
+compare a digest of the result. A step is a kind and a payload; every payload and result type is here (their fields
+use the request-level types of types.py). Plain dataclasses: importing this module imports nothing heavy.
 
   noop      nothing (heartbeat)                      generate  GenerateBatch -> GenerateOutput
   forward   ForwardBatch -> float (NLL)              cstep     CStep -> CStepResult (continuous batching)
@@ -12,10 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bloom_server.types import ForwardBatch, GenerateBatch, GenerateOutput, Grammar, SamplingParams
-
-__all__ = ["CSTEP", "FORWARD", "GENERATE", "NOOP", "SHUTDOWN", "CStep", "CStepResult", "ForwardBatch",
-           "GenerateBatch", "GenerateOutput", "Join", "SamplingParams", "Step"]  # fmt: skip
+from bloom_server.types import FinishReason, Grammar, SamplingParams
 
 NOOP, GENERATE, FORWARD, SHUTDOWN, CSTEP = "noop", "generate", "forward", "shutdown", "cstep"
 
@@ -24,6 +21,42 @@ NOOP, GENERATE, FORWARD, SHUTDOWN, CSTEP = "noop", "generate", "forward", "shutd
 class Step:
     kind: str
     payload: Any = None
+
+
+@dataclass(frozen=True)
+class GenerateBatch:
+    """One generate call: what rank 0 broadcasts and every rank runs.
+
+    input_ids: one list of token ids per row (no padding; backends pad on their side).
+    max_new_tokens: per row; the call runs to the largest and cuts each row at its own.
+    seed: every rank seeds its RNG from it, so sampled tokens agree across tensor-parallel ranks.
+    grammars: per row, the Grammar its tokens must follow, or None (empty: no row is constrained).
+    """
+
+    input_ids: tuple[tuple[int, ...], ...]
+    max_new_tokens: tuple[int, ...]
+    params: SamplingParams
+    seed: int
+    pad_token_id: int
+    eos_token_id: int | None
+    grammars: tuple[Grammar | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """Per row: the new token ids (prompt excluded, cut at EOS inclusive and at the row's max_new_tokens)."""
+
+    token_ids: tuple[tuple[int, ...], ...]
+    finish_reasons: tuple[FinishReason, ...]
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Negative log-likelihood of each response given its conditioning text (token ids, no padding)."""
+
+    conditioning_ids: tuple[tuple[int, ...], ...]
+    response_ids: tuple[tuple[int, ...], ...]
+    pad_token_id: int
 
 
 @dataclass(frozen=True)

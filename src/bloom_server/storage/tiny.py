@@ -123,14 +123,15 @@ def build_tiny_model(
     return out_dir
 
 
-def default_tiny_dir() -> Path:
-    base = os.environ.get("BLOOM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "bloom-server")
-    return Path(base) / "tiny-bloom"
+def tiny_dir(home: str | None = None) -> Path:
+    """Where the embedded model is kept: under `home` (the home setting, BLOOM_HOME, which the caller passes: storage
+    reads no settings), else ~/.cache/bloom-server."""
+    return Path(home or os.path.join(os.path.expanduser("~"), ".cache", "bloom-server")) / "tiny-bloom"
 
 
 def ensure_tiny_model(path: Path | None = None) -> Path:
-    """The embedded model's directory, built on first use (a few seconds on one core)."""
-    path = Path(path) if path else default_tiny_dir()
+    """The embedded model's directory (default: tiny_dir()), built on first use (a few seconds on one core)."""
+    path = Path(path) if path else tiny_dir()
     stamp = path / "bloom_server_tiny.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("format") == TINY_FORMAT:
         return path

@@ -145,15 +145,13 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         import torch
 
-        from bloom_server.types import RankContext
+        from bloom_server.runtime.distributed import rank_context
 
         self.args = args
         self.torch = torch
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank is not None else 0))
-        cuda = torch.cuda.is_available()
-        self.ctx = RankContext(rank=rank, world_size=world, local_rank=local, device_type="cuda" if cuda else "cpu")
+        self.ctx = rank_context(args.local_rank)
+        rank, world, local = self.ctx.rank, self.ctx.world_size, self.ctx.local_rank
+        cuda = self.ctx.device_type == "cuda"
         self.device = torch.device("cuda", local) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
@@ -197,9 +195,10 @@ class Bench:
             from bloom_server.storage.model_dir import resolve_model_dir
 
             return resolve_model_dir(self.args.model).path
-        from bloom_server.storage.tiny import ensure_tiny_model
+        from bloom_server.settings import load_settings
+        from bloom_server.storage.tiny import ensure_tiny_model, tiny_dir
 
-        return ensure_tiny_model()
+        return ensure_tiny_model(tiny_dir(load_settings().home))
 
     def _model_dir(self) -> Any:
         from bloom_server.storage.model_dir import ModelDir
@@ -328,7 +327,8 @@ class Bench:
         ]
 
     def batch(self, bs: int, new: int) -> Any:
-        from bloom_server.types import GenerateBatch, SamplingParams
+        from bloom_server.runtime.protocol import GenerateBatch
+        from bloom_server.types import SamplingParams
 
         params = SamplingParams.from_dict({"do_sample": False, "min_new_tokens": new})
         return GenerateBatch(self.prompts(bs), (new,) * bs, params, seed=0, pad_token_id=3, eos_token_id=2)
@@ -611,7 +611,11 @@ def table(rows: Sequence[Row]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("BLOOM_LOG_LEVEL", "WARNING").upper(), stream=sys.stderr)
+    from bloom_server.settings import load_settings
+
+    settings = load_settings()  # the bench is quieter than the server unless BLOOM_LOG_LEVEL says otherwise
+    level = settings.log_level if "log_level" in settings.model_fields_set else "warning"
+    logging.basicConfig(level=level.upper(), stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     names = [n.strip() for n in args.backend.split(",") if n.strip()]
     for n in names:

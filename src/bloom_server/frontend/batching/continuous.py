@@ -1,7 +1,7 @@
 """Continuous batching in the server (rank 0, torch-free): requests join the running batch at step boundaries and
 leave it the step they finish, so a short request never waits for a long batch to end.
 
-ContinuousScheduler has the Batcher's face (submit with the same bounded queue, queue_depth, queued_tokens,
+ContinuousBatcher has the DynamicBatcher's face (submit with the same bounded queue, queue_depth, queued_tokens,
 running_rows, idle, retry_after, stop), so the API, metrics, overload and draining see no difference. Behind it:
 
   event loop                               engine thread (runtime.lockstep.Leader, continuous mode)
@@ -24,8 +24,8 @@ fits its slot. The decision travels in the broadcast CStep, so every rank admits
 
 Each row of a request samples with its own generator: row 0 with the request's seed (so a seeded n=1 request gives
 what the dynamic path gives it alone), row r with a seed derived from it; the rows' tokens do not depend on which
-other rows share their steps. Every setting the fast backend's static path honours is honoured here (the
-ContinuousBatcher uses the same per-row Sampler); min_length counts from the row's own prompt (each row as if alone).
+other rows share their steps. Every setting the fast backend's static path honours is honoured here (fast/scheduler.py
+uses the same per-row Sampler); min_length counts from the row's own prompt (each row as if alone).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import math
 import random
 import threading
 import time
@@ -42,9 +41,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bloom_server.errors import EngineDead, NotReady
-from bloom_server.frontend.batching.dynamic import check_queue_bounds
-from bloom_server.runtime.protocol import CStep, Join
-from bloom_server.types import FinishReason, GenerateBatch, SamplingParams
+from bloom_server.frontend.batching.config import BatcherConfig
+from bloom_server.runtime.protocol import CStep, GenerateBatch, Join
+from bloom_server.types import FinishReason, SamplingParams
 
 if TYPE_CHECKING:
     from bloom_server.frontend.requests import GenRequest
@@ -58,24 +57,15 @@ def row_seed(seed: int, row: int) -> int:
     return seed if row == 0 else (seed + row * _SEED_MIX) % (1 << 63)
 
 
-class ContinuousScheduler:
+class ContinuousBatcher:
     def __init__(
         self,
         runner: Any,
-        *,
-        max_batch_size: int,
-        max_queued: int,
-        pad_token_id: int,
-        eos_token_id: int | None,
-        max_queued_tokens: int | None = None,
+        config: BatcherConfig,
         on_batch: Callable[[GenerateBatch, float], None] | None = None,
     ):
         self._runner = runner
-        self.max_batch_size = max_batch_size
-        self.max_queued = max_queued
-        self.max_queued_tokens = max_queued_tokens
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
+        self.config = config
         self.on_batch = on_batch
         self._lock = threading.Lock()  # guards _waiting, _live, _leaves (event loop and engine thread)
         self._waiting: collections.deque[GenRequest] = collections.deque()
@@ -93,7 +83,7 @@ class ContinuousScheduler:
         self.steps = 0
         runner.attach_continuous(self)
 
-    # ---- the Batcher's face (event loop) ----
+    # ---- the DynamicBatcher's face (event loop) ----
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -120,15 +110,13 @@ class ContinuousScheduler:
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: batches' worth of rows ahead of a new request, at the recent pace."""
-        rows = sum(p.n_rows for p in list(self._waiting))
-        ahead = 1 + math.ceil(rows / self.max_batch_size)
-        return max(1.0, min(60.0, ahead * self._request_seconds))
+        return self.config.retry_after(sum(p.n_rows for p in list(self._waiting)), self._request_seconds)
 
     def submit(self, req: GenRequest) -> None:
         """Queue one request (all its rows join together) or refuse it at once (Overloaded)."""
         if self._closed is not None:
             raise EngineDead(str(self._closed)) if isinstance(self._closed, EngineDead) else self._closed
-        check_queue_bounds(self, len(self._waiting), lambda: self.queued_tokens, req.tokens)
+        self.config.check(len(self._waiting), lambda: self.queued_tokens, req.tokens, self.retry_after)
         self._loop = req.loop
         req._rids = [next(self._rids) for _ in req.rows]
         req._on_cancel_queued = self._remove
@@ -163,7 +151,8 @@ class ContinuousScheduler:
         with self._lock:
             leaves = tuple(rid for rid in self._leaves if rid in self._live)
             self._leaves.clear()
-            free = self.max_batch_size - len(self._live) + len(leaves)
+            cfg = self.config
+            free = cfg.max_batch_size - len(self._live) + len(leaves)
             joins: list[Join] = []
             started: list[tuple[GenRequest, int, float]] = []
             now = time.monotonic()
@@ -181,7 +170,7 @@ class ContinuousScheduler:
                     rid = req._rids[r]
                     self._live[rid] = (req, r)
                     joins.append(Join(rid, tuple(row.prompt), spec.max_new_tokens, spec.params, row_seed(seed, r),
-                                      self.eos_token_id, self.pad_token_id, req.top_n, spec.grammar))  # fmt: skip
+                                      cfg.eos_token_id, cfg.pad_token_id, req.top_n, spec.grammar))  # fmt: skip
                 free -= req.n_rows
                 started.append((req, seed, now))
             if not joins and not leaves and not self._live:
@@ -235,8 +224,9 @@ class ContinuousScheduler:
             if started and self.on_batch is not None:
                 try:
                     rows_now = ((),) * live
-                    self.on_batch(GenerateBatch(rows_now, (0,) * live, SamplingParams(), 0, self.pad_token_id,
-                                                self.eos_token_id), 0.0)  # fmt: skip
+                    cfg = self.config
+                    self.on_batch(GenerateBatch(rows_now, (0,) * live, SamplingParams(), 0, cfg.pad_token_id,
+                                                cfg.eos_token_id), 0.0)  # fmt: skip
                 except Exception:  # metrics never break a request
                     log.exception("batch report failed")
             for req, r, token, lp, top in rows:

@@ -5,25 +5,22 @@ The loop takes the oldest request's group (requests whose settings can share a c
 arrival order, runs it, and hands every caller exactly its own rows. Requests of other groups wait for the next call;
 the oldest always goes first, so none starves. Requests that arrive while a call runs share the next call; an idle
 engine starts at once (`wait_s` 0, the default) or, with `wait_s` > 0, gathers for that long after the first request
-(or until `max_batch_size` rows wait). Continuous batching (joining a running call) is frontend/batching/continuous.py.
-
-The queue is bounded twice: in requests and in tokens (prompt + max new tokens). Past either bound a request is
-refused at once (Overloaded -> 429 with Retry-After); a request already accepted is never dropped.
+(or until `max_batch_size` rows wait). Continuous batching (joining a running call) is frontend/batching/continuous.py;
+the queue's bounds, shared with it, are frontend/batching/config.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from bloom_server.errors import Overloaded
+from bloom_server.frontend.batching.config import BatcherConfig
 from bloom_server.frontend.requests import GenRequest
-from bloom_server.types import GenerateBatch, GenerateOutput
+from bloom_server.runtime.protocol import GenerateBatch, GenerateOutput
 
 log = logging.getLogger(__name__)
 
@@ -80,42 +77,17 @@ class BatchListener:
             req.add_token(r, int(token_ids[i]), lp, alt)
 
 
-def check_queue_bounds(sched, depth: int, queued_tokens: Callable[[], int], tokens: int) -> None:
-    """The queue's two bounds, shared by both schedulers: refuse a request at once (Overloaded -> 429 with
-    Retry-After) when `depth` requests already wait, or when its `tokens` would take the waiting tokens past the
-    limit (a request alone in the queue is always admitted: it was checked against the engine's limits)."""
-    if depth >= sched.max_queued:
-        raise Overloaded(f"{depth} requests are queued (the limit is {sched.max_queued})", sched.retry_after())
-    if sched.max_queued_tokens is not None and depth:
-        queued = queued_tokens()
-        if queued + tokens > sched.max_queued_tokens:
-            raise Overloaded(
-                f"{queued} tokens are queued; this request needs {tokens} more "
-                f"(the limit is {sched.max_queued_tokens})",
-                sched.retry_after(),
-            )
-
-
-class Batcher:
+class DynamicBatcher:
     def __init__(
         self,
         run_batch: Callable[[GenerateBatch, BatchListener], Awaitable[GenerateOutput]],
-        *,
-        max_batch_size: int,
-        max_queued: int,
-        wait_s: float,
-        pad_token_id: int,
-        eos_token_id: int | None,
-        max_queued_tokens: int | None = None,
+        config: BatcherConfig,
+        wait_s: float = 0.0,
         on_batch: Callable[[GenerateBatch, float], None] | None = None,
     ):
         self._run_batch = run_batch
-        self.max_batch_size = max_batch_size
-        self.max_queued = max_queued
-        self.max_queued_tokens = max_queued_tokens
+        self.config = config
         self.wait_s = wait_s
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
         self.on_batch = on_batch
         self._pending: list[GenRequest] = []
         self._queued_tokens = 0  # sum of `tokens` over _pending, kept as it changes (not summed at each submit)
@@ -157,13 +129,12 @@ class Batcher:
 
     def retry_after(self) -> float:
         """Seconds until a slot is likely free: the calls ahead of a new request, at the recent pace."""
-        calls_ahead = 1 + math.ceil(len(self._pending) / self.max_batch_size)
-        return max(1.0, min(60.0, calls_ahead * self._batch_seconds))
+        return self.config.retry_after(len(self._pending), self._batch_seconds)
 
     def submit(self, req: GenRequest) -> None:
         """Admit one request (all its rows go in the same call) or refuse it at once."""
         tokens = req.tokens
-        check_queue_bounds(self, len(self._pending), lambda: self._queued_tokens, tokens)
+        self.config.check(len(self._pending), lambda: self._queued_tokens, tokens, self.retry_after)
         self.start()
         req._on_cancel_queued = self._remove
         self._pending.append(req)
@@ -180,7 +151,7 @@ class Batcher:
         key = self._key(self._pending[0])
         taken, rows = [], 0
         for p in self._pending:
-            if self._key(p) == key and rows + p.n_rows <= self.max_batch_size:
+            if self._key(p) == key and rows + p.n_rows <= self.config.max_batch_size:
                 taken.append(p)
                 rows += p.n_rows
         ids = {id(p) for p in taken}
@@ -206,7 +177,7 @@ class Batcher:
             deadline = self._pending[0].enqueued + self.wait_s
             while (
                 self.wait_s > 0
-                and self._rows_waiting() < self.max_batch_size
+                and self._rows_waiting() < self.config.max_batch_size
                 and (delay := deadline - time.monotonic()) > 0
             ):
                 self._wakeup.clear()
@@ -234,8 +205,8 @@ class Batcher:
             max_new_tokens=tuple(max_new),
             params=first.spec.params,
             seed=seed,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
+            pad_token_id=self.config.pad_token_id,
+            eos_token_id=self.config.eos_token_id,
             grammars=tuple(grammars) if any(g is not None for g in grammars) else (),
         )
         listener = BatchListener(asyncio.get_running_loop(), mapping, top_n=max(p.top_n for p in taken))

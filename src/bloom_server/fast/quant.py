@@ -97,7 +97,9 @@ def quantize_weights(w: BloomWeights, tp: TPGroup | None = None) -> BloomWeights
     return w
 
 
-def dequant_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def dequant_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [..., K] @ (q * scale)^T + bias in x's dtype, the weight dequantized a row chunk at a time (the eager path:
     prefill, large batches, CPUs; fp16 temporaries of at most ROW_CHUNK_ELEMENTS)."""
     if q.numel() <= ROW_CHUNK_ELEMENTS:

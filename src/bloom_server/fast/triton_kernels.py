@@ -68,6 +68,8 @@ def block_rows(m: int) -> int:
     """Rows of x one gemv program holds (the BM constexpr): 1 (a GEMV without tensor cores), 16 (tl.dot's smallest
     M), or 64 (int8's larger batches, several programs per column block)."""
     return 1 if m == 1 else 16 if m <= 16 else 64
+
+
 log = logging.getLogger(__name__)
 
 

@@ -638,7 +638,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bloom-server bench: unknown backend {n!r} (choose from {', '.join(BACKENDS)})", file=sys.stderr)
             return 2
     if args.dtype == "int8" and (names != ["fast"] or args.check_tokens):
-        print("bloom-server bench: --dtype int8 is the fast engine's (--backend fast, no --check-tokens)", file=sys.stderr)
+        print(
+            "bloom-server bench: --dtype int8 is the fast engine's (--backend fast, no --check-tokens)", file=sys.stderr
+        )
         return 2
     if args.check_tokens and "hf" not in names:
         names.insert(0, "hf")

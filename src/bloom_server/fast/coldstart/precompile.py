@@ -127,7 +127,13 @@ def triton_version() -> str | None:
 
 
 def plan_facts(
-    model_dir: Path | str, *, world: int, dtype: str, max_batch: int, max_seq: int, fast_decode: str | None,
+    model_dir: Path | str,
+    *,
+    world: int,
+    dtype: str,
+    max_batch: int,
+    max_seq: int,
+    fast_decode: str | None,
     weights: str | None = None,
 ) -> dict[str, Any]:
     """What decides one rank's decode kernel variants (triton_kernels.plan_for reads it), as the compile workers,

@@ -148,7 +148,7 @@ class BloomRankModel:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[..., h] -> [..., V] in the model dtype: final layer norm, tied head (this rank's vocab rows, gathered)."""
         x = F.layer_norm(x, (self.h,), self.w.lnf_w, self.w.lnf_b, self.eps)
-        if self._thead and x.dim() == 2 and x.shape[0] <= self._tk.max_rows(self.quant):
+        if self._thead and x.dim() == 2 and x.shape[0] <= self._tk.max_rows(self.w.emb_s is not None):
             out = self._tk.gemv(x, self.w.emb, self._zero_vocab, scale=self.w.emb_s)  # + 0: the head has no bias
         else:
             out = self._lin(x, self.w.emb, self.w.emb_s)  # [..., Vp]

@@ -70,10 +70,11 @@ def _row_chunks(w: torch.Tensor) -> Iterator[tuple[int, int]]:
         yield a, min(a + rows, w.shape[0])
 
 
-def quantize_weights(w: BloomWeights, tp: TPGroup | None = None) -> BloomWeights:
+def quantize_weights(w: BloomWeights, tp: TPGroup | None = None, embedding: bool = True) -> BloomWeights:
     """Quantize this rank's floating weights in place (fast/catalog.py QUANT_LAYER, QUANT_GLOBAL), one tensor at a time
     (the floating tensor is dropped once its int8 copy exists). The maxima of row-parallel weights are all-reduced over
-    the ranks (`tp`), so the scales are those of the whole rows. Weights already int8 are left as they are."""
+    the ranks (`tp`), so the scales are those of the whole rows. Weights already int8 are left as they are.
+    `embedding=False` keeps the embedding (the tied head) floating: what scripts/bench/int8_check.py compares."""
     tp = tp or TPGroup()
     if w.quantized:
         return w
@@ -90,7 +91,7 @@ def quantize_weights(w: BloomWeights, tp: TPGroup | None = None) -> BloomWeights
             q, s = one(getattr(lw, field), LAYER_FIELDS[field])
             setattr(lw, field, q)
             setattr(lw, sfield, s)
-    for name, (field, sfield) in QUANT_GLOBAL.items():
+    for name, (field, sfield) in QUANT_GLOBAL.items() if embedding else ():
         q, s = one(getattr(w, field), name)
         setattr(w, field, q)
         setattr(w, sfield, s)

@@ -82,7 +82,7 @@ class BloomWeights:
     @property
     def quantized(self) -> bool:
         """Weight-only int8 (fast/quant.py)."""
-        return self.emb.dtype == torch.int8
+        return self.emb_s is not None or any(lw.qkv_s is not None for lw in self.layers[:1])
 
     def nbytes(self) -> int:
         """Bytes of this rank's weights as they are resident (what a decode step reads at least once), scales

@@ -89,3 +89,72 @@ def test_random_weights_hold_only_the_rank_shard():
         assert sum(t.untyped_storage().nbytes() for t in iter_tensors(w)) == w.nbytes()
         rows = w.layers[0].fc1_w.shape[0]
         assert torch.equal(w.layers[0].fc1_w, full.layers[0].fc1_w[rank * rows : (rank + 1) * rows])
+
+
+def _int8_rank(rank: int, world: int, port: int, model_dir: str, presharded: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.quant import quantize_weights
+    from bloom_server.fast.shapes import BloomShape
+    from bloom_server.fast.tp import TPGroup
+    from bloom_server.fast.weights import from_checkpoint
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tp = TPGroup(rank=rank, world=world)
+        shape = BloomShape.from_dir(model_dir)
+        out = {}
+        # Quantized at load from this rank's slices (the row-parallel maxima all-reduced), and read pre-sharded.
+        for name, w in (("at load", quantize_weights(from_checkpoint(model_dir, shape, tp, dtype=torch.float16), tp)),
+                        ("presharded", from_checkpoint(presharded, shape, tp, dtype=torch.float16))):  # fmt: skip
+            engine = FastEngine(w, shape, max_batch=4, max_seq=64, tp=tp)
+            out[name] = {"greedy": engine.generate(PROMPTS, 16).tokens, "dense_s": w.layers[0].dense_s,
+                         "logits": engine.forward_logits(PROMPTS), "bytes": w.nbytes()}  # fmt: skip
+        with open(os.path.join(out_dir, f"int8-rank{rank}.pkl"), "wb") as f:
+            pickle.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_int8_ranks_equal_one_int8_rank(tmp_path, tiny_model_dir):
+    """The sharded int8 path: scales of whole rows whatever the split (an all-reduce of the row maxima at load, the
+    whole rows in `bloom-server preshard --dtype int8 --tp 2`), so two ranks serve the one-rank int8 model: the same
+    greedy tokens, logits equal to rounding, each rank holding about half the int8 bytes."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch.multiprocessing as mp
+
+    from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.quant import quantize_weights
+    from bloom_server.fast.shapes import BloomShape
+    from bloom_server.fast.weights import from_checkpoint
+
+    model_dir = build_random_bloom(tmp_path / "m", vocab=1001, heads=6)  # rank 1's vocabulary rows (and scales) padded
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):  # preshard copies a tokenizer
+        if (tiny_model_dir / f).is_file():
+            shutil.copyfile(tiny_model_dir / f, model_dir / f)
+    pre = tmp_path / "int8-tp2"
+    r = subprocess.run([sys.executable, "-m", "bloom_server", "preshard", "--model", str(model_dir), "--tp", "2",
+                        "--out", str(pre), "--dtype", "int8"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    shape = BloomShape.from_dir(model_dir)
+    w = quantize_weights(from_checkpoint(model_dir, shape, dtype=torch.float16))
+    one = FastEngine(w, shape, max_batch=4, max_seq=64)
+    greedy = one.generate(PROMPTS, 16).tokens
+    logits = one.forward_logits(PROMPTS)
+
+    mp.start_processes(_int8_rank, args=(2, free_port(), str(model_dir), str(pre), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")  # fmt: skip
+    for rank in range(2):
+        got = pickle.loads((tmp_path / f"int8-rank{rank}.pkl").read_bytes())
+        for name, r in got.items():
+            assert r["greedy"] == greedy, name
+            assert torch.equal(r["dense_s"], w.layers[0].dense_s), name  # the whole rows' scales on every rank
+            assert 0.45 * w.nbytes() < r["bytes"] < 0.6 * w.nbytes(), name
+            for i, row in enumerate(PROMPTS):
+                assert torch.allclose(r["logits"][i, : len(row)], logits[i, : len(row)], atol=2e-2, rtol=1e-2), name

@@ -505,11 +505,9 @@ def test_overlay_specifics():
     assert gpus("bloom-176b-fp16") == 8 and gpus("bloom-176b-int8") == 4 and gpus("bloom-7b1") == 1
     assert gpus("dev-cpu") == 0 and _env(isvc("dev-cpu")["spec"]["predictor"]["containers"][0])["BLOOM_BACKEND"] == "hf"
     jobs = {o: next(d for d in rendered(o) if d["kind"] == "Job") for o in OVERLAYS}
-    assert (
-        "microsoft/bloom-deepspeed-inference-int8"
-        in jobs["bloom-176b-int8"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    )
-    _fast_176b_specifics(isvc("bloom-176b-fast"), next(d for d in rendered("bloom-176b-fast") if d["kind"] == "Job"))
+    assert set(jobs) == set(OVERLAYS)
+    _fast_176b_specifics(isvc("bloom-176b-fast"), jobs["bloom-176b-fast"], dtype="fp16", tp=8)
+    _fast_176b_specifics(isvc("bloom-176b-int8"), jobs["bloom-176b-int8"], dtype="int8", tp=4)
     keda = isvc("standard-keda")
     kann, kpred = keda["metadata"]["annotations"], keda["spec"]["predictor"]
     assert (
@@ -520,21 +518,23 @@ def test_overlay_specifics():
     assert keda["metadata"]["name"] + "-predictor" in metric["query"]
 
 
-def _fast_176b_specifics(isvc: dict, job: dict) -> None:
-    """bloom-176b-fast: the official checkpoint's safetensors only, pre-sharded for the server's 8 ranks in fp16,
-    kernels for the A100 in the directory served, scale to zero, and limits whose memory fits an A100 80GB."""
+def _fast_176b_specifics(isvc: dict, job: dict, dtype: str, tp: int) -> None:
+    """bloom-176b-fast (fp16, 8 ranks, scale to zero) and bloom-176b-int8 (weight-only int8, 4 ranks, one replica
+    warm): the official checkpoint's safetensors only, pre-sharded for the server's ranks in its dtype, kernels for
+    the A100 in the directory served, and limits whose memory fits an A100 80GB."""
     from fnmatch import fnmatch
 
     from bloom_server.fast.shapes import PRESETS
 
     pred, ann = isvc["spec"]["predictor"], isvc["metadata"]["annotations"]
     env = _env(pred["containers"][0])
-    assert ann["serving.kserve.io/deploymentMode"] == "Knative" and pred["minReplicas"] == 0
-    assert "autoscaling.knative.dev/scale-to-zero-pod-retention-period" in ann
+    assert ann["serving.kserve.io/deploymentMode"] == "Knative"
+    if dtype == "fp16":
+        assert pred["minReplicas"] == 0 and "autoscaling.knative.dev/scale-to-zero-pod-retention-period" in ann
     assert pred["scaleTarget"] == int(env["BLOOM_MAX_BATCH_SIZE"]) <= pred["containerConcurrency"]
     assert int(env["BLOOM_MAX_QUEUED_REQUESTS"]) >= pred["containerConcurrency"]
-    assert (env["BLOOM_BACKEND"], env["BLOOM_DTYPE"], env["BLOOM_NUM_GPUS"]) == ("fast", "fp16", "8")
-    assert _gpus(pred["containers"][0]) == (8, 8)
+    assert (env["BLOOM_BACKEND"], env["BLOOM_DTYPE"], env["BLOOM_NUM_GPUS"]) == ("fast", dtype, str(tp))
+    assert _gpus(pred["containers"][0]) == (tp, tp)
     assert pred["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-A100-SXM4-80GB"
     spec = job["spec"]["template"]["spec"]
     download, preshard = spec["initContainers"]
@@ -547,16 +547,20 @@ def _fast_176b_specifics(isvc: dict, job: dict) -> None:
                if any(fnmatch(f, p) for p in patterns)]  # fmt: skip
     assert fetched == ["model_00001-of-00072.safetensors", "model.safetensors.index.json", "config.json",
                        "tokenizer.json"]  # fmt: skip
-    assert _runs(preshard, "preshard") and _flag([preshard], "--dtype") == "fp16"
+    assert _runs(preshard, "preshard") and _flag([preshard], "--dtype") == dtype
     assert _flag([preshard], "--tp") == env["BLOOM_NUM_GPUS"]
     served = "/mnt/pvc/" + env["STORAGE_URI"].split("/", 3)[3]
     assert _flag([preshard], "--out") == served != _flag([preshard], "--model") == _flag([download], "--local-dir")
-    # Per GPU: this rank's weights (1/8 of the split tensors, the replicated ones whole) plus the KV cache the fast
+    # Per GPU: this rank's weights (1/tp of the split tensors, the replicated ones whole) plus the KV cache the fast
     # engine preallocates (max_batch x (max_input + max_new) tokens) must leave at least 10 GiB of the 80 GiB.
     shape = PRESETS["176b"]
-    h, tp = shape.hidden_size, int(env["BLOOM_NUM_GPUS"])
+    h = shape.hidden_size
     replicated = shape.n_layer * 6 * h + 4 * h  # two biases and two layer norms per layer, two layer norms outside
     weights = ((shape.params() - replicated) // tp + replicated) * 2
+    if dtype == "int8":  # the block linears and the embedding at 1 byte, fp32 scales of their rows (fast/quant.py)
+        linears = shape.n_layer * 12 * h * h + shape.vocab_size * h
+        scales = shape.n_layer * (3 * h // tp + h + 4 * h // tp + h) + -(-shape.vocab_size // tp)
+        weights = weights - linears // tp + 4 * scales
     tokens = int(env["BLOOM_MAX_INPUT_LENGTH"]) + int(env["BLOOM_MAX_NEW_TOKENS"])
     kv = int(env["BLOOM_MAX_BATCH_SIZE"]) * tokens * shape.kv_bytes_per_token(2) // tp
     assert weights + kv <= (80 - 10) * 2**30, (weights / 2**30, kv / 2**30)

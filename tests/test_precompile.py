@@ -193,7 +193,7 @@ def test_seed_archs_only_for_the_same_settings_and_triton(tmp_path, monkeypatch)
     if pc.triton_version() is None:
         pytest.skip("Triton is not installed")
     assert pc.seed_archs(_info(tmp_path), facts) == (90, 80)
-    for key, value in (("world", 1), ("dtype", "bfloat16"), ("max_batch", 8), ("max_seq", 1024)):
+    for key, value in (("world", 1), ("dtype", "bfloat16"), ("max_batch", 8), ("max_seq", 1024), ("weights", "int8")):
         assert pc.seed_archs(_info(tmp_path), {**facts, key: value}) == (), key
     assert pc.seed_archs(_info(tmp_path, triton="0.0.1"), facts) == ()
     assert pc.seed_archs(_info(tmp_path, ok=False), facts) == ()
@@ -203,3 +203,41 @@ def test_seed_archs_only_for_the_same_settings_and_triton(tmp_path, monkeypatch)
     assert pc.seed_archs(_info(tmp_path), base) == ()
     assert pc.seed_archs(_info(tmp_path, fast_decode="base"), base) == (90, 80)
     assert pc.seed_archs(tmp_path / "missing", facts) == () and pc.seed_archs(None, facts) == ()
+
+
+def test_the_int8_plan_is_the_fp16_plan_on_int8_weights_with_the_larger_batches(tiny_model_dir):
+    """`--dtype int8`: the same decode calls (one definition: the model's row limits and row blocks), on int8 weights,
+    and past 16 rows the 64-row blocks the fp16 plan leaves to cuBLAS."""
+    pytest.importorskip("triton")
+    from bloom_server.fast import triton_kernels as tk
+
+    facts = pc.plan_facts(tiny_model_dir, world=1, dtype=pc.model_dtype("int8"), max_batch=32, max_seq=96,
+                          fast_decode=None, weights=pc.weight_format("int8"))  # fmt: skip
+    q, f = tk.plan_for(facts), tk.plan_for({**facts, "weights": pc.weight_format("fp16")})
+    assert q.quant and not f.quant and q.gemvs == f.gemvs and q.dtype == f.dtype == "float16"
+    assert f.rows(2) == (2, 16) and q.rows(2) == (2, 16, 24, 64)
+    assert {tk.block_rows(m) for m in q.rows(2)} == {16, 64} and max(q.rows(2)) <= tk.max_rows(True)
+    assert tk.plan_for({**facts, "max_batch": 16}).rows(2) == (2, 16)
+    assert tk.DecodePlan.from_json(q.to_json()) == q
+
+
+@pytest.mark.slow  # compile worker processes
+@pytest.mark.skipif(triton_missing, reason="Triton is not installed")
+def test_precompile_covers_the_int8_kernels(tiny_model_dir, tmp_path):
+    args = ["--model", str(tiny_model_dir), "--target", "90", "--workers", "2", "--max-batch-size", "32"]
+    fp16 = run_cli(*args, "--out", str(tmp_path / "fp16"), "--dtype", "fp16")
+    int8 = run_cli(*args, "--out", str(tmp_path / "int8"), "--dtype", "int8")
+    assert fp16.returncode == 0 and int8.returncode == 0, int8.stderr[-3000:]
+    rep = report_of(int8)
+    assert rep["ok"] and rep["weights"] == "int8" and report_of(fp16)["weights"] is None
+    # The int8 variants are other binaries (int8 weight pointers, the QUANT constexpr), and more (the 64-row blocks).
+    assert not pc.cubin_entries(tmp_path / "int8") & pc.cubin_entries(tmp_path / "fp16") - _attention(tmp_path)
+    assert rep["targets"][0]["variants"] > report_of(fp16)["targets"][0]["variants"]
+    facts = {"model_dir": "/x", "world": 1, "dtype": "float16", "max_batch": 32, "max_seq": 612, "fast_decode": None}
+    assert pc.seed_archs(tmp_path / "int8", {**facts, "max_seq": rep["max_seq"], "weights": "int8"}) == (90,)
+    assert pc.seed_archs(tmp_path / "int8", {**facts, "max_seq": rep["max_seq"], "weights": None}) == ()
+
+
+def _attention(tmp_path: Path) -> set[str]:
+    """The decode attention's entries, which fp16 and int8 weights share."""
+    return {n for n in pc.cubin_entries(tmp_path / "int8") if "attn" in _meta(tmp_path / "int8" / n).get("name", "")}

@@ -86,6 +86,9 @@ class Metrics:
         self.info = gauge(
             "info", "Always 1; the labels say what is served.", "model_id", "backend", "dtype", "world_size", "version"
         )
+        self.weight_bytes = gauge(
+            "weight_bytes", "Bytes of model weights resident on rank 0's device, as stored (backends that report it)."
+        )
         self.load_bytes = gauge(
             "load_bytes",
             "Bytes of weights rank 0 has loaded (kind=loaded) of its total (kind=total); equal once loaded.",

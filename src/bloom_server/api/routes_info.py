@@ -19,7 +19,10 @@ from bloom_server.settings import Settings
 class Info(BaseModel):
     model_id: str
     model_sha: str | None = Field(None, description="Revision (commit) of the served weights, when known.")
-    model_dtype: str | None = None
+    model_dtype: str | None = Field(None, description="The weights' dtype (int8: weight-only int8, fp16 activations).")
+    model_weight_bytes: int | None = Field(
+        None, description="Bytes of model weights resident on rank 0's device (its tensor-parallel share, as stored)."
+    )
     model_device_type: str | None = None
     backend: str
     tensor_parallel: int = Field(description="Ranks serving the model (the launcher's world size).")
@@ -59,6 +62,7 @@ def build_router(engine: Engine, settings: Settings, model_name: str, metrics: M
             model_id=i.model_id if i else model_name,
             model_sha=i.revision if i else None,
             model_dtype=i.dtype if i else None,
+            model_weight_bytes=extra.get("weight_bytes"),
             model_device_type=("cuda" if device and "cuda" in device else device.split(":")[0]) if device else None,
             backend=settings.backend,
             tensor_parallel=i.world_size if i else 1,
@@ -95,6 +99,8 @@ def build_router(engine: Engine, settings: Settings, model_name: str, metrics: M
             metrics.set_info(
                 model_id=i.model_id, backend=i.backend, dtype=i.dtype, world_size=i.world_size, version=__version__
             )
+            if i.extra.get("weight_bytes") is not None:
+                metrics.weight_bytes.set(int(i.extra["weight_bytes"]))
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

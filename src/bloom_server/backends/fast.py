@@ -8,6 +8,10 @@ joins and leaves, then runs one leave/admit/decode/retire step, the same on ever
 Sampling follows transformers' meaning of every generate() setting the API accepts (see fast/sampling.py), seeded
 from the batch's seed on every rank, so ranks agree token for token.
 
+`--dtype int8`: weight-only int8 (fast/quant.py), activations fp16 on GPUs (fp32 on CPUs). An int8 pre-sharded
+checkpoint (`bloom-server preshard --dtype int8`) is read as stored; a floating checkpoint is read in the activation
+dtype and quantized on the device, which needs room for its floating weights first (refused up front otherwise).
+
 torch and the engine are imported inside methods: importing this module does nothing.
 """
 
@@ -78,13 +82,20 @@ class FastBackend(Backend):
             raise ModelDirError(
                 f"{self.model_dir.path} is a DeepSpeed pre-sharded checkpoint: it loads only with --backend ds_inference"
             )
-        if self.settings.dtype == "int8":
-            raise ConfigError("the fast backend runs fp16, bf16 or fp32; int8 needs --backend ds_inference")
+        from bloom_server.fast.preshard import PRESHARD_DTYPES
+        from bloom_server.storage.safetensors import read_manifest
+
         ctx = self.ctx
         device = torch.device("cuda", ctx.local_rank) if ctx.device_type == "cuda" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dtype = torch_dtype(self.settings.dtype, ctx.device_type)
+        quant = self.settings.dtype == "int8"
+        stored_int8 = (read_manifest(self.model_dir.path) or {}).get("dtype") == PRESHARD_DTYPES["int8"]
+        if stored_int8 and not quant:
+            raise ConfigError(f"dtype {self.settings.dtype!r}: {self.model_dir.path} holds int8 weights "
+                              "(bloom-server preshard --dtype int8): serve it with --dtype int8")  # fmt: skip
+        # int8: the activations in the model dtype "auto" picks (fp16 on GPUs, fp32 on CPUs).
+        dtype = torch_dtype("auto" if quant else self.settings.dtype, ctx.device_type)
         shape = BloomShape.from_dir(self.model_dir.path)
         if shape.n_head % ctx.world_size:
             raise ConfigError(f"{shape.n_head} attention heads do not split over {ctx.world_size} ranks")
@@ -113,11 +124,23 @@ class FastBackend(Backend):
                 shape.params() * torch.empty((), dtype=dtype).element_size() // ctx.world_size  # fmt: skip
             return max(0, total - (progress.loaded_bytes if progress is not None else 0))
 
-        from bloom_server.fast.coldstart.precompile import enabled, plan_facts
+        if quant and not stored_int8 and device.type == "cuda":
+            # Quantizing at load holds this rank's floating weights first: refuse now if they cannot fit.
+            need = shape.params() * torch.empty((), dtype=dtype).element_size() // ctx.world_size
+            free = torch.cuda.mem_get_info(device)[0]
+            if need > free:
+                raise ConfigError(
+                    f"dtype 'int8': {self.model_dir.path} is a floating checkpoint, quantized at load from this "
+                    f"rank's {need / 1e9:.1f} GB of {dtype} weights, and {device} has {free / 1e9:.1f} GB free: "
+                    f"write the int8 checkpoint once (bloom-server preshard --dtype int8 --tp {ctx.world_size}) "
+                    "and serve that"
+                )
+        from bloom_server.fast.coldstart.precompile import enabled, plan_facts, weight_format
 
         prewarm = tk.start_prewarm(
             device, plan_facts(self.model_dir.path, world=ctx.world_size, dtype=str(dtype).replace("torch.", ""),
-                               max_batch=s.max_batch_size, max_seq=s.total_tokens_limit, fast_decode=s.fast_decode),
+                               max_batch=s.max_batch_size, max_seq=s.total_tokens_limit, fast_decode=s.fast_decode,
+                               weights=weight_format(str(s.dtype))),
             hidden=shape.hidden_size, workers=self.early, keep_going=keep_going,
             reserve=reserve, enabled=enabled(s.fast_precompile),
         )  # fmt: skip
@@ -129,6 +152,17 @@ class FastBackend(Backend):
             throttle=ReadThrottle(s.load_throttle_mbps) if s.load_throttle_mbps else None,
         )  # fmt: skip
         read_s = time.perf_counter() - t0
+        read_bytes = weights.nbytes()
+        if quant and not weights.quantized:
+            from bloom_server.fast.quant import quantize_weights
+
+            self._phase("quantizing weights")
+            t0 = time.perf_counter()
+            quantize_weights(weights, tp)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the floating weights' blocks back to the device
+            if self.progress is not None:
+                self.progress.note("int8 quantization at load, s", time.perf_counter() - t0)
         self._phase("allocating cache")
         del kv_hold
         self.engine = FastEngine(
@@ -141,7 +175,7 @@ class FastBackend(Backend):
         if self.settings.fast_decode is not None:
             self.engine.model.set_fuse(self.settings.fast_decode)
         self._defaults = _generation_defaults(self.model_dir.path)
-        self._dtype = str(dtype).replace("torch.", "")
+        self._dtype = "int8" if weights.quantized else str(dtype).replace("torch.", "")
         if prewarm is not None:
             # The warm-up that follows captures a CUDA graph: nothing else may run on the device by then.
             if prewarm.running():
@@ -164,9 +198,9 @@ class FastBackend(Backend):
             device,
             shape.n_head // ctx.world_size,
             shape.n_head,
-            weights.nbytes() / 1e9,
+            read_bytes / 1e9,
             read_s,
-            weights.nbytes() / 1e9 / max(read_s, 1e-9),
+            read_bytes / 1e9 / max(read_s, 1e-9),
             self.engine.kv_cache_bytes() / 1e9,
         )
 
@@ -253,6 +287,9 @@ class FastBackend(Backend):
             return {}
         return {
             "dtype": self._dtype,
+            "activation_dtype": str(e.dtype).replace("torch.", ""),
+            # This rank's weights as resident on its device (int8 weights and their scales; docs/metrics.md).
+            "weight_bytes": e.model.w.nbytes(),
             "device": str(e.device),
             "tp_size": self.ctx.world_size,
             "max_batch": e.max_batch,

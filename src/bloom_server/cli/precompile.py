@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers else max(1, min(16, pc.available_cpus()))
     report = pc.precompile(Path(model_dir), out, targets=targets, world=tp, dtype=dtype,
                            max_batch=settings.max_batch_size, max_seq=settings.total_tokens_limit,
-                           workers=workers, fast_decode=settings.fast_decode)  # fmt: skip
+                           workers=workers, fast_decode=settings.fast_decode,
+                           weights=pc.weight_format(str(settings.dtype)))  # fmt: skip
     print(json.dumps(report, indent=1))
     if not report["ok"]:
         print("bloom-server precompile: a compile worker failed (above); the server compiles what is missing",

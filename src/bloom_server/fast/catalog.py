@@ -30,21 +30,36 @@ GLOBAL: dict[str, tuple[int | None, Callable[[int, int], tuple[int, ...]]]] = {
     "ln_f.bias": (None, lambda h, v: (h,)),
 }
 
+# Weight-only int8 (fast/quant.py): the weights stored as int8 with one fp32 scale per output row (the block's four
+# linear layers, and the word embedding, which is also the tied head): LayerWeights / BloomWeights field of the weight
+# -> the field of its scales (QUANT_GLOBAL: checkpoint name -> (BloomWeights field, scale field)). A scale's checkpoint
+# name is the weight's + SCALE_SUFFIX, its shape [rows of the weight].
+QUANT_LAYER: dict[str, str] = {"qkv_w": "qkv_s", "dense_w": "dense_s", "fc1_w": "fc1_s", "fc2_w": "fc2_s"}
+QUANT_GLOBAL: dict[str, tuple[str, str]] = {"word_embeddings.weight": ("emb", "emb_s")}
+SCALE_SUFFIX = "_scale"
+
 # LayerWeights field -> checkpoint name of a block's tensor.
 LAYER_FIELDS: dict[str, str] = {field: name for name, (field, _, _) in LAYER.items()}
-# Name (a block's, without "h.{i}.", or a global one) -> the dimension tensor parallelism splits it on.
+# Checkpoint names of the int8 weights (a block's without "h.{i}.", and the global one).
+QUANT_NAMES: tuple[str, ...] = tuple(LAYER_FIELDS[f] for f in QUANT_LAYER) + tuple(QUANT_GLOBAL)
+# Name (a block's, without "h.{i}.", or a global one) -> the dimension tensor parallelism splits it on. A scale is per
+# output row: split with its weight's rows (column-parallel, the vocabulary), whole on every rank where the weight is
+# split by columns (row-parallel: every rank's part of a row shares the row's one scale).
 SPLIT_DIM: dict[str, int | None] = {
     **{name: dim for name, (_, dim, _) in LAYER.items()},
     **{name: dim for name, (dim, _) in GLOBAL.items()},
 }
+SPLIT_DIM.update({name + SCALE_SUFFIX: (0 if SPLIT_DIM[name] == 0 else None) for name in QUANT_NAMES})
 
 
 def full_shapes(hidden: int, vocab_size: int, n_layer: int | None = None) -> dict[str, tuple[int, ...]]:
     """Every tensor's full (unsharded) shape: the global ones, then each block's as "h.{i}.NAME" for i < n_layer, or
-    the block's names alone when n_layer is None."""
+    the block's names alone when n_layer is None. The int8 scales are listed too (NAME + SCALE_SUFFIX)."""
     h, f = hidden, 4 * hidden
     out = {name: shape(h, vocab_size) for name, (_, shape) in GLOBAL.items()}
     per = {name: shape(h, f) for name, (_, _, shape) in LAYER.items()}
+    for table in (out, per):
+        table.update({n + SCALE_SUFFIX: table[n][:1] for n in QUANT_NAMES if n in table})
     if n_layer is None:
         out.update(per)
     else:

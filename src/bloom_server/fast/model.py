@@ -24,6 +24,12 @@ small-batch decode step runs its layer as fewer kernels. Prefill is unchanged.
 The Triton GEMVs apply to prefix decode of at most triton_kernels.MAX_ROWS rows in fp16/bf16 on a GPU (the
 row-parallel epilogues on one rank only), the attention as above; anything else takes the eager path. The variants
 that lost to the default are listed in docs/results/removed.md.
+
+Weight-only int8 (fast/quant.py; the weights' `*_s` scales are set): activations stay in the model dtype (the layer
+norms' dtype). Every linear layer and the head run the int8 Triton kernel for up to triton_kernels.QMAX_ROWS rows
+(decode inside the same CUDA graphs, with the same epilogues; short prefills too) wherever the fp16 GEMVs would run,
+and dequantize-then-matmul (fast/quant.py dequant_linear, in row chunks) elsewhere; the embedding lookup dequantizes
+the rows it reads.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from bloom_server.fast.fusion import parse_fuse
+from bloom_server.fast.quant import dequant_linear
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup
 from bloom_server.fast.weights import BloomWeights, LayerWeights
@@ -72,7 +79,8 @@ class BloomRankModel:
         self.h = shape.hidden_size
         self.eps = shape.layer_norm_epsilon
         self.device = weights.emb.device
-        self.dtype = weights.emb.dtype
+        self.dtype = weights.emb_ln_w.dtype  # the activations' (int8 weights keep their layer norms in it)
+        self.quant = weights.quantized
         self.inv_norm = 1.0 / math.sqrt(self.D)
         r = self.tp.rank
         # [hp] slopes of this rank's heads (heads are split contiguously: rank r holds [r*hp, (r+1)*hp)).
@@ -95,6 +103,7 @@ class BloomRankModel:
         self._zero_vocab = (
             torch.zeros(self.w.emb.shape[0], dtype=self.dtype, device=self.device) if self._thead else None
         )
+        self._zeros: dict[int, torch.Tensor] = {}  # bias-free int8 kernel calls (row-parallel partial sums)
 
     # ---- pieces shared by prefill and decode ----
 
@@ -102,38 +111,65 @@ class BloomRankModel:
         """[...] token ids -> [..., h]: word embedding, then its layer norm."""
         w = self.w
         if self.tp.world == 1:
-            x = F.embedding(tokens, w.emb)
+            x = self._emb_rows(tokens)
         else:
             # Vocab-parallel lookup: rows outside this rank's range read row 0 and are zeroed, then summed over ranks.
             local = tokens - w.vocab_start
             inside = (local >= 0) & (local < w.emb.shape[0])
-            x = F.embedding(local.clamp(0, w.emb.shape[0] - 1), w.emb) * inside.unsqueeze(-1).to(w.emb.dtype)
+            x = self._emb_rows(local.clamp(0, w.emb.shape[0] - 1)) * inside.unsqueeze(-1).to(self.dtype)
             x = self.tp.all_reduce(x)
         return F.layer_norm(x, (self.h,), w.emb_ln_w, w.emb_ln_b, self.eps)
+
+    def _emb_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of this rank's embedding in the model dtype (int8 rows times their scales)."""
+        x = F.embedding(idx, self.w.emb)
+        if self.w.emb_s is None:
+            return x
+        return (x.float() * self.w.emb_s[idx].unsqueeze(-1)).to(self.dtype)
+
+    def _lin(
+        self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, b: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [..., K] @ w^T (+ b): F.linear, or for int8 weights the int8 kernel (up to QMAX_ROWS rows, where the
+        Triton paths run) or dequantize-then-matmul."""
+        if scale is None:
+            return F.linear(x, w, b)
+        tk = self._tk
+        rows = x.numel() // x.shape[-1]
+        if self._triton and 0 < rows <= tk.max_rows(True) and tk.fits(w, x):
+            n = w.shape[0]
+            if b is None:
+                if n not in self._zeros:
+                    self._zeros[n] = torch.zeros(n, dtype=self.dtype, device=self.device)
+                b = self._zeros[n]
+            return tk.gemv(x.reshape(rows, x.shape[-1]), w, b, scale=scale).view(*x.shape[:-1], n)
+        return dequant_linear(x, w, scale, b)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[..., h] -> [..., V] in the model dtype: final layer norm, tied head (this rank's vocab rows, gathered)."""
         x = F.layer_norm(x, (self.h,), self.w.lnf_w, self.w.lnf_b, self.eps)
-        if self._thead and x.dim() == 2 and x.shape[0] <= self._tk.MAX_ROWS:
-            out = self._tk.gemv(x, self.w.emb, self._zero_vocab)  # + 0: the head has no bias
+        if self._thead and x.dim() == 2 and x.shape[0] <= self._tk.max_rows(self.w.emb_s is not None):
+            out = self._tk.gemv(x, self.w.emb, self._zero_vocab, scale=self.w.emb_s)  # + 0: the head has no bias
         else:
-            out = F.linear(x, self.w.emb)  # [..., Vp]
+            out = self._lin(x, self.w.emb, self.w.emb_s)  # [..., Vp]
         if self.tp.world > 1:
             out = self.tp.all_gather_last(out)[..., : self.w.vocab_size]
         return out
 
-    def _row_parallel(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _row_parallel(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Input split by columns over ranks: partial products summed, bias added once."""
         if self.tp.world == 1:
-            return F.linear(x, weight, bias)
-        return self.tp.all_reduce(F.linear(x, weight)) + bias
+            return self._lin(x, weight, scale, bias)
+        return self.tp.all_reduce(self._lin(x, weight, scale)) + bias
 
     def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """x: [..., h] block input after attention (the residual). Returns the block output."""
         ln = F.layer_norm(x, (self.h,), lw.ln2_w, lw.ln2_b, self.eps)
         residual = ln if self.shape.apply_residual_connection_post_layernorm else x
-        mid = F.gelu(F.linear(ln, lw.fc1_w, lw.fc1_b), approximate="tanh")  # [..., 4h / world]
-        return self._row_parallel(mid, lw.fc2_w, lw.fc2_b) + residual
+        mid = F.gelu(self._lin(ln, lw.fc1_w, lw.fc1_s, lw.fc1_b), approximate="tanh")  # [..., 4h / world]
+        return self._row_parallel(mid, lw.fc2_w, lw.fc2_b, lw.fc2_s) + residual
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q [N, Lq, D], k [N, Lk, D] (any strides with D contiguous), v [N, Lk, D], bias [N, Lq, Lk] -> [N, Lq, D]."""
@@ -171,7 +207,7 @@ class BloomRankModel:
         n, L, _ = x.shape
         ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
         residual = ln if self.shape.apply_residual_connection_post_layernorm else x
-        qkv = F.linear(ln, lw.qkv_w, lw.qkv_b).view(n, L, self.hp, 3, self.D)
+        qkv = self._lin(ln, lw.qkv_w, lw.qkv_s, lw.qkv_b).view(n, L, self.hp, 3, self.D)
         # [n, L, hp, D] -> [n, hp, L, D]
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
         if k_cache is not None and v_cache is not None and slots is not None:
@@ -180,7 +216,7 @@ class BloomRankModel:
         N = n * self.hp
         ctx = self._attend(q.reshape(N, L, self.D), k.reshape(N, L, self.D), v.reshape(N, L, self.D), bias)
         ctx = ctx.view(n, self.hp, L, self.D).transpose(1, 2).reshape(n, L, self.hp * self.D)
-        x = self._row_parallel(ctx, lw.dense_w, lw.dense_b) + residual
+        x = self._row_parallel(ctx, lw.dense_w, lw.dense_b, lw.dense_s) + residual
         return self._mlp(lw, x)
 
     # ---- decode: one new token for each of B rows ----
@@ -213,11 +249,14 @@ class BloomRankModel:
         B = x.shape[0]
         post = self.shape.apply_residual_connection_post_layernorm
         tk = self._tk
-        tri = self._triton and prefix and B <= tk.MAX_ROWS and not post
+        tri = self._triton and prefix and B <= tk.max_rows(self.quant) and not post
         one = self.tp.world == 1
         ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
         residual = ln if post else x
-        qkv = tk.gemv(ln, lw.qkv_w, lw.qkv_b) if tri else F.linear(ln, lw.qkv_w, lw.qkv_b)
+        if tri:
+            qkv = tk.gemv(ln, lw.qkv_w, lw.qkv_b, scale=lw.qkv_s)
+        else:
+            qkv = self._lin(ln, lw.qkv_w, lw.qkv_s, lw.qkv_b)
         if (
             self._triton and prefix and not post
             and (S <= ATTN_MAX_KEYS or B * self.hp >= ATTN_WIDE_PROGRAMS) and tk.fits(k_cache, v_cache)
@@ -227,19 +266,19 @@ class BloomRankModel:
             ctx = self._decode_attend(qkv, k_cache, v_cache, bias, rows, pos, S, prefix)
         # Attention output projection, + residual.
         if tri and one:
-            x = tk.gemv(ctx, lw.dense_w, lw.dense_b, epilogue="residual", residual=residual)
+            x = tk.gemv(ctx, lw.dense_w, lw.dense_b, epilogue="residual", residual=residual, scale=lw.dense_s)
         else:
-            x = self._row_parallel(ctx, lw.dense_w, lw.dense_b) + residual
+            x = self._row_parallel(ctx, lw.dense_w, lw.dense_b, lw.dense_s) + residual
         # MLP.
         ln = F.layer_norm(x, (self.h,), lw.ln2_w, lw.ln2_b, self.eps)
         residual = ln if post else x
         if tri:
-            mid = tk.gemv(ln, lw.fc1_w, lw.fc1_b, epilogue="gelu")
+            mid = tk.gemv(ln, lw.fc1_w, lw.fc1_b, epilogue="gelu", scale=lw.fc1_s)
         else:
-            mid = F.gelu(F.linear(ln, lw.fc1_w, lw.fc1_b), approximate="tanh")
+            mid = F.gelu(self._lin(ln, lw.fc1_w, lw.fc1_s, lw.fc1_b), approximate="tanh")
         if tri and one:
-            return tk.gemv(mid, lw.fc2_w, lw.fc2_b, epilogue="residual", residual=residual)
-        return self._row_parallel(mid, lw.fc2_w, lw.fc2_b) + residual
+            return tk.gemv(mid, lw.fc2_w, lw.fc2_b, epilogue="residual", residual=residual, scale=lw.fc2_s)
+        return self._row_parallel(mid, lw.fc2_w, lw.fc2_b, lw.fc2_s) + residual
 
     def _decode_attend(
         self,

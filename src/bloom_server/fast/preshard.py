@@ -8,6 +8,11 @@ server verifies the directory as it verifies a download. A preshard cut off midw
 and the server refuses the directory. Rerun (a retried Job): a finished preshard of the same source, degree and dtype
 is left as it is; one its own in-progress marker shows cut off is removed and written again.
 
+`--dtype int8`: the weight-only int8 layout the fast backend serves with `--dtype int8` (fast/quant.py): the block's
+linear weights and the word embedding as int8 (I8), each followed by its fp32 row scales (NAME + SCALE_SUFFIX), the
+rest fp16; scales of the whole rows, so the files equal what quantization at load gives on a GPU (the source is cast
+to fp16 first, as the server reads it), at about half the fp16 bytes: half the bytes to read at each cold start.
+
 `write_safetensors` is the streaming writer used here and by scripts/bench/make_random_bloom.py: the header first, then
 each tensor's bytes as it is produced, hashed on the way; no whole model in memory.
 """
@@ -25,6 +30,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+# preshard.json's "dtype" for each --dtype: the safetensors dtype of the weights written (int8: of the quantized
+# weights; their scales are F32, the other tensors F16).
+PRESHARD_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32", "int8": "I8"}
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json")  # fmt: skip
 
@@ -87,9 +95,11 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
     import torch
 
     from bloom_server.errors import ModelDirError
+    from bloom_server.fast.catalog import SCALE_SUFFIX
+    from bloom_server.fast.quant import quantize_rows, row_absmax, scales_of
     from bloom_server.fast.shapes import BloomShape
     from bloom_server.fast.tp import shard_range, split_dim
-    from bloom_server.fast.weights import _ST_DTYPES, _full_shapes, rank_shape, required_names
+    from bloom_server.fast.weights import _ST_DTYPES, _full_shapes, padded_rows, rank_shape, required_names
     from bloom_server.storage import marker
     from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.storage.safetensors import (
@@ -129,8 +139,13 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
     for name, (_, t) in zip(names, wanted):
         if t.shape != full[name]:
             raise ModelDirError(f"{md.path}: {name} is {list(t.shape)}, config.json says {list(full[name])}")
-    out_dt = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[dtype] if dtype else None
+    quant = dtype == "int8"
+    out_dt = ("F16" if quant else PRESHARD_DTYPES[dtype]) if dtype else None
     dtypes = {n: out_dt or t.dtype for n, (_, t) in zip(names, wanted)}
+    out_names = required_names(shape, quant=quant)  # int8: each quantized weight followed by its scales
+    for n in out_names:
+        if n.endswith(SCALE_SUFFIX):
+            dtypes[n], dtypes[n.removesuffix(SCALE_SUFFIX)] = "F32", "I8"
 
     out.mkdir(parents=True, exist_ok=True)
     marker.write_marker(
@@ -144,25 +159,53 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
     key_of = {n: (fi, t.name) for n, (fi, t) in zip(names, wanted)}
     t0 = time.monotonic()
     digests: dict[str, str] = {}
+    whole_rows: dict[str, Any] = {}  # row-parallel weight -> its rows' maxima over every column (int8)
+    pending: dict[str, Any] = {}  # int8 weight just written -> this rank's scales, written next
+
+    def source(name: str, r: int) -> Any:
+        """Rank r's part of a source tensor as stored (vocabulary rows padded)."""
+        fi, key = key_of[name]
+        sl = handles[fi].get_slice(key)
+        dim = split_dim(name)
+        if dim is None or tp == 1:
+            return sl[:]
+        pad = padded_rows(name)
+        a, b = shard_range(full[name][dim], r, tp, pad=pad)
+        t = sl[a:b] if dim == 0 else sl[:, a:b]
+        vpart = -(-shape.vocab_size // tp)
+        if pad and t.shape[0] < vpart:
+            t = torch.cat([t, t.new_zeros((vpart - t.shape[0], *t.shape[1:]))])
+        return t
+
+    def row_scales(name: str, t: Any) -> Any:
+        """Scales of rank part `t` of weight `name`: of its own rows, or for a row-parallel weight (split by
+        columns) of the whole rows, read once in row chunks and kept for the other ranks."""
+        if split_dim(name) != 1 or tp == 1:
+            return scales_of(row_absmax(t))
+        if name not in whole_rows:
+            fi, key = key_of[name]
+            sl = handles[fi].get_slice(key)
+            rows, cols = full[name]
+            step = max(1, (64 << 20) // cols)
+            whole_rows[name] = torch.cat([row_absmax(sl[a : min(a + step, rows)].to(torch.float16))
+                                          for a in range(0, rows, step)])  # fmt: skip
+        return scales_of(whole_rows[name])
+
     # One pass over the source per rank: each rank's file is written start to end (the source is mmapped: its
     # pages stay cached between passes while memory allows).
     for r in range(tp):
-        entries = [(n, dtypes[n], rank_shape(n, full[n], r, tp)) for n in names]
-        vpart = -(-shape.vocab_size // tp)
+        entries = [(n, dtypes[n], rank_shape(n, full[n], r, tp)) for n in out_names]
 
         def produce(name: str, r: int = r) -> Any:
-            fi, key = key_of[name]
-            sl = handles[fi].get_slice(key)
-            dim = split_dim(name)
-            if dim is None or tp == 1:
-                t = sl[:]
-            else:
-                pad = name.endswith("word_embeddings.weight")
-                a, b = shard_range(full[name][dim], r, tp, pad=pad)
-                t = sl[a:b] if dim == 0 else sl[:, a:b]
-                if pad and t.shape[0] < vpart:  # noqa: B023 - called within this iteration
-                    t = torch.cat([t, t.new_zeros((vpart - t.shape[0], *t.shape[1:]))])  # noqa: B023 - called within this iteration
-            return t.to(_ST_DTYPES[dtypes[name]])
+            if name.endswith(SCALE_SUFFIX):
+                return pending.pop(name)
+            t = source(name, r)
+            if dtypes[name] != "I8":
+                return t.to(_ST_DTYPES[dtypes[name]])
+            t = t.to(torch.float16)  # as the server reads it before quantizing at load
+            s = row_scales(name, t)
+            pending[name + SCALE_SUFFIX] = s
+            return quantize_rows(t, s)
 
         fname = rank_file_name(r, tp)
         meta = {"format": "pt", "bloom_server_preshard": "1", "tp_rank": str(r), "tp_size": str(tp),
@@ -188,7 +231,7 @@ def preshard(model: str, tp: int, out: Path, dtype: str | None = None, log: Call
 
 def out_dt_name(dtype: str | None) -> str:
     """preshard.json's dtype: the safetensors dtype written, or "as stored"."""
-    return {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}[dtype] if dtype else "as stored"
+    return PRESHARD_DTYPES[dtype] if dtype else "as stored"
 
 
 def _finished(out: Path, source: Path, tp: int, dtype: str) -> bool:
@@ -225,9 +268,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="new directory for the pre-sharded layout")
     p.add_argument(
         "--dtype",
-        choices=("fp16", "bf16", "fp32"),
+        choices=tuple(PRESHARD_DTYPES),
         default=None,
-        help="store the weights in this dtype (default: as the checkpoint stores them)",
+        help="store the weights in this dtype (default: as the checkpoint stores them); int8: weight-only int8 "
+        "with per-row scales, for a server run with --dtype int8",
     )
 
 

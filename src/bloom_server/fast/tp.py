@@ -48,13 +48,14 @@ class TPGroup:
     world: int = 1
     group: Any = None
 
-    def all_reduce(self, x: Any) -> Any:
-        """Sum of x over ranks, in place ([..., h] partial outputs of row-parallel layers)."""
+    def all_reduce(self, x: Any, op: str = "sum") -> Any:
+        """Sum (or "max") of x over ranks, in place ([..., h] partial outputs of row-parallel layers; the row maxima
+        of int8 scales)."""
         if self.world == 1:
             return x
         import torch.distributed as dist
 
-        dist.all_reduce(x, group=self.group)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
         return x
 
     def all_gather_last(self, x: Any) -> Any:

@@ -1,11 +1,16 @@
-"""Triton kernels for the small-batch decode step (B <= 16 rows): fewer, fused kernels per layer.
+"""Triton kernels for the small-batch decode step (B <= 16 rows; int8 weights: B <= QMAX_ROWS): fewer, fused kernels
+per layer.
 
 At bs 1 the step reads every weight once and the ~15 small kernels around the 4 GEMVs of a layer (layer norms, bias
 copies, residual adds, GELU, K/V scatters, the attention chain) cost as much as a tenth of the step. Two kernels here:
 
-  gemv(x, w, b, ln=, epilogue=, residual=)   y = epi(LN?(x) @ w^T + b): the layer norm in the prologue (each program
+  gemv(x, w, b, ln=, epilogue=, residual=, scale=)
+                                              y = epi(LN?(x) @ w^T + b): the layer norm in the prologue (each program
                                               normalizes the rows it needs; they are short), bias, then tanh-GELU or a
-                                              residual add in the epilogue: one kernel per linear layer
+                                              residual add in the epilogue: one kernel per linear layer. With `scale`,
+                                              w is int8 (fast/quant.py): each tile is converted in registers (exact:
+                                              |q| <= 127), the fp32 sum of a column is multiplied by its row's scale
+                                              before the bias, so a step reads one byte per weight
   decode_attention(qkv, k_cache, v_cache, pos, slopes, S, alpha)
                                               writes the rows' new K/V to the cache and attends over keys [0, S) with the
                                               ALiBi bias computed in the kernel: one kernel instead of six
@@ -14,7 +19,8 @@ Numerics follow the eager ops they replace, rounding where they round: linear = 
 the model dtype; GELU of that rounded value in fp32 (PyTorch's tanh formula, libdevice tanh on the GPU), rounded;
 residual added in fp32 to the rounded output, rounded; layer norm in fp32, rounded before the product; attention scores
 = round(alpha * q.k + round(slope * j)), softmax in fp32 rounded to the model dtype, then probs @ V in fp32, rounded.
-Only the order of the fp32 sums differs from cuBLAS (so greedy tokens can part ways only at near ties).
+Only the order of the fp32 sums differs from cuBLAS (so greedy tokens can part ways only at near ties). The int8
+kernel equals an fp32 matmul over the dequantized weights (x @ (q * scale)^T = (x @ q^T) * scale) to rounding.
 
 Under TRITON_INTERPRET=1 (CPU, numpy) the same kernels run, so the CPU tests check them against the eager math.
 """
@@ -28,7 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -44,6 +50,26 @@ except Exception:  # noqa: BLE001 - no triton (CPU wheels): the model keeps the 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = 16  # rows one gemv program holds (tl.dot's smallest M); more rows take the eager path
+# int8 weights: up to this many rows run the int8 kernel (in blocks of 64 rows, each block re-reading the weight tile
+# its neighbour just read, from L2): a decode step stays bound by reading the weights up to the largest batch the
+# benchmarks run, and an eager path would first write the fp16 weight (5 bytes moved per weight instead of 2). More
+# rows (prefill) dequantize in row chunks and run cuBLAS (fast/model.py).
+QMAX_ROWS = 256
+# Shared memory one gemv config may use (x and w tiles times pipeline stages), under the A100's 164 KiB per block.
+SMEM_BUDGET = 160 << 10
+
+
+def max_rows(quant: bool) -> int:
+    """The most rows the gemv kernel takes: the model's Triton paths and the kernel plan both ask here."""
+    return QMAX_ROWS if quant else MAX_ROWS
+
+
+def block_rows(m: int) -> int:
+    """Rows of x one gemv program holds (the BM constexpr): 1 (a GEMV without tensor cores), 16 (tl.dot's smallest
+    M), or 64 (int8's larger batches, several programs per column block)."""
+    return 1 if m == 1 else 16 if m <= 16 else 64
+
+
 log = logging.getLogger(__name__)
 
 
@@ -77,9 +103,13 @@ if HAVE_TRITON:
             return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
     def _prune(configs, nargs, **kw):
-        # tl.dot needs every dim >= 16: the many-row kernel keeps the configs with BN >= 16.
+        # tl.dot needs every dim >= 16: the many-row kernel keeps the configs with BN >= 16; and the tiles of x
+        # (BM x BK, 2 bytes) and w (BN x BK, 1 or 2 bytes) of every stage must fit SMEM_BUDGET (the 64-row blocks).
         bm = kw.get("BM", nargs.get("BM", 1))
-        return [c for c in configs if bm == 1 or c.kwargs["BN"] >= 16] or configs
+        wb = 1 if kw.get("QUANT", nargs.get("QUANT", False)) else 2
+        keep = [c for c in configs if bm == 1 or c.kwargs["BN"] >= 16]
+        fit = [c for c in keep if (bm * 2 + c.kwargs["BN"] * wb) * c.kwargs["BK"] * c.num_stages <= SMEM_BUDGET]
+        return fit or keep or configs
 
     def _bench(fn, quantiles=None):
         # 5 ms of warm-up and 25 ms of timed runs per config instead of Triton's 25 + 100: every GEMV here takes
@@ -105,19 +135,21 @@ if HAVE_TRITON:
             out["do_bench"] = _bench
         return out
 
-    @triton.autotune(configs=_gemv_configs(), key=["N", "K", "BM"], prune_configs_by={"early_config_prune": _prune},
-                     **_autotune_kwargs())  # fmt: skip
+    @triton.autotune(configs=_gemv_configs(), key=["N", "K", "BM", "QUANT"],
+                     prune_configs_by={"early_config_prune": _prune}, **_autotune_kwargs())  # fmt: skip
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, b_ptr, r_ptr, y_ptr, lnw_ptr, lnb_ptr,
+        x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, lnw_ptr, lnb_ptr,
         M, N, K, sxm, swn, srm, sym, eps,
-        LN: tl.constexpr, EPI: tl.constexpr, BM: tl.constexpr, LIBDEVICE: tl.constexpr,
+        LN: tl.constexpr, EPI: tl.constexpr, BM: tl.constexpr, QUANT: tl.constexpr, LIBDEVICE: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
-        pid = tl.program_id(0)
+        # Grid (row blocks, column blocks): the row blocks of one column block are neighbours in launch order, so
+        # they read its weight tile at about the same time (once from memory, then from L2).
+        pid = tl.program_id(1)
         rn = pid * BN + tl.arange(0, BN)
         nmask = rn < N
-        rm = tl.arange(0, BM)
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
         mmask = rm < M
         dt = y_ptr.dtype.element_ty
         if LN:
@@ -143,7 +175,7 @@ if HAVE_TRITON:
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             kmask = rk < K
-            w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
             xv = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             if LN:
                 lw = tl.load(lnw_ptr + rk, mask=kmask, other=0.0).to(tl.float32)
@@ -153,9 +185,11 @@ if HAVE_TRITON:
             if BM == 1:
                 acc1 += w.to(tl.float32) * xv.to(tl.float32)  # [BN, BK] * [1, BK]: one row, no tensor cores
             else:
-                acc = tl.dot(xv, tl.trans(w), acc)
+                acc = tl.dot(xv, tl.trans(w.to(dt)), acc)  # int8 -> the model dtype: exact (|q| <= 127)
         if BM == 1:
             acc = tl.sum(acc1, axis=1)[None, :]
+        if QUANT:  # the row scales of the int8 weight, on the fp32 sums
+            acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         bias = tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
         y = (acc + bias[None, :]).to(dt)
         omask = mmask[:, None] & nmask[None, :]
@@ -234,23 +268,27 @@ def gemv(
     ln: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     epilogue: str | None = None,
     residual: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (M <= 16, K contiguous), w [N, K] contiguous, b [N] -> [M, N] in x's dtype. `ln` = (weight, bias, eps):
-    x is layer-normed first. epilogue "gelu" (tanh form) or "residual" (+ residual [M, N])."""
+    """x [M, K] (M <= max_rows, K contiguous), w [N, K] contiguous, b [N] -> [M, N] in x's dtype. `ln` = (weight,
+    bias, eps): x is layer-normed first. epilogue "gelu" (tanh form) or "residual" (+ residual [M, N]). `scale` [N]
+    fp32: w is int8 and y = x @ (w * scale[:, None])^T + b."""
     M, K = x.shape
     N = w.shape[0]
-    assert M <= MAX_ROWS and w.shape[1] == K and x.stride(1) == 1 and w.stride(1) == 1
+    quant = scale is not None
+    assert M <= max_rows(quant) and w.shape[1] == K and x.stride(1) == 1 and w.stride(1) == 1
+    assert quant == (w.dtype == torch.int8), "int8 weights take their scales, floating ones none"
     if not fits(x, w):
         raise ValueError(f"gemv: a [{N}, {K}] weight is past 32-bit offsets")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     r = residual if residual is not None else y
     assert epilogue != "residual" or (residual is not None and r.stride(1) == 1)
     lnw, lnb, eps = ln if ln is not None else (b, b, 0.0)
-    bm = 1 if M == 1 else 16
-    grid = lambda meta: (triton.cdiv(N, meta["BN"]),)  # noqa: E731 - Triton's grid idiom
+    bm = block_rows(M)
+    grid = lambda meta: (triton.cdiv(M, bm), triton.cdiv(N, meta["BN"]))  # noqa: E731 - Triton's grid idiom
     _gemv_kernel[grid](
-        x, w, b, r, y, lnw, lnb, M, N, K, x.stride(0), w.stride(0), r.stride(0), y.stride(0), float(eps),
-        LN=ln is not None, EPI=EPILOGUES[epilogue], BM=bm, LIBDEVICE=not INTERPRET,
+        x, w, scale if quant else b, b, r, y, lnw, lnb, M, N, K, x.stride(0), w.stride(0), r.stride(0), y.stride(0),
+        float(eps), LN=ln is not None, EPI=EPILOGUES[epilogue], BM=bm, QUANT=quant, LIBDEVICE=not INTERPRET,
     )  # fmt: skip
     return y
 
@@ -295,7 +333,8 @@ def decode_attention(
 #   - `warm` (the fast backend's load thread helper): the real `gemv`/`decode_attention` calls on dummy device
 #     tensors of the real shapes, which load those binaries (or compile what is missing) and run the autotuner's
 #     benchmarks, so the warm-up's calls find everything in memory.
-# The plan mirrors BloomRankModel.decode_layer / logits (fast/model.py): a change to either is a change to both.
+# The plan mirrors BloomRankModel.decode_layer / logits (fast/model.py): a change to either is a change to both. The
+# row limits and row blocks of both come from one place here (max_rows, block_rows), the int8 weights with them.
 
 
 @dataclass(frozen=True)
@@ -320,6 +359,7 @@ class DecodePlan:
     D: int
     max_seq: int
     max_batch: int
+    quant: bool = False  # int8 weights (every gemv of the plan, the head included: fast/catalog.py QUANT_*)
 
     @property
     def empty(self) -> bool:
@@ -327,10 +367,14 @@ class DecodePlan:
 
     def rows(self, stage: int) -> tuple[int, ...]:
         """Row counts whose variants a stage covers: 1 (BM=1: what the one-row warm-up and bs-1 decode use), then
-        2 and 16 (BM=16, specialised as "not / divisible by 16": bs 2-16 steps and multi-row prefill logits)."""
+        2 and 16 (BM=16, specialised as "not / divisible by 16": bs 2-16 steps and multi-row prefill logits), and
+        with int8 weights 24 and 64 (BM=64, the same two specialisations) for batches past 16."""
         if stage == 1:
             return (1,)
-        return ((2,) if self.max_batch > 1 else ()) + ((16,) if self.max_batch >= 16 else ())
+        rows = ((2,) if self.max_batch > 1 else ()) + ((16,) if self.max_batch >= 16 else ())
+        if self.max_batch > MAX_ROWS and max_rows(self.quant) > MAX_ROWS:
+            rows += (24, 64)
+        return rows
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -345,14 +389,15 @@ class DecodePlan:
 
 
 def decode_plan(*, hidden: int, n_head: int, vocab_size: int, world: int, dtype: str, max_batch: int, max_seq: int,
-                fuse: frozenset | set, post: bool = False) -> DecodePlan:  # fmt: skip
+                fuse: frozenset | set, post: bool = False, quant: bool = False) -> DecodePlan:  # fmt: skip
     """The Triton calls of one rank's decode step (fast/model.py's choices: fp16/bf16 only, Triton GEMVs for the
     column-parallel layers and, on one rank, the row-parallel ones with their residual epilogue; the fused attention;
-    the head where it has under 2**31 elements). dtype: "float16" | "bfloat16" (anything else: an empty plan)."""
+    the head where it has under 2**31 elements). dtype: "float16" | "bfloat16" (anything else: an empty plan); quant:
+    int8 weights (the same calls on int8 tiles, up to max_rows(True) rows)."""
     hp, D = n_head // world, hidden // n_head
     f = 4 * hidden // world
     vp = -(-vocab_size // world)
-    none = DecodePlan(dtype, (), False, hp, D, max_seq, max_batch)
+    none = DecodePlan(dtype, (), False, hp, D, max_seq, max_batch, quant)
     if dtype not in ("float16", "bfloat16") or post or not fuse:
         return none
     big = (hp * 3 * D * hidden, hidden * hp * D, f * hidden, hidden * f)
@@ -367,7 +412,7 @@ def decode_plan(*, hidden: int, n_head: int, vocab_size: int, world: int, dtype:
     if vp * hidden < 2**31:
         gemvs.append(GemvCall("head", vp, hidden))
     attention = D & (D - 1) == 0
-    return DecodePlan(dtype, tuple(gemvs), attention, hp, D, max_seq, max_batch)
+    return DecodePlan(dtype, tuple(gemvs), attention, hp, D, max_seq, max_batch, quant)
 
 
 def _attn_block() -> int:
@@ -396,17 +441,23 @@ def warm(plan: DecodePlan, device: torch.device, stage: int = 1, stop: Any = Non
     gemvs = list(plan.gemvs)
     if device.type == "cuda" and reserve is not None:
         free = torch.cuda.mem_get_info(device)[0] - reserve() - (1 << 30)  # 1 GiB: contexts, benchmark scratch
-        fit = [g for g in gemvs if g.N * g.K * dt.itemsize <= free]
+        wsize = 1 if plan.quant else dt.itemsize
+        fit = [g for g in gemvs if g.N * g.K * wsize <= free]
         for g in gemvs:
             if g not in fit:
                 times[f"gemv {g.name} skipped (memory)"] = 0.0
-        plan = DecodePlan(plan.dtype, tuple(fit), plan.attention, plan.hp, plan.D, plan.max_seq, plan.max_batch)
+        plan = replace(plan, gemvs=tuple(fit))
     wmax = max((g.N * g.K for g in plan.gemvs), default=1)
     kmax = max((max(g.K, g.N) for g in plan.gemvs), default=1)
     nmax = max((g.N for g in plan.gemvs), default=1)
-    w_all = torch.empty(wmax, dtype=dt, device=device).normal_(0, 0.02)  # real-size weights: honest benchmarks
-    x_all = torch.empty(MAX_ROWS * kmax, dtype=dt, device=device).normal_()
-    r_all = torch.zeros(MAX_ROWS * kmax, dtype=dt, device=device)
+    mmax = max(rows)
+    if plan.quant:  # real-size weights: honest benchmarks
+        w_all = torch.randint(-127, 128, (wmax,), dtype=torch.int8, device=device)
+    else:
+        w_all = torch.empty(wmax, dtype=dt, device=device).normal_(0, 0.02)
+    s_all = torch.full((nmax,), 0.02 / 127, dtype=torch.float32, device=device) if plan.quant else None
+    x_all = torch.empty(mmax * kmax, dtype=dt, device=device).normal_()
+    r_all = torch.zeros(mmax * kmax, dtype=dt, device=device)
     b_all = torch.zeros(nmax, dtype=dt, device=device)
     ln_w = torch.ones(kmax, dtype=dt, device=device)
     for m in rows:
@@ -418,7 +469,8 @@ def warm(plan: DecodePlan, device: torch.device, stage: int = 1, stop: Any = Non
             w = w_all[: g.N * g.K].view(g.N, g.K)
             res = r_all[: m * g.N].view(m, g.N) if g.epilogue == "residual" else None
             ln = (ln_w[: g.K], b_all[: g.K], 1e-5) if g.ln else None
-            gemv(x, w, b_all[: g.N], ln=ln, epilogue=g.epilogue, residual=res)
+            scale = s_all[: g.N] if s_all is not None else None
+            gemv(x, w, b_all[: g.N], ln=ln, epilogue=g.epilogue, residual=res, scale=scale)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[f"gemv {g.name} M={m}"] = time.perf_counter() - t
@@ -440,12 +492,13 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
     """Compile this worker's share of the plan's variants (Kernel.warmup: dtypes for tensors, nothing launched) and,
     with `launchers`, build their launchers where a CUDA context is at hand. Returns the variants compiled."""
     dt = getattr(torch, plan.dtype)
+    wt, st = (torch.int8, torch.float32) if plan.quant else (dt, dt)  # the weight's and the scale pointer's types
     jobs: list[Callable[[], Any]] = []
     seen: set = set()
     for m in plan.rows(stage):
-        bm = 1 if m == 1 else 16
+        bm = block_rows(m)
         for g in plan.gemvs:
-            for cfg in _prune(_gemv_kernel.configs, {}, BM=bm):
+            for cfg in _prune(_gemv_kernel.configs, {}, BM=bm, QUANT=plan.quant):
                 # One job per variant: Triton specialises N and K only on == 1 and divisibility by 16 (qkv and the
                 # head share theirs, dense and fc2 theirs), so two workers never compile the same one.
                 variant = (m, g.epilogue, g.ln, g.N % 16 == 0, g.K % 16 == 0, g.N == 1, g.K == 1,
@@ -456,9 +509,9 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
 
                 def job(g=g, m=m, bm=bm, cfg=cfg):
                     return _gemv_kernel.fn.warmup(
-                        dt, dt, dt, dt, dt, dt, dt, m, g.N, g.K, g.K, g.K, g.N, g.N, 1e-5,
-                        LN=g.ln, EPI=EPILOGUES[g.epilogue], BM=bm, LIBDEVICE=not INTERPRET, grid=(1,),
-                        **cfg.all_kwargs(),
+                        dt, wt, st, dt, dt, dt, dt, dt, m, g.N, g.K, g.K, g.K, g.N, g.N, 1e-5,
+                        LN=g.ln, EPI=EPILOGUES[g.epilogue], BM=bm, QUANT=plan.quant, LIBDEVICE=not INTERPRET,
+                        grid=(1,), **cfg.all_kwargs(),
                     )  # fmt: skip
 
                 jobs.append(job)
@@ -491,7 +544,7 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
 def plan_for(facts: dict[str, Any]) -> DecodePlan:
     """The DecodePlan of one rank from plain facts (what serve.py hands the compile workers, and the fast backend's
     load uses itself): model_dir, world, dtype ("float16" ...), max_batch, max_seq, fast_decode (the fusion, as
-    fast/model.py's parse_fuse reads it; None: the default)."""
+    fast/model.py's parse_fuse reads it; None: the default), weights ("int8": weight-only int8; None: the dtype's)."""
     from bloom_server.fast.fusion import parse_fuse
     from bloom_server.fast.shapes import BloomShape
 
@@ -499,7 +552,8 @@ def plan_for(facts: dict[str, Any]) -> DecodePlan:
     return decode_plan(hidden=shape.hidden_size, n_head=shape.n_head, vocab_size=shape.vocab_size,
                        world=int(facts["world"]), dtype=str(facts["dtype"]), max_batch=int(facts["max_batch"]),
                        max_seq=int(facts["max_seq"]), fuse=parse_fuse(facts.get("fast_decode")),
-                       post=shape.apply_residual_connection_post_layernorm)  # fmt: skip
+                       post=shape.apply_residual_connection_post_layernorm,
+                       quant=facts.get("weights") == "int8")  # fmt: skip
 
 
 class _OfflineTarget:

@@ -3,6 +3,10 @@ dict (a transformers model's, sharing its storage where no split or cast is need
 
 Names are the checkpoint's without the "transformer." prefix (bigscience's own files have none; transformers'
 `save_pretrained` adds it). `lm_head.weight`, where present, is the tied word embedding and is not read.
+
+Weight-only int8 (fast/quant.py): the quantized weights are int8 tensors in the same fields, with their fp32 row
+scales beside them (the `*_s` fields; None in a floating model). A pre-sharded int8 checkpoint stores both
+(NAME and NAME + SCALE_SUFFIX) and is read as it is stored.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bloom_server.errors import ModelDirError
-from bloom_server.fast.catalog import LAYER_FIELDS, full_shapes
+from bloom_server.fast.catalog import LAYER_FIELDS, QUANT_GLOBAL, QUANT_LAYER, SCALE_SUFFIX, full_shapes
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup, shard_range, split_dim
 from bloom_server.progress import LoadProgress
@@ -52,6 +56,11 @@ class LayerWeights:
     fc1_b: torch.Tensor  # [f]
     fc2_w: torch.Tensor  # [h, f]     dense_4h_to_h
     fc2_b: torch.Tensor  # [h]        added once, after the all-reduce
+    # int8 weights only: fp32 scale of each output row of the weight of the same name (fast/quant.py)
+    qkv_s: torch.Tensor | None = None
+    dense_s: torch.Tensor | None = None
+    fc1_s: torch.Tensor | None = None
+    fc2_s: torch.Tensor | None = None
 
 
 _LAYER_NAMES = LAYER_FIELDS
@@ -67,16 +76,23 @@ class BloomWeights:
     lnf_b: torch.Tensor
     vocab_start: int = 0
     vocab_size: int = 0  # the real vocabulary (all ranks)
+    emb_s: torch.Tensor | None = None  # int8 weights only: [Vp] fp32 scale of each vocabulary row
     extra: dict = field(default_factory=dict)
 
+    @property
+    def quantized(self) -> bool:
+        """Weight-only int8 (fast/quant.py)."""
+        return self.emb_s is not None or any(lw.qkv_s is not None for lw in self.layers[:1])
+
     def nbytes(self) -> int:
-        """Bytes of this rank's weights (what a decode step reads at least once)."""
-        ts = [self.emb, self.emb_ln_w, self.emb_ln_b, self.lnf_w, self.lnf_b]
-        ts += [t for lw in self.layers for t in vars(lw).values()]
-        return sum(t.numel() * t.element_size() for t in ts)
+        """Bytes of this rank's weights as they are resident (what a decode step reads at least once), scales
+        included."""
+        return sum(t.numel() * t.element_size() for t in iter_tensors(self))
 
     def to_hf_state_dict(self) -> dict[str, torch.Tensor]:
         """transformers names, for one rank holding everything (tp 1): lets a transformers model share these tensors."""
+        if self.quantized:
+            raise ValueError("to_hf_state_dict needs floating weights (these are int8)")
         if self.emb.shape[0] != self.vocab_size:
             raise ValueError("to_hf_state_dict needs the unsharded weights (tensor-parallel degree 1)")
         sd = {
@@ -97,14 +113,21 @@ class BloomWeights:
 Getter = Callable[[str, "int | None", bool], torch.Tensor]
 
 
-def _assemble(shape: BloomShape, get: Getter) -> BloomWeights:
+def _assemble(shape: BloomShape, get: Getter, quant: bool = False) -> BloomWeights:
+    """The weights from a getter; `quant`: int8 weights, whose scales the getter gives too (NAME + SCALE_SUFFIX)."""
     layers = []
     for i in range(shape.n_layer):
         parts = {}
         for attr, name in _LAYER_NAMES.items():
             full = f"h.{i}.{name}"
             parts[attr] = get(full, split_dim(full), False)
+            if quant and attr in QUANT_LAYER:
+                parts[QUANT_LAYER[attr]] = get(full + SCALE_SUFFIX, split_dim(full + SCALE_SUFFIX), False)
         layers.append(LayerWeights(**parts))
+    scales = {}
+    if quant:
+        for name, (_, sfield) in QUANT_GLOBAL.items():
+            scales[sfield] = get(name + SCALE_SUFFIX, split_dim(name + SCALE_SUFFIX), padded_rows(name))
     return BloomWeights(
         emb=get("word_embeddings.weight", 0, True),
         emb_ln_w=get("word_embeddings_layernorm.weight", None, False),
@@ -113,7 +136,13 @@ def _assemble(shape: BloomShape, get: Getter) -> BloomWeights:
         lnf_w=get("ln_f.weight", None, False),
         lnf_b=get("ln_f.bias", None, False),
         vocab_size=shape.vocab_size,
+        **scales,
     )
+
+
+def padded_rows(name: str) -> bool:
+    """The vocabulary-parallel tensors (the word embedding and its int8 scales): split with padding."""
+    return name.removesuffix(SCALE_SUFFIX).endswith("word_embeddings.weight")
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -154,11 +183,19 @@ def from_state_dict(
     return _finish(shape, tp, _assemble(shape, get))
 
 
-def required_names(shape: BloomShape) -> list[str]:
-    """The checkpoint names (without "transformer.") the engine needs, in the order a pre-sharded file stores them."""
-    names = ["word_embeddings.weight", "word_embeddings_layernorm.weight", "word_embeddings_layernorm.bias"]
+def required_names(shape: BloomShape, quant: bool = False) -> list[str]:
+    """The checkpoint names (without "transformer.") the engine needs, in the order a pre-sharded file stores them;
+    `quant`: an int8 checkpoint's, each quantized weight followed by its scales."""
+    q = {LAYER_FIELDS[f] for f in QUANT_LAYER} | set(QUANT_GLOBAL) if quant else set()
+
+    def with_scale(name: str, base: str) -> list[str]:
+        return [name, name + SCALE_SUFFIX] if base in q else [name]
+
+    names = with_scale("word_embeddings.weight", "word_embeddings.weight")
+    names += ["word_embeddings_layernorm.weight", "word_embeddings_layernorm.bias"]
     for i in range(shape.n_layer):
-        names += [f"h.{i}.{n}" for n in _LAYER_NAMES.values()]
+        for n in _LAYER_NAMES.values():
+            names += with_scale(f"h.{i}.{n}", n)
     return names + ["ln_f.weight", "ln_f.bias"]
 
 
@@ -168,7 +205,7 @@ def rank_shape(name: str, full: tuple[int, ...], rank: int, world: int) -> tuple
     if dim is None or world == 1:
         return tuple(full)
     out = list(full)
-    out[dim] = -(-full[dim] // world) if name.endswith("word_embeddings.weight") else full[dim] // world
+    out[dim] = -(-full[dim] // world) if padded_rows(name) else full[dim] // world
     return tuple(out)
 
 
@@ -221,7 +258,8 @@ def read_safetensors(
     """The wanted tensors, read with large sequential `preadv` calls by `threads` threads straight into their final
     storage: on the CPU the read lands in the tensor itself (one scatter read per chunk, no copy); on CUDA it lands in
     a pinned buffer (two per thread) whose device copy runs on the thread's stream while the thread reads its next
-    chunk. Floating tensors come out in `dtype`; only a tensor stored in another dtype is staged and cast.
+    chunk. Floating tensors come out in `dtype` (int8 scales, NAME + SCALE_SUFFIX, in fp32); only a tensor stored in
+    another dtype is staged and cast.
 
     With a prefetcher running (`progress.prefetcher`, loading.start_prefetch: the load's one sequential disk stream),
     each chunk is read only once the prefetcher has read past it, so the `preadv` copies from the page cache and the
@@ -238,7 +276,7 @@ def read_safetensors(
                 f"{files[wanted[i][0]].path}: {t.name} has dtype {t.dtype}, which the fast engine does not read"
             )
         fdt = _ST_DTYPES[t.dtype]
-        final = dtype if fdt.is_floating_point else fdt
+        final = (torch.float32 if t.name.endswith(SCALE_SUFFIX) else dtype) if fdt.is_floating_point else fdt
         if fdt == final:
             dst = torch.empty(t.shape, dtype=fdt, device=device)
             out.append(dst)
@@ -371,7 +409,8 @@ def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, 
         raise ModelDirError(
             f"{path}: holds rank {meta.get('tp_rank')} of {meta.get('tp_size')}, not rank {tp.rank} of {tp.world}"
         )
-    names = required_names(shape)
+    quant = any(t.name.endswith(SCALE_SUFFIX) for t in header.tensors)  # `bloom-server preshard --dtype int8`
+    names = required_names(shape, quant)
     wanted, missing = wanted_entries([header], names)
     if missing:
         raise ModelDirError(
@@ -383,7 +422,7 @@ def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, 
         if t.shape != want:
             raise ModelDirError(f"{path}: {name} is {list(t.shape)}, rank {tp.rank} of {tp.world} needs {list(want)}")
     tensors = dict(zip(names, read_safetensors([header], wanted, dtype=dtype, device=device, **read)))
-    return _finish(shape, tp, _assemble(shape, lambda name, dim, pad: tensors[name]))
+    return _finish(shape, tp, _assemble(shape, lambda name, dim, pad: tensors[name], quant))
 
 
 def _full_shapes(shape: BloomShape) -> dict[str, tuple[int, ...]]:
@@ -435,7 +474,8 @@ def from_checkpoint(
         full = _full_shapes(shape)
         if progress is not None:  # bytes of this rank's tensors, in the dtype they are loaded as
             size = torch.empty((), dtype=dtype).element_size()
-            progress.set_total(sum(_numel(rank_shape(n, s, tp.rank, tp.world)) * size for n, s in full.items()))
+            progress.set_total(sum(_numel(rank_shape(n, s, tp.rank, tp.world)) * size for n, s in full.items()
+                                   if not n.endswith(SCALE_SUFFIX)))  # fmt: skip
         limiter = throttle
 
         def get(name: str, dim: int | None, pad: bool) -> torch.Tensor:
@@ -519,6 +559,9 @@ def random_weights(
 
 
 def iter_tensors(w: BloomWeights) -> Iterable[torch.Tensor]:
+    """Every tensor of this rank's weights (int8 scales included where present)."""
     yield from (w.emb, w.emb_ln_w, w.emb_ln_b, w.lnf_w, w.lnf_b)
+    if w.emb_s is not None:
+        yield w.emb_s
     for lw in w.layers:
-        yield from vars(lw).values()
+        yield from (t for t in vars(lw).values() if t is not None)

@@ -15,6 +15,8 @@ runs (fast and ds_inference split the model over the ranks), rank 0 prints.
 --max-batch-search N: the largest batch of (--input-tokens + --new-tokens)-token rows each backend runs on this GPU
 (binary search in [1, N]; a try = prefill + every new token, its out-of-memory error caught and its memory freed), with
 the peak memory allocated and reserved of each try. --decode-fusion picks the fast engine's decode fusion (model.py).
+--dtype int8 (fast only): weight-only int8 (fast/quant.py), activations fp16; each row reports the bytes of weights
+resident on the device (`weight_bytes`), and the memory floor counts those bytes.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Row:
     tokens_equal_smaller_bs: str = ""
     runs_s: list[float] = field(default_factory=list)
     peak_reserved_gb: float | None = None
+    dtype: str = ""  # the weights' (int8: weight-only int8, fp16 activations)
+    weight_bytes: int | None = None  # this rank's weights as resident (the fast engine's; None where unknown)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=100)
     p.add_argument("--input-tokens", type=int, default=8, help="prompt length (random token ids)")
     p.add_argument("--cycles", type=int, default=5, help="timed generates per batch size (median)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32", "int8"],
+                   help="int8: the fast engine's weight-only int8 (fp16 activations; fast only)")  # fmt: skip
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth (default: measured)")
     p.add_argument("--tflops", type=float, default=None, help="matrix rate (default: measured on a GPU)")
     p.add_argument("--check-tokens", action="store_true", help="compare greedy tokens with hf on the same weights")
@@ -160,7 +165,8 @@ class Bench:
 
             if not dist.is_initialized():  # the fast engine all-reduces over the default group (nccl, gloo on CPUs)
                 dist.init_process_group(backend="nccl" if cuda else "gloo", rank=rank, world_size=world)
-        if args.dtype == "auto":
+        self.quant = args.dtype == "int8"
+        if args.dtype in ("auto", "int8"):  # int8: the activations in auto's dtype
             self.dtype = torch.float16 if cuda else torch.float32
         else:
             self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -213,6 +219,7 @@ class Bench:
         from bloom_server.settings import load_settings
 
         dtype = {self.torch.float16: "fp16", self.torch.bfloat16: "bf16", self.torch.float32: "fp32"}[self.dtype]
+        dtype = "int8" if self.quant else dtype
         return load_settings(
             backend=backend,
             dtype=dtype,
@@ -234,7 +241,17 @@ class Bench:
                 self._weights = random_weights(self.shape, tp, dtype=self.dtype, device=self.device, seed=0)
             else:
                 self._weights = from_checkpoint(self.model_dir.path, self.shape, tp, self.dtype, self.device)
+            if self.quant and not self._weights.quantized:
+                from bloom_server.fast.quant import quantize_weights
+
+                quantize_weights(self._weights, tp)
+                if self.device.type == "cuda":
+                    self.torch.cuda.empty_cache()
         return self._weights
+
+    @property
+    def dtype_name(self) -> str:
+        return "int8" if self.quant else str(self.dtype).replace("torch.", "")
 
     def hf_model(self) -> Any:
         """A transformers model on this rank's device. With random weights it is built on the meta device and takes
@@ -280,7 +297,7 @@ class Bench:
             )
             if self.args.decode_fusion is not None:
                 b.engine.model.set_fuse(self.args.decode_fusion)
-            b._defaults, b._dtype = {}, str(self.dtype).replace("torch.", "")
+            b._defaults, b._dtype = {}, self.dtype_name
             return b
         if name == "hf":
             from bloom_server.backends.hf import HFBackend
@@ -381,10 +398,12 @@ class Bench:
             tokens_per_s=bs * args.new_tokens / med_full, prefill_ms=1e3 * med_prefill, generate_s=span,
             floor_ms=floor_ms, floor_fraction=floor_ms / ms_step if ms_step > 0 else 0.0, floor_kind=kind,
             peak_gb=peak, tokens_equal_hf=equal, tokens_equal_smaller_bs=own_equal, runs_s=full,
-            peak_reserved_gb=reserved,
+            peak_reserved_gb=reserved, dtype=self.dtype_name if name == "fast" else str(self.dtype).replace("torch.", ""),
+            weight_bytes=self.weights().nbytes() if name == "fast" else None,
         )  # fmt: skip
         total_tokens = args.cycles * bs * args.new_tokens
-        self.say(f"\n# {name} bs={bs} ({self.model_dir.model_id}, {self.dtype}, {self.ctx.world_size} rank(s))")
+        weights = f", {row.weight_bytes / 1e9:.2f} GB of weights resident" if row.weight_bytes else ""
+        self.say(f"\n# {name} bs={bs} ({self.model_dir.model_id}, {row.dtype}{weights}, {self.ctx.world_size} rank(s))")
         # The original block, byte for byte (bloom-inference-scripts --benchmark).
         self.say(
             f"""
@@ -622,6 +641,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if n not in BACKENDS:
             print(f"bloom-server bench: unknown backend {n!r} (choose from {', '.join(BACKENDS)})", file=sys.stderr)
             return 2
+    if args.dtype == "int8" and (names != ["fast"] or args.check_tokens):
+        print(
+            "bloom-server bench: --dtype int8 is the fast engine's (--backend fast, no --check-tokens)", file=sys.stderr
+        )
+        return 2
     if args.check_tokens and "hf" not in names:
         names.insert(0, "hf")
     if "hf" in names:
@@ -650,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shape = bench.shape
     bench.say(
         f"# bloom-server bench: {bench.model_dir.model_id} ({shape.n_layer} layers, hidden {shape.hidden_size}, "
-        f"{shape.n_head} heads, {shape.params() / 1e9:.2f} B params), {bench.dtype}, device "
+        f"{shape.n_head} heads, {shape.params() / 1e9:.2f} B params), {bench.dtype_name}, device "
         f"{torch.cuda.get_device_name(bench.device) if bench.device.type == 'cuda' else 'cpu'}, "
         f"{bench.ctx.world_size} rank(s); torch {torch.__version__}; bandwidth {floors['bandwidth_gbs']:.0f} GB/s"
         + (f", matrix rate {floors['tflops']:.0f} TFLOP/s" if floors["tflops"] else "")

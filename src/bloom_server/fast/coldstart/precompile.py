@@ -127,12 +127,20 @@ def triton_version() -> str | None:
 
 
 def plan_facts(
-    model_dir: Path | str, *, world: int, dtype: str, max_batch: int, max_seq: int, fast_decode: str | None
+    model_dir: Path | str,
+    *,
+    world: int,
+    dtype: str,
+    max_batch: int,
+    max_seq: int,
+    fast_decode: str | None,
+    weights: str | None = None,
 ) -> dict[str, Any]:
     """What decides one rank's decode kernel variants (triton_kernels.plan_for reads it), as the compile workers,
-    the load's helper and a seed's precompile.json all carry it. dtype: "float16" | "bfloat16"."""
+    the load's helper and a seed's precompile.json all carry it. dtype: "float16" | "bfloat16" (the activations');
+    weights: "int8" (weight_format) or None (the dtype's)."""
     return {"model_dir": str(model_dir), "world": int(world), "dtype": dtype, "max_batch": int(max_batch),
-            "max_seq": int(max_seq), "fast_decode": fast_decode}  # fmt: skip
+            "max_seq": int(max_seq), "fast_decode": fast_decode, "weights": weights}  # fmt: skip
 
 
 def seed_archs(seed: Path | None, facts: dict[str, Any]) -> tuple[int, ...]:
@@ -149,6 +157,7 @@ def seed_archs(seed: Path | None, facts: dict[str, Any]) -> tuple[int, ...]:
             and [info.get(k) for k in ("world", "dtype", "max_batch", "max_seq")]
             == [facts.get(k) for k in ("world", "dtype", "max_batch", "max_seq")]
             and info.get("fast_decode") == facts.get("fast_decode")
+            and info.get("weights") == facts.get("weights")
             and info.get("triton") is not None and info.get("triton") == triton_version())  # fmt: skip
     if not same:
         return ()
@@ -236,8 +245,15 @@ def triton_installed() -> bool:
 
 
 def model_dtype(setting: str) -> str | None:
-    """The torch dtype name the fast backend runs on a GPU for a dtype setting (backends.base.torch_dtype)."""
+    """The torch dtype name the fast backend runs on a GPU for a dtype setting (backends.base.torch_dtype; int8:
+    the activations')."""
     return {"auto": "float16", "fp16": "float16", "int8": "float16", "bf16": "bfloat16"}.get(setting)
+
+
+def weight_format(setting: str) -> str | None:
+    """The weights' storage a dtype setting asks of the fast backend beyond the model dtype: "int8" (weight-only
+    int8, fast/quant.py) or None."""
+    return "int8" if setting == "int8" else None
 
 
 class CompileWorkers:
@@ -330,7 +346,8 @@ def start_compile_workers(settings: Any, model_dir: Path, *, world: int, local_r
     if dtype is None or parts < 1 or not (Path(model_dir) / "config.json").is_file():
         return None
     facts = plan_facts(model_dir, world=world, dtype=dtype, max_batch=settings.max_batch_size,
-                       max_seq=settings.total_tokens_limit, fast_decode=settings.fast_decode)  # fmt: skip
+                       max_seq=settings.total_tokens_limit, fast_decode=settings.fast_decode,
+                       weights=weight_format(str(settings.dtype)))  # fmt: skip
     w = CompileWorkers(facts, parts, device_index=local_rank)
     w.seed_archs = seed_archs(seed, facts)
     log.info("kernel compile: %d worker process(es) started (Triton cache %s%s)", len(w.procs),
@@ -349,7 +366,8 @@ def cubin_entries(cache: Path) -> set[str]:
 
 
 def precompile(model_dir: Path, out: Path, *, targets: list[int | None], world: int, dtype: str, max_batch: int,
-               max_seq: int, workers: int, fast_decode: str | None, timeout: float = 1800.0) -> dict[str, Any]:  # fmt: skip
+               max_seq: int, workers: int, fast_decode: str | None, weights: str | None = None,
+               timeout: float = 1800.0) -> dict[str, Any]:  # fmt: skip
     """Compile one rank's decode kernel variants (every rank of a tensor-parallel group has the same shapes) for each
     target architecture into `out`, a Triton cache directory (what `seed_kernel_cache` copies at a server's start).
     A target of None: the GPU of this host. With a number no GPU is needed: Triton compiles for that architecture
@@ -361,7 +379,7 @@ def precompile(model_dir: Path, out: Path, *, targets: list[int | None], world: 
     before = cubin_entries(out)
     os.environ["TRITON_CACHE_DIR"] = str(out)  # the workers inherit it
     facts = plan_facts(model_dir, world=world, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
-                       fast_decode=fast_decode)  # fmt: skip
+                       fast_decode=fast_decode, weights=weights)  # fmt: skip
     report: dict[str, Any] = {**facts, "targets": [], "ok": True, "triton": triton_version()}
     for target in targets:
         t0 = time.monotonic()

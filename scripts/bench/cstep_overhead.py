@@ -1,4 +1,4 @@
-"""Host time of one continuous-batching step (FastBackend.cstep over the ContinuousBatcher), on CPU.
+"""Host time of one continuous-batching step (FastBackend.cstep over the RowScheduler), on CPU.
 
 Keeps --rows rows live (a finished row is replaced by a new join at the next step, as a loaded server does) and times
 each cstep. Two engines:

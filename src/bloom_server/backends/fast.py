@@ -3,7 +3,7 @@
 Every rank holds its tensor-parallel share (heads, MLP columns and vocabulary rows split over the launcher's ranks;
 one rank holds everything) read straight from the checkpoint's safetensors slices, and runs the same static batch
 through `FastEngine.generate`: prefill, then decode steps replayed as CUDA graphs on GPUs (eager on CPUs). With
-continuous batching (`cstep`), the same slots are scheduled by a ContinuousBatcher instead: each step applies rank 0's
+continuous batching (`cstep`), the same slots are scheduled by a RowScheduler instead: each step applies rank 0's
 joins and leaves, then runs one leave/admit/decode/retire step, the same on every rank.
 Sampling follows transformers' meaning of every generate() setting the API accepts (see fast/sampling.py), seeded
 from the batch's seed on every rank, so ranks agree token for token.
@@ -25,7 +25,7 @@ from bloom_server.types import FinishReason, ForwardBatch, GenerateBatch, Genera
 
 if TYPE_CHECKING:
     from bloom_server.fast.engine import FastEngine
-    from bloom_server.fast.scheduler import ContinuousBatcher
+    from bloom_server.fast.rows import RowScheduler
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class FastBackend(Backend):
         except Exception:  # noqa: BLE001 - a report only: no counts rather than a failed warm-up
             return None
 
-    _batcher: ContinuousBatcher | None = None
+    _batcher: RowScheduler | None = None
 
     def load(self) -> None:
         """Weights straight from disk into this rank's tensors at the disk's speed (bloom_server.fast.weights
@@ -202,15 +202,15 @@ class FastBackend(Backend):
     def cstep(self, step: Any, rank0: bool = False) -> CStepResult:
         """One continuous-batching step (frontend/batching/continuous.py's CStep: `joins`, `leaves`), the same on every rank:
         rows that left are retired, every live row's next decode is queued, the previous step's tokens are read
-        (pipelined one step ahead: fast/scheduler.py), rows that finished by EOS or length leave, joined rows are
+        (pipelined one step ahead: fast/rows.py), rows that finished by EOS or length leave, joined rows are
         admitted and prefilled. `rank0`: the caller delivers the tokens, so their log-probabilities (and top
         alternatives where a row asks) are computed too; they stay out of the ranks' digest."""
+        from bloom_server.fast.rows import STOPPED, Request, RowScheduler
         from bloom_server.fast.sampling import SamplingConfig
-        from bloom_server.fast.scheduler import STOPPED, ContinuousBatcher, Request
 
         assert self.engine is not None, "load() first"
         if self._batcher is None:
-            self._batcher = ContinuousBatcher(self.engine)
+            self._batcher = RowScheduler(self.engine)
         cb = self._batcher
         if cb.grammars is None and any(j.grammar is not None for j in step.joins):
             from bloom_server.structured import Grammars

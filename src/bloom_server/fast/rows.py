@@ -137,7 +137,7 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class ContinuousBatcher:
+class RowScheduler:
     """`pipeline` (default): step t+1's decode is queued on the device before step t's tokens are read, so the
     device never waits for the host's bookkeeping (see the module docstring); False reads each step's own tokens
     at its end (the same tokens per row, one step earlier; for tests and comparisons)."""

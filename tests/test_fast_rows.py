@@ -225,7 +225,7 @@ def test_a_cstep_submitted_on_its_own_drains(tiny_model_dir):
 
 def test_each_decode_is_queued_before_the_previous_steps_tokens_are_read(engine, monkeypatch):
     """The point of pipelining: within a step, the device gets its next decode before the host waits for a read."""
-    from bloom_server.fast import scheduler as sch
+    from bloom_server.fast import rows as sch
 
     log: list[str] = []
     decode, read = FastEngine.decode, sch._Pending.read

@@ -11,6 +11,7 @@ Pieces, top to bottom:
   shapes.py    model shapes (from config.json, or the published 560m / 7b1 / 176b presets)
   rows.py      RowScheduler: the engine-side holder of continuous batching's live rows (joins, chunked prefill,
                decode steps, leaves) over the engine's slots
+  prefix_cache.py  KV of recent prompt prefixes in blocks (bounded, LRU), copied into a joining row's slot
   triton_kernels.py  the fused decode kernels (GEMVs with epilogues, decode attention)
   preshard.py  `bloom-server preshard`: a checkpoint split into one file per rank
   coldstart/   the kernels compiled ahead of time (workers, the kernel cache seed, `bloom-server precompile`)

@@ -215,6 +215,40 @@ def test_sigterm_lets_running_requests_finish(tiny_model_dir, tmp_path_factory):
         srv.stop()
 
 
+def test_chunked_prefill_and_the_prefix_cache_change_no_answer(cserver, tiny_model_dir, tmp_path_factory):
+    """Prompts sharing a prefix longer than a chunk, concurrently, on a server with chunked prefill and the prefix
+    cache: each gets the answer the plain server gives it, and /metrics counts the cache's hits."""
+    srv = start(tiny_model_dir, tmp_path_factory, "prefill", "--max-new-tokens", "192", "--max-total-tokens", "256",
+                "--max-batch-size", "4", "--prefill-step-tokens", "12", "--prefill-chunk-tokens", "8",
+                "--prefix-cache-mb", "1")  # fmt: skip
+    try:
+        shared = " ".join(PROMPTS[:7])  # 35 tokens: one block of 32 and more than four chunks
+        rng = random.Random(2)
+        bodies = [{"text": [f"{shared} {p}"], "max_new_tokens": rng.randint(3, 40), "min_length": 1000 * (i % 2)}
+                  for i, p in enumerate(PROMPTS)]  # fmt: skip
+        plain = [generate(cserver, b) for b in bodies]
+        assert generate(srv, bodies[0]) == plain[0]  # alone, and its prefix is cached
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(pool.map(lambda b: generate(srv, b), bodies))
+        assert together == plain
+        hits, misses = (
+            _gauge(srv, "bloom_server_prefix_cache_hits_total"),
+            _gauge(srv, "bloom_server_prefix_cache_misses_total"),
+        )
+        assert hits >= len(bodies) and _gauge(srv, "bloom_server_prefix_cache_hit_tokens_total") == 32 * hits
+        assert misses >= 2  # the warm-up's prompt and the first one
+        assert (
+            0
+            < _gauge(srv, "bloom_server_prefix_cache_bytes")
+            <= _gauge(srv, "bloom_server_prefix_cache_capacity_bytes")
+        )
+        assert _gauge(srv, "bloom_server_prefix_cache_evictions_total") == 0
+    finally:
+        srv.stop()
+    status, text, _ = cserver.get("/metrics")
+    assert status == 200 and "prefix_cache" not in text  # the cache is off by default: no series
+
+
 def test_info_reports_the_mode(cserver):
     status, info, _ = cserver.get("/info")
     assert status == 200 and info["batching"] == "continuous"

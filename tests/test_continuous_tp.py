@@ -20,11 +20,16 @@ ARGS = ["--backend", "fast", "--batching", "continuous", "--max-input-length", "
         "--max-total-tokens", "128", "--max-batch-size", "4"]  # fmt: skip
 
 
-def _bodies():
+# Chunked prefill and the prefix cache: prompts sharing a prefix of a cached block (32 tokens) and many chunks.
+PREFILL = ["--prefill-step-tokens", "6", "--prefill-chunk-tokens", "2", "--prefix-cache-mb", "1"]
+SHARED = " ".join(PROMPTS[:7]) + " "
+
+
+def _bodies(prefix=""):
     rng = random.Random(1)
     bodies = []
     for i, p in enumerate(PROMPTS):
-        body = {"text": [p], "max_new_tokens": rng.randint(2, 40), "min_length": 1000 if i % 2 else 0}
+        body = {"text": [prefix + p], "max_new_tokens": rng.randint(2, 40), "min_length": 1000 if i % 2 else 0}
         if i == 3:
             body.update(do_sample=True, top_k=20)  # sampled rows join too (unseeded: its text is not compared)
         bodies.append(body)
@@ -38,9 +43,10 @@ def _run(srv, bodies):
     return [(body["text"], body["num_generated_tokens"]) for _, body, _ in out]
 
 
-def test_two_ranks_under_concurrent_load_answer_like_one(tiny_model_dir, tmp_path):
-    bodies = _bodies()
-    one = ServerProcess(["--model", str(tiny_model_dir), *ARGS], free_port(), log_path=tmp_path / "one.log")
+@pytest.mark.parametrize("extra, prefix", [([], ""), (PREFILL, SHARED)], ids=["plain", "chunked-cached"])
+def test_two_ranks_under_concurrent_load_answer_like_one(tiny_model_dir, tmp_path, extra, prefix):
+    bodies = _bodies(prefix)
+    one = ServerProcess(["--model", str(tiny_model_dir), *ARGS, *extra], free_port(), log_path=tmp_path / "one.log")
     try:
         one.wait_ready()
         alone = [_run(one, [b])[0] for b in bodies]
@@ -48,7 +54,7 @@ def test_two_ranks_under_concurrent_load_answer_like_one(tiny_model_dir, tmp_pat
         one.stop()
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     srv = ServerProcess(
-        ["--model", str(tiny_model_dir), *ARGS],
+        ["--model", str(tiny_model_dir), *ARGS, *extra],
         free_port(),
         launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "bloom_server"],
         log_path=tmp_path / "torchrun.log",
@@ -65,6 +71,10 @@ def test_two_ranks_under_concurrent_load_answer_like_one(tiny_model_dir, tmp_pat
         assert "2 of 4 heads" in srv.log() and "batching: continuous" in srv.log()
         status, info, _ = srv.get("/info")
         assert info["tensor_parallel"] == 2 and info["batching"] == "continuous"
+        if extra:
+            status, text, _ = srv.get("/metrics")
+            hits = [ln for ln in text.splitlines() if ln.startswith("bloom_server_prefix_cache_hits_total ")]
+            assert hits and float(hits[0].split()[1]) > 0, text
     finally:
         srv.stop()
     log = (tmp_path / "torchrun.log").read_text()  # torchrun itself exits non-zero on SIGTERM; the ranks must not

@@ -240,3 +240,59 @@ def test_greedy_check_diagnoses_a_difference_at_its_step(server, tie_gap, passed
     assert not row["equal"] and "step" in row, json.dumps(row)
     assert row["step"] is not None and row["gap"] >= 0
     assert greedy["passed"] is passed and (greedy["near_ties"], greedy["faults"]) == ((1, 0) if passed else (0, 1))
+
+
+@pytest.fixture(scope="module")
+def fast_server(tiny_model_dir, tmp_path_factory):
+    """The fast backend, continuous batching with chunked prefill and the prefix cache: the workloads' own target."""
+    args = ["--model", str(tiny_model_dir), "--backend", "fast", "--batching", "continuous", "--max-input-length",
+            "160", "--max-new-tokens", "64", "--max-total-tokens", "224", "--max-batch-size", "8",
+            "--prefill-step-tokens", "24", "--prefill-chunk-tokens", "16", "--prefix-cache-mb", "2"]  # fmt: skip
+    with ServerProcess(args, free_port(), log_path=tmp_path_factory.mktemp("logs") / "fast.log") as srv:
+        yield srv
+
+
+def test_standard_workload_streams_and_reports_ttft(fast_server, tmp_path):
+    out = tmp_path / "run.json"
+    code, text, _ = run_script("--url", fast_server.url, "--workload", "standard", "--concurrency", "4",
+                               "--prompt-tokens", "4-24", "--new-tokens", "4-16", "--requests", "8", "--duration",
+                               "120", "--json", str(out))  # fmt: skip
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert (s["ok"], s["errors"], s["workload"]) == (8, 0, "standard") and report["config"]["stream"]
+    assert s["ttft_ms"]["n"] == 8 and s["ttft_ms"]["p50"] <= s["ttft_ms"]["p99"] and s["tokens_per_s"] > 0
+
+
+def test_long_joiner_reports_the_live_rows_gaps_during_its_prefill(fast_server, tmp_path):
+    out = tmp_path / "run.json"
+    code, text, wall = run_script("--url", fast_server.url, "--workload", "long-joiner", "--live-rows", "4",
+                                  "--joiner-tokens", "150", "--prompt-tokens", "4-8", "--new-tokens", "60",
+                                  "--duration", "60", "--drain", "30", "--json", str(out))  # fmt: skip
+    assert code == 0, text
+    s = json.loads(out.read_text())["summary"]
+    lj = s["long_joiner"]
+    assert s["ok"] == 5 and s["requests"] == 5 and lj["joiner_ok"] and lj["live_rows"] == 4
+    assert lj["joiner_prompt_tokens"] == 150 and lj["joiner_ttft_ms"] > 0
+    assert lj["gaps_in_window"] >= 1 and lj["median_gap_ms"] > 0
+    assert lj["ratio"] == pytest.approx(lj["largest_gap_in_window_ms"] / lj["median_gap_ms"])
+    assert "long joiner: 150-token prompt" in text and wall < 120
+
+
+def test_shared_prefix_prompts_share_their_first_tokens(fast_server, tmp_path):
+    out = tmp_path / "run.json"
+    code, text, _ = run_script("--url", fast_server.url, "--workload", "shared-prefix", "--stream", "--concurrency",
+                               "4", "--prefix-tokens", "80", "--tail-tokens", "6", "--new-tokens", "4-8",
+                               "--requests", "10", "--duration", "120", "--json", str(out))  # fmt: skip
+    assert code == 0, text
+    report = json.loads(out.read_text())
+    assert report["summary"]["ok"] == 10 and report["summary"]["ttft_ms"]["n"] == 10
+    assert all(r["server_prompt_tokens"] == r["prompt_tokens"] == 86 for r in report["requests"])
+    status, metrics, _ = fast_server.get("/metrics")
+    hits = next(ln for ln in metrics.splitlines() if ln.startswith("bloom_server_prefix_cache_hits_total "))
+    assert float(hits.split()[1]) >= 6  # the first wave (4 clients) may all miss; the rest reuse the prefix
+    args = load_test.parser().parse_args(["--url", "http://127.0.0.1:1", "--workload", "shared-prefix",
+                                          "--prefix-tokens", "5", "--tail-tokens", "3"])  # fmt: skip
+    gen = load_test.workload(args, ["a", "b", "c", "d"])
+    specs = [next(gen) for _ in range(5)]
+    assert len({s.prompt.split()[:5].__repr__() for s in specs}) == 1 and all(s.prompt_tokens == 8 for s in specs)

@@ -1,4 +1,4 @@
-"""Host time of one continuous-batching step (FastBackend.cstep over the ContinuousBatcher), on CPU.
+"""Host time of one continuous-batching step (FastBackend.cstep over the RowScheduler), on CPU.
 
 Keeps --rows rows live (a finished row is replaced by a new join at the next step, as a loaded server does) and times
 each cstep. Two engines:
@@ -58,8 +58,8 @@ def fake_engine(rows: int, max_seq: int, model_dir: Path | None) -> FastEngine:
         pos.add_(1)
         return logits_buf[:B]
 
-    def prefill_rows(slot_ids, prompts):
-        lengths = [len(p) for p in prompts]
+    def prefill_rows(slot_ids, prompts, starts=None):
+        lengths = [len(p) + (starts[i] if starts else 0) for i, p in enumerate(prompts)]
         slots = torch.tensor(list(slot_ids), dtype=torch.long)
         e.pos[slots] = torch.tensor(lengths, dtype=torch.long)
         for s, ln in zip(slot_ids, lengths):

@@ -13,6 +13,17 @@ and output lengths, streamed (TGI `POST /generate_stream`) or not (the original 
     python scripts/bench/load_test.py --serve --stream --concurrency 4 --prompt-tokens 8-32 --new-tokens 8-32 \\
         --requests 40 --serve-args --max-new-tokens 64
 
+Workloads (`--workload`):
+  custom         (default) the flags as given
+  standard       the continuous-batching target's load: streamed, concurrency 64 unless given, prompts and outputs
+                 from --prompt-tokens / --new-tokens (defaults 16-256 and 16-512); TTFT p50/p99 and tokens/s
+  long-joiner    --live-rows streamed requests (prompts --prompt-tokens, outputs --new-tokens: long enough to outlast
+                 the join) decode; once each has a token, one request of --joiner-tokens prompt tokens joins. Reported:
+                 the largest gap between two tokens of a live row while the joiner's prompt went in (from its
+                 sending to its first token) against the live rows' median gap (their time per output token)
+  shared-prefix  closed loop like custom, but every prompt is one shared --prefix-tokens prefix (the same words for
+                 every request) and its own --tail-tokens tail; TTFT p50 and tokens/s (a prefix cache's case)
+
 The workload is drawn from `--seed` before anything is sent: the same flags send the same requests in the same order
 (prompt and output lengths, prompt words, Poisson arrival times), so two servers (or two settings of one) see the same
 load. Prompts are words the server's own /tokenize says are one token each, so a prompt of N words is N tokens (the
@@ -118,16 +129,31 @@ def workload(args, words: list[str]):
     rnd = random.Random(args.seed)
     prompt_spec = parse_lengths(args.prompt_tokens, "--prompt-tokens")
     new_spec = parse_lengths(args.new_tokens, "--new-tokens")
+    shared = ""
+    if args.workload == "shared-prefix":
+        shared = "".join(" " + rnd.choice(words) for _ in range(args.prefix_tokens))
+        prompt_spec = ("fixed", [args.tail_tokens])
     at = 0.0
     i = 0
     while True:
         n_prompt = draw(prompt_spec, rnd)
         n_new = draw(new_spec, rnd)
-        prompt = "".join(" " + rnd.choice(words) for _ in range(n_prompt))
+        prompt = shared + "".join(" " + rnd.choice(words) for _ in range(n_prompt))
+        n_prompt += args.prefix_tokens if shared else 0
         if args.rate:
             at += rnd.expovariate(args.rate)
         yield Spec(i, prompt, n_prompt, n_new, at if args.rate else 0.0)
         i += 1
+
+
+def joiner_workload(args, words: list[str]):
+    """long-joiner: --live-rows requests drawn as `workload` draws them, then the joiner."""
+    gen = workload(args, words)
+    for _ in range(args.live_rows):
+        yield next(gen)
+    rnd = random.Random(args.seed + 1)
+    prompt = "".join(" " + rnd.choice(words) for _ in range(args.joiner_tokens))
+    yield Spec(args.live_rows, prompt, args.joiner_tokens, args.joiner_new_tokens, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------- the client
@@ -188,7 +214,7 @@ class Client:
         self.conns_opened += 1
         return await asyncio.open_connection(self.host, self.port, limit=1 << 20)
 
-    async def send(self, s: Spec, t0: float) -> Result:
+    async def send(self, s: Spec, t0: float, on_token=None) -> Result:
         r = Result(s.index, s.prompt_tokens, s.new_tokens)
         path, body = self.body(s)
         req = request_bytes("POST", path, self.hostport, body, self.headers)
@@ -197,7 +223,7 @@ class Client:
         conn = None
         try:
             conn = await self.conn()
-            keep = await asyncio.wait_for(self._exchange(conn, req, r, start), self.args.timeout)
+            keep = await asyncio.wait_for(self._exchange(conn, req, r, start, on_token), self.args.timeout)
             if keep:
                 self.idle.append(conn)
                 conn = None
@@ -212,7 +238,7 @@ class Client:
         close(conn)
         return r
 
-    async def _exchange(self, conn, req: bytes, r: Result, start: float) -> bool:
+    async def _exchange(self, conn, req: bytes, r: Result, start: float, on_token=None) -> bool:
         reader, writer = conn
         writer.write(req)
         status, headers = await read_head(reader)
@@ -225,7 +251,7 @@ class Client:
             else:
                 r.error = error_kind(data)
         else:
-            await self._events(reader, headers, r, start)
+            await self._events(reader, headers, r, start, on_token)
         return headers.get("connection", "").lower() != "close"
 
     @staticmethod
@@ -244,7 +270,7 @@ class Client:
             if name in headers:
                 setattr(r, attr, conv(headers[name]))
 
-    async def _events(self, reader, headers: dict, r: Result, start: float) -> None:
+    async def _events(self, reader, headers: dict, r: Result, start: float, on_token=None) -> None:
         """Server-sent events as they arrive: a token event is timed on arrival and not parsed (it starts with
         `{"index"` and carries `"details":null`); the last event and error events are parsed."""
         buf = b""
@@ -281,6 +307,8 @@ class Client:
                     else:
                         r.itl.append(now - last)
                     last = now
+                    if on_token is not None:
+                        on_token(n)
         r.latency = time.perf_counter() - start
         details = (final or {}).get("details") or {}
         r.generated = details.get("generated_tokens", n) if final else n
@@ -371,6 +399,78 @@ async def run_load(client: Client, specs, args) -> tuple[list[Result], float, in
         close(c)
     client.idle.clear()
     return results, end, cut
+
+
+async def run_long_joiner(client: Client, specs, args) -> tuple[list[Result], float, int, dict]:
+    """--live-rows streamed requests decode; once each has a token, the joiner (the next spec, --joiner-tokens
+    prompt tokens) is sent. Returns (results, wall, cut, report) like run_load, plus the gaps report."""
+    it = iter(specs)
+    live = [next(it) for _ in range(args.live_rows)]
+    joiner = next(it)
+    counts = [0] * len(live)
+    decoding = asyncio.Event()
+
+    def counter(i: int):
+        def on_token(n: int) -> None:
+            counts[i] = n
+            if min(counts) >= 1:
+                decoding.set()
+
+        return on_token
+
+    t0 = time.perf_counter()
+    tasks = [asyncio.ensure_future(client.send(s, t0, counter(i))) for i, s in enumerate(live)]
+    started = True
+    try:
+        await asyncio.wait_for(decoding.wait(), args.timeout)
+    except asyncio.TimeoutError:
+        started = False
+    joined = asyncio.ensure_future(client.send(joiner, t0)) if started else None
+    everything = tasks + ([joined] if joined is not None else [])
+    done, pending = await asyncio.wait(everything, timeout=args.duration + args.drain)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    results = [t.result() for t in everything if t in done and not t.cancelled()]
+    end = max((r.sent + r.latency for r in results if r.latency is not None), default=0.0)
+    for c in client.idle:
+        close(c)
+    client.idle.clear()
+    jr = joined.result() if joined is not None and joined in done else None
+    return results, end, len(everything) - len(results), joiner_report(results, jr, args.live_rows)
+
+
+def joiner_report(results: list[Result], jr: Result | None, live_rows: int) -> dict:
+    """The live rows' gaps between two tokens that overlap the joiner's prefill window (its sending to its first
+    token), against the median of all their gaps."""
+    out: dict = {"live_rows": live_rows, "joiner_ok": bool(jr and jr.ok and jr.ttft is not None)}
+    if not out["joiner_ok"]:
+        return out
+    w0, w1 = jr.sent, jr.sent + jr.ttft  # type: ignore[union-attr,operator]
+    during, every, through = [], [], 0
+    for r in results:
+        if r is jr or not r.ok or r.ttft is None:
+            continue
+        t = r.sent + r.ttft
+        for gap in r.itl:
+            every.append(gap)
+            if t + gap > w0 and t < w1:  # the gap overlaps the window
+                during.append(gap)
+            t += gap
+        through += t > w1  # its last token came after the joiner's first: it decoded through the whole window
+    median = pct([g * 1000 for g in every], 50) if every else None
+    largest = max(during) * 1000 if during else None
+    out.update(
+        joiner_prompt_tokens=jr.prompt_tokens,  # type: ignore[union-attr]
+        joiner_ttft_ms=jr.ttft * 1000,  # type: ignore[union-attr,operator]
+        live_rows_through_window=through,
+        gaps_in_window=len(during),
+        largest_gap_in_window_ms=largest,
+        median_gap_ms=median,
+        ratio=largest / median if largest is not None and median else None,
+    )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- the server
@@ -617,6 +717,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stream", action="store_true", help="POST /generate_stream (TGI events); else POST /generate")
     p.add_argument(
+        "--workload",
+        choices=("custom", "standard", "long-joiner", "shared-prefix"),
+        default="custom",
+        help="custom (the flags as given), standard, long-joiner, shared-prefix: see above (default custom)",
+    )
+    p.add_argument("--live-rows", type=int, default=63, help="long-joiner: requests decoding when it joins (63)")
+    p.add_argument("--joiner-tokens", type=int, default=1500, help="long-joiner: its prompt tokens (1500)")
+    p.add_argument("--joiner-new-tokens", type=int, default=4, help="long-joiner: its new tokens (4)")
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="shared-prefix: tokens of the shared prefix (1000)")
+    p.add_argument("--tail-tokens", type=int, default=32, help="shared-prefix: tokens of each prompt's own tail (32)")
+    p.add_argument(
         "--force-length",
         choices=("auto", "on", "off"),
         default="auto",
@@ -648,6 +759,24 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.workload == "standard":
+        args.stream = True
+        if args.concurrency is None and args.rate is None:
+            args.concurrency = 64
+    if args.workload == "long-joiner":
+        args.stream = True  # the gaps are seen in the live rows' streams
+        if args.rate is not None:
+            print(f"{NAME}: --workload long-joiner sends its own requests: no --rate", file=sys.stderr)
+            return 2
+        args.concurrency = args.live_rows + 1
+        args.requests = args.live_rows + 1
+    if args.workload != "shared-prefix":
+        args.prefix_tokens = 0
+    if min(args.live_rows, args.joiner_tokens, args.joiner_new_tokens, args.tail_tokens) < 1 or args.prefix_tokens < 0:
+        print(
+            f"{NAME}: --live-rows, --joiner-tokens, --joiner-new-tokens and --tail-tokens must be >= 1", file=sys.stderr
+        )
+        return 2
     if args.concurrency is None and args.rate is None:
         args.concurrency = 8
     if (args.concurrency is not None and args.concurrency < 1) or (args.rate is not None and args.rate <= 0):
@@ -690,6 +819,10 @@ def run(url: str, args, argv: list[str]) -> int:
     # The server's limits: refuse a workload it would answer with 422s.
     max_prompt = largest(parse_lengths(args.prompt_tokens, "--prompt-tokens"))
     max_new = largest(parse_lengths(args.new_tokens, "--new-tokens"))
+    if args.workload == "shared-prefix":
+        max_prompt = args.prefix_tokens + args.tail_tokens
+    if args.workload == "long-joiner":
+        max_prompt = max(max_prompt, args.joiner_tokens)
     limits = []
     if "max_input_tokens" in info and max_prompt > info["max_input_tokens"]:
         limits.append(
@@ -723,6 +856,10 @@ def run(url: str, args, argv: list[str]) -> int:
         "end-of-sequence token; such requests are counted as short"
     )
     load = f"concurrency {args.concurrency}" if args.concurrency else f"Poisson {args.rate:g} req/s"
+    if args.workload == "long-joiner":
+        load = f"{args.live_rows} live rows + a {args.joiner_tokens}-token joiner"
+    elif args.workload == "shared-prefix":
+        load += f", a shared {args.prefix_tokens}-token prefix + {args.tail_tokens}-token tails"
     print(
         f"{NAME}: {url}, model {info.get('model_id')} ({info.get('backend')}, {info.get('model_dtype')}, "
         f"tp {info.get('tensor_parallel')}); {load}, {'streamed' if args.stream else 'not streamed'}; prompts "
@@ -741,12 +878,19 @@ def run(url: str, args, argv: list[str]) -> int:
             specs[s.index] = s
             yield s
 
-    results, wall, cut = asyncio.run(run_load(client, recorded(workload(args, words)), args))
+    joiner = None
+    if args.workload == "long-joiner":
+        results, wall, cut, joiner = asyncio.run(run_long_joiner(client, recorded(joiner_workload(args, words)), args))
+    else:
+        results, wall, cut = asyncio.run(run_load(client, recorded(workload(args, words)), args))
     cpu = time.process_time() - cpu0
     summary = summarize(results, wall, cut)
     summary["client_cpu_s"] = cpu
     summary["client_cpu_fraction"] = cpu / wall if wall > 0 else None
     summary["connections_opened"] = client.conns_opened
+    summary["workload"] = args.workload
+    if joiner is not None:
+        summary["long_joiner"] = joiner
 
     print(table(summary, info, args, load))
     kinds = f" {summary['errors_by_kind']}" if summary["errors_by_kind"] else ""
@@ -762,6 +906,17 @@ def run(url: str, args, argv: list[str]) -> int:
         print(
             f"{NAME}: warning: the client used more than 70% of a core: it may be what limits the figures", flush=True
         )
+    if joiner is not None:
+        if joiner["joiner_ok"]:
+            print(
+                f"{NAME}: long joiner: {joiner['joiner_prompt_tokens']}-token prompt, first token after "
+                f"{f(joiner['joiner_ttft_ms'])} ms; the live rows' largest gap meanwhile {f(joiner['largest_gap_in_window_ms'], 1)} "
+                f"ms vs their median {f(joiner['median_gap_ms'], 2)} ms: {f(joiner['ratio'], 2)}x; "
+                f"{joiner['live_rows_through_window']} of {joiner['live_rows']} live rows decoded through it",
+                flush=True,
+            )
+        else:
+            print(f"{NAME}: long joiner: no answer (the live rows never all started, or it failed)", flush=True)
     if summary["prompt_tokens_mismatch"]:
         print(
             f"{NAME}: note: {summary['prompt_tokens_mismatch']} prompts were not the asked length by the "
@@ -814,7 +969,8 @@ def run(url: str, args, argv: list[str]) -> int:
         }
         Path(args.json_path).write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
         print(f"{NAME}: wrote {args.json_path}", flush=True)
-    return 1 if summary["errors"] or (greedy is not None and not greedy["passed"]) else 0
+    bad_joiner = joiner is not None and not joiner["joiner_ok"]
+    return 1 if summary["errors"] or bad_joiner or (greedy is not None and not greedy["passed"]) else 0
 
 
 def _json_default(x):

@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from bloom_server import structured
     from bloom_server.api.grammar import make_grammar
     from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.rows import Request, RowScheduler
     from bloom_server.fast.sampling import SamplingConfig
-    from bloom_server.fast.scheduler import ContinuousBatcher, Request
     from bloom_server.fast.shapes import PRESETS, BloomShape
     from bloom_server.fast.weights import random_weights
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     mask_s = [0.0]
 
     def run(constrained: int) -> dict:
-        cb = ContinuousBatcher(engine)
+        cb = RowScheduler(engine)
         cb.grammars = grammars
         inner = cb._mask
 

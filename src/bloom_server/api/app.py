@@ -141,6 +141,7 @@ def _wire_metrics(engine: Engine, metrics: Metrics) -> None:
         running=lambda: engine.batcher.running_rows if engine.batcher else 0,
         ready=lambda: 1.0 if engine.ready else 0.0,
         load_seconds=lambda: engine.load_seconds or 0.0,
+        engine_stats=engine.engine_stats,
     )
 
     def done(req: GenRequest, exc: BaseException | None) -> None:

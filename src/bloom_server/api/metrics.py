@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "bloom_server"
@@ -94,6 +95,8 @@ class Metrics:
             "Bytes of weights rank 0 has loaded (kind=loaded) of its total (kind=total); equal once loaded.",
             "kind",
         )
+        self._engine_stats: Callable[[], dict] = dict
+        r.register(_EngineCollector(lambda: self._engine_stats()))
         # Labelled children, looked up once per label set (labels() validates and locks on every call). Bounded:
         # past the bound a label set (a client's odd method, say) is looked up each time, as prometheus_client does.
         self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -107,8 +110,12 @@ class Metrics:
         running: Callable[[], float],
         ready: Callable[[], float],
         load_seconds: Callable[[], float],
+        engine_stats: Callable[[], dict] | None = None,
     ) -> None:
-        """Gauges read at scrape time."""
+        """Gauges read at scrape time; `engine_stats`: the engine's own counters (the prefix cache's), also read at
+        scrape time."""
+        if engine_stats is not None:
+            self._engine_stats = engine_stats
         self.queue_depth.set_function(queue_depth)
         self.queue_tokens.set_function(queue_tokens)
         self.running_batch.set_function(running)
@@ -165,3 +172,47 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# The engine's prefix cache (fast/prefix_cache.py stats()): key -> (metric, kind, help). Counters get `_total`.
+PREFIX_CACHE = {
+    "hits": (
+        "prefix_cache_hits",
+        "counter",
+        "Rows whose prompt started with a cached prefix (its KV copied, not computed).",
+    ),
+    "misses": ("prefix_cache_misses", "counter", "Rows whose prompt started with no cached prefix."),
+    "hit_tokens": ("prefix_cache_hit_tokens", "counter", "Prompt tokens not computed thanks to the prefix cache."),
+    "evictions": (
+        "prefix_cache_evictions",
+        "counter",
+        "Prefix cache blocks dropped (least recently used) to make room.",
+    ),
+    "bytes": (
+        "prefix_cache_bytes",
+        "gauge",
+        "Device bytes the prefix cache holds now (rank 0; every rank holds as much).",
+    ),
+    "capacity_bytes": ("prefix_cache_capacity_bytes", "gauge", "Device bytes the prefix cache may hold (rank 0)."),
+}
+
+
+class _EngineCollector:
+    """The engine's counters, read at scrape time from the engine (it never imports this layer); nothing is exported
+    while the engine reports none (another backend, the cache off, or not loaded yet)."""
+
+    def __init__(self, read: Callable[[], dict]):
+        self.read = read
+
+    def describe(self) -> list:
+        return []  # unchecked at registration: the families exist only once the engine reports them
+
+    def collect(self) -> Any:
+        try:
+            stats = self.read().get("prefix_cache") or {}
+        except Exception:  # noqa: BLE001 - a scrape never fails for the engine's counters
+            stats = {}
+        for key, (name, kind, doc) in PREFIX_CACHE.items():
+            if key in stats:
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(f"{PREFIX}_{name}", doc, value=stats[key])

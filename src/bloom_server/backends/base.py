@@ -68,6 +68,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def forward_nll(self, batch: ForwardBatch) -> float: ...
 
+    def engine_stats(self) -> dict[str, Any]:
+        """Counters the engine keeps for rank 0's /metrics (e.g. {"prefix_cache": {...}}); {} where there are none."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Facts for /info: dtype actually used, devices, engine limits."""
         return {}

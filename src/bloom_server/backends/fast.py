@@ -3,8 +3,9 @@
 Every rank holds its tensor-parallel share (heads, MLP columns and vocabulary rows split over the launcher's ranks;
 one rank holds everything) read straight from the checkpoint's safetensors slices, and runs the same static batch
 through `FastEngine.generate`: prefill, then decode steps replayed as CUDA graphs on GPUs (eager on CPUs). With
-continuous batching (`cstep`), the same slots are scheduled by a ContinuousBatcher instead: each step applies rank 0's
-joins and leaves, then runs one leave/admit/decode/retire step, the same on every rank.
+continuous batching (`cstep`), the same slots are scheduled by a RowScheduler instead: each step applies rank 0's
+joins and leaves, then runs one leave/admit/decode/retire step, the same on every rank (with the settings' chunked
+prefill and prefix cache, fast/rows.py).
 Sampling follows transformers' meaning of every generate() setting the API accepts (see fast/sampling.py), seeded
 from the batch's seed on every rank, so ranks agree token for token.
 
@@ -29,7 +30,7 @@ from bloom_server.types import FinishReason, row_end
 
 if TYPE_CHECKING:
     from bloom_server.fast.engine import FastEngine
-    from bloom_server.fast.scheduler import ContinuousBatcher
+    from bloom_server.fast.rows import RowScheduler
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class FastBackend(Backend):
         except Exception:  # noqa: BLE001 - a report only: no counts rather than a failed warm-up
             return None
 
-    _batcher: ContinuousBatcher | None = None
+    _batcher: RowScheduler | None = None
 
     def load(self) -> None:
         """Weights straight from disk into this rank's tensors at the disk's speed (bloom_server.fast.weights
@@ -236,15 +237,15 @@ class FastBackend(Backend):
     def cstep(self, step: Any, rank0: bool = False) -> CStepResult:
         """One continuous-batching step (frontend/batching/continuous.py's CStep: `joins`, `leaves`), the same on every rank:
         rows that left are retired, every live row's next decode is queued, the previous step's tokens are read
-        (pipelined one step ahead: fast/scheduler.py), rows that finished by EOS or length leave, joined rows are
+        (pipelined one step ahead: fast/rows.py), rows that finished by EOS or length leave, joined rows are
         admitted and prefilled. `rank0`: the caller delivers the tokens, so their log-probabilities (and top
         alternatives where a row asks) are computed too; they stay out of the ranks' digest."""
+        from bloom_server.fast.rows import STOPPED, Request
         from bloom_server.fast.sampling import SamplingConfig
-        from bloom_server.fast.scheduler import STOPPED, ContinuousBatcher, Request
 
         assert self.engine is not None, "load() first"
         if self._batcher is None:
-            self._batcher = ContinuousBatcher(self.engine)
+            self._batcher = self._row_scheduler()
         cb = self._batcher
         if cb.grammars is None and any(j.grammar is not None for j in step.joins):
             from bloom_server.structured import Grammars
@@ -274,8 +275,34 @@ class FastBackend(Backend):
                 extra.extend(cb.out_extra)
             if not getattr(step, "drain", False) or cb.idle:
                 break
-        return CStepResult(tuple(tokens), tuple(finished), len(cb.live) + len(cb.waiting),
+        return CStepResult(tuple(tokens), tuple(finished), len(cb.live) + len(cb.joining) + len(cb.waiting),
                            tuple(extra) if extra is not None else None)  # fmt: skip
+
+    def _row_scheduler(self) -> RowScheduler:
+        """The continuous batch's rows over the engine's slots, with the settings' chunked prefill and prefix cache
+        (the same on every rank: the settings are)."""
+        from bloom_server.fast.prefix_cache import PrefixCache
+        from bloom_server.fast.rows import RowScheduler
+
+        assert self.engine is not None
+        s = getattr(self, "settings", None)
+        cache_bytes = int((s.prefix_cache_mb if s is not None else 0) * 2**20)
+        cache = PrefixCache(self.engine, cache_bytes) if cache_bytes else None
+        if cache is not None:
+            log.info("rank %d: prefix cache of %.2f GB (%d blocks of %d tokens)", self.ctx.rank,
+                     cache.capacity_bytes / 1e9, cache.pages, cache.block)  # fmt: skip
+        return RowScheduler(
+            self.engine,
+            step_tokens=s.prefill_step_tokens if s is not None else 0,
+            chunk_tokens=s.prefill_chunk_tokens if s is not None else 0,
+            prefix_cache=cache,
+        )
+
+    def engine_stats(self) -> dict[str, Any]:
+        """Counters of the continuous batch's prefix cache ({} when it is off or not made yet): read by rank 0's
+        /metrics from the event loop while the engine thread updates them (plain ints)."""
+        cache = self._batcher.prefix_cache if self._batcher is not None else None
+        return {"prefix_cache": cache.stats()} if cache is not None else {}
 
     def forward_nll(self, batch: ForwardBatch) -> float:
         assert self.engine is not None, "load() first"

@@ -9,7 +9,9 @@ Pieces, top to bottom:
   weights.py   checkpoint tensors -> this rank's shards (safetensors slices: a rank reads only its share)
   tp.py        the tensor-parallel layout (which dim each tensor is split on) and the collectives
   shapes.py    model shapes (from config.json, or the published 560m / 7b1 / 176b presets)
-  scheduler.py step-level continuous batching over the engine's slots
+  rows.py      RowScheduler: the engine-side holder of continuous batching's live rows (joins, chunked prefill,
+               decode steps, leaves) over the engine's slots
+  prefix_cache.py  KV of recent prompt prefixes in blocks (bounded, LRU), copied into a joining row's slot
   triton_kernels.py  the fused decode kernels (GEMVs with epilogues, decode attention)
   preshard.py  `bloom-server preshard`: a checkpoint split into one file per rank
   coldstart/   the kernels compiled ahead of time (workers, the kernel cache seed, `bloom-server precompile`)

@@ -1,6 +1,7 @@
 """FastEngine: slots of a preallocated KV cache, and the three calls a scheduler needs.
 
-  prefill(slot_ids, prompts)            run whole prompts into their slots; logits of each prompt's last token
+  prefill(slot_ids, prompts[, starts])  run prompts (or chunks of them, each from its start) into their slots; logits
+                                        of each one's last token
   decode(slot_ids, last_tokens, ...)    one new token for each slot
   release(slot) / move(src, dst)        free a slot; move a row so that the live slots stay a prefix [0, n)
 
@@ -9,7 +10,9 @@ S > every row's position), so on CUDA each (B, S) is captured once as a CUDA gra
 token instead of ~20 per layer from Python. The step reads its input tokens and positions from static device
 buffers and writes the greedy next token and the advanced positions back into them, so a greedy loop is replay
 after replay with no host work and no host sync; other sampling runs on the graph's logits output. Rows [n, B) of
-a bucket are padding: they run on free slots at position 0 and their outputs are ignored. Keys are read up to the
+a bucket are padding: they run on the slots after the live ones and their outputs are ignored; each writes one key,
+at position 0 of a free slot, or, in a slot whose row's prompt is still going in (chunked prefill), at that row's
+next position, which its next chunk writes again before anything reads it. Keys are read up to the
 bucket S, not the whole cache, so a short sequence does not pay for max_seq.
 
 Any slot list that is not a prefix takes an eager path that gathers its rows (correct, slower).
@@ -25,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from bloom_server.fast.model import BloomRankModel
+from bloom_server.fast.model import BloomRankModel, ChunkIndex
 from bloom_server.fast.sampling import Sampler, SamplingConfig, to_device
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup
@@ -142,23 +145,35 @@ class FastEngine:
     # ---- prefill ----
 
     @torch.inference_mode()
-    def prefill(self, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Run each prompt into its slot from position 0. Returns logits [n, V] of each prompt's last token."""
-        if len(slot_ids) != len(prompts) or not prompts:
+    def prefill(
+        self, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]], starts: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """Run each prompt into its slot from position 0, or, with `starts`, each chunk from its start (positions
+        [0, start) of the slot already hold that row's keys: an earlier chunk, a prefix copied in). Returns logits
+        [n, V] of each prompt's (chunk's) last token."""
+        if len(slot_ids) != len(prompts) or not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("prefill needs one non-empty prompt per slot")
+        if starts is not None and not any(starts):
+            starts = None  # every row from position 0: the plain prefill
+        ends = [len(p) + (starts[i] if starts is not None else 0) for i, p in enumerate(prompts)]
+        if max(ends) >= self.max_seq:
+            raise ValueError(f"prompt of {max(ends)} tokens: the engine holds {self.max_seq} positions per slot")
         m = self.model
         longest = max(len(p) for p in prompts)
-        if longest == 0 or longest >= self.max_seq:
-            raise ValueError(f"prompt of {longest} tokens: the engine holds {self.max_seq} positions per slot")
-        per_row = m.hp * longest * longest * self.dtype.itemsize * 3  # bias + scores + probs
+        per_row = (
+            m.hp * longest * (longest if starts is None else max(ends)) * self.dtype.itemsize * 3
+        )  # bias+scores+probs
         chunk = max(1, PREFILL_SCORE_BUDGET // max(1, per_row))
         out = []
         for a in range(0, len(prompts), chunk):
-            out.append(self._prefill_rows(slot_ids[a : a + chunk], prompts[a : a + chunk]))
+            part = None if starts is None else starts[a : a + chunk]
+            out.append(self._prefill_rows(slot_ids[a : a + chunk], prompts[a : a + chunk], part))
         self.last_logits = out[0] if len(out) == 1 else torch.cat(out)
         return self.last_logits
 
-    def _prefill_rows(self, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    def _prefill_rows(
+        self, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]], starts: Sequence[int] | None
+    ) -> torch.Tensor:
         m = self.model
         n, L = len(prompts), max(len(p) for p in prompts)
         tokens = torch.zeros((n, L), dtype=torch.long)
@@ -169,16 +184,34 @@ class FastEngine:
         tokens = to_device(tokens, self.device)
         lengths = to_device(lengths_host, self.device)
         slots = to_device(list(slot_ids), self.device)
-        bias = m.prefill_bias(lengths, L)
+        chunk = None
+        if starts is None:
+            bias = m.prefill_bias(lengths, L)
+            ends_host = lengths_host
+        else:
+            ends_host = [s + ln for s, ln in zip(starts, lengths_host)]
+            keys = max(ends_host)
+            cols = [(i, c) for i, ln in enumerate(lengths_host) for c in range(ln)]
+            at = to_device([[slot_ids[i] for i, _ in cols], [starts[i] + c for i, c in cols], [i for i, _ in cols],
+                            [c for _, c in cols]], self.device)  # fmt: skip
+            chunk = ChunkIndex(at[0], at[1], at[2], at[3], keys)
+            bias = m.prefill_bias(lengths, L, to_device(list(starts), self.device), keys)
         x = m.embed(tokens)  # [n, L, h]
         for li in range(self.shape.n_layer):
-            x = m.prefill_layer(li, x, bias, self.k_cache[li], self.v_cache[li], slots)
+            x = m.prefill_layer(li, x, bias, self.k_cache[li], self.v_cache[li], slots, chunk)
         last = x[torch.arange(n, device=self.device), lengths - 1]  # [n, h]: only the last token's logits
-        self.pos[slots] = lengths
-        for s, ln in zip(slot_ids, lengths_host):
-            self.host_pos[s] = ln
+        self.pos[slots] = lengths if starts is None else to_device(ends_host, self.device)
+        for s, end in zip(slot_ids, ends_host):
+            self.host_pos[s] = end
             self.live[s] = True
         return m.logits(last)
+
+    def hold(self, slot: int, n: int) -> None:
+        """Positions [0, n) of the slot hold a row's keys (copied in, e.g. a cached prefix): the next prefill chunk
+        goes on from n."""
+        self.host_pos[slot] = n
+        self.pos[slot] = n
+        self.live[slot] = True
 
     # ---- decode ----
 
@@ -251,6 +284,9 @@ class FastEngine:
         B = self._bucket_batch(n)
         if B > n:
             self.pos[n:B].zero_()  # padding rows: free slots, position 0
+            held = [s for s in range(n, B) if self.live[s]]
+            if held:  # a row whose prompt is going in: its next position, which its next chunk writes before use
+                self.pos[to_device(held, self.device)] = to_device([self.host_pos[s] for s in held], self.device)
         if self.cuda_graphs:
             graph, out = self._graph(B, S)
             graph.replay()

@@ -35,6 +35,7 @@ the rows it reads.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,17 @@ from bloom_server.fast.weights import BloomWeights, LayerWeights
 # every batch size, past it only from ATTN_WIDE_PROGRAMS (row, head) programs.
 ATTN_MAX_KEYS = 256
 ATTN_WIDE_PROGRAMS = 448
+
+
+class ChunkIndex(NamedTuple):
+    """Where a prefill chunk's real tokens go (each [T], on the device): token (row, col) of the chunk goes to slot
+    `slot` at position `pos`; `keys`: the keys its queries read, [0, keys) of each row's slot."""
+
+    slot: torch.Tensor
+    pos: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    keys: int
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -181,16 +193,26 @@ class BloomRankModel:
 
     # ---- prefill: n rows of up to L tokens, right-padded, written to their slots from position 0 ----
 
-    def prefill_bias(self, lengths: torch.Tensor, L: int) -> torch.Tensor:
-        """lengths [n] -> [n*hp, L, L] in the model dtype: slope*j where key j is causal (j <= i) and real (j < len),
-        -inf elsewhere. Padded query rows i >= len see keys [0, len) and are never read."""
+    def prefill_bias(
+        self, lengths: torch.Tensor, L: int, starts: torch.Tensor | None = None, S: int | None = None
+    ) -> torch.Tensor:
+        """lengths [n] -> [n*hp, L, S] in the model dtype: slope*j where key j is causal (j <= start + i) and real
+        (j < start + len), -inf elsewhere. Padded query rows i >= len see keys [0, start + len) and are never read.
+        `starts` [n] (default 0): the position of each row's first query (keys before it are in the cache); S (default
+        L): keys read."""
         n = lengths.shape[0]
-        j = torch.arange(L, device=self.device)
-        ok = (j[None, :] <= j[:, None])[None] & (j[None, None, :] < lengths[:, None, None])  # [n, L, L]
-        alibi = (self.slopes[:, None] * j[None, :]).to(self.dtype)  # [hp, L]
+        i = torch.arange(L, device=self.device)
+        j = torch.arange(L if S is None else S, device=self.device)
+        if starts is None:
+            ok = (j[None, :] <= i[:, None])[None] & (j[None, None, :] < lengths[:, None, None])  # [n, L, S]
+        else:
+            ok = (j[None, None, :] <= (starts[:, None] + i[None, :])[:, :, None]) & (
+                j[None, None, :] < (starts + lengths)[:, None, None]
+            )
+        alibi = (self.slopes[:, None] * j[None, :]).to(self.dtype)  # [hp, S]
         neg = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
-        bias = torch.where(ok[:, None], alibi[None, :, None, :], neg)  # [n, hp, L, L]
-        return bias.reshape(n * self.hp, L, L)
+        bias = torch.where(ok[:, None], alibi[None, :, None, :], neg)  # [n, hp, L, S]
+        return bias.reshape(n * self.hp, L, j.shape[0])
 
     def prefill_layer(
         self,
@@ -200,9 +222,13 @@ class BloomRankModel:
         k_cache: torch.Tensor | None,
         v_cache: torch.Tensor | None,
         slots: torch.Tensor | None,
+        chunk: ChunkIndex | None = None,
     ) -> torch.Tensor:
-        """x [n, L, h] -> [n, L, h]. Writes K/V of all L positions to k_cache[slots, :, :L] (garbage past a row's
-        length is overwritten by decode before it is ever read). No cache: a plain causal forward."""
+        """x [n, L, h] -> [n, L, h]. Without `chunk`: the rows start at position 0; K/V of all L positions go to
+        k_cache[slots, :, :L] (garbage past a row's length is overwritten by decode before it is ever read). With
+        `chunk`: the rows continue from their chunk starts; only their real tokens' K/V are written, and the queries
+        attend to the cache's keys [0, chunk.keys) (the earlier positions: a previous chunk, a cached prefix). No
+        cache: a plain causal forward."""
         lw = self.w.layers[li]
         n, L, _ = x.shape
         ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
@@ -210,11 +236,18 @@ class BloomRankModel:
         qkv = self._lin(ln, lw.qkv_w, lw.qkv_s, lw.qkv_b).view(n, L, self.hp, 3, self.D)
         # [n, L, hp, D] -> [n, hp, L, D]
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
+        S = L
         if k_cache is not None and v_cache is not None and slots is not None:
-            k_cache[slots, :, :L] = k
-            v_cache[slots, :, :L] = v
+            if chunk is None:
+                k_cache[slots, :, :L] = k
+                v_cache[slots, :, :L] = v
+            else:  # real tokens only (a padded position past a short row could lie past max_seq), then every key
+                k_cache[chunk.slot, :, chunk.pos] = k[chunk.row, :, chunk.col]
+                v_cache[chunk.slot, :, chunk.pos] = v[chunk.row, :, chunk.col]
+                S = chunk.keys
+                k, v = k_cache[slots, :, :S], v_cache[slots, :, :S]  # [n, hp, S, D]
         N = n * self.hp
-        ctx = self._attend(q.reshape(N, L, self.D), k.reshape(N, L, self.D), v.reshape(N, L, self.D), bias)
+        ctx = self._attend(q.reshape(N, L, self.D), k.reshape(N, S, self.D), v.reshape(N, S, self.D), bias)
         ctx = ctx.view(n, self.hp, L, self.D).transpose(1, 2).reshape(n, L, self.hp * self.D)
         x = self._row_parallel(ctx, lw.dense_w, lw.dense_b, lw.dense_s) + residual
         return self._mlp(lw, x)

@@ -116,7 +116,7 @@ class SamplingConfig:
 def to_device(data: Any, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
     """A host list or CPU tensor on `device`, queued like a kernel: a plain host-to-device copy waits for the stream
     to drain first (PyTorch syncs after a blocking copy), which would stall the continuous batcher behind the decode
-    it queued ahead (fast/scheduler.py); from pinned memory the copy is asynchronous (the caching host allocator keeps
+    it queued ahead (fast/rows.py); from pinned memory the copy is asynchronous (the caching host allocator keeps
     the pinned block until the copy is done)."""
     device = torch.device(device)
     t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)

@@ -120,6 +120,11 @@ class Engine:
         """No request waits or runs (draining can end)."""
         return self.batcher is None or self.batcher.idle
 
+    def engine_stats(self) -> dict[str, Any]:
+        """The backend's counters on rank 0 (e.g. the prefix cache's), for /metrics; {} before the model is loaded."""
+        stats = getattr(self.runner, "engine_stats", None)
+        return stats() if callable(stats) else {}
+
     @property
     def ready(self) -> bool:
         return self.state == State.READY and not (self.runner and self.runner.dead)

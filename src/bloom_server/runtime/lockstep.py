@@ -137,6 +137,11 @@ class Leader:
         """submit() and wait: for callers on a plain thread (warm-up)."""
         return self.submit(kind, payload).result()
 
+    def engine_stats(self) -> dict[str, Any]:
+        """Rank 0's backend counters for /metrics (any thread: a read of plain values the engine thread updates)."""
+        stats = getattr(self.backend, "engine_stats", None)
+        return stats() if callable(stats) else {}
+
     def stop(self, timeout: float = 30.0) -> None:
         """Tell the followers to exit, then end the engine thread (after the steps already queued)."""
         if self._thread.is_alive():

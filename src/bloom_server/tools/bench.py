@@ -446,8 +446,8 @@ def run_mixed(bench: Bench) -> dict[str, Any]:
     """Static batches vs continuous batching on the fast engine, same requests, same slots (engine level: no HTTP)."""
     import random
 
+    from bloom_server.fast.rows import Request, RowScheduler
     from bloom_server.fast.sampling import SamplingConfig
-    from bloom_server.fast.scheduler import ContinuousBatcher, Request
 
     args, torch = bench.args, bench.torch
     engine = bench.backend("fast").engine
@@ -467,7 +467,7 @@ def run_mixed(bench: Bench) -> dict[str, Any]:
         steps_static += max(chunk)
     _sync(torch)
     static_s = time.perf_counter() - t
-    sched = ContinuousBatcher(engine)
+    sched = RowScheduler(engine)
     reqs = [Request(rid=i, prompt=p, max_new_tokens=n) for i, (p, n) in enumerate(zip(prompts, lengths))]
     t = time.perf_counter()
     for r in reqs:

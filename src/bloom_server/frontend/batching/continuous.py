@@ -14,7 +14,7 @@ running_rows, idle, retry_after, stop), so the API, metrics, overload and draini
   deadlines -> _leave(rids)
 
 The fast backend reads a step's tokens during the next step (its decode is queued first, so the GPU does not wait
-for the host: fast/scheduler.py), so tokens and finishes reach deliver() one step after they were chosen; nothing
+for the host: fast/rows.py), so tokens and finishes reach deliver() one step after they were chosen; nothing
 here depends on it (a row is live until its finish is delivered).
 
 Admission (in take(), on the engine thread, so it sees exactly which rows are live): strict arrival order, a
@@ -24,8 +24,8 @@ fits its slot. The decision travels in the broadcast CStep, so every rank admits
 
 Each row of a request samples with its own generator: row 0 with the request's seed (so a seeded n=1 request gives
 what the dynamic path gives it alone), row r with a seed derived from it; the rows' tokens do not depend on which
-other rows share their steps. Every setting the fast backend's static path honours is honoured here (fast/scheduler.py
-uses the same per-row Sampler); min_length counts from the row's own prompt (each row as if alone).
+other rows share their steps. Every setting the fast backend's static path honours is honoured here (the
+RowScheduler uses the same per-row Sampler); min_length counts from the row's own prompt (each row as if alone).
 """
 
 from __future__ import annotations

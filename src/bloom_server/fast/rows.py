@@ -12,8 +12,19 @@ Each `step()` (pipelined, the default):
      min_new_tokens) or reached their max_new_tokens are finished;
   3. retire: finished rows leave; the last live row moves into each hole, so the live slots stay a prefix [0, n)
      and the fast path stays usable;
-  4. admit: waiting requests take the free slots after the live ones and are prefilled together (queued behind the
-     decode); each gets its first token from its own sampler, read with this step's decode at the next step.
+  4. admit: waiting requests take the free slots after the live ones (rows joining: their prompts go in), then the
+     joining rows' prompts are prefilled together (queued behind the decode), in arrival order, within the step's
+     token budget (below); a row whose prompt is in gets its first token from its own sampler, read with this
+     step's decode at the next step, and is live from then on.
+Chunked prefill (`step_tokens`, `chunk_tokens`; 0: no limit, every joining prompt goes in whole in the step it is
+admitted): a step computes at most `step_tokens` tokens, one per decoded row and the rest for the joining prompts,
+at most `chunk_tokens` of one prompt, so a long prompt goes in over several steps while the live rows keep
+decoding. Strictly in arrival order (a row's prompt gets tokens only once every row before it is in), so rows
+become live in slot order and the live slots stay a prefix: joining rows sit in the slots after the live ones
+(moved down with them when live rows retire). The prefix cache (`prefix_cache`, fast/prefix_cache.py) puts a
+joining row's cached prefix in its slot at admission; its prefill starts after it; a row's prompt blocks are
+cached once it is in.
+
 So the device never waits for the host's bookkeeping: step t+1's decode is queued before step t's tokens are read.
 The price: a row's tokens reach the caller one step later, and a row whose end is only known from its token (EOS,
 or its last token) rides along in one more decode, whose token is dropped. Decisions are taken from the tokens,
@@ -27,6 +38,7 @@ as one "cstep" per step; see backends/fast.py), so every rank makes the same adm
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +47,7 @@ from typing import Any
 import torch
 
 from bloom_server.fast.engine import FastEngine
+from bloom_server.fast.prefix_cache import PrefixCache
 from bloom_server.fast.sampling import Sampler, SamplingConfig, to_device
 
 STOPPED = "stopped"  # finish of a row whose caller left (leave())
@@ -51,6 +64,7 @@ class Request:
     top_n: int = 0  # alternatives per token to report (with step(logprobs=True))
     pad_token_id: int = 0
     tokens: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in its slot (a joining row's prompt goes in over one or more steps)
     finish: str | None = None  # "eos" | "length" | "stopped"
     slot: int | None = None
     sampler: Sampler | None = None
@@ -137,16 +151,32 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class ContinuousBatcher:
-    """`pipeline` (default): step t+1's decode is queued on the device before step t's tokens are read, so the
+class RowScheduler:
+    """The engine-side holder of continuous batching's rows: waiting, joining (prompt going in), live (decoding).
+    `pipeline` (default): step t+1's decode is queued on the device before step t's tokens are read, so the
     device never waits for the host's bookkeeping (see the module docstring); False reads each step's own tokens
-    at its end (the same tokens per row, one step earlier; for tests and comparisons)."""
+    at its end (the same tokens per row, one step earlier; for tests and comparisons). `step_tokens`,
+    `chunk_tokens`: chunked prefill (0: off); `prefix_cache`: a PrefixCache over this engine, or None."""
 
-    def __init__(self, engine: FastEngine, pipeline: bool = True):
+    def __init__(
+        self,
+        engine: FastEngine,
+        pipeline: bool = True,
+        *,
+        step_tokens: int = 0,
+        chunk_tokens: int = 0,
+        prefix_cache: PrefixCache | None = None,
+    ):
+        if step_tokens and step_tokens <= engine.max_batch:
+            raise ValueError(f"a step budget of {step_tokens} tokens leaves no prefill beside {engine.max_batch} rows")
         self.engine = engine
         self.pipeline = pipeline
+        self.step_tokens = step_tokens
+        self.chunk_tokens = chunk_tokens
+        self.prefix_cache = prefix_cache
         self.waiting: collections.deque[Request] = collections.deque()
         self.live: list[Request] = []  # live[i] sits in slot i
+        self.joining: list[Request] = []  # joining[i] sits in slot len(live) + i: its prompt is going in
         self.steps = 0
         # What the latest step read, in order, as parallel lists (no object per token): the rows' ids, their
         # tokens, and with logprobs each token's (log-probability, top alternatives or None).
@@ -176,7 +206,7 @@ class ContinuousBatcher:
                 self.waiting.remove(r)
                 r.finish = STOPPED
                 return r
-        for r in self.live:
+        for r in itertools.chain(self.live, self.joining):
             if r.rid == rid and r.finish is None:
                 r.finish = STOPPED
                 self._ended += 1
@@ -185,7 +215,7 @@ class ContinuousBatcher:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.live
+        return not self.waiting and not self.live and not self.joining
 
     # ---- one step ----
 
@@ -198,8 +228,9 @@ class ContinuousBatcher:
         self._retire()  # rows that left since the previous step: out before anything runs
         self.out_rids, self.out_tokens, self.out_extra, self._out_reqs = [], [], [], []
         nxt = _Pending()
-        decoded = None
+        decoded, n = None, 0
         if any(r.finish is None and r.issued < r.max_new_tokens for r in self.live):
+            n = len(self.live)  # tokens of the step's budget the decode takes
             decoded = self._decode(nxt, logprobs)  # queued on the device behind whatever is still running
         finished: list[Request] = []
         if self.pipeline:
@@ -211,14 +242,14 @@ class ContinuousBatcher:
             self._retire()
             if not self.live:
                 nxt = _Pending()  # only rows that finished rode along: nothing to read
-            self._admit(nxt, logprobs)
+            self._admit(nxt, logprobs, n)
             if nxt.rows:
                 nxt.stage()
                 self._pending = nxt
         else:  # each step reads its own tokens (the admissions' first tokens in the same read)
             if decoded is not None:
                 self._choose(nxt, decoded, logprobs)
-            self._admit(nxt, logprobs)
+            self._admit(nxt, logprobs, n)
             if nxt.rows:
                 nxt.stage()
                 finished = self._process(nxt)
@@ -240,24 +271,51 @@ class ContinuousBatcher:
         return Sampler(req.cfg, [req.prompt], vocab_size=self.engine.shape.vocab_size, device=self.engine.device,
                        seed=req.seed, max_new_tokens=req.max_new_tokens, pad_token_id=req.pad_token_id)  # fmt: skip
 
-    def _admit(self, into: _Pending, logprobs: bool) -> None:
-        """Waiting requests take the free slots after the live ones and are prefilled together; each one's first
-        token (from its own sampler) goes into the step buffer and into `into`."""
+    def _admit(self, into: _Pending, logprobs: bool, decoded: int) -> None:
+        """Waiting requests take the free slots after the live and joining ones (with their cached prefix, if any);
+        then the joining rows' prompts go in, in arrival order, within what the step's budget leaves after its
+        `decoded` rows, all in one prefill. Each row whose prompt is in becomes live: its first token (from its own
+        sampler) goes into the step buffer and into `into`."""
         e = self.engine
-        new: list[Request] = []
-        while self.waiting and len(self.live) + len(new) < e.max_batch:
+        while self.waiting and len(self.live) + len(self.joining) < e.max_batch:
             req = self.waiting.popleft()
-            req.slot = len(self.live) + len(new)
+            req.slot = len(self.live) + len(self.joining)
             req.sampler = self._sampler(req)
-            req.issued = 1
             req.plain, req.greedy = _plain_greedy(req.cfg), _greedy(req.cfg)
             if req.grammar is not None:
                 req.plain = False
                 self._matcher_set().add(req.rid, req.grammar)
-            new.append(req)
+            req.prefilled = self.prefix_cache.load(req.slot, req.prompt) if self.prefix_cache is not None else 0
+            self.joining.append(req)
+        left = self.step_tokens - decoded if self.step_tokens else None
+        rows: list[Request] = []
+        chunks, starts = [], []
+        for r in self.joining:
+            take = len(r.prompt) - r.prefilled
+            if self.chunk_tokens:
+                take = min(take, self.chunk_tokens)
+            if left is not None:
+                take = min(take, left)
+                left -= take
+            if take <= 0:
+                break
+            rows.append(r)
+            chunks.append(r.prompt[r.prefilled : r.prefilled + take])
+            starts.append(r.prefilled)
+            r.prefilled += take
+            if r.prefilled < len(r.prompt):
+                break  # in arrival order: the next row's prompt once this one is in
+        if not rows:
+            return
+        logits = e.prefill([r.slot for r in rows], chunks, starts)
+        new = [r for r in rows if r.prefilled == len(r.prompt)]  # the first rows: at most the last one is partial
         if not new:
             return
-        logits = e.prefill([r.slot for r in new], [r.prompt for r in new])  # type: ignore[misc]
+        del self.joining[: len(new)]
+        for r in new:
+            r.issued = 1
+            if self.prefix_cache is not None:
+                self.prefix_cache.insert(r.slot, r.prompt)  # type: ignore[arg-type]
         constrained = [i for i, r in enumerate(new) if r.grammar is not None]
         if constrained:  # the grammars' first masks (nothing consumed yet: no wait on the device)
             self._mask(logits, constrained, [new[i].rid for i in constrained])
@@ -395,7 +453,8 @@ class ContinuousBatcher:
         return done
 
     def _retire(self) -> None:
-        """Free finished rows' slots; move the last live rows into the holes so the live slots stay [0, n)."""
+        """Free finished rows' slots; move the last live rows into the holes so the live slots stay [0, n), and the
+        joining rows down after them."""
         if not self._ended:  # no live row finished or left since the last retire
             return
         self._ended = 0
@@ -416,6 +475,18 @@ class ContinuousBatcher:
             else:
                 e.release(gone.slot)  # type: ignore[arg-type]
             gone.slot = None
+        if any(r.finish is not None for r in self.joining):  # callers that left while their prompt went in
+            for r in self.joining:
+                if r.finish is not None:
+                    if r.grammar is not None:
+                        self._matchers.drop(r.rid)
+                    e.release(r.slot)  # type: ignore[arg-type]
+                    r.slot = None
+            self.joining = [r for r in self.joining if r.finish is None]
+        for k, r in enumerate(self.joining):  # slots strictly increasing: each target is free by the time it moves
+            if r.slot != len(self.live) + k:
+                e.move(r.slot, len(self.live) + k)  # type: ignore[arg-type]
+                r.slot = len(self.live) + k
 
 
 def _plain_greedy(cfg: SamplingConfig) -> bool:

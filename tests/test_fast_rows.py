@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bloom_server.fast.engine import FastEngine
+from bloom_server.fast.rows import Request, RowScheduler
 from bloom_server.fast.sampling import SamplingConfig
-from bloom_server.fast.scheduler import ContinuousBatcher, Request
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.weights import from_checkpoint
 
@@ -31,7 +31,7 @@ def test_staggered_requests_get_what_they_get_alone(engine):
         reqs.append(Request(rid=i, prompt=prompt, max_new_tokens=rng.randint(2, 20), cfg=cfg))
     alone = {r.rid: engine.generate([r.prompt], r.max_new_tokens, r.cfg).tokens[0] for r in reqs}
 
-    sched = ContinuousBatcher(engine)
+    sched = RowScheduler(engine)
     arrivals = {0: reqs[:2], 1: reqs[2:5], 4: reqs[5:7], 9: reqs[7:]}  # step -> requests arriving before it
     max_live, step = 0, 0
     while step < 200 and (not sched.idle or any(k >= step for k in arrivals)):
@@ -53,7 +53,7 @@ def test_eos_and_min_length_per_row(engine):
     early = Request("early", prompt, 20, SamplingConfig(eos_ids=(eos,)))
     held = Request("held", prompt, 20, SamplingConfig(eos_ids=(eos,), min_new_tokens=5))
     plain = Request("plain", (42, 43), 20, SamplingConfig())
-    sched = ContinuousBatcher(engine)
+    sched = RowScheduler(engine)
     for r in (early, held, plain):
         sched.add(r)
     sched.run()
@@ -87,7 +87,7 @@ def _mixed_requests(engine, seed):
 
 
 def _run_staggered(engine, specs, pipeline, leave=None):
-    sched = ContinuousBatcher(engine, pipeline=pipeline)
+    sched = RowScheduler(engine, pipeline=pipeline)
     reqs = [Request(rid=i, prompt=p, max_new_tokens=n, cfg=c, seed=100 + i) for i, p, n, c in specs]
     arrivals = {0: reqs[:3], 1: reqs[3:5], 2: reqs[5:6], 5: reqs[6:8], 8: reqs[8:]}
     seen: dict = {r.rid: [] for r in reqs}
@@ -225,13 +225,13 @@ def test_a_cstep_submitted_on_its_own_drains(tiny_model_dir):
 
 def test_each_decode_is_queued_before_the_previous_steps_tokens_are_read(engine, monkeypatch):
     """The point of pipelining: within a step, the device gets its next decode before the host waits for a read."""
-    from bloom_server.fast import scheduler as sch
+    from bloom_server.fast import rows as sch
 
     log: list[str] = []
     decode, read = FastEngine.decode, sch._Pending.read
     monkeypatch.setattr(FastEngine, "decode", lambda self, *a, **k: (log.append("decode"), decode(self, *a, **k))[1])
     monkeypatch.setattr(sch._Pending, "read", lambda self: (log.append("read"), read(self))[1])
-    sched = ContinuousBatcher(engine)
+    sched = RowScheduler(engine)
     sched.add(Request("a", (5, 6, 7), 6))
     sched.add(Request("b", (8, 9), 4))
     per_step = []

@@ -1,0 +1,149 @@
+"""KV of recent prompt prefixes, kept on the device in blocks of `block` tokens, so that a row whose prompt starts
+with a cached prefix copies its keys and values into its slot and computes only the rest.
+
+Keys: block b of a prompt is found by (the id of the block before it, its own tokens), a chain from the first block,
+so a block matches only after the same whole prefix, exactly (a trie over blocks; no hash of the tokens can
+collide). BLOOM's ALiBi bias depends only on a key's position, and a cached block sits at the same positions in
+every prompt it starts, so its K/V are copied as they are (no position fix-up, unlike rotary embeddings).
+
+A lookup reuses at most the prompt's full blocks before its last token (the last token's logits are needed, so at
+least one token is always computed). After a row's prompt is in its slot, its full blocks not yet cached are copied
+out (`insert`). Memory: `capacity_bytes` on this rank, as pages of one block each ([layers, heads, tokens, head dim]
+for K and for V, in one tensor each), allocated at construction; when full, the least recently used block goes
+first. A lookup or an insert touches a chain from its last block back to its first, so a block is always more
+recent than the blocks after it: eviction takes a chain's tail before its head, and no reachable block is ever
+orphaned. Every rank holds the same blocks (the decisions depend on the tokens only), each its share of the heads.
+
+Copies are queued on the device like kernels (index tensors through `to_device`: no host sync), in stream order with
+the prefills that write the slots and the decodes that read them.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bloom_server.fast.sampling import to_device
+
+# Tokens per block: the granularity of a match (up to block - 1 tokens of a shared prefix are recomputed) and of the
+# bookkeeping (one dictionary entry per block).
+BLOCK_TOKENS = 32
+
+
+@dataclass(eq=False)
+class _Block:
+    id: int
+    key: tuple[int, tuple[int, ...]]  # (parent block id, 0 for none; its tokens)
+    page: int
+
+
+class PrefixCache:
+    def __init__(self, engine: Any, capacity_bytes: int, block: int = BLOCK_TOKENS):
+        self.engine = engine
+        self.block = block
+        k = engine.k_cache  # [layers, slots, heads, max_seq, D]
+        L, _, hp, _, D = k.shape
+        self.page_bytes = 2 * L * hp * block * D * k.element_size()
+        self.pages = int(capacity_bytes // self.page_bytes)
+        if self.pages < 1:
+            raise ValueError(f"a prefix cache of {capacity_bytes} bytes holds no block of {self.page_bytes} bytes")
+        self.k = torch.zeros((L, hp, self.pages * block, D), dtype=k.dtype, device=k.device)
+        self.v = torch.zeros_like(self.k)
+        self._index: dict[tuple[int, tuple[int, ...]], _Block] = {}
+        self._lru: collections.OrderedDict[int, _Block] = collections.OrderedDict()  # least recent first
+        self._free = list(range(self.pages - 1, -1, -1))
+        self._ids = itertools.count(1)
+        self.hits = 0  # lookups that reused at least one block
+        self.misses = 0  # lookups that reused none
+        self.hit_tokens = 0  # prompt tokens not computed thanks to the cache
+        self.evictions = 0  # blocks dropped to make room
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.pages * self.page_bytes
+
+    @property
+    def bytes(self) -> int:
+        return len(self._lru) * self.page_bytes
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "hit_tokens": self.hit_tokens, "bytes": self.bytes,
+                "capacity_bytes": self.capacity_bytes, "evictions": self.evictions}  # fmt: skip
+
+    def _chain(self, prompt: Sequence[int], blocks: int) -> list[_Block]:
+        """The cached blocks that start the prompt, at most `blocks` of them, in order."""
+        chain: list[_Block] = []
+        parent, n = 0, self.block
+        for b in range(blocks):
+            found = self._index.get((parent, tuple(prompt[b * n : (b + 1) * n])))
+            if found is None:
+                break
+            chain.append(found)
+            parent = found.id
+        return chain
+
+    def _touch(self, chain: list[_Block]) -> None:
+        for blk in reversed(chain):  # the first block ends most recent: tails are evicted before heads
+            self._lru.move_to_end(blk.id)
+
+    def _positions(self, chain: list[_Block]) -> torch.Tensor:
+        n = self.block
+        return to_device([blk.page * n + t for blk in chain for t in range(n)], self.k.device)
+
+    def load(self, slot: int, prompt: Sequence[int]) -> int:
+        """Copy the longest cached prefix of the prompt (whole blocks, before its last token) into the slot's
+        positions [0, P); returns P (0: a miss)."""
+        chain = self._chain(prompt, (len(prompt) - 1) // self.block)
+        if not chain:
+            self.misses += 1
+            return 0
+        self._touch(chain)
+        P = len(chain) * self.block
+        at = self._positions(chain)
+        e = self.engine
+        e.k_cache[:, slot, :, :P] = self.k.index_select(2, at)
+        e.v_cache[:, slot, :, :P] = self.v.index_select(2, at)
+        e.hold(slot, P)
+        self.hits += 1
+        self.hit_tokens += P
+        return P
+
+    def insert(self, slot: int, prompt: Sequence[int]) -> None:
+        """The prompt is in the slot (positions [0, len)): its full blocks not cached yet are copied out, evicting
+        the least recently used blocks when the pages are full (never one of this prompt's own chain)."""
+        n = self.block
+        full = len(prompt) // n
+        chain = self._chain(prompt, full)
+        self._touch(chain)
+        mine = {blk.id for blk in chain}
+        new: list[_Block] = []
+        parent = chain[-1].id if chain else 0
+        for b in range(len(chain), full):
+            if self._free:
+                page = self._free.pop()
+            else:
+                victim = next(iter(self._lru.values()))
+                if victim.id in mine:
+                    break  # the cache is this prompt's own chain: keep it
+                del self._lru[victim.id], self._index[victim.key]
+                self.evictions += 1
+                page = victim.page
+            blk = _Block(next(self._ids), (parent, tuple(prompt[b * n : (b + 1) * n])), page)
+            self._index[blk.key] = blk
+            self._lru[blk.id] = blk
+            mine.add(blk.id)
+            new.append(blk)
+            parent = blk.id
+        if not new:
+            return
+        self._touch(chain + new)
+        a, b = len(chain) * n, (len(chain) + len(new)) * n
+        at = self._positions(new)
+        e = self.engine
+        self.k.index_copy_(2, at, e.k_cache[:, slot, :, a:b])
+        self.v.index_copy_(2, at, e.v_cache[:, slot, :, a:b])

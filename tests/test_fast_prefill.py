@@ -1,0 +1,225 @@
+"""Chunked prefill and the prefix cache in the RowScheduler (CPU, fp32, the tiny model): a long prompt goes in over
+several steps while the live rows keep decoding, a cached prefix is copied instead of computed, and every row gets
+exactly the greedy tokens it gets alone, whatever the chunking and the cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from bloom_server.fast.engine import FastEngine
+from bloom_server.fast.prefix_cache import PrefixCache
+from bloom_server.fast.rows import Request, RowScheduler
+from bloom_server.fast.sampling import SamplingConfig
+from bloom_server.fast.shapes import BloomShape
+from bloom_server.fast.weights import from_checkpoint
+
+BLOCK = 8  # prefix cache block for these tests (short prompts still span several blocks)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    shape = BloomShape.from_dir(tiny_model_dir)
+    return FastEngine(from_checkpoint(tiny_model_dir, shape, dtype=torch.float32), shape, max_batch=4, max_seq=256)
+
+
+def _prompt(rng, n):
+    return tuple(rng.randrange(10, 2000) for _ in range(n))
+
+
+def _alone(engine, req):
+    return engine.generate([req.prompt], req.max_new_tokens, req.cfg, seed=req.seed).tokens[0]
+
+
+def _run(engine, specs, arrivals, pipeline=True, leave=None, **kw):
+    """specs: (rid, prompt, max_new, cfg); arrivals: step -> rids. Returns ({rid: tokens}, per-step trace, sched)."""
+    sched = RowScheduler(engine, pipeline=pipeline, **kw)
+    reqs = {rid: Request(rid=rid, prompt=p, max_new_tokens=n, cfg=c, seed=7 + i) for i, (rid, p, n, c) in
+            enumerate(specs)}  # fmt: skip
+    trace = []  # per step: (joining rids, live rids before the step, rids that got a token)
+    step = 0
+    while step < 500 and (not sched.idle or any(k >= step for k in arrivals)):
+        for rid in arrivals.get(step, ()):
+            sched.add(reqs[rid])
+        if leave is not None and step == leave[0]:
+            assert sched.leave(leave[1]) is not None
+        before = [r.rid for r in sched.live if r.finish is None]
+        joining = [r.rid for r in sched.joining]
+        sched.step()
+        trace.append((joining, before, [e.req.rid for e in sched.emitted]))
+        assert [r.slot for r in sched.live] == list(range(len(sched.live)))
+        assert [r.slot for r in sched.joining] == list(range(len(sched.live), len(sched.live) + len(sched.joining)))
+        step += 1
+    assert sched.idle
+    return {rid: r.tokens for rid, r in reqs.items()}, trace, sched
+
+
+def test_chunks_give_the_logits_of_the_whole_prompt(engine):
+    """Engine level: a prompt run in chunks of different sizes (rows of one call at different starts) leaves the same
+    keys and gives the same last logits as the prompt in one go."""
+    rng = random.Random(0)
+    prompts = [_prompt(rng, 70), _prompt(rng, 23)]
+    whole = engine.prefill([0, 1], prompts).clone()
+    keys = engine.k_cache[:, :2, :, :70].clone()
+    done = [0, 0]
+    for sizes in ((16, 5), (30, 9), (24, 9)):  # the last chunk of each row ends its prompt
+        chunks = [p[d : d + n] for p, d, n in zip(prompts, done, sizes)]
+        logits = engine.prefill([2, 3], chunks, list(done))
+        done = [d + n for d, n in zip(done, sizes)]
+    assert done == [70, 23] and engine.host_pos[2:4] == [70, 23]
+    torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(engine.k_cache[:, 2, :, :70], keys[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(engine.k_cache[:, 3, :, :23], keys[:, 1, :, :23], rtol=1e-5, atol=1e-5)
+    for s in range(4):
+        engine.release(s)
+
+
+def _long_joiner_specs(rng):
+    specs = [(i, _prompt(rng, rng.randint(1, 9)), 40, SamplingConfig()) for i in range(3)]
+    specs.append((3, _prompt(rng, 150), 12, SamplingConfig()))  # longer than several chunks
+    specs.append((4, _prompt(rng, 20), 9, SamplingConfig(repetition_penalty=1.3)))
+    specs.append((5, _prompt(rng, 12), 6, SamplingConfig(do_sample=True, top_k=20)))
+    return specs
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_long_prompt_joins_in_chunks_while_the_live_rows_decode(engine, pipeline):
+    rng = random.Random(1)
+    specs = _long_joiner_specs(rng)
+    arrivals = {0: (0, 1, 2), 3: (3,), 4: (4, 5)}
+    plain, _, _ = _run(engine, specs, arrivals, pipeline)
+    chunked, trace, _ = _run(engine, specs, arrivals, pipeline, step_tokens=24, chunk_tokens=16)
+    assert chunked == plain
+    for rid, p, n, c in specs:
+        assert chunked[rid] == _alone(engine, Request(rid, p, n, c, seed=7 + rid)), rid
+    joining_steps = [t for t in trace if 3 in t[0]]
+    assert len(joining_steps) >= 150 // 16  # the long prompt took several steps...
+    for joining, before, got in joining_steps:  # ...in each of which every live row got its token
+        assert set(before) <= set(got), (joining, before, got)
+    # rows behind the long one wait for it (arrival order), then join
+    first = {rid: next(i for i, t in enumerate(trace) if rid in t[2]) for rid in (3, 4, 5)}
+    assert first[3] <= first[4] and first[3] <= first[5]
+
+
+def test_a_budget_per_step_bounds_the_prefill_tokens(engine, monkeypatch):
+    calls: list[int] = []
+    prefill = FastEngine.prefill
+
+    def spy(self, slots, prompts, starts=None):
+        calls.append(sum(len(p) for p in prompts))
+        return prefill(self, slots, prompts, starts)
+
+    monkeypatch.setattr(FastEngine, "prefill", spy)
+    rng = random.Random(2)
+    specs = [(0, _prompt(rng, 5), 30, SamplingConfig()), (1, _prompt(rng, 5), 30, SamplingConfig()),
+             (2, _prompt(rng, 100), 4, SamplingConfig())]  # fmt: skip
+    out, _, _ = _run(engine, specs, {0: (0, 1), 2: (2,)}, step_tokens=12)
+    assert max(calls[1:]) <= 12 - 2 and sum(calls) == 110  # two rows decode: 10 prompt tokens a step
+    monkeypatch.setattr(FastEngine, "prefill", prefill)
+    for rid, p, n, c in specs:
+        assert out[rid] == _alone(engine, Request(rid, p, n, c)), rid
+
+
+def test_a_joining_row_that_leaves_mid_prompt_frees_its_slot(engine):
+    rng = random.Random(3)
+    specs = _long_joiner_specs(rng)
+    arrivals = {0: (0, 1, 2), 3: (3,), 4: (4, 5)}
+    full, _, _ = _run(engine, specs, arrivals, step_tokens=24, chunk_tokens=16)
+    left, trace, _ = _run(engine, specs, arrivals, step_tokens=24, chunk_tokens=16, leave=(5, 3))
+    assert 3 in trace[4][0] and left[3] == []  # it was still joining when it left: no token
+    assert {k: v for k, v in left.items() if k != 3} == {k: v for k, v in full.items() if k != 3}
+
+
+def test_budget_must_leave_room_for_prefill(engine):
+    with pytest.raises(ValueError, match="leaves no prefill"):
+        RowScheduler(engine, step_tokens=engine.max_batch)
+
+
+# ---- the prefix cache ----
+
+
+def _shared_specs(rng, prefix_len=40):
+    shared = _prompt(rng, prefix_len)
+    other = _prompt(rng, 19)
+    specs = []
+    for i in range(8):
+        base = shared if i % 4 else other
+        specs.append((i, base + _prompt(rng, rng.randint(1, 12)), rng.randint(3, 10), SamplingConfig()))
+    specs.append((8, shared, 5, SamplingConfig()))  # the prefix itself: only its full blocks before its last token
+    specs.append((9, shared[:3], 5, SamplingConfig()))  # shorter than a block
+    return specs
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_cached_prefixes_give_the_tokens_computed_ones_give(engine, chunked):
+    rng = random.Random(4)
+    specs = _shared_specs(rng)
+    arrivals = {0: (0, 1, 2), 1: (3,), 6: (4, 5, 6), 12: (7, 8, 9)}  # rows 1-2 share their prefix in one step
+    kw = {"step_tokens": 20, "chunk_tokens": 12} if chunked else {}  # the prefix (40) is longer than a chunk
+    off, _, _ = _run(engine, specs, arrivals, **kw)
+    cache = PrefixCache(engine, 1 << 22, block=BLOCK)
+    on, _, _ = _run(engine, specs, arrivals, prefix_cache=cache, **kw)
+    assert on == off
+    for rid, p, n, c in specs:
+        assert on[rid] == _alone(engine, Request(rid, p, n, c)), rid
+    st = cache.stats()
+    assert st["hits"] >= 4 and st["misses"] >= 3 and st["hits"] + st["misses"] == len(specs)
+    assert st["hit_tokens"] >= 4 * 40 // BLOCK * BLOCK and st["evictions"] == 0
+    assert 0 < st["bytes"] <= st["capacity_bytes"] and st["bytes"] % cache.page_bytes == 0
+
+
+def test_a_cache_hit_computes_only_the_rest(engine, monkeypatch):
+    rng = random.Random(5)
+    prefix = _prompt(rng, 33)
+    a, b = prefix + _prompt(rng, 4), prefix + _prompt(rng, 6)
+    cache = PrefixCache(engine, 1 << 22, block=BLOCK)
+    computed: list[int] = []
+    prefill = FastEngine.prefill
+    monkeypatch.setattr(FastEngine, "prefill", lambda self, s, p, st=None: (computed.append(sum(map(len, p))),
+                                                                           prefill(self, s, p, st))[1])  # fmt: skip
+    out, _, _ = _run(engine, [("a", a, 4, SamplingConfig()), ("b", b, 4, SamplingConfig())], {0: ("a",), 3: ("b",)},
+                     prefix_cache=cache)  # fmt: skip
+    assert computed == [len(a), len(b) - 32]  # 4 blocks of 8 copied, the rest computed
+    assert cache.stats()["hit_tokens"] == 32
+    monkeypatch.setattr(FastEngine, "prefill", prefill)
+    assert out["b"] == _alone(engine, Request("b", b, 4))
+
+
+def test_eviction_under_pressure_keeps_the_tokens_and_the_bound(engine):
+    rng = random.Random(6)
+    prefixes = [_prompt(rng, 24) for _ in range(5)]
+    specs = []
+    for i in range(15):  # prefixes come back after others pushed them out
+        p = prefixes[(i * 2) % 5] + _prompt(rng, rng.randint(1, 9))
+        specs.append((i, p, rng.randint(2, 6), SamplingConfig()))
+    arrivals = {2 * i: (i,) for i in range(15)}
+    off, _, _ = _run(engine, specs, arrivals)
+    probe = PrefixCache(engine, 1 << 20, block=BLOCK)
+    cache = PrefixCache(engine, 7 * probe.page_bytes, block=BLOCK)  # 7 blocks; each prompt brings 3 or 4
+    on, _, _ = _run(engine, specs, arrivals, prefix_cache=cache, step_tokens=16, chunk_tokens=8)
+    assert on == off
+    st = cache.stats()
+    assert st["evictions"] > 0 and st["hits"] > 0 and st["bytes"] <= st["capacity_bytes"] == 7 * cache.page_bytes
+    assert len(cache._index) == len(cache._lru) <= 7
+
+
+def test_eviction_takes_the_least_recent_chain_from_its_tail(engine):
+    """Unit level: the LRU order keeps a chain's first blocks longer than its last ones, and a recently used prefix
+    survives one that was not used since."""
+    cache = PrefixCache(engine, 4 * PrefixCache(engine, 1 << 20, block=4).page_bytes, block=4)
+    a, b, c = tuple(range(100, 113)), tuple(range(200, 209)), tuple(range(300, 309))  # 3, 2 and 2 full blocks
+    engine.prefill([0, 1, 2], [a, b, c])
+    cache.insert(0, a)
+    assert cache.stats()["bytes"] == 3 * cache.page_bytes
+    cache.insert(1, b)  # 4 pages: b's second block evicts a's last
+    assert cache.stats()["evictions"] == 1
+    assert cache.load(3, b) == 8 and cache.load(3, a) == 8  # a kept its head; now b is the least recent
+    cache.insert(2, c)  # c's 2 blocks evict b's
+    assert cache.stats()["evictions"] == 3
+    assert cache.load(3, b) == 0 and cache.load(3, c) == 8 and cache.load(3, a) == 8
+    torch.testing.assert_close(engine.k_cache[:, 3, :, :8], engine.k_cache[:, 0, :, :8])
+    for s in range(4):
+        engine.release(s)

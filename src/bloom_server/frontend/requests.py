@@ -116,7 +116,7 @@ class GenRequest:
         self._timers: list[asyncio.TimerHandle] = []
         self._on_cancel_queued: Any = None  # set by the batcher while the request waits
         self._on_stop_rows: Any = None  # set by the batcher while the request runs: stop these rows in the backend
-        self._rids: list[int] = []  # the continuous scheduler's row ids (frontend/batching/continuous.py)
+        self._rids: list[int] = []  # the continuous batcher's row ids (frontend/batching/continuous.py)
         if deadline is not None:
             self._timers.append(self.loop.call_at(self._loop_time(deadline), self._expire, "deadline"))
 

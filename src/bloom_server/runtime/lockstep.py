@@ -104,7 +104,7 @@ class Leader:
         self._current: concurrent.futures.Future | None = None
         self._stops = ChannelStops(channel) if channel is not None else None
         self.supports_continuous = bool(getattr(backend, "supports_continuous", False))
-        self._source: Any = None  # the engine's continuous scheduler (take / deliver / fail)
+        self._source: Any = None  # the engine's continuous batcher (take / deliver / fail)
         self._continuous = False  # the engine thread is running csteps back to back
 
     def attach_continuous(self, source: Any) -> None:

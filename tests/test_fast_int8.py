@@ -218,7 +218,8 @@ def test_the_backend_serves_int8_from_both_checkpoints_and_refuses_what_it_canno
     from bloom_server.backends.fast import FastBackend
     from bloom_server.settings import load_settings
     from bloom_server.storage.model_dir import resolve_model_dir
-    from bloom_server.types import GenerateBatch, SamplingParams
+    from bloom_server.runtime.protocol import GenerateBatch
+    from bloom_server.types import SamplingParams
 
     def backend(path, dtype):
         s = load_settings(backend="fast", dtype=dtype, max_input_length=16, max_total_tokens=48, max_batch_size=2)

@@ -7,8 +7,10 @@ _commit=${BLOOM_COMMIT:-"$(git rev-parse --short HEAD 2>/dev/null || echo unknow
 echo "== $(date -u +%FT%TZ) on $(hostname): scripts/gpu/$1 (commit $_commit)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>/dev/null || true
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || echo "wheel install failed: running with the image's packages"
+  # Once per machine (a stamp names the wheels installed): the scripts of one device call share the install.
+  _stamp=/tmp/site/.installed-$(ls .whl/*.whl | md5sum | cut -c1-12)
+  [ -f "$_stamp" ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && touch "$_stamp"; } || echo "wheel install failed: running with the image's packages"
   export PYTHONPATH=/tmp/site:$PWD/src
 else
   export PYTHONPATH=$PWD/src

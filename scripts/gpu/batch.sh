@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Several GPU jobs in one device call, in order, each within the call's budget: a lent machine's start costs minutes,
+# so the runs of one session go together. Each job writes into its own folder; what comes back is each job's summary
+# ($OUT/JOB.md) and one archive of everything (all.tgz), inside the device's limit of 8 files.
+#
+#     GPU_JOBS="structured int8 prefill" OUT=$OUT bash scripts/gpu/batch.sh
+#
+# Jobs: structured (scripts/bench/structured_bench.py, 7b1, bs 32; the tokenizer in .tok/tokenizer.json when carried),
+# STRUCTURED_ARGS replaces "--shape 7b1" (a CPU check: "--shape tiny --new-tokens 4 --repeats 1"); int8 (int8.sh), prefill (prefill.sh), loadcheck (load_check.sh with the LOADCHECK_* variables as given).
+# GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left.
+set -u -o pipefail
+OUT=${OUT:-/tmp/gpu-batch-out}
+WORK=/tmp/gpu-batch
+mkdir -p "$OUT" "$WORK"
+START=$(date +%s)
+BUDGET_S=${GPU_BUDGET_S:-585}
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+# shellcheck source=scripts/gpu/_device_env.sh
+source scripts/gpu/_device_env.sh batch.sh > >(tee "$OUT/batch.md")
+declare -A NEED=([structured]=120 [int8]=240 [prefill]=300 [loadcheck]=330)
+for job in ${GPU_JOBS:-structured int8}; do
+  o="$WORK/$job"; mkdir -p "$o"
+  if [ "$(left)" -lt "${NEED[$job]:-120}" ]; then echo "== $job: skipped ($(left) s left)" | tee -a "$OUT/batch.md"; continue; fi
+  t=$(date +%s)
+  case $job in
+    structured)
+      tok=(); [ -f .tok/tokenizer.json ] && tok=(--tokenizer .tok/tokenizer.json)
+      timeout $(( $(left) - 10 )) python3 scripts/bench/structured_bench.py ${STRUCTURED_ARGS:---shape 7b1} "${tok[@]}" \
+        --time-limit $(( $(left) - 60 )) --json "$o/structured.json" > "$o/run.log" 2>&1
+      rc=$?; tail -12 "$o/run.log" > "$o/summary.md" ;;
+    int8) INT8_BUDGET_S=$(( $(left) - 20 < 420 ? $(left) - 20 : 420 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/int8.sh > /dev/null 2>&1; rc=$? ;;
+    prefill) PREFILL_BUDGET_S=$(( $(left) - 20 < 480 ? $(left) - 20 : 480 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/prefill.sh > /dev/null 2>&1; rc=$? ;;
+    loadcheck) LOADCHECK_BUDGET_S=$(( $(left) - 10 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;
+    *) echo "unknown job $job"; rc=2 ;;
+  esac
+  echo "== $job: rc=$rc in $(( $(date +%s) - t ))s" | tee -a "$OUT/batch.md"
+  { echo "# $job (rc=$rc, $(( $(date +%s) - t ))s)"; cat "$o/summary.md" 2>/dev/null; [ -f "$o/bench.md" ] && cat "$o/bench.md"; } > "$OUT/$job.md"
+  tail -5 "$OUT/$job.md"
+done
+tar czf "$OUT/all.tgz" -C "$WORK" . 2>/dev/null
+echo "== done in $(( $(date +%s) - START ))s"

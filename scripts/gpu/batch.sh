@@ -17,7 +17,7 @@ BUDGET_S=${GPU_BUDGET_S:-585}
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 # shellcheck source=scripts/gpu/_device_env.sh
 source scripts/gpu/_device_env.sh batch.sh > >(tee "$OUT/batch.md")
-declare -A NEED=([structured]=120 [int8]=240 [prefill]=300 [loadcheck]=330)
+declare -A NEED=([structured]=120 [int8]=240 [prefill]=300 [loadcheck]=330 [noisefloor]=150)
 for job in ${GPU_JOBS:-structured int8}; do
   o="$WORK/$job"; mkdir -p "$o"
   if [ "$(left)" -lt "${NEED[$job]:-120}" ]; then echo "== $job: skipped ($(left) s left)" | tee -a "$OUT/batch.md"; continue; fi
@@ -30,6 +30,9 @@ for job in ${GPU_JOBS:-structured int8}; do
       rc=$?; tail -12 "$o/run.log" > "$o/summary.md" ;;
     int8) INT8_BUDGET_S=$(( $(left) - 20 < 420 ? $(left) - 20 : 420 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/int8.sh > /dev/null 2>&1; rc=$? ;;
     prefill) PREFILL_BUDGET_S=$(( $(left) - 20 < 480 ? $(left) - 20 : 480 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/prefill.sh > /dev/null 2>&1; rc=$? ;;
+    noisefloor)  # greedy tokens against batch size, every backend against itself and transformers (load_check.sh's bench)
+      LOADCHECK_LIMITS=none LOADCHECK_SHAPES=none LOADCHECK_PROBE=0 LOADCHECK_BENCH=1 LOADCHECK_BUDGET_S=$(( $(left) - 10 )) \
+        OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;
     loadcheck) LOADCHECK_BUDGET_S=$(( $(left) - 10 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;
     *) echo "unknown job $job"; rc=2 ;;
   esac

@@ -28,6 +28,8 @@ SHAPES=${LOADCHECK_SHAPES:-7b1 176b:2}
 LIMITS=${LOADCHECK_LIMITS:-overlay wide}
 BACKENDS=${LOADCHECK_BACKENDS:-ds_inference hf fast}
 GREEDY=${LOADCHECK_GREEDY:-16}
+[ "$LIMITS" = none ] && LIMITS=""   # LOADCHECK_LIMITS=none LOADCHECK_SHAPES=none LOADCHECK_BENCH=1: the bench alone
+[ "$SHAPES" = none ] && SHAPES=""
 WORK=${LOADCHECK_WORK:-/tmp/load-check}
 mkdir -p "$WORK"
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }

@@ -5,8 +5,10 @@
 #
 #     GPU_JOBS="structured int8 prefill" OUT=$OUT bash scripts/gpu/batch.sh
 #
-# Jobs: structured (scripts/bench/structured_bench.py, 7b1, bs 32; the tokenizer in .tok/tokenizer.json when carried),
-# STRUCTURED_ARGS replaces "--shape 7b1" (a CPU check: "--shape tiny --new-tokens 4 --repeats 1"); int8 (int8.sh), prefill (prefill.sh), loadcheck (load_check.sh with the LOADCHECK_* variables as given).
+# Jobs: structured (scripts/bench/structured_bench.py, 7b1, bs 32; the tokenizer in .tok/tokenizer.json when carried;
+# STRUCTURED_ARGS replaces "--shape 7b1", e.g. "--shape tiny --new-tokens 4 --repeats 1" on a CPU), int8 (int8.sh),
+# prefill (prefill.sh), noisefloor (load_check.sh's greedy-vs-batch-size bench alone), loadcheck (load_check.sh with
+# the LOADCHECK_* variables as given).
 # GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-batch-out}

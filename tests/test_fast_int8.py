@@ -216,9 +216,9 @@ def test_preshard_int8_equals_quantization_at_load_in_half_the_bytes(int8_dirs, 
 
 def test_the_backend_serves_int8_from_both_checkpoints_and_refuses_what_it_cannot(int8_dirs, tiny_model_dir):
     from bloom_server.backends.fast import FastBackend
+    from bloom_server.runtime.protocol import GenerateBatch
     from bloom_server.settings import load_settings
     from bloom_server.storage.model_dir import resolve_model_dir
-    from bloom_server.runtime.protocol import GenerateBatch
     from bloom_server.types import SamplingParams
 
     def backend(path, dtype):

@@ -222,6 +222,7 @@ def test_the_fast_load_runs_the_prewarm_hook_and_joins_it_before_the_warm_up(tin
         "dtype": "float32",
         "max_seq": 96,
         "fast_decode": None,
+        "weights": None,
     }
     assert finish == ("finish", "compiling kernels") and fake.finished == 1
     phases = [p for p, _ in progress.phases]

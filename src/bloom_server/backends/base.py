@@ -48,6 +48,7 @@ class Backend(abc.ABC):
     def check(cls, settings: Settings, model_dir: ModelDir, rank: int, world: int) -> None:
         """Refuse, before the port opens and before torch is imported, a setting this backend cannot honour here
         (raise ConfigError naming it). Torch-free. Nothing to check by default."""
+        return None
 
     def kernel_counts(self) -> dict[str, int] | None:
         """Kernels compiled and autotuned so far in this process ({"compiled", "tuned"}), for the warm-up's report;

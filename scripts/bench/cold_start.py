@@ -402,6 +402,12 @@ def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list
     """The --loaders comparison on one layout (see the module's help); rows go to results["loader_rounds"]."""
     total = sum(f.stat().st_size for f in files)
     loaders = [x.strip() for x in args.loaders.split(",") if x.strip()]
+    # Server runs: one per loader, and one per --variant (its own environment, e.g. a library's read mode), whose
+    # bare read is its BLOOM_LOADER's.
+    servers: dict[str, dict[str, str]] = {x: {"BLOOM_LOADER": x} for x in loaders}
+    for spec in args.variant:
+        name, _, kvs = spec.partition(":")
+        servers[name] = dict(kv.split("=", 1) for kv in kvs.split(",") if "=" in kv)
     kdir = args.dir / f"kernel-cache-loaders-{label}"
     if kdir.exists():
         shutil.rmtree(kdir)
@@ -419,15 +425,17 @@ def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list
             say(f"[{label}] stopping after {rnd} round(s): {left:.0f} s of the budget left, a round took {last:.0f} s")
             break
         t_round = time.monotonic()
-        order = loaders[rnd % len(loaders) :] + loaders[: rnd % len(loaders)]
-        row: dict = {"layout": label, "round": rnd + 1, "bytes": total, "order": order, "bare": {}, "ready": {}}
+        names = list(servers)
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        row: dict = {"layout": label, "round": rnd + 1, "bytes": total, "order": order, "bare": {}, "ready": {},
+                     "bare_of": {k: v.get("BLOOM_LOADER", "auto") for k, v in servers.items()}}  # fmt: skip
         row["cold"] = make_cold(files, args.drop_caches)
         row["cat_s"] = plain_read(files)
         say(f"[{label}] round {rnd + 1}: cat {row['cat_s']:.2f} s = {total / 1e9 / row['cat_s']:.2f} GB/s (the disk)")
         row["cold"] = make_cold(files, args.drop_caches) and row["cold"]
         row["import_s"] = torch_start()
         say(f"[{label}] round {rnd + 1}: import torch + first device allocation {row['import_s']:.2f} s")
-        for loader in order if bare_ok else []:
+        for loader in [x for x in order if x in loaders] if bare_ok else []:
             row["cold"] = make_cold(files, args.drop_caches) and row["cold"]
             b = row["bare"][loader] = bare_read(loader, files)
             if "error" in b:
@@ -438,18 +446,18 @@ def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list
                 f"({b['device']}; {b.get('info')})")  # fmt: skip
         for loader in order:
             row["cold"] = make_cold(files, args.drop_caches) and row["cold"]
-            r = time_server(model, f"{label}-{loader}-r{rnd + 1}", {**base, "BLOOM_LOADER": loader}, tp or 1,
+            r = time_server(model, f"{label}-{loader}-r{rnd + 1}", {**base, **servers[loader]}, tp or 1,
                             args.timeout, args.dir, args.server_args)  # fmt: skip
             prog = r.get("progress") or {}
             keep = {k: v for k, v in r.items() if k in ("ready_s", "port_open_s", "error", "log", "log_lines")}
             row["ready"][loader] = {**keep, "phases": prog.get("phases"), "timings": prog.get("timings")}
             if "ready_s" not in r:
-                say(f"[{label}] round {rnd + 1}: serve with BLOOM_LOADER={loader} FAILED: {r.get('error')}\n"
+                say(f"[{label}] round {rnd + 1}: serve {loader} FAILED: {r.get('error')}\n"
                     f"{r.get('log_tail', '')[-1500:]}")  # fmt: skip
                 continue
             inside = "; ".join(f"{k} {v:.2f}" for k, v in (prog.get("timings") or {}).items()
                                if "field loader" in k or "prefetch" in k)  # fmt: skip
-            say(f"[{label}] round {rnd + 1}: serve BLOOM_LOADER={loader}: ready {r['ready_s']:.2f} s = "
+            say(f"[{label}] round {rnd + 1}: serve {loader} ({servers[loader]}): ready {r['ready_s']:.2f} s = "
                 f"{r['ready_s'] / row['cat_s']:.2f} x cat{'; ' + inside if inside else ''}")  # fmt: skip
         last = time.monotonic() - t_round
         results.setdefault("loader_rounds", []).append(row)
@@ -472,11 +480,12 @@ def loader_table(rows: list[dict]) -> list[str]:
         rs = [r for r in rows if r["layout"] == layout]
         loaders = list(dict.fromkeys(k for r in rs for k in r["order"]))
         for loader in loaders:
+            of = rs[0]["bare_of"].get(loader, loader)
             ready = [(r["ready"][loader]["ready_s"], r) for r in rs if "ready_s" in r["ready"].get(loader, {})]
-            bare = [r["bare"][loader] for r in rs if "read_s" in r["bare"].get(loader, {})]
+            bare = [r["bare"][of] for r in rs if "read_s" in r["bare"].get(of, {})]
             vs_cat = [t / r["cat_s"] for t, r in ready]
-            vs_sum = [t / (r["import_s"] + r["bare"][loader]["read_s"]) for t, r in ready
-                      if "read_s" in r["bare"].get(loader, {})]  # fmt: skip
+            vs_sum = [t / (r["import_s"] + r["bare"][of]["read_s"]) for t, r in ready
+                      if "read_s" in r["bare"].get(of, {})]  # fmt: skip
             gbps = [b["bytes"] / 1e9 / b["read_s"] for b in bare]
             out.append(f"| {layout} | {loader} | {med([t for t, _ in ready])} | {med(vs_cat)} | "
                        f"{med([b['read_s'] for b in bare])} ({med(gbps)}) | {med(vs_sum)} | {each(vs_cat)} |")  # fmt: skip
@@ -651,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="LABEL:K=V[,K=V]",
         help="also a server run with these environment variables, on the kept kernel cache (repeatable; "
-        "e.g. threads8:BLOOM_LOAD_PREFETCH_THREADS=8)",
+        "e.g. threads8:BLOOM_LOAD_PREFETCH_THREADS=8; with --loaders, e.g. "
+        "fst-buffered:BLOOM_LOADER=fastsafetensors,FASTSAFETENSORS_ODIRECT=0)",
     )
     p.add_argument(
         "--read-sweep",

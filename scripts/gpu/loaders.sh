@@ -10,6 +10,8 @@
 #
 #     OUT=$OUT bash scripts/gpu/loaders.sh                      # builtin, fastsafetensors, runai, instanttensor; 3 rounds
 #     LOADERS=builtin,fastsafetensors LOADERS_ROUNDS=2 OUT=$OUT bash scripts/gpu/loaders.sh
+#     LOADERS_VARIANTS="fst-buffered:BLOOM_LOADER=fastsafetensors,FASTSAFETENSORS_ODIRECT=0 fst-noprefetch:BLOOM_LOADER=fastsafetensors,BLOOM_LOAD_PREFETCH=0" \
+#       LOADERS=builtin,fastsafetensors OUT=$OUT bash scripts/gpu/loaders.sh   # more server runs, each its environment
 #     LOADERS_ARGS="--shape tiny" LOADERS_DROP=0 LOADERS=builtin,fastsafetensors,runai bash scripts/gpu/loaders.sh  # CPU
 # (PYTHON: the interpreter, default python3; LOADERS_BUDGET_S: wall seconds, default 300.)
 #
@@ -46,10 +48,12 @@ PY
 df -h "$WORK" 2>/dev/null | tail -1
 drop=--drop-caches
 [ "${LOADERS_DROP:-1}" = 0 ] && drop=""
+variants=()
+for v in ${LOADERS_VARIANTS:-}; do variants+=(--variant "$v"); done
 # shellcheck disable=SC2086
 timeout $(( BUDGET_S + 120 )) "$PY" scripts/bench/cold_start.py ${LOADERS_ARGS:---shape 7b1} --dir "$WORK" \
   --loaders "${LOADERS:-builtin,fastsafetensors,runai,instanttensor}" --rounds "${LOADERS_ROUNDS:-3}" $drop \
-  --budget-s "$BUDGET_S" --timeout 150 --json "$OUT/loaders.json" --summary "$OUT/summary.md"
+  ${variants[@]+"${variants[@]}"} --budget-s "$BUDGET_S" --timeout 150 --json "$OUT/loaders.json" --summary "$OUT/summary.md"
 rc=$?
 ( cd "$WORK" && tar czf "$OUT/servers.tgz" server-*.log ) 2>/dev/null
 echo "== cold_start.py --loaders rc=$rc"

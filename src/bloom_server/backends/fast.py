@@ -151,12 +151,10 @@ class FastBackend(Backend):
             hidden=shape.hidden_size, workers=self.early, keep_going=keep_going,
             reserve=reserve, enabled=enabled(s.fast_precompile),
         )  # fmt: skip
-        from bloom_server.backends.fast_loader import choose
-        from bloom_server.storage.safetensors import weights_source
+        from bloom_server.backends.fast_loader import for_load
 
         # The read path (BLOOM_LOADER): the builtin one, or a field loader (fast/loaders.py), now with the device known.
-        loader = choose(s.loader, cuda=device.type == "cuda",
-                        source=weights_source(self.model_dir.path, ctx.rank, ctx.world_size).kind)  # fmt: skip
+        loader = for_load(s, self.model_dir, ctx.rank, ctx.world_size, cuda=device.type == "cuda")
         self._phase("reading weights")
         t0 = time.perf_counter()
         weights = from_checkpoint(

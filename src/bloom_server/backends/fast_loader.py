@@ -57,16 +57,31 @@ def choose(setting: str, *, cuda: bool, source: str | None, quiet: bool = False)
     return setting
 
 
-def check(settings: Settings, model_dir: ModelDir, rank: int, world: int) -> None:
-    """Refuse a loader that cannot run here before the port opens: not installed, CUDA-only on a host without a
-    visible GPU, pickled weights. The load checks again with the device known (`choose`)."""
-    if settings.loader == "builtin" or (settings.loader == "auto" and AUTO_LOADER == "builtin"):
-        return
-    from bloom_server.fast.coldstart.precompile import gpu_likely
+def _builtin(setting: str) -> bool:
+    return setting == "builtin" or (setting == "auto" and AUTO_LOADER == "builtin")
+
+
+def _source(model_dir: ModelDir, rank: int, world: int) -> str | None:
     from bloom_server.storage.safetensors import weights_source
 
     try:
-        source: str | None = weights_source(model_dir.path, rank, world).kind
+        return weights_source(model_dir.path, rank, world).kind
     except ModelDirError:
-        source = None  # the load says what is wrong with the directory
-    choose(settings.loader, cuda=gpu_likely(), source=source, quiet=True)
+        return None  # the load says what is wrong with the directory
+
+
+def check(settings: Settings, model_dir: ModelDir, rank: int, world: int) -> None:
+    """Refuse a loader that cannot run here before the port opens: not installed, CUDA-only on a host without a
+    visible GPU, pickled weights. The load checks again with the device known (`for_load`)."""
+    if _builtin(settings.loader):
+        return
+    from bloom_server.fast.coldstart.precompile import gpu_likely
+
+    choose(settings.loader, cuda=gpu_likely(), source=_source(model_dir, rank, world), quiet=True)
+
+
+def for_load(settings: Settings, model_dir: ModelDir, rank: int, world: int, cuda: bool) -> str:
+    """The loader this rank's load runs (`choose`, with the device known); the builtin setting reads nothing more."""
+    if _builtin(settings.loader):
+        return "builtin"
+    return choose(settings.loader, cuda=cuda, source=_source(model_dir, rank, world))

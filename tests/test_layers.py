@@ -155,6 +155,7 @@ def test_cli_storage_settings_do_not_import_torch():
 def test_backends_and_runtime_do_not_import_fastapi_or_torch_at_import():
     run(
         "bloom_server.backends, bloom_server.backends.base, bloom_server.backends.hf, bloom_server.backends.ds_inference,"
-        " bloom_server.backends.ds_zero, bloom_server.runtime.lockstep, bloom_server.runtime.distributed",
+        " bloom_server.backends.ds_zero, bloom_server.runtime.lockstep, bloom_server.runtime.distributed,"
+        " bloom_server.backends.fast_loader, bloom_server.fast.loaders",
         allow_fastapi=False,
     )

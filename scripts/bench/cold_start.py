@@ -18,6 +18,17 @@ cache (the first start on a machine); with --kept-kernel-cache-run a second one 
 restart in the pod), --seeded-run a first start on an empty cache seeded from `bloom-server precompile` (made
 before the rounds with no GPU visible, as the download Job makes it), and with --no-prefetch-run one runs with BLOOM_LOAD_PREFETCH=0, to show what reading during
 the imports buys. No network is used.
+
+    python scripts/bench/cold_start.py --shape 7b1 --loaders builtin,fastsafetensors,runai,instanttensor \
+        --rounds 3 --drop-caches        # the read paths of BLOOM_LOADER against each other (scripts/gpu/loaders.sh)
+
+--loaders: after one unmeasured start that fills a kernel cache (every measured start then restarts on it), each
+round times, each from a cold page cache (--drop-caches: `sync; echo 3 > /proc/sys/vm/drop_caches`, root; else the
+eviction above): `cat` of the weights (the disk's own rate), `python -c "import torch; torch.zeros(1, device='cuda')"`
+(torch's import and CUDA's start), each loader's bare read of the files onto the GPU in a fresh process
+(scripts/bench/bare_read.py: the read timed apart from torch and CUDA's start), and `serve --backend fast` from process
+start to /ready 200 with BLOOM_LOADER set to each loader, in an order rotated every round; then one table: ready / cat
+and ready / (import + bare read) per loader, the median over the rounds and every round's figure.
 """
 
 from __future__ import annotations
@@ -339,6 +350,153 @@ def time_server(model_dir: Path, label: str, env_extra: dict[str, str], tp: int,
     return out
 
 
+# ------------------------------------------------------------------------------------------------- the loaders
+
+
+def drop_caches() -> bool:
+    """`sync; echo 3 > /proc/sys/vm/drop_caches`: the whole page cache, dentries and inodes (root only)."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def make_cold(files: list[Path], whole: bool) -> bool:
+    """A cold page cache for the next read: the whole cache dropped (`whole`, where allowed), else the files'
+    pages evicted (`evict`)."""
+    if whole and drop_caches():
+        return True
+    if whole:
+        say("cannot write /proc/sys/vm/drop_caches (not root?): evicting the weight files' pages only")
+    return evict(files)
+
+
+def torch_start() -> float:
+    """Wall seconds of a fresh `import torch` and the device's first allocation (CUDA's start on a GPU)."""
+    code = "import torch; torch.zeros(1, device='cuda' if torch.cuda.is_available() else 'cpu')"
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.monotonic() - t
+
+
+def bare_read(loader: str, files: list[Path]) -> dict:
+    """scripts/bench/bare_read.py in a fresh process: its init_s (torch and CUDA), read_s, bytes; wall_s outside."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH", ""))
+                                                       if p)}  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "bare_read.py"), loader, *map(str, files)]
+    t = time.monotonic()
+    p = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=600)
+    wall = time.monotonic() - t
+    try:
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"loader": loader, "error": f"rc {p.returncode}: {(p.stderr or p.stdout)[-1500:]}", "wall_s": wall}
+    return {**out, "wall_s": wall}
+
+
+def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list[Path], tp: int | None,
+                  results: dict) -> None:  # fmt: skip
+    """The --loaders comparison on one layout (see the module's help); rows go to results["loader_rounds"]."""
+    total = sum(f.stat().st_size for f in files)
+    loaders = [x.strip() for x in args.loaders.split(",") if x.strip()]
+    # Server runs: one per loader, and one per --variant (its own environment, e.g. a library's read mode), whose
+    # bare read is its BLOOM_LOADER's.
+    servers: dict[str, dict[str, str]] = {x: {"BLOOM_LOADER": x} for x in loaders}
+    for spec in args.variant:
+        name, _, kvs = spec.partition(":")
+        servers[name] = dict(kv.split("=", 1) for kv in kvs.split(",") if "=" in kv)
+    kdir = args.dir / f"kernel-cache-loaders-{label}"
+    if kdir.exists():
+        shutil.rmtree(kdir)
+    base = {"BLOOM_LOAD_THREADS": str(args.threads), "BLOOM_LOAD_CHUNK_MB": str(args.chunk_mb),
+            "BLOOM_KERNEL_CACHE_DIR": str(kdir)}  # fmt: skip
+    t = time.monotonic()
+    warm = time_server(model, f"{label}-kernel-warmup", base, tp or 1, args.timeout, args.dir, args.server_args)
+    say(f"[{label}] kernel cache filled by an unmeasured start in {time.monotonic() - t:.1f} s "
+        f"({'ready' if 'ready_s' in warm else warm.get('error')}); every start below restarts on it")  # fmt: skip
+    bare_ok = not tp or tp == 1  # one process reading every rank's file is not one rank's read
+    last = 0.0
+    for rnd in range(max(1, args.rounds)):
+        left = args.budget_s - (time.monotonic() - T0)
+        if rnd and left < last:
+            say(f"[{label}] stopping after {rnd} round(s): {left:.0f} s of the budget left, a round took {last:.0f} s")
+            break
+        t_round = time.monotonic()
+        names = list(servers)
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        row: dict = {"layout": label, "round": rnd + 1, "bytes": total, "order": order, "bare": {}, "ready": {},
+                     "bare_of": {k: v.get("BLOOM_LOADER", "auto") for k, v in servers.items()}}  # fmt: skip
+        row["cold"] = make_cold(files, args.drop_caches)
+        row["cat_s"] = plain_read(files)
+        say(f"[{label}] round {rnd + 1}: cat {row['cat_s']:.2f} s = {total / 1e9 / row['cat_s']:.2f} GB/s (the disk)")
+        row["cold"] = make_cold(files, args.drop_caches) and row["cold"]
+        row["import_s"] = torch_start()
+        say(f"[{label}] round {rnd + 1}: import torch + first device allocation {row['import_s']:.2f} s")
+        for loader in [x for x in order if x in loaders] if bare_ok else []:
+            row["cold"] = make_cold(files, args.drop_caches) and row["cold"]
+            b = row["bare"][loader] = bare_read(loader, files)
+            if "error" in b:
+                say(f"[{label}] round {rnd + 1}: bare read {loader} FAILED: {b['error']}")
+                continue
+            say(f"[{label}] round {rnd + 1}: bare read {loader}: {b['read_s']:.2f} s = "
+                f"{b['bytes'] / 1e9 / b['read_s']:.2f} GB/s after {b['init_s']:.2f} s of torch and device start "
+                f"({b['device']}; {b.get('info')})")  # fmt: skip
+        for loader in order:
+            row["cold"] = make_cold(files, args.drop_caches) and row["cold"]
+            r = time_server(model, f"{label}-{loader}-r{rnd + 1}", {**base, **servers[loader]}, tp or 1,
+                            args.timeout, args.dir, args.server_args)  # fmt: skip
+            prog = r.get("progress") or {}
+            keep = {k: v for k, v in r.items() if k in ("ready_s", "port_open_s", "error", "log", "log_lines")}
+            row["ready"][loader] = {**keep, "phases": prog.get("phases"), "timings": prog.get("timings")}
+            if "ready_s" not in r:
+                say(f"[{label}] round {rnd + 1}: serve {loader} FAILED: {r.get('error')}\n"
+                    f"{r.get('log_tail', '')[-1500:]}")  # fmt: skip
+                continue
+            inside = "; ".join(f"{k} {v:.2f}" for k, v in (prog.get("timings") or {}).items()
+                               if "field loader" in k or "prefetch" in k)  # fmt: skip
+            say(f"[{label}] round {rnd + 1}: serve {loader} ({servers[loader]}): ready {r['ready_s']:.2f} s = "
+                f"{r['ready_s'] / row['cat_s']:.2f} x cat{'; ' + inside if inside else ''}")  # fmt: skip
+        last = time.monotonic() - t_round
+        results.setdefault("loader_rounds", []).append(row)
+
+
+def loader_table(rows: list[dict]) -> list[str]:
+    """One markdown table over the rounds: per layout and loader, the median and every round of ready / cat and
+    ready / (import + bare read), with the disk's rate and torch's start of those rounds."""
+    import statistics
+
+    def med(xs: list[float]) -> str:
+        return f"{statistics.median(xs):.2f}" if xs else "-"
+
+    def each(xs: list[float]) -> str:
+        return ", ".join(f"{x:.2f}" for x in xs)
+
+    out = ["| layout | loader | ready s | ready / cat | bare read s (GB/s) | ready / (import + bare) | rounds: ready / cat |",
+           "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for layout in dict.fromkeys(r["layout"] for r in rows):
+        rs = [r for r in rows if r["layout"] == layout]
+        loaders = list(dict.fromkeys(k for r in rs for k in r["order"]))
+        for loader in loaders:
+            of = rs[0]["bare_of"].get(loader, loader)
+            ready = [(r["ready"][loader]["ready_s"], r) for r in rs if "ready_s" in r["ready"].get(loader, {})]
+            bare = [r["bare"][of] for r in rs if "read_s" in r["bare"].get(of, {})]
+            vs_cat = [t / r["cat_s"] for t, r in ready]
+            vs_sum = [t / (r["import_s"] + r["bare"][of]["read_s"]) for t, r in ready
+                      if "read_s" in r["bare"].get(of, {})]  # fmt: skip
+            gbps = [b["bytes"] / 1e9 / b["read_s"] for b in bare]
+            out.append(f"| {layout} | {loader} | {med([t for t, _ in ready])} | {med(vs_cat)} | "
+                       f"{med([b['read_s'] for b in bare])} ({med(gbps)}) | {med(vs_sum)} | {each(vs_cat)} |")  # fmt: skip
+        cat = [r["cat_s"] for r in rs]
+        rate = [r["bytes"] / 1e9 / r["cat_s"] for r in rs]
+        out.append(f"| {layout} | (cat; import torch) | {med(cat)}; {med([r['import_s'] for r in rs])} | disk "
+                   f"{med(rate)} GB/s | rounds: {each(rate)} GB/s | cold cache: "
+                   f"{'yes' if all(r['cold'] for r in rs) else 'NO'} | |")  # fmt: skip
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- main
 
 
@@ -502,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="LABEL:K=V[,K=V]",
         help="also a server run with these environment variables, on the kept kernel cache (repeatable; "
-        "e.g. threads8:BLOOM_LOAD_PREFETCH_THREADS=8)",
+        "e.g. threads8:BLOOM_LOAD_PREFETCH_THREADS=8; with --loaders, e.g. "
+        "fst-buffered:BLOOM_LOADER=fastsafetensors,FASTSAFETENSORS_ODIRECT=0)",
     )
     p.add_argument(
         "--read-sweep",
@@ -529,6 +688,19 @@ def main(argv: list[str] | None = None) -> int:
         help="also time a server run from another source tree (the `src` folder of an older commit: "
         "`git archive COMMIT src | tar -x -C DIR`, then DIR/src), interleaved with the others",
     )
+    p.add_argument(
+        "--loaders",
+        default="",
+        metavar="NAME,...",
+        help="compare these BLOOM_LOADER values instead of the runs above (builtin, fastsafetensors, runai, "
+        "instanttensor): cat, torch's start, each one's bare read and its serve-to-ready, per round",
+    )
+    p.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="before every read, drop the whole page cache (`sync; echo 3 > /proc/sys/vm/drop_caches`, root)",
+    )
+    p.add_argument("--summary", type=Path, default=None, help="--loaders: also write the table here")
     p.add_argument("server_args", nargs="*", help="extra `serve` flags, after --")
     args = p.parse_args(argv)
 
@@ -560,6 +732,20 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"shape": args.shape, "dtype": dtype, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
                      "runs": []}  # fmt: skip
     env = {"BLOOM_LOAD_THREADS": str(args.threads), "BLOOM_LOAD_CHUNK_MB": str(args.chunk_mb)}
+    if args.loaders:
+        for label, d, tp in runs:
+            files = weight_files(d, tp)
+            say(f"[{label}] {len(files)} weight file(s), {sum(f.stat().st_size for f in files) / 1e9:.3f} GB")
+            loader_rounds(args, label, d, files, tp, results)
+        table = loader_table(results.get("loader_rounds", []))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1, default=str))
+        if args.summary:
+            args.summary.write_text("\n".join(table) + "\n")
+        say("summary (medians over the rounds; every round's ready / cat in the last column):")
+        print("\n".join(table), flush=True)
+        rows = results.get("loader_rounds", [])
+        return 0 if rows and all("ready_s" in v for r in rows for v in r["ready"].values()) else 1
     for label, d, tp in runs:
         files = weight_files(d, tp)
         total = sum(f.stat().st_size for f in files)

@@ -49,12 +49,15 @@ def load_backend(settings: Settings, model_dir: ModelDir, ctx: RankContext, prog
 def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
     from bloom_server.backends import backend_class
     from bloom_server.frontend.batching import batching_mode
+    from bloom_server.runtime.distributed import launcher_ranks
 
     progress = LoadProgress()
     cls = backend_class(settings.backend)
     try:  # cheap checks first: refuse a bad setting or directory before opening the port
         batching_mode(settings.batching, cls.supports_continuous, settings.backend)
         model_dir = resolve(settings)
+        rank, world, _ = launcher_ranks(local_rank_flag)
+        cls.check(settings, model_dir, rank, world)
     except BloomServerError as exc:
         log.error("cannot serve: %s", exc)
         return 2

@@ -15,10 +15,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Backend = Literal["hf", "ds_inference", "ds_zero", "fast"]
 DType = Literal["auto", "fp16", "bf16", "int8", "fp32"]
+# How the fast backend's weights reach the device (fast/loaders.py for the field loaders).
+Loader = Literal["auto", "builtin", "fastsafetensors", "runai", "instanttensor"]
 
 # The load's disk reader: eight reads of 32 MiB in flight (docs/results/cold-start.md).
 DEFAULT_PREFETCH_THREADS = 8
 DEFAULT_CHUNK_MB = 32
+# What the loader setting's `auto` runs: the builtin read path until scripts/gpu/loaders.sh has measured the field
+# loaders against it on a GPU (docs/results/cold-start.md "Field loaders"); then the one that won, where it can run.
+AUTO_LOADER = "builtin"
 
 # The original DEPLOYMENT_FRAMEWORK values and what they mean here.
 LEGACY_BACKENDS = {"hf_accelerate": "hf", "hf_cpu": "hf", "ds_inference": "ds_inference", "ds_zero": "ds_zero"}
@@ -26,6 +31,7 @@ LEGACY_BACKENDS = {"hf_accelerate": "hf", "hf_cpu": "hf", "ds_inference": "ds_in
 _SPELLINGS = {
     "backend": LEGACY_BACKENDS,
     "dtype": {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"},
+    "loader": {"runai_streamer": "runai", "runai-model-streamer": "runai", "runai_model_streamer": "runai"},
 }
 
 
@@ -134,6 +140,10 @@ class Settings(BaseSettings):
     byte, into the page cache, which the loader follows; off: the loader threads read the disk."""
     load_throttle_mbps: float | None = Field(None, gt=0)
     """Limit weight reads to this many MB/s (tests and rehearsals of a slow volume only)."""
+    loader: Loader = "auto"
+    """fast backend: how the weights reach the device: builtin (the prefetch and the loader threads above), or a
+    field loader that must be installed: fastsafetensors, runai (runai-model-streamer), instanttensor (GPUs only);
+    auto: the measured choice (AUTO_LOADER) where it is installed and can run, else builtin."""
 
     # The fast backend's kernels
     kernel_cache_dir: str | None = None
@@ -169,7 +179,7 @@ class Settings(BaseSettings):
     url: str | None = None
     """`client`: the server's URL (default: http://127.0.0.1:PORT, with this `port`)."""
 
-    @field_validator("backend", "dtype", "log_format", "batching", mode="before")
+    @field_validator("backend", "dtype", "log_format", "batching", "loader", mode="before")
     @classmethod
     def _name(cls, v: Any, info: ValidationInfo) -> Any:
         """Names are case-blind; the original server's backend names and torch's dtype names map to ours."""

@@ -44,6 +44,12 @@ class Backend(abc.ABC):
         returns becomes `early`. Torch-free. None: nothing to start."""
         return None
 
+    @classmethod
+    def check(cls, settings: Settings, model_dir: ModelDir, rank: int, world: int) -> None:
+        """Refuse, before the port opens and before torch is imported, a setting this backend cannot honour here
+        (raise ConfigError naming it). Torch-free. Nothing to check by default."""
+        return None
+
     def kernel_counts(self) -> dict[str, int] | None:
         """Kernels compiled and autotuned so far in this process ({"compiled", "tuned"}), for the warm-up's report;
         None where the backend does not track them."""

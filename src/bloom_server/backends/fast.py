@@ -55,6 +55,12 @@ class FastBackend(Backend):
 
         return before_torch(settings, model_dir, progress, local_rank_flag)
 
+    @classmethod
+    def check(cls, settings: Any, model_dir: Any, rank: int, world: int) -> None:
+        from bloom_server.backends.fast_loader import check
+
+        check(settings, model_dir, rank, world)
+
     def kernel_counts(self) -> dict[str, int] | None:
         try:
             from bloom_server.fast import triton_kernels as tk
@@ -145,12 +151,16 @@ class FastBackend(Backend):
             hidden=shape.hidden_size, workers=self.early, keep_going=keep_going,
             reserve=reserve, enabled=enabled(s.fast_precompile),
         )  # fmt: skip
+        from bloom_server.backends.fast_loader import for_load
+
+        # The read path (BLOOM_LOADER): the builtin one, or a field loader (fast/loaders.py), now with the device known.
+        loader = for_load(s, self.model_dir, ctx.rank, ctx.world_size, cuda=device.type == "cuda")
         self._phase("reading weights")
         t0 = time.perf_counter()
         weights = from_checkpoint(
             self.model_dir.path, shape, tp, dtype=dtype, device=device, progress=self.progress,
             threads=s.load_threads, chunk_bytes=max(4096, int(s.load_chunk_mb * 2**20)),
-            throttle=ReadThrottle(s.load_throttle_mbps) if s.load_throttle_mbps else None,
+            throttle=ReadThrottle(s.load_throttle_mbps) if s.load_throttle_mbps else None, loader=loader,
         )  # fmt: skip
         read_s = time.perf_counter() - t0
         read_bytes = weights.nbytes()
@@ -192,7 +202,7 @@ class FastBackend(Backend):
                      "%s", ctx.rank, time.perf_counter() - t_load, waited, prewarm.summary())  # fmt: skip
             log.info("rank %d: kernel calls ahead (compile or cache load + autotune): %s", ctx.rank, prewarm.details())
         log.info(
-            "rank %d: fast engine %s on %s, %d of %d heads, %.2f GB weights read in %.2f s (%.2f GB/s), "
+            "rank %d: fast engine %s on %s, %d of %d heads, %.2f GB weights read in %.2f s (%.2f GB/s, %s loader), "
             "%.2f GB KV cache",
             ctx.rank,
             self._dtype,
@@ -202,6 +212,7 @@ class FastBackend(Backend):
             read_bytes / 1e9,
             read_s,
             read_bytes / 1e9 / max(read_s, 1e-9),
+            loader,
             self.engine.kv_cache_bytes() / 1e9,
         )
 

@@ -7,6 +7,8 @@ Pieces, top to bottom:
   model.py     the BLOOM forward for one rank: embeddings, ALiBi attention over the slot cache, MLP, tied head
   sampling.py  next-token choice on the device (greedy, temperature, top-k, top-p, penalties), no host syncs
   weights.py   checkpoint tensors -> this rank's shards (safetensors slices: a rank reads only its share)
+  loaders.py   the field loaders: maintained libraries (fastsafetensors, runai-model-streamer, instanttensor) reading
+               safetensors files onto the device, for weights.py when the loader setting names one
   tp.py        the tensor-parallel layout (which dim each tensor is split on) and the collectives
   shapes.py    model shapes (from config.json, or the published 560m / 7b1 / 176b presets)
   rows.py      RowScheduler: the engine-side holder of continuous batching's live rows (joins, chunked prefill,

@@ -12,17 +12,21 @@ scales beside them (the `*_s` fields; None in a floating model). A pre-sharded i
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from bloom_server.errors import ModelDirError
 from bloom_server.fast.catalog import LAYER_FIELDS, QUANT_GLOBAL, QUANT_LAYER, SCALE_SUFFIX, full_shapes
+from bloom_server.fast.loaders import stream
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup, shard_range, split_dim
 from bloom_server.progress import LoadProgress
@@ -38,6 +42,7 @@ from bloom_server.storage.safetensors import (
 )
 
 PREFIX = "transformer."
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -217,6 +222,15 @@ ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 IOV_MAX = 1024
 
 
+def _dtypes(path: Path, t: TensorEntry, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(stored, loaded) dtype of a tensor: floating tensors are loaded in `dtype` (int8 scales, NAME + SCALE_SUFFIX,
+    in fp32), the others as stored; a dtype the engine does not read is refused, naming the file."""
+    if t.dtype not in _ST_DTYPES:
+        raise ModelDirError(f"{path}: {t.name} has dtype {t.dtype}, which the fast engine does not read")
+    fdt = _ST_DTYPES[t.dtype]
+    return fdt, (torch.float32 if t.name.endswith(SCALE_SUFFIX) else dtype) if fdt.is_floating_point else fdt
+
+
 def _host_view(t: torch.Tensor, offset: int, nbytes: int) -> memoryview:
     """A writable memoryview of nbytes of a host tensor's memory from byte `offset` (no copy)."""
     return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr() + offset)).cast("B")
@@ -271,12 +285,7 @@ def read_safetensors(
     raw: list[torch.Tensor] = []
     casts: list[tuple[int, torch.dtype, tuple[int, ...]]] = []
     for i, (_, t) in enumerate(wanted):
-        if t.dtype not in _ST_DTYPES:
-            raise ModelDirError(
-                f"{files[wanted[i][0]].path}: {t.name} has dtype {t.dtype}, which the fast engine does not read"
-            )
-        fdt = _ST_DTYPES[t.dtype]
-        final = (torch.float32 if t.name.endswith(SCALE_SUFFIX) else dtype) if fdt.is_floating_point else fdt
+        fdt, final = _dtypes(files[wanted[i][0]].path, t, dtype)
         if fdt == final:
             dst = torch.empty(t.shape, dtype=fdt, device=device)
             out.append(dst)
@@ -402,7 +411,62 @@ def read_safetensors(
     return out  # type: ignore[return-value]
 
 
-def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, **read) -> BloomWeights:
+def read_field(
+    loader: str,
+    files: Sequence[SafetensorsFile],
+    wanted: Sequence[tuple[int, TensorEntry]],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    progress: LoadProgress | None = None,
+    part: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """The wanted tensors as `read_safetensors` gives them (same order, dtypes, device), read by a field loader
+    (fast/loaders.py: `loader` names it). `part(i, tensor)`: this rank's part of wanted tensor i, read whole (several
+    ranks over a plain checkpoint), taken as each tensor arrives so that the whole one is dropped at once.
+
+    The prefetch started before torch (`progress.prefetcher`) is closed as the library starts: what it read during
+    the imports is in the page cache for a library that reads through it, and from then on the disk has one reader."""
+    device = torch.device(device)
+    index = {t.name: i for i, (_, t) in enumerate(wanted)}
+    kinds = [_dtypes(files[fi].path, t, dtype) for fi, t in wanted]
+    if progress is not None:
+        progress.set_total(sum(t.nbytes for _, t in wanted))
+        ahead = progress.prefetcher
+        if ahead is not None:
+            ahead.close()
+            progress.note("prefetched before the field loader started, GB", ahead.stats()["read_bytes"] / 1e9)
+    out: list[torch.Tensor | None] = [None] * len(wanted)
+    info: dict[str, object] = {}
+    t0 = time.perf_counter()
+    paths = [files[fi].path for fi in sorted({fi for fi, _ in wanted})]
+    for name, t in stream(loader, paths, list(index), device, info):
+        i = index.get(name)
+        if i is None or out[i] is not None:
+            raise ModelDirError(f"{loader} gave {name!r}, which was not asked for (or twice)")
+        fi, entry = wanted[i]
+        stored, final = kinds[i]
+        if tuple(t.shape) != entry.shape or t.dtype != stored:
+            raise ModelDirError(f"{files[fi].path}: {loader} read {name} as {t.dtype}{list(t.shape)}, the header "
+                                f"says {entry.dtype}{list(entry.shape)}")  # fmt: skip
+        if part is not None:
+            t = part(i, t)
+        out[i] = t if t.device == device and t.dtype == final else t.to(device=device, dtype=final)
+        if progress is not None:
+            progress.add(entry.nbytes)
+    missing = [wanted[i][1].name for i, t in enumerate(out) if t is None]
+    if missing:
+        raise ModelDirError(f"{loader} did not give {missing[0]!r} ({len(missing)} tensors missing)")
+    took = time.perf_counter() - t0
+    if progress is not None:
+        progress.note("field loader read, s", took)
+    nbytes = sum(t.nbytes for _, t in wanted)
+    log.info("%s read %.2f GB onto %s in %.2f s (%.2f GB/s; %s)", loader, nbytes / 1e9, device, took,
+             nbytes / 1e9 / max(took, 1e-9), ", ".join(f"{k} {v}" for k, v in info.items()) or "-")  # fmt: skip
+    return out  # type: ignore[return-value]
+
+
+def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, reader) -> BloomWeights:
     header = read_header(path)
     meta = header.metadata
     if meta.get("tp_size") != str(tp.world) or meta.get("tp_rank") != str(tp.rank):
@@ -421,7 +485,7 @@ def _load_presharded(path: Path, shape: BloomShape, tp: TPGroup, dtype, device, 
         want = rank_shape(name, full[name], tp.rank, tp.world)
         if t.shape != want:
             raise ModelDirError(f"{path}: {name} is {list(t.shape)}, rank {tp.rank} of {tp.world} needs {list(want)}")
-    tensors = dict(zip(names, read_safetensors([header], wanted, dtype=dtype, device=device, **read)))
+    tensors = dict(zip(names, reader([header], wanted, dtype=dtype, device=device)))
     return _finish(shape, tp, _assemble(shape, lambda name, dim, pad: tensors[name], quant))
 
 
@@ -440,19 +504,31 @@ def from_checkpoint(
     threads: int = 4,
     chunk_bytes: int = 32 << 20,
     throttle: ReadThrottle | None = None,
+    loader: str = "builtin",
 ) -> BloomWeights:
     """Read this rank's weights. A pre-sharded directory (`bloom-server preshard`) at this tensor-parallel degree:
     this rank's own file, sequentially. One rank and a safetensors checkpoint: the files, sequentially, every
     wanted byte once. Several ranks over a plain safetensors checkpoint: each rank reads its slices tensor by tensor
     (strided column slices cannot be one read). `.bin` checkpoints: torch.load(weights_only=True) (the server lets
-    only a verified directory, or an explicit opt-out, come this far: storage/model_dir.py)."""
+    only a verified directory, or an explicit opt-out, come this far: storage/model_dir.py).
+
+    `loader`: "builtin" reads as above (`read_safetensors`, `threads`, `chunk_bytes`, `throttle`); a field loader's
+    name (fast/loaders.py) reads the same safetensors tensors through that library (`read_field`; several ranks over
+    a plain checkpoint: whole tensors, each cut to this rank's part as it arrives); pickles have no field loader."""
     tp = tp or TPGroup()
     model_dir = Path(model_dir)
     device = torch.device(device)
-    read = dict(progress=progress, threads=threads, chunk_bytes=chunk_bytes, throttle=throttle)
     src = weights_source(model_dir, tp.rank, tp.world)
+    reader: Callable[..., list[torch.Tensor]]
+    if loader == "builtin":
+        reader = partial(read_safetensors, progress=progress, threads=threads, chunk_bytes=chunk_bytes,
+                         throttle=throttle)  # fmt: skip
+    elif src.kind == "pickle":
+        raise ModelDirError(f"{model_dir}: pickled weights, which the {loader} loader does not read (safetensors only)")
+    else:
+        reader = partial(read_field, loader, progress=progress)
     if src.kind == "presharded":
-        return _load_presharded(src.files[0], shape, tp, dtype, device, **read)
+        return _load_presharded(src.files[0], shape, tp, dtype, device, reader)
     files = list(src.files)
     vpart = -(-shape.vocab_size // tp.world)
     if src.kind == "whole":
@@ -461,8 +537,26 @@ def from_checkpoint(
         wanted, missing = wanted_entries(headers, names)
         if missing:
             raise ModelDirError(f"{model_dir}: the checkpoint has no tensor {missing[0]!r}")
-        sd = dict(zip(names, read_safetensors(headers, wanted, dtype=dtype, device=device, **read)))
+        sd = dict(zip(names, reader(headers, wanted, dtype=dtype, device=device)))
         return from_state_dict(sd, shape, tp, dtype, device)
+    if src.kind == "sliced" and loader != "builtin":
+        headers = [read_header(f) for f in files]
+        names = required_names(shape)
+        wanted, missing = wanted_entries(headers, names)
+        if missing:
+            raise ModelDirError(f"{model_dir}: the checkpoint has no tensor {missing[0]!r}")
+
+        def part(i: int, t: torch.Tensor) -> torch.Tensor:
+            name = names[i]
+            dim = split_dim(name)
+            if dim is None:
+                return t
+            a, b = shard_range(t.shape[dim], tp.rank, tp.world, pad=padded_rows(name))
+            t = t.narrow(dim, a, b - a).clone()  # a copy: the whole tensor goes at once
+            return _pad_rows(t, vpart) if padded_rows(name) else t
+
+        parts = dict(zip(names, reader(headers, wanted, dtype=dtype, device=device, part=part)))
+        return _finish(shape, tp, _assemble(shape, lambda name, dim, pad: parts[name]))
     if src.kind == "sliced":
         from safetensors import safe_open
 

@@ -355,6 +355,21 @@ real = tk.decode_attention
 tk.decode_attention = lambda *a, **k: calls.append(1) or real(*a, **k)
 assert e.generate(prompts, 3).tokens == out["base"][0]
 assert calls, "the wide batch did not take the fused attention"
+# The kernel plan (what precompile and the kernel seed compile) is the model's own calls: one generate of a
+# triton_head engine with its gemv calls recorded, against decode_plan for the same shape and limits.
+from bloom_server.fast.fusion import FUSE_VARIANTS
+seen, real_gemv = set(), tk.gemv
+def record(x, w, b, ln=None, epilogue=None, residual=None, scale=None):
+    seen.add((w.shape[0], w.shape[1], epilogue, ln is not None))
+    return real_gemv(x, w, b, ln=ln, epilogue=epilogue, residual=residual, scale=scale)
+tk.gemv = record
+e = FastEngine(wts, shape, max_batch=2, max_seq=16)
+e.model.set_fuse("triton_head")
+e.generate(prompts, 3)
+tk.gemv = real_gemv
+plan = tk.decode_plan(hidden=64, n_head=4, vocab_size=301, world=1, dtype="float16", max_batch=2, max_seq=16,
+                      fuse=frozenset(FUSE_VARIANTS["triton_head"]))
+assert seen == {(g.N, g.K, g.epilogue, g.ln) for g in plan.gemvs}, (seen, plan.gemvs)
 print("ok")
 """
 

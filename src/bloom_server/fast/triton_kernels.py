@@ -333,8 +333,8 @@ def decode_attention(
 #   - `warm` (the fast backend's load thread helper): the real `gemv`/`decode_attention` calls on dummy device
 #     tensors of the real shapes, which load those binaries (or compile what is missing) and run the autotuner's
 #     benchmarks, so the warm-up's calls find everything in memory.
-# The plan mirrors BloomRankModel.decode_layer / logits (fast/model.py): a change to either is a change to both. The
-# row limits and row blocks of both come from one place here (max_rows, block_rows), the int8 weights with them.
+# The plan lists the calls BloomRankModel.decode_layer / logits make (fast/model.py); a test records the model's calls
+# and compares (tests/test_fast_engine.py). The row limits and row blocks of both come from max_rows and block_rows.
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ import torch
 from bloom_server.fast.engine import FastEngine
 from bloom_server.fast.prefix_cache import PrefixCache
 from bloom_server.fast.sampling import Sampler, SamplingConfig, to_device
+from bloom_server.types import FinishReason, row_end
 
 STOPPED = "stopped"  # finish of a row whose caller left (leave())
 
@@ -441,13 +442,11 @@ class RowScheduler:
             if r.on_token is not None:
                 r.on_token(r, token)
             k = len(toks)
-            if k >= r.max_new_tokens or token in r.cfg.eos_ids:
-                if token in r.cfg.eos_ids and k > r.cfg.min_new_tokens:
-                    r.finish = "eos"
-                elif k >= r.max_new_tokens:
-                    r.finish = "length"
-                else:
-                    continue
+            end = row_end(token, k, r.max_new_tokens, r.cfg.eos_ids)
+            if end is FinishReason.EOS and k <= r.cfg.min_new_tokens:  # an EOS inside min_new_tokens goes on
+                end = FinishReason.LENGTH if k >= r.max_new_tokens else None
+            if end is not None:
+                r.finish = "eos" if end is FinishReason.EOS else "length"
                 done.append(r)
         self._ended += len(done)
         return done

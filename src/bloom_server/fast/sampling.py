@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from bloom_server.types import eos_set
+
 log = logging.getLogger(__name__)
 
 # transformers' GenerationConfig defaults that matter here: sampling without top_k uses top_k=50 there.
@@ -63,7 +65,7 @@ class SamplingConfig:
         setting; the benchmark forces its token count with it) is honoured too."""
         d = {**HF_DEFAULTS, **(defaults or {}), **kwargs}
         eos = d.get("eos_token_id", eos_token_id)
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+        eos_ids = tuple(sorted(eos_set(eos)))
         do_sample = bool(d.get("do_sample", False))
         forced_eos = d.get("forced_eos_token_id")
         decay = d.get("exponential_decay_length_penalty")

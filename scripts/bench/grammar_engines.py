@@ -234,6 +234,15 @@ INVALID = (
 )
 
 
+# One string field three ways, the same text in it: where a mask's cost depends on how the string is bounded.
+STRING_PROBES = (
+    ("unbounded", {"type": "string"}),
+    ("maxLength 40", {"type": "string", "maxLength": 40}),
+    ("pattern [a-z ]{1,40}", {"type": "string", "pattern": "^[a-z ]{1,40}$"}),
+)
+PROBE_TEXT = '{"s":"north river bank small green house"}'
+
+
 def make_jobs(args: argparse.Namespace) -> list[dict]:
     """The grammars with a valid instance each, then the invalid instances: [{name, kind, source, text, checked}]
     (checked: jsonschema_rs or re agree the instance is valid, or for kind "invalid" invalid; None: not checked)."""
@@ -263,6 +272,10 @@ def make_jobs(args: argparse.Namespace) -> list[dict]:
                 jsonschema_rs.validator_for(by_name[name], validate_formats=True).is_valid(json.loads(text)))  # fmt: skip
             jobs.append({"name": f"{name}:{keyword}", "kind": "invalid", "source": by_name[name], "text": text,
                          "checked": None if valid is None else not valid})  # fmt: skip
+    for label, sub in STRING_PROBES:
+        schema = {"type": "object", "properties": {"s": sub}, "required": ["s"], "additionalProperties": False}
+        jobs.append({"name": f"string:{label}", "kind": "string", "source": schema, "text": PROBE_TEXT,
+                     "checked": re.fullmatch(sub.get("pattern", ".*"), json.loads(PROBE_TEXT)["s"]) is not None})  # fmt: skip
     return jobs
 
 
@@ -566,6 +579,19 @@ def table(cells: list[dict]) -> str:
         through = ", ".join(n.split(":")[1] for n in s["not_followed_complement"]) or "none"
         lines.append(f"| {c['tokenizer']} | {c['engine']} | {s['accepted'] - s['followed']} of {s['total']} | "
                      f"{through} | {s['refused'] + s['not_reached']} |")  # fmt: skip
+    lines.append("")
+    lines += [f"**One string field** (`{PROBE_TEXT}`; mask µs, median over its steps)", "",
+              "| tokenizer | engine | " + " | ".join(label for label, _ in STRING_PROBES) + " |",
+              "|---|---|" + "---|" * len(STRING_PROBES)]  # fmt: skip
+    for c in cells:
+        if c.get("skipped"):
+            continue
+        by = {r["name"]: r for r in c["records"] if r["kind"] == "string"}
+        vals = []
+        for label, _ in STRING_PROBES:
+            r = by.get(f"string:{label}")
+            vals.append("—" if r is None or not r["ok"] else _f(statistics.median(r["mask_us"])))
+        lines.append(f"| {c['tokenizer']} | {c['engine']} | " + " | ".join(vals) + " |")
     lines.append("")
     return "\n".join(lines)
 

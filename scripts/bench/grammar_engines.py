@@ -540,7 +540,8 @@ def summarize(records: list[dict], jobs: list[dict], kind: str) -> dict:
         out.update(compile_ms_median=statistics.median(compile_ms), compile_ms_p90=_pct(compile_ms, 0.9),
                    compile_ms_max=max(compile_ms), first_mask_ms_median=statistics.median(firsts))  # fmt: skip
     if masks:
-        out.update(mask_us_median=statistics.median(masks), mask_us_p99=_pct(masks, 0.99), mask_us_max=max(masks),
+        out.update(mask_us_median=statistics.median(masks), mask_us_mean=statistics.fmean(masks),
+                   mask_us_p99=_pct(masks, 0.99), mask_us_max=max(masks),
                    advance_us_median=statistics.median(advances) if advances else None)  # fmt: skip
     return out
 
@@ -551,7 +552,7 @@ def _f(x: float | None, nd: int = 1) -> str:
 
 def table(cells: list[dict]) -> str:
     head = ("| tokenizer | engine | prep s | grammars: accepted / refused / not reached | compile ms: median / p90 "
-            "/ max | first mask ms (median) | mask µs: median / p99 | advance µs (median) | instances followed |")  # fmt: skip
+            "/ max | first mask ms (median) | mask µs: median / mean / p99 | advance µs (median) | instances followed |")  # fmt: skip
     lines = []
     for kind, title in (("json_schema", "JSON schemas"), ("regex", "Regexes")):
         lines += [f"**{title}**", "", head, "|" + "---|" * 9]
@@ -565,7 +566,7 @@ def table(cells: list[dict]) -> str:
                 f"{s['accepted']} / {s['refused']} / {s['not_reached']} of {s['total']} | "
                 f"{_f(s.get('compile_ms_median'), 2)} / {_f(s.get('compile_ms_p90'), 2)} / "
                 f"{_f(s.get('compile_ms_max'), 2)} | {_f(s.get('first_mask_ms_median'), 3)} | "
-                f"{_f(s.get('mask_us_median'))} / {_f(s.get('mask_us_p99'))} | {_f(s.get('advance_us_median'))} | "
+                f"{_f(s.get('mask_us_median'))} / {_f(s.get('mask_us_mean'))} / {_f(s.get('mask_us_p99'))} | {_f(s.get('advance_us_median'))} | "
                 f"{s['followed']} of {s['accepted']} |"
             )
         lines.append("")

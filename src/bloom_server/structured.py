@@ -4,10 +4,12 @@ them from each surface's fields) compiled by llguidance and turned into per-row 
 Used on rank 0 by the frontend (check a grammar before anything is queued) and on every rank in sampling, by the
 backends and the fast engine's batcher (one matcher per constrained row, advanced by the row's tokens; the next mask
 filled from it). Because the frontend and the fast engine may not import each other, it sits below both: it imports
-only the leaf modules (tests/test_layers.py). Every rank computes the
-same masks from the same tokens (a matcher is a deterministic function of the grammar and the tokens so far), so
-nothing is broadcast per step and the lockstep digest of the tokens still compares the ranks.
+only the leaf modules (tests/test_layers.py). Every rank computes the same masks from the same tokens (a matcher is a
+deterministic function of the grammar and the tokens so far), so nothing is broadcast per step and the lockstep
+digest of the tokens still compares the ranks.
 
+llguidance rather than xgrammar or outlines-core: on a BLOOM-sized vocabulary it compiles schemas far faster, and it
+is the one that enforces every keyword it accepts (docs/results/structured-output.md).
 llguidance and torch are imported inside functions: importing this module does nothing.
 """
 

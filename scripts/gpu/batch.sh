@@ -6,7 +6,8 @@
 #     GPU_JOBS="structured int8 prefill" OUT=$OUT bash scripts/gpu/batch.sh
 #
 # Jobs: structured (scripts/bench/structured_bench.py, 7b1, bs 32; the tokenizer in .tok/tokenizer.json when carried;
-# STRUCTURED_ARGS replaces "--shape 7b1", e.g. "--shape tiny --new-tokens 4 --repeats 1" on a CPU), int8 (int8.sh),
+# STRUCTURED_ARGS replaces "--shape 7b1", e.g. "--shape tiny --new-tokens 4 --repeats 1" with STRUCTURED_TOKENIZER=none
+# on a CPU), int8 (int8.sh),
 # prefill (prefill.sh), noisefloor (load_check.sh's greedy-vs-batch-size bench alone), loadcheck (load_check.sh with
 # the LOADCHECK_* variables as given).
 # GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left.
@@ -19,17 +20,22 @@ BUDGET_S=${GPU_BUDGET_S:-585}
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 # shellcheck source=scripts/gpu/_device_env.sh
 source scripts/gpu/_device_env.sh batch.sh > >(tee "$OUT/batch.md")
-declare -A NEED=([structured]=120 [int8]=240 [prefill]=300 [loadcheck]=330 [noisefloor]=150)
+declare -A NEED=([structured]=200 [int8]=240 [prefill]=300 [loadcheck]=330 [noisefloor]=150)
 for job in ${GPU_JOBS:-structured int8}; do
   o="$WORK/$job"; mkdir -p "$o"
   if [ "$(left)" -lt "${NEED[$job]:-120}" ]; then echo "== $job: skipped ($(left) s left)" | tee -a "$OUT/batch.md"; continue; fi
   t=$(date +%s)
   case $job in
-    structured)
-      tok=(); [ -f .tok/tokenizer.json ] && tok=(--tokenizer .tok/tokenizer.json)
-      timeout $(( $(left) - 10 )) python3 scripts/bench/structured_bench.py ${STRUCTURED_ARGS:---shape 7b1} "${tok[@]}" \
-        --time-limit $(( $(left) - 60 )) --json "$o/structured.json" > "$o/run.log" 2>&1
-      rc=$?; tail -12 "$o/run.log" > "$o/summary.md" ;;
+    structured)  # the order schema (free-text strings), then `bounded` (maxLength / pattern / format strings)
+      tok=(); [ -f .tok/tokenizer.json ] && [ "${STRUCTURED_TOKENIZER:-}" != none ] && tok=(--tokenizer .tok/tokenizer.json)
+      rc=0; : > "$o/summary.md"
+      for schema in ${STRUCTURED_SCHEMAS:-order bounded}; do
+        sflag=(); [ "$schema" != order ] && sflag=(--schema "$schema")
+        timeout $(( $(left) - 10 )) python3 scripts/bench/structured_bench.py ${STRUCTURED_ARGS:---shape 7b1} "${tok[@]}" \
+          "${sflag[@]}" --time-limit $(( ($(left) - 60) / 2 )) --json "$o/structured-$schema.json" > "$o/run-$schema.log" 2>&1 \
+          || rc=$?
+        { echo "## schema: $schema"; tail -8 "$o/run-$schema.log"; } >> "$o/summary.md"
+      done ;;
     int8) INT8_BUDGET_S=$(( $(left) - 20 < 420 ? $(left) - 20 : 420 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/int8.sh > /dev/null 2>&1; rc=$? ;;
     prefill) PREFILL_BUDGET_S=$(( $(left) - 20 < 480 ? $(left) - 20 : 480 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/prefill.sh > /dev/null 2>&1; rc=$? ;;
     noisefloor)  # greedy tokens against batch size, every backend against itself and transformers (load_check.sh's bench)

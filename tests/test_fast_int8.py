@@ -89,25 +89,13 @@ def test_int8_weights_hold_a_quarter_of_fp32_and_the_int8_engine_equals_its_dequ
 
 
 def test_int8_greedy_agrees_with_the_floating_engine_on_forced_decoding(engines):
+    from bloom_server.fast.quant import forced_decoding_error
+
     ref, q, _ = engines
-    new = 24
-    forced = ref.generate(PROMPTS, new).tokens
-    slots = list(range(len(PROMPTS)))
-    la, lb = ref.prefill(slots, PROMPTS), q.prefill(slots, PROMPTS)
-    agree, errors = 0, []
-    for t in range(new):
-        agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-        errors.append(float((lb - la).norm() / la.norm()))
-        nxt = torch.tensor([r[t] for r in forced])
-        ref.decode(slots, nxt)
-        q.decode(slots, nxt)
-        la, lb = ref.last_logits.clone(), q.last_logits.clone()
-    for s in slots:
-        ref.release(s)
-        q.release(s)
-    assert agree / (new * len(PROMPTS)) >= MIN_AGREEMENT, (agree, errors)
-    assert sum(errors) / len(errors) <= MAX_MEAN_REL_ERROR, errors
-    assert 0 < min(errors)  # int8 is not the floating model
+    r = forced_decoding_error(ref, q, PROMPTS, 24)
+    assert r["argmax_agreement"] >= MIN_AGREEMENT, r
+    assert r["rel_logit_error_mean"] <= MAX_MEAN_REL_ERROR, r
+    assert 0 < min(r["errors"])  # int8 is not the floating model
 
 
 INTERPRETER_CHECK = r"""

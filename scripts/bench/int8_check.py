@@ -23,26 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 
-def forced(ref, eng, prompts, steps, torch) -> dict:
-    """Prefill, then `steps` decode steps feeding both engines the reference's greedy tokens."""
-    slots = list(range(len(prompts)))
-    la, lb = ref.prefill(slots, prompts).float(), eng.prefill(slots, prompts).float()
-    agree, n, errs = 0, 0, []
-    for _ in range(steps):
-        agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-        n += len(prompts)
-        errs.append(float((lb - la).norm() / la.norm()))
-        nxt = la.argmax(-1)
-        ref.decode(slots, nxt)
-        eng.decode(slots, nxt)
-        la, lb = ref.last_logits.float(), eng.last_logits.float()
-    for s in slots:
-        ref.release(s)
-        eng.release(s)
-    return {"argmax_agreement": agree / n, "rel_logit_error_mean": sum(errs) / len(errs),
-            "rel_logit_error_max": max(errs), "steps": steps, "rows": len(prompts)}  # fmt: skip
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=["tiny", "560m", "7b1", "176b"], default="tiny")
@@ -58,7 +38,7 @@ def main() -> int:
     import torch
 
     from bloom_server.fast.engine import FastEngine
-    from bloom_server.fast.quant import quantize_weights
+    from bloom_server.fast.quant import forced_decoding_error, quantize_weights
     from bloom_server.fast.shapes import PRESETS, BloomShape
     from bloom_server.fast.weights import random_weights
 
@@ -85,7 +65,8 @@ def main() -> int:
             if cuda:
                 torch.cuda.empty_cache()
             eng = engine(w)
-            r = forced(ref, eng, prompts, args.steps, torch)
+            r = forced_decoding_error(ref, eng, prompts, args.steps)
+            r.pop("errors")
             r["weight_bytes"] = w.nbytes()
             r["bytes_vs_ref"] = w.nbytes() / out["ref_weight_bytes"]
             out[name] = r

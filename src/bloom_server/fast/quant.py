@@ -16,6 +16,7 @@ so every degree serves the same int8 model, and a pre-sharded int8 checkpoint eq
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -110,3 +111,25 @@ def dequant_linear(
         for a, b in _row_chunks(q)
     ]
     return torch.cat(parts, dim=-1)
+
+
+def forced_decoding_error(ref: Any, eng: Any, prompts: list[list[int]], steps: int) -> dict[str, Any]:
+    """The quantization error of engine `eng` against `ref` (two FastEngines on the same weights, free slots from 0):
+    both prefill `prompts`, then run `steps` decode steps fed the reference's greedy tokens, so one early difference
+    does not derail the rest. Returns the argmax agreement over every row and step and the relative logit error
+    (||b - a|| / ||a|| per step: each step's mean and max, and the list); the slots are freed."""
+    slots = list(range(len(prompts)))
+    la, lb = ref.prefill(slots, prompts).float(), eng.prefill(slots, prompts).float()
+    agree, errors = 0, []
+    for _ in range(steps):
+        agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
+        errors.append(float((lb - la).norm() / la.norm()))
+        nxt = la.argmax(-1)
+        ref.decode(slots, nxt)
+        eng.decode(slots, nxt)
+        la, lb = ref.last_logits.float(), eng.last_logits.float()
+    for s in slots:
+        ref.release(s)
+        eng.release(s)
+    return {"argmax_agreement": agree / (steps * len(prompts)), "rel_logit_error_mean": sum(errors) / len(errors),
+            "rel_logit_error_max": max(errors), "errors": errors, "steps": steps, "rows": len(prompts)}  # fmt: skip

@@ -481,7 +481,7 @@ def test_project_rules_catch_each_broken_fixture():
 
 
 def test_overlay_specifics():
-    """What the issue asks of each overlay, beyond the generic rules."""
+    """What each overlay must hold, beyond the generic rules."""
 
     def isvc(overlay):
         return next(d for d in rendered(overlay) if d["kind"] == "InferenceService")

@@ -137,3 +137,13 @@ def test_nothing_but_settings_reads_a_bloom_variable():
         str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "settings.py" and read.search(p.read_text())
     ]
     assert not wrong, wrong
+
+
+def test_the_original_debug_switch_turns_on_debug_logging_unless_a_level_is_given(monkeypatch):
+    monkeypatch.setenv("DEBUG", "1")
+    assert load_settings().log_level == "debug"
+    monkeypatch.setenv("BLOOM_LOG_LEVEL", "warning")
+    assert load_settings().log_level == "warning"
+    monkeypatch.delenv("DEBUG")
+    monkeypatch.delenv("BLOOM_LOG_LEVEL")
+    assert load_settings().log_level == "info"

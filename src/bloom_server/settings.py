@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0)
     log_level: str = "info"
     debug: bool = Field(False, validation_alias=_env("debug", "DEBUG"))
+    """The original server's DEBUG switch: debug logging where no log level is given."""
 
     # Production API
     max_queued_tokens: int | None = Field(None, ge=1)
@@ -195,6 +196,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _limits(self) -> Settings:
+        if self.debug and "log_level" not in self.model_fields_set:
+            object.__setattr__(self, "log_level", "debug")  # frozen: set once, here, while the object is built
         if self.max_total_tokens is not None and self.max_total_tokens <= self.max_input_length:
             raise ValueError(
                 f"max_total_tokens ({self.max_total_tokens}) must exceed max_input_length ({self.max_input_length})"

@@ -4,8 +4,11 @@ be the one-rank result: the same greedy tokens, logits equal to rounding."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -17,20 +20,29 @@ from test_fast_engine import PROMPTS, build_random_bloom
 pytestmark = pytest.mark.slow
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
+@contextlib.contextmanager
+def _gloo_rank(rank: int, world: int, port: int) -> Iterator[Any]:
+    """This process as `rank` of a gloo group of `world` on 127.0.0.1:port; yields its TPGroup."""
     import torch.distributed as dist
 
-    from bloom_server.fast.engine import FastEngine
-    from bloom_server.fast.sampling import SamplingConfig
-    from bloom_server.fast.shapes import BloomShape
     from bloom_server.fast.tp import TPGroup
-    from bloom_server.fast.weights import from_checkpoint
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        tp = TPGroup(rank=rank, world=world)
+        yield TPGroup(rank=rank, world=world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
+    from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.sampling import SamplingConfig
+    from bloom_server.fast.shapes import BloomShape
+    from bloom_server.fast.weights import from_checkpoint
+
+    with _gloo_rank(rank, world, port) as tp:
         shape = BloomShape.from_dir(model_dir)
         w = from_checkpoint(model_dir, shape, tp, dtype=torch.float32)
         engine = FastEngine(w, shape, max_batch=4, max_seq=64, tp=tp)
@@ -44,8 +56,6 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> Non
         }
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(out, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_rank(tmp_path):
@@ -92,19 +102,12 @@ def test_random_weights_hold_only_the_rank_shard():
 
 
 def _int8_rank(rank: int, world: int, port: int, model_dir: str, presharded: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
     from bloom_server.fast.engine import FastEngine
     from bloom_server.fast.quant import quantize_weights
     from bloom_server.fast.shapes import BloomShape
-    from bloom_server.fast.tp import TPGroup
     from bloom_server.fast.weights import from_checkpoint
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        tp = TPGroup(rank=rank, world=world)
+    with _gloo_rank(rank, world, port) as tp:
         shape = BloomShape.from_dir(model_dir)
         out = {}
         # Quantized at load from this rank's slices (the row-parallel maxima all-reduced), and read pre-sharded.
@@ -115,8 +118,6 @@ def _int8_rank(rank: int, world: int, port: int, model_dir: str, presharded: str
                          "logits": engine.forward_logits(PROMPTS), "bytes": w.nbytes()}  # fmt: skip
         with open(os.path.join(out_dir, f"int8-rank{rank}.pkl"), "wb") as f:
             pickle.dump(out, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_int8_ranks_equal_one_int8_rank(tmp_path, tiny_model_dir):

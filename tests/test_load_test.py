@@ -296,3 +296,19 @@ def test_shared_prefix_prompts_share_their_first_tokens(fast_server, tmp_path):
     gen = load_test.workload(args, ["a", "b", "c", "d"])
     specs = [next(gen) for _ in range(5)]
     assert len({s.prompt.split()[:5].__repr__() for s in specs}) == 1 and all(s.prompt_tokens == 8 for s in specs)
+
+
+def test_limits_check_pairs_each_prompt_with_its_own_new_tokens():
+    """The GPU prefill run's shape: 63 live rows of <= 64 + 512 tokens and a 1,500 + 4-token joiner fit a 1,600 total;
+    the joiner's prompt with the live rows' 512 new tokens (2,012) is no request anyone sends."""
+    info = {"max_input_tokens": 1536, "max_new_tokens": 512, "max_total_tokens": 1600}
+    joiner = ["--url", "http://127.0.0.1:1", "--workload", "long-joiner", "--prompt-tokens", "16-64", "--new-tokens",
+              "512", "--joiner-tokens", "1500"]  # fmt: skip
+    assert load_test.over_limits(load_test.parser().parse_args(joiner), info) == []
+    too_long = load_test.parser().parse_args(joiner + ["--joiner-new-tokens", "101"])
+    assert load_test.over_limits(too_long, info) == [
+        "prompt + new up to 1601 tokens, the server's max total is 1600 (serve --max-total-tokens)"
+    ]
+    standard = load_test.parser().parse_args(["--url", "http://127.0.0.1:1", "--prompt-tokens", "1100-1200",
+                                              "--new-tokens", "16-512"])  # fmt: skip
+    assert [m.split(",")[0] for m in load_test.over_limits(standard, info)] == ["prompt + new up to 1712 tokens"]

@@ -809,19 +809,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{NAME}: server stopped (exit {stop_server(proc)})", flush=True)
 
 
-def run(url: str, args, argv: list[str]) -> int:
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    try:
-        info = get_json(url + "/info", headers)
-    except (OSError, ValueError, urllib.error.HTTPError) as e:
-        print(f"{NAME}: {url}/info: {e}", file=sys.stderr)
-        return 2
-    # The server's limits: refuse a workload it would answer with 422s.
+def over_limits(args, info: dict) -> list[str]:
+    """The server's limits (from /info) that the workload would break, in words: it would get 422s."""
     max_prompt = largest(parse_lengths(args.prompt_tokens, "--prompt-tokens"))
     max_new = largest(parse_lengths(args.new_tokens, "--new-tokens"))
     if args.workload == "shared-prefix":
         max_prompt = args.prefix_tokens + args.tail_tokens
+    # Each request's own prompt + new: the long joiner's few new tokens go with its long prompt, not the live rows'.
+    max_total = max_prompt + max_new
     if args.workload == "long-joiner":
+        max_total = max(max_total, args.joiner_tokens + args.joiner_new_tokens)
         max_prompt = max(max_prompt, args.joiner_tokens)
     limits = []
     if "max_input_tokens" in info and max_prompt > info["max_input_tokens"]:
@@ -832,11 +829,22 @@ def run(url: str, args, argv: list[str]) -> int:
         limits.append(
             f"up to {max_new} new tokens, the server allows {info['max_new_tokens']} (serve --max-new-tokens)"
         )
-    if "max_total_tokens" in info and max_prompt + max_new > info["max_total_tokens"]:
+    if "max_total_tokens" in info and max_total > info["max_total_tokens"]:
         limits.append(
-            f"prompt + new up to {max_prompt + max_new} tokens, the server's max total is "
+            f"prompt + new up to {max_total} tokens, the server's max total is "
             f"{info['max_total_tokens']} (serve --max-total-tokens)"
         )
+    return limits
+
+
+def run(url: str, args, argv: list[str]) -> int:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        info = get_json(url + "/info", headers)
+    except (OSError, ValueError, urllib.error.HTTPError) as e:
+        print(f"{NAME}: {url}/info: {e}", file=sys.stderr)
+        return 2
+    limits = over_limits(args, info)
     if limits:
         print(f"{NAME}: the workload exceeds the server's limits: " + "; ".join(limits), file=sys.stderr)
         return 2

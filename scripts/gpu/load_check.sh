@@ -9,8 +9,10 @@
 #     LOADCHECK_LIMITS=wide LOADCHECK_SHAPES=176b:2 OUT=$OUT bash scripts/gpu/load_check.sh
 #
 # Limit sets: `overlay` = the bloom-176b-fp16 overlay's (batch 16, input 512, 100 new, queue 64; 32 clients), `wide`
-# = the bloom-176b-fast overlay's (batch 32, input 1024, 512 new, queue 128; 64 clients). Shapes: 7b1, and 176b:N (the 176B layer shape,
-# N layers). Servers of one group share the GPU (their throughputs are of that shared run); groups whose weights and
+# = the bloom-176b-fast overlay's (batch 32, input 1024, 512 new, queue 128; 64 clients), `deep` = longer prompts and
+# answers than the overlay's at its batch (batch 16, input 768, 256 new, queue 128; 32 clients): the 176B layer shape's
+# 112 heads on ONE GPU fail DeepSpeed's attention at `wide` (refused at start), where TP 8 holds 14 per GPU
+# (docs/results/deepspeed-load-check.md). Shapes: 7b1, and 176b:N (the 176B layer shape, N layers). Servers of one group share the GPU (their throughputs are of that shared run); groups whose weights and
 # caches would not fit together run one after another. $OUT gets run.log, the table (summary.md) and raw.tgz (each
 # server's log, each load's log and JSON). Exit 0 when every check that ran passed.
 set -u -o pipefail
@@ -29,6 +31,9 @@ LIMITS=${LOADCHECK_LIMITS:-overlay wide}
 BACKENDS=${LOADCHECK_BACKENDS:-ds_inference hf fast}
 GREEDY=${LOADCHECK_GREEDY:-16}
 [ "$LIMITS" = none ] && LIMITS=""   # LOADCHECK_LIMITS=none LOADCHECK_SHAPES=none LOADCHECK_BENCH=1: the bench alone
+for l in $LIMITS; do
+  case $l in overlay|wide|deep) ;; *) echo "load_check.sh: unknown limit set '$l' (overlay, wide, deep)" >&2; exit 2 ;; esac
+done
 [ "$SHAPES" = none ] && SHAPES=""
 WORK=${LOADCHECK_WORK:-/tmp/load-check}
 mkdir -p "$WORK"
@@ -105,6 +110,7 @@ limit_flags() {  # serve flags and load flags of a limit set
   case $1 in
     overlay) echo "--max-batch-size 16 --max-input-length 512 --max-new-tokens 100 --max-queued-requests 64|--concurrency 32 --prompt-tokens 1-512 --new-tokens 1-100" ;;
     wide) echo "--max-batch-size 32 --max-input-length 1024 --max-new-tokens 512 --max-queued-requests 128|--concurrency 64 --prompt-tokens 1-1024 --new-tokens 1-512" ;;
+    deep) echo "--max-batch-size 16 --max-input-length 768 --max-new-tokens 256 --max-queued-requests 128|--concurrency 32 --prompt-tokens 1-768 --new-tokens 1-256" ;;
   esac
 }
 
@@ -185,14 +191,20 @@ for limits in $LIMITS; do
       pid=${entry%%:*}; key=${entry#*:}; wait "$pid"; rc=$?
       up=no; kill -0 "${PIDS[$key]}" 2>/dev/null && ready "${PORTS[$key]}" && up=yes
       json="$RAW/load-$limits-${key//[:\/]/-}.json"
-      row=$(python3 - "$json" "$limits" "$key" "$up" "$rc" <<'PY'
-import json, sys
-path, limits, key, up, rc = sys.argv[1:]
+      row=$(python3 - "$json" "$limits" "$key" "$up" "$rc" "$RAW/server-$limits-${key//[:\/]/-}.log" <<'PY'
+import json, re, sys
+path, limits, key, up, rc, log = sys.argv[1:]
 shape, backend = key.split("/")
 try:
     r = json.load(open(path))
 except Exception as e:
-    print(f"| {limits} | {shape} | {backend} | no report ({type(e).__name__}) | | | | {up} | FAILED |"); sys.exit()
+    # A server that refused its limits at start (the designed answer to limits it cannot hold) is told apart from a crash.
+    try:
+        m = re.search(r"ConfigError: ([^\n]*?)(?: Lower them| or add GPUs|$)", open(log, errors="replace").read(), re.M)
+    except OSError:
+        m = None
+    why = f"refused at start: {m.group(1)[:300]}" if m else f"no report ({type(e).__name__})"
+    print(f"| {limits} | {shape} | {backend} | {why} | | | | {up} | {'refused' if m else 'FAILED'} |"); sys.exit()
 s, g = r["summary"], r.get("greedy_check") or {}
 lat = s["latency_ms"]
 ok = rc == "0" and up == "yes"

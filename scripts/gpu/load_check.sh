@@ -7,6 +7,7 @@
 #
 #     OUT=$OUT bash scripts/gpu/load_check.sh                        # every shape and limit set the budget allows
 #     LOADCHECK_LIMITS=wide LOADCHECK_SHAPES=176b:2 OUT=$OUT bash scripts/gpu/load_check.sh
+#     LOADCHECK_CASES="deep/176b:2/ds_inference wide/7b1/hf" OUT=$OUT bash scripts/gpu/load_check.sh   # these alone
 #
 # Limit sets: `overlay` = the bloom-176b-fp16 overlay's (batch 16, input 512, 100 new, queue 64; 32 clients), `wide`
 # = the bloom-176b-fast overlay's (batch 32, input 1024, 512 new, queue 128; 64 clients), `deep` = longer prompts and
@@ -29,6 +30,13 @@ DURATION=${LOADCHECK_DURATION_S:-180}     # seconds of load per group
 SHAPES=${LOADCHECK_SHAPES:-7b1 176b:2}
 LIMITS=${LOADCHECK_LIMITS:-overlay wide}
 BACKENDS=${LOADCHECK_BACKENDS:-ds_inference hf fast}
+CASES=${LOADCHECK_CASES:-}   # limits/shape/backend triples: each runs alone on the GPU, nothing else does
+if [ -n "$CASES" ]; then
+  LIMITS=$(tr ' ' '\n' <<<"$CASES" | cut -d/ -f1 | awk '!seen[$0]++' | xargs)
+  SHAPES=$(tr ' ' '\n' <<<"$CASES" | cut -d/ -f2 | awk '!seen[$0]++' | xargs)
+  BACKENDS=$(tr ' ' '\n' <<<"$CASES" | cut -d/ -f3 | awk '!seen[$0]++' | xargs)
+  LOADCHECK_SOLO=1
+fi
 GREEDY=${LOADCHECK_GREEDY:-16}
 [ "$LIMITS" = none ] && LIMITS=""   # LOADCHECK_LIMITS=none LOADCHECK_SHAPES=none LOADCHECK_BENCH=1: the bench alone
 for l in $LIMITS; do
@@ -148,13 +156,14 @@ for limits in $LIMITS; do
   # Groups: every shape at once where the GPU holds them all (>= 120 GB), else one shape at a time; with
   # LOADCHECK_SOLO=1 one backend at a time too (a throughput of the GPU alone); =auto: solo where the GPU is under
   # 120 GB (the wide limits' servers need ~40-60 GB each).
-  if [ "$gpu_gb" -ge 120 ] && [ "$limits" = overlay ]; then groups=("$SHAPES"); else groups=($SHAPES); fi
+  if [ "$gpu_gb" -ge 120 ] && [ "$limits" = overlay ] && [ -z "$CASES" ]; then groups=("$SHAPES"); else groups=($SHAPES); fi
   solo_mode=${LOADCHECK_SOLO:-0}; [ "$solo_mode" = auto ] && { [ "$gpu_gb" -ge 120 ] && solo_mode=0 || solo_mode=1; }
   if [ "$solo_mode" = 1 ]; then
     solo=(); for g in "${groups[@]}"; do for b in $BACKENDS; do solo+=("$g@$b"); done; done; groups=("${solo[@]}")
   fi
   for group_entry in "${groups[@]}"; do
     group=${group_entry%@*}; group_backends=$BACKENDS; [[ $group_entry == *@* ]] && group_backends=${group_entry##*@}
+    [ -n "$CASES" ] && [[ " $CASES " != *" $limits/$group/$group_backends "* ]] && continue
     if [ "$(left)" -lt $(( DURATION + 150 )) ]; then
       echo "== $limits / $group: SKIPPED ($(left) s left of the budget, $(( DURATION + 150 )) needed)"
       FAILED=1; continue

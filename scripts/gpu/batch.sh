@@ -8,8 +8,8 @@
 # Jobs: structured (scripts/bench/structured_bench.py, 7b1, bs 32; the tokenizer in .tok/tokenizer.json when carried;
 # STRUCTURED_ARGS replaces "--shape 7b1", e.g. "--shape tiny --new-tokens 4 --repeats 1" with STRUCTURED_TOKENIZER=none
 # on a CPU), int8 (int8.sh),
-# prefill (prefill.sh), noisefloor (load_check.sh's greedy-vs-batch-size bench alone), loadcheck (load_check.sh with
-# the LOADCHECK_* variables as given).
+# prefill (prefill.sh), noisefloor (load_check.sh's greedy-vs-batch-size bench alone), loaders (loaders.sh, .whl16
+# carried), loadcheck (load_check.sh with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES).
 # GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-batch-out}
@@ -20,7 +20,7 @@ BUDGET_S=${GPU_BUDGET_S:-585}
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 # shellcheck source=scripts/gpu/_device_env.sh
 source scripts/gpu/_device_env.sh batch.sh > >(tee "$OUT/batch.md")
-declare -A NEED=([structured]=200 [int8]=240 [prefill]=300 [loadcheck]=330 [noisefloor]=150)
+declare -A NEED=([structured]=200 [int8]=240 [prefill]=300 [loadcheck]=330 [noisefloor]=150 [loaders]=200)
 for job in ${GPU_JOBS:-structured int8}; do
   o="$WORK/$job"; mkdir -p "$o"
   if [ "$(left)" -lt "${NEED[$job]:-120}" ]; then echo "== $job: skipped ($(left) s left)" | tee -a "$OUT/batch.md"; continue; fi
@@ -41,6 +41,9 @@ for job in ${GPU_JOBS:-structured int8}; do
     noisefloor)  # greedy tokens against batch size, every backend against itself and transformers (load_check.sh's bench)
       LOADCHECK_LIMITS=none LOADCHECK_SHAPES=none LOADCHECK_PROBE=0 LOADCHECK_BENCH=1 LOADCHECK_BUDGET_S=$(( $(left) - 10 )) \
         OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;
+    loaders)  # the field loaders against cat and their bare reads (loaders.sh; carry .whl16 as well)
+      LOADERS_BUDGET_S=$(( $(left) - 60 < 300 ? $(left) - 60 : 300 )) OUT=$o timeout $(( $(left) - 5 )) \
+        bash scripts/gpu/loaders.sh > /dev/null 2>&1; rc=$? ;;
     loadcheck) LOADCHECK_BUDGET_S=$(( $(left) - 10 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;
     *) echo "unknown job $job"; rc=2 ;;
   esac

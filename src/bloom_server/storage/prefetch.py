@@ -286,9 +286,9 @@ def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chun
     progress.prefetcher = p
     progress.set_phase("prefetching")
     started = since_process_start()
-    p.start()
     if started is not None:
         progress.note("prefetch started, s after process start", started)
+    p.start()
     return p
 
 

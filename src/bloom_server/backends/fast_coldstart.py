@@ -1,5 +1,5 @@
 """The fast backend's work before torch is imported (`FastBackend.before_torch`): the weights start flowing from the
-disk into the page cache, and the decode kernels start compiling in child processes, while this process imports torch
+disk into the page cache (for the builtin read path), and the decode kernels start compiling in child processes, while this process imports torch
 and CUDA initialises (seconds that would otherwise pass with the disk and the CPUs idle). Torch-free."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The fast backend's work before torch is imported (`FastBackend.before_torch`): the weights start flowing from the
-disk into the page cache (for the builtin read path), and the decode kernels start compiling in child processes, while this process imports torch
-and CUDA initialises (seconds that would otherwise pass with the disk and the CPUs idle). Torch-free."""
+disk into the page cache (for the builtin read path), and the decode kernels start compiling in child processes,
+while this process imports torch and CUDA initialises (seconds that would otherwise pass with the disk and the CPUs
+idle). Torch-free."""
 
 from __future__ import annotations
 

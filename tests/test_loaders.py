@@ -157,6 +157,83 @@ def test_the_prefetch_started_before_torch_is_closed_as_the_field_loader_starts(
     assert "prefetched before the field loader started, GB" in progress.timings
 
 
+# ------------------------------------------------------------------------------- the prefetch and the field loader
+
+
+def _serve_prefetch(tiny_model_dir, loader: str) -> LoadProgress:
+    """What serve's before-torch step does about the prefetch with this loader setting."""
+    from bloom_server.backends.fast_coldstart import start_prefetch
+    from bloom_server.storage.model_dir import resolve_model_dir
+
+    progress = LoadProgress()
+    start_prefetch(load_settings(backend="fast", loader=loader), resolve_model_dir(str(tiny_model_dir)), progress)
+    return progress
+
+
+def test_the_loader_is_planned_before_torch_as_the_load_will_choose_it(tiny_model_dir, monkeypatch):
+    from bloom_server.fast.coldstart import precompile
+    from bloom_server.storage.model_dir import resolve_model_dir
+
+    md = resolve_model_dir(str(tiny_model_dir))
+
+    def planned(loader: str) -> str:
+        return fast_loader.planned(load_settings(backend="fast", loader=loader), md, 0, 1)
+
+    installed_as(monkeypatch, "instanttensor", "fastsafetensors")
+    monkeypatch.setattr(precompile, "gpu_likely", lambda: True)
+    assert [planned(x) for x in ("instanttensor", "fastsafetensors", "builtin", "auto")] == [
+        "instanttensor", "fastsafetensors", "builtin", "builtin"
+    ]  # fmt: skip
+    monkeypatch.setattr(precompile, "gpu_likely", lambda: False)
+    assert planned("instanttensor") == "builtin"  # CUDA only: refused before the port opens, never a field read
+    installed_as(monkeypatch)
+    assert planned("fastsafetensors") == "builtin"
+
+
+def test_with_a_field_loader_chosen_no_prefetch_starts_and_the_library_reads_alone(tiny_model_dir, monkeypatch):
+    from safetensors import safe_open
+
+    from bloom_server.fast import weights
+
+    installed_as(monkeypatch, "runai")  # a field loader that runs on a CPU; its read is the fake below
+    progress = _serve_prefetch(tiny_model_dir, "runai")
+    assert progress.prefetcher is None and progress.phase == "starting" and progress.prefetched_bytes == 0
+    seen = []
+
+    def fake_stream(name, paths, names, device, info=None):
+        seen.append((name, progress.prefetcher, progress.prefetched_bytes))  # what reads the disk as it starts
+        for path in paths:
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    if k in names:
+                        yield k, f.get_tensor(k)
+
+    monkeypatch.setattr(weights, "stream", fake_stream)
+    shape = BloomShape.from_dir(tiny_model_dir)
+    got = from_checkpoint(tiny_model_dir, shape, dtype=torch.float32, progress=progress, loader="runai")
+    _equal(got, from_checkpoint(tiny_model_dir, shape, dtype=torch.float32))
+    assert seen == [("runai", None, 0)]
+    assert progress.timings["prefetched before the field loader started, GB"] == 0
+    assert progress.loaded_bytes == progress.total_bytes > 0
+
+
+@pytest.mark.parametrize("setting", ["builtin", "auto"])
+def test_the_builtin_path_still_follows_the_prefetch_and_notes_when_it_finished(tiny_model_dir, setting):
+    progress = _serve_prefetch(tiny_model_dir, setting)
+    ahead = progress.prefetcher
+    assert ahead is not None and progress.phase == "prefetching"
+    ahead.join(30)
+    assert ahead.state == "finished" and progress.prefetched_bytes > 0
+    assert (
+        progress.timings["prefetch finished, s after process start"]
+        >= (progress.timings["prefetch started, s after process start"])
+    )
+    shape = BloomShape.from_dir(tiny_model_dir)
+    got = from_checkpoint(tiny_model_dir, shape, dtype=torch.float32, progress=progress)
+    _equal(got, from_checkpoint(tiny_model_dir, shape, dtype=torch.float32))
+    assert progress.timings["chunks the loader read from disk itself"] == 0
+
+
 @pytest.mark.parametrize("name", CPU_LOADERS)
 def test_the_fast_backend_loads_through_the_setting(tiny_model_dir, name, caplog):
     pytest.importorskip(FIELD_LOADERS[name].module)
@@ -175,6 +252,7 @@ def test_the_fast_backend_loads_through_the_setting(tiny_model_dir, name, caplog
             b.load()
         assert f"{loader} loader" in caplog.text
         assert b.progress.loaded_bytes == b.progress.total_bytes > 0
+        assert b.progress.timings["reading weights from, s after process start"] > 0
         batch = GenerateBatch(((5, 17, 99, 4),), (6,), SamplingParams.from_dict({}), seed=0, pad_token_id=3,
                               eos_token_id=2)  # fmt: skip
         outs.append(b.generate(batch))

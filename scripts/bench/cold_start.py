@@ -455,10 +455,12 @@ def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list
                 say(f"[{label}] round {rnd + 1}: serve {loader} FAILED: {r.get('error')}\n"
                     f"{r.get('log_tail', '')[-1500:]}")  # fmt: skip
                 continue
+            # Where the seconds before the read went: the prefetch's overlap, torch's start, the read's start.
             inside = "; ".join(f"{k} {v:.2f}" for k, v in (prog.get("timings") or {}).items()
-                               if "field loader" in k or "prefetch" in k)  # fmt: skip
+                               if "field loader" in k or "prefetch" in k or "after process start" in k)  # fmt: skip
             say(f"[{label}] round {rnd + 1}: serve {loader} ({servers[loader]}): ready {r['ready_s']:.2f} s = "
-                f"{r['ready_s'] / row['cat_s']:.2f} x cat{'; ' + inside if inside else ''}")  # fmt: skip
+                f"{r['ready_s'] / row['cat_s']:.2f} x cat; port open {r['port_open_s']:.2f} s"
+                f"{'; ' + inside if inside else ''}")  # fmt: skip
         last = time.monotonic() - t_round
         results.setdefault("loader_rounds", []).append(row)
 

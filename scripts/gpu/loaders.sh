@@ -10,7 +10,7 @@
 #
 #     OUT=$OUT bash scripts/gpu/loaders.sh                      # builtin, fastsafetensors, runai, instanttensor; 3 rounds
 #     LOADERS=builtin,fastsafetensors LOADERS_ROUNDS=2 OUT=$OUT bash scripts/gpu/loaders.sh
-#     LOADERS_VARIANTS="fst-buffered:BLOOM_LOADER=fastsafetensors,FASTSAFETENSORS_ODIRECT=0 fst-noprefetch:BLOOM_LOADER=fastsafetensors,BLOOM_LOAD_PREFETCH=0" \
+#     LOADERS_VARIANTS="builtin-noprefetch:BLOOM_LOADER=builtin,BLOOM_LOAD_PREFETCH=0 builtin-pf2:BLOOM_LOADER=builtin,BLOOM_LOAD_PREFETCH_THREADS=2" \
 #       LOADERS=builtin,fastsafetensors OUT=$OUT bash scripts/gpu/loaders.sh   # more server runs, each its environment
 #     LOADERS_ARGS="--shape tiny" LOADERS_DROP=0 LOADERS=builtin,fastsafetensors,runai bash scripts/gpu/loaders.sh  # CPU
 # (PYTHON: the interpreter, default python3; LOADERS_BUDGET_S: wall seconds, default 300.)

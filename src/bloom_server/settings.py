@@ -137,8 +137,9 @@ class Settings(BaseSettings):
     load_chunk_mb: float = Field(DEFAULT_CHUNK_MB, gt=0, le=1024)
     """fast backend: size of one sequential read (and of each pinned buffer on GPUs)."""
     load_prefetch: bool = True
-    """fast backend: one sequential read of the weights from process start (while torch is imported) to the last
-    byte, into the page cache, which the loader follows; off: the loader threads read the disk."""
+    """fast backend, builtin loader: one sequential read of the weights from process start (while torch is imported)
+    to the last byte, into the page cache, which the loader follows; off: the loader threads read the disk. A field
+    loader reads without it."""
     load_throttle_mbps: float | None = Field(None, gt=0)
     """Limit weight reads to this many MB/s (tests and rehearsals of a slow volume only)."""
     loader: Loader = "auto"

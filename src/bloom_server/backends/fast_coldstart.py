@@ -1,6 +1,7 @@
 """The fast backend's work before torch is imported (`FastBackend.before_torch`): the weights start flowing from the
-disk into the page cache, and the decode kernels start compiling in child processes, while this process imports torch
-and CUDA initialises (seconds that would otherwise pass with the disk and the CPUs idle). Torch-free."""
+disk into the page cache (for the builtin read path), and the decode kernels start compiling in child processes,
+while this process imports torch and CUDA initialises (seconds that would otherwise pass with the disk and the CPUs
+idle). Torch-free."""
 
 from __future__ import annotations
 
@@ -18,13 +19,21 @@ log = logging.getLogger(__name__)
 
 
 def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgress) -> None:
-    """One sequential stream of this rank's weights to the last byte, which the loader follows (storage/prefetch.py)."""
+    """One sequential stream of this rank's weights to the last byte, which the builtin loader follows
+    (storage/prefetch.py); none where a field loader will read the weights."""
     if not settings.load_prefetch:
         return
+    from bloom_server.backends.fast_loader import planned
     from bloom_server.storage.prefetch import ReadThrottle
     from bloom_server.storage.prefetch import start_prefetch as start
 
     rank, world, _ = launcher_ranks()
+    loader = planned(settings, model_dir, rank, world)
+    if loader != "builtin":
+        # Not started: a field loader read no faster with every page prefetched than from a cold disk, and the
+        # prefetch held the disk while torch was imported, delaying the library's start (docs/results/cold-start.md).
+        log.info("no prefetch: the %s loader reads the weights itself once torch is up", loader)
+        return
     throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
     start(model_dir.path, rank=rank, world=world, threads=settings.load_prefetch_threads,
           chunk_bytes=max(4096, int(settings.load_chunk_mb * 2**20)), progress=progress, throttle=throttle)  # fmt: skip

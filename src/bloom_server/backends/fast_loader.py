@@ -80,6 +80,20 @@ def check(settings: Settings, model_dir: ModelDir, rank: int, world: int) -> Non
     choose(settings.loader, cuda=gpu_likely(), source=_source(model_dir, rank, world), quiet=True)
 
 
+def planned(settings: Settings, model_dir: ModelDir, rank: int, world: int) -> str:
+    """The loader this rank's load will run, as far as it can be known before torch (a visible GPU stands for CUDA):
+    what decides, before torch is imported, whether the prefetch starts (backends/fast_coldstart.py). A setting that
+    cannot run here gives builtin (`check` refused it before; the load says why again)."""
+    if _builtin(settings.loader):
+        return "builtin"
+    from bloom_server.fast.coldstart.precompile import gpu_likely
+
+    try:
+        return choose(settings.loader, cuda=gpu_likely(), source=_source(model_dir, rank, world), quiet=True)
+    except ConfigError:
+        return "builtin"
+
+
 def for_load(settings: Settings, model_dir: ModelDir, rank: int, world: int, cuda: bool) -> str:
     """The loader this rank's load runs (`choose`, with the device known); the builtin setting reads nothing more."""
     if _builtin(settings.loader):

@@ -425,8 +425,9 @@ def read_field(
     (fast/loaders.py: `loader` names it). `part(i, tensor)`: this rank's part of wanted tensor i, read whole (several
     ranks over a plain checkpoint), taken as each tensor arrives so that the whole one is dropped at once.
 
-    The prefetch started before torch (`progress.prefetcher`) is closed as the library starts: what it read during
-    the imports is in the page cache for a library that reads through it, and from then on the disk has one reader."""
+    With a field loader chosen the prefetch is not started (backends/fast_coldstart.py); one that runs anyway (a
+    caller that started it) is closed as the library starts, so that the disk has one reader, and what it had read is
+    noted ("prefetched before the field loader started, GB": 0 without one)."""
     device = torch.device(device)
     index = {t.name: i for i, (_, t) in enumerate(wanted)}
     kinds = [_dtypes(files[fi].path, t, dtype) for fi, t in wanted]
@@ -435,7 +436,8 @@ def read_field(
         ahead = progress.prefetcher
         if ahead is not None:
             ahead.close()
-            progress.note("prefetched before the field loader started, GB", ahead.stats()["read_bytes"] / 1e9)
+        read = ahead.stats()["read_bytes"] if ahead is not None else 0
+        progress.note("prefetched before the field loader started, GB", read / 1e9)
     out: list[torch.Tensor | None] = [None] * len(wanted)
     info: dict[str, object] = {}
     t0 = time.perf_counter()

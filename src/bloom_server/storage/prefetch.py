@@ -175,6 +175,9 @@ class Prefetcher:
                 self.frontier += 1
             if self.frontier == len(self.chunks) and self.state == "running":
                 self.state = "finished"  # every byte read (its threads exit on their own)
+                at = since_process_start()
+                if self.progress is not None and at is not None:
+                    self.progress.note("prefetch finished, s after process start", at)
             self._cv.notify_all()
 
     def _run(self) -> None:
@@ -282,10 +285,10 @@ def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chun
     p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget)
     progress.prefetcher = p
     progress.set_phase("prefetching")
-    p.start()
     started = since_process_start()
     if started is not None:
         progress.note("prefetch started, s after process start", started)
+    p.start()
     return p
 
 

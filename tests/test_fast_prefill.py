@@ -192,8 +192,8 @@ def test_eviction_under_pressure_keeps_the_tokens_and_the_bound(engine):
     rng = random.Random(6)
     prefixes = [_prompt(rng, 24) for _ in range(5)]
     specs = []
-    for i in range(15):  # prefixes come back after others pushed them out
-        p = prefixes[(i * 2) % 5] + _prompt(rng, rng.randint(1, 9))
+    for i in range(15):  # prefixes come back after the others' blocks pushed some of theirs out
+        p = prefixes[i % 3] + _prompt(rng, rng.randint(1, 9))
         specs.append((i, p, rng.randint(2, 6), SamplingConfig()))
     arrivals = {2 * i: (i,) for i in range(15)}
     off, _, _ = _run(engine, specs, arrivals)

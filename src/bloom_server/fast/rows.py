@@ -205,6 +205,7 @@ class RowScheduler:
         self.out_tokens: list[int] = []
         self.out_extra: list[tuple[float | None, list | None]] = []
         self._out_reqs: list[Request] = []
+        self.out_firsts: list[Request] = []  # rows whose first token the latest step read
         self._pending: _Pending | None = None  # chosen on the device, not yet read (at most one step's worth)
         self._ended = 0  # live rows finished or left since the last _retire
         self.grammars: Any = None  # structured.Grammars of the engine's vocabulary: set by the owner before a
@@ -248,7 +249,7 @@ class RowScheduler:
         chosen in the previous step, then this step's admissions' first tokens); with `logprobs`, each with its
         log-probability under the raw logits and, for rows with `top_n`, the most likely alternatives."""
         self._retire()  # rows that left since the previous step: out before anything runs
-        self.out_rids, self.out_tokens, self.out_extra, self._out_reqs = [], [], [], []
+        self.out_rids, self.out_tokens, self.out_extra, self._out_reqs, self.out_firsts = [], [], [], [], []
         n = len(self.live) if self._decoding() else 0  # tokens of the step's budget the decode takes
         firsts = _Pending()
         if self.pipeline:  # queued ahead of the decode: a joining row's first token does not wait for a decode,
@@ -486,6 +487,7 @@ class RowScheduler:
             if r.first_token_at is None:
                 r.first_token_at = now = now or time.monotonic()
                 r.first_step = self.steps
+                self.out_firsts.append(r)
             if r.on_token is not None:
                 r.on_token(r, token)
             k = len(toks)

@@ -283,7 +283,7 @@ class FastBackend(Backend):
             for r in cb.step(logprobs=rank0):
                 finished.append((r.rid, _REASONS[r.finish]))  # type: ignore[index]
             tokens.extend(zip(cb.out_rids, cb.out_tokens))
-            firsts.extend((r.rid, r.wait_steps, r.prefill_steps) for r in cb.out_firsts)
+            firsts.extend((r.rid, r.wait_steps or 0, r.prefill_steps or 0) for r in cb.out_firsts)
             if extra is not None:
                 extra.extend(cb.out_extra)
             if not getattr(step, "drain", False) or cb.idle:

@@ -4,29 +4,32 @@ step they finish, freeing their slot (TGI's batch `filter` / `concatenate`, done
 Each `step()` (pipelined, the default):
   0. leave: rows whose callers left (`leave(rid)`) are retired before anything runs (an unread token of theirs is
      dropped);
-  1. decode: one token for every live row, queued on the device (the engine's captured step; rows that need more
+  1. admit: waiting requests take the free slots after the live ones (rows joining: their prompts go in), and the
+     joining rows' prompts are prefilled together, in arrival order, within the step's token budget (below), queued
+     ahead of this step's decode; a row whose prompt is in gets its first token from its own sampler (into the step
+     buffer, with its own copy to the host started) and is live from then on, so this step's decode takes it on;
+  2. decode: one token for every live row, queued on the device (the engine's captured step; rows that need more
      than the step's own greedy argmax use their own sampler on their row of the logits, also on the device). The
      step's tokens are copied aside and their copy to the host is started, nothing waits for them yet;
-  2. read: the previous step's tokens (its decode and its admissions' first tokens) reach the host in one read,
-     the step's one host wait, while this step's decode runs. Rows that produced an EOS (at or after their
-     min_new_tokens) or reached their max_new_tokens are finished;
-  3. retire: finished rows leave; the last live row moves into each hole, so the live slots stay a prefix [0, n)
-     and the fast path stays usable;
-  4. admit: waiting requests take the free slots after the live ones (rows joining: their prompts go in), then the
-     joining rows' prompts are prefilled together (queued behind the decode), in arrival order, within the step's
-     token budget (below); a row whose prompt is in gets its first token from its own sampler, read with this
-     step's decode at the next step, and is live from then on.
+  3. read: the previous step's tokens, then this step's first tokens, reach the host (the step's host wait, while
+     this step's decode runs): a joining row's first token waits for the decode in flight and its own prefill, never
+     for a decode of its own step. Rows that produced an EOS (at or after their min_new_tokens) or reached their
+     max_new_tokens are finished;
+  4. retire: finished rows leave; the last live row moves into each hole, so the live slots stay a prefix [0, n)
+     and the fast path stays usable (a slot freed here is taken by the next step's admissions).
+So a request added before a step with a slot free is admitted by it, and, when its prompt (after its cached prefix)
+fits the step's budget, its first token is read in that same step (`Request.wait_steps`, `prefill_steps`: 0 and 1).
 Chunked prefill (`step_tokens`, `chunk_tokens`; 0: no limit, every joining prompt goes in whole in the step it is
 admitted): a step computes at most `step_tokens` tokens, one per decoded row and the rest for the joining prompts,
 at most `chunk_tokens` of one prompt, so a long prompt goes in over several steps while the live rows keep
 decoding. Strictly in arrival order (a row's prompt gets tokens only once every row before it is in), so rows
 become live in slot order and the live slots stay a prefix: joining rows sit in the slots after the live ones
 (moved down with them when live rows retire). The prefix cache (`prefix_cache`, fast/prefix_cache.py) puts a
-joining row's cached prefix in its slot at admission; its prefill starts after it; a row's prompt blocks are
-cached once it is in.
+joining row's cached prefix in its slot when its prompt starts going in; a row's prompt blocks are cached once it is
+in. No budget applies while no row decodes (a burst on an idle batch goes in as fast as unchunked).
 
 So the device never waits for the host's bookkeeping: step t+1's decode is queued before step t's tokens are read.
-The price: a row's tokens reach the caller one step later, and a row whose end is only known from its token (EOS,
+The price: a row's later tokens reach the caller one step later, and a row whose end is only known from its token (EOS,
 or its last token) rides along in one more decode, whose token is dropped. Decisions are taken from the tokens,
 never from timing, so every rank (and a non-pipelined run, `pipeline=False`) gives each row the same tokens.
 

@@ -206,7 +206,8 @@ print("| workload | metric | off | on | on/off | target |")
 print("|---|---|---|---|---|---|")
 for name, label, path, target in rows:
     a, b = value(name, "off", path), value(name, "on", path)
-    ratio = f"{b / a:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "n/a"
+    both = isinstance(a, (int, float)) and isinstance(b, (int, float))
+    ratio = (f"{b / a:.2f}" if a else "-") if both else "n/a"
     fmt = lambda v: f"{v:,.1f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
     print(f"| {name} | {label} | {fmt(a)} | {fmt(b)} | {ratio} | {target} |")
 for cfg in ("off", "on"):

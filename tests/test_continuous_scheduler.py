@@ -39,6 +39,7 @@ class Result:
     finished: tuple
     live: int = 0
     extra: tuple | None = None
+    firsts: tuple = ()
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,27 @@ def test_a_caller_that_leaves_frees_its_slot_at_the_next_step(tok):
         sched.deliver(step, Result(((queued._rids[0], 1),), ((long._rids[0], "stopped"),)))
         await tick()
         assert sched.running_rows == 1 and queued.rows[0].ids == [1]
+
+    asyncio.run(main())
+
+
+def test_steps_to_a_first_token_count_the_csteps_waited_for_a_slot_and_the_engines_steps(tok):
+    async def main():
+        sched, _ = scheduler(max_batch=1)
+        first, second = make(tok, 1, max_new=3), make(tok, 1)
+        sched.submit(first)
+        step = sched.take()
+        sched.submit(second)  # while the step runs: the next take() is the first it could join
+        sched.deliver(step, Result(((first._rids[0], 9),), (), 1, None, ((first._rids[0], 0, 1),)))
+        step = sched.take()
+        assert step.joins == ()  # no slot: one cstep passes without it
+        sched.deliver(step, Result(((first._rids[0], 8),), ((first._rids[0], "length"),)))
+        step = sched.take()
+        assert [j.rid for j in step.joins] == second._rids
+        # the engine admitted it a step later than it got it (1) and read its first token 2 steps after that
+        sched.deliver(step, Result(((second._rids[0], 5),), (), 1, None, ((second._rids[0], 1, 2),)))
+        await tick()
+        assert first.ttft_steps == (0, 1) and second.ttft_steps == (1 + 1, 2)
 
     asyncio.run(main())
 

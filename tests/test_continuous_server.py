@@ -228,6 +228,11 @@ def test_chunked_prefill_and_the_prefix_cache_change_no_answer(cserver, tiny_mod
                   for i, p in enumerate(PROMPTS)]  # fmt: skip
         plain = [generate(cserver, b) for b in bodies]
         assert generate(srv, bodies[0]) == plain[0]  # alone, and its prefix is cached
+        steps = "bloom_server_time_to_first_token_steps_sum"
+        before = _gauge(srv, steps + '{phase="wait"}'), _gauge(srv, steps + '{phase="prefill"}')
+        assert generate(srv, bodies[1]) == plain[1]  # a hit whose rest fits a step: its first token in that step
+        after = _gauge(srv, steps + '{phase="wait"}'), _gauge(srv, steps + '{phase="prefill"}')
+        assert (after[0] - before[0], after[1] - before[1]) == (0, 1)
         with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
             together = list(pool.map(lambda b: generate(srv, b), bodies))
         assert together == plain

@@ -192,8 +192,8 @@ def test_eviction_under_pressure_keeps_the_tokens_and_the_bound(engine):
     rng = random.Random(6)
     prefixes = [_prompt(rng, 24) for _ in range(5)]
     specs = []
-    for i in range(15):  # prefixes come back after others pushed them out
-        p = prefixes[(i * 2) % 5] + _prompt(rng, rng.randint(1, 9))
+    for i in range(15):  # prefixes come back after the others' blocks pushed some of theirs out
+        p = prefixes[i % 3] + _prompt(rng, rng.randint(1, 9))
         specs.append((i, p, rng.randint(2, 6), SamplingConfig()))
     arrivals = {2 * i: (i,) for i in range(15)}
     off, _, _ = _run(engine, specs, arrivals)
@@ -223,3 +223,62 @@ def test_eviction_takes_the_least_recent_chain_from_its_tail(engine):
     torch.testing.assert_close(engine.k_cache[:, 3, :, :8], engine.k_cache[:, 0, :, :8])
     for s in range(4):
         engine.release(s)
+
+
+# ---- steps to a first token ----
+
+
+def _steps(reqs):
+    return {r.rid: (r.wait_steps, r.prefill_steps) for r in reqs}
+
+
+def test_a_cache_hit_gets_its_first_token_in_the_step_that_admits_it(engine):
+    """The bound, in steps: a joiner is admitted by the first step after it arrives (a slot is free), and a
+    prefix-cache hit whose rest fits the step's budget gets its first token read in that same step, beside live rows
+    that keep decoding; a miss whose prompt needs several chunks takes one step per chunk."""
+    rng = random.Random(7)
+    prefix = _prompt(rng, 48)
+    cache = PrefixCache(engine, 1 << 22, block=BLOCK)
+    sched = RowScheduler(engine, step_tokens=24, chunk_tokens=16, prefix_cache=cache)
+    seed = Request("seed", prefix + _prompt(rng, 3), 40)
+    live = Request("live", _prompt(rng, 5), 40)
+    sched.add(seed)
+    sched.add(live)
+    for _ in range(3):
+        sched.step()
+    assert seed.first_step is not None and not sched.joining  # the prefix is in the cache, both rows decode
+    hit = Request("hit", prefix + _prompt(rng, 6), 5)  # 48 cached tokens, 6 to compute: one chunk
+    miss = Request("miss", _prompt(rng, 40), 5)  # 40 tokens: three chunks of at most 16 (22 left beside 2 rows)
+    sched.add(hit)
+    got = []
+    sched.step()
+    got.append([e.req.rid for e in sched.emitted])
+    assert hit.cached == 48 and _steps([hit]) == {"hit": (0, 1)}
+    assert set(got[0]) == {"seed", "live", "hit"}  # the live rows' tokens and the hit's first token, one read
+    sched.add(miss)
+    while not sched.idle:
+        sched.step()
+    assert _steps([miss]) == {"miss": (0, 3)}
+    assert hit.tokens == _alone(engine, Request("hit", hit.prompt, 5))
+    assert miss.tokens == _alone(engine, Request("miss", miss.prompt, 5))
+
+
+def test_a_joiner_waits_only_for_a_slot(engine):
+    """With every slot taken, a joiner is admitted by the step after the one that frees a slot, and waits that many
+    steps; steps are counted from the step it was added before."""
+    rng = random.Random(8)
+    sched = RowScheduler(engine)
+    rows = [Request(i, _prompt(rng, 4), 3 + i) for i in range(engine.max_batch)]
+    for r in rows:
+        sched.add(r)
+    late = Request("late", _prompt(rng, 7), 2)
+    sched.step()
+    sched.add(late)
+    while late.admitted_step is None:
+        sched.step()
+    ended = min(r.first_step + r.max_new_tokens - 1 for r in rows)  # the step that read a row's last token
+    assert late.queued_step == 1 and late.admitted_step == ended + 1 and late.wait_steps == ended
+    assert all(_steps([r])[r.rid] == (0, 1) for r in rows)
+    while not sched.idle:
+        sched.step()
+    assert late.prefill_steps == 1 and late.tokens == _alone(engine, Request("late", late.prompt, 2))

@@ -224,21 +224,27 @@ def test_a_cstep_submitted_on_its_own_drains(tiny_model_dir):
 
 
 def test_each_decode_is_queued_before_the_previous_steps_tokens_are_read(engine, monkeypatch):
-    """The point of pipelining: within a step, the device gets its next decode before the host waits for a read."""
+    """The point of pipelining: within a step, the device gets its next decode before the host waits for a read; a
+    joining row's prefill goes ahead of that decode, so its first token is read in the step that admitted it."""
     from bloom_server.fast import rows as sch
 
     log: list[str] = []
-    decode, read = FastEngine.decode, sch._Pending.read
+    decode, read, prefill = FastEngine.decode, sch._Pending.read, FastEngine.prefill
     monkeypatch.setattr(FastEngine, "decode", lambda self, *a, **k: (log.append("decode"), decode(self, *a, **k))[1])
+    monkeypatch.setattr(FastEngine, "prefill", lambda self, *a, **k: (log.append("prefill"), prefill(self, *a, **k))[1])
     monkeypatch.setattr(sch._Pending, "read", lambda self: (log.append("read"), read(self))[1])
     sched = RowScheduler(engine)
-    sched.add(Request("a", (5, 6, 7), 6))
-    sched.add(Request("b", (8, 9), 4))
+    a, b = Request("a", (5, 6, 7), 6), Request("b", (8, 9), 4)
+    sched.add(a)
+    sched.add(b)
     per_step = []
     while not sched.idle:
         log.clear()
         sched.step()
         per_step.append(tuple(log))
-    assert per_step[0] == ()  # admission only: prefill, first tokens staged
+        if sched.steps == 1:
+            assert [e.req.rid for e in sched.emitted] == ["a", "b"]  # their first tokens, read in step 0
+    assert per_step[0] == ("prefill", "decode", "read")  # admission, then their second tokens' decode is queued
     assert all(s == ("decode", "read") for s in per_step[1:-1]), per_step
     assert per_step[-1] == ("read",)  # the last tokens: nothing left to decode
+    assert (a.wait_steps, a.prefill_steps, b.wait_steps, b.prefill_steps) == (0, 1, 0, 1)

@@ -17,6 +17,9 @@
 #     PREFILL_ON="--prefill-step-tokens 384 --prefix-cache-mb 4096" OUT=$OUT bash scripts/gpu/prefill.sh
 #     PREFILL_QUICK=1 bash scripts/gpu/prefill.sh      # the same plumbing on the tiny shape (a CPU dry run)
 #
+# The table gives TTFT for the whole run and, apart, for the first wave (the `concurrency` requests sent at once at the
+# start: a burst bounded by prefill throughput) and for the requests after it (steady state), and each load's steps to
+# a first token (the server's time_to_first_token_steps histogram: steps waited for a slot, steps from admission).
 # $OUT gets run.log, summary.md (the table printed at the end) and raw.tgz (server logs, every load's log and JSON).
 # A step that would start past the budget is skipped, not cut. Exit 0 when every load that ran answered every request.
 set -u -o pipefail
@@ -57,11 +60,17 @@ if [ ! -f "$MODEL/config.json" ]; then
   echo "== random $SHAPE weights: $(du -sh "$MODEL" | cut -f1) in $(( $(date +%s) - t ))s"
 fi
 
+steps() {  # the server's steps-to-a-first-token histogram (cumulative; each load's share is after - before)
+  curl -fsS "http://127.0.0.1:$PORT/metrics" 2>/dev/null | grep -E '^bloom_server_time_to_first_token_steps' > "$1"
+}
+
 load() {  # name config timeout load_test-flags...
   local name=$1 cfg=$2 limit=$3; shift 3
+  steps "$RAW/steps-$name-$cfg-before.txt"
   timeout "$limit" $PY scripts/bench/load_test.py --url "http://127.0.0.1:$PORT" --label "$cfg" \
     --json "$RAW/$name-$cfg.json" "$@" > "$RAW/$name-$cfg.log" 2>&1
   local rc=$?
+  steps "$RAW/steps-$name-$cfg-after.txt"
   echo "   $name ($cfg): rc=$rc; $(grep -E '^load_test: ([0-9]+ requests|long joiner)' "$RAW/$name-$cfg.log" | cut -c1-230 | tr '\n' ' ')"
   [ $rc -eq 0 ] || FAILED=1
 }
@@ -131,24 +140,74 @@ def get(s, *path):
         s = s.get(k) if isinstance(s, dict) else None
     return s
 
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+def wave(name, cfg, part, q):
+    """TTFT (ms) of the first wave (the `concurrency` requests sent first, at once) or of the requests after it."""
+    try:
+        d = json.loads((raw / f"{name}-{cfg}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    conc = int(d["argv"][d["argv"].index("--concurrency") + 1])
+    reqs = sorted((r for r in d.get("requests", []) if r.get("status") == 200 and r.get("ttft") is not None),
+                  key=lambda r: r["sent"])
+    part = reqs[:conc] if part == "first" else reqs[conc:]
+    return pct([1e3 * r["ttft"] for r in part], q)
+
+def steps(name, cfg, phase, q):
+    """Steps to a first token of the load's requests (the server's histogram after the load minus before it): the
+    mean (q None) or the bucket bound at quantile q."""
+    snap = {}
+    for when in ("before", "after"):
+        try:
+            lines = (raw / f"steps-{name}-{cfg}-{when}.txt").read_text().splitlines()
+        except OSError:
+            return None
+        snap[when] = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines if f'phase="{phase}"' in ln}
+    d = {k: v - snap["before"].get(k, 0.0) for k, v in snap["after"].items()}
+    count = next((v for k, v in d.items() if "_count" in k), 0)
+    if not count:
+        return None
+    if q is None:
+        return next(v for k, v in d.items() if "_sum" in k) / count
+    buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in d.items() if "_bucket" in k)
+    return next(le for le, v in buckets if v >= q * count)
+
+def value(name, cfg, path):
+    if path[0] == "wave":
+        return wave(name, cfg, *path[1:])
+    if path[0] == "steps":
+        return steps(name, cfg, *path[1:])
+    return get(summary(name, cfg), *path)
+
 rows = [  # workload, metric, key path, target (on vs off)
     ("bs1", "time per output token, ms (p50)", ("tpot_ms", "p50"), "on/off ~1.00"),
     ("standard", "TTFT p50, ms", ("ttft_ms", "p50"), ""),
     ("standard", "TTFT p99, ms", ("ttft_ms", "p99"), "on <= 200 ms"),
+    ("standard", "TTFT p99 after the first wave, ms", ("wave", "after", 0.99), ""),
+    ("standard", "TTFT of the first wave's last, ms", ("wave", "first", 1.0), ""),
+    ("standard", "steps waited for a slot, mean", ("steps", "wait", None), ""),
+    ("standard", "steps admission to first token, p99", ("steps", "prefill", 0.99), ""),
     ("standard", "generated tokens/s", ("tokens_per_s",), "on/off >= 0.95"),
     ("joiner", "live rows' largest gap during the join, ms", ("long_joiner", "largest_gap_in_window_ms"), ""),
     ("joiner", "live rows' median gap, ms", ("long_joiner", "median_gap_ms"), ""),
     ("joiner", "largest / median", ("long_joiner", "ratio"), "on <= 2"),
     ("joiner", "joiner TTFT, ms", ("long_joiner", "joiner_ttft_ms"), ""),
     ("shared", "TTFT p50, ms", ("ttft_ms", "p50"), "on/off <= 0.30"),
+    ("shared", "TTFT p50 after the first wave, ms", ("wave", "after", 0.5), ""),
+    ("shared", "TTFT of the first wave's last, ms", ("wave", "first", 1.0), ""),
+    ("shared", "steps admission to first token, p50", ("steps", "prefill", 0.5), "on: 1"),
     ("shared", "generated tokens/s", ("tokens_per_s",), "on/off >= 1.00"),
 ]
 print(f"on = `{on_flags}`; off = the defaults (no chunking, no prefix cache)\n")
 print("| workload | metric | off | on | on/off | target |")
 print("|---|---|---|---|---|---|")
 for name, label, path, target in rows:
-    a, b = get(summary(name, "off"), *path), get(summary(name, "on"), *path)
-    ratio = f"{b / a:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "n/a"
+    a, b = value(name, "off", path), value(name, "on", path)
+    both = isinstance(a, (int, float)) and isinstance(b, (int, float))
+    ratio = (f"{b / a:.2f}" if a else "-") if both else "n/a"
     fmt = lambda v: f"{v:,.1f}" if isinstance(v, (int, float)) else "n/a"  # noqa: E731
     print(f"| {name} | {label} | {fmt(a)} | {fmt(b)} | {ratio} | {target} |")
 for cfg in ("off", "on"):

@@ -161,6 +161,7 @@ def _wire_metrics(engine: Engine, metrics: Metrics) -> None:
             outcome=outcome,
             queue_s=req.queue_time if req.started is not None else None,
             ttft_s=ttft,
+            ttft_steps=req.ttft_steps,
             inference_s=req.inference_time if req.started is not None else None,
             prompt_tokens=req.prompt_tokens,
             generated_tokens=req.generated_tokens,

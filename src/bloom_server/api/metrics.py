@@ -20,6 +20,7 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _MAX_CACHED_LABELS = 1024
 _TOKENS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096)
+_STEPS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128)  # engine steps (continuous batching)
 
 
 class Metrics:
@@ -52,6 +53,14 @@ class Metrics:
             "time_to_first_token_seconds",
             "From arrival to the first generated token of a generation request.",
             _LATENCY,
+        )
+        self.ttft_steps = histogram(
+            "time_to_first_token_steps",
+            "Continuous batching: engine steps from a generation request's arrival to its first token, by phase: "
+            "wait (steps that ran while it waited for a slot), prefill (from the step that admitted it to the one "
+            "that read its first token, both counted).",
+            _STEPS,
+            "phase",
         )
         self.tpot = histogram(
             "time_per_output_token_seconds",
@@ -138,6 +147,7 @@ class Metrics:
         outcome: str,
         queue_s: float | None,
         ttft_s: float | None,
+        ttft_steps: tuple[int, int] | None = None,
         inference_s: float | None,
         prompt_tokens: int,
         generated_tokens: int,
@@ -150,6 +160,9 @@ class Metrics:
             self.queue_time.observe(queue_s)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
+        if ttft_steps is not None:
+            self.ttft_steps.labels("wait").observe(ttft_steps[0])
+            self.ttft_steps.labels("prefill").observe(ttft_steps[1])
         if inference_s is not None:
             self.inference_time.observe(inference_s)
             if generated_tokens > 1:

@@ -296,6 +296,10 @@ class Gateway:
             fields["inference_ms"] = round(max(g.inference_time for g in gens) * 1000, 2)
             fields["prompt_tokens"] = sum(g.prompt_tokens for g in gens)
             fields["generated_tokens"] = sum(g.generated_tokens for g in gens)
+            steps = [g.ttft_steps for g in gens if g.ttft_steps is not None]
+            if steps:  # continuous batching: steps waited for a slot + steps from admission to the first token
+                wait, prefill = max(steps, key=sum)
+                fields["ttft_steps"] = f"{wait}+{prefill}"
         client = scope.get("client")
         if client:
             fields["client"] = f"{client[0]}:{client[1]}"

@@ -280,17 +280,19 @@ class FastBackend(Backend):
                            top_n=j.top_n if rank0 else 0, pad_token_id=kwargs.get("pad_token_id", j.pad_token_id),
                            grammar=j.grammar))  # fmt: skip
         tokens: list[tuple[Any, int]] = []
+        firsts: list[tuple[Any, int, int]] = []
         extra: list | None = [] if rank0 else None
         while True:  # once; a draining step (a cstep on its own, e.g. the warm-up) until every row has finished
             for r in cb.step(logprobs=rank0):
                 finished.append((r.rid, _REASONS[r.finish]))  # type: ignore[index]
             tokens.extend(zip(cb.out_rids, cb.out_tokens))
+            firsts.extend((r.rid, r.wait_steps or 0, r.prefill_steps or 0) for r in cb.out_firsts)
             if extra is not None:
                 extra.extend(cb.out_extra)
             if not getattr(step, "drain", False) or cb.idle:
                 break
         return CStepResult(tuple(tokens), tuple(finished), len(cb.live) + len(cb.joining) + len(cb.waiting),
-                           tuple(extra) if extra is not None else None)  # fmt: skip
+                           tuple(extra) if extra is not None else None, tuple(firsts))  # fmt: skip
 
     def _row_scheduler(self) -> RowScheduler:
         """The continuous batch's rows over the engine's slots, with the settings' chunked prefill and prefix cache

@@ -95,6 +95,10 @@ class PrefixCache:
         n = self.block
         return to_device([blk.page * n + t for blk in chain for t in range(n)], self.k.device)
 
+    def cached(self, prompt: Sequence[int]) -> int:
+        """Tokens `load` would copy for this prompt now (whole blocks before its last token); nothing changes."""
+        return len(self._chain(prompt, (len(prompt) - 1) // self.block)) * self.block
+
     def load(self, slot: int, prompt: Sequence[int]) -> int:
         """Copy the longest cached prefix of the prompt (whole blocks, before its last token) into the slot's
         positions [0, P); returns P (0: a miss)."""

@@ -4,29 +4,32 @@ step they finish, freeing their slot (TGI's batch `filter` / `concatenate`, done
 Each `step()` (pipelined, the default):
   0. leave: rows whose callers left (`leave(rid)`) are retired before anything runs (an unread token of theirs is
      dropped);
-  1. decode: one token for every live row, queued on the device (the engine's captured step; rows that need more
+  1. admit: waiting requests take the free slots after the live ones (rows joining: their prompts go in), and the
+     joining rows' prompts are prefilled together, in arrival order, within the step's token budget (below), queued
+     ahead of this step's decode; a row whose prompt is in gets its first token from its own sampler (into the step
+     buffer, with its own copy to the host started) and is live from then on, so this step's decode takes it on;
+  2. decode: one token for every live row, queued on the device (the engine's captured step; rows that need more
      than the step's own greedy argmax use their own sampler on their row of the logits, also on the device). The
      step's tokens are copied aside and their copy to the host is started, nothing waits for them yet;
-  2. read: the previous step's tokens (its decode and its admissions' first tokens) reach the host in one read,
-     the step's one host wait, while this step's decode runs. Rows that produced an EOS (at or after their
-     min_new_tokens) or reached their max_new_tokens are finished;
-  3. retire: finished rows leave; the last live row moves into each hole, so the live slots stay a prefix [0, n)
-     and the fast path stays usable;
-  4. admit: waiting requests take the free slots after the live ones (rows joining: their prompts go in), then the
-     joining rows' prompts are prefilled together (queued behind the decode), in arrival order, within the step's
-     token budget (below); a row whose prompt is in gets its first token from its own sampler, read with this
-     step's decode at the next step, and is live from then on.
+  3. read: the previous step's tokens, then this step's first tokens, reach the host (the step's host wait, while
+     this step's decode runs): a joining row's first token waits for the decode in flight and its own prefill, never
+     for a decode of its own step. Rows that produced an EOS (at or after their min_new_tokens) or reached their
+     max_new_tokens are finished;
+  4. retire: finished rows leave; the last live row moves into each hole, so the live slots stay a prefix [0, n)
+     and the fast path stays usable (a slot freed here is taken by the next step's admissions).
+So a request added before a step with a slot free is admitted by it, and, when its prompt (after its cached prefix)
+fits the step's budget, its first token is read in that same step (`Request.wait_steps`, `prefill_steps`: 0 and 1).
 Chunked prefill (`step_tokens`, `chunk_tokens`; 0: no limit, every joining prompt goes in whole in the step it is
 admitted): a step computes at most `step_tokens` tokens, one per decoded row and the rest for the joining prompts,
 at most `chunk_tokens` of one prompt, so a long prompt goes in over several steps while the live rows keep
 decoding. Strictly in arrival order (a row's prompt gets tokens only once every row before it is in), so rows
 become live in slot order and the live slots stay a prefix: joining rows sit in the slots after the live ones
 (moved down with them when live rows retire). The prefix cache (`prefix_cache`, fast/prefix_cache.py) puts a
-joining row's cached prefix in its slot at admission; its prefill starts after it; a row's prompt blocks are
-cached once it is in.
+joining row's cached prefix in its slot when its prompt starts going in; a row's prompt blocks are cached once it is
+in. No budget applies while no row decodes (a burst on an idle batch goes in as fast as unchunked).
 
 So the device never waits for the host's bookkeeping: step t+1's decode is queued before step t's tokens are read.
-The price: a row's tokens reach the caller one step later, and a row whose end is only known from its token (EOS,
+The price: a row's later tokens reach the caller one step later, and a row whose end is only known from its token (EOS,
 or its last token) rides along in one more decode, whose token is dropped. Decisions are taken from the tokens,
 never from timing, so every rank (and a non-pipelined run, `pipeline=False`) gives each row the same tokens.
 
@@ -75,6 +78,26 @@ class Request:
     plain: bool = False  # the step's own argmax is its token at every step
     greedy: bool = False  # greedy with at most EOS held back (min_new_tokens)
     grammar: Any = None  # types.Grammar: its tokens must follow it (masked before they are chosen)
+    cached: int | None = None  # prompt tokens copied from the prefix cache (None: not looked up yet)
+    # Its time to a first token, in the scheduler's steps (`RowScheduler.steps`): the step it was added before, the
+    # step that gave it a slot, the step whose read gave the host its first token.
+    queued_step: int | None = None
+    admitted_step: int | None = None
+    first_step: int | None = None
+
+    @property
+    def wait_steps(self) -> int | None:
+        """Steps that ran while it waited for a slot (0: admitted by the first step after it was added)."""
+        if self.admitted_step is None or self.queued_step is None:
+            return None
+        return self.admitted_step - self.queued_step
+
+    @property
+    def prefill_steps(self) -> int | None:
+        """Steps from its admission to its first token read, both counted (1: in the step that admitted it)."""
+        if self.first_step is None or self.admitted_step is None:
+            return None
+        return self.first_step - self.admitted_step + 1
 
 
 @dataclass
@@ -185,6 +208,7 @@ class RowScheduler:
         self.out_tokens: list[int] = []
         self.out_extra: list[tuple[float | None, list | None]] = []
         self._out_reqs: list[Request] = []
+        self.out_firsts: list[Request] = []  # rows whose first token the latest step read
         self._pending: _Pending | None = None  # chosen on the device, not yet read (at most one step's worth)
         self._ended = 0  # live rows finished or left since the last _retire
         self.grammars: Any = None  # structured.Grammars of the engine's vocabulary: set by the owner before a
@@ -196,6 +220,7 @@ class RowScheduler:
             raise ValueError(f"{len(req.prompt)} + {req.max_new_tokens} tokens; a slot holds {self.engine.max_seq}")
         if not req.prompt or req.max_new_tokens < 1:
             raise ValueError("a request needs a prompt and at least one new token")
+        req.queued_step = self.steps
         self.waiting.append(req)
 
     def leave(self, rid: Any) -> Request | None:
@@ -222,32 +247,36 @@ class RowScheduler:
 
     @torch.inference_mode()
     def step(self, logprobs: bool = False) -> list[Request]:
-        """Leave, decode, read, retire, admit. Returns the requests that finished by EOS or length in this step (those
+        """Leave, admit, decode, read, retire. Returns the requests that finished by EOS or length in this step (those
         that left are `leave()`'s to report). `self.emitted` holds the tokens read in this step (pipelined: those
-        chosen in the previous step and the previous step's admissions' first tokens); with `logprobs`, each with
-        its log-probability under the raw logits and, for rows with `top_n`, the most likely alternatives."""
+        chosen in the previous step, then this step's admissions' first tokens); with `logprobs`, each with its
+        log-probability under the raw logits and, for rows with `top_n`, the most likely alternatives."""
         self._retire()  # rows that left since the previous step: out before anything runs
-        self.out_rids, self.out_tokens, self.out_extra, self._out_reqs = [], [], [], []
+        self.out_rids, self.out_tokens, self.out_extra, self._out_reqs, self.out_firsts = [], [], [], [], []
+        n = len(self.live) if self._decoding() else 0  # tokens of the step's budget the decode takes
+        firsts = _Pending()
+        if self.pipeline:  # queued ahead of the decode: a joining row's first token does not wait for a decode,
+            self._admit(firsts, logprobs, n)  # and the rows whose prompt is in are in this step's decode already
+            if firsts.rows:
+                firsts.stage()
         nxt = _Pending()
-        decoded, n = None, 0
-        if any(r.finish is None and r.issued < r.max_new_tokens for r in self.live):
-            n = len(self.live)  # tokens of the step's budget the decode takes
-            decoded = self._decode(nxt, logprobs)  # queued on the device behind whatever is still running
+        decoded = self._decode(nxt, logprobs) if self._decoding() else None  # queued behind the prefill
         finished: list[Request] = []
         if self.pipeline:
             prev, self._pending = self._pending, None
             if prev is not None:
-                finished = self._process(prev)  # the one host wait: the previous step's tokens
+                finished = self._process(prev)  # the host waits: the previous step's tokens...
+            if firsts.rows:
+                finished += self._process(firsts)  # ...and this step's first tokens, while this decode runs
             if decoded is not None:  # constrained rows: their masks need the tokens just read
                 self._choose(nxt, decoded, logprobs)
             self._retire()
             if not self.live:
                 nxt = _Pending()  # only rows that finished rode along: nothing to read
-            self._admit(nxt, logprobs, n)
             if nxt.rows:
                 nxt.stage()
                 self._pending = nxt
-        else:  # each step reads its own tokens (the admissions' first tokens in the same read)
+        else:  # each step reads its own tokens, its admissions' first tokens in the same read (one token a row)
             if decoded is not None:
                 self._choose(nxt, decoded, logprobs)
             self._admit(nxt, logprobs, n)
@@ -257,6 +286,9 @@ class RowScheduler:
             self._retire()
         self.steps += 1
         return finished
+
+    def _decoding(self) -> bool:
+        return any(r.finish is None and r.issued < r.max_new_tokens for r in self.live)
 
     @property
     def emitted(self) -> list[Emitted]:
@@ -273,27 +305,43 @@ class RowScheduler:
                        seed=req.seed, max_new_tokens=req.max_new_tokens, pad_token_id=req.pad_token_id)  # fmt: skip
 
     def _admit(self, into: _Pending, logprobs: bool, decoded: int) -> None:
-        """Waiting requests take the free slots after the live and joining ones (with their cached prefix, if any);
-        then the joining rows' prompts go in, in arrival order, within what the step's budget leaves after its
-        `decoded` rows, all in one prefill. Each row whose prompt is in becomes live: its first token (from its own
-        sampler) goes into the step buffer and into `into`."""
+        """Waiting requests take the free slots after the live and joining ones; then the joining rows' prompts go
+        in, in arrival order, within what the step's budget leaves after its `decoded` rows (no budget while no row
+        decodes: nobody's next token waits for this step), all in one prefill. A row looks up the prefix cache when
+        its prompt starts going in, not when it gets its slot, so that it finds what the rows ahead of it put there
+        meanwhile; a row whose next block is being computed in this step by a row ahead of it waits for the next step
+        (then it copies that block instead of computing it again). Each row whose prompt is in becomes live: its
+        first token (from its own sampler) goes into the step buffer, so this step's decode already takes it on, and
+        into `into`."""
         e = self.engine
         while self.waiting and len(self.live) + len(self.joining) < e.max_batch:
             req = self.waiting.popleft()
             req.slot = len(self.live) + len(self.joining)
+            req.admitted_step = self.steps
             req.sampler = self._sampler(req)
             req.plain, req.greedy = _plain_greedy(req.cfg), _greedy(req.cfg)
             if req.grammar is not None:
                 req.plain = False
                 self._matcher_set().add(req.rid, req.grammar)
-            req.prefilled = self.prefix_cache.load(req.slot, req.prompt) if self.prefix_cache is not None else 0
             self.joining.append(req)
-        left = self.step_tokens - decoded if self.step_tokens else None
+        budget = bool(self.step_tokens and decoded)
+        left = self.step_tokens - decoded if budget else None
         rows: list[Request] = []
         chunks, starts = [], []
+        computing: set[tuple[int, ...]] = set()  # the next uncached block (with all before it) of rows in this step
         for r in self.joining:
+            if r.cached is None:
+                cache = self.prefix_cache
+                if cache is not None:
+                    nxt = r.prompt[: cache.cached(r.prompt) + cache.block]  # its first block to compute
+                    if len(nxt) < len(r.prompt) and nxt in computing:
+                        break  # a row ahead computes this block now: copy it next step (arrival order: stop here)
+                    r.cached = r.prefilled = cache.load(r.slot, r.prompt)  # type: ignore[arg-type]
+                    computing.add(nxt)
+                else:
+                    r.cached = 0
             take = len(r.prompt) - r.prefilled
-            if self.chunk_tokens:
+            if self.chunk_tokens and budget:
                 take = min(take, self.chunk_tokens)
             if left is not None:
                 take = min(take, left)
@@ -306,6 +354,8 @@ class RowScheduler:
             r.prefilled += take
             if r.prefilled < len(r.prompt):
                 break  # in arrival order: the next row's prompt once this one is in
+            if left is not None:
+                left -= 1  # its prompt is in: this step's decode takes its next token too
         if not rows:
             return
         logits = e.prefill([r.slot for r in rows], chunks, starts)
@@ -439,6 +489,8 @@ class RowScheduler:
                 extra.append((lps[i], tops.get(i)))  # type: ignore[index]
             if r.first_token_at is None:
                 r.first_token_at = now = now or time.monotonic()
+                r.first_step = self.steps
+                self.out_firsts.append(r)
             if r.on_token is not None:
                 r.on_token(r, token)
             k = len(toks)

@@ -109,6 +109,9 @@ class GenRequest:
         self.enqueued = time.monotonic()
         self.started: float | None = None
         self.first_token: float | None = None
+        # Its time to a first token in engine steps (continuous batching): (steps that ran while it waited for a
+        # slot, steps from its admission to its first token, both counted); None elsewhere.
+        self.ttft_steps: tuple[int, int] | None = None
         self.finished: float | None = None
         self.seed: int | None = None
         self._events: asyncio.Queue = asyncio.Queue()
@@ -117,6 +120,8 @@ class GenRequest:
         self._on_cancel_queued: Any = None  # set by the batcher while the request waits
         self._on_stop_rows: Any = None  # set by the batcher while the request runs: stop these rows in the backend
         self._rids: list[int] = []  # the continuous batcher's row ids (frontend/batching/continuous.py)
+        self._takes_before = 0  # the continuous batcher's csteps taken before it came, and those it waited through
+        self._waited_takes = 0
         if deadline is not None:
             self._timers.append(self.loop.call_at(self._loop_time(deadline), self._expire, "deadline"))
 

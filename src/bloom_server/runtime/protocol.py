@@ -91,12 +91,14 @@ class CStepResult:
     the previous step's decode, then the previous step's admissions' first tokens; one per row, except in a
     draining step, which holds every step it ran); finished:
     (row id, reason): "eos_token", "length", or "stopped" (it left); live: rows held after the step. extra (rank 0
-    only): per token, (log-probability, top alternatives or None)."""
+    only): per token, (log-probability, top alternatives or None). firsts: (row id, steps it waited for a slot, steps
+    from its admission to this read) of each row whose first token this step read (fast/rows.py Request)."""
 
     tokens: tuple[tuple[Any, int], ...]
     finished: tuple[tuple[Any, str], ...]
     live: int
     extra: tuple[tuple[float | None, Any], ...] | None = None
+    firsts: tuple[tuple[Any, int, int], ...] = ()
 
     def agreed(self) -> tuple:
         """The part every rank must hold alike (the digest the ranks compare)."""

@@ -81,6 +81,7 @@ class ContinuousBatcher:
         self._closed: BaseException | None = None
         self._request_seconds = 1.0  # moving average of a request's time in the batch, for Retry-After
         self.steps = 0
+        self._takes = 0  # csteps taken so far (a request's wait for a slot counts those taken after it came)
         runner.attach_continuous(self)
 
     # ---- the DynamicBatcher's face (event loop) ----
@@ -119,6 +120,7 @@ class ContinuousBatcher:
         self.config.check(len(self._waiting), lambda: self.queued_tokens, req.tokens, self.retry_after)
         self._loop = req.loop
         req._rids = [next(self._rids) for _ in req.rows]
+        req._takes_before = self._takes
         req._on_cancel_queued = self._remove
         req._on_stop_rows = self._leave
         with self._lock:
@@ -173,8 +175,10 @@ class ContinuousBatcher:
                                       cfg.eos_token_id, cfg.pad_token_id, req.top_n, spec.grammar))  # fmt: skip
                 free -= req.n_rows
                 started.append((req, seed, now))
+                req._waited_takes = self._takes - req._takes_before  # 0: taken by the first cstep after it came
             if not joins and not leaves and not self._live:
                 return None
+            self._takes += 1
         self._started = started
         if leaves:
             log.debug("rows %s leave the batch (their callers are gone)", list(leaves))
@@ -191,6 +195,10 @@ class ContinuousBatcher:
                 if where is not None:
                     lp, top = extra[i] if extra is not None else (None, None)
                     rows.append((where[0], where[1], token, lp, top))
+            for rid, wait, prefill in result.firsts:
+                where = self._live.get(rid)
+                if where is not None and where[0].ttft_steps is None:  # its first row's first token
+                    where[0].ttft_steps = (where[0]._waited_takes + wait, prefill)
             for rid, reason in result.finished:
                 where = self._live.pop(rid, None)
                 if where is not None:

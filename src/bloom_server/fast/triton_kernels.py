@@ -499,12 +499,16 @@ class DecodePlan:
     def rows(self, stage: int) -> tuple[int, ...]:
         """Row counts whose variants a stage covers: 1 (BM=1: what the one-row warm-up and bs-1 decode use), then
         2 and 16 (BM=16, specialised as "not / divisible by 16": bs 2-16 steps and multi-row prefill logits), and
-        with int8 weights 24 and 64 (BM=64, the same two specialisations) for batches past 16."""
+        with int8 weights, for batches past 16, two row counts of each row bucket the batch reaches (MB / 2 + 8 and
+        MB: the same two specialisations, the GEMM's autotune keys; `gemv` sends each to its kernel, `uses_gemm`)."""
         if stage == 1:
             return (1,)
         rows = ((2,) if self.max_batch > 1 else ()) + ((16,) if self.max_batch >= 16 else ())
         if self.max_batch > MAX_ROWS and max_rows(self.quant) > MAX_ROWS:
-            rows += (24, 64)
+            top = min(self.max_batch, max_rows(True))
+            for mb in (32, 64, 128, 256):
+                if mb // 2 < top:
+                    rows += (mb // 2 + 8, mb)
         return rows
 
     def to_json(self) -> str:
@@ -629,6 +633,23 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
     for m in plan.rows(stage):
         bm = block_rows(m)
         for g in plan.gemvs:
+            if uses_gemm(m, plan.quant) and not g.ln:
+                mb = gemm_block_rows(m)
+                for cfg in _qgemm_prune(_qgemm_kernel.configs, {}, MB=mb):
+                    variant = ("gemm", m % 16 == 0, g.epilogue, g.N % 16 == 0, g.K % 16 == 0,
+                               tuple(sorted(cfg.all_kwargs().items())))  # fmt: skip
+                    if variant in seen:
+                        continue
+                    seen.add(variant)
+
+                    def gjob(g=g, m=m, mb=mb, cfg=cfg):
+                        return _qgemm_kernel.fn.warmup(
+                            dt, wt, st, dt, dt, dt, m, g.N, g.K, mb, g.K, g.K, g.N, g.N,
+                            EPI=EPILOGUES[g.epilogue], LIBDEVICE=not INTERPRET, grid=(1,), **cfg.all_kwargs(),
+                        )  # fmt: skip
+
+                    jobs.append(gjob)
+                continue
             for cfg in _prune(_gemv_kernel.configs, {}, BM=bm, QUANT=plan.quant):
                 # One job per variant: Triton specialises N and K only on == 1 and divisibility by 16 (qkv and the
                 # head share theirs, dense and fc2 theirs), so two workers never compile the same one.
@@ -738,11 +759,11 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def kernel_counts() -> dict[str, int]:
-    """Compiled variants and autotuned GEMV keys held in this process (to tell whether a call compiled or tuned)."""
+    """Compiled variants and autotuned GEMV / GEMM keys held in this process (to tell whether a call compiled or tuned)."""
     if not HAVE_TRITON:
         return {"compiled": 0, "tuned": 0}
     compiled = 0
-    for fn in (_gemv_kernel.fn, _decode_attn_kernel):
+    for fn in (_gemv_kernel.fn, _qgemm_kernel.fn, _decode_attn_kernel):
         caches = getattr(fn, "device_caches", None)
         if isinstance(caches, dict):  # Triton 3.x: device -> (kernel cache, ...)
             for v in caches.values():
@@ -752,7 +773,8 @@ def kernel_counts() -> dict[str, int]:
             c = getattr(fn, "cache", None)
             if isinstance(c, dict):
                 compiled += sum(len(d) if isinstance(d, dict) else 1 for d in c.values())
-    return {"compiled": compiled, "tuned": len(getattr(_gemv_kernel, "cache", {}) or {})}
+    tuned = sum(len(getattr(k, "cache", {}) or {}) for k in (_gemv_kernel, _qgemm_kernel))
+    return {"compiled": compiled, "tuned": tuned}
 
 
 class Prewarm:

@@ -72,13 +72,13 @@ def main() -> int:
             for name, (c, q, s, w16, b) in layers.items():
                 x = torch.randn(m, c.K, device=dev, generator=g).half()
                 ref = x.float() @ (q.float() * s[:, None]).T + b.float()
-                times = {"fp16": timed(lambda: F.linear(x, w16, b))}
+                times = {"fp16": timed(lambda x=x, w16=w16, b=b: F.linear(x, w16, b))}
                 for kind in ("gemv", "gemm"):
                     tk.set_int8_kernel(kind)
                     y = tk.gemv(x, q, b, scale=s)
                     err = float((y.float() - ref).abs().max() / ref.abs().max())
                     r["err"][kind] = max(r["err"].get(kind, 0.0), err)
-                    times[kind] = timed(lambda: tk.gemv(x, q, b, scale=s))
+                    times[kind] = timed(lambda x=x, q=q, b=b, s=s: tk.gemv(x, q, b, scale=s))
                 tk.set_int8_kernel("auto")
                 r["layers"][name] = {k: 1e3 * v for k, v in times.items()}
                 for k, v in times.items():

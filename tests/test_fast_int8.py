@@ -155,6 +155,55 @@ def test_int8_kernels_equal_the_dequantized_matmul_in_the_interpreter():
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
+GEMM_CHECK = r"""
+import torch, torch.nn.functional as F
+from bloom_server.fast import triton_kernels as tk
+from bloom_server.fast.quant import quantize
+g = torch.Generator().manual_seed(1)
+h = lambda *s: torch.randn(*s, generator=g).half()
+def close(got, ref, mag, ulps):  # within `ulps` fp16 roundings of the magnitudes summed (the order of the fp32 sums)
+    err = (got.float() - ref).abs()
+    assert bool((err <= mag * ulps * 2.0**-10 + 1e-4).all()), float((err / (mag + 1e-3)).max())
+launches = []
+real = tk._qgemm_kernel.run
+tk._qgemm_kernel.run = lambda *a, **k: launches.append(a[6]) or real(*a, **k)  # the row count M
+# Row counts around every row bucket and N, K off the tiles (the interpreter's tile: 16 x 32 x 32).
+tk.set_int8_kernel("gemm")
+for M in (1, 7, 16, 33, 128, 256):
+    for K, N in ((96, 80), (72, 40)):
+        x, b, r = h(M, K), h(N), h(M, N)
+        q, s = quantize(h(N, K).float() * 0.1)
+        lin = x.float() @ (q.float() * s[:, None]).T + b.float()
+        close(tk.gemv(x, q, b, scale=s), lin, lin.abs(), 1)
+        close(tk.gemv(x, q, b, scale=s, epilogue="gelu"), F.gelu(lin.half().float(), approximate="tanh"), lin.abs(), 2)
+        res = tk.gemv(x, q, b, scale=s, epilogue="residual", residual=r)
+        close(res, lin.half().float() + r.float(), lin.abs() + r.abs(), 2)
+assert sorted(set(launches)) == [1, 7, 16, 33, 128, 256], launches
+# The dispatch: below GEMM_MIN_ROWS the gemv, from it on the GEMM; "gemv" keeps every row count on the gemv.
+tk.set_int8_kernel("auto")
+x, b = h(tk.GEMM_MIN_ROWS, 96), h(80)
+q, s = quantize(h(80, 96).float())
+launches.clear()
+tk.gemv(x[:-1], q, b, scale=s)
+assert launches == []
+tk.gemv(x, q, b, scale=s)
+assert launches == [tk.GEMM_MIN_ROWS]
+tk.set_int8_kernel("gemv")
+tk.gemv(x, q, b, scale=s)
+assert launches == [tk.GEMM_MIN_ROWS] and not tk.uses_gemm(tk.QMAX_ROWS, True) and not tk.uses_gemm(64, False)
+print("ok")
+"""
+
+
+def test_int8_gemm_equals_the_dequantized_matmul_in_the_interpreter():
+    """The tiled int8 GEMM (the many-row kernel) against fp32 matmuls over the dequantized weights at 1 to 256 rows,
+    with N and K off its tiles, each epilogue; and `gemv`'s dispatch between the two kernels at GEMM_MIN_ROWS."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", GEMM_CHECK], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
 # ---- preshard --dtype int8, the backend and the server ----
 
 

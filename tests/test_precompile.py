@@ -207,7 +207,8 @@ def test_seed_archs_only_for_the_same_settings_and_triton(tmp_path, monkeypatch)
 
 def test_the_int8_plan_is_the_fp16_plan_on_int8_weights_with_the_larger_batches(tiny_model_dir):
     """`--dtype int8`: the same decode calls (one definition: the model's row limits and row blocks), on int8 weights,
-    and past 16 rows the 64-row blocks the fp16 plan leaves to cuBLAS."""
+    and past 16 rows the row buckets the fp16 plan leaves to cuBLAS (each bucket's GEMM key, or the gemv's 64-row
+    blocks below the GEMM's threshold)."""
     pytest.importorskip("triton")
     from bloom_server.fast import triton_kernels as tk
 
@@ -215,8 +216,13 @@ def test_the_int8_plan_is_the_fp16_plan_on_int8_weights_with_the_larger_batches(
                           fast_decode=None, weights=pc.weight_format("int8"))  # fmt: skip
     q, f = tk.plan_for(facts), tk.plan_for({**facts, "weights": pc.weight_format("fp16")})
     assert q.quant and not f.quant and q.gemvs == f.gemvs and q.dtype == f.dtype == "float16"
-    assert f.rows(2) == (2, 16) and q.rows(2) == (2, 16, 24, 64)
-    assert {tk.block_rows(m) for m in q.rows(2)} == {16, 64} and max(q.rows(2)) <= tk.max_rows(True)
+    assert f.rows(2) == (2, 16) and q.rows(2) == (2, 16, 24, 32)
+    big = tk.plan_for({**facts, "max_batch": 128}).rows(2)
+    assert big == (2, 16, 24, 32, 40, 64, 72, 128) and max(tk.plan_for({**facts, "max_batch": 999}).rows(2)) == 256
+    # Past 16 rows: every GEMM bucket the batch reaches, each specialised as "not / divisible by 16".
+    assert {tk.gemm_block_rows(m) for m in big if m > 16} == {32, 64, 128}
+    assert {m % 16 == 0 for m in big if m > 16} == {True, False} and max(big) <= tk.max_rows(True)
+    assert all(tk.uses_gemm(m, True) or tk.block_rows(m) in (16, 64) for m in big)
     assert tk.plan_for({**facts, "max_batch": 16}).rows(2) == (2, 16)
     assert tk.DecodePlan.from_json(q.to_json()) == q
 

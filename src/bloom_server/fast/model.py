@@ -26,7 +26,8 @@ row-parallel epilogues on one rank only), the attention as above; anything else 
 that lost to the default are listed in docs/results/removed.md.
 
 Weight-only int8 (fast/quant.py; the weights' `*_s` scales are set): activations stay in the model dtype (the layer
-norms' dtype). Every linear layer and the head run the int8 Triton kernel for up to triton_kernels.QMAX_ROWS rows
+norms' dtype). Every linear layer and the head run the int8 Triton kernels (the gemv, or from GEMM_MIN_ROWS rows on
+the tiled GEMM: triton_kernels.gemv picks) for up to triton_kernels.QMAX_ROWS rows
 (decode inside the same CUDA graphs, with the same epilogues; short prefills too) wherever the fp16 GEMVs would run,
 and dequantize-then-matmul (fast/quant.py dequant_linear, in row chunks) elsewhere; the embedding lookup dequantizes
 the rows it reads.

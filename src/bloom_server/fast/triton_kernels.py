@@ -57,11 +57,36 @@ MAX_ROWS = 16  # rows one gemv program holds (tl.dot's smallest M); more rows ta
 QMAX_ROWS = 256
 # Shared memory one gemv config may use (x and w tiles times pipeline stages), under the A100's 164 KiB per block.
 SMEM_BUDGET = 160 << 10
+# int8 weights from this many rows on take the tiled GEMM (`_qgemm_kernel`: tensor cores over full weight tiles, each
+# weight tile read once per GEMM_MAX_BM rows) instead of the gemv's row blocks. A placeholder where the gemv's 64-row
+# blocks start: scripts/gpu/int8.sh times both kernels per row count and the GPU run sets it
+# (docs/results/fast-engine.md "int8").
+GEMM_MIN_ROWS = 17
+GEMM_MAX_BM = 128  # the most rows one GEMM program holds (the MMA's N): 256 rows are two row blocks
+_gemm_min_rows = GEMM_MIN_ROWS  # what `gemv` dispatches on; a bench forces one kernel with `set_int8_kernel`
 
 
 def max_rows(quant: bool) -> int:
     """The most rows the gemv kernel takes: the model's Triton paths and the kernel plan both ask here."""
     return QMAX_ROWS if quant else MAX_ROWS
+
+
+def uses_gemm(m: int, quant: bool) -> bool:
+    """Whether `gemv` of m rows runs the tiled int8 GEMM (int8 weights, no layer-norm prologue) rather than the gemv."""
+    return quant and m >= _gemm_min_rows
+
+
+def set_int8_kernel(kind: str) -> None:
+    """Which kernel the int8 calls take, for a bench that times each: "gemv" (every row count up to QMAX_ROWS), "gemm"
+    (every row count) or "auto" (GEMM_MIN_ROWS decides). Process-wide; set before an engine captures its graphs."""
+    global _gemm_min_rows
+    _gemm_min_rows = {"gemv": QMAX_ROWS + 1, "gemm": 1, "auto": GEMM_MIN_ROWS}[kind]
+
+
+def gemm_block_rows(m: int) -> int:
+    """The GEMM's row bucket of m rows (its autotune key, MB): the power of two >= m, from 16 (tl.dot's smallest) to
+    GEMM_MAX_BM * 2 (two row blocks). Its configs hold MB rows, or MB / 2 where two row blocks give more programs."""
+    return max(16, 1 << (max(m, 1) - 1).bit_length())
 
 
 def block_rows(m: int) -> int:
@@ -84,16 +109,24 @@ def fits(*tensors: torch.Tensor) -> bool:
 
 
 if HAVE_TRITON:
+    # (BN, BK, warps, stages) of the gemv. The floating weights' six; int8 weights add wider K tiles: at one byte a
+    # weight, a 512-wide tile is 4 KiB a program per iteration, too few bytes in flight to stream HBM (the one-row
+    # path has no tl.dot, so Triton's pipeliner does not prefetch its loads: the bytes in flight are what the live
+    # programs ask for at once); 1024 and 2048 keep each thread's loads 16-byte vectors and double or quadruple the
+    # bytes per iteration, BN 4 doubles the programs of the 4096-row layers (dense, fc2), which otherwise fill the
+    # SMs in few waves; 8 warps give more loads per program. Autotune picks per (N, K, BM) on the GPU.
+    _GEMV_FLOAT = ((8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3), (8, 1024, 8, 2))
+    _GEMV_INT8 = ((4, 1024, 4, 2), (4, 2048, 8, 2), (8, 1024, 4, 2), (8, 2048, 8, 2), (16, 1024, 8, 2),
+                  (32, 512, 8, 2), (64, 256, 4, 3))  # fmt: skip
+
+    def _cfg_id(c: Any) -> tuple:
+        return (c.kwargs["BN"], c.kwargs["BK"], c.num_warps, c.num_stages)
 
     def _gemv_configs() -> list:
         if INTERPRET:
             return [triton.Config({"BN": 16, "BK": 32}, num_warps=4, num_stages=1)]
-        cfg = []
-        for bn, bk, warps, stages in (
-            (8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3), (8, 1024, 8, 2),
-        ):  # fmt: skip
-            cfg.append(triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages))
-        return cfg
+        return [triton.Config({"BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+                for bn, bk, warps, stages in _GEMV_FLOAT + _GEMV_INT8]  # fmt: skip
 
     @triton.jit
     def _tanh(x, LIBDEVICE: tl.constexpr):
@@ -102,12 +135,35 @@ if HAVE_TRITON:
         else:
             return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
 
+    @triton.jit
+    def _i8_to(w, dt: tl.constexpr):
+        # int8 -> dt, exact (|q| <= 127), without I2F: integer-to-float conversions run at a quarter of the ALU rate
+        # on sm_80/sm_90, and at one byte a weight the int8 GEMV converts about as many values per second as HBM
+        # delivers bytes. Integer adds into a float's mantissa instead: the bits of 1.5 * 2**23 plus q are the fp32
+        # 1.5 * 2**23 + q (|q| < 2**22), and the fp16 bits 0x6480 plus q the fp16 1152 + q (1024 <= 1152 + q < 2048,
+        # where fp16 steps by 1); subtracting the constant leaves q. bf16 takes the fp32 value (exact in bf16 too).
+        if dt == tl.float16:
+            return ((w.to(tl.int16) + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0).to(tl.float16)
+        else:
+            f = (w.to(tl.int32) + 0x4B400000).to(tl.int32).to(tl.float32, bitcast=True) - 12582912.0
+            return f.to(dt)
+
+    @triton.jit
+    def _gelu(y, dt: tl.constexpr, LIBDEVICE: tl.constexpr):
+        # tanh GELU of the rounded linear output, as F.gelu(approximate="tanh")
+        v = y.to(tl.float32)
+        inner = 0.7978845608028654 * (v + 0.044715 * (v * v * v))
+        return (0.5 * v * (1.0 + _tanh(inner, LIBDEVICE))).to(dt)
+
     def _prune(configs, nargs, **kw):
         # tl.dot needs every dim >= 16: the many-row kernel keeps the configs with BN >= 16; and the tiles of x
         # (BM x BK, 2 bytes) and w (BN x BK, 1 or 2 bytes) of every stage must fit SMEM_BUDGET (the 64-row blocks).
+        # Floating weights keep their own six configs (the int8 ones are for one-byte weights).
         bm = kw.get("BM", nargs.get("BM", 1))
         wb = 1 if kw.get("QUANT", nargs.get("QUANT", False)) else 2
         keep = [c for c in configs if bm == 1 or c.kwargs["BN"] >= 16]
+        if wb == 2:
+            keep = [c for c in keep if _cfg_id(c) not in _GEMV_INT8] or keep
         fit = [c for c in keep if (bm * 2 + c.kwargs["BN"] * wb) * c.kwargs["BK"] * c.num_stages <= SMEM_BUDGET]
         return fit or keep or configs
 
@@ -183,9 +239,16 @@ if HAVE_TRITON:
                 xn = (xv.to(tl.float32) - mean[:, None]) * rstd[:, None] * lw[None, :] + lb[None, :]
                 xv = tl.where(mmask[:, None] & kmask[None, :], xn, 0.0).to(dt)  # rounded, as F.layer_norm's output
             if BM == 1:
-                acc1 += w.to(tl.float32) * xv.to(tl.float32)  # [BN, BK] * [1, BK]: one row, no tensor cores
+                # [BN, BK] * [1, BK]: one row, no tensor cores
+                if QUANT:
+                    acc1 += _i8_to(w, tl.float32) * xv.to(tl.float32)
+                else:
+                    acc1 += w.to(tl.float32) * xv.to(tl.float32)
             else:
-                acc = tl.dot(xv, tl.trans(w.to(dt)), acc)  # int8 -> the model dtype: exact (|q| <= 127)
+                if QUANT:
+                    acc = tl.dot(xv, tl.trans(_i8_to(w, dt)), acc)  # int8 -> the model dtype: exact (|q| <= 127)
+                else:
+                    acc = tl.dot(xv, tl.trans(w), acc)
         if BM == 1:
             acc = tl.sum(acc1, axis=1)[None, :]
         if QUANT:  # the row scales of the int8 weight, on the fp32 sums
@@ -193,15 +256,74 @@ if HAVE_TRITON:
         bias = tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
         y = (acc + bias[None, :]).to(dt)
         omask = mmask[:, None] & nmask[None, :]
-        if EPI == 1:  # tanh GELU of the rounded linear output, as F.gelu(approximate="tanh")
-            v = y.to(tl.float32)
-            cube = v * v * v
-            inner = 0.7978845608028654 * (v + 0.044715 * cube)
-            y = (0.5 * v * (1.0 + _tanh(inner, LIBDEVICE))).to(dt)
+        if EPI == 1:
+            y = _gelu(y, dt, LIBDEVICE)
         if EPI == 2:  # + residual, as `linear(...) + residual`
             r = tl.load(r_ptr + rm[:, None] * srm + rn[None, :], mask=omask, other=0.0)
             y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :], y, mask=omask)
+
+    # The int8 GEMM's configs: BM rows of x (the MMA's N), BN weight rows (its M: 64 a warpgroup), BK. Each weight
+    # tile is read once per row block, so BM is the bucket MB (one row block up to GEMM_MAX_BM rows) or MB / 2 from
+    # 64 rows on (twice the programs, the second read of a tile from L2: the 4096-row layers have only 32 to 64
+    # tiles of 64 or 128 rows, under the H100's 132 SMs). BK 64..256 with 3..5 stages: the cp.async pipeline that
+    # keeps the tensor cores fed; the SMEM prune drops what does not fit. Autotune picks per (N, K, MB) on the GPU.
+    _QGEMM_TILES = ((64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 5), (128, 128, 8, 4), (128, 256, 8, 3))
+
+    def _qgemm_configs() -> list:
+        if INTERPRET:
+            return [triton.Config({"BM": 16, "BN": 32, "BK": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages)
+                for bm in (16, 32, 64, 128) for bn, bk, warps, stages in _QGEMM_TILES]  # fmt: skip
+
+    def _qgemm_prune(configs, nargs, **kw):
+        mb = kw.get("MB", nargs.get("MB", 16))
+        rows = {min(mb, GEMM_MAX_BM)} | ({min(mb, GEMM_MAX_BM) // 2} if mb >= 64 else set())
+        keep = [c for c in configs if c.kwargs["BM"] in rows]
+        fit = [c for c in keep if (c.kwargs["BN"] + 2 * c.kwargs["BM"]) * c.kwargs["BK"] * c.num_stages <= SMEM_BUDGET]
+        return fit or keep or configs
+
+    @triton.autotune(configs=_qgemm_configs(), key=["N", "K", "MB"],
+                     prune_configs_by={"early_config_prune": _qgemm_prune}, **_autotune_kwargs())  # fmt: skip
+    @triton.jit
+    def _qgemm_kernel(
+        x_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr,
+        M, N, K, MB, sxm, swn, srm, sym,
+        EPI: tl.constexpr, LIBDEVICE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        # y [M, N] = x [M, K] @ (q * s)^T + b, computed transposed: acc [BN, BM] = q_tile [BN, BK] @ x^T [BK, BM].
+        # The converted weight tile is the MMA's A operand, which Hopper's wgmma may take from registers (B must come
+        # from shared memory: the weight as B would be converted, then stored back to shared memory); the weight rows
+        # fill the MMA's M (64 and more) whatever the batch, the batch is its N (16 and more). The row scale multiplies
+        # the fp32 sums after the K loop, then the same bias and epilogues as the gemv, rounded where it rounds.
+        # Grid (row blocks, column blocks): the row blocks of one weight tile are neighbours (the second from L2).
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        mmask = rm < M
+        nmask = rn < N
+        dt = y_ptr.dtype.element_ty
+        # Rows past M / N read a valid row (never stored), so the loop's loads are masked on K only.
+        wp = w_ptr + (rn % N)[:, None] * swn + rk[None, :]
+        xp = x_ptr + (rm % M)[None, :] * sxm + rk[:, None]
+        acc = tl.zeros((BN, BM), tl.float32)
+        for k0 in range(0, K, BK):
+            kmask = k0 + rk < K
+            w = tl.load(wp, mask=kmask[None, :], other=0)
+            xt = tl.load(xp, mask=kmask[:, None], other=0.0)
+            acc = tl.dot(_i8_to(w, dt), xt, acc)
+            wp += BK
+            xp += BK
+        acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        bias = tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        y = (acc + bias[:, None]).to(dt)
+        omask = nmask[:, None] & mmask[None, :]
+        if EPI == 1:
+            y = _gelu(y, dt, LIBDEVICE)
+        if EPI == 2:
+            r = tl.load(r_ptr + rm[None, :] * srm + rn[:, None], mask=omask, other=0.0)
+            y = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
+        tl.store(y_ptr + rm[None, :] * sym + rn[:, None], y, mask=omask)
 
     @triton.jit
     def _decode_attn_kernel(
@@ -272,7 +394,8 @@ def gemv(
 ) -> torch.Tensor:
     """x [M, K] (M <= max_rows, K contiguous), w [N, K] contiguous, b [N] -> [M, N] in x's dtype. `ln` = (weight,
     bias, eps): x is layer-normed first. epilogue "gelu" (tanh form) or "residual" (+ residual [M, N]). `scale` [N]
-    fp32: w is int8 and y = x @ (w * scale[:, None])^T + b."""
+    fp32: w is int8 and y = x @ (w * scale[:, None])^T + b. int8 weights from GEMM_MIN_ROWS rows on (without `ln`)
+    run the tiled GEMM, fewer rows the gemv (`uses_gemm`): the same numbers to the order of the fp32 sums."""
     M, K = x.shape
     N = w.shape[0]
     quant = scale is not None
@@ -283,6 +406,14 @@ def gemv(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     r = residual if residual is not None else y
     assert epilogue != "residual" or (residual is not None and r.stride(1) == 1)
+    if ln is None and uses_gemm(M, quant):
+        mb = gemm_block_rows(M)
+        grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))  # noqa: E731
+        _qgemm_kernel[grid](
+            x, w, scale, b, r, y, M, N, K, mb, x.stride(0), w.stride(0), r.stride(0), y.stride(0),
+            EPI=EPILOGUES[epilogue], LIBDEVICE=not INTERPRET,
+        )  # fmt: skip
+        return y
     lnw, lnb, eps = ln if ln is not None else (b, b, 0.0)
     bm = block_rows(M)
     grid = lambda meta: (triton.cdiv(M, bm), triton.cdiv(N, meta["BN"]))  # noqa: E731 - Triton's grid idiom
@@ -368,12 +499,16 @@ class DecodePlan:
     def rows(self, stage: int) -> tuple[int, ...]:
         """Row counts whose variants a stage covers: 1 (BM=1: what the one-row warm-up and bs-1 decode use), then
         2 and 16 (BM=16, specialised as "not / divisible by 16": bs 2-16 steps and multi-row prefill logits), and
-        with int8 weights 24 and 64 (BM=64, the same two specialisations) for batches past 16."""
+        with int8 weights, for batches past 16, two row counts of each row bucket the batch reaches (MB / 2 + 8 and
+        MB: the same two specialisations, the GEMM's autotune keys; `gemv` sends each to its kernel, `uses_gemm`)."""
         if stage == 1:
             return (1,)
         rows = ((2,) if self.max_batch > 1 else ()) + ((16,) if self.max_batch >= 16 else ())
         if self.max_batch > MAX_ROWS and max_rows(self.quant) > MAX_ROWS:
-            rows += (24, 64)
+            top = min(self.max_batch, max_rows(True))
+            for mb in (32, 64, 128, 256):
+                if mb // 2 < top:
+                    rows += (mb // 2 + 8, mb)
         return rows
 
     def to_json(self) -> str:
@@ -498,6 +633,23 @@ def _compile_only(plan: DecodePlan, stage: int, part: int, parts: int, launchers
     for m in plan.rows(stage):
         bm = block_rows(m)
         for g in plan.gemvs:
+            if uses_gemm(m, plan.quant) and not g.ln:
+                mb = gemm_block_rows(m)
+                for cfg in _qgemm_prune(_qgemm_kernel.configs, {}, MB=mb):
+                    variant = ("gemm", m % 16 == 0, g.epilogue, g.N % 16 == 0, g.K % 16 == 0,
+                               tuple(sorted(cfg.all_kwargs().items())))  # fmt: skip
+                    if variant in seen:
+                        continue
+                    seen.add(variant)
+
+                    def gjob(g=g, m=m, mb=mb, cfg=cfg):
+                        return _qgemm_kernel.fn.warmup(
+                            dt, wt, st, dt, dt, dt, m, g.N, g.K, mb, g.K, g.K, g.N, g.N,
+                            EPI=EPILOGUES[g.epilogue], LIBDEVICE=not INTERPRET, grid=(1,), **cfg.all_kwargs(),
+                        )  # fmt: skip
+
+                    jobs.append(gjob)
+                continue
             for cfg in _prune(_gemv_kernel.configs, {}, BM=bm, QUANT=plan.quant):
                 # One job per variant: Triton specialises N and K only on == 1 and divisibility by 16 (qkv and the
                 # head share theirs, dense and fc2 theirs), so two workers never compile the same one.
@@ -607,11 +759,11 @@ def _worker_main(argv: list[str]) -> int:
 
 
 def kernel_counts() -> dict[str, int]:
-    """Compiled variants and autotuned GEMV keys held in this process (to tell whether a call compiled or tuned)."""
+    """Compiled variants and autotuned GEMV / GEMM keys held in this process (to tell whether a call compiled or tuned)."""
     if not HAVE_TRITON:
         return {"compiled": 0, "tuned": 0}
     compiled = 0
-    for fn in (_gemv_kernel.fn, _decode_attn_kernel):
+    for fn in (_gemv_kernel.fn, _qgemm_kernel.fn, _decode_attn_kernel):
         caches = getattr(fn, "device_caches", None)
         if isinstance(caches, dict):  # Triton 3.x: device -> (kernel cache, ...)
             for v in caches.values():
@@ -621,7 +773,8 @@ def kernel_counts() -> dict[str, int]:
             c = getattr(fn, "cache", None)
             if isinstance(c, dict):
                 compiled += sum(len(d) if isinstance(d, dict) else 1 for d in c.values())
-    return {"compiled": compiled, "tuned": len(getattr(_gemv_kernel, "cache", {}) or {})}
+    tuned = sum(len(getattr(k, "cache", {}) or {}) for k in (_gemv_kernel, _qgemm_kernel))
+    return {"compiled": compiled, "tuned": tuned}
 
 
 class Prewarm:

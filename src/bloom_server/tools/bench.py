@@ -60,6 +60,7 @@ class Row:
     peak_reserved_gb: float | None = None
     dtype: str = ""  # the weights' (int8: weight-only int8, fp16 activations)
     weight_bytes: int | None = None  # this rank's weights as resident (the fast engine's; None where unknown)
+    int8_kernel: str = ""  # --int8-kernel of an int8 row
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycles", type=int, default=5, help="timed generates per batch size (median)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32", "int8"],
                    help="int8: the fast engine's weight-only int8 (fp16 activations; fast only)")  # fmt: skip
+    p.add_argument("--int8-kernel", default="auto", choices=["auto", "gemv", "gemm"],
+                   help="with --dtype int8: the kernel of every int8 call of up to 256 rows (auto: by row count, "
+                   "fast/triton_kernels.py GEMM_MIN_ROWS), to time each")  # fmt: skip
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth (default: measured)")
     p.add_argument("--tflops", type=float, default=None, help="matrix rate (default: measured on a GPU)")
     p.add_argument("--check-tokens", action="store_true", help="compare greedy tokens with hf on the same weights")
@@ -400,6 +404,7 @@ class Bench:
             peak_gb=peak, tokens_equal_hf=equal, tokens_equal_smaller_bs=own_equal, runs_s=full,
             peak_reserved_gb=reserved, dtype=self.dtype_name if name == "fast" else str(self.dtype).replace("torch.", ""),
             weight_bytes=self.weights().nbytes() if name == "fast" else None,
+            int8_kernel=args.int8_kernel if self.quant else "",
         )  # fmt: skip
         total_tokens = args.cycles * bs * args.new_tokens
         weights = f", {row.weight_bytes / 1e9:.2f} GB of weights resident" if row.weight_bytes else ""
@@ -646,6 +651,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bloom-server bench: --dtype int8 is the fast engine's (--backend fast, no --check-tokens)", file=sys.stderr
         )
         return 2
+    if args.int8_kernel != "auto":
+        if args.dtype != "int8":
+            print("bloom-server bench: --int8-kernel is for --dtype int8", file=sys.stderr)
+            return 2
+        from bloom_server.fast import triton_kernels as tk
+
+        tk.set_int8_kernel(args.int8_kernel)
     if args.check_tokens and "hf" not in names:
         names.insert(0, "hf")
     if "hf" in names:

@@ -55,14 +55,17 @@ def _instanttensor(files: list[str], device, info: dict) -> int:
 
 
 def _builtin(files: list[str], device, info: dict) -> int:
+    from bloom_server.fast.catalog import SCALE_SUFFIX
     from bloom_server.fast.weights import _ST_DTYPES, read_safetensors
     from bloom_server.settings import Settings
     from bloom_server.storage.safetensors import read_header
 
     headers = [read_header(f) for f in files]
     wanted = [(i, t) for i, h in enumerate(headers) for t in h.tensors]
-    # Floating tensors in their stored dtype (the bench's checkpoints have one), so that nothing is cast.
-    dtype = next((_ST_DTYPES[t.dtype] for _, t in wanted if _ST_DTYPES[t.dtype].is_floating_point), None)
+    # Floating tensors in their stored dtype (the bench's checkpoints have one besides an int8 layout's fp32 scales,
+    # which the loader keeps in fp32), so that nothing is cast.
+    dtype = next((_ST_DTYPES[t.dtype] for _, t in wanted
+                  if _ST_DTYPES[t.dtype].is_floating_point and not t.name.endswith(SCALE_SUFFIX)), None)  # fmt: skip
     threads = Settings.model_fields["load_threads"].default
     chunk = int(Settings.model_fields["load_chunk_mb"].default * 2**20)
     info["threads"] = threads

@@ -5,6 +5,7 @@
     python scripts/bench/cold_start.py --shape 7b1                 # GPU: BLOOM-7b1 shape, random fp16 weights (14.1 GB)
     python scripts/bench/cold_start.py --shape tiny                # CPU: a tiny shape, to check the script itself
     python scripts/bench/cold_start.py --shape 7b1 --preshard 1    # also time the pre-sharded layout
+    python scripts/bench/cold_start.py --shape 7b1 --layouts plain,preshard-int8-tp1   # and the int8 one (--dtype int8)
 
 Steps, each timed and printed: write (or reuse) a random-weight checkpoint of the shape (streamed to disk tensor by
 tensor, drawn on the GPU when there is one), optionally `bloom-server preshard` it; evict its pages from the page cache
@@ -28,7 +29,14 @@ eviction above): `cat` of the weights (the disk's own rate), `python -c "import 
 (torch's import and CUDA's start), each loader's bare read of the files onto the GPU in a fresh process
 (scripts/bench/bare_read.py: the read timed apart from torch and CUDA's start), and `serve --backend fast` from process
 start to /ready 200 with BLOOM_LOADER set to each loader, in an order rotated every round; then one table: ready / cat
-and ready / (import + bare read) per loader, the median over the rounds and every round's figure.
+and ready / (import + bare read) per loader, the median over the rounds and every round's figure. Every layout of
+--layouts gets its own rounds and rows, each against the cat and bare reads of its own files (an int8 layout's
+are about half the fp16 bytes).
+
+--layouts: `plain` (the checkpoint written), `preshard-tpN` (`bloom-server preshard --tp N` of it, as stored) and
+`preshard-DTYPE-tpN` (`--dtype DTYPE`; `int8` is served with `--dtype int8`). With --shape 176b and --layers N the
+checkpoint is the 176B layer shape (hidden 14336, the 250880 x 14336 embedding: 7.19 GB in fp16, and 4.93 GB per
+layer); the script refuses to write one its disk cannot hold.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -86,6 +95,11 @@ def write_checkpoint(out: Path, shape_name: str, dtype: str, layers: int | None)
         return out
     if out.exists():
         shutil.rmtree(out)
+    need = shape.params() * {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise SystemExit(f"{out}: {need / 1e9:.2f} GB of weights ({shape.n_layer} layers, hidden {shape.hidden_size}) "
+                         f"do not fit the {free / 1e9:.2f} GB free there: fewer --layers, or another --dir")  # fmt: skip
     out.mkdir(parents=True)
     t = time.monotonic()
     from make_random_bloom import train_tokenizer
@@ -119,6 +133,48 @@ def write_checkpoint(out: Path, shape_name: str, dtype: str, layers: int | None)
     say(f"wrote {out}: {size / 1e9:.2f} GB random {dtype} weights ({shape.n_layer} layers, hidden "
         f"{shape.hidden_size}) in {time.monotonic() - t:.1f} s (drawn on {device})")  # fmt: skip
     return out
+
+
+def parse_layouts(spec: str, preshard_tp: int) -> list[tuple[str, int | None, str | None]]:
+    """--layouts (and --preshard TP, which adds preshard-tpTP) -> [(label, TP or None, preshard --dtype or None)],
+    each layout once, in order. ValueError naming a malformed one."""
+    from bloom_server.fast.preshard import PRESHARD_DTYPES
+
+    items = [x.strip() for x in spec.split(",") if x.strip()] + ([f"preshard-tp{preshard_tp}"] if preshard_tp else [])
+    dtypes = "|".join(PRESHARD_DTYPES)
+    out: dict[str, tuple[int | None, str | None]] = {}
+    for item in items:
+        m = re.fullmatch(rf"preshard(?:-({dtypes}))?-tp([1-9][0-9]*)", item)
+        if item != "plain" and not m:
+            raise ValueError(f"--layouts: {item!r} is not plain, preshard-tpN or preshard-DTYPE-tpN "
+                             f"(DTYPE one of {', '.join(PRESHARD_DTYPES)})")  # fmt: skip
+        out[item] = (int(m.group(2)), m.group(1)) if m else (None, None)
+    if not out:
+        raise ValueError("--layouts: no layout named")
+    return [(k, tp, dt) for k, (tp, dt) in out.items()]
+
+
+def layout_dir(
+    model: Path, label: str, tp: int | None, dtype: str | None, server_args: list[str]
+) -> tuple[Path, list[str]]:
+    """The directory a layout serves and its `serve` flags: the checkpoint itself, or its `bloom-server preshard`
+    (written once, and again when the checkpoint was rewritten after it); an int8 preshard is served with --dtype
+    int8."""
+    if tp is None:
+        return model, server_args
+    from bloom_server.fast.preshard import preshard
+
+    out = model.with_name(model.name + (f"-{dtype}" if dtype else "") + f"-tp{tp}")
+    done = out / "preshard.json"
+    if not done.is_file() or done.stat().st_mtime < (model / "cold_start.json").stat().st_mtime:
+        if out.exists():
+            shutil.rmtree(out)
+        t = time.monotonic()
+        preshard(str(model), tp, out, dtype=dtype, log=say)
+        size = sum(f.stat().st_size for f in weight_files(out, tp))
+        say(f"[{label}] pre-sharded for tp {tp}{f' as {dtype}' if dtype else ''}: {size / 1e9:.2f} GB in "
+            f"{time.monotonic() - t:.1f} s")  # fmt: skip
+    return out, [*server_args, "--dtype", "int8"] if dtype == "int8" else server_args
 
 
 def weight_files(model_dir: Path, tp: int | None) -> list[Path]:
@@ -398,8 +454,9 @@ def bare_read(loader: str, files: list[Path]) -> dict:
 
 
 def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list[Path], tp: int | None,
-                  results: dict) -> None:  # fmt: skip
-    """The --loaders comparison on one layout (see the module's help); rows go to results["loader_rounds"]."""
+                  results: dict, server_args: list[str], shape: str) -> None:  # fmt: skip
+    """The --loaders comparison on one layout (see the module's help); rows go to results["loader_rounds"]. `shape`
+    (e.g. 7b1, 176b-2l) names the checkpoint in the rows, the server logs and the kernel cache."""
     total = sum(f.stat().st_size for f in files)
     loaders = [x.strip() for x in args.loaders.split(",") if x.strip()]
     # Server runs: one per loader, and one per --variant (its own environment, e.g. a library's read mode), whose
@@ -408,13 +465,13 @@ def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list
     for spec in args.variant:
         name, _, kvs = spec.partition(":")
         servers[name] = dict(kv.split("=", 1) for kv in kvs.split(",") if "=" in kv)
-    kdir = args.dir / f"kernel-cache-loaders-{label}"
+    kdir = args.dir / f"kernel-cache-loaders-{shape}-{label}"
     if kdir.exists():
         shutil.rmtree(kdir)
     base = {"BLOOM_LOAD_THREADS": str(args.threads), "BLOOM_LOAD_CHUNK_MB": str(args.chunk_mb),
             "BLOOM_KERNEL_CACHE_DIR": str(kdir)}  # fmt: skip
     t = time.monotonic()
-    warm = time_server(model, f"{label}-kernel-warmup", base, tp or 1, args.timeout, args.dir, args.server_args)
+    warm = time_server(model, f"{shape}-{label}-kernel-warmup", base, tp or 1, args.timeout, args.dir, server_args)
     say(f"[{label}] kernel cache filled by an unmeasured start in {time.monotonic() - t:.1f} s "
         f"({'ready' if 'ready_s' in warm else warm.get('error')}); every start below restarts on it")  # fmt: skip
     bare_ok = not tp or tp == 1  # one process reading every rank's file is not one rank's read
@@ -427,7 +484,7 @@ def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list
         t_round = time.monotonic()
         names = list(servers)
         order = names[rnd % len(names) :] + names[: rnd % len(names)]
-        row: dict = {"layout": label, "round": rnd + 1, "bytes": total, "order": order, "bare": {}, "ready": {},
+        row: dict = {"shape": shape, "layout": label, "round": rnd + 1, "bytes": total, "order": order, "bare": {}, "ready": {},
                      "bare_of": {k: v.get("BLOOM_LOADER", "auto") for k, v in servers.items()}}  # fmt: skip
         row["cold"] = make_cold(files, args.drop_caches)
         row["cat_s"] = plain_read(files)
@@ -446,8 +503,8 @@ def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list
                 f"({b['device']}; {b.get('info')})")  # fmt: skip
         for loader in order:
             row["cold"] = make_cold(files, args.drop_caches) and row["cold"]
-            r = time_server(model, f"{label}-{loader}-r{rnd + 1}", {**base, **servers[loader]}, tp or 1,
-                            args.timeout, args.dir, args.server_args)  # fmt: skip
+            r = time_server(model, f"{shape}-{label}-{loader}-r{rnd + 1}", {**base, **servers[loader]}, tp or 1,
+                            args.timeout, args.dir, server_args)  # fmt: skip
             prog = r.get("progress") or {}
             keep = {k: v for k, v in r.items() if k in ("ready_s", "port_open_s", "error", "log", "log_lines")}
             row["ready"][loader] = {**keep, "phases": prog.get("phases"), "timings": prog.get("timings")}
@@ -466,8 +523,9 @@ def loader_rounds(args: argparse.Namespace, label: str, model: Path, files: list
 
 
 def loader_table(rows: list[dict]) -> list[str]:
-    """One markdown table over the rounds: per layout and loader, the median and every round of ready / cat and
-    ready / (import + bare read), with the disk's rate and torch's start of those rounds."""
+    """One markdown table over the rounds: per checkpoint shape, layout and loader, the median and every round of
+    ready / cat and ready / (import + bare read) (each of that layout's own files), with the disk's rate, the bytes
+    and torch's start of those rounds."""
     import statistics
 
     def med(xs: list[float]) -> str:
@@ -476,10 +534,10 @@ def loader_table(rows: list[dict]) -> list[str]:
     def each(xs: list[float]) -> str:
         return ", ".join(f"{x:.2f}" for x in xs)
 
-    out = ["| layout | loader | ready s | ready / cat | bare read s (GB/s) | ready / (import + bare) | rounds: ready / cat |",
-           "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for layout in dict.fromkeys(r["layout"] for r in rows):
-        rs = [r for r in rows if r["layout"] == layout]
+    out = ["| shape | layout | loader | ready s | ready / cat | bare read s (GB/s) | ready / (import + bare) | "
+           "rounds: ready / cat |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for shape, layout in dict.fromkeys((r.get("shape", "-"), r["layout"]) for r in rows):
+        rs = [r for r in rows if (r.get("shape", "-"), r["layout"]) == (shape, layout)]
         loaders = list(dict.fromkeys(k for r in rs for k in r["order"]))
         for loader in loaders:
             of = rs[0]["bare_of"].get(loader, loader)
@@ -489,12 +547,12 @@ def loader_table(rows: list[dict]) -> list[str]:
             vs_sum = [t / (r["import_s"] + r["bare"][of]["read_s"]) for t, r in ready
                       if "read_s" in r["bare"].get(of, {})]  # fmt: skip
             gbps = [b["bytes"] / 1e9 / b["read_s"] for b in bare]
-            out.append(f"| {layout} | {loader} | {med([t for t, _ in ready])} | {med(vs_cat)} | "
+            out.append(f"| {shape} | {layout} | {loader} | {med([t for t, _ in ready])} | {med(vs_cat)} | "
                        f"{med([b['read_s'] for b in bare])} ({med(gbps)}) | {med(vs_sum)} | {each(vs_cat)} |")  # fmt: skip
         cat = [r["cat_s"] for r in rs]
         rate = [r["bytes"] / 1e9 / r["cat_s"] for r in rs]
-        out.append(f"| {layout} | (cat; import torch) | {med(cat)}; {med([r['import_s'] for r in rs])} | disk "
-                   f"{med(rate)} GB/s | rounds: {each(rate)} GB/s | cold cache: "
+        out.append(f"| {shape} | {layout} | (cat; import torch) | {med(cat)}; {med([r['import_s'] for r in rs])} | "
+                   f"disk {med(rate)} GB/s over {rs[0]['bytes'] / 1e9:.2f} GB | rounds: {each(rate)} GB/s | cold cache: "
                    f"{'yes' if all(r['cold'] for r in rs) else 'NO'} | |")  # fmt: skip
     return out
 
@@ -625,7 +683,15 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         metavar="TP",
-        help="also write `bloom-server preshard --tp TP` and serve that (TP ranks: torchrun if > 1)",
+        help="also write `bloom-server preshard --tp TP` and serve that (TP ranks: torchrun if > 1); "
+        "the same as adding preshard-tpTP to --layouts",
+    )
+    p.add_argument(
+        "--layouts",
+        default="plain",
+        metavar="LAYOUT,...",
+        help="the layouts to time, in order: plain (the checkpoint), preshard-tpN (`bloom-server preshard --tp N`), "
+        "preshard-DTYPE-tpN (with --dtype DTYPE; int8 is served with --dtype int8) (default: plain)",
     )
     p.add_argument("--threads", type=int, default=4, help="threads of the parallel read (and BLOOM_LOAD_THREADS)")
     p.add_argument("--chunk-mb", type=int, default=32)
@@ -705,6 +771,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summary", type=Path, default=None, help="--loaders: also write the table here")
     p.add_argument("server_args", nargs="*", help="extra `serve` flags, after --")
     args = p.parse_args(argv)
+    try:
+        layouts = parse_layouts(args.layouts, args.preshard)
+    except ValueError as e:
+        p.error(str(e))
 
     import torch
 
@@ -716,18 +786,10 @@ def main(argv: list[str] | None = None) -> int:
     say(f"checkpoints in {args.dir}: {filesystem_of(args.dir)}")
     model = write_checkpoint(args.dir / f"bloom-{args.shape}{f'-{args.layers}l' if args.layers else ''}-{dtype}",
                              args.shape, dtype, args.layers)  # fmt: skip
-    runs: list[tuple[str, Path, int | None]] = [("plain", model, None)]
-    if args.preshard:
-        from bloom_server.fast.preshard import preshard
-
-        out = model.with_name(model.name + f"-tp{args.preshard}")
-        if not (out / "preshard.json").is_file():
-            if out.exists():
-                shutil.rmtree(out)
-            t = time.monotonic()
-            preshard(str(model), args.preshard, out, log=say)
-            say(f"pre-sharded for tp {args.preshard} in {time.monotonic() - t:.1f} s")
-        runs.append((f"preshard-tp{args.preshard}", out, args.preshard))
+    runs: list[tuple[str, Path, int | None, list[str]]] = []
+    for label, ltp, ldt in layouts:
+        d, sargs = layout_dir(model, label, ltp, ldt, args.server_args)
+        runs.append((label, d, ltp, sargs))
 
     seed_target = args.seed_target or (
         "cuda:{}{}".format(*torch.cuda.get_device_capability(0)) if gpu else None)  # fmt: skip
@@ -735,10 +797,11 @@ def main(argv: list[str] | None = None) -> int:
                      "runs": []}  # fmt: skip
     env = {"BLOOM_LOAD_THREADS": str(args.threads), "BLOOM_LOAD_CHUNK_MB": str(args.chunk_mb)}
     if args.loaders:
-        for label, d, tp in runs:
+        shape = args.shape + (f"-{args.layers}l" if args.layers else "")
+        for label, d, tp, sargs in runs:
             files = weight_files(d, tp)
             say(f"[{label}] {len(files)} weight file(s), {sum(f.stat().st_size for f in files) / 1e9:.3f} GB")
-            loader_rounds(args, label, d, files, tp, results)
+            loader_rounds(args, label, d, files, tp, results, sargs, shape)
         table = loader_table(results.get("loader_rounds", []))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -748,12 +811,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(table), flush=True)
         rows = results.get("loader_rounds", [])
         return 0 if rows and all("ready_s" in v for r in rows for v in r["ready"].values()) else 1
-    for label, d, tp in runs:
+    for label, d, tp, sargs in runs:
         files = weight_files(d, tp)
         total = sum(f.stat().st_size for f in files)
         say(f"[{label}] {len(files)} weight file(s), {total / 1e9:.3f} GB")
         kdir = args.dir / f"kernel-cache-{label}"
-        seed = make_seed(d, args.dir / f"kernel-seed-{label}", seed_target, tp, args.server_args, results) \
+        seed = make_seed(d, args.dir / f"kernel-seed-{label}", seed_target, tp, sargs, results) \
             if args.seeded_run and seed_target else None  # fmt: skip
         for rnd in range(max(1, args.rounds)):
             tag = f"-r{rnd + 1}" if args.rounds > 1 else ""
@@ -808,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
                 kc = Path(venv["BLOOM_KERNEL_CACHE_DIR"])
                 before = _cubins(kc) | (_cubins(seed) if vlabel == "seeded" and seed is not None else set())
                 r = time_server(d, f"{label}-{vlabel}{tag}", {**env, **venv}, tp or 1, args.timeout, args.dir,
-                                args.server_args, src=vsrc)  # fmt: skip
+                                sargs, src=vsrc)  # fmt: skip
                 r.update(bytes=total, plain_read_s=plain, parallel_read_s=par, page_cache_evicted=cold,
                          variant=f"{label}-{vlabel}", src=str(vsrc or ROOT / "src"))  # fmt: skip
                 # Kernel binaries this start compiled itself (new entries in its cache, beyond what it started

@@ -10,8 +10,9 @@
 # LOADERS_ARGS picks the checkpoints: cold_start.py flags (default --shape 7b1), several sets separated by ";", each
 # one cold_start.py run after the other (its flags after the defaults here, so --rounds or --budget-s in a set win).
 # A set's --layouts adds the pre-sharded layouts (preshard-int8-tp1: `bloom-server preshard --dtype int8`, served with
-# --dtype int8); --shape 176b --layers N is the 176B layer shape (7.19 GB of embedding + 4.93 GB a layer in fp16).
-# Each layout is compared with the cat and bare reads of its own files.
+# --dtype int8); --shape 176b --layers N is the 176B layer shape (its bytes: cold_start.py's help; beside the 7b1
+# checkpoints and their int8 preshard, 2 layers fit the lent machine's disk). Each layout is compared with the cat and
+# bare reads of its own files.
 #
 #     OUT=$OUT bash scripts/gpu/loaders.sh                      # builtin, fastsafetensors, runai, instanttensor; 3 rounds
 #     LOADERS=builtin,fastsafetensors LOADERS_ROUNDS=2 OUT=$OUT bash scripts/gpu/loaders.sh
@@ -21,8 +22,8 @@
 #     LOADERS_ARGS="--shape tiny --layouts plain,preshard-int8-tp1; --shape tiny --layers 1" LOADERS_DROP=0 \
 #       LOADERS=builtin,fastsafetensors bash scripts/gpu/loaders.sh                                 # CPU, two sets
 #
-# The next GPU session, one call of about 480 s (docs/results/cold-start.md "int8 and the 176B layer shape"): 7b1
-# plain and int8 pre-sharded, then the 176B layer shape (2 layers, 17.06 GB) plain, builtin and fastsafetensors:
+# The next GPU session, one call (its wall time estimated in docs/results/cold-start.md "int8 and the 176B layer
+# shape"): 7b1 plain and int8 pre-sharded, then the 176B layer shape (2 layers) plain, builtin and fastsafetensors:
 #     LOADERS=builtin,fastsafetensors LOADERS_ROUNDS=2 LOADERS_BUDGET_S=470 \
 #       LOADERS_ARGS="--shape 7b1 --layouts plain,preshard-int8-tp1 --budget-s 300; --shape 176b --layers 2 --budget-s 170" \
 #       OUT=$OUT bash scripts/gpu/loaders.sh

@@ -88,7 +88,9 @@ for i in "${!sets[@]}"; do
   echo "== set $(( i + 1 )): cold_start.py --loaders rc=$r"
   [ "$r" -ne 0 ] && rc=$r
   if [ -f "$WORK/summary.md" ]; then  # one table: the header once
-    if [ -s "$OUT/summary.md" ]; then tail -n +3 "$WORK/summary.md" >> "$OUT/summary.md"; else cat "$WORK/summary.md" >> "$OUT/summary.md"; fi
+    first=1
+    [ -s "$OUT/summary.md" ] && first=3
+    tail -n +"$first" "$WORK/summary.md" >> "$OUT/summary.md"
   fi
 done
 ( cd "$WORK" && tar czf "$OUT/servers.tgz" server-*.log ) 2>/dev/null

@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bloom_server import structured
     from bloom_server.api.grammar import make_grammar
-    from bloom_server.fast.engine import FastEngine
     from bloom_server.fast import rows as rows_mod
+    from bloom_server.fast.engine import FastEngine
     from bloom_server.fast.rows import Request, RowScheduler
     from bloom_server.fast.sampling import SamplingConfig
     from bloom_server.fast.shapes import PRESETS, BloomShape

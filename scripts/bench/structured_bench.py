@@ -11,7 +11,10 @@ Weights are random (seeded; fast/weights.py random_weights), so the text is nois
 a constrained row's tokens are the grammar's. The masks are computed by the same code the server runs (each step:
 the previous tokens read, each constrained row's mask filled on the host while the decode runs, then applied on
 the device). `--tokenizer` takes a tokenizer.json (BLOOM's own for realistic mask costs: its 250k tokens make a
-mask costlier than the embedded tiny model's 2k, which is the default when none is given). Only steps where every
+mask costlier than the embedded tiny model's 2k, which is the default when none is given; with `--shape tiny` the
+vocabulary is widened to the tokenizer's). Per step it reports the host time of the mask fills (on llguidance's
+threads), how long the engine thread waited for them (the part not hidden behind its other work) and how long it
+waited for the device's tokens (near 0: the host, not the device, sets the pace). Only steps where every
 row of the batch is live count (a row that finishes early would shrink the batch). Bounded by --time-limit.
 """
 
@@ -78,11 +81,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _padded_vocab(tokenizer_json: Path | None) -> int:
+    """The tiny shape's vocabulary: the embedded model's 2,048, or the given tokenizer's ids rounded up to 128 (as
+    BLOOM pads its 250,680 tokens to 250,880)."""
+    if tokenizer_json is None:
+        return 2048
+    tok = json.loads(Path(tokenizer_json).read_text())
+    ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
+    return -(-(max(ids) + 1) // 128) * 128
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bloom_server import structured
     from bloom_server.api.grammar import make_grammar
+    from bloom_server.fast import rows as rows_mod
     from bloom_server.fast.engine import FastEngine
     from bloom_server.fast.rows import Request, RowScheduler
     from bloom_server.fast.sampling import SamplingConfig
@@ -94,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dtype = torch.float16 if cuda else torch.float32
-    shape = PRESETS[args.shape] if args.shape in PRESETS else BloomShape(2048, 64, 2, 4)
+    tokenizer_json = args.tokenizer
+    # tiny: the embedded model's layers, its vocabulary widened to the tokenizer's (a BLOOM-sized mask on any CPU)
+    shape = PRESETS[args.shape] if args.shape in PRESETS else BloomShape(_padded_vocab(tokenizer_json), 64, 2, 4)
     if args.layers:
         shape = BloomShape(shape.vocab_size, shape.hidden_size, args.layers, shape.n_head)
-    tokenizer_json = args.tokenizer
     if tokenizer_json is None:
         from bloom_server.storage.tiny import build_tiny_model
 
@@ -116,19 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     prompts = [tuple(int(t) for t in torch.randint(10, 2000, (args.input_tokens,), generator=gen)) for _ in range(bs)]
 
-    mask_s = [0.0]
+    read_s = [0.0]
+    inner_read = rows_mod._Pending.read
+
+    def timed_read(self):  # the engine thread's wait for the device's tokens
+        t0 = time.perf_counter()
+        out = inner_read(self)
+        read_s[0] += time.perf_counter() - t0
+        return out
+
+    rows_mod._Pending.read = timed_read  # type: ignore[method-assign]
 
     def run(constrained: int) -> dict:
         cb = RowScheduler(engine)
         cb.grammars = grammars
-        inner = cb._mask
-
-        def timed_mask(*a, **kw):  # host time of the masks (fill + queueing their application)
-            t0 = time.perf_counter()
-            inner(*a, **kw)
-            mask_s[0] += time.perf_counter() - t0
-
-        cb._mask = timed_mask  # type: ignore[method-assign]
         rows = [Request(rid=i, prompt=prompts[i], max_new_tokens=new, cfg=SamplingConfig(eos_ids=(eos,)),
                         grammar=grammar if i < constrained else None) for i in range(bs)]  # fmt: skip
         for r in rows:
@@ -137,7 +153,21 @@ def main(argv: list[str] | None = None) -> int:
         cb.step()  # the first decode (pipelined: the admissions' tokens are read now)
         if cuda:
             torch.cuda.synchronize()
-        mask_s[0] = 0.0
+        matchers = cb._matcher_set() if constrained else None
+        if matchers is not None and not hasattr(matchers, "fill_s"):  # a tree before the counters: time _mask
+            matchers.fill_s = matchers.wait_s = 0.0
+            inner = cb._mask
+
+            def timed_mask(*a, **kw):
+                t = time.perf_counter()
+                inner(*a, **kw)
+                matchers.fill_s += time.perf_counter() - t
+                matchers.wait_s += time.perf_counter() - t
+
+            cb._mask = timed_mask  # type: ignore[method-assign]
+        if matchers is not None:
+            matchers.fill_s = matchers.wait_s = 0.0
+        read_s[0] = 0.0
         steps, t0 = 0, time.perf_counter()
         while len(cb.live) == bs and all(r.finish is None for r in rows) and steps < new - 3:
             cb.step()
@@ -145,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
-        full_mask = mask_s[0]
+        fill, wait = (matchers.fill_s, matchers.wait_s) if matchers is not None else (0.0, 0.0)
+        read = read_s[0]
         while not cb.idle:  # finish the run (not timed)
             cb.step()
-        return {"steps": steps, "ms_per_token": 1e3 * elapsed / max(1, steps),
-                "mask_host_ms_per_step": 1e3 * full_mask / max(1, steps)}  # fmt: skip
+        per = 1e3 / max(1, steps)
+        return {"steps": steps, "ms_per_token": elapsed * per, "mask_host_ms_per_step": fill * per,
+                "mask_wait_ms_per_step": wait * per, "token_wait_ms_per_step": read * per}  # fmt: skip
 
     modes = {"free": 0, "constrained": bs, "mixed": bs // 2}
     run(0)  # warm-up: CUDA graphs of the buckets these runs use, cuBLAS
@@ -165,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[key] for r in results[mode])
 
     summary = {m: {"ms_per_token": med(m, "ms_per_token"), "mask_host_ms_per_step": med(m, "mask_host_ms_per_step"),
-                   "timed_steps": [r["steps"] for r in results[m]], "runs_ms_per_token":
+                   "mask_wait_ms_per_step": med(m, "mask_wait_ms_per_step"),
+                   "token_wait_ms_per_step": med(m, "token_wait_ms_per_step"), "timed_steps": [r["steps"] for r in results[m]], "runs_ms_per_token":
                    [round(r["ms_per_token"], 4) for r in results[m]]} for m in modes}  # fmt: skip
     free = summary["free"]["ms_per_token"]
     out = {
@@ -180,11 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     print(f"device {out['device']}, shape {args.shape} ({shape.n_layer} layers, vocab {shape.vocab_size}), bs {bs}, "
           f"tokenizer {tokenizer_json} ({out['tokenizer_tokens']} tokens)")  # fmt: skip
-    print("| rows | ms per output token (median) | runs | host mask ms/step |")
-    print("|---|---|---|---|")
+    print("| rows | ms per output token (median) | runs | host mask ms/step | mask wait ms/step | token wait ms/step |")
+    print("|---|---|---|---|---|---|")
     for m in modes:
         s = summary[m]
-        print(f"| {m} | {s['ms_per_token']:.3f} | {s['runs_ms_per_token']} | {s['mask_host_ms_per_step']:.3f} |")
+        print(f"| {m} | {s['ms_per_token']:.3f} | {s['runs_ms_per_token']} | {s['mask_host_ms_per_step']:.3f} | "
+              f"{s['mask_wait_ms_per_step']:.3f} | {s['token_wait_ms_per_step']:.3f} |")  # fmt: skip
     print(f"constrained / free: {out['constrained_over_free']:.3f} (target <= 1.15); "
           f"mixed / free: {out['mixed_over_free']:.3f}")  # fmt: skip
     if args.json:

@@ -196,8 +196,7 @@ class GrammarMask:
                 self.matchers.add(i, self.grammars[i])
         if input_ids.shape[1] > self.width:  # the previous step's tokens
             last = input_ids[:, -1].tolist()
-            for i in self.rows:
-                self.matchers.advance(i, last[i])
+            self.matchers.advance([(i, last[i]) for i in self.rows])
         active = self.matchers.active(self.rows)
         if active:
             bitmask = self.matchers.masks(active).to(scores.device)

@@ -1,0 +1,143 @@
+"""The constrained rows' masks: llguidance's parallel fill (started on the grammar worker while the engine thread goes
+on) gives exactly the masks of a one-row-at-a-time fill, in every state a walk through the grammars reaches; and the
+continuous batcher's constrained rows get the same tokens pipelined (masks filled ahead) as not."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+llguidance = pytest.importorskip("llguidance")
+import llguidance.torch as llg_torch
+
+from bloom_server import structured
+from bloom_server.types import Grammar
+
+FIXTURES = Path(__file__).parent / "fixtures" / "structured"
+EOS = 2
+BOUNDED = {  # the grammar engine's costly case: strings under maxLength / pattern / format
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 20},
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+    },
+    "required": ["title", "code", "tags"],
+    "additionalProperties": False,
+}
+
+
+def _grammars_list() -> list[Grammar]:
+    schemas = [entry["schema"] for entry in json.loads((FIXTURES / "schemas.json").read_text())[:6]]
+    regexes = json.loads((FIXTURES / "regexes.json").read_text())[:4]
+    out = [Grammar("json_schema", json.dumps(s, sort_keys=True)) for s in [BOUNDED, *schemas]]
+    return [*out, *(Grammar("regex", r) for r in regexes), Grammar("json_object", "")]
+
+
+@pytest.fixture(scope="module")
+def grammars(tiny_model_dir):
+    return structured.Grammars.for_model(tiny_model_dir, (EOS,))
+
+
+def _allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    shifts = torch.arange(32, dtype=torch.int32)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+def test_parallel_fill_equals_per_row_fill(grammars):
+    """Rows under different grammars, each walked by seeded random allowed tokens; at every step the masks filled on
+    the worker (all rows at once, in parallel) equal each row's own fill, bit for bit."""
+    usable = [g for g in _grammars_list() if not grammars.compiled(g)[1]]
+    assert len(usable) >= 8
+    rows = structured.RowMatchers(grammars)
+    alone = {}  # the same rows' matchers, driven one at a time
+    n = 24
+    for i in range(n):
+        g = usable[i % len(usable)]
+        rows.add(i, g)
+        alone[i] = grammars.matcher(g)
+    rng = random.Random(0)
+    words = structured.bitmask_words(grammars.vocab_size)
+    steps_compared = 0
+    for _ in range(40):
+        keys = rows.active(list(range(n)))
+        if not keys:
+            break
+        job = rows.start(keys)
+        par = job.result()
+        one = torch.empty((len(keys), words), dtype=torch.int32)
+        for j, k in enumerate(keys):
+            llg_torch.fill_next_token_bitmask(alone[k], one, j)
+        assert torch.equal(par, one)
+        assert torch.equal(rows.masks(keys), one)  # the synchronous fill too
+        steps_compared += 1
+        allowed = _allowed(par, grammars.vocab_size)
+        fed = []
+        for j, k in enumerate(keys):
+            ids = allowed[j].nonzero().flatten().tolist()
+            assert ids, f"row {k}: a mask that allows nothing"
+            free = [t for t in ids if t != EOS]
+            fed.append((k, rng.choice(free if free and rng.random() < 0.9 else ids)))
+        rows.advance(fed)
+        for k, t in fed:
+            m = alone[k]
+            if not m.is_stopped():
+                m.consume_token(t)
+    assert steps_compared >= 10
+    assert rows.fill_s > 0 and rows.wait_s >= 0
+
+
+def test_advance_in_parallel_marks_refused_and_stopped_rows_done(grammars):
+    g = Grammar("regex", "ab")
+    rows = structured.RowMatchers(grammars)
+    for k in ("ok", "bad", "end"):
+        rows.add(k, g)
+    tok = grammars.tokenizer
+    a, b = tok.tokenize_str("a")[0], tok.tokenize_str("b")[0]
+    rows.advance([("ok", a), ("bad", b), ("end", a), ("unknown", a)])
+    assert rows.done == {"bad"}
+    rows.advance([("ok", b), ("end", b)])
+    assert rows.active(["ok", "bad", "end"]) == ["ok", "end"]
+    allowed = _allowed(rows.masks(["ok"]), grammars.vocab_size)[0].nonzero().flatten().tolist()
+    assert allowed == [EOS]  # the regex is complete: only EOS
+    rows.advance([("ok", EOS)])  # a complete grammar's row ends with its EOS: no mask applies after it
+    assert rows.done == {"bad", "ok"} and rows.active(["ok", "end"]) == ["end"]
+
+
+def test_rows_pipelined_and_not_give_the_same_constrained_tokens(tiny_model_dir, grammars):
+    from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.rows import Request, RowScheduler
+    from bloom_server.fast.sampling import SamplingConfig
+    from bloom_server.fast.shapes import BloomShape
+    from bloom_server.fast.weights import from_checkpoint
+
+    shape = BloomShape.from_dir(tiny_model_dir)
+    engine = FastEngine(from_checkpoint(tiny_model_dir, shape, dtype=torch.float32), shape, max_batch=6, max_seq=96)
+    bounded = Grammar("json_schema", json.dumps(BOUNDED, sort_keys=True))
+    regex = Grammar("regex", "[a-z]{2,6}( [a-z]{2,6}){0,3}")
+
+    def run(pipeline: bool) -> dict:
+        sched = RowScheduler(engine, pipeline=pipeline)
+        sched.grammars = grammars
+        reqs = []
+        for i in range(8):  # more rows than slots: rows join and leave while masks are being filled
+            cfg = SamplingConfig(eos_ids=(EOS,)) if i % 3 else SamplingConfig(eos_ids=(EOS,), do_sample=True)
+            g = (bounded, regex, None)[i % 3]
+            reqs.append(Request(rid=i, prompt=(5 + i, 17, 99), max_new_tokens=30 + i, cfg=cfg, seed=i, grammar=g))
+            sched.add(reqs[-1])
+        sched.run()
+        return {r.rid: (r.tokens, r.finish) for r in reqs}
+
+    piped, plain = run(True), run(False)
+    assert piped == plain
+    for rid, (tokens, finish) in piped.items():
+        if rid % 3 == 2:
+            continue
+        m = grammars.matcher((bounded, regex)[rid % 3])
+        assert all(m.consume_token(t) for t in tokens), rid  # every token the grammar's
+        if finish == "eos":
+            assert m.is_stopped()

@@ -36,7 +36,8 @@ def test_cpu_dry_run_times_every_loader_in_every_round(tmp_path):
     assert {r["layout"] for r in rows} == {"plain"} and int8["layout"] == "preshard-int8-tp1"
     assert all(r["shape"] == "tiny" for r in [*rows, int8])
     for r in [*rows, int8]:
-        assert r["cat_s"] > 0 and r["import_s"] > 0
+        assert r["cat_s"] > 0 and r["import_s"] > 0 and r["import_warm_s"] > 0 and r["evict"] == "weights"
+        assert r["direct_s"] is None or r["direct_s"] > 0  # None only where the file system refuses O_DIRECT
         for loader in ("builtin", "fastsafetensors"):
             assert r["bare"][loader]["read_s"] > 0 and r["bare"][loader]["bytes"] > 0
             assert r["ready"][loader]["ready_s"] > 0
@@ -57,8 +58,10 @@ def test_cpu_dry_run_times_every_loader_in_every_round(tmp_path):
     assert sum(ln.startswith("| shape |") for ln in table) == 1  # one table over both sets
     for layout in ("plain", "preshard-int8-tp1"):
         for loader in ("builtin", "fastsafetensors"):
-            (line,) = [ln for ln in table if ln.startswith(f"| tiny | {layout} | {loader} |")]
+            (line,) = [ln for ln in table if ln.startswith(f"| tiny (weights evicted) | {layout} | {loader} |")]
             assert "| - |" not in line, line
+        (disk,) = [ln for ln in table if ln.startswith(f"| tiny (weights evicted) | {layout} | (cat; import torch) |")]
+        assert "import with torch cached" in disk and "parallel O_DIRECT" in disk
 
 
 def test_layouts_are_parsed_once_each_and_a_bad_one_is_named():

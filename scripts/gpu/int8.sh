@@ -52,28 +52,17 @@ run_bench fp16 5 --dtype fp16 --batch-size "$BS"
 run_bench int8-gemv 4 --dtype int8 --int8-kernel gemv --batch-size "$BS"
 run_bench int8-gemm 3 --dtype int8 --int8-kernel gemm --batch-size "$BS_GEMM"
 
+step() {  # N, seconds that must be left, its timeout, the command: run it, or say it was skipped
+  local n=$1 need=$2 limit=$3; shift 3
+  if [ "$(left)" -gt "$need" ]; then timeout "$limit" "$@"; echo "step $n rc=$?"; else echo "step $n: SKIPPED ($(left) s left)"; fi
+}
 echo "== 2. the int8 kernels alone per row count ($KSHAPE), against cuBLAS fp16"
-if [ "$(left)" -gt 60 ]; then
-  timeout $(( $(left) * 2 / 3 )) env "${KENV[@]}" python3 scripts/bench/int8_gemm.py --shape "$KSHAPE" --rows "$KROWS" \
-    --deadline-s $(( $(left) / 2 )) --json "$OUT/kernels.json"
-  echo "step 2 rc=$?"
-else
-  echo "step 2: SKIPPED ($(left) s left)"
-fi
+step 2 60 $(( $(left) * 2 / 3 )) env "${KENV[@]}" python3 scripts/bench/int8_gemm.py --shape "$KSHAPE" --rows "$KROWS" \
+  --deadline-s $(( $(left) / 2 )) --json "$OUT/kernels.json"
 echo "== 3. quantization error, 7b1 shape (int8 vs fp16 engine, forced decoding)"
-if [ "$(left)" -gt 40 ]; then
-  timeout $(( $(left) - 30 )) python3 scripts/bench/int8_check.py "${CHECK7[@]}" --json "$OUT/check-7b1.json"
-  echo "step 3 rc=$?"
-else
-  echo "step 3: SKIPPED ($(left) s left)"
-fi
+step 3 40 $(( $(left) - 30 )) python3 scripts/bench/int8_check.py "${CHECK7[@]}" --json "$OUT/check-7b1.json"
 echo "== 4. quantization error, 176B layer shape (2 layers)"
-if [ "$(left)" -gt 25 ]; then
-  timeout $(( $(left) - 5 )) python3 scripts/bench/int8_check.py "${CHECK176[@]}" --json "$OUT/check-176b.json"
-  echo "step 4 rc=$?"
-else
-  echo "step 4: SKIPPED ($(left) s left)"
-fi
+step 4 25 $(( $(left) - 5 )) python3 scripts/bench/int8_check.py "${CHECK176[@]}" --json "$OUT/check-176b.json"
 
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.md"
 import json, sys

@@ -4,6 +4,7 @@ thread, read by /ready, /info and /metrics. Standard library only."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,12 @@ class LoadProgress:
             self.timings[name] = float(value)
         log.debug("load timing: %s = %.3f", name, value)
 
+    def note_since_start(self, what: str) -> None:
+        """`what`, seconds after this process started, among the timings: where a cold start's seconds went."""
+        at = since_process_start()
+        if at is not None:
+            self.note(f"{what}, s after process start", at)
+
     def add(self, nbytes: int) -> None:
         with self._lock:
             self.loaded_bytes += int(nbytes)
@@ -89,3 +96,13 @@ class LoadProgress:
         inside = "; ".join(f"{k} {v:.2f}" for k, v in timings.items())
         sizes = f" (weights {self.loaded_bytes / 1e9:.2f} GB, prefetched {self.prefetched_bytes / 1e9:.2f} GB)"
         return "; ".join(parts) + sizes + (f"; inside: {inside}" if inside else "")
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process was started (from /proc: 10 ms resolution), None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

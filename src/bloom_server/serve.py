@@ -71,19 +71,10 @@ def serve(settings: Settings, local_rank_flag: int | None = None) -> int:
     except BloomServerError as exc:
         log.error("cannot serve: %s", exc)
         return 2
-    note_since_start(progress, "torch up")
+    progress.note_since_start("torch up")
     if ctx.rank != 0:
         return _follower(settings, model_dir, ctx, progress, early)
     return _leader(settings, model_dir, ctx, progress, early)
-
-
-def note_since_start(progress: LoadProgress, what: str) -> None:
-    """`what`, s after process start, among the load's timings: where a cold start's seconds went before the load."""
-    from bloom_server.storage.prefetch import since_process_start
-
-    at = since_process_start()
-    if at is not None:
-        progress.note(f"{what}, s after process start", at)
 
 
 def check_memory(settings: Settings, model_dir: ModelDir, ctx: RankContext, cls: type[Backend]) -> None:

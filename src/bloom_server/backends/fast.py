@@ -83,7 +83,7 @@ class FastBackend(Backend):
         from bloom_server.fast.shapes import BloomShape
         from bloom_server.fast.tp import TPGroup
         from bloom_server.fast.weights import from_checkpoint
-        from bloom_server.storage.prefetch import ReadThrottle, since_process_start
+        from bloom_server.storage.prefetch import ReadThrottle
 
         if self.model_dir.layout not in ("hf", "fast_presharded"):
             raise ModelDirError(
@@ -156,9 +156,8 @@ class FastBackend(Backend):
         # The read path (BLOOM_LOADER): the builtin one, or a field loader (fast/loaders.py), now with the device known.
         loader = for_load(s, self.model_dir, ctx.rank, ctx.world_size, cuda=device.type == "cuda")
         self._phase("reading weights")
-        at = since_process_start()
-        if self.progress is not None and at is not None:  # the cold start's accounting (scripts/bench/cold_start.py)
-            self.progress.note("reading weights from, s after process start", at)
+        if self.progress is not None:  # the cold start's accounting (scripts/bench/cold_start.py)
+            self.progress.note_since_start("reading weights from")
         t0 = time.perf_counter()
         weights = from_checkpoint(
             self.model_dir.path, shape, tp, dtype=dtype, device=device, progress=self.progress,

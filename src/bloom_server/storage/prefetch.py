@@ -175,9 +175,8 @@ class Prefetcher:
                 self.frontier += 1
             if self.frontier == len(self.chunks) and self.state == "running":
                 self.state = "finished"  # every byte read (its threads exit on their own)
-                at = since_process_start()
-                if self.progress is not None and at is not None:
-                    self.progress.note("prefetch finished, s after process start", at)
+                if self.progress is not None:
+                    self.progress.note_since_start("prefetch finished")
             self._cv.notify_all()
 
     def _run(self) -> None:
@@ -285,18 +284,6 @@ def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chun
     p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget)
     progress.prefetcher = p
     progress.set_phase("prefetching")
-    started = since_process_start()
-    if started is not None:
-        progress.note("prefetch started, s after process start", started)
+    progress.note_since_start("prefetch started")
     p.start()
     return p
-
-
-def since_process_start() -> float | None:
-    """Seconds since this process was started (from /proc: 10 ms resolution), None where unknown."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None

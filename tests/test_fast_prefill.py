@@ -85,6 +85,39 @@ def _long_joiner_specs(rng):
     return specs
 
 
+@pytest.mark.parametrize("budget", [None, 1 << 12])
+def test_a_batch_of_mixed_lengths_gives_each_row_its_own_logits(engine, monkeypatch, budget):
+    """Engine level: prompts of different lengths in one prefill (their real tokens packed, the padding skipped; with a
+    small score budget, several row batches taken longest first) give each row, in the caller's order, the last logits
+    and keys it gets alone; and chunks of different lengths at different starts do too."""
+    import bloom_server.fast.engine as fe
+
+    if budget is not None:
+        monkeypatch.setattr(fe, "PREFILL_SCORE_BUDGET", budget)
+    calls = []
+    real = engine._prefill_rows
+    monkeypatch.setattr(engine, "_prefill_rows", lambda *a: calls.append(len(a[0])) or real(*a))
+    rng = random.Random(3)
+    prompts = [_prompt(rng, n) for n in (5, 41, 17, 41)]
+    alone = []
+    for p in prompts:
+        alone.append(engine.prefill([0], [p]).clone())
+        alone.append(engine.k_cache[:, 0, :, : len(p)].clone())
+    calls.clear()
+    got = engine.prefill([0, 1, 2, 3], prompts)
+    assert (calls == [4]) if budget is None else (len(calls) > 1 and sum(calls) == 4)
+    for i, p in enumerate(prompts):
+        torch.testing.assert_close(got[i : i + 1], alone[2 * i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(engine.k_cache[:, i, :, : len(p)], alone[2 * i + 1], rtol=1e-5, atol=1e-5)
+        assert engine.host_pos[i] == len(p)
+    # the same prompts again, each continued by a chunk of its own length from where the first part ended
+    tails = [_prompt(rng, n) for n in (9, 2, 30, 11)]
+    calls.clear()
+    cont = engine.prefill([0, 1, 2, 3], tails, [len(p) for p in prompts])
+    for i, (p, t) in enumerate(zip(prompts, tails)):
+        torch.testing.assert_close(cont[i : i + 1], engine.prefill([i], [p + t]), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("pipeline", [True, False])
 def test_a_long_prompt_joins_in_chunks_while_the_live_rows_decode(engine, pipeline):
     rng = random.Random(1)

@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from bloom_server.fast.model import BloomRankModel, ChunkIndex
+from bloom_server.fast.model import BloomRankModel, ChunkIndex, Packed
 from bloom_server.fast.sampling import Sampler, SamplingConfig, to_device
 from bloom_server.fast.shapes import BloomShape
 from bloom_server.fast.tp import TPGroup
@@ -158,48 +158,69 @@ class FastEngine:
         ends = [len(p) + (starts[i] if starts is not None else 0) for i, p in enumerate(prompts)]
         if max(ends) >= self.max_seq:
             raise ValueError(f"prompt of {max(ends)} tokens: the engine holds {self.max_seq} positions per slot")
-        m = self.model
-        longest = max(len(p) for p in prompts)
-        per_row = (
-            m.hp * longest * (longest if starts is None else max(ends)) * self.dtype.itemsize * 3
-        )  # bias+scores+probs
-        chunk = max(1, PREFILL_SCORE_BUDGET // max(1, per_row))
-        out = []
-        for a in range(0, len(prompts), chunk):
-            part = None if starts is None else starts[a : a + chunk]
-            out.append(self._prefill_rows(slot_ids[a : a + chunk], prompts[a : a + chunk], part))
-        self.last_logits = out[0] if len(out) == 1 else torch.cat(out)
-        return self.last_logits
+        # Row batches of at most PREFILL_SCORE_BUDGET bytes of scores each, the rows taken longest first so that each
+        # batch's attention pads to lengths near its own.
+        itemsize = self.model.hp * self.dtype.itemsize * 3  # bias+scores+probs, per query and key
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+        groups: list[list[int]] = []
+        keys = 0
+        for i in order:
+            g = groups[-1] if groups else None
+            if (
+                g is not None
+                and (len(g) + 1) * len(prompts[g[0]]) * max(keys, ends[i]) * itemsize <= PREFILL_SCORE_BUDGET
+            ):
+                g.append(i)
+                keys = max(keys, ends[i])
+            else:
+                groups.append([i])
+                keys = ends[i]
+        outs = [
+            self._prefill_rows([slot_ids[i] for i in g], [prompts[i] for i in g],
+                               None if starts is None else [starts[i] for i in g])
+            for g in groups
+        ]  # fmt: skip
+        logits = outs[0] if len(outs) == 1 else torch.cat(outs)
+        done = [i for g in groups for i in g]
+        if done != sorted(done):  # back to the callers' order
+            back = [0] * len(done)
+            for k, i in enumerate(done):
+                back[i] = k
+            logits = logits[to_device(back, logits.device)]
+        self.last_logits = logits
+        return logits
 
     def _prefill_rows(
         self, slot_ids: Sequence[int], prompts: Sequence[Sequence[int]], starts: Sequence[int] | None
     ) -> torch.Tensor:
         m = self.model
         n, L = len(prompts), max(len(p) for p in prompts)
-        tokens = torch.zeros((n, L), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
         lengths_host = [len(p) for p in prompts]
+        ends_host = lengths_host if starts is None else [s + ln for s, ln in zip(starts, lengths_host)]
+        cols = [(i, c) for i, ln in enumerate(lengths_host) for c in range(ln)]
+        index = [[t for p in prompts for t in p], [i for i, _ in cols], [c for _, c in cols]]
+        if starts is not None:  # each real token's slot and position
+            index += [[slot_ids[i] for i, _ in cols], [starts[i] + c for i, c in cols]]
         # Asynchronous copies (to_device): a blocking one would wait for the decode the continuous batcher queued ahead.
-        tokens = to_device(tokens, self.device)
+        at = to_device(index, self.device)
         lengths = to_device(lengths_host, self.device)
         slots = to_device(list(slot_ids), self.device)
-        chunk = None
+        packed = Packed(at[1], at[2], n, L) if len(cols) < n * L else None  # padding to skip
+        tokens = at[0] if packed is not None else at[0].view(n, L)
         if starts is None:
-            bias = m.prefill_bias(lengths, L)
-            ends_host = lengths_host
+            chunk, bias = None, m.prefill_bias(lengths, L)
         else:
-            ends_host = [s + ln for s, ln in zip(starts, lengths_host)]
-            keys = max(ends_host)
-            cols = [(i, c) for i, ln in enumerate(lengths_host) for c in range(ln)]
-            at = to_device([[slot_ids[i] for i, _ in cols], [starts[i] + c for i, c in cols], [i for i, _ in cols],
-                            [c for _, c in cols]], self.device)  # fmt: skip
-            chunk = ChunkIndex(at[0], at[1], at[2], at[3], keys)
-            bias = m.prefill_bias(lengths, L, to_device(list(starts), self.device), keys)
-        x = m.embed(tokens)  # [n, L, h]
+            chunk = ChunkIndex(at[3], at[4], at[1], at[2], max(ends_host))
+            bias = m.prefill_bias(lengths, L, to_device(list(starts), self.device), chunk.keys)
+        x = m.embed(tokens)  # [n, L, h], or packed [T, h]
         for li in range(self.shape.n_layer):
-            x = m.prefill_layer(li, x, bias, self.k_cache[li], self.v_cache[li], slots, chunk)
-        last = x[torch.arange(n, device=self.device), lengths - 1]  # [n, h]: only the last token's logits
+            x = m.prefill_layer(li, x, bias, self.k_cache[li], self.v_cache[li], slots, chunk, packed)
+        # only the last token's logits: [n, h]
+        last = (
+            x[torch.cumsum(lengths, 0) - 1]
+            if packed is not None
+            else x[torch.arange(n, device=self.device), lengths - 1]
+        )
         self.pos[slots] = lengths if starts is None else to_device(ends_host, self.device)
         for s, end in zip(slot_ids, ends_host):
             self.host_pos[s] = end

@@ -64,6 +64,17 @@ class ChunkIndex(NamedTuple):
     keys: int
 
 
+class Packed(NamedTuple):
+    """A prefill's real tokens, packed: x is [T, h] where token t is row `row[t]`, column `col[t]` of the padded
+    [n, L] batch. Everything but attention runs on the T tokens, so the GEMMs skip the padding (a burst of prompts
+    of mixed lengths is about half padding: docs/results/fast-engine.md); attention scatters into [n, L] and back."""
+
+    row: torch.Tensor
+    col: torch.Tensor
+    n: int
+    L: int
+
+
 def alibi_slopes(n_head: int) -> torch.Tensor:
     """[n_head] fp32 ALiBi slopes (Press et al.): a geometric series 2^(-8/m * i) for the largest power of two m <=
     n_head, then, for the heads past m, every other term of the series for 2m. Computed in fp32 with pow, as
@@ -224,17 +235,23 @@ class BloomRankModel:
         v_cache: torch.Tensor | None,
         slots: torch.Tensor | None,
         chunk: ChunkIndex | None = None,
+        packed: Packed | None = None,
     ) -> torch.Tensor:
-        """x [n, L, h] -> [n, L, h]. Without `chunk`: the rows start at position 0; K/V of all L positions go to
+        """x [n, L, h] -> [n, L, h], or with `packed` x [T, h] -> [T, h] (the same rows' real tokens). Without `chunk`: the rows start at position 0; K/V of all L positions go to
         k_cache[slots, :, :L] (garbage past a row's length is overwritten by decode before it is ever read). With
         `chunk`: the rows continue from their chunk starts; only their real tokens' K/V are written, and the queries
         attend to the cache's keys [0, chunk.keys) (the earlier positions: a previous chunk, a cached prefix). No
         cache: a plain causal forward."""
         lw = self.w.layers[li]
-        n, L, _ = x.shape
+        n, L = (packed.n, packed.L) if packed is not None else x.shape[:2]
         ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
         residual = ln if self.shape.apply_residual_connection_post_layernorm else x
-        qkv = self._lin(ln, lw.qkv_w, lw.qkv_s, lw.qkv_b).view(n, L, self.hp, 3, self.D)
+        qkv = self._lin(ln, lw.qkv_w, lw.qkv_s, lw.qkv_b)
+        if packed is not None:  # zeros at the padding: a key there meets a -inf bias, and 0 * -inf would be NaN
+            padded = qkv.new_zeros((n, L, qkv.shape[-1]))
+            padded[packed.row, packed.col] = qkv
+            qkv = padded
+        qkv = qkv.view(n, L, self.hp, 3, self.D)
         # [n, L, hp, D] -> [n, hp, L, D]
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
         S = L
@@ -250,6 +267,8 @@ class BloomRankModel:
         N = n * self.hp
         ctx = self._attend(q.reshape(N, L, self.D), k.reshape(N, S, self.D), v.reshape(N, S, self.D), bias)
         ctx = ctx.view(n, self.hp, L, self.D).transpose(1, 2).reshape(n, L, self.hp * self.D)
+        if packed is not None:
+            ctx = ctx[packed.row, packed.col]
         x = self._row_parallel(ctx, lw.dense_w, lw.dense_b, lw.dense_s) + residual
         return self._mlp(lw, x)
 

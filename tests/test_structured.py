@@ -247,6 +247,9 @@ BAD = [
     ({"type": "regex", "value": ""}, "non-empty"),
     ({"type": "yaml", "value": "a"}, "must be"),
     ({"type": "json", "value": {"$ref": "#/$defs/missing"}}, "missing"),
+    # compile, but no text matches them: a row would end at once with nothing
+    ({"type": "json", "value": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}, "no text matches"),
+    ({"type": "regex", "value": "[^\\x00-\\x{10FFFF}]"}, "no text matches"),
 ]
 
 

@@ -98,9 +98,18 @@ class Grammars:
                 return hit
         import llguidance
 
+        template = None
         try:
             text = _grammar_text(g)
             error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer, limits=_limits())
+            if not error:
+                # A grammar that compiles may still match no text (a $ref that only refers to itself, an empty
+                # character class): its matcher fails on its first mask, and a row would end at once with nothing.
+                template = llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
+                probe = template.deep_copy()
+                probe.compute_bitmask()
+                if probe.is_error():
+                    error, template = "no text matches this grammar", None
         except (ValueError, TypeError) as exc:
             text, error = "", str(exc)
         out = (text, error)
@@ -108,7 +117,15 @@ class Grammars:
             self._cache[g] = out
             while len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)
+            if template is not None:
+                self._keep_template(g, template)
         return out
+
+    def _keep_template(self, g: Grammar, template: Any) -> None:
+        """Keep a grammar's fresh matcher (LRU, bounded); the caller holds the lock."""
+        self._templates[g] = template
+        while len(self._templates) > CACHE_ENTRIES:
+            self._templates.popitem(last=False)
 
     def check(self, g: Grammar, field: str) -> None:
         """Raise InvalidRequest naming `field` when the grammar does not compile (bad schema, bad regex,
@@ -118,21 +135,20 @@ class Grammars:
             raise InvalidRequest(f"{field}: {_first_line(error)}", field=field)
 
     def matcher(self, g: Grammar) -> Any:
+        """A fresh matcher of a grammar that `check` passed: a copy of its template."""
         import llguidance
 
+        text, error = self.compiled(g)  # cached; a first compile keeps the template
+        if error:
+            raise ValueError(error)
         with self._lock:
             template = self._templates.get(g)
             if template is not None:
                 self._templates.move_to_end(g)
-                return template.deep_copy()
-        text, error = self.compiled(g)
-        if error:
-            raise ValueError(error)
-        template = llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
-        with self._lock:
-            self._templates[g] = template
-            while len(self._templates) > CACHE_ENTRIES:
-                self._templates.popitem(last=False)
+        if template is None:  # the compile is cached but its template was evicted
+            template = llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
+            with self._lock:
+                self._keep_template(g, template)
         return template.deep_copy()
 
     def _pool(self) -> Any:

@@ -263,3 +263,191 @@ def test_compile_workers_scale_with_the_cpus(monkeypatch):
     assert precompile.worker_count("3") == 3
     assert precompile.worker_count("0") == 0 and not precompile.enabled("0")
     assert precompile.available_cpus() >= 1
+
+
+# ------------------------------------------------------------------------------------------ keep mode (direct reads)
+
+
+def _direct_accepted(path) -> bool:
+    """Whether this file system takes an aligned O_DIRECT read (ext4, xfs: yes; older tmpfs: no)."""
+    import mmap
+    import os
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except (AttributeError, OSError):
+        return False
+    buf = mmap.mmap(-1, 4096)
+    try:
+        os.preadv(fd, [buf], 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def _no_direct(monkeypatch, where: str) -> None:
+    """O_DIRECT refused as a file system without it refuses it: at open, or at the first read of such an fd."""
+    import errno
+    import os
+
+    real_open, real_preadv, direct = os.open, os.preadv, set()
+
+    def fake_open(path, flags, *a, **k):
+        if flags & os.O_DIRECT and where == "open":
+            raise OSError(errno.EINVAL, "Invalid argument (simulated)")
+        fd = real_open(path, flags, *a, **k)
+        (direct.add if flags & os.O_DIRECT else direct.discard)(fd)  # a closed fd's number comes back
+        return fd
+
+    def fake_preadv(fd, bufs, offset, *a):
+        if fd in direct:
+            raise OSError(errno.EINVAL, "Invalid argument (simulated)")
+        return real_preadv(fd, bufs, offset, *a)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "preadv", fake_preadv)
+
+
+@pytest.mark.parametrize("direct", ["as-the-fs-allows", "open-refused", "read-refused"])
+def test_keep_mode_holds_each_chunk_with_its_unaligned_bytes_until_released(tmp_path, monkeypatch, caplog, direct):
+    import logging
+
+    from bloom_server.storage.safetensors import Chunk
+
+    caplog.set_level(logging.DEBUG, logger="bloom_server.storage.prefetch")
+    data = torch.randint(0, 256, (300_001,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = bytes(data.numpy())
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    spans = [(100, 50_000), (50_100, 70_001), (120_101, 4_000), (130_000, 170_001)]  # the last one ends the file
+    chunks = [Chunk(0, o, n, ()) for o, n in spans]
+    if direct != "as-the-fs-allows":
+        _no_direct(monkeypatch, direct.removesuffix("-refused"))
+    p = Prefetcher([path], chunks, threads=2, keep=True).start()
+    assert p.wait_for(len(chunks), timeout=30) is True
+    p.join(30)
+    st = p.stats()
+    sizes = [-(-(o + n) // 4096) * 4096 - o // 4096 * 4096 for o, n in spans]  # the aligned supersets
+    assert st["state"] == "finished" and st["kept_bytes"] == st["kept_peak_bytes"] == sum(sizes)
+    if direct != "as-the-fs-allows":
+        assert st["direct_chunks"] == 0 and "buffered reads" in caplog.text
+    elif _direct_accepted(path):
+        assert st["direct_chunks"] == len(chunks)
+    for o, n in spans:
+        with p.kept(path, o, n) as v:
+            assert bytes(v) == data[o : o + n]
+        with p.kept(path, o + 7, n - 9) as v:  # any part of one chunk
+            assert bytes(v) == data[o + 7 : o + n - 2]
+    assert p.kept(path, 50_000, 200) is None  # across two chunks
+    assert p.kept(tmp_path / "other.bin", 100, 10) is None
+    p.release(path, 50_100)
+    assert p.kept(path, 50_100, 10) is None and p.stats()["kept_bytes"] == sum(sizes) - sizes[1]
+    p.release(path, 50_101)  # not a chunk's start: nothing happens
+    assert p.stats()["kept_bytes"] == sum(sizes) - sizes[1]
+    p.close()  # frees the rest
+    assert p.stats()["kept_bytes"] == 0 and p.kept(path, 100, 10) is None
+
+
+def test_keep_mode_bounds_the_kept_bytes_by_the_budget_until_the_loader_releases(tmp_path):
+    from bloom_server.storage.safetensors import Chunk
+
+    data = bytes(range(256)) * 1600  # 409_600 bytes
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    chunks = [Chunk(0, 123 + i * 40_000, 39_999, ()) for i in range(10)]
+    size = lambda c: -(-(c.offset + c.length) // 4096) * 4096 - c.offset // 4096 * 4096  # noqa: E731
+    budget = size(chunks[0]) + size(chunks[1])
+    p = Prefetcher([path], chunks, threads=3, keep=True, budget=budget).start()
+    until(lambda: p.stats()["paused"] == 3 and p.stats()["frontier"] == 2, "two chunks read, the three readers paused")
+    assert p.stats()["kept_bytes"] == budget
+    assert p.wait_for(1) is True  # the loader has chunk 0 but has not released it: still no room
+    time.sleep(0.05)
+    assert p.stats()["frontier"] == 2 and p.stats()["paused"] == 3
+    for i, c in enumerate(chunks):  # one loader thread: copy, release, next
+        assert p.wait_for(i + 1, timeout=30) is True
+        with p.kept(path, c.offset, c.length) as v:
+            assert bytes(v) == data[c.offset : c.offset + c.length]
+        p.release(path, c.offset)
+    p.join(30)
+    st = p.stats()
+    assert st["state"] == "finished" and st["kept_bytes"] == 0 and st["pauses"] >= 2
+    assert st["kept_peak_bytes"] <= budget  # precisely: with one loader thread the budget is never exceeded
+    # A loader that waits for chunks past the budget without releasing any is never left waiting.
+    q = Prefetcher([path], chunks, threads=2, keep=True, budget=budget).start()
+    assert q.wait_for(len(chunks), timeout=30) is True
+    assert q.stats()["kept_bytes"] == sum(size(c) for c in chunks)
+    q.close()
+    assert q.stats()["kept_bytes"] == 0
+
+
+def _direct_load(tiny_model_dir, monkeypatch, **env: str):
+    from bloom_server.backends.fast_coldstart import start_prefetch as serve_start
+    from bloom_server.fast.weights import from_checkpoint
+    from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import resolve_model_dir
+
+    monkeypatch.setenv("BLOOM_LOAD_DIRECT", "1")
+    monkeypatch.setenv("BLOOM_LOAD_CHUNK_MB", "0.0625")  # the tiny model in ~15 chunks
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s = load_settings(backend="fast")
+    assert s.load_direct is True
+    progress = LoadProgress()
+    serve_start(s, resolve_model_dir(str(tiny_model_dir)), progress)
+    assert progress.prefetcher is not None and progress.prefetcher.keep
+    shape = BloomShape.from_dir(tiny_model_dir)
+    got = from_checkpoint(tiny_model_dir, shape, dtype=torch.float32, progress=progress, threads=s.load_threads,
+                          chunk_bytes=int(s.load_chunk_mb * 2**20))  # fmt: skip
+    want = from_checkpoint(tiny_model_dir, shape, dtype=torch.float32)
+    for a, b in zip(got.to_hf_state_dict().values(), want.to_hf_state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    return progress
+
+
+def test_a_direct_prefetch_loads_the_same_tensors_and_the_loader_copies_every_chunk_from_it(
+    tiny_model_dir, monkeypatch
+):
+    progress = _direct_load(tiny_model_dir, monkeypatch)
+    t = progress.snapshot()["timings"]
+    n = len(progress.prefetcher.chunks)
+    assert n >= 8 and t["chunks copied from the direct prefetch"] == n
+    assert t["chunks the loader read from disk itself"] == 0
+    st = progress.prefetcher.stats()
+    assert st["kept_bytes"] == 0 and st["kept_peak_bytes"] > 0
+
+
+def test_a_direct_prefetch_that_fails_mid_way_leaves_the_rest_to_the_loader(tiny_model_dir, monkeypatch):
+    import errno
+    import os
+
+    real, calls = os.preadv, [0]
+
+    def failing(fd, bufs, offset, *a):  # the prefetch's reader threads only: the loader's own reads work
+        if threading.current_thread().name.startswith("bloom-prefetch"):
+            calls[0] += 1
+            if calls[0] > 4:
+                raise OSError(errno.EIO, "Input/output error (simulated)")
+        return real(fd, bufs, offset, *a)
+
+    monkeypatch.setattr(os, "preadv", failing)
+    progress = _direct_load(tiny_model_dir, monkeypatch, BLOOM_LOAD_PREFETCH_THREADS="1")  # chunks 0-3, then fails
+    t = progress.snapshot()["timings"]
+    st = progress.prefetcher.stats()
+    n = len(progress.prefetcher.chunks)
+    assert st["state"] == "failed" and "Input/output error" in st["error"]
+    assert t["chunks copied from the direct prefetch"] == 4 and t["chunks the loader read from disk itself"] == n - 4
+    assert st["kept_bytes"] == 0
+
+
+def test_a_direct_prefetch_of_other_chunks_than_the_loaders_is_closed_and_the_loader_reads_alone(model):
+    path, header, wanted, _ = model
+    progress = LoadProgress()
+    progress.prefetcher = Prefetcher([path], plan_chunks([(0, t) for t in header.tensors], 2 * CHUNK), keep=True)
+    progress.prefetcher.start()
+    check_equal(model, finish(*load_in_thread(model, progress, threads=2)))
+    t, st = progress.snapshot()["timings"], progress.prefetcher.stats()
+    assert t["chunks copied from the direct prefetch"] == 0 and st["state"] in ("closed", "finished")
+    assert t["chunks the loader read from disk itself"] == len(plan_chunks(wanted, CHUNK)) and st["kept_bytes"] == 0

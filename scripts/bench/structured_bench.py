@@ -142,6 +142,32 @@ def main(argv: list[str] | None = None) -> int:
 
     rows_mod._Pending.read = timed_read  # type: ignore[method-assign]
 
+    # The device's side (CUDA only): an event before and after each decode's forward, read after the run. "forward"
+    # is its time on the device; "gap" the device time from one forward's end to the next one's start (the masked
+    # choice, the copies, and any idle wait for the host): which side a slow constrained step waited for.
+    marks: list[tuple] = []
+    inner_decode = engine.decode
+
+    def timed_decode(*a, **kw):
+        if not cuda:
+            return inner_decode(*a, **kw)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = inner_decode(*a, **kw)
+        end.record()
+        marks.append((start, end))
+        return out
+
+    engine.decode = timed_decode  # type: ignore[method-assign]
+
+    def device_ms() -> tuple[float, float]:
+        """(forward, gap) ms per step, means over the timed steps (0, 0 on a CPU)."""
+        if len(marks) < 2:
+            return 0.0, 0.0
+        fwd = [a.elapsed_time(b) for a, b in marks]
+        gaps = [marks[i][1].elapsed_time(marks[i + 1][0]) for i in range(len(marks) - 1)]
+        return statistics.mean(fwd), statistics.mean(gaps)
+
     def run(constrained: int) -> dict:
         cb = RowScheduler(engine)
         cb.grammars = grammars
@@ -168,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if matchers is not None:
             matchers.fill_s = matchers.wait_s = 0.0
         read_s[0] = 0.0
+        marks.clear()
         steps, t0 = 0, time.perf_counter()
         while len(cb.live) == bs and all(r.finish is None for r in rows) and steps < new - 3:
             cb.step()
@@ -175,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
+        fwd_ms, gap_ms = device_ms()
         fill, wait = (matchers.fill_s, matchers.wait_s) if matchers is not None else (0.0, 0.0)
         read = read_s[0]
         while not cb.idle:  # finish the run (not timed)
             cb.step()
         per = 1e3 / max(1, steps)
         return {"steps": steps, "ms_per_token": elapsed * per, "mask_host_ms_per_step": fill * per,
-                "mask_wait_ms_per_step": wait * per, "token_wait_ms_per_step": read * per}  # fmt: skip
+                "mask_wait_ms_per_step": wait * per, "token_wait_ms_per_step": read * per,
+                "device_forward_ms": fwd_ms, "device_gap_ms": gap_ms}  # fmt: skip
 
     modes = {"free": 0, "constrained": bs, "mixed": bs // 2}
     run(0)  # warm-up: CUDA graphs of the buckets these runs use, cuBLAS
@@ -198,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {m: {"ms_per_token": med(m, "ms_per_token"), "mask_host_ms_per_step": med(m, "mask_host_ms_per_step"),
                    "mask_wait_ms_per_step": med(m, "mask_wait_ms_per_step"),
-                   "token_wait_ms_per_step": med(m, "token_wait_ms_per_step"), "timed_steps": [r["steps"] for r in results[m]], "runs_ms_per_token":
+                   "token_wait_ms_per_step": med(m, "token_wait_ms_per_step"),
+                   "device_forward_ms": med(m, "device_forward_ms"), "device_gap_ms": med(m, "device_gap_ms"),
+                   "timed_steps": [r["steps"] for r in results[m]], "runs_ms_per_token":
                    [round(r["ms_per_token"], 4) for r in results[m]]} for m in modes}  # fmt: skip
     free = summary["free"]["ms_per_token"]
     out = {
@@ -213,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     print(f"device {out['device']}, shape {args.shape} ({shape.n_layer} layers, vocab {shape.vocab_size}), bs {bs}, "
           f"tokenizer {tokenizer_json} ({out['tokenizer_tokens']} tokens)")  # fmt: skip
-    print("| rows | ms per output token (median) | runs | host mask ms/step | mask wait ms/step | token wait ms/step |")
-    print("|---|---|---|---|---|---|")
+    print("| rows | ms per output token (median) | runs | host mask ms/step | mask wait ms/step | token wait ms/step | "
+          "device forward ms | device gap ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for m in modes:
         s = summary[m]
         print(f"| {m} | {s['ms_per_token']:.3f} | {s['runs_ms_per_token']} | {s['mask_host_ms_per_step']:.3f} | "
-              f"{s['mask_wait_ms_per_step']:.3f} | {s['token_wait_ms_per_step']:.3f} |")  # fmt: skip
+              f"{s['mask_wait_ms_per_step']:.3f} | {s['token_wait_ms_per_step']:.3f} | {s['device_forward_ms']:.3f} | "
+              f"{s['device_gap_ms']:.3f} |")  # fmt: skip
     print(f"constrained / free: {out['constrained_over_free']:.3f} (target <= 1.15); "
           f"mixed / free: {out['mixed_over_free']:.3f}")  # fmt: skip
     if args.json:

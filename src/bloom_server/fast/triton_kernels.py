@@ -58,9 +58,8 @@ QMAX_ROWS = 256
 # Shared memory one gemv config may use (x and w tiles times pipeline stages), under the A100's 164 KiB per block.
 SMEM_BUDGET = 160 << 10
 # int8 weights from this many rows on take the tiled GEMM (`_qgemm_kernel`: tensor cores over full weight tiles, each
-# weight tile read once per GEMM_MAX_BM rows) instead of the gemv's row blocks. A placeholder where the gemv's 64-row
-# blocks start: scripts/gpu/int8.sh times both kernels per row count and the GPU run sets it
-# (docs/results/fast-engine.md "int8").
+# weight tile read once per GEMM_MAX_BM rows) instead of the gemv's row blocks: where the gemv's 64-row blocks start,
+# since in the engine the gemv led up to 16 rows and the GEMM from 32 (docs/results/fast-engine.md "int8").
 GEMM_MIN_ROWS = 17
 GEMM_MAX_BM = 128  # the most rows one GEMM program holds (the MMA's N): 256 rows are two row blocks
 _gemm_min_rows = GEMM_MIN_ROWS  # what `gemv` dispatches on; a bench forces one kernel with `set_int8_kernel`

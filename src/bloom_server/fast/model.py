@@ -237,9 +237,9 @@ class BloomRankModel:
         chunk: ChunkIndex | None = None,
         packed: Packed | None = None,
     ) -> torch.Tensor:
-        """x [n, L, h] -> [n, L, h], or with `packed` x [T, h] -> [T, h] (the same rows' real tokens). Without `chunk`: the rows start at position 0; K/V of all L positions go to
-        k_cache[slots, :, :L] (garbage past a row's length is overwritten by decode before it is ever read). With
-        `chunk`: the rows continue from their chunk starts; only their real tokens' K/V are written, and the queries
+        """x [n, L, h] -> [n, L, h], or with `packed` x [T, h] -> [T, h] (the same rows' real tokens). Without
+        `chunk`: the rows start at position 0; K/V of all L positions go to k_cache[slots, :, :L] (garbage past a
+        row's length is overwritten by decode before it is ever read). With `chunk`: the rows continue from their chunk starts; only their real tokens' K/V are written, and the queries
         attend to the cache's keys [0, chunk.keys) (the earlier positions: a previous chunk, a cached prefix). No
         cache: a plain causal forward."""
         lw = self.w.layers[li]
@@ -247,7 +247,8 @@ class BloomRankModel:
         ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)
         residual = ln if self.shape.apply_residual_connection_post_layernorm else x
         qkv = self._lin(ln, lw.qkv_w, lw.qkv_s, lw.qkv_b)
-        if packed is not None:  # zeros at the padding: a key there meets a -inf bias, and 0 * -inf would be NaN
+        if packed is not None:  # zeros at the padding, not garbage: a NaN key or value there would reach real rows
+            # through its -inf bias and its zero probability
             padded = qkv.new_zeros((n, L, qkv.shape[-1]))
             padded[packed.row, packed.col] = qkv
             qkv = padded

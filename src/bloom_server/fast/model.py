@@ -239,9 +239,10 @@ class BloomRankModel:
     ) -> torch.Tensor:
         """x [n, L, h] -> [n, L, h], or with `packed` x [T, h] -> [T, h] (the same rows' real tokens). Without
         `chunk`: the rows start at position 0; K/V of all L positions go to k_cache[slots, :, :L] (garbage past a
-        row's length is overwritten by decode before it is ever read). With `chunk`: the rows continue from their chunk starts; only their real tokens' K/V are written, and the queries
-        attend to the cache's keys [0, chunk.keys) (the earlier positions: a previous chunk, a cached prefix). No
-        cache: a plain causal forward."""
+        row's length is overwritten by decode before it is ever read). With `chunk`: the rows continue from their
+        chunk starts; only their real tokens' K/V are written, and the queries attend to the cache's keys
+        [0, chunk.keys) (the earlier positions: a previous chunk, a cached prefix). No cache: a plain causal
+        forward."""
         lw = self.w.layers[li]
         n, L = (packed.n, packed.L) if packed is not None else x.shape[:2]
         ln = F.layer_norm(x, (self.h,), lw.ln1_w, lw.ln1_b, self.eps)

@@ -160,7 +160,7 @@ class FastEngine:
             raise ValueError(f"prompt of {max(ends)} tokens: the engine holds {self.max_seq} positions per slot")
         # Row batches of at most PREFILL_SCORE_BUDGET bytes of scores each, the rows taken longest first so that each
         # batch's attention pads to lengths near its own.
-        itemsize = self.model.hp * self.dtype.itemsize * 3  # bias+scores+probs, per query and key
+        per_pair = self.model.hp * self.dtype.itemsize * 3  # bytes of bias+scores+probs per (query, key) of a row
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
         groups: list[list[int]] = []
         keys = 0
@@ -168,7 +168,7 @@ class FastEngine:
             g = groups[-1] if groups else None
             if (
                 g is not None
-                and (len(g) + 1) * len(prompts[g[0]]) * max(keys, ends[i]) * itemsize <= PREFILL_SCORE_BUDGET
+                and (len(g) + 1) * len(prompts[g[0]]) * max(keys, ends[i]) * per_pair <= PREFILL_SCORE_BUDGET
             ):
                 g.append(i)
                 keys = max(keys, ends[i])

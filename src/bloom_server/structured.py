@@ -81,7 +81,6 @@ class Grammars:
         self._templates: collections.OrderedDict[Grammar, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._executor: Any = None
-        self._worker: Any = None  # the thread that drives asynchronous fills (MaskJob), started by the first one
 
     @classmethod
     def for_model(cls, model_dir: Path, eos_ids: tuple[int, ...], vocab_size: int | None = None) -> Grammars:
@@ -166,20 +165,6 @@ class Grammars:
         its slowest row, not the sum of the rows."""
         self._pool().unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
 
-    def submit(self, fn: Any) -> Any:
-        """Run `fn()` on the grammar worker thread; returns its future. Meant for fills: llguidance releases the
-        GIL, so the caller's thread goes on with its own work until it needs the masks."""
-        import concurrent.futures
-
-        with self._lock:
-            if self._worker is None:
-                self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-masks")
-        return self._worker.submit(fn)
-
-    def consume(self, pairs: list[tuple[Any, int]]) -> list[bool]:
-        """Feed each (matcher, token) its token, in parallel (the GIL released); whether each matcher took it."""
-        return list(self._pool().consume_token_par(pairs))
-
 
 def _first_line(error: str) -> str:
     """The engine's error on one line (its regex errors span several), bounded."""
@@ -203,35 +188,17 @@ def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tenso
     logits.index_copy_(0, rows, sub.masked_fill(~allowed, float("-inf")))
 
 
-class MaskJob:
-    """The next masks of some rows, being filled on the grammar worker while the caller goes on (RowMatchers.start).
-    `keys` are the rows, in the bitmask's row order; `result()` waits for the fill and returns the bitmask."""
-
-    __slots__ = ("keys", "bitmask", "_future", "_owner")
-
-    def __init__(self, keys: list[Any], bitmask: torch.Tensor, future: Any, owner: RowMatchers):
-        self.keys, self.bitmask, self._future, self._owner = keys, bitmask, future, owner
-
-    def result(self) -> torch.Tensor:
-        t0 = time.perf_counter()
-        fill_s = self._future.result()
-        self._owner.wait_s += time.perf_counter() - t0
-        self._owner.fill_s += fill_s
-        return self.bitmask
-
-
 class RowMatchers:
     """The matchers of one batch's constrained rows (keyed by any hashable row id), on one rank. `advance` feeds
-    rows their chosen tokens; `masks` fills the next masks of the rows still under their grammar, `start` does it
-    on the grammar worker while the caller goes on. `fill_s` / `wait_s`: host seconds the fills took, and how long
-    the caller waited for them (what was not hidden behind its own work)."""
+    rows their chosen tokens; `masks` fills the next masks of the rows still under their grammar, on the caller's
+    thread (a fill on a worker thread measured slower: docs/results/structured-output.md). `fill_s`: host seconds
+    the fills took."""
 
     def __init__(self, grammars: Grammars):
         self.grammars = grammars
         self.rows: dict[Any, Any] = {}
         self.done: set[Any] = set()  # ended (EOS taken, or the token broke the grammar): masks no longer apply
         self.fill_s = 0.0
-        self.wait_s = 0.0
 
     def add(self, key: Any, g: Grammar) -> None:
         self.rows[key] = self.grammars.matcher(g)
@@ -245,56 +212,25 @@ class RowMatchers:
         return key in self.rows
 
     def advance(self, pairs: list[tuple[Any, int]]) -> None:
-        """Feed each (key, token) its row's token, the rows in parallel; a row whose matcher had stopped or refuses
-        the token is done. Unknown and done rows are skipped."""
-        fed: list[tuple[Any, Any, int]] = []
+        """Feed each (key, token) its row's token; a row whose matcher had stopped or refuses the token is done.
+        Unknown and done rows are skipped."""
         for key, token in pairs:
             m = self.rows.get(key)
             if m is None or key in self.done:
                 continue
-            if m.is_stopped():
-                self.done.add(key)
-            else:
-                fed.append((key, m, int(token)))
-        if not fed:
-            return
-        if len(fed) == 1:  # one row: no pool round trip
-            took = [fed[0][1].consume_token(fed[0][2])]
-        else:
-            took = self.grammars.consume([(m, t) for _, m, t in fed])
-        for (key, _, _), ok in zip(fed, took):
-            if not ok:
+            if m.is_stopped() or not m.consume_token(int(token)):
                 self.done.add(key)
 
     def active(self, keys: list[Any]) -> list[Any]:
         return [k for k in keys if k in self.rows and k not in self.done]
 
-    def _bitmask(self, n: int, pin: bool) -> torch.Tensor:
-        import torch
-
-        return torch.empty((n, bitmask_words(self.grammars.vocab_size)), dtype=torch.int32, pin_memory=pin)
-
     def masks(self, keys: list[Any], pin: bool = False) -> torch.Tensor:
         """[len(keys), words] int32 on the CPU (pinned with `pin`, for an asynchronous copy to the GPU): the allowed
         tokens of each row (keys must be active)."""
-        bitmask = self._bitmask(len(keys), pin)
+        import torch
+
+        bitmask = torch.empty((len(keys), bitmask_words(self.grammars.vocab_size)), dtype=torch.int32, pin_memory=pin)
         t0 = time.perf_counter()
         self.grammars.fill([(self.rows[k], i) for i, k in enumerate(keys)], bitmask)
-        dt = time.perf_counter() - t0
-        self.fill_s += dt  # filled on the caller's thread: all of it waited for
-        self.wait_s += dt
+        self.fill_s += time.perf_counter() - t0
         return bitmask
-
-    def start(self, keys: list[Any], pin: bool = False) -> MaskJob:
-        """`masks(keys)` filled on the grammar worker: the caller's thread is free until `result()`. The rows'
-        matchers must not be advanced before then."""
-        bitmask = self._bitmask(len(keys), pin)
-        pairs = [(self.rows[k], i) for i, k in enumerate(keys)]
-        fill = self.grammars.fill
-
-        def run() -> float:
-            t0 = time.perf_counter()
-            fill(pairs, bitmask)
-            return time.perf_counter() - t0
-
-        return MaskJob(keys, bitmask, self.grammars.submit(run), self)

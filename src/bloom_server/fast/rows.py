@@ -214,7 +214,6 @@ class RowScheduler:
         self.grammars: Any = None  # structured.Grammars of the engine's vocabulary: set by the owner before a
         # constrained row is added
         self._matchers: Any = None  # structured.RowMatchers, by row id
-        self._job: Any = None  # structured.MaskJob: the next masks of the queued decode's constrained rows
 
     def add(self, req: Request) -> None:
         if len(req.prompt) + req.max_new_tokens > self.engine.max_seq:
@@ -266,11 +265,11 @@ class RowScheduler:
         if self.pipeline:
             prev, self._pending = self._pending, None
             # The host waits for the previous step's tokens, then reads this step's first tokens while this decode
-            # runs; the decode's constrained rows start filling their masks once the last of those is in.
+            # runs; the decode's constrained rows get their masks once the last of those is in.
             if prev is not None:
-                finished = self._process(prev, None if firsts.rows else decoded)
+                finished = self._process(prev)
             if firsts.rows:
-                finished += self._process(firsts, decoded)
+                finished += self._process(firsts)
             if decoded is not None:  # constrained rows: their masks need the tokens just read
                 self._choose(nxt, decoded, logprobs)
             self._retire()
@@ -426,12 +425,9 @@ class RowScheduler:
         e = self.engine
         live = [(r, t) for r, t in constrained if r.finish is None and r.rid in self._matchers.rows
                 and r.rid not in self._matchers.done]  # fmt: skip
-        job, self._job = self._job, None
-        if job is not None and not live:
-            job.result()  # nothing to mask after all; its fill must be over before the matchers move on
         if live:
             scores = logits.index_select(0, to_device([r.slot for r, _ in live], e.device)).float()
-            self._mask(scores, list(range(len(live))), [r.rid for r, _ in live], job)
+            self._mask(scores, list(range(len(live))), [r.rid for r, _ in live])
             greedy = [j for j, (r, _) in enumerate(live) if r.greedy]
             if greedy:  # one argmax for every greedy constrained row
                 idx = to_device(greedy, e.device)
@@ -453,22 +449,15 @@ class RowScheduler:
             self._matchers = structured.RowMatchers(self.grammars)
         return self._matchers
 
-    def _mask(self, scores: torch.Tensor, rows: list[int], rids: list[Any], job: Any = None) -> None:
+    def _mask(self, scores: torch.Tensor, rows: list[int], rids: list[Any]) -> None:
         """scores[rows] in place: -inf where the grammar of row id rids[i] allows nothing. The masks are filled on
-        the host (llguidance's threads, in parallel over rows), by `job` (structured.MaskJob, started when the
-        tokens were read) where it holds exactly these rows, and copied to the device without a stream sync."""
+        the host (llguidance's threads, in parallel over rows) and copied to the device without a stream sync."""
         from bloom_server import structured
 
         cuda = scores.device.type == "cuda"
-        index = to_device(rows, scores.device)  # queued before the wait for the masks
-        if job is not None:
-            bitmask = job.result()  # waited for even when unused: its fill reads the matchers advanced next
-            if job.keys != rids:
-                bitmask = self._matchers.masks(rids, pin=cuda)
-        else:
-            bitmask = self._matchers.masks(rids, pin=cuda)
+        bitmask = self._matchers.masks(rids, pin=cuda)
         bitmask = bitmask.to(scores.device, non_blocking=True) if cuda else bitmask
-        structured.apply_bitmask(scores, index, bitmask)
+        structured.apply_bitmask(scores, to_device(rows, scores.device), bitmask)
 
     @staticmethod
     def _want_tops(into: _Pending, want: list) -> None:
@@ -480,11 +469,9 @@ class RowScheduler:
         values, ids = torch.topk(scores, min(n, scores.shape[-1]), dim=-1)
         into.tops.append(([(key, r.top_n) for key, r, _ in want], ids, values))
 
-    def _process(self, p: _Pending, upcoming: tuple | None = None) -> list[Request]:
-        """Read a staged step's tokens (the host's one wait) and record them on their rows, in order. The
-        constrained rows' matchers take their tokens first (in parallel), and with `upcoming` (a queued decode
-        whose constrained rows wait for masks, see `_choose`) those masks start filling on the grammar worker at
-        once, while this bookkeeping goes on."""
+    def _process(self, p: _Pending) -> list[Request]:
+        """Read a staged step's tokens (the host's one wait) and record them on their rows, in order; the
+        constrained rows' matchers take their tokens first."""
         tokens, lps, tops = p.read()
         done: list[Request] = []
         if self._matchers is not None:
@@ -492,13 +479,6 @@ class RowScheduler:
                    and r.grammar is not None]  # fmt: skip
             if fed:
                 self._matchers.advance(fed)
-            if upcoming is not None and upcoming[1]:
-                ending = {r.rid for i, r in enumerate(p.rows) if r is not None and r.finish is None
-                          and _end(r, tokens[i], len(r.tokens) + 1) is not None}  # fmt: skip
-                keys = self._matchers.active([r.rid for r, _ in upcoming[1] if r.finish is None
-                                              and r.rid not in ending])  # fmt: skip
-                if keys:
-                    self._job = self._matchers.start(keys, pin=self.engine.device.type == "cuda")
         now = None
         rids, out, reqs = self.out_rids, self.out_tokens, self._out_reqs
         extra = self.out_extra if lps is not None else None

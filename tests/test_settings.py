@@ -147,9 +147,3 @@ def test_the_original_debug_switch_turns_on_debug_logging_unless_a_level_is_give
     monkeypatch.delenv("DEBUG")
     monkeypatch.delenv("BLOOM_LOG_LEVEL")
     assert load_settings().log_level == "info"
-
-
-def test_the_direct_prefetch_is_off_unless_asked_for(monkeypatch):
-    assert load_settings().load_direct is False
-    monkeypatch.setenv("BLOOM_LOAD_DIRECT", "1")
-    assert load_settings().load_direct is True

@@ -140,10 +140,6 @@ class Settings(BaseSettings):
     """fast backend, builtin loader: one sequential read of the weights from process start (while torch is imported)
     to the last byte, into the page cache, which the loader follows; off: the loader threads read the disk. A field
     loader reads without it."""
-    load_direct: bool = False
-    """fast backend, builtin loader: the prefetch reads with O_DIRECT (where the file system allows it) into memory
-    of its own, which the loader copies from, instead of through the page cache; off until measured
-    (docs/results/cold-start.md "Field loaders")."""
     load_throttle_mbps: float | None = Field(None, gt=0)
     """Limit weight reads to this many MB/s (tests and rehearsals of a slow volume only)."""
     loader: Loader = "auto"

@@ -278,9 +278,7 @@ def read_safetensors(
     With a prefetcher running (`progress.prefetcher`, loading.start_prefetch: the load's one sequential disk stream),
     each chunk is read only once the prefetcher has read past it, so the `preadv` copies from the page cache and the
     disk sees one stream; where the prefetcher does not cover a chunk, has stopped or failed, the chunk is read from
-    the disk here (and throttled here: `throttle` applies to disk reads only). A prefetcher in keep mode
-    (BLOOM_LOAD_DIRECT) holds each chunk it read in memory: the chunk is copied from there and released. The
-    prefetcher is closed at the end."""
+    the disk here (and throttled here: `throttle` applies to disk reads only). The prefetcher is closed at the end."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     out: list[torch.Tensor | None] = []
@@ -305,39 +303,17 @@ def read_safetensors(
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except (AttributeError, OSError):
             pass
-    state = {"next": 0, "error": None, "own": 0, "kept": 0}
+    state = {"next": 0, "error": None, "own": 0}
     lock = threading.Lock()
     ahead = getattr(progress, "prefetcher", None) if progress is not None else None
-    follow, keep = ahead, ahead is not None and ahead.keep
-    if keep and not ahead.same_plan([(files[c.file].path, c.offset, c.length) for c in chunks]):
-        log.info("the direct prefetch reads other chunks than the loader's: the loader reads from disk itself")
-        ahead.close()  # its kept buffers would never be claimed
-        follow, keep = None, False
 
     def cached(c: Chunk) -> bool:
         """Wait until the prefetcher has read past chunk `c`: True (its bytes are in the page cache); False: read it
         from the disk here (no prefetcher, a file it does not read, or it stopped: never a hang)."""
-        if follow is None:
+        if ahead is None:
             return False
-        k = follow.need(files[c.file].path, c.offset + c.length)
-        return k is not None and follow.wait_for(k)
-
-    def from_kept(c: Chunk, copy: Callable[[torch.Tensor], None]) -> bool:
-        """Keep mode: `copy` chunk c's bytes (a uint8 tensor over the prefetcher's buffer: torch's copy is the faster
-        memcpy here) and release them: True; False: not kept (read it from the file)."""
-        if not keep:
-            return False
-        view = ahead.kept(files[c.file].path, c.offset, c.length)
-        if view is None:
-            return False
-        with view:
-            src = torch.frombuffer(view, dtype=torch.uint8)
-            copy(src)
-            del src
-        ahead.release(files[c.file].path, c.offset)
-        with lock:
-            state["kept"] += 1
-        return True
+        k = ahead.need(files[c.file].path, c.offset + c.length)
+        return k is not None and ahead.wait_for(k)
 
     def take() -> Chunk | None:
         with lock:
@@ -359,15 +335,7 @@ def read_safetensors(
                 views.append(_host_view(raw[p.tensor], p.dst_offset, p.nbytes))
                 pos += p.nbytes
             hit = cached(c)
-
-            def scatter(src: torch.Tensor, c: Chunk = c) -> None:
-                for p in c.pieces:
-                    raw[p.tensor][p.dst_offset : p.dst_offset + p.nbytes].copy_(
-                        src[p.chunk_offset : p.chunk_offset + p.nbytes]
-                    )
-
-            if not (hit and from_kept(c, scatter)):
-                _preadv_all(fds[c.file], views, c.offset, files[c.file].path)
+            _preadv_all(fds[c.file], views, c.offset, files[c.file].path)
             done(c, hit)
 
     def cuda_worker() -> None:
@@ -383,8 +351,7 @@ def read_safetensors(
             if events[b] is not None:
                 events[b].synchronize()  # the copy out of this buffer (two chunks ago) is done
             hit = cached(c)
-            if not (hit and from_kept(c, bufs[b][: c.length].copy_)):
-                _preadv_all(fds[c.file], [_host_view(bufs[b], 0, c.length)], c.offset, files[c.file].path)
+            _preadv_all(fds[c.file], [_host_view(bufs[b], 0, c.length)], c.offset, files[c.file].path)
             with torch.cuda.stream(copies):
                 for p in c.pieces:
                     raw[p.tensor][p.dst_offset : p.dst_offset + p.nbytes].copy_(
@@ -438,10 +405,6 @@ def read_safetensors(
             progress.note("loader waited for the prefetcher, s", st["loader_wait_s"])  # type: ignore[union-attr]
             progress.note("prefetch pauses at its memory budget", st["pauses"])  # type: ignore[union-attr]
             progress.note("chunks the loader read from disk itself", state["own"])  # type: ignore[union-attr]
-            if ahead.keep:
-                progress.note("chunks copied from the direct prefetch", state["kept"])  # type: ignore[union-attr]
-                progress.note("direct prefetch: chunks read with O_DIRECT", st["direct_chunks"])  # type: ignore[union-attr]
-                progress.note("direct prefetch: peak kept, GB", st["kept_peak_bytes"] / 1e9)  # type: ignore[union-attr]
     for i, fdt, shp in casts:
         out[i] = raw[i].view(fdt).view(shp).to(dtype)
         raw[i] = None  # type: ignore[call-overload]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import mmap
 import os
 import threading
 import time
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
     from bloom_server.progress import LoadProgress
 
 log = logging.getLogger(__name__)
-ALIGN = 4096  # O_DIRECT's alignment of file offset, length and buffer address
 
 
 class ReadThrottle:
@@ -74,23 +72,15 @@ class Prefetcher:
     caught up, it only pauses while it is more than `budget` bytes ahead of the loader (half the available memory by
     default: pages read too far ahead could be evicted before use) and resumes when the loader advances.
 
-    `keep` (BLOOM_LOAD_DIRECT): each chunk is read with O_DIRECT (where the file system allows it, else buffered)
-    into its own anonymous mmap, kept until the loader copies it out (`kept`) and lets it go (`release`): parallel
-    direct reads beat buffered ones on the disk measured (docs/results/cold-start.md "Field loaders"), and skip the
-    page cache, so the bytes must be kept here. Then the budget bounds the kept bytes instead: a chunk is read while
-    they stay within it, or when the loader waits for it (never left waiting); with one loader thread they never
-    exceed it. close() frees every kept buffer.
-
     Counters (under the lock; `stats()`): read_bytes, pauses (times a reader waited at the budget), loader_waits and
-    loader_wait_s (the loader waiting for bytes not read yet), frontier (chunks read, in order), kept_bytes (now),
-    kept_peak_bytes, direct_chunks (read with O_DIRECT). Never raises: a read error ends the prefetch (logged) and the
-    loader reads the rest itself."""
+    loader_wait_s (the loader waiting for bytes not read yet), frontier (chunks read, in order). Never raises: a read
+    error ends the prefetch (logged) and the loader reads the rest itself."""
 
     # No posix_fadvise(WILLNEED) look-ahead past the chunk being read: it slowed the loader (docs/results/removed.md).
 
     def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int = 1,
                  progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
-                 budget: int | None = None, keep: bool = False):  # fmt: skip
+                 budget: int | None = None):  # fmt: skip
         self.paths = [Path(p) for p in paths]
         self.chunks = list(chunks)
         self.threads = max(1, threads)
@@ -99,10 +89,6 @@ class Prefetcher:
         longest = max((c.length for c in self.chunks), default=0)
         avail = mem_available()
         budget = budget if budget is not None else (avail // 2 if avail else 1 << 62)
-        self.keep = keep
-        self._span = [(c.offset // ALIGN * ALIGN, -(-(c.offset + c.length) // ALIGN) * ALIGN) for c in self.chunks]
-        if keep:
-            longest = max((e - a for a, e in self._span), default=0)
         self.budget = max(int(budget), longest)  # at least one chunk ahead, whatever the memory
         self._cum = [0]
         for c in self.chunks:
@@ -120,10 +106,6 @@ class Prefetcher:
         self.pauses = 0
         self.loader_waits = 0
         self.loader_wait_s = 0.0
-        self._kept: dict[int, tuple[mmap.mmap, int]] = {}  # chunk -> (its buffer, where its bytes start in it)
-        self.kept_bytes = 0  # buffers taken (reading or kept) and not released
-        self.kept_peak_bytes = 0
-        self.direct_chunks = 0
         self._paused = 0
         self._alive = 0
         self._started = False
@@ -153,17 +135,7 @@ class Prefetcher:
             stopped = self.state in ("new", "running")
             if stopped:
                 self.state = "closed"
-            for i in list(self._kept):
-                self._free(i)
             self._cv.notify_all()
-
-    def _free(self, i: int) -> None:  # under the lock
-        buf, _ = self._kept.pop(i)
-        self.kept_bytes -= len(buf)
-        try:
-            buf.close()
-        except BufferError:  # a view of it is still held: freed with the last one
-            pass
 
     def advance(self, k: int) -> None:
         """The loader has asked for chunks [0, k): a reader paused at the budget may go on."""
@@ -183,13 +155,7 @@ class Prefetcher:
                     return None
                 i = self._next
                 base = min(self.demand, i)  # chunks before the loader's point are being consumed
-                if self.keep:
-                    size = self._span[i][1] - self._span[i][0]
-                    if i < self.demand or self.kept_bytes + size <= self.budget:
-                        self.kept_bytes += size
-                        self.kept_peak_bytes = max(self.kept_peak_bytes, self.kept_bytes)
-                        break
-                elif i < self.demand or self._cum[i + 1] - self._cum[base] <= self.budget:
+                if i < self.demand or self._cum[i + 1] - self._cum[base] <= self.budget:
                     break
                 if not paused:
                     paused = True
@@ -201,13 +167,8 @@ class Prefetcher:
             self._next += 1
             return i
 
-    def _complete(self, i: int, kept: tuple[mmap.mmap, int] | None = None, direct: bool = False) -> None:
+    def _complete(self, i: int) -> None:
         with self._cv:
-            self.direct_chunks += direct
-            if kept is not None:
-                self._kept[i] = kept
-                if self.state == "closed":
-                    self._free(i)
             self._done[i] = True
             self.read_bytes += self.chunks[i].length
             while self.frontier < len(self.chunks) and self._done[self.frontier]:
@@ -218,73 +179,36 @@ class Prefetcher:
                     self.progress.note_since_start("prefetch finished")
             self._cv.notify_all()
 
-    def _open(self, fi: int, direct: bool) -> int:
-        if direct:
-            return os.open(self.paths[fi], os.O_RDONLY | os.O_DIRECT)
-        fd = os.open(self.paths[fi], os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        except (AttributeError, OSError):
-            pass
-        return fd
-
-    def _fill(self, fd: int, view: memoryview, at: int, need: int, fi: int) -> None:
-        got = 0
-        while got < need:  # a short read past `need` (the end of the file in an aligned span) is normal
-            n = os.preadv(fd, [view[got:]], at + got)
-            if n <= 0:
-                raise OSError(f"{self.paths[fi]}: unexpected end of file at byte {at + got}")
-            got += n
-
     def _run(self) -> None:
         fds: dict[int, int] = {}
-        mode: dict[int, str] = {}  # file -> "try" (O_DIRECT, not read yet), "direct" or "buffered"
         # One preadv per chunk (32 MiB by default): every return from a read needs the GIL back, which the main
         # thread holds for long stretches while it imports torch; few large reads keep the disk busy through that.
-        buf = bytearray(1 if self.keep else max((c.length for c in self.chunks), default=0) or 1)
+        buf = bytearray(max((c.length for c in self.chunks), default=0) or 1)
         view = memoryview(buf)
-        i = None
         try:
             while (i := self._take()) is not None:
                 c = self.chunks[i]
-                kept = None
                 if c.file not in fds:
-                    mode[c.file] = "try" if self.keep and hasattr(os, "O_DIRECT") else "buffered"
+                    fds[c.file] = os.open(self.paths[c.file], os.O_RDONLY)
                     try:
-                        fds[c.file] = self._open(c.file, mode[c.file] == "try")
-                    except OSError as e:  # no O_DIRECT here (tmpfs, some network file systems)
-                        log.debug("%s: no O_DIRECT (%s); buffered reads", self.paths[c.file], e)
-                        fds[c.file], mode[c.file] = self._open(c.file, False), "buffered"
-                if not self.keep:
-                    self._fill(fds[c.file], view[: c.length], c.offset, c.length, c.file)
-                else:
-                    lo, hi = self._span[i]
-                    mem = mmap.mmap(-1, hi - lo)  # page-aligned, as O_DIRECT wants
-                    kept = (mem, c.offset - lo)
-                    with memoryview(mem) as mv:
-                        try:
-                            self._fill(fds[c.file], mv, lo, c.offset + c.length - lo, c.file)
-                        except OSError as err:
-                            if mode[c.file] != "try":
-                                raise
-                            log.debug("%s: O_DIRECT read failed (%s); buffered reads", self.paths[c.file], err)
-                            os.close(fds[c.file])
-                            fds[c.file], mode[c.file] = self._open(c.file, False), "buffered"
-                            self._fill(fds[c.file], mv, lo, c.offset + c.length - lo, c.file)
-                    if mode[c.file] == "try":
-                        mode[c.file] = "direct"
+                        os.posix_fadvise(fds[c.file], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    except (AttributeError, OSError):
+                        pass
+                got = 0
+                while got < c.length:
+                    n = os.preadv(fds[c.file], [view[got : c.length]], c.offset + got)
+                    if n <= 0:
+                        raise OSError(f"{self.paths[c.file]}: unexpected end of file at byte {c.offset + got}")
+                    got += n
                 if self.throttle is not None:
-                    self.throttle.wait(c.length)
+                    self.throttle.wait(got)
                 if self.progress is not None:
                     self.progress.add_prefetched(c.wanted_bytes)
-                self._complete(i, kept, mode[c.file] == "direct")
-                i = None
+                self._complete(i)
         except BaseException as e:  # noqa: BLE001 - the loader reads what is missing itself
             with self._cv:
                 if self.state == "running":
                     self.state, self.error = "failed", str(e) or type(e).__name__
-                if i is not None and self.keep:  # this chunk's buffer is never kept
-                    self.kept_bytes -= self._span[i][1] - self._span[i][0]
                 self._cv.notify_all()
             log.warning("prefetch stopped: %s (the loader reads the rest from disk itself)", e)
         finally:
@@ -332,57 +256,20 @@ class Prefetcher:
             finally:
                 self.loader_wait_s += time.monotonic() - t
 
-    def _chunk(self, path: str | os.PathLike, offset: int, end: int) -> int | None:
-        """The chunk of this plan that holds bytes [offset, end) of `path` entirely, if one does."""
-        fi = self._index.get(os.path.realpath(path))
-        i = bisect.bisect_right(self._keys, (fi, offset)) - 1 if fi is not None else -1
-        if i < 0 or self._keys[i][0] != fi or end > self.chunks[i].offset + self.chunks[i].length:
-            return None
-        return i
-
-    def same_plan(self, reads: Sequence[tuple[str | os.PathLike, int, int]]) -> bool:
-        """`reads` ((path, offset, length) each) are exactly this plan's chunks: in keep mode the loader claims
-        every kept buffer (one that is never claimed would stay in memory until close)."""
-        mine = {(os.path.realpath(self.paths[c.file]), c.offset, c.length) for c in self.chunks}
-        return mine == {(os.path.realpath(p), o, n) for p, o, n in reads}
-
-    def kept(self, path: str | os.PathLike, offset: int, length: int) -> memoryview | None:
-        """Keep mode: bytes [offset, offset + length) of `path` from the kept buffer of the chunk that holds them
-        all (read already: `wait_for` said so), or None (no such chunk, not kept, released, or closed). Release
-        the view before `release`."""
-        with self._cv:
-            i = self._chunk(path, offset, offset + length)
-            if i is None or i not in self._kept:
-                return None
-            buf, start = self._kept[i]
-            at = start + offset - self.chunks[i].offset
-            return memoryview(buf)[at : at + length]
-
-    def release(self, path: str | os.PathLike, offset: int) -> None:
-        """Keep mode: the loader is done with the chunk that starts at `offset` of `path`: its buffer is freed, and
-        a reader paused at the budget may go on."""
-        with self._cv:
-            i = self._chunk(path, offset, offset)
-            if i is not None and self.chunks[i].offset == offset and i in self._kept:
-                self._free(i)
-                self._cv.notify_all()
-
     def stats(self) -> dict[str, Any]:
         with self._cv:
             return {"state": self.state, "read_bytes": self.read_bytes, "frontier": self.frontier,
                     "chunks": len(self.chunks), "demand": self.demand, "pauses": self.pauses,
                     "paused": self._paused, "loader_waits": self.loader_waits,
-                    "loader_wait_s": self.loader_wait_s, "error": self.error, "kept_bytes": self.kept_bytes,
-                    "kept_peak_bytes": self.kept_peak_bytes, "direct_chunks": self.direct_chunks}  # fmt: skip
+                    "loader_wait_s": self.loader_wait_s, "error": self.error}  # fmt: skip
 
 
 def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chunk_bytes: int,
                    progress: LoadProgress, throttle: ReadThrottle | None = None,
-                   budget: int | None = None, keep: bool = False) -> Prefetcher | None:  # fmt: skip
+                   budget: int | None = None) -> Prefetcher | None:  # fmt: skip
     """Start reading this rank's weight bytes for the fast backend (`progress.prefetcher` is then the Prefetcher,
     which the loader follows), or None when there is nothing to read ahead (several ranks slicing a plain
-    checkpoint, pickles, or anything unexpected: the loader will say what). `keep`: the direct, kept mode
-    (BLOOM_LOAD_DIRECT, `Prefetcher`)."""
+    checkpoint, pickles, or anything unexpected: the loader will say what)."""
     try:
         src = weights_source(model_dir, rank, world)
         if src.kind not in ("presharded", "whole"):
@@ -394,8 +281,7 @@ def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chun
     except (ModelDirError, OSError) as e:
         log.debug("no prefetch: %s", e)
         return None
-    p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget,
-                   keep=keep)  # fmt: skip
+    p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget)
     progress.prefetcher = p
     progress.set_phase("prefetching")
     progress.note_since_start("prefetch started")

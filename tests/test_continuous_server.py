@@ -251,7 +251,7 @@ def test_chunked_prefill_and_the_prefix_cache_change_no_answer(cserver, tiny_mod
     finally:
         srv.stop()
     status, text, _ = cserver.get("/metrics")
-    assert status == 200 and "prefix_cache" not in text  # the cache is off by default: no series
+    assert status == 200 and "prefix_cache" not in text  # unset, the cache is off on a CPU: no series
 
 
 def test_info_reports_the_mode(cserver):

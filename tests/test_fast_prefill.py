@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from bloom_server.fast.engine import FastEngine
-from bloom_server.fast.prefix_cache import PrefixCache
+from bloom_server.fast.prefix_cache import AUTO_MAX_BYTES, PrefixCache, auto_capacity
 from bloom_server.fast.rows import Request, RowScheduler
 from bloom_server.fast.sampling import SamplingConfig
 from bloom_server.fast.shapes import BloomShape
@@ -106,16 +106,18 @@ def test_a_batch_of_mixed_lengths_gives_each_row_its_own_logits(engine, monkeypa
     calls.clear()
     got = engine.prefill([0, 1, 2, 3], prompts)
     assert (calls == [4]) if budget is None else (len(calls) > 1 and sum(calls) == 4)
+    # 1e-4: the packed GEMMs sum in another order than one row's alone (the CPU's BLAS blocks by the row count), a few
+    # fp32 ulps apart; a row's logits or keys from another row's prompt would be off by far more.
     for i, p in enumerate(prompts):
-        torch.testing.assert_close(got[i : i + 1], alone[2 * i], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(engine.k_cache[:, i, :, : len(p)], alone[2 * i + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[i : i + 1], alone[2 * i], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(engine.k_cache[:, i, :, : len(p)], alone[2 * i + 1], rtol=1e-4, atol=1e-4)
         assert engine.host_pos[i] == len(p)
     # the same prompts again, each continued by a chunk of its own length from where the first part ended
     tails = [_prompt(rng, n) for n in (9, 2, 30, 11)]
     calls.clear()
     cont = engine.prefill([0, 1, 2, 3], tails, [len(p) for p in prompts])
     for i, (p, t) in enumerate(zip(prompts, tails)):
-        torch.testing.assert_close(cont[i : i + 1], engine.prefill([i], [p + t]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cont[i : i + 1], engine.prefill([i], [p + t]), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("pipeline", [True, False])
@@ -237,6 +239,12 @@ def test_eviction_under_pressure_keeps_the_tokens_and_the_bound(engine):
     st = cache.stats()
     assert st["evictions"] > 0 and st["hits"] > 0 and st["bytes"] <= st["capacity_bytes"] == 7 * cache.page_bytes
     assert len(cache._index) == len(cache._lru) <= 7
+
+
+def test_the_automatic_size_is_a_quarter_of_the_free_memory_up_to_its_cap():
+    assert auto_capacity(8 << 30) == 2 << 30
+    assert auto_capacity(64 << 30) == AUTO_MAX_BYTES == 4 << 30
+    assert auto_capacity(0) == 0 and auto_capacity(-1) == 0
 
 
 def test_eviction_takes_the_least_recent_chain_from_its_tail(engine):

@@ -53,6 +53,9 @@ def _rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> Non
             "greedy": engine.generate(PROMPTS, 16, SamplingConfig()).tokens,
             "sampled": engine.generate(PROMPTS, 8, SamplingConfig(do_sample=True, top_k=20), seed=5).tokens,
             "logits": engine.forward_logits(PROMPTS),
+            # the reductions beside the model's sums: the emptiest rank's free memory (the prefix cache's size)
+            "min": tp.all_reduce(torch.tensor([10.0 + rank]), "min").item(),
+            "max": tp.all_reduce(torch.tensor([10.0 + rank]), "max").item(),
         }
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(out, f)
@@ -78,6 +81,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
     ranks = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
     for r in ranks:
         assert r["heads"] == 3 and r["vocab_rows"] == 501 and r["qkv_rows"] == 3 * 3 * shape.head_dim
+        assert (r["min"], r["max"]) == (10.0, 11.0)
         assert r["greedy"] == greedy
         assert r["sampled"] == sampled
         for i, row in enumerate(PROMPTS):

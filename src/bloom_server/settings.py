@@ -159,17 +159,19 @@ class Settings(BaseSettings):
     fast_decode: Literal["triton_head", "base"] | None = None
     """fast backend: the decode step's fusion (fast/model.py FUSE_VARIANTS): triton_head, the default, or base, the
     eager layer. It decides which kernels are compiled, so a kernel seed records it."""
-    # Chunked prefill and the prefix cache start off, so that a server behaves as before until scripts/gpu/prefill.sh
-    # has measured them against it on a GPU (docs/results/fast-engine.md "Chunked prefill and the prefix cache").
+    # Chunking stays off: at 512 tokens a step it made the first token later under load; the prefix cache is on by
+    # default on a GPU (docs/results/fast-engine.md "Chunked prefill and the prefix cache").
     prefill_step_tokens: int = Field(0, ge=0)
     """fast backend, continuous batching: tokens one step computes, one per decoding row and the rest for the prompts
     joining the batch, so a long prompt goes in over several steps while the live rows keep producing tokens; 0: no
     limit (a joining prompt goes in whole in one step). Must exceed max_batch_size."""
     prefill_chunk_tokens: int = Field(0, ge=0)
     """fast backend, continuous batching: the most tokens of one prompt a step computes; 0: no limit."""
-    prefix_cache_mb: float = Field(0.0, ge=0)
+    prefix_cache_mb: float | None = Field(None, ge=0)
     """fast backend, continuous batching: device memory (MiB per rank) that keeps the KV of recent prompt prefixes, so
-    that a prompt starting with one computes only the rest (least recently used blocks go first); 0: off."""
+    that a prompt starting with one computes only the rest (least recently used blocks go first); 0: off; unset: on
+    a GPU a quarter of the device memory the load left free, at most 4 GiB (fast/prefix_cache.py auto_capacity), on
+    a CPU off."""
     fast_precompile: str = ""
     """fast backend: the decode kernels compiled ahead of time, in worker processes while the weights load: 0 (or
     off, false, no): none; a number: that many workers; empty: by the CPUs available."""

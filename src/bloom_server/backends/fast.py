@@ -301,8 +301,15 @@ class FastBackend(Backend):
 
         assert self.engine is not None
         s = getattr(self, "settings", None)
-        cache_bytes = int((s.prefix_cache_mb if s is not None else 0) * 2**20)
-        cache = PrefixCache(self.engine, cache_bytes) if cache_bytes else None
+        set_mb = s.prefix_cache_mb if s is not None else 0.0
+        cache_bytes = int(set_mb * 2**20) if set_mb is not None else self._auto_prefix_cache_bytes()
+        try:
+            cache = PrefixCache(self.engine, cache_bytes) if cache_bytes else None
+        except ValueError as e:  # too small for one block: an explicit size is refused, the automatic one is off
+            if set_mb is not None:
+                raise ConfigError(f"prefix_cache_mb {set_mb}: {e}") from e
+            log.info("rank %d: no prefix cache (%s)", self.ctx.rank, e)
+            cache = None
         if cache is not None:
             log.info("rank %d: prefix cache of %.2f GB (%d blocks of %d tokens)", self.ctx.rank,
                      cache.capacity_bytes / 1e9, cache.pages, cache.block)  # fmt: skip
@@ -312,6 +319,21 @@ class FastBackend(Backend):
             chunk_tokens=s.prefill_chunk_tokens if s is not None else 0,
             prefix_cache=cache,
         )
+
+    def _auto_prefix_cache_bytes(self) -> int:
+        """The prefix cache's size when none is set: on a GPU, from the device memory free on the emptiest rank (every
+        rank holds as many blocks, so they evict alike); on a CPU none."""
+        import torch
+
+        from bloom_server.fast.prefix_cache import auto_capacity
+
+        assert self.engine is not None
+        device = self.engine.device
+        if device.type != "cuda":
+            return 0
+        free = torch.tensor([float(torch.cuda.mem_get_info(device)[0])], dtype=torch.float64, device=device)
+        self.engine.model.tp.all_reduce(free, "min")
+        return auto_capacity(int(free.item()))
 
     def engine_stats(self) -> dict[str, Any]:
         """Counters of the continuous batch's prefix cache ({} when it is off or not made yet): read by rank 0's

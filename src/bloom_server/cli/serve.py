@@ -25,7 +25,7 @@ SERVE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--batching", "batching", str, "auto | continuous | dynamic (default auto: continuous with --backend fast)"),
     ("--prefill-step-tokens", "prefill_step_tokens", int, "fast: tokens per step, decode + prefill (0: no limit)"),
     ("--prefill-chunk-tokens", "prefill_chunk_tokens", int, "fast: most tokens of one prompt per step (0: no limit)"),
-    ("--prefix-cache-mb", "prefix_cache_mb", float, "fast, continuous: MiB of prompt-prefix KV kept (default 0: off)"),
+    ("--prefix-cache-mb", "prefix_cache_mb", float, "fast: MiB of prompt-prefix KV kept (0: off; default: GPU auto)"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body (default 1 MiB)"),
     ("--drain-timeout-s", "drain_timeout_s", float, "how long in-flight requests may finish on SIGTERM"),
     ("--log-level", "log_level", str, "debug | info | warning | error"),

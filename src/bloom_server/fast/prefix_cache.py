@@ -33,6 +33,16 @@ from bloom_server.fast.sampling import to_device
 # Tokens per block: the granularity of a match (up to block - 1 tokens of a shared prefix are recomputed) and of the
 # bookkeeping (one dictionary entry per block).
 BLOCK_TOKENS = 32
+# The size when none is set, on a GPU: a quarter of the device memory the load left free (the rest stays for the
+# prefill's temporaries), at most 4 GiB, the size that held every shared prefix in the run that measured the cache
+# (docs/results/fast-engine.md "Chunked prefill and the prefix cache").
+AUTO_FREE_FRACTION = 0.25
+AUTO_MAX_BYTES = 4 << 30
+
+
+def auto_capacity(free_bytes: int) -> int:
+    """The cache's bytes when its size is not set, from the device memory free on the emptiest rank."""
+    return int(min(AUTO_MAX_BYTES, max(0, free_bytes) * AUTO_FREE_FRACTION))
 
 
 @dataclass(eq=False)

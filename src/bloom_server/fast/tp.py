@@ -49,13 +49,14 @@ class TPGroup:
     group: Any = None
 
     def all_reduce(self, x: Any, op: str = "sum") -> Any:
-        """Sum (or "max") of x over ranks, in place ([..., h] partial outputs of row-parallel layers; the row maxima
-        of int8 scales)."""
+        """Sum (or "max", "min") of x over ranks, in place ([..., h] partial outputs of row-parallel layers; the row
+        maxima of int8 scales; the device memory free on the emptiest rank)."""
         if self.world == 1:
             return x
         import torch.distributed as dist
 
-        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(x, op=ops[op], group=self.group)
         return x
 
     def all_gather_last(self, x: Any) -> Any:

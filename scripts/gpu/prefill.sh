@@ -61,8 +61,8 @@ if [ ! -f "$MODEL/config.json" ]; then
   echo "== random $SHAPE weights: $(du -sh "$MODEL" | cut -f1) in $(( $(date +%s) - t ))s"
 fi
 
-steps() {  # the server's steps-to-a-first-token histogram (cumulative; each load's share is after - before)
-  curl -fsS "http://127.0.0.1:$PORT/metrics" 2>/dev/null | grep -E '^bloom_server_time_to_first_token_steps' > "$1"
+steps() {  # the server's time-to-first-token histograms, in steps and in seconds (cumulative; a load's: after - before)
+  curl -fsS "http://127.0.0.1:$PORT/metrics" 2>/dev/null | grep -E '^bloom_server_time_to_first_token_(steps|seconds)' > "$1"
 }
 
 load() {  # name config timeout load_test-flags...
@@ -177,7 +177,25 @@ def steps(name, cfg, phase, q):
     buckets = sorted((float(k.split('le="')[1].split('"')[0]), v) for k, v in d.items() if "_bucket" in k)
     return next(le for le, v in buckets if v >= q * count)
 
+def server_ttft(name, cfg):
+    """Mean TTFT (ms) the server saw for the load's requests (its seconds histogram, after minus before): against the
+    client's, the time between the engine's first token and the client's first event."""
+    tot = {}
+    for when in ("before", "after"):
+        try:
+            lines = (raw / f"steps-{name}-{cfg}-{when}.txt").read_text().splitlines()
+        except OSError:
+            return None
+        for ln in lines:
+            key, v = ln.rsplit(" ", 1)
+            if key.startswith("bloom_server_time_to_first_token_seconds_") and "_bucket" not in key:
+                part = "sum" if key.endswith("_sum") else "count"
+                tot[part] = tot.get(part, 0.0) + (float(v) if when == "after" else -float(v))
+    return 1e3 * tot["sum"] / tot["count"] if tot.get("count") else None
+
 def value(name, cfg, path):
+    if path[0] == "server_ttft":
+        return server_ttft(name, cfg)
     if path[0] == "wave":
         return wave(name, cfg, *path[1:])
     if path[0] == "steps":
@@ -190,6 +208,10 @@ rows = [  # workload, metric, key path, target (on vs off)
     ("standard", "TTFT p99, ms", ("ttft_ms", "p99"), "on <= 200 ms"),
     ("standard", "TTFT p99 after the first wave, ms", ("wave", "after", 0.99), ""),
     ("standard", "TTFT of the first wave's last, ms", ("wave", "first", 1.0), ""),
+    ("standard", "TTFT mean at the client, ms", ("ttft_ms", "mean"), ""),
+    ("standard", "TTFT mean at the server, ms", ("server_ttft",), ""),
+    ("standard", "time between tokens p50, ms", ("itl_ms", "p50"), ""),
+    ("standard", "time between tokens p90, ms", ("itl_ms", "p90"), ""),
     ("standard", "steps waited for a slot, mean", ("steps", "wait", None), ""),
     ("standard", "steps admission to first token, p99", ("steps", "prefill", 0.99), ""),
     ("standard", "generated tokens/s", ("tokens_per_s",), "on/off >= 0.95"),
@@ -201,6 +223,8 @@ rows = [  # workload, metric, key path, target (on vs off)
     ("shared", "TTFT p50 after the first wave, ms", ("wave", "after", 0.5), ""),
     ("shared", "TTFT of the first wave's last, ms", ("wave", "first", 1.0), ""),
     ("shared", "steps admission to first token, p50", ("steps", "prefill", 0.5), "on: 1"),
+    ("shared", "TTFT mean at the client, ms", ("ttft_ms", "mean"), ""),
+    ("shared", "TTFT mean at the server, ms", ("server_ttft",), ""),
     ("shared", "generated tokens/s", ("tokens_per_s",), "on/off >= 1.00"),
 ]
 print(f"on = `{on_flags}`; off = no chunking, no prefix cache\n")

@@ -8,7 +8,8 @@
 # Jobs: structured (scripts/bench/structured_bench.py, 7b1, bs 32; the tokenizer in .tok/tokenizer.json when carried;
 # STRUCTURED_ARGS replaces "--shape 7b1", e.g. "--shape tiny --new-tokens 4 --repeats 1" with STRUCTURED_TOKENIZER=none
 # on a CPU; STRUCTURED_SCHEMAS, default "order bounded"), int8 (int8.sh), prefill (prefill.sh), noisefloor
-# (load_check.sh's greedy-vs-batch-size bench alone), loaders (loaders.sh, .whl16 carried), loadcheck (load_check.sh with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES).
+# (load_check.sh's greedy-vs-batch-size bench alone), loaders (loaders.sh, .whl16 carried), loadcheck (load_check.sh
+# with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES).
 # GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-batch-out}

@@ -158,18 +158,21 @@ def wave(name, cfg, part, q):
     part = reqs[:conc] if part == "first" else reqs[conc:]
     return pct([1e3 * r["ttft"] for r in part], q)
 
-def steps(name, cfg, phase, q):
-    """Steps to a first token of the load's requests (the server's histogram after the load minus before it): the
-    mean (q None) or the bucket bound at quantile q."""
+def delta(name, cfg, keep):
+    """The server's histogram series (lines for which keep(line)) after the load minus before it; None: no snapshot."""
     snap = {}
     for when in ("before", "after"):
         try:
             lines = (raw / f"steps-{name}-{cfg}-{when}.txt").read_text().splitlines()
         except OSError:
             return None
-        snap[when] = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines if f'phase="{phase}"' in ln}
-    d = {k: v - snap["before"].get(k, 0.0) for k, v in snap["after"].items()}
-    count = next((v for k, v in d.items() if "_count" in k), 0)
+        snap[when] = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in lines if keep(ln)}
+    return {k: v - snap["before"].get(k, 0.0) for k, v in snap["after"].items()}
+
+def steps(name, cfg, phase, q):
+    """Steps to a first token of the load's requests: the mean (q None) or the bucket bound at quantile q."""
+    d = delta(name, cfg, lambda ln: f'phase="{phase}"' in ln)
+    count = next((v for k, v in d.items() if "_count" in k), 0) if d else 0
     if not count:
         return None
     if q is None:
@@ -178,20 +181,11 @@ def steps(name, cfg, phase, q):
     return next(le for le, v in buckets if v >= q * count)
 
 def server_ttft(name, cfg):
-    """Mean TTFT (ms) the server saw for the load's requests (its seconds histogram, after minus before): against the
-    client's, the time between the engine's first token and the client's first event."""
-    tot = {}
-    for when in ("before", "after"):
-        try:
-            lines = (raw / f"steps-{name}-{cfg}-{when}.txt").read_text().splitlines()
-        except OSError:
-            return None
-        for ln in lines:
-            key, v = ln.rsplit(" ", 1)
-            if key.startswith("bloom_server_time_to_first_token_seconds_") and "_bucket" not in key:
-                part = "sum" if key.endswith("_sum") else "count"
-                tot[part] = tot.get(part, 0.0) + (float(v) if when == "after" else -float(v))
-    return 1e3 * tot["sum"] / tot["count"] if tot.get("count") else None
+    """Mean TTFT (ms) the server saw for the load's requests: against the client's, the time between the engine's
+    first token and the client's first event."""
+    d = delta(name, cfg, lambda ln: ln.startswith("bloom_server_time_to_first_token_seconds_"))
+    count = next((v for k, v in d.items() if k.endswith("_count")), 0) if d else 0
+    return 1e3 * next(v for k, v in d.items() if k.endswith("_sum")) / count if count else None
 
 def value(name, cfg, path):
     if path[0] == "server_ttft":

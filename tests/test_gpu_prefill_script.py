@@ -27,7 +27,7 @@ def test_quick_mode_runs_both_servers_and_every_load(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["raw.tgz", "run.log", "summary.md"]
     table = (out / "summary.md").read_text()
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| workload")]
-    assert len(rows) == 17 and all("n/a" not in ln for ln in rows), table
+    assert len(rows) == 23 and all("n/a" not in ln for ln in rows), table
     assert "off: requests ok / errors: bs1 3 / 0" in table and "on: requests ok / errors: bs1 3 / 0" in table
     with tarfile.open(out / "raw.tgz") as tar:
         metrics = tar.extractfile("raw/metrics-on.txt").read().decode()  # type: ignore[union-attr]

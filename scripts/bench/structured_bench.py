@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "order with free text")  # fmt: skip
     p.add_argument("--time-limit", type=float, default=480.0, help="seconds; no new run starts after this")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--fill", choices=["pool", "serial"], default="pool",
+                   help="pool: the server's fill (llguidance's thread pool, every row in one call); serial: each row's "
+                        "mask in turn on the engine thread (an alternative under test: no pool hand-off)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -125,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     eos = 2  # BLOOM's </s> (and the embedded model's)
     grammars = structured.Grammars(tokenizer_json, shape.vocab_size, (eos,))
     grammars.check(grammar, "schema")
+    if args.fill == "serial":  # the alternative: no hand-off to the pool's threads (docs/results/structured-output.md)
+        import llguidance.torch as llg_torch
+
+        def serial_fill(matchers, bitmask):
+            for m, row in matchers:
+                llg_torch.fill_next_token_bitmask(m, bitmask, row)
+
+        grammars.fill = serial_fill  # type: ignore[method-assign]
 
     bs, new = args.batch_size, args.new_tokens
     weights = random_weights(shape, None, dtype=dtype, device=device, seed=0)
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "shape": args.shape, "layers": shape.n_layer, "vocab": shape.vocab_size, "dtype": str(dtype),
         "batch_size": bs, "new_tokens": new, "tokenizer": str(tokenizer_json), "schema": args.schema or "order",
-        "tokenizer_tokens": grammars.tokenizer.vocab_size,
+        "tokenizer_tokens": grammars.tokenizer.vocab_size, "fill": args.fill,
         "modes": summary,
         "constrained_over_free": summary["constrained"]["ms_per_token"] / free,
         "mixed_over_free": summary["mixed"]["ms_per_token"] / free,
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.monotonic() - t_start,
     }  # fmt: skip
     print(f"device {out['device']}, shape {args.shape} ({shape.n_layer} layers, vocab {shape.vocab_size}), bs {bs}, "
-          f"tokenizer {tokenizer_json} ({out['tokenizer_tokens']} tokens)")  # fmt: skip
+          f"tokenizer {tokenizer_json} ({out['tokenizer_tokens']} tokens), fill {args.fill}")  # fmt: skip
     print("| rows | ms per output token (median) | runs | host mask ms/step | token wait ms/step | device forward ms | "
           "device gap ms |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")

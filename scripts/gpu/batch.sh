@@ -7,7 +7,8 @@
 #
 # Jobs: structured (scripts/bench/structured_bench.py, 7b1, bs 32; the tokenizer in .tok/tokenizer.json when carried;
 # STRUCTURED_ARGS replaces "--shape 7b1", e.g. "--shape tiny --new-tokens 4 --repeats 1" with STRUCTURED_TOKENIZER=none
-# on a CPU; STRUCTURED_SCHEMAS, default "order bounded"), int8 (int8.sh), prefill (prefill.sh), noisefloor
+# on a CPU; STRUCTURED_SCHEMAS, default "order bounded"; STRUCTURED_FILLS, default "pool": "pool serial" repeats each
+# schema with each rows' mask filled in turn on the engine thread), int8 (int8.sh), prefill (prefill.sh), noisefloor
 # (load_check.sh's greedy-vs-batch-size bench alone), loaders (loaders.sh, .whl16 carried), loadcheck (load_check.sh
 # with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES).
 # GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left.
@@ -29,12 +30,15 @@ for job in ${GPU_JOBS:-structured int8}; do
     structured)  # the order schema (free-text strings), then `bounded` (maxLength / pattern / format strings)
       tok=(); [ -f .tok/tokenizer.json ] && [ "${STRUCTURED_TOKENIZER:-}" != none ] && tok=(--tokenizer .tok/tokenizer.json)
       rc=0; : > "$o/summary.md"
-      for schema in ${STRUCTURED_SCHEMAS:-order bounded}; do
-        sflag=(); [ "$schema" != order ] && sflag=(--schema "$schema")
-        timeout $(( $(left) - 10 )) python3 scripts/bench/structured_bench.py ${STRUCTURED_ARGS:---shape 7b1} "${tok[@]}" \
-          "${sflag[@]}" --time-limit $(( ($(left) - 60) / 2 )) --json "$o/structured-$schema.json" \
-          > "$o/run-$schema.log" 2>&1 || rc=$?
-        { echo "## schema: $schema"; tail -8 "$o/run-$schema.log"; } >> "$o/summary.md"
+      for fill in ${STRUCTURED_FILLS:-pool}; do
+        for schema in ${STRUCTURED_SCHEMAS:-order bounded}; do
+          sflag=(); [ "$schema" != order ] && sflag=(--schema "$schema")
+          name=$schema-$fill
+          timeout $(( $(left) - 10 )) python3 scripts/bench/structured_bench.py ${STRUCTURED_ARGS:---shape 7b1} "${tok[@]}" \
+            "${sflag[@]}" --fill "$fill" --time-limit $(( ($(left) - 60) / 2 )) --json "$o/structured-$name.json" \
+            > "$o/run-$name.log" 2>&1 || rc=$?
+          { echo "## schema: $schema, fill: $fill"; tail -8 "$o/run-$name.log"; } >> "$o/summary.md"
+        done
       done ;;
     int8) INT8_BUDGET_S=$(( $(left) - 20 < 420 ? $(left) - 20 : 420 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/int8.sh > /dev/null 2>&1; rc=$? ;;
     prefill) PREFILL_BUDGET_S=$(( $(left) - 20 < 480 ? $(left) - 20 : 480 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/prefill.sh > /dev/null 2>&1; rc=$? ;;

@@ -332,3 +332,47 @@ def test_stream_text_holds_back_a_stop_sequence_split_across_tokens(tiny_model_d
     euro = tok.encode(" 10\u20ac")  # a multi-byte character: byte-level tokens may split it
     pieces, c = asyncio.run(run((), euro))
     assert "".join(pieces) == c.text == tok.decode(euro) and all("\ufffd" not in p for p in pieces)
+
+
+def test_a_streamed_token_goes_out_before_the_next_one_is_made(tiny_model_dir):
+    """Engine level: TGI's stream sends a token's event when the token arrives, not when the next one does (a whole
+    decode step later, which every first token paid); the last token's event, which carries the answer, waits
+    only for the end that comes with it. A request that a timer may end with no token (deadline, max_time) keeps
+    each event until the next is in, so that its last event can still carry the answer."""
+    import asyncio
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from bloom_server.api import routes_tgi
+    from bloom_server.frontend.requests import GenRequest
+    from bloom_server.frontend.tokenizer import TextTokenizer
+    from bloom_server.frontend.validation import validate_generate
+
+    tok = TextTokenizer(tiny_model_dir)
+    ids = [t for t in tok.encode(" return the value of the attribute") if t != 2][:3]
+    spec = validate_generate({"max_new_tokens": 3}, max_new_tokens_limit=64, cap_max_new_tokens=False,
+                             default_remove_input=True, vocab_size=tok.vocab_size)  # fmt: skip
+    engine = SimpleNamespace(tokenizer=tok)
+
+    def parse(raw: bytes) -> dict:
+        assert raw.startswith(b"data: ")
+        return json.loads(raw[6:])
+
+    async def run(deadline: float | None) -> tuple[bool, list[dict]]:
+        req = GenRequest([[1]], spec, tok, eos_ids=frozenset({2}), streaming=True, deadline=deadline)
+        events = routes_tgi._events(engine, req)  # type: ignore[arg-type]
+        req.add_token(0, ids[0], -1.0, None)
+        first = asyncio.ensure_future(events.__anext__())
+        done, _ = await asyncio.wait({first}, timeout=0.5)  # the first event, before the second token exists
+        req.add_token(0, ids[1], -1.0, None)
+        req.add_token(0, ids[2], -1.0, None)  # the third of max_new_tokens 3: the end comes with it
+        return bool(done), [parse(await first)] + [parse(raw) async for raw in events]
+
+    for deadline, early in ((None, True), (time.monotonic() + 60, False)):
+        went_out, (a, b, final) = asyncio.run(run(deadline))
+        assert went_out is early
+        assert [e["token"]["id"] for e in (a, b, final)] == ids and [e["index"] for e in (a, b, final)] == [1, 2, 3]
+        assert a["details"] is None and b["details"] is None and a["generated_text"] is None
+        assert final["details"]["generated_tokens"] == 3 and final["details"]["finish_reason"] == "length"
+        assert a["token"]["text"] + b["token"]["text"] + final["token"]["text"] == final["generated_text"]

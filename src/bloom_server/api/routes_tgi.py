@@ -4,6 +4,7 @@ InferenceClient(base_url).text_generation(...) works against these unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -135,12 +136,22 @@ def stream(engine: Engine, request: Request, body: TGIRequest) -> StreamingRespo
 
 
 async def _events(engine: Engine, req: GenRequest) -> AsyncIterator[bytes]:
-    last: TokenEvent | None = None
+    # The last token's event carries the answer (generated_text, details), so an event waits while it may be the
+    # last: while what follows it is already queued, or where a timer may end the request with no token. Otherwise
+    # it goes out at once: the end comes with the last token, so the first token does not wait for the second.
+    last: TokenEvent | None = None  # held
+    sent: TokenEvent | None = None
     count = 0
     async for ev in req.stream():
         if last is not None:
             yield sse(_event(engine, last, count))
-        last, count = ev, count + 1
+            sent, last = last, None
+        count += 1
+        if req.events_queued() or req.may_end_without_token():
+            last = ev
+        else:
+            yield sse(_event(engine, ev, count))
+            sent = ev
     try:
         (c,) = await req.result()
     except BloomServerError as exc:
@@ -149,9 +160,12 @@ async def _events(engine: Engine, req: GenRequest) -> AsyncIterator[bytes]:
         status, kind = status_of(exc)
         yield sse(render_error("tgi", status, kind, str(exc))[1])
         return
-    if last is None:
+    if last is None and sent is None:
         yield sse({"error": "the request ended before its first token", "error_type": "incomplete_generation"})
         return
+    if last is None:  # an end no timer foresaw, after every token went out: the final event adds only the held text
+        assert sent is not None
+        last = dataclasses.replace(sent, text="", logprob=None, top=None)
     final = _event(engine, last, count)
     # The engine's events stop before a stop sequence; TGI's generated_text ends with it, so the last token carries
     # it too: the tokens' texts add up to generated_text (less the prompt, with return_full_text).

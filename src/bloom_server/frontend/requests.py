@@ -150,6 +150,15 @@ class GenRequest:
     async def result(self) -> list[Completion]:
         return await asyncio.shield(self._done)
 
+    def events_queued(self) -> bool:
+        """Whether the stream's next item (an event, or its end) is already here."""
+        return not self._events.empty()
+
+    def may_end_without_token(self) -> bool:
+        """Whether the stream can still end with no token of its own: a timer (deadline, max_time) may stop it. Every
+        other end comes with the row's last token, in the same loop tick (EOS, length, stop sequence)."""
+        return any(not t.cancelled() for t in self._timers)
+
     def cancel(self, reason: str = "cancelled") -> None:
         """The caller is gone: leave the queue, or stop its rows (the backend stops them where it safely can)."""
         if self.done:

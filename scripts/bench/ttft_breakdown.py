@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Where a first token's time goes under continuous batching, on any CPU: the tiny model served with each engine
+step lengthened by a sleep (a device step's wait, the GIL released, as on a GPU), a streamed load from
+scripts/bench/load_test.py, and the server's own timestamps of each request after the first wave:
+
+  queued     the request object is made (after parsing, validation and tokenization) -> handed to the batcher
+  admitted   -> the engine thread takes it into a step
+  read       -> that step delivers its first token (the step's prefill, decode and read)
+  on loop    -> the event loop hands the token to the request's stream
+  client     the client's own TTFT, from sending to the first event read
+
+    python3 scripts/bench/ttft_breakdown.py --step-ms 11            # ~45 s: serve, 20 s of load, drain, table
+
+The sleep stands in for the device: on a CPU the tiny model's own work adds a few ms a step. What it measures is the
+path around the engine (admission at step boundaries, delivery to the event loop, the stream), not a GPU's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+STAGES = (("queued", "enqueued", "submit"), ("admitted", "submit", "take"), ("read", "take", "deliver"),
+          ("on loop", "deliver", "loop"))  # fmt: skip
+
+
+def serve_wrapped(argv: list[str]) -> int:
+    """The server, its engine steps lengthened and its requests timed (BREAKDOWN_STEP_S, BREAKDOWN_OUT)."""
+    import atexit
+
+    from bloom_server.backends import fast
+    from bloom_server.cli import main
+    from bloom_server.frontend import requests as rq
+    from bloom_server.frontend.batching import continuous as cb
+
+    step_s, out = float(os.environ["BREAKDOWN_STEP_S"]), Path(os.environ["BREAKDOWN_OUT"])
+    times: dict[str, dict[str, float]] = {}
+    steps: list[tuple[float, float]] = []
+    cstep, submit, take, deliver, add_token = (fast.FastBackend.cstep, cb.ContinuousBatcher.submit,
+                                               cb.ContinuousBatcher.take, cb.ContinuousBatcher.deliver,
+                                               rq.GenRequest.add_token)  # fmt: skip
+
+    def timed_cstep(self, step, rank0=False):
+        t0 = time.monotonic()
+        time.sleep(step_s)
+        try:
+            return cstep(self, step, rank0)
+        finally:
+            steps.append((t0, time.monotonic()))
+
+    def timed_submit(self, req):
+        times[req.id] = {"enqueued": req.enqueued, "submit": time.monotonic()}
+        return submit(self, req)
+
+    def timed_take(self):
+        payload = take(self)
+        for req, _, _ in self._started:
+            times.get(req.id, {}).setdefault("take", time.monotonic())
+        return payload
+
+    def timed_deliver(self, step, result):
+        now = time.monotonic()
+        for rid, _, _ in result.firsts:
+            where = self._live.get(rid)
+            if where is not None:
+                times.get(where[0].id, {}).setdefault("deliver", now)
+        return deliver(self, step, result)
+
+    def timed_add_token(self, r, token_id, *a, **kw):
+        times.get(self.id, {}).setdefault("loop", time.monotonic())
+        return add_token(self, r, token_id, *a, **kw)
+
+    fast.FastBackend.cstep = timed_cstep  # type: ignore[method-assign]
+    cb.ContinuousBatcher.submit, cb.ContinuousBatcher.take = timed_submit, timed_take  # type: ignore[method-assign]
+    cb.ContinuousBatcher.deliver = timed_deliver  # type: ignore[method-assign]
+    rq.GenRequest.add_token = timed_add_token  # type: ignore[method-assign]
+    atexit.register(lambda: out.write_text(json.dumps({"requests": list(times.values()), "steps": steps})))
+    return main(argv)
+
+
+def ms(xs: list[float]) -> str:
+    return f"{1e3 * statistics.median(xs):.1f} / {1e3 * statistics.mean(xs):.1f}" if xs else "n/a"
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-wrapped":
+        return serve_wrapped(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--step-ms", type=float, default=11.0, help="sleep added to each engine step (default 11)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load")
+    p.add_argument("--port", type=int, default=18411)
+    p.add_argument("--model", type=Path, default=None, help="a BLOOM directory (default: a tiny random one)")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ttft-breakdown-"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    model = args.model
+    if model is None:
+        model = work / "tiny"
+        subprocess.run([sys.executable, str(HERE / "make_random_bloom.py"), str(model), "--shape", "tiny"], env=env,
+                       check=True, capture_output=True)  # fmt: skip
+    out = work / "server-times.json"
+    serve = [sys.executable, __file__, "--serve-wrapped", "serve", "--model", str(model), "--backend", "fast",
+             "--batching", "continuous", "--dtype", "fp32", "--host", "127.0.0.1", "--port", str(args.port),
+             "--max-batch-size", str(args.concurrency), "--max-input-length", "300", "--max-new-tokens", "512",
+             "--max-total-tokens", "820", "--max-queued-requests", "1024"]  # fmt: skip
+    log = open(work / "server.log", "w")
+    srv = subprocess.Popen(serve, env={**env, "BREAKDOWN_STEP_S": str(args.step_ms / 1e3), "BREAKDOWN_OUT": str(out)},
+                           stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/ready", timeout=2):
+                    break
+            except OSError:
+                if srv.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not get ready; its log: {work / 'server.log'}") from None
+                time.sleep(0.5)
+        client = work / "load.json"
+        subprocess.run([sys.executable, str(HERE / "load_test.py"), "--url", url, "--workload", "standard", "--stream",
+                        "--concurrency", str(args.concurrency), "--prompt-tokens", "16-256", "--new-tokens", "16-512",
+                        "--requests", "100000", "--duration", str(args.duration), "--drain", "15", "--seed", "0",
+                        "--json", str(client)], env=env, check=True, capture_output=True, timeout=args.duration + 120)  # fmt: skip
+    finally:
+        srv.send_signal(signal.SIGINT)
+        srv.wait(timeout=60)
+        log.close()
+    server = json.loads(out.read_text())
+    load = json.loads(client.read_text())
+    firsts = sorted((r for r in load["requests"] if r.get("ttft") is not None), key=lambda r: r["sent"])
+    after = [r["ttft"] for r in firsts[args.concurrency :]]  # the first wave arrives at once: a burst, apart
+    reqs = sorted((r for r in server["requests"] if all(k in r for k in ("enqueued", "submit", "take", "deliver",
+                                                                          "loop"))), key=lambda r: r["enqueued"])  # fmt: skip
+    reqs = reqs[args.concurrency :]
+    steps = server["steps"][len(server["steps"]) // 4 :]
+    print(f"engine step {ms([b - a for a, b in steps])} ms (median / mean; {args.step_ms:g} ms of it the sleep), "
+          f"{len(after)} requests after the first wave")  # fmt: skip
+    print("| stage | ms, median / mean |\n|---|---|")
+    for name, a, b in STAGES:
+        print(f"| {name} | {ms([r[b] - r[a] for r in reqs])} |")
+    print(f"| server: made -> on loop | {ms([r['loop'] - r['enqueued'] for r in reqs])} |")
+    print(f"| client TTFT | {ms(after)} |")
+    itl = load["summary"]["itl_ms"]
+    print(f"time between tokens at the client p50 / p90: {itl['p50']:.1f} / {itl['p90']:.1f} ms; "
+          f"tokens/s {load['summary']['tokens_per_s']:.0f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -634,6 +634,21 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        # A rank leaves as the server's followers do (serve.py): a gloo thread still freeing a finished all-gather
+        # when Python finalizes cannot take the GIL, and the rank aborts (std::terminate) after a completed bench.
+        from bloom_server.runtime.distributed import shutdown_distributed
+
+        shutdown_distributed()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     from bloom_server.settings import load_settings
 

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -82,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fill", choices=["pool", "serial"], default="pool",
                    help="pool: the server's fill (llguidance's thread pool, every row in one call); serial: each row's "
                         "mask in turn on the engine thread (an alternative under test: no pool hand-off)")  # fmt: skip
+    p.add_argument("--timeline", action="store_true",
+                   help="then one constrained run traced: each step's host stages and device work on one clock (GPU)")
     return p.parse_args(argv)
 
 
@@ -145,10 +148,23 @@ def main(argv: list[str] | None = None) -> int:
 
     read_s = [0.0]
     inner_read = rows_mod._Pending.read
+    # One traced run (CUDA only): host instants and device events of each step on one clock, to see which side
+    # waits for which (`timeline` below). Entries: (what, host seconds, device event or None).
+    trace: list[tuple[str, float, Any]] | None = None
+
+    def mark(what: str, event: bool = False) -> None:
+        if trace is not None:
+            trace.append((what, time.perf_counter(), None))
+            if event:  # and when the device gets there
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                trace.append((what, 0.0, ev))
 
     def timed_read(self):  # the engine thread's wait for the device's tokens
         t0 = time.perf_counter()
+        mark("read")
         out = inner_read(self)
+        mark("read_done")
         read_s[0] += time.perf_counter() - t0
         return out
 
@@ -165,12 +181,30 @@ def main(argv: list[str] | None = None) -> int:
             return inner_decode(*a, **kw)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        mark("decode")
         out = inner_decode(*a, **kw)
         end.record()
+        mark("decode_queued")
         marks.append((start, end))
+        if trace is not None:  # the forward's own device start and end
+            trace.append(("forward_start", 0.0, start))
+            trace.append(("forward_end", 0.0, end))
         return out
 
     engine.decode = timed_decode  # type: ignore[method-assign]
+    inner_stage, inner_fill = rows_mod._Pending.stage, grammars.fill
+
+    def traced_stage(self):  # the step's tokens chosen and their copy queued: "staged" on the device is its end
+        inner_stage(self)
+        mark("staged", event=True)
+
+    def traced_fill(matchers, bitmask):
+        mark("fill")
+        inner_fill(matchers, bitmask)
+        mark("fill_done")
+
+    rows_mod._Pending.stage = traced_stage  # type: ignore[method-assign]
+    grammars.fill = traced_fill  # type: ignore[method-assign]
 
     def device_ms() -> tuple[float, float]:
         """(forward, gap) ms per step, means over the timed steps (0, 0 on a CPU)."""
@@ -180,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         gaps = [marks[i][1].elapsed_time(marks[i + 1][0]) for i in range(len(marks) - 1)]
         return statistics.mean(fwd), statistics.mean(gaps)
 
-    def run(constrained: int) -> dict:
+    def run(constrained: int, traced: bool = False) -> dict:
+        nonlocal trace
         cb = RowScheduler(engine)
         cb.grammars = grammars
         rows = [Request(rid=i, prompt=prompts[i], max_new_tokens=new, cfg=SamplingConfig(eos_ids=(eos,)),
@@ -196,12 +231,17 @@ def main(argv: list[str] | None = None) -> int:
             matchers.fill_s = 0.0
         read_s[0] = 0.0
         marks.clear()
+        if traced:
+            trace = [("ref", 0.0, _clock_ref())]
         steps, t0 = 0, time.perf_counter()
         while len(cb.live) == bs and all(r.finish is None for r in rows) and steps < new - 3:
             cb.step()
             steps += 1
         if cuda:
             torch.cuda.synchronize()
+        if traced:
+            timeline(trace)
+            trace = None
         elapsed = time.perf_counter() - t0
         fwd_ms, gap_ms = device_ms()
         fill = matchers.fill_s if matchers is not None else 0.0
@@ -212,6 +252,45 @@ def main(argv: list[str] | None = None) -> int:
         return {"steps": steps, "ms_per_token": elapsed * per, "mask_host_ms_per_step": fill * per,
                 "token_wait_ms_per_step": read * per,
                 "device_forward_ms": fwd_ms, "device_gap_ms": gap_ms}  # fmt: skip
+
+    def _clock_ref() -> Any:
+        """An event the idle device passes at (about) the host instant recorded beside it: device events map onto
+        the host's clock from there."""
+        torch.cuda.synchronize()
+        ref = torch.cuda.Event(enable_timing=True)
+        ref.record()
+        ref.synchronize()
+        return ref, time.perf_counter()
+
+    def timeline(entries: list) -> None:
+        """Per step, on the host's clock and relative to the instant the host queued the step's decode (ms,
+        medians over the traced steps): when each host stage ran and when the device started and ended the
+        forward and finished the step's choice (its tokens staged)."""
+        (ref, t_ref), steps, cur = entries[0][2], [], None
+        for what, t, ev in entries[1:]:
+            if ev is not None:
+                t = t_ref + ref.elapsed_time(ev) / 1e3
+            if what == "decode":
+                cur = {}
+                steps.append(cur)
+            if cur is not None:
+                key = what + ("@device" if ev is not None else "")
+                cur.setdefault(key, t)
+        rows = []
+        for st in steps[1:-1]:
+            t0 = st["decode"]
+            rows.append({k: (v - t0) * 1e3 for k, v in st.items()})
+        keys = ["decode_queued", "forward_start@device", "read", "read_done", "fill", "fill_done", "staged",
+                "forward_end@device", "staged@device"]  # fmt: skip
+        print(f"timeline of {len(rows)} constrained steps, ms after the host queued the step's decode (median):")
+        for k in keys:
+            vals = [r[k] for r in rows if k in r]
+            if vals:
+                print(f"  {k:22s} {statistics.median(vals):8.3f}  (p10 {sorted(vals)[len(vals) // 10]:.3f}, "
+                      f"p90 {sorted(vals)[len(vals) * 9 // 10]:.3f})")  # fmt: skip
+        period = [b["decode"] - a["decode"] for a, b in zip(steps, steps[1:])]
+        if period:
+            print(f"  step period            {1e3 * statistics.median(period):8.3f}")
 
     modes = {"free": 0, "constrained": bs, "mixed": bs // 2}
     run(0)  # warm-up: CUDA graphs of the buckets these runs use, cuBLAS
@@ -256,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
           f"mixed / free: {out['mixed_over_free']:.3f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
+    if cuda and args.timeline:  # after the results are out: a diagnostic
+        run(bs, traced=True)
     return 0
 
 

@@ -10,9 +10,14 @@ scripts/bench/load_test.py, and the server's own timestamps of each request afte
   client     the client's own TTFT, from sending to the first event read
 
     python3 scripts/bench/ttft_breakdown.py --step-ms 11            # ~45 s: serve, 20 s of load, drain, table
+    python3 scripts/bench/ttft_breakdown.py --step-ms 0 --model DIR --dtype fp16 --warmup 8   # on a GPU
 
 The sleep stands in for the device: on a CPU the tiny model's own work adds a few ms a step. What it measures is the
 path around the engine (admission at step boundaries, delivery to the event loop, the stream), not a GPU's speed.
+With a real model on a GPU (`--step-ms 0`) it also splits the first wave (the `concurrency` requests sent at once
+when the measured load starts, after a `--warmup` load that captures the CUDA graphs): when its requests reached the
+batcher, and each engine step from the first arrival to the last first token (its length, requests taken, first
+tokens delivered).
 """
 
 from __future__ import annotations
@@ -53,11 +58,12 @@ def serve_wrapped(argv: list[str]) -> int:
 
     def timed_cstep(self, step, rank0=False):
         t0 = time.monotonic()
-        time.sleep(step_s)
+        if step_s:
+            time.sleep(step_s)
         try:
             return cstep(self, step, rank0)
         finally:
-            steps.append((t0, time.monotonic()))
+            steps.append((t0, time.monotonic(), len(step.joins)))
 
     def timed_submit(self, req):
         times[req.id] = {"enqueued": req.enqueued, "submit": time.monotonic()}
@@ -85,12 +91,38 @@ def serve_wrapped(argv: list[str]) -> int:
     cb.ContinuousBatcher.submit, cb.ContinuousBatcher.take = timed_submit, timed_take  # type: ignore[method-assign]
     cb.ContinuousBatcher.deliver = timed_deliver  # type: ignore[method-assign]
     rq.GenRequest.add_token = timed_add_token  # type: ignore[method-assign]
-    atexit.register(lambda: out.write_text(json.dumps({"requests": list(times.values()), "steps": steps})))
+    wall = time.time() - time.monotonic()  # the client's wall clock onto this process's monotonic one
+    atexit.register(lambda: out.write_text(json.dumps({"requests": list(times.values()), "steps": steps,
+                                                       "wall_minus_monotonic": wall})))  # fmt: skip
     return main(argv)
 
 
 def ms(xs: list[float]) -> str:
     return f"{1e3 * statistics.median(xs):.1f} / {1e3 * statistics.mean(xs):.1f}" if xs else "n/a"
+
+
+def first_wave(wave: list[dict], steps: list, client: list[dict]) -> None:
+    """The burst at the load's start: its arrivals, each stage's median and max, and every engine step from its
+    first arrival to its last first token on the event loop."""
+    if not wave:
+        return
+    t0, t1 = min(r["enqueued"] for r in wave), max(r["loop"] for r in wave)
+    print(f"first wave: {len(wave)} requests; made (parsed, tokenized) over {1e3 * (max(r['enqueued'] for r in wave) - t0):.1f} ms, "
+          f"handed to the batcher over {1e3 * (max(r['submit'] for r in wave) - t0):.1f} ms; last first token on the "
+          f"loop at {1e3 * (t1 - t0):.1f} ms; client TTFT max {1e3 * max((r['ttft'] for r in client), default=0):.1f} ms")  # fmt: skip
+    print("| stage | ms, median / max |\n|---|---|")
+    for name, a, b in STAGES:
+        xs = [r[b] - r[a] for r in wave]
+        print(f"| {name} | {1e3 * statistics.median(xs):.1f} / {1e3 * max(xs):.1f} |")
+    print("| step from the first arrival: start ms | length ms | requests taken | first tokens delivered |\n|---|---|---|---|")
+    delivered = [0] * len(steps)
+    for r in wave:  # a step's tokens are delivered once it has returned: the latest step ended by then
+        ended = [i for i, (_, b, _) in enumerate(steps) if b <= r["deliver"]]
+        if ended:
+            delivered[ended[-1]] += 1
+    for i, (a, b, joins) in enumerate(steps):
+        if t0 - 0.05 <= b and a <= t1:
+            print(f"| {1e3 * (a - t0):.1f} | {1e3 * (b - a):.1f} | {joins} | {delivered[i]} |")
 
 
 def main() -> int:
@@ -102,6 +134,8 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     p.add_argument("--port", type=int, default=18411)
     p.add_argument("--model", type=Path, default=None, help="a BLOOM directory (default: a tiny random one)")
+    p.add_argument("--dtype", default="fp32", help="the server's --dtype (fp16 on a GPU)")
+    p.add_argument("--warmup", type=float, default=0.0, help="seconds of the same load before the measured one")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ttft-breakdown-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
@@ -112,7 +146,7 @@ def main() -> int:
                        check=True, capture_output=True)  # fmt: skip
     out = work / "server-times.json"
     serve = [sys.executable, __file__, "--serve-wrapped", "serve", "--model", str(model), "--backend", "fast",
-             "--batching", "continuous", "--dtype", "fp32", "--host", "127.0.0.1", "--port", str(args.port),
+             "--batching", "continuous", "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(args.port),
              "--max-batch-size", str(args.concurrency), "--max-input-length", "300", "--max-new-tokens", "512",
              "--max-total-tokens", "820", "--max-queued-requests", "1024"]  # fmt: skip
     log = open(work / "server.log", "w")
@@ -130,10 +164,18 @@ def main() -> int:
                     raise SystemExit(f"the server did not get ready; its log: {work / 'server.log'}") from None
                 time.sleep(0.5)
         client = work / "load.json"
-        subprocess.run([sys.executable, str(HERE / "load_test.py"), "--url", url, "--workload", "standard", "--stream",
-                        "--concurrency", str(args.concurrency), "--prompt-tokens", "16-256", "--new-tokens", "16-512",
-                        "--requests", "100000", "--duration", str(args.duration), "--drain", "15", "--seed", "0",
-                        "--json", str(client)], env=env, check=True, capture_output=True, timeout=args.duration + 120)  # fmt: skip
+
+        def load(duration: float, seed: int, json_out: Path) -> None:
+            subprocess.run([sys.executable, str(HERE / "load_test.py"), "--url", url, "--workload", "standard",
+                            "--stream", "--concurrency", str(args.concurrency), "--prompt-tokens", "16-256",
+                            "--new-tokens", "16-512", "--requests", "100000", "--duration", str(duration), "--drain",
+                            "15", "--seed", str(seed), "--json", str(json_out)], env=env, check=True,
+                           capture_output=True, timeout=duration + 120)  # fmt: skip
+
+        if args.warmup:
+            load(args.warmup, 1, work / "warmup.json")
+        started = time.time()
+        load(args.duration, 0, client)
     finally:
         srv.send_signal(signal.SIGINT)
         srv.wait(timeout=60)
@@ -142,11 +184,14 @@ def main() -> int:
     load = json.loads(client.read_text())
     firsts = sorted((r for r in load["requests"] if r.get("ttft") is not None), key=lambda r: r["sent"])
     after = [r["ttft"] for r in firsts[args.concurrency :]]  # the first wave arrives at once: a burst, apart
-    reqs = sorted((r for r in server["requests"] if all(k in r for k in ("enqueued", "submit", "take", "deliver",
-                                                                          "loop"))), key=lambda r: r["enqueued"])  # fmt: skip
-    reqs = reqs[args.concurrency :]
-    steps = server["steps"][len(server["steps"]) // 4 :]
-    print(f"engine step {ms([b - a for a, b in steps])} ms (median / mean; {args.step_ms:g} ms of it the sleep), "
+    t_start = started - server["wall_minus_monotonic"]  # the measured load's start, on the server's clock
+    reqs = sorted((r for r in server["requests"] if r["enqueued"] >= t_start and all(
+        k in r for k in ("enqueued", "submit", "take", "deliver", "loop"))), key=lambda r: r["enqueued"])  # fmt: skip
+    wave, reqs = reqs[: args.concurrency], reqs[args.concurrency :]
+    first_wave(wave, [s for s in server["steps"] if s[0] >= t_start - 1.0], firsts[: args.concurrency])
+    steps = [s for s in server["steps"] if s[0] >= t_start]
+    steps = steps[len(steps) // 4 :]
+    print(f"engine step {ms([b - a for a, b, _ in steps])} ms (median / mean; {args.step_ms:g} ms of it the sleep), "
           f"{len(after)} requests after the first wave")  # fmt: skip
     print("| stage | ms, median / mean |\n|---|---|")
     for name, a, b in STAGES:

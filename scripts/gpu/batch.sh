@@ -10,8 +10,11 @@
 # on a CPU; STRUCTURED_SCHEMAS, default "order bounded"; STRUCTURED_FILLS, default "pool": "pool serial" repeats each
 # schema with each rows' mask filled in turn on the engine thread), int8 (int8.sh), prefill (prefill.sh), noisefloor
 # (load_check.sh's greedy-vs-batch-size bench alone), loaders (loaders.sh, .whl16 carried), loadcheck (load_check.sh
-# with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES).
-# GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left.
+# with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES), ttft (scripts/bench/ttft_breakdown.py on random
+# 7b1 weights, prefill.sh's when it ran first: the first wave and the steady state's first tokens, stage by stage).
+# The structured job ends each schema's run with one traced constrained run (`--timeline`).
+# GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left. PREFILL_MAX_S
+# (default 480) caps the prefill job, to leave time for jobs after it.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu-batch-out}
 WORK=/tmp/gpu-batch
@@ -21,7 +24,7 @@ BUDGET_S=${GPU_BUDGET_S:-585}
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 # shellcheck source=scripts/gpu/_device_env.sh
 source scripts/gpu/_device_env.sh batch.sh > >(tee "$OUT/batch.md")
-declare -A NEED=([structured]=200 [int8]=240 [prefill]=300 [loadcheck]=330 [noisefloor]=150 [loaders]=200)
+declare -A NEED=([structured]=200 [int8]=240 [prefill]=300 [loadcheck]=330 [noisefloor]=150 [loaders]=200 [ttft]=120)
 for job in ${GPU_JOBS:-structured int8}; do
   o="$WORK/$job"; mkdir -p "$o"
   if [ "$(left)" -lt "${NEED[$job]:-120}" ]; then echo "== $job: skipped ($(left) s left)" | tee -a "$OUT/batch.md"; continue; fi
@@ -35,19 +38,25 @@ for job in ${GPU_JOBS:-structured int8}; do
           sflag=(); [ "$schema" != order ] && sflag=(--schema "$schema")
           name=$schema-$fill
           timeout $(( $(left) - 10 )) python3 scripts/bench/structured_bench.py ${STRUCTURED_ARGS:---shape 7b1} "${tok[@]}" \
-            "${sflag[@]}" --fill "$fill" --time-limit $(( ($(left) - 60) / 2 )) --json "$o/structured-$name.json" \
+            "${sflag[@]}" --fill "$fill" --timeline --time-limit $(( ($(left) - 60) / 2 )) --json "$o/structured-$name.json" \
             > "$o/run-$name.log" 2>&1 || rc=$?
-          { echo "## schema: $schema, fill: $fill"; tail -8 "$o/run-$name.log"; } >> "$o/summary.md"
+          { echo "## schema: $schema, fill: $fill"; tail -20 "$o/run-$name.log"; } >> "$o/summary.md"
         done
       done ;;
     int8) INT8_BUDGET_S=$(( $(left) - 20 < 420 ? $(left) - 20 : 420 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/int8.sh > /dev/null 2>&1; rc=$? ;;
-    prefill) PREFILL_BUDGET_S=$(( $(left) - 20 < 480 ? $(left) - 20 : 480 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/prefill.sh > /dev/null 2>&1; rc=$? ;;
+    prefill) PREFILL_BUDGET_S=$(( $(left) - 20 < ${PREFILL_MAX_S:-480} ? $(left) - 20 : ${PREFILL_MAX_S:-480} )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/prefill.sh > /dev/null 2>&1; rc=$? ;;
     noisefloor)  # greedy tokens against batch size, every backend against itself and transformers (load_check.sh's bench)
       LOADCHECK_LIMITS=none LOADCHECK_SHAPES=none LOADCHECK_PROBE=0 LOADCHECK_BENCH=1 LOADCHECK_BUDGET_S=$(( $(left) - 10 )) \
         OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;
     loaders)  # the field loaders against cat and their bare reads (loaders.sh; carry .whl16 as well)
       LOADERS_BUDGET_S=$(( $(left) - 60 < 300 ? $(left) - 60 : 300 )) OUT=$o timeout $(( $(left) - 5 )) \
         bash scripts/gpu/loaders.sh > /dev/null 2>&1; rc=$? ;;
+    ttft)  # where a first token's time goes on the GPU: the first wave, then the steady state
+      m=/tmp/prefill/bloom-7b1-fp16
+      [ -f $m/config.json ] || python3 scripts/bench/make_random_bloom.py $m --shape 7b1 --dtype fp16 --init-device cuda \
+        > "$o/make.log" 2>&1
+      timeout $(( $(left) - 5 )) python3 scripts/bench/ttft_breakdown.py --step-ms 0 --model $m --dtype fp16 \
+        --warmup 8 --duration 20 > "$o/summary.md" 2>&1; rc=$? ;;
     loadcheck) LOADCHECK_BUDGET_S=$(( $(left) - 10 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;
     *) echo "unknown job $job"; rc=2 ;;
   esac

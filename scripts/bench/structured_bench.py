@@ -83,8 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fill", choices=["pool", "serial"], default="pool",
                    help="pool: the server's fill (llguidance's thread pool, every row in one call); serial: each row's "
                         "mask in turn on the engine thread (an alternative under test: no pool hand-off)")  # fmt: skip
-    p.add_argument("--timeline", action="store_true",
-                   help="then one constrained run traced: each step's host stages and device work on one clock (GPU)")
+    p.add_argument(
+        "--timeline",
+        action="store_true",
+        help="then one constrained run traced: each step's host stages and device work on one clock (GPU)",
+    )
     return p.parse_args(argv)
 
 

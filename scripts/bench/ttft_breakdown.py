@@ -114,7 +114,9 @@ def first_wave(wave: list[dict], steps: list, client: list[dict]) -> None:
     for name, a, b in STAGES:
         xs = [r[b] - r[a] for r in wave]
         print(f"| {name} | {1e3 * statistics.median(xs):.1f} / {1e3 * max(xs):.1f} |")
-    print("| step from the first arrival: start ms | length ms | requests taken | first tokens delivered |\n|---|---|---|---|")
+    print(
+        "| step from the first arrival: start ms | length ms | requests taken | first tokens delivered |\n|---|---|---|---|"
+    )
     delivered = [0] * len(steps)
     for r in wave:  # a step's tokens are delivered once it has returned: the latest step ended by then
         ended = [i for i, (_, b, _) in enumerate(steps) if b <= r["deliver"]]

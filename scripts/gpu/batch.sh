@@ -12,6 +12,7 @@
 # (load_check.sh's greedy-vs-batch-size bench alone), loaders (loaders.sh, .whl16 carried), loadcheck (load_check.sh
 # with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES), ttft (scripts/bench/ttft_breakdown.py on random
 # 7b1 weights, prefill.sh's when it ran first: the first wave and the steady state's first tokens, stage by stage).
+# prefillprof (scripts/bench/prefill_profile.py: the engine's prefill alone per case, with its top kernels).
 # The structured job ends each schema's run with one traced constrained run (`--timeline`).
 # GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left. PREFILL_MAX_S
 # (default 480) caps the prefill job, to leave time for jobs after it.
@@ -24,7 +25,7 @@ BUDGET_S=${GPU_BUDGET_S:-585}
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 # shellcheck source=scripts/gpu/_device_env.sh
 source scripts/gpu/_device_env.sh batch.sh > >(tee "$OUT/batch.md")
-declare -A NEED=([structured]=200 [int8]=240 [prefill]=300 [loadcheck]=330 [noisefloor]=150 [loaders]=200 [ttft]=120)
+declare -A NEED=([structured]=200 [int8]=240 [prefill]=300 [loadcheck]=330 [noisefloor]=150 [loaders]=200 [ttft]=120 [prefillprof]=90)
 for job in ${GPU_JOBS:-structured int8}; do
   o="$WORK/$job"; mkdir -p "$o"
   if [ "$(left)" -lt "${NEED[$job]:-120}" ]; then echo "== $job: skipped ($(left) s left)" | tee -a "$OUT/batch.md"; continue; fi
@@ -57,6 +58,8 @@ for job in ${GPU_JOBS:-structured int8}; do
         > "$o/make.log" 2>&1
       timeout $(( $(left) - 5 )) python3 scripts/bench/ttft_breakdown.py --step-ms 0 --model $m --dtype fp16 \
         --warmup 8 --duration 20 > "$o/summary.md" 2>&1; rc=$? ;;
+    prefillprof) timeout $(( $(left) - 5 )) python3 scripts/bench/prefill_profile.py --shape 7b1 --profile \
+        > "$o/summary.md" 2>&1; rc=$? ;;
     loadcheck) LOADCHECK_BUDGET_S=$(( $(left) - 10 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;
     *) echo "unknown job $job"; rc=2 ;;
   esac

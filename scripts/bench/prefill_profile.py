@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""The fast engine's prefill alone (fast/engine.py `prefill`), per case, against the GEMMs' throughput: how long a
+burst of prompts, a long prompt and a chunk after cached keys take on the device, the TFLOPS that makes, and (with
+`--profile`) where the device time goes, kernel by kernel (torch.profiler, CUDA time).
+
+Cases (random weights of the shape, fp16 on a GPU):
+  wave       64 prompts of 16-256 tokens (seeded, as the standard load draws them): the first wave of a burst
+  long       one 1,500-token prompt (the long joiner)
+  chunkN     one N-token chunk after 1,000 positions already in the slot (a chunked prefill's later piece)
+  linear     the wave's packed tokens through one layer's four linear layers, 30 times: cuBLAS's share alone
+
+    python3 scripts/bench/prefill_profile.py --shape 7b1 --profile
+    python3 scripts/bench/prefill_profile.py --shape tiny --repeats 1      # a CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=["tiny", "560m", "7b1"], default="7b1")
+    p.add_argument("--cases", default="wave,long,chunk512,chunk256,chunk128,linear")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="then the top kernels of one wave and one long prefill")
+    args = p.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.shapes import PRESETS, BloomShape
+    from bloom_server.fast.weights import random_weights
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    shape = PRESETS[args.shape] if args.shape in PRESETS else BloomShape(2048, 64, 2, 4)  # tiny: the embedded model's
+    t0 = time.perf_counter()
+    w = random_weights(shape, None, dtype=dtype, device=dev, seed=0)
+    eng = FastEngine(w, shape, max_batch=64, max_seq=1600)
+    print(f"device {torch.cuda.get_device_name(0) if cuda else 'cpu'}, shape {args.shape}, weights in "
+          f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    rng = random.Random(0)
+    vocab = min(shape.vocab_size, 250_000)
+    wave = [[rng.randrange(10, vocab) for _ in range(rng.randint(16, 256))] for _ in range(64)]
+    long = [[rng.randrange(10, vocab) for _ in range(1500)]]
+    block_params = sum(t.numel() for t in (w.layers[0].qkv_w, w.layers[0].dense_w, w.layers[0].fc1_w,
+                                           w.layers[0].fc2_w)) * shape.n_layer  # fmt: skip
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timed(fn, repeats: int) -> float:
+        fn()
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+
+    def report(name: str, ms: float, tokens: int) -> None:
+        tflops = 2 * block_params * tokens / (ms / 1e3) / 1e12
+        print(f"| {name} | {tokens} | {ms:.2f} | {tflops:.0f} |")
+
+    runs = {}
+
+    def run_wave() -> None:
+        eng.prefill(list(range(64)), wave)
+
+    def run_long() -> None:
+        eng.prefill([0], long)
+
+    runs["wave"] = (run_wave, sum(map(len, wave)))
+    runs["long"] = (run_long, 1500)
+    for case in args.cases.split(","):
+        if case.startswith("chunk"):
+            size = int(case[5:])
+            chunk = [long[0][1000 : 1000 + size]]
+            runs[case] = ((lambda c=chunk: (eng.hold(0, 1000), eng.prefill([0], c, [1000]))), size)
+    packed = sum(map(len, wave))
+    x = torch.randn(packed, shape.hidden_size, dtype=dtype, device=dev)
+    lw = w.layers[0]
+
+    def run_linear() -> None:
+        for _ in range(shape.n_layer):
+            F.linear(x, lw.qkv_w, lw.qkv_b)
+            F.linear(x, lw.dense_w, lw.dense_b)
+            mid = F.linear(x, lw.fc1_w, lw.fc1_b)
+            F.linear(mid, lw.fc2_w, lw.fc2_b)
+
+    runs["linear"] = (run_linear, packed)
+    print("| case | tokens | ms (median) | block TFLOPS |\n|---|---|---|---|")
+    with torch.inference_mode():
+        for case in args.cases.split(","):
+            fn, tokens = runs[case]
+            report(case, timed(fn, args.repeats), tokens)
+        if args.profile and cuda:
+            from torch.profiler import ProfilerActivity, profile
+
+            for case in ("wave", "long", "chunk512"):
+                if case not in runs:
+                    continue
+                fn = runs[case][0]
+                fn()
+                sync()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    sync()
+                print(f"\n## {case}: top device time")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -388,6 +388,9 @@ def test_deadlines_and_max_time(pressure):
     assert status == 422 and body["field"] == "x-request-timeout"
 
 
+A_TOKENS = 2400
+
+
 def test_sigterm_drains_then_exits_zero(tiny_model_dir, tmp_path):
     srv = ServerProcess(
         [
@@ -405,7 +408,9 @@ def test_sigterm_drains_then_exits_zero(tiny_model_dir, tmp_path):
     )
     try:
         srv.wait_ready()
-        a = Stream(srv.url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": 600}})
+        # A long enough that B, sent next, is still queued behind it on a loaded two-core box (600 tokens were not:
+        # A could finish before B's request was read, and B then never queued).
+        a = Stream(srv.url, "/generate_stream", {"inputs": "Deepspeed is", "parameters": {"max_new_tokens": A_TOKENS}})
         assert a.next_event()["generated_text"] is None
         b_thread, b = in_thread(lambda: srv.post("/generate", {"text": ["Hello"], "max_new_tokens": 30}))
         wait_until(lambda: metric(srv, "bloom_server_queue_depth") == 1, 10, "B queued")
@@ -418,7 +423,7 @@ def test_sigterm_drains_then_exits_zero(tiny_model_dir, tmp_path):
         status, body, _ = srv.get(f"/v1/models/{tiny_model_dir.name}")  # KServe v1 readiness, OpenAI's model object
         assert status == 503 and body["ready"] is False and body["id"] == tiny_model_dir.name
         events = []
-        for _ in range(700):
+        for _ in range(A_TOKENS + 100):
             ev = a.next_event()
             if ev is None:
                 break
@@ -427,7 +432,7 @@ def test_sigterm_drains_then_exits_zero(tiny_model_dir, tmp_path):
         details = events[-1]["details"]
         assert details["finish_reason"] in ("length", "eos_token"), events[-1]
         assert details["generated_tokens"] == len(events) + 1 and (
-            details["finish_reason"] == "eos_token" or len(events) + 1 == 600
+            details["finish_reason"] == "eos_token" or len(events) + 1 == A_TOKENS
         )
         b_thread.join(60)
         assert b["result"][0] == 200  # and so did the request that was queued

@@ -77,6 +77,39 @@ def test_chunks_give_the_logits_of_the_whole_prompt(engine):
         engine.release(s)
 
 
+def test_the_fused_attention_gives_the_eager_prefills_logits_and_keys(engine):
+    """fast_prefill_attention=sdpa: a packed batch of mixed lengths, then chunks after cached keys, give the last
+    logits and keys of the eager attention (transformers' numbers), to float rounding."""
+    rng = random.Random(5)
+    prompts = [_prompt(rng, 41), _prompt(rng, 7), _prompt(rng, 26)]
+    out = {}
+    try:
+        for att in ("eager", "sdpa"):
+            engine.model.prefill_attention = att
+            first = engine.prefill([0, 1, 2], [p[:20] for p in prompts]).clone()
+            rest = engine.prefill([0, 1, 2], [p[20:] or p[-1:] for p in prompts], [20, 7, 20])
+            out[att] = (first, rest.clone(), engine.k_cache[:, :3].clone(), engine.v_cache[:, :3].clone())
+    finally:
+        engine.model.prefill_attention = "eager"
+        for s in range(3):
+            engine.release(s)
+    for a, b in zip(out["eager"], out["sdpa"]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out["eager"][0][0], out["eager"][0][1])  # rows of their own, not one row repeated
+
+
+def test_the_backend_applies_the_prefill_attention_setting(tiny_model_dir):
+    from bloom_server.types import RankContext
+    from bloom_server.backends.fast import FastBackend
+    from bloom_server.settings import load_settings
+    from bloom_server.storage.model_dir import resolve_model_dir
+
+    s = load_settings(backend="fast", fast_prefill_attention="sdpa", max_input_length=16, max_total_tokens=48)
+    backend = FastBackend(s, resolve_model_dir(str(tiny_model_dir)), RankContext())
+    backend.load()
+    assert backend.engine.model.prefill_attention == "sdpa"
+
+
 def _long_joiner_specs(rng):
     specs = [(i, _prompt(rng, rng.randint(1, 9)), 40, SamplingConfig()) for i in range(3)]
     specs.append((3, _prompt(rng, 150), 12, SamplingConfig()))  # longer than several chunks

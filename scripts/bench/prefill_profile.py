@@ -31,6 +31,7 @@ def main() -> int:
     p.add_argument("--cases", default="wave,long,chunk512,chunk256,chunk128,linear")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="then the top kernels of one wave and one long prefill")
+    p.add_argument("--attention", default="eager,sdpa", help="the prefill attentions to time (fast/model.py)")
     args = p.parse_args()
 
     import torch
@@ -72,9 +73,9 @@ def main() -> int:
             times.append(time.perf_counter() - t)
         return statistics.median(times) * 1e3
 
-    def report(name: str, ms: float, tokens: int) -> None:
+    def report(name: str, att: str, ms: float, tokens: int) -> None:
         tflops = 2 * block_params * tokens / (ms / 1e3) / 1e12
-        print(f"| {name} | {tokens} | {ms:.2f} | {tflops:.0f} |")
+        print(f"| {name} | {att} | {tokens} | {ms:.2f} | {tflops:.0f} |")
 
     runs = {}
 
@@ -103,11 +104,24 @@ def main() -> int:
             F.linear(mid, lw.fc2_w, lw.fc2_b)
 
     runs["linear"] = (run_linear, packed)
-    print("| case | tokens | ms (median) | block TFLOPS |\n|---|---|---|---|")
+    attentions = args.attention.split(",")
+    print("| case | attention | tokens | ms (median) | block TFLOPS |\n|---|---|---|---|---|")
     with torch.inference_mode():
         for case in args.cases.split(","):
             fn, tokens = runs[case]
-            report(case, timed(fn, args.repeats), tokens)
+            for att in attentions if case != "linear" else attentions[:1]:
+                eng.model.prefill_attention = att
+                report(case, att, timed(fn, args.repeats), tokens)
+        if len(attentions) > 1:  # the same wave's last logits under each attention
+            outs = {}
+            for att in attentions:
+                eng.model.prefill_attention = att
+                outs[att] = eng.prefill(list(range(64)), wave).float()
+            a, b = outs[attentions[0]], outs[attentions[1]]
+            agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+            print(f"wave's last logits, {attentions[1]} against {attentions[0]}: max abs diff "
+                  f"{(a - b).abs().max().item():.4g}, argmax agreement {agree:.3f}")  # fmt: skip
+        eng.model.prefill_attention = attentions[0]
         if args.profile and cuda:
             from torch.profiler import ProfilerActivity, profile
 

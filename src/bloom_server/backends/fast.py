@@ -187,6 +187,7 @@ class FastBackend(Backend):
         )
         if self.settings.fast_decode is not None:
             self.engine.model.set_fuse(self.settings.fast_decode)
+        self.engine.model.prefill_attention = self.settings.fast_prefill_attention
         self._defaults = _generation_defaults(self.model_dir.path)
         self._dtype = "int8" if weights.quantized else str(dtype).replace("torch.", "")
         if prewarm is not None:

@@ -110,6 +110,7 @@ class BloomRankModel:
         # [hp] slopes of this rank's heads (heads are split contiguously: rank r holds [r*hp, (r+1)*hp)).
         self.slopes = alibi_slopes(shape.n_head)[r * self.hp : (r + 1) * self.hp].to(self.device)
         self.heads = torch.arange(self.hp, device=self.device)
+        self.prefill_attention = "eager"  # or "sdpa": the fast_prefill_attention setting
         self.set_fuse(None)
 
     def set_fuse(self, spec: str | None) -> None:
@@ -267,7 +268,10 @@ class BloomRankModel:
                 S = chunk.keys
                 k, v = k_cache[slots, :, :S], v_cache[slots, :, :S]  # [n, hp, S, D]
         N = n * self.hp
-        ctx = self._attend(q.reshape(N, L, self.D), k.reshape(N, S, self.D), v.reshape(N, S, self.D), bias)
+        if self.prefill_attention == "sdpa":  # the strided q/k/v as they are: no copies
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(n, self.hp, L, S), scale=self.inv_norm)
+        else:
+            ctx = self._attend(q.reshape(N, L, self.D), k.reshape(N, S, self.D), v.reshape(N, S, self.D), bias)
         ctx = ctx.view(n, self.hp, L, self.D).transpose(1, 2).reshape(n, L, self.hp * self.D)
         if packed is not None:
             ctx = ctx[packed.row, packed.col]

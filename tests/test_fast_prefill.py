@@ -99,10 +99,10 @@ def test_the_fused_attention_gives_the_eager_prefills_logits_and_keys(engine):
 
 
 def test_the_backend_applies_the_prefill_attention_setting(tiny_model_dir):
-    from bloom_server.types import RankContext
     from bloom_server.backends.fast import FastBackend
     from bloom_server.settings import load_settings
     from bloom_server.storage.model_dir import resolve_model_dir
+    from bloom_server.types import RankContext
 
     s = load_settings(backend="fast", fast_prefill_attention="sdpa", max_input_length=16, max_total_tokens=48)
     backend = FastBackend(s, resolve_model_dir(str(tiny_model_dir)), RankContext())

@@ -50,6 +50,8 @@ def serve_wrapped(argv: list[str]) -> int:
     from bloom_server.frontend.batching import continuous as cb
 
     step_s, out = float(os.environ["BREAKDOWN_STEP_S"]), Path(os.environ["BREAKDOWN_OUT"])
+    if os.environ.get("BREAKDOWN_SWITCH_S"):  # the interpreter's GIL switch interval (CPython's default: 5 ms)
+        sys.setswitchinterval(float(os.environ["BREAKDOWN_SWITCH_S"]))
     times: dict[str, dict[str, float]] = {}
     steps: list[tuple[float, float]] = []
     cstep, submit, take, deliver, add_token = (fast.FastBackend.cstep, cb.ContinuousBatcher.submit,
@@ -138,6 +140,9 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=None, help="a BLOOM directory (default: a tiny random one)")
     p.add_argument("--dtype", default="fp32", help="the server's --dtype (fp16 on a GPU)")
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of the same load before the measured one")
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="the server's GIL switch interval (default: CPython's 5 ms): how long the engine thread may "
+                        "wait for the GIL while the event loop parses, tokenizes and streams")  # fmt: skip
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ttft-breakdown-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
@@ -152,8 +157,10 @@ def main() -> int:
              "--max-batch-size", str(args.concurrency), "--max-input-length", "300", "--max-new-tokens", "512",
              "--max-total-tokens", "820", "--max-queued-requests", "1024"]  # fmt: skip
     log = open(work / "server.log", "w")
-    srv = subprocess.Popen(serve, env={**env, "BREAKDOWN_STEP_S": str(args.step_ms / 1e3), "BREAKDOWN_OUT": str(out)},
-                           stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    srv_env = {**env, "BREAKDOWN_STEP_S": str(args.step_ms / 1e3), "BREAKDOWN_OUT": str(out)}
+    if args.switch_interval_ms is not None:
+        srv_env["BREAKDOWN_SWITCH_S"] = str(args.switch_interval_ms / 1e3)
+    srv = subprocess.Popen(serve, env=srv_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{args.port}"
     try:
         deadline = time.monotonic() + 120

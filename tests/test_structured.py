@@ -310,6 +310,25 @@ def test_hostile_grammars_do_not_stall_the_server(srv):
     assert s == 200
 
 
+def test_a_grammar_the_engine_gives_up_on_is_a_422_not_an_answer(srv):
+    """A regex that compiles but whose matcher exceeds the grammar engine's limits while generating: the forced
+    EOS is not reported as a complete answer; the request gets a 422 naming its grammar field (an error event once a
+    stream has started), and the server serves the next request."""
+    rx = {"type": "regex", "value": "(ab){300000}"}
+    s, b, _ = srv.post("/generate", {"inputs": "x", "parameters": {"grammar": rx, "max_new_tokens": 6}})
+    assert s == 422 and b["field"] == "parameters.grammar" and "grammar engine" in b["message"], b
+    s, b, _ = srv.post("/generate", {"text": ["x", "y"], "max_new_tokens": 6, "grammar": rx})
+    assert s == 422 and b["field"] == "grammar", b
+    s, events = _post_stream(
+        srv.url + "/generate_stream", {"inputs": "x", "parameters": {"grammar": rx, "max_new_tokens": 6}}
+    )
+    assert s == 200 and "grammar engine" in events[-1]["error"] and not any(e.get("details") for e in events), events
+    s, b, _ = srv.post(
+        "/generate", {"text": ["x"], "max_new_tokens": 4, "grammar": {"type": "regex", "value": "[0-9]{3}"}}
+    )
+    assert s == 200 and b["text"][0].isdigit(), b
+
+
 def test_openai_client_parse_and_tool_calls(srv):
     openai = pytest.importorskip("openai")
     from enum import Enum

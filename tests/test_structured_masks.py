@@ -106,6 +106,25 @@ def test_advance_marks_refused_and_stopped_rows_done(grammars):
     assert rows.done == {"bad", "ok"} and rows.active(["ok", "end"]) == ["end"]
 
 
+# A regex that compiles, yet whose matchers exceed the grammar engine's lexer limit once generation starts.
+GIVES_UP = Grammar("regex", "a{1000000}")
+
+
+def test_a_matcher_the_engine_gives_up_on_is_failed_not_finished(grammars):
+    """Its mask lets only EOS through, as a finished grammar's does: the row is marked failed, with the engine's
+    reason, so that its EOS is not taken for a complete answer. A grammar that goes on is not."""
+    grammars.check(GIVES_UP, "grammar")  # passes: the limit is reached past the check's probe
+    rows = structured.RowMatchers(grammars)
+    rows.add("gives up", GIVES_UP)
+    rows.add("fine", Grammar("regex", "[0-9]{3}"))
+    allowed = _allowed(rows.masks(["gives up", "fine"]), grammars.vocab_size)
+    assert allowed[0].nonzero().flatten().tolist() == [EOS]
+    assert set(rows.failed) == {"gives up"} and "lexer" in rows.failed["gives up"]
+    assert rows.active(["gives up", "fine"]) == ["fine"]
+    rows.drop("gives up")
+    assert not rows.failed
+
+
 def test_rows_pipelined_and_not_give_the_same_constrained_tokens(tiny_model_dir, grammars):
     from bloom_server.fast.engine import FastEngine
     from bloom_server.fast.rows import Request, RowScheduler

@@ -198,6 +198,9 @@ class RowMatchers:
         self.grammars = grammars
         self.rows: dict[Any, Any] = {}
         self.done: set[Any] = set()  # ended (EOS taken, or the token broke the grammar): masks no longer apply
+        # Rows whose matcher failed (one of the engine's limits reached while following the grammar), with the
+        # engine's reason: their last mask let only EOS through, so their output must not count as an answer.
+        self.failed: dict[Any, str] = {}
         self.fill_s = 0.0
 
     def add(self, key: Any, g: Grammar) -> None:
@@ -207,6 +210,12 @@ class RowMatchers:
     def drop(self, key: Any) -> None:
         self.rows.pop(key, None)
         self.done.discard(key)
+        self.failed.pop(key, None)
+
+    def _check_failed(self, key: Any, m: Any) -> None:
+        if m.is_error():
+            self.failed[key] = _first_line(m.get_error())
+            self.done.add(key)
 
     def __contains__(self, key: Any) -> bool:
         return key in self.rows
@@ -220,6 +229,7 @@ class RowMatchers:
                 continue
             if m.is_stopped() or not m.consume_token(int(token)):
                 self.done.add(key)
+                self._check_failed(key, m)
 
     def active(self, keys: list[Any]) -> list[Any]:
         return [k for k in keys if k in self.rows and k not in self.done]
@@ -233,4 +243,6 @@ class RowMatchers:
         t0 = time.perf_counter()
         self.grammars.fill([(self.rows[k], i) for i, k in enumerate(keys)], bitmask)
         self.fill_s += time.perf_counter() - t0
+        for k in keys:
+            self._check_failed(k, self.rows[k])
         return bitmask

@@ -51,6 +51,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_new_tokens reached
     EOS = "eos_token"  # the model produced its end-of-sequence token
     TIME = "max_time"  # max_time ran out
+    GRAMMAR = "grammar_error"  # the grammar engine gave up on the row (one of its limits): the answer is not valid
 
 
 def eos_set(eos_token_id: Any) -> frozenset[int]:

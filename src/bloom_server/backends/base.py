@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import warnings
 from collections.abc import Collection
@@ -118,8 +119,10 @@ class TransformersModelBackend(Backend):
             hook = StreamHook(listener, batch.max_new_tokens, may_stop=may_stop, stops=stops)
             kwargs.update(hook.generate_kwargs())
         eos_ids = eos_set(kwargs.get("eos_token_id"))
+        mask = None
         if any(g is not None for g in batch.grammars):
             mask = GrammarMask(self, batch.grammars, input_ids.shape[1], tuple(sorted(eos_ids)))
+            mask.on_failed = getattr(listener, "on_grammar_failed", None)
             kwargs["logits_processor"] = mask.processors(kwargs.get("logits_processor"))
         with torch.inference_mode(), warnings.catch_warnings():
             # min_length past the output (allowed: it means "never stop on EOS") is legal here, not worth a warning.
@@ -132,7 +135,13 @@ class TransformersModelBackend(Backend):
             )
         new_tokens = out[:, input_ids.shape[1] :].tolist()
         result = cut_rows(new_tokens, batch.max_new_tokens, eos_ids)
-        return hook.cut_stopped(result) if hook is not None else result
+        result = hook.cut_stopped(result) if hook is not None else result
+        if mask is not None and mask.failed:  # their output is no answer: the grammar engine gave up on them
+            reasons = list(result.finish_reasons)
+            for i in mask.failed:
+                reasons[i] = FinishReason.GRAMMAR
+            result = dataclasses.replace(result, finish_reasons=tuple(reasons))
+        return result
 
     def forward_nll(self, batch: ForwardBatch) -> float:
         import torch
@@ -170,6 +179,8 @@ class GrammarMask:
         self.eos_ids = eos_ids
         self.rows = [i for i, g in enumerate(grammars) if g is not None]
         self.matchers: Any = None
+        self.failed: set[int] = set()  # rows the grammar engine gave up on
+        self.on_failed: Any = None  # rank 0's listener: told of each such row before its forced EOS is read
 
     def processors(self, existing: Any) -> Any:
         from transformers import LogitsProcessor, LogitsProcessorList
@@ -202,6 +213,11 @@ class GrammarMask:
             bitmask = self.matchers.masks(active).to(scores.device)
             rows = torch.tensor(active, dtype=torch.long, device=scores.device)
             structured.apply_bitmask(scores, rows, bitmask)
+            for i in active:
+                if i in self.matchers.failed and i not in self.failed:
+                    self.failed.add(i)
+                    if self.on_failed is not None:
+                        self.on_failed(i)
         return scores
 
 

@@ -363,7 +363,7 @@ class FastBackend(Backend):
         }
 
 
-_REASONS = {"eos": FinishReason.EOS.value, "length": FinishReason.LENGTH.value}
+_REASONS = {"eos": FinishReason.EOS.value, "length": FinishReason.LENGTH.value, "grammar": FinishReason.GRAMMAR.value}
 
 
 class _Stream:

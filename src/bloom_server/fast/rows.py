@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ from bloom_server.fast.engine import FastEngine
 from bloom_server.fast.prefix_cache import PrefixCache
 from bloom_server.fast.sampling import Sampler, SamplingConfig, to_device
 from bloom_server.types import FinishReason, row_end
+
+log = logging.getLogger(__name__)
 
 STOPPED = "stopped"  # finish of a row whose caller left (leave())
 
@@ -69,7 +72,7 @@ class Request:
     pad_token_id: int = 0
     tokens: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens in its slot (a joining row's prompt goes in over one or more steps)
-    finish: str | None = None  # "eos" | "length" | "stopped"
+    finish: str | None = None  # "eos" | "length" | "stopped" | "grammar" (its grammar engine gave up on it)
     slot: int | None = None
     sampler: Sampler | None = None
     arrived: float = field(default_factory=time.monotonic)
@@ -500,6 +503,9 @@ class RowScheduler:
             if r.on_token is not None:
                 r.on_token(r, token)
             end = _end(r, token, len(toks))
+            if r.grammar is not None and r.rid in self._matchers.failed:  # its last mask let only EOS through
+                log.warning("row %s: the grammar engine gave up: %s", r.rid, self._matchers.failed[r.rid])
+                end = "grammar"
             if end is not None:
                 r.finish = end
                 done.append(r)

@@ -247,7 +247,7 @@ class Engine:
                     raise InvalidRequest(f"{f}: cannot be combined with {grammar_field} (the grammar decides where the "
                                          "output ends)", field=f)  # fmt: skip
             self.check_grammar(grammar, grammar_field)
-            spec = dataclasses.replace(spec, grammar=grammar)
+            spec = dataclasses.replace(spec, grammar=grammar, grammar_field=grammar_field)
         params = spec.params.as_dict()
         max_time = params.pop("max_time", None)
         eos_ids = eos_set(params.get("eos_token_id", self.tokenizer.eos_token_id))

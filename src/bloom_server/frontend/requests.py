@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bloom_server.errors import BloomServerError
+from bloom_server.errors import BloomServerError, InvalidRequest
 from bloom_server.types import FinishReason, cut_row, row_end
 
 if TYPE_CHECKING:
@@ -203,6 +203,9 @@ class GenRequest:
 
     def settle_row(self, r: int, token_ids: tuple[int, ...], reason: FinishReason) -> None:
         """The backend's final answer for a row: deliver what the stream did not carry, then finish the row."""
+        if reason is FinishReason.GRAMMAR:
+            self._grammar_failed()
+            return
         row = self.rows[r]
         if row.done:
             return
@@ -238,6 +241,9 @@ class GenRequest:
     def end_row(self, r: int, reason: str) -> None:
         """The backend finished a row (continuous batching: its tokens came with the steps); the request is answered
         once every row is finished."""
+        if reason == FinishReason.GRAMMAR.value:
+            self._grammar_failed()
+            return
         row = self.rows[r]
         if not row.done:
             row.done, row.reason = True, reason
@@ -245,6 +251,15 @@ class GenRequest:
             self._finish()
 
     def fail(self, exc: BaseException) -> None:
+        self._settle(exc)
+
+    def _grammar_failed(self) -> None:
+        """A row's grammar engine gave up on it (one of its limits, reached while following the grammar): no valid
+        answer can come, so the request is answered with a 422 naming the grammar's field, and its other rows stop."""
+        field = self.spec.grammar_field
+        exc = InvalidRequest(f"{field}: the grammar engine could not follow this grammar while generating (it reached "
+                             "one of its limits: too large or too costly a grammar); simplify it", field=field)  # fmt: skip
+        self._stop_all(FinishReason.GRAMMAR.value)
         self._settle(exc)
 
     # ---- internals ----

@@ -49,6 +49,7 @@ class GenerateSpec:
     seed: int | None
     # Not part of the batch key: constrained and free rows share a call (each row has its own mask).
     grammar: Grammar | None = None
+    grammar_field: str = "grammar"  # the request's field that gave it: an error while following it names it
 
     def batch_key(self, prompt_len: int) -> tuple:
         d = dict(self.params.kwargs)

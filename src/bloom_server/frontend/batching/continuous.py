@@ -237,6 +237,9 @@ class ContinuousBatcher:
                                                 cfg.eos_token_id), 0.0)  # fmt: skip
                 except Exception:  # metrics never break a request
                     log.exception("batch report failed")
+            for req, r, reason in ended:  # before the step's tokens: the EOS a failed grammar forced is no answer
+                if reason == FinishReason.GRAMMAR.value and not req.done:
+                    req.end_row(r, reason)
             for req, r, token, lp, top in rows:
                 if not req.done:
                     req.add_token(r, int(token), lp, tuple((int(t), float(p)) for t, p in top) if top else None)
@@ -273,7 +276,7 @@ class ContinuousBatcher:
             pass
 
 
-_REASONS = {FinishReason.EOS.value, FinishReason.LENGTH.value, FinishReason.TIME.value}
+_REASONS = {FinishReason.EOS.value, FinishReason.LENGTH.value, FinishReason.TIME.value, FinishReason.GRAMMAR.value}
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from bloom_server.frontend.batching.config import BatcherConfig
 from bloom_server.frontend.requests import GenRequest
 from bloom_server.runtime.protocol import GenerateBatch, GenerateOutput
+from bloom_server.types import FinishReason
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ class BatchListener:
         if first:
             self.loop.call_soon_threadsafe(self._drain)
 
+    def on_grammar_failed(self, row: int) -> None:
+        """The grammar engine gave up on batch row `row` (its last mask let only EOS through): its request fails
+        before that step's tokens reach it, in the same order as the steps."""
+        with self._lock:
+            self._steps.append((None, row, None))
+            first = len(self._steps) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._drain)
+
     def stopped_rows(self) -> frozenset[int]:
         return self._stopped
 
@@ -66,6 +76,10 @@ class BatchListener:
         with self._lock:
             steps, self._steps = self._steps, []
         for token_ids, logprobs, top in steps:
+            if token_ids is None:  # on_grammar_failed: logprobs holds the batch row
+                req, r = self.rows[logprobs]
+                req.end_row(r, FinishReason.GRAMMAR.value)
+                continue
             self._deliver(token_ids, logprobs, top)
 
     def _deliver(self, token_ids: list[int], logprobs: list[float] | None, top: list | None) -> None:

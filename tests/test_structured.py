@@ -329,6 +329,28 @@ def test_a_grammar_the_engine_gives_up_on_is_a_422_not_an_answer(srv):
     assert s == 200 and b["text"][0].isdigit(), b
 
 
+def test_log_probabilities_of_constrained_rows_are_json_numbers(srv):
+    """Tokens a grammar forbids have probability 0 under the masked scores: asked for alternatives or log-probabilities
+    of a constrained answer, every route answers 200 with finite numbers (-9999.0 at the least, as OpenAI's API
+    reports such tokens), streamed or not."""
+    msgs = [{"role": "user", "content": "x"}]
+    s, b, _ = srv.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 3, "logprobs": True, "top_logprobs": 3,
+                                                "response_format": {"type": "json_object"}})  # fmt: skip
+    assert s == 200, b
+    content = b["choices"][0]["logprobs"]["content"]
+    assert content and all(len(c["top_logprobs"]) == 3 for c in content)
+    values = [c["logprob"] for c in content] + [t["logprob"] for c in content for t in c["top_logprobs"]]
+    assert all(-9999.0 <= v <= 0.0 for v in values), values
+    s, b, _ = srv.post("/generate", {"inputs": "x", "parameters": {"max_new_tokens": 3, "details": True,
+                                                                   "top_n_tokens": 3, "grammar": {"type": "json_object"}}})  # fmt: skip
+    assert s == 200, b
+    tops = [t["logprob"] for row in b["details"]["top_tokens"] for t in row]
+    assert len(tops) == 9 and all(-9999.0 <= v <= 0.0 for v in tops), tops
+    s, events = _post_stream(srv.url + "/v1/completions", {"prompt": "x", "max_tokens": 2, "logprobs": 3,
+                                                            "stream": True, "response_format": {"type": "json_object"}})  # fmt: skip
+    assert s == 200 and events[0]["choices"][0]["logprobs"]["token_logprobs"][0] >= -9999.0, events
+
+
 def test_openai_client_parse_and_tool_calls(srv):
     openai = pytest.importorskip("openai")
     from enum import Enum

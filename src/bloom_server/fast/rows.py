@@ -373,9 +373,11 @@ class RowScheduler:
             if self.prefix_cache is not None:
                 self.prefix_cache.insert(r.slot, r.prompt)  # type: ignore[arg-type]
         constrained = [i for i, r in enumerate(new) if r.grammar is not None]
-        if constrained:  # the grammars' first masks (nothing consumed yet: no wait on the device)
-            self._mask(logits, constrained, [new[i].rid for i in constrained])
-        firsts = torch.cat([r.sampler(logits[i : i + 1], 0) for i, r in enumerate(new)])  # type: ignore[misc]
+        scores = logits
+        if constrained:  # the grammars' first masks (nothing consumed yet: no wait on the device), on a copy: the
+            scores = logits.clone()  # log-probabilities are the raw logits', as the decode's are
+            self._mask(scores, constrained, [new[i].rid for i in constrained])
+        firsts = torch.cat([r.sampler(scores[i : i + 1], 0) for i, r in enumerate(new)])  # type: ignore[misc]
         e.tok[new[0].slot : new[0].slot + len(new)] = firsts  # type: ignore[index,operator]
         self.live.extend(new)
         base = into.add(list(new), firsts, _chosen_logprobs(logits, firsts) if logprobs else None)

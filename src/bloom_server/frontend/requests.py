@@ -18,6 +18,10 @@ from typing import TYPE_CHECKING, Any
 from bloom_server.errors import BloomServerError, InvalidRequest
 from bloom_server.types import FinishReason, cut_row, row_end
 
+# The log-probability reported for a token of probability 0 (a grammar's mask, a suppressed EOS), and for anything not
+# finite: JSON has no -inf, and OpenAI's API reports such tokens as -9999.0.
+MIN_LOGPROB = -9999.0
+
 if TYPE_CHECKING:
     from bloom_server.frontend.tokenizer import TextTokenizer
     from bloom_server.frontend.validation import GenerateSpec
@@ -185,6 +189,10 @@ class GenRequest:
             return
         if self.first_token is None:
             self.first_token = time.monotonic()
+        if logprob is not None and not logprob > MIN_LOGPROB:
+            logprob = MIN_LOGPROB
+        if top is not None and not all(p > MIN_LOGPROB for _, p in top):
+            top = tuple((t, p if p > MIN_LOGPROB else MIN_LOGPROB) for t, p in top)
         row.ids.append(token_id)
         row.logprobs.append(logprob)
         row.top.append(top)

@@ -49,17 +49,16 @@ class BatchListener:
 
     # engine thread
     def on_tokens(self, token_ids: list[int], logprobs: list[float] | None, top: list | None = None) -> None:
-        with self._lock:
-            self._steps.append((token_ids, logprobs, top))
-            first = len(self._steps) == 1
-        if first:
-            self.loop.call_soon_threadsafe(self._drain)
+        self._post((token_ids, logprobs, top))
 
     def on_grammar_failed(self, row: int) -> None:
         """The grammar engine gave up on batch row `row` (its last mask let only EOS through): its request fails
         before that step's tokens reach it, in the same order as the steps."""
+        self._post((None, row, None))
+
+    def _post(self, item: tuple) -> None:
         with self._lock:
-            self._steps.append((None, row, None))
+            self._steps.append(item)
             first = len(self._steps) == 1
         if first:
             self.loop.call_soon_threadsafe(self._drain)

@@ -83,6 +83,7 @@ def test_the_fused_attention_gives_the_eager_prefills_logits_and_keys(engine):
     rng = random.Random(5)
     prompts = [_prompt(rng, 41), _prompt(rng, 7), _prompt(rng, 26)]
     out = {}
+    default = engine.model.prefill_attention
     try:
         for att in ("eager", "sdpa"):
             engine.model.prefill_attention = att
@@ -90,7 +91,7 @@ def test_the_fused_attention_gives_the_eager_prefills_logits_and_keys(engine):
             rest = engine.prefill([0, 1, 2], [p[20:] or p[-1:] for p in prompts], [20, 7, 20])
             out[att] = (first, rest.clone(), engine.k_cache[:, :3].clone(), engine.v_cache[:, :3].clone())
     finally:
-        engine.model.prefill_attention = "eager"
+        engine.model.prefill_attention = default
         for s in range(3):
             engine.release(s)
     for a, b in zip(out["eager"], out["sdpa"]):
@@ -104,10 +105,11 @@ def test_the_backend_applies_the_prefill_attention_setting(tiny_model_dir):
     from bloom_server.storage.model_dir import resolve_model_dir
     from bloom_server.types import RankContext
 
-    s = load_settings(backend="fast", fast_prefill_attention="sdpa", max_input_length=16, max_total_tokens=48)
+    assert load_settings(backend="fast").fast_prefill_attention == "sdpa"  # the default: measured faster
+    s = load_settings(backend="fast", fast_prefill_attention="eager", max_input_length=16, max_total_tokens=48)
     backend = FastBackend(s, resolve_model_dir(str(tiny_model_dir)), RankContext())
     backend.load()
-    assert backend.engine.model.prefill_attention == "sdpa"
+    assert backend.engine.model.prefill_attention == "eager"
 
 
 def _long_joiner_specs(rng):

@@ -113,10 +113,13 @@ GIVES_UP = Grammar("regex", "a{1000000}")
 def test_a_matcher_the_engine_gives_up_on_is_failed_not_finished(grammars):
     """Its mask lets only EOS through, as a finished grammar's does: the row is marked failed, with the engine's
     reason, so that its EOS is not taken for a complete answer. A grammar that goes on is not."""
-    grammars.check(GIVES_UP, "grammar")  # passes: the limit is reached past the check's probe
+    grammars.check(GIVES_UP, "grammar")  # passes: the limit is reached past the check's probe (the first mask)
     rows = structured.RowMatchers(grammars)
     rows.add("gives up", GIVES_UP)
     rows.add("fine", Grammar("regex", "[0-9]{3}"))
+    first = _allowed(rows.masks(["gives up", "fine"]), grammars.vocab_size)
+    assert not rows.failed and first[0].any() and not first[0][EOS]
+    rows.advance([("gives up", int(first[0].nonzero()[-1])), ("fine", int(first[1].nonzero()[0]))])
     allowed = _allowed(rows.masks(["gives up", "fine"]), grammars.vocab_size)
     assert allowed[0].nonzero().flatten().tolist() == [EOS]
     assert set(rows.failed) == {"gives up"} and "lexer" in rows.failed["gives up"]

@@ -159,9 +159,10 @@ class Settings(BaseSettings):
     fast_decode: Literal["triton_head", "base"] | None = None
     """fast backend: the decode step's fusion (fast/model.py FUSE_VARIANTS): triton_head, the default, or base, the
     eager layer. It decides which kernels are compiled, so a kernel seed records it."""
-    fast_prefill_attention: Literal["eager", "sdpa"] = "eager"
-    """fast backend: the prefill's attention: eager (baddbmm, softmax, bmm: transformers' BLOOM numbers) or sdpa
-    (torch's fused scaled_dot_product_attention with the ALiBi bias as its mask: no score matrices written)."""
+    fast_prefill_attention: Literal["eager", "sdpa"] = "sdpa"
+    """fast backend: the prefill's attention: sdpa, the default (torch's fused scaled_dot_product_attention with the
+    ALiBi bias as its mask: no score matrices written), or eager (baddbmm, softmax, bmm: transformers' BLOOM
+    numbers). sdpa measured faster on a GPU and on a CPU (docs/results/fast-engine.md "The prefill's own speed")."""
     # Chunking stays off: at 512 tokens a step it made the first token later under load; the prefix cache is on by
     # default on a GPU (docs/results/fast-engine.md "Chunked prefill and the prefix cache").
     prefill_step_tokens: int = Field(0, ge=0)

@@ -77,8 +77,6 @@ class Grammars:
                                                 eos_token=list(eos_ids) or None)  # fmt: skip
         self.vocab_size = vocab_size
         self._cache: collections.OrderedDict[Grammar, tuple[str, str]] = collections.OrderedDict()
-        # A fresh matcher per grammar (LRU like the cache): a row's matcher is a copy of it, cheaper than a compile.
-        self._templates: collections.OrderedDict[Grammar, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._executor: Any = None
 
@@ -97,18 +95,16 @@ class Grammars:
                 return hit
         import llguidance
 
-        template = None
         try:
             text = _grammar_text(g)
             error = llguidance.LLMatcher.validate_grammar(text, self.tokenizer, limits=_limits())
             if not error:
                 # A grammar that compiles may still match no text (a $ref that only refers to itself, an empty
                 # character class): its matcher fails on its first mask, and a row would end at once with nothing.
-                template = llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
-                probe = template.deep_copy()
+                probe = llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
                 probe.compute_bitmask()
                 if probe.is_error():
-                    error, template = "no text matches this grammar", None
+                    error = "no text matches this grammar"
         except (ValueError, TypeError) as exc:
             text, error = "", str(exc)
         out = (text, error)
@@ -116,15 +112,7 @@ class Grammars:
             self._cache[g] = out
             while len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)
-            if template is not None:
-                self._keep_template(g, template)
         return out
-
-    def _keep_template(self, g: Grammar, template: Any) -> None:
-        """Keep a grammar's fresh matcher (LRU, bounded); the caller holds the lock."""
-        self._templates[g] = template
-        while len(self._templates) > CACHE_ENTRIES:
-            self._templates.popitem(last=False)
 
     def check(self, g: Grammar, field: str) -> None:
         """Raise InvalidRequest naming `field` when the grammar does not compile (bad schema, bad regex,
@@ -134,21 +122,16 @@ class Grammars:
             raise InvalidRequest(f"{field}: {_first_line(error)}", field=field)
 
     def matcher(self, g: Grammar) -> Any:
-        """A fresh matcher of a grammar that `check` passed: a copy of its template."""
+        """A fresh matcher of a grammar that `check` passed, compiled from the cached grammar text (well under a
+        millisecond). Not a copy of one matcher per grammar: copies share their lexer behind one lock, so a parallel
+        fill of their masks runs about one row at a time, and the shared lexer's states pile up over every row that
+        ever used the grammar, up to the engine's limit (docs/results/structured-output.md)."""
         import llguidance
 
-        text, error = self.compiled(g)  # cached; a first compile keeps the template
+        text, error = self.compiled(g)
         if error:
             raise ValueError(error)
-        with self._lock:
-            template = self._templates.get(g)
-            if template is not None:
-                self._templates.move_to_end(g)
-        if template is None:  # the compile is cached but its template was evicted
-            template = llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
-            with self._lock:
-                self._keep_template(g, template)
-        return template.deep_copy()
+        return llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
 
     def _pool(self) -> Any:
         """llguidance's thread pool, one per process: as many threads as this process may run on (its default

@@ -213,8 +213,15 @@ class GrammarMask:
             bitmask = self.matchers.masks(active).to(scores.device)
             rows = torch.tensor(active, dtype=torch.long, device=scores.device)
             structured.apply_bitmask(scores, rows, bitmask)
-            for i in active:
-                if i in self.matchers.failed and i not in self.failed:
+        for i in self.rows:
+            # Given up on while filling its mask (which lets only EOS through) or while taking its last token (the
+            # matcher is then done, and no mask would hold the row): EOS now, and the listener is told first.
+            if i in self.matchers.failed and self.eos_ids:
+                eos = torch.tensor(self.eos_ids, dtype=torch.long, device=scores.device)
+                kept = scores[i].index_select(0, eos)
+                scores[i] = float("-inf")
+                scores[i].index_copy_(0, eos, kept)
+                if i not in self.failed:
                     self.failed.add(i)
                     if self.on_failed is not None:
                         self.on_failed(i)

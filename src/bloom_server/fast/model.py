@@ -110,7 +110,7 @@ class BloomRankModel:
         # [hp] slopes of this rank's heads (heads are split contiguously: rank r holds [r*hp, (r+1)*hp)).
         self.slopes = alibi_slopes(shape.n_head)[r * self.hp : (r + 1) * self.hp].to(self.device)
         self.heads = torch.arange(self.hp, device=self.device)
-        self.prefill_attention = "eager"  # or "sdpa": the fast_prefill_attention setting
+        self.prefill_attention = "sdpa"  # or "eager": the fast_prefill_attention setting (its default here too)
         self.set_fuse(None)
 
     def set_fuse(self, spec: str | None) -> None:

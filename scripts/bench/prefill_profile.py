@@ -8,6 +8,9 @@ Cases (random weights of the shape, fp16 on a GPU):
   long       one 1,500-token prompt (the long joiner)
   chunkN     one N-token chunk after 1,000 positions already in the slot (a chunked prefill's later piece)
   linear     the wave's packed tokens through one layer's four linear layers, 30 times: cuBLAS's share alone
+  stepwave   the wave as the server takes it: 64 rows added to a fresh scheduler (fast/rows.py RowScheduler, with a
+             prefix cache as the server has on a GPU), one step: admission, the prefill, the first tokens read, the
+             first decode queued. Its time beyond `wave` is the step's own; `--profile` lists its top host time.
 
     python3 scripts/bench/prefill_profile.py --shape 7b1 --profile
     python3 scripts/bench/prefill_profile.py --shape tiny --repeats 1      # a CPU dry run
@@ -28,16 +31,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=["tiny", "560m", "7b1"], default="7b1")
-    p.add_argument("--cases", default="wave,long,chunk512,chunk256,chunk128,linear")
+    p.add_argument("--cases", default="wave,stepwave,long,chunk512,chunk256,chunk128,linear")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="then the top kernels of one wave and one long prefill")
-    p.add_argument("--attention", default="eager,sdpa", help="the prefill attentions to time (fast/model.py)")
+    p.add_argument(
+        "--attention",
+        default="sdpa,eager",
+        help="the prefill attentions to time (fast/model.py); the first is profiled",
+    )
+    p.add_argument("--cache-mb", type=int, default=2048, help="stepwave's prefix cache (0: none)")
     args = p.parse_args()
 
     import torch
     import torch.nn.functional as F
 
     from bloom_server.fast.engine import FastEngine
+    from bloom_server.fast.prefix_cache import PrefixCache
+    from bloom_server.fast.rows import Request, RowScheduler
+    from bloom_server.fast.sampling import SamplingConfig
     from bloom_server.fast.shapes import PRESETS, BloomShape
     from bloom_server.fast.weights import random_weights
 
@@ -104,6 +115,21 @@ def main() -> int:
             F.linear(mid, lw.fc2_w, lw.fc2_b)
 
     runs["linear"] = (run_linear, packed)
+    cache = PrefixCache(eng, args.cache_mb << 20) if args.cache_mb and "stepwave" in args.cases else None
+
+    def run_step_wave() -> None:
+        sched = RowScheduler(eng, prefix_cache=cache)
+        for i, prompt in enumerate(wave):
+            sched.add(Request(rid=i, prompt=tuple(prompt), max_new_tokens=4, cfg=SamplingConfig(eos_ids=(2,))))
+        sched.step()  # reads the wave's first tokens; its first decode is queued
+        assert len(sched.out_firsts) == len(wave), len(sched.out_firsts)
+        sync()
+        for slot in range(len(wave)):
+            eng.release(slot)
+        if cache is not None:  # every repeat a cold wave, as a server's first
+            cache.__init__(eng, args.cache_mb << 20)
+
+    runs["stepwave"] = (run_step_wave, packed)
     attentions = args.attention.split(",")
     print("| case | attention | tokens | ms (median) | block TFLOPS |\n|---|---|---|---|---|")
     with torch.inference_mode():
@@ -125,8 +151,8 @@ def main() -> int:
         if args.profile and cuda:
             from torch.profiler import ProfilerActivity, profile
 
-            for case in ("wave", "long", "chunk512"):
-                if case not in runs:
+            for case in ("wave", "long", "chunk512", "stepwave"):
+                if case not in runs or case not in args.cases.split(","):
                     continue
                 fn = runs[case][0]
                 fn()
@@ -134,8 +160,10 @@ def main() -> int:
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     fn()
                     sync()
-                print(f"\n## {case}: top device time")
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+                order = "cpu_time_total" if case == "stepwave" else "cuda_time_total"  # the step's host side
+                print(f"\n## {case}: top {'host' if case == 'stepwave' else 'device'} time")
+                print(prof.key_averages().table(sort_by=order, row_limit=24 if case == "stepwave" else 14,
+                                                max_name_column_width=60))  # fmt: skip
     return 0
 
 

@@ -12,8 +12,8 @@
 # (load_check.sh's greedy-vs-batch-size bench alone), loaders (loaders.sh, .whl16 carried), loadcheck (load_check.sh
 # with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES), ttft (scripts/bench/ttft_breakdown.py on random
 # 7b1 weights, prefill.sh's when it ran first: the first wave and the steady state's first tokens, stage by stage).
-# prefillprof (scripts/bench/prefill_profile.py: the engine's prefill alone per case, with its top kernels; with
-# PREFILL_ATTENTION_AUTO=1 the jobs after it serve with the faster prefill attention, BLOOM_FAST_PREFILL_ATTENTION).
+# prefillprof (scripts/bench/prefill_profile.py: the engine's prefill alone per case, with its top kernels, and the
+# wave through one scheduler step; PREFILLPROF_ARGS replaces "--shape 7b1 --profile").
 # The structured job ends each schema's run with one traced constrained run (`--timeline`).
 # GPU_BUDGET_S (default 585): wall seconds for all of them; a job starts only with its minimum left. PREFILL_MAX_S
 # (default 480) caps the prefill job, to leave time for jobs after it.
@@ -60,21 +60,8 @@ for job in ${GPU_JOBS:-structured int8}; do
         > "$o/make.log" 2>&1
       timeout $(( $(left) - 5 )) python3 scripts/bench/ttft_breakdown.py --step-ms 0 --model $m --dtype fp16 \
         --warmup 8 --duration 20 > "$o/summary.md" 2>&1; rc=$? ;;
-    prefillprof) timeout $(( $(left) - 5 )) python3 scripts/bench/prefill_profile.py --shape 7b1 --profile \
-        > "$o/summary.md" 2>&1; rc=$?
-      if [ -n "${PREFILL_ATTENTION_AUTO:-}" ]; then  # the later jobs' servers take sdpa where it beat eager by 10%
-        pick=$(python3 - "$o/summary.md" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-ms = {a: float(v) for a, v in re.findall(r"^\| wave \| (\w+) \| \d+ \| ([\d.]+) \|", text, re.M)}
-agree = re.search(r"argmax agreement ([\d.]+)", text)
-print("sdpa" if "sdpa" in ms and ms["sdpa"] < 0.9 * ms.get("eager", 0) and agree and float(agree.group(1)) >= 0.99
-      else "eager")
-PY
-)
-        export BLOOM_FAST_PREFILL_ATTENTION=$pick
-        echo "== the later jobs' prefill attention: $pick" | tee -a "$OUT/batch.md"
-      fi ;;
+    prefillprof) timeout $(( $(left) - 5 )) python3 scripts/bench/prefill_profile.py ${PREFILLPROF_ARGS:---shape 7b1 --profile} \
+        > "$o/summary.md" 2>&1; rc=$? ;;
     loadcheck) LOADCHECK_BUDGET_S=$(( $(left) - 10 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;
     *) echo "unknown job $job"; rc=2 ;;
   esac

@@ -11,6 +11,10 @@ Cases (random weights of the shape, fp16 on a GPU):
   stepwave   the wave as the server takes it: 64 rows added to a fresh scheduler (fast/rows.py RowScheduler, with a
              prefix cache as the server has on a GPU), one step: admission, the prefill, the first tokens read, the
              first decode queued. Its time beyond `wave` is the step's own; `--profile` lists its top host time.
+  stepjoin   the long joiner as the server takes it: 63 rows decoding, then the 1,500-token prompt joins under a step
+             budget (`--step-tokens`, the server's --prefill-step-tokens; 0: in one step); prints the live rows'
+             step times before and during the join (the "largest gap / median" of the joiner load); `--profile`
+             lists the top host time of the join's steps.
 
     python3 scripts/bench/prefill_profile.py --shape 7b1 --profile
     python3 scripts/bench/prefill_profile.py --shape tiny --repeats 1      # a CPU dry run
@@ -19,6 +23,7 @@ Cases (random weights of the shape, fp16 on a GPU):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
@@ -40,6 +45,7 @@ def main() -> int:
         help="the prefill attentions to time (fast/model.py); the first is profiled",
     )
     p.add_argument("--cache-mb", type=int, default=2048, help="stepwave's prefix cache (0: none)")
+    p.add_argument("--step-tokens", type=int, default=320, help="stepjoin's step budget (0: unchunked)")
     args = p.parse_args()
 
     import torch
@@ -130,6 +136,38 @@ def main() -> int:
             cache.__init__(eng, args.cache_mb << 20)
 
     runs["stepwave"] = (run_step_wave, packed)
+    join_steps: list[float] = []  # the latest stepjoin's step times during the join, ms
+
+    def run_step_join(around_join=contextlib.nullcontext) -> None:
+        sched = RowScheduler(eng, step_tokens=args.step_tokens)
+        for i in range(63):
+            sched.add(Request(rid=i, prompt=tuple(wave[i][:32]), max_new_tokens=400, cfg=SamplingConfig()))
+        for _ in range(12):  # all in, decoding, the decode's graphs captured
+            sched.step()
+        before = []
+        for _ in range(8):
+            t = time.perf_counter()
+            sched.step()
+            before.append((time.perf_counter() - t) * 1e3)
+        sched.add(Request(rid="joiner", prompt=tuple(long[0]), max_new_tokens=4, cfg=SamplingConfig()))
+        join_steps.clear()
+        with around_join():
+            while not any(r.rid == "joiner" for r in sched.live) and len(join_steps) < 40:
+                t = time.perf_counter()
+                sched.step()
+                join_steps.append((time.perf_counter() - t) * 1e3)
+            for _ in range(2):  # the joiner's first decode
+                t = time.perf_counter()
+                sched.step()
+                join_steps.append((time.perf_counter() - t) * 1e3)
+            sync()
+        med = statistics.median(before)
+        print(f"stepjoin (budget {args.step_tokens}): step before the join {med:.1f} ms (median); during it "
+              f"{', '.join(f'{x:.1f}' for x in join_steps)}; largest / median {max(join_steps) / med:.2f}")  # fmt: skip
+        for slot in range(64):
+            eng.release(slot)
+
+    runs["stepjoin"] = (run_step_join, len(long[0]))
     attentions = args.attention.split(",")
     print("| case | attention | tokens | ms (median) | block TFLOPS |\n|---|---|---|---|---|")
     with torch.inference_mode():
@@ -137,6 +175,10 @@ def main() -> int:
             fn, tokens = runs[case]
             for att in attentions if case != "linear" else attentions[:1]:
                 eng.model.prefill_attention = att
+                if case == "stepjoin":  # it prints its own steps
+                    for _ in range(args.repeats):
+                        fn()
+                    continue
                 report(case, att, timed(fn, args.repeats), tokens)
         if len(attentions) > 1:  # the same wave's last logits under each attention
             outs = {}
@@ -151,19 +193,24 @@ def main() -> int:
         if args.profile and cuda:
             from torch.profiler import ProfilerActivity, profile
 
-            for case in ("wave", "long", "chunk512", "stepwave"):
+            for case in ("wave", "long", "chunk512", "stepwave", "stepjoin"):
                 if case not in runs or case not in args.cases.split(","):
                     continue
                 fn = runs[case][0]
-                fn()
-                sync()
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+                if case == "stepjoin":  # the join's steps alone
+                    prof = profile(activities=acts)
+                    fn(lambda: prof)
+                else:
                     fn()
                     sync()
-                order = "cpu_time_total" if case == "stepwave" else "cuda_time_total"  # the step's host side
-                print(f"\n## {case}: top {'host' if case == 'stepwave' else 'device'} time")
-                print(prof.key_averages().table(sort_by=order, row_limit=24 if case == "stepwave" else 14,
-                                                max_name_column_width=60))  # fmt: skip
+                    with profile(activities=acts) as prof:
+                        fn()
+                        sync()
+                host = case.startswith("step")  # a scheduler's step: its host side
+                print(f"\n## {case}: top {'host' if host else 'device'} time")
+                print(prof.key_averages().table(sort_by="cpu_time_total" if host else "cuda_time_total",
+                                                row_limit=24 if host else 14, max_name_column_width=60))  # fmt: skip
     return 0
 
 

@@ -89,6 +89,45 @@ def test_parallel_fill_equals_per_row_fill(grammars):
     assert rows.fill_s > 0
 
 
+def test_rows_of_one_grammar_copy_its_kept_matchers_in_turn_and_stay_independent(tiny_model_dir):
+    """Rows of one grammar take copies of a few kept matchers (so that the pool fills rows of different kept ones in
+    parallel): each row, walked its own way, still has the masks of a matcher compiled for it alone; and the kept
+    matchers are bounded by grammars (LRU)."""
+    import llguidance
+
+    grammars = structured.Grammars.for_model(tiny_model_dir, (EOS,))
+    grammars.templates = 2
+    g = Grammar("regex", "[a-z]{1,6}( [a-z]{1,6}){0,4}")
+    text, error = grammars.compiled(g)
+    assert not error
+    rows = structured.RowMatchers(grammars)
+    alone = {}
+    for i in range(5):
+        rows.add(i, g)
+        alone[i] = llguidance.LLMatcher(grammars.tokenizer, text)
+    rng = random.Random(1)
+    words = structured.bitmask_words(grammars.vocab_size)
+    for _ in range(6):
+        keys = rows.active(list(range(5)))
+        if not keys:
+            break
+        par = rows.masks(keys)
+        one = torch.empty((len(keys), words), dtype=torch.int32)
+        for j, k in enumerate(keys):
+            llg_torch.fill_next_token_bitmask(alone[k], one, j)
+        assert torch.equal(par, one)
+        allowed = _allowed(par, grammars.vocab_size)
+        fed = [(k, rng.choice(allowed[j].nonzero().flatten().tolist())) for j, k in enumerate(keys)]
+        rows.advance(fed)
+        for k, t in fed:
+            if not alone[k].is_stopped():
+                alone[k].consume_token(t)
+    assert len(grammars._templates[g][0]) == 2  # two compiles for five rows
+    for i in range(structured.TEMPLATE_GRAMMARS + 3):
+        grammars.matcher(Grammar("regex", f"[0-9]{{{i + 1}}}"))
+    assert len(grammars._templates) == structured.TEMPLATE_GRAMMARS and g not in grammars._templates
+
+
 def test_advance_marks_refused_and_stopped_rows_done(grammars):
     g = Grammar("regex", "ab")
     rows = structured.RowMatchers(grammars)

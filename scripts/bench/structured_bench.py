@@ -83,9 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fill", choices=["pool", "serial"], default="pool",
                    help="pool: the server's fill (llguidance's thread pool, every row in one call); serial: each row's "
                         "mask in turn on the engine thread (an alternative under test: no pool hand-off)")  # fmt: skip
-    p.add_argument("--matchers", choices=["fresh", "copies"], default="fresh",
-                   help="fresh: the server's (each row's matcher compiled on its own); copies: every row a copy of "
-                        "one matcher of the grammar (the former design: the copies share one lexer)")  # fmt: skip
+    p.add_argument("--templates", type=int, default=None,
+                   help="independent matchers kept per grammar, rows copies of them in turn (default: the server's, "
+                        "the fill pool's threads; 1: every row a copy of one, sharing one lexer)")  # fmt: skip
     p.add_argument(
         "--timeline",
         action="store_true",
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     grammar = make_grammar("json_schema", schema, "schema")
     eos = 2  # BLOOM's </s> (and the embedded model's)
-    grammars = structured.Grammars(tokenizer_json, shape.vocab_size, (eos,))
+    grammars = structured.Grammars(tokenizer_json, shape.vocab_size, (eos,), templates=args.templates)
     grammars.check(grammar, "schema")
     if args.fill == "serial":  # the alternative: no hand-off to the pool's threads (docs/results/structured-output.md)
         import llguidance.torch as llg_torch
@@ -145,9 +145,6 @@ def main(argv: list[str] | None = None) -> int:
                 llg_torch.fill_next_token_bitmask(m, bitmask, row)
 
         grammars.fill = serial_fill  # type: ignore[method-assign]
-    if args.matchers == "copies":  # the former design, for a same-run comparison (docs/results/structured-output.md)
-        template = grammars.matcher(grammar)
-        grammars.matcher = lambda g: template.deep_copy()  # type: ignore[method-assign]
 
     bs, new = args.batch_size, args.new_tokens
     weights = random_weights(shape, None, dtype=dtype, device=device, seed=0)
@@ -325,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "shape": args.shape, "layers": shape.n_layer, "vocab": shape.vocab_size, "dtype": str(dtype),
         "batch_size": bs, "new_tokens": new, "tokenizer": str(tokenizer_json), "schema": args.schema or "order",
         "tokenizer_tokens": grammars.tokenizer.vocab_size, "fill": args.fill,
-        "matchers": args.matchers,
+        "templates": grammars.templates,
         "modes": summary,
         "constrained_over_free": summary["constrained"]["ms_per_token"] / free,
         "mixed_over_free": summary["mixed"]["ms_per_token"] / free,
@@ -333,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.monotonic() - t_start,
     }  # fmt: skip
     print(f"device {out['device']}, shape {args.shape} ({shape.n_layer} layers, vocab {shape.vocab_size}), bs {bs}, "
-          f"tokenizer {tokenizer_json} ({out['tokenizer_tokens']} tokens), fill {args.fill}, matchers {args.matchers}")  # fmt: skip
+          f"tokenizer {tokenizer_json} ({out['tokenizer_tokens']} tokens), fill {args.fill}, templates {grammars.templates}")  # fmt: skip
     print("| rows | ms per output token (median) | runs | host mask ms/step | token wait ms/step | device forward ms | "
           "device gap ms |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")

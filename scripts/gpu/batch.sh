@@ -8,7 +8,7 @@
 # Jobs: structured (scripts/bench/structured_bench.py, 7b1, bs 32; the tokenizer in .tok/tokenizer.json when carried;
 # STRUCTURED_ARGS replaces "--shape 7b1", e.g. "--shape tiny --new-tokens 4 --repeats 1" with STRUCTURED_TOKENIZER=none
 # on a CPU; STRUCTURED_SCHEMAS, default "order bounded"; STRUCTURED_FILLS, default "pool": "pool serial" repeats each
-# schema with each rows' mask filled in turn on the engine thread, "pool:copies" with the rows' matchers copies of one), int8 (int8.sh), prefill (prefill.sh), noisefloor
+# schema with each rows' mask filled in turn on the engine thread, "pool:1" with every row's matcher a copy of one), int8 (int8.sh), prefill (prefill.sh), noisefloor
 # (load_check.sh's greedy-vs-batch-size bench alone), loaders (loaders.sh, .whl16 carried), loadcheck (load_check.sh
 # with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES), ttft (scripts/bench/ttft_breakdown.py on random
 # 7b1 weights, prefill.sh's when it ran first: the first wave and the steady state's first tokens, stage by stage).
@@ -35,15 +35,15 @@ for job in ${GPU_JOBS:-structured int8}; do
     structured)  # the order schema (free-text strings), then `bounded` (maxLength / pattern / format strings)
       tok=(); [ -f .tok/tokenizer.json ] && [ "${STRUCTURED_TOKENIZER:-}" != none ] && tok=(--tokenizer .tok/tokenizer.json)
       rc=0; : > "$o/summary.md"
-      for variant in ${STRUCTURED_FILLS:-pool}; do  # FILL or FILL:MATCHERS (structured_bench.py --matchers)
-        fill=${variant%%:*}; matchers=fresh; [[ $variant == *:* ]] && matchers=${variant#*:}
+      for variant in ${STRUCTURED_FILLS:-pool}; do  # FILL or FILL:TEMPLATES (structured_bench.py --templates)
+        fill=${variant%%:*}; tflag=(); tname=; [[ $variant == *:* ]] && tflag=(--templates "${variant#*:}") && tname=-t${variant#*:}
         for schema in ${STRUCTURED_SCHEMAS:-order bounded}; do
           sflag=(); [ "$schema" != order ] && sflag=(--schema "$schema")
-          name=$schema-$fill-$matchers
+          name=$schema-$fill$tname
           timeout $(( $(left) - 10 )) python3 scripts/bench/structured_bench.py ${STRUCTURED_ARGS:---shape 7b1} "${tok[@]}" \
-            "${sflag[@]}" --fill "$fill" --matchers "$matchers" --timeline --time-limit $(( ($(left) - 60) / 2 )) --json "$o/structured-$name.json" \
+            "${sflag[@]}" --fill "$fill" "${tflag[@]}" --timeline --time-limit $(( ($(left) - 60) / 2 )) --json "$o/structured-$name.json" \
             > "$o/run-$name.log" 2>&1 || rc=$?
-          { echo "## schema: $schema, fill: $fill, matchers: $matchers"; tail -20 "$o/run-$name.log"; } >> "$o/summary.md"
+          { echo "## schema: $schema, fill: $variant"; tail -20 "$o/run-$name.log"; } >> "$o/summary.md"
         done
       done ;;
     int8) INT8_BUDGET_S=$(( $(left) - 20 < 420 ? $(left) - 20 : 420 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/int8.sh > /dev/null 2>&1; rc=$? ;;

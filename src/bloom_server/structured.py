@@ -16,6 +16,7 @@ llguidance and torch are imported inside functions: importing this module does n
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import os
 import threading
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
 # Compiled grammars kept (LRU): a repeated schema (the usual case for a program calling the server) is not compiled
 # again; the bound keeps memory flat whatever clients send.
 CACHE_ENTRIES = 256
+# A row's matcher is a copy of a kept one (microseconds; a compile takes 0.3-7 ms). Copies of one matcher share its
+# lexer behind one lock, so rows copied from one fill their masks about one at a time: each grammar keeps as many
+# independent matchers as the fill pool has threads, and rows take copies of them in turn, for at most
+# TEMPLATE_GRAMMARS grammars (LRU) (docs/results/structured-output.md).
+TEMPLATE_GRAMMARS = 16
 # llguidance's own resource limits, tighter than its defaults where a hostile grammar could cost memory or time:
 # lexer states are about 1-2 kB each, and a mask step's fuel is its CPU time (about 14k per ms).
 LIMITS = dict(max_lexer_states=50_000, max_grammar_size=100_000, initial_lexer_fuel=1_000_000,
@@ -68,7 +74,7 @@ class Grammars:
     """One per process: the grammar engine's view of the tokenizer and the cache of checked grammars. Thread-safe
     (rank 0 checks on the event loop, the engine thread builds matchers)."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int, eos_ids: tuple[int, ...]):
+    def __init__(self, tokenizer_json: Path, vocab_size: int, eos_ids: tuple[int, ...], templates: int | None = None):
         import llguidance
 
         # n_vocab: the model's logits width (BLOOM pads its embedding past the tokenizer's ids); ids past the
@@ -79,6 +85,9 @@ class Grammars:
         self._cache: collections.OrderedDict[Grammar, tuple[str, str]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._executor: Any = None
+        self.threads = max(1, min(32, len(os.sched_getaffinity(0))))  # the fill pool's: as many as this process's CPUs
+        self.templates = templates or self.threads  # independent matchers kept per grammar
+        self._templates: collections.OrderedDict[Grammar, tuple[list[Any], Any]] = collections.OrderedDict()
 
     @classmethod
     def for_model(cls, model_dir: Path, eos_ids: tuple[int, ...], vocab_size: int | None = None) -> Grammars:
@@ -122,16 +131,29 @@ class Grammars:
             raise InvalidRequest(f"{field}: {_first_line(error)}", field=field)
 
     def matcher(self, g: Grammar) -> Any:
-        """A fresh matcher of a grammar that `check` passed, compiled from the cached grammar text (well under a
-        millisecond). Not a copy of one matcher per grammar: copies share their lexer behind one lock, so a parallel
-        fill of their masks runs about one row at a time, and the shared lexer's states pile up over every row that
-        ever used the grammar, up to the engine's limit (docs/results/structured-output.md)."""
+        """A fresh matcher of a grammar that `check` passed: a copy of the grammar's kept matchers, each in turn
+        (compiled from the cached grammar text the first time each is needed)."""
         import llguidance
 
         text, error = self.compiled(g)
         if error:
             raise ValueError(error)
-        return llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
+        with self._lock:
+            kept = self._templates.get(g)
+            if kept is None:
+                kept = self._templates[g] = ([], itertools.count())
+                while len(self._templates) > TEMPLATE_GRAMMARS:
+                    self._templates.popitem(last=False)
+            else:
+                self._templates.move_to_end(g)
+            i = next(kept[1]) % self.templates
+            template = kept[0][i] if i < len(kept[0]) else None
+        if template is None:
+            template = llguidance.LLMatcher(self.tokenizer, text, limits=_limits())
+            with self._lock:
+                if len(kept[0]) < self.templates:
+                    kept[0].append(template)
+        return template.deep_copy()
 
     def _pool(self) -> Any:
         """llguidance's thread pool, one per process: as many threads as this process may run on (its default
@@ -139,7 +161,7 @@ class Grammars:
         import llguidance
 
         if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=max(1, min(32, len(os.sched_getaffinity(0)))))
+            self._executor = llguidance.LLExecutor(num_threads=self.threads)
         return self._executor
 
     def fill(self, matchers: list[tuple[Any, int]], bitmask: torch.Tensor) -> None:

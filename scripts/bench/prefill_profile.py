@@ -200,7 +200,7 @@ def main() -> int:
                 acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
                 if case == "stepjoin":  # the join's steps alone
                     prof = profile(activities=acts)
-                    fn(lambda: prof)
+                    fn(lambda p=prof: p)
                 else:
                     fn()
                     sync()

@@ -48,6 +48,24 @@ def _allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     return ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab].bool()
 
 
+def test_apply_bitmask_blocks_exactly_the_zero_bits_in_place():
+    """Token t is bit t % 32 of word t // 32: every row (rows None) or the given rows get -inf exactly where their
+    bit is 0, other rows untouched; the vocabulary need not fill the last word."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, words = 250, structured.bitmask_words(250)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), generator=gen, dtype=torch.int32)
+    logits = torch.randn(5, vocab, generator=gen)
+    want = torch.tensor([[(int(bitmask[r, t // 32]) >> (t % 32)) & 1 for t in range(vocab)] for r in range(3)]).bool()
+    assert torch.equal(structured.allowed_tokens(bitmask, vocab), want)
+    every = logits[:3].clone()
+    structured.apply_bitmask(every, None, bitmask)
+    assert torch.equal(every, logits[:3].masked_fill(~want, float("-inf")))
+    some = logits.clone()
+    structured.apply_bitmask(some, torch.tensor([4, 1, 2]), bitmask)
+    assert torch.equal(some[[4, 1, 2]], logits[[4, 1, 2]].masked_fill(~want, float("-inf")))
+    assert torch.equal(some[[0, 3]], logits[[0, 3]])
+
+
 def test_parallel_fill_equals_per_row_fill(grammars):
     """Rows under different grammars, each walked by seeded random allowed tokens; at every step the masks filled all
     rows at once (in parallel, on llguidance's threads) equal each row's own fill, bit for bit."""

@@ -181,16 +181,27 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """logits [n, V] in place: in each of `rows` ([k] long, on logits' device), tokens whose bit is 0 in the
-    matching row of `bitmask` ([k, words] int32, on logits' device) get -inf. A few elementwise kernels, no sync."""
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[k, words] int32 (token t is bit t % 32 of word t // 32) -> [k, vocab_size] bool, on the bitmask's device. Read
+    as bytes (token t: bit t % 8 of byte t // 8, the words being little-endian): the unpacked temporary is a byte per
+    token, not an int32."""
     import torch
 
-    V = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, :V].bool()
+    bits = bitmask.contiguous().view(torch.uint8)  # [k, 4 * words]
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab_size].bool()
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor) -> None:
+    """logits [n, V] in place: in each of `rows` ([k] long, on logits' device; None: every row, in order, k = n),
+    tokens whose bit is 0 in the matching row of `bitmask` ([k, words] int32, on logits' device) get -inf. A few
+    elementwise kernels, no sync; with rows None no copies of the logits."""
+    blocked = allowed_tokens(bitmask, logits.shape[1]).logical_not_()
+    if rows is None:
+        logits.masked_fill_(blocked, float("-inf"))
+        return
     sub = logits.index_select(0, rows)
-    logits.index_copy_(0, rows, sub.masked_fill(~allowed, float("-inf")))
+    logits.index_copy_(0, rows, sub.masked_fill_(blocked, float("-inf")))
 
 
 class RowMatchers:

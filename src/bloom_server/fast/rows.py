@@ -431,15 +431,21 @@ class RowScheduler:
         live = [(r, t) for r, t in constrained if r.finish is None and r.rid in self._matchers.rows
                 and r.rid not in self._matchers.done]  # fmt: skip
         if live:
-            scores = logits.index_select(0, to_device([r.slot for r, _ in live], e.device)).float()
-            self._mask(scores, list(range(len(live))), [r.rid for r, _ in live])
-            greedy = [j for j, (r, _) in enumerate(live) if r.greedy]
-            if greedy:  # one argmax for every greedy constrained row
-                idx = to_device(greedy, e.device)
-                e.tok[to_device([live[j][0].slot for j in greedy], e.device)] = scores[idx].argmax(-1)
-            for j, (r, t) in enumerate(live):
-                if not r.greedy:  # its own rules (penalties, sampling) on its masked scores
-                    e.tok[r.slot] = r.sampler(scores[j : j + 1], t)[0]  # type: ignore[index,misc]
+            slots = to_device([r.slot for r, _ in live], e.device)
+            if all(r.greedy for r, _ in live):  # the usual case: masked in the logits' dtype, one argmax (same tokens)
+                scores = logits.index_select(0, slots)
+                self._mask(scores, None, [r.rid for r, _ in live])
+                e.tok[slots] = scores.argmax(-1)
+            else:
+                scores = logits.index_select(0, slots).float()
+                self._mask(scores, None, [r.rid for r, _ in live])
+                greedy = [j for j, (r, _) in enumerate(live) if r.greedy]
+                if greedy:  # one argmax for every greedy constrained row
+                    idx = to_device(greedy, e.device)
+                    e.tok[to_device([live[j][0].slot for j in greedy], e.device)] = scores[idx].argmax(-1)
+                for j, (r, t) in enumerate(live):
+                    if not r.greedy:  # its own rules (penalties, sampling) on its masked scores
+                        e.tok[r.slot] = r.sampler(scores[j : j + 1], t)[0]  # type: ignore[index,misc]
         tokens = e.tok[:n].clone()  # the step buffer is rewritten by the next decode (and by moves)
         base = into.add(rows, tokens, _chosen_logprobs(logits, tokens) if logprobs else None)
         if logprobs:
@@ -454,15 +460,16 @@ class RowScheduler:
             self._matchers = structured.RowMatchers(self.grammars)
         return self._matchers
 
-    def _mask(self, scores: torch.Tensor, rows: list[int], rids: list[Any]) -> None:
-        """scores[rows] in place: -inf where the grammar of row id rids[i] allows nothing. The masks are filled on
-        the host (llguidance's threads, in parallel over rows) and copied to the device without a stream sync."""
+    def _mask(self, scores: torch.Tensor, rows: list[int] | None, rids: list[Any]) -> None:
+        """scores[rows] (None: every row, in order) in place: -inf where the grammar of row id rids[i] allows nothing.
+        The masks are filled on the host (llguidance's threads, in parallel over rows) and copied to the device
+        without a stream sync."""
         from bloom_server import structured
 
         cuda = scores.device.type == "cuda"
         bitmask = self._matchers.masks(rids, pin=cuda)
         bitmask = bitmask.to(scores.device, non_blocking=True) if cuda else bitmask
-        structured.apply_bitmask(scores, to_device(rows, scores.device), bitmask)
+        structured.apply_bitmask(scores, None if rows is None else to_device(rows, scores.device), bitmask)
 
     @staticmethod
     def _want_tops(into: _Pending, want: list) -> None:

@@ -9,8 +9,9 @@
 # STRUCTURED_ARGS replaces "--shape 7b1", e.g. "--shape tiny --new-tokens 4 --repeats 1" with STRUCTURED_TOKENIZER=none
 # on a CPU; STRUCTURED_SCHEMAS, default "order bounded"; STRUCTURED_FILLS, default "pool": "pool serial" repeats each
 # schema with each rows' mask filled in turn on the engine thread, "pool:1" with every row's matcher a copy of one),
-# int8 (int8.sh), prefill (prefill.sh), noisefloor (load_check.sh's greedy-vs-batch-size bench alone), loaders (loaders.sh, .whl16 carried), loadcheck (load_check.sh
-# with the LOADCHECK_* variables as given, e.g. LOADCHECK_CASES), ttft (scripts/bench/ttft_breakdown.py on random
+# int8 (int8.sh), prefill (prefill.sh), noisefloor (load_check.sh's greedy-vs-batch-size bench alone), loaders
+# (loaders.sh, .whl16 carried), loadcheck (load_check.sh with the LOADCHECK_* variables as given, e.g.
+# LOADCHECK_CASES), ttft (scripts/bench/ttft_breakdown.py on random
 # 7b1 weights, prefill.sh's when it ran first: the first wave and the steady state's first tokens, stage by stage).
 # prefillprof (scripts/bench/prefill_profile.py: the engine's prefill alone per case, with its top kernels, and the
 # wave through one scheduler step; PREFILLPROF_ARGS replaces "--shape 7b1 --profile").

@@ -77,6 +77,33 @@ def test_chunks_give_the_logits_of_the_whole_prompt(engine):
         engine.release(s)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_one_rows_chunks_give_the_logits_and_keys_of_the_whole_prompt(engine, attention):
+    """One row's chunks (its K/V written and read as slices of its slot) give the whole prompt's last logits and
+    keys, and leave the other slots alone."""
+    rng = random.Random(4)
+    prompt = _prompt(rng, 61)
+    default = engine.model.prefill_attention
+    engine.model.prefill_attention = attention
+    try:
+        whole = engine.prefill([0], [prompt]).clone()
+        keys, values = engine.k_cache[:, 0, :, :61].clone(), engine.v_cache[:, 0, :, :61].clone()
+        other = engine.k_cache[:, 1].clone()
+        done = 0
+        for n in (17, 1, 25, 18):
+            logits = engine.prefill([2], [prompt[done : done + n]], [done] if done else None)
+            done += n
+        assert done == 61 and engine.host_pos[2] == 61
+        torch.testing.assert_close(logits, whole, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(engine.k_cache[:, 2, :, :61], keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(engine.v_cache[:, 2, :, :61], values, rtol=1e-5, atol=1e-5)
+        assert torch.equal(engine.k_cache[:, 1], other)
+    finally:
+        engine.model.prefill_attention = default
+        for s in range(3):
+            engine.release(s)
+
+
 def test_the_fused_attention_gives_the_eager_prefills_logits_and_keys(engine):
     """fast_prefill_attention=sdpa: a packed batch of mixed lengths, then chunks after cached keys, give the last
     logits and keys of the eager attention (transformers' numbers), to float rounding."""

@@ -210,7 +210,8 @@ class FastEngine:
         if starts is None:
             chunk, bias = None, m.prefill_bias(lengths, L)
         else:
-            chunk = ChunkIndex(at[3], at[4], at[1], at[2], max(ends_host))
+            single = (slot_ids[0], starts[0]) if n == 1 else None
+            chunk = ChunkIndex(at[3], at[4], at[1], at[2], max(ends_host), single)
             bias = m.prefill_bias(lengths, L, to_device(list(starts), self.device), chunk.keys)
         x = m.embed(tokens)  # [n, L, h], or packed [T, h]
         for li in range(self.shape.n_layer):

@@ -55,13 +55,17 @@ ATTN_WIDE_PROGRAMS = 448
 
 class ChunkIndex(NamedTuple):
     """Where a prefill chunk's real tokens go (each [T], on the device): token (row, col) of the chunk goes to slot
-    `slot` at position `pos`; `keys`: the keys its queries read, [0, keys) of each row's slot."""
+    `slot` at position `pos`; `keys`: the keys its queries read, [0, keys) of each row's slot. `single`: (slot,
+    start) when the chunk is one row's, whose tokens go to positions [start, start + L) of that slot: then its K/V
+    are written and read as slices, with no index kernels (a chunk's time is mostly its kernel launches:
+    docs/results/fast-engine.md)."""
 
     slot: torch.Tensor
     pos: torch.Tensor
     row: torch.Tensor
     col: torch.Tensor
     keys: int
+    single: tuple[int, int] | None = None
 
 
 class Packed(NamedTuple):
@@ -262,6 +266,12 @@ class BloomRankModel:
             if chunk is None:
                 k_cache[slots, :, :L] = k
                 v_cache[slots, :, :L] = v
+            elif chunk.single is not None:  # one row: slices of its slot, written then read in place
+                s, start = chunk.single
+                S = chunk.keys
+                k_cache[s, :, start:S] = k[0]
+                v_cache[s, :, start:S] = v[0]
+                k, v = k_cache[s : s + 1, :, :S], v_cache[s : s + 1, :, :S]  # [1, hp, S, D] views
             else:  # real tokens only (a padded position past a short row could lie past max_seq), then every key
                 k_cache[chunk.slot, :, chunk.pos] = k[chunk.row, :, chunk.col]
                 v_cache[chunk.slot, :, chunk.pos] = v[chunk.row, :, chunk.col]

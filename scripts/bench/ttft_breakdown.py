@@ -46,6 +46,7 @@ def serve_wrapped(argv: list[str]) -> int:
 
     from bloom_server.backends import fast
     from bloom_server.cli import main
+    from bloom_server.fast import engine as fast_engine
     from bloom_server.frontend import requests as rq
     from bloom_server.frontend.batching import continuous as cb
 
@@ -54,9 +55,11 @@ def serve_wrapped(argv: list[str]) -> int:
         sys.setswitchinterval(float(os.environ["BREAKDOWN_SWITCH_S"]))
     times: dict[str, dict[str, float]] = {}
     steps: list[tuple[float, float]] = []
+    captures: list[tuple[float, float, int, int]] = []  # (start, end, B, S) of each decode graph captured
     cstep, submit, take, deliver, add_token = (fast.FastBackend.cstep, cb.ContinuousBatcher.submit,
                                                cb.ContinuousBatcher.take, cb.ContinuousBatcher.deliver,
                                                rq.GenRequest.add_token)  # fmt: skip
+    graph = fast_engine.FastEngine._graph
 
     def timed_cstep(self, step, rank0=False):
         t0 = time.monotonic()
@@ -66,6 +69,15 @@ def serve_wrapped(argv: list[str]) -> int:
             return cstep(self, step, rank0)
         finally:
             steps.append((t0, time.monotonic(), len(step.joins)))
+
+    def timed_graph(self, B, S):
+        if (B, S) in self._graphs:
+            return graph(self, B, S)
+        t0 = time.monotonic()
+        try:
+            return graph(self, B, S)
+        finally:
+            captures.append((t0, time.monotonic(), B, S))
 
     def timed_submit(self, req):
         times[req.id] = {"enqueued": req.enqueued, "submit": time.monotonic()}
@@ -90,12 +102,13 @@ def serve_wrapped(argv: list[str]) -> int:
         return add_token(self, r, token_id, *a, **kw)
 
     fast.FastBackend.cstep = timed_cstep  # type: ignore[method-assign]
+    fast_engine.FastEngine._graph = timed_graph  # type: ignore[method-assign]
     cb.ContinuousBatcher.submit, cb.ContinuousBatcher.take = timed_submit, timed_take  # type: ignore[method-assign]
     cb.ContinuousBatcher.deliver = timed_deliver  # type: ignore[method-assign]
     rq.GenRequest.add_token = timed_add_token  # type: ignore[method-assign]
     wall = time.time() - time.monotonic()  # the client's wall clock onto this process's monotonic one
     atexit.register(lambda: out.write_text(json.dumps({"requests": list(times.values()), "steps": steps,
-                                                       "wall_minus_monotonic": wall})))  # fmt: skip
+                                                       "captures": captures, "wall_minus_monotonic": wall})))  # fmt: skip
     return main(argv)
 
 
@@ -103,9 +116,10 @@ def ms(xs: list[float]) -> str:
     return f"{1e3 * statistics.median(xs):.1f} / {1e3 * statistics.mean(xs):.1f}" if xs else "n/a"
 
 
-def first_wave(wave: list[dict], steps: list, client: list[dict]) -> None:
-    """The burst at the load's start: its arrivals, each stage's median and max, and every engine step from its
-    first arrival to its last first token on the event loop."""
+def first_wave(wave: list[dict], steps: list, client: list[dict], captures: list) -> None:
+    """The burst at the load's start: its arrivals, each stage's median and max, every engine step from its first
+    arrival to its last first token on the event loop, and the decode graphs captured meanwhile (a shape's first
+    step captures its graph: fast/engine.py `_graph`)."""
     if not wave:
         return
     t0, t1 = min(r["enqueued"] for r in wave), max(r["loop"] for r in wave)
@@ -127,6 +141,9 @@ def first_wave(wave: list[dict], steps: list, client: list[dict]) -> None:
     for i, (a, b, joins) in enumerate(steps):
         if t0 - 0.05 <= b and a <= t1:
             print(f"| {1e3 * (a - t0):.1f} | {1e3 * (b - a):.1f} | {joins} | {delivered[i]} |")
+    during = [c for c in captures if t0 - 0.05 <= c[1] and c[0] <= t1]
+    print("decode graphs captured during the wave: " + (", ".join(
+        f"B={B} S={S} at {1e3 * (a - t0):.1f} ms for {1e3 * (b - a):.1f} ms" for a, b, B, S in during) or "none"))  # fmt: skip
 
 
 def main() -> int:
@@ -197,7 +214,12 @@ def main() -> int:
     reqs = sorted((r for r in server["requests"] if r["enqueued"] >= t_start and all(
         k in r for k in ("enqueued", "submit", "take", "deliver", "loop"))), key=lambda r: r["enqueued"])  # fmt: skip
     wave, reqs = reqs[: args.concurrency], reqs[args.concurrency :]
-    first_wave(wave, [s for s in server["steps"] if s[0] >= t_start - 1.0], firsts[: args.concurrency])
+    first_wave(
+        wave, [s for s in server["steps"] if s[0] >= t_start - 1.0], firsts[: args.concurrency], server["captures"]
+    )
+    later = [c for c in server["captures"] if c[0] >= t_start]
+    print(f"decode graphs captured during the measured load: {len(later)}, {1e3 * sum(b - a for a, b, _, _ in later):.0f} "
+          f"ms in all; before it: {len(server['captures']) - len(later)}")  # fmt: skip
     steps = [s for s in server["steps"] if s[0] >= t_start]
     steps = steps[len(steps) // 4 :]
     print(f"engine step {ms([b - a for a, b, _ in steps])} ms (median / mean; {args.step_ms:g} ms of it the sleep), "

@@ -5,6 +5,8 @@ each chunk it read), so every step is observed through counters: nothing here de
 
 from __future__ import annotations
 
+import platform
+import sys
 import threading
 import time
 
@@ -140,6 +142,28 @@ def test_the_loader_waits_for_the_prefetcher_chunk_by_chunk_and_gets_identical_t
     assert t_["chunks the loader read from disk itself"] == 0 and t_["loader waited for the prefetcher, s"] > 0
     assert progress.loaded_bytes == progress.total_bytes > 900_000
     assert progress.prefetched_bytes >= progress.total_bytes
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"), reason="Linux I/O classes"
+)
+@pytest.mark.parametrize("idle", [True, False])
+def test_the_prefetchers_readers_take_the_idle_io_class_when_asked(model, idle):
+    """load_prefetch_io=idle: each reader thread's reads are in the idle I/O class (and the rest of the process's
+    are not); otherwise they keep the process's class. The load still gets every byte."""
+    from bloom_server.storage.prefetch import IOPRIO_CLASS_IDLE, io_priority_class
+
+    path, header, _, _ = model
+    progress = LoadProgress()
+    p = Prefetcher([path], plan_chunks([(0, t) for t in header.tensors], CHUNK), threads=3, progress=progress,
+                   idle_io=idle)  # fmt: skip
+    progress.prefetcher = p
+    p.start()
+    check_equal(model, finish(*load_in_thread(model, progress, threads=2)))
+    p.join(30)
+    assert len(p.io_classes) == 3
+    assert all((c == IOPRIO_CLASS_IDLE) == idle for c in p.io_classes), p.io_classes
+    assert io_priority_class() != IOPRIO_CLASS_IDLE
 
 
 def test_the_prefetcher_never_stops_because_the_loader_caught_up(model):

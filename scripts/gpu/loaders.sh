@@ -63,6 +63,8 @@ for m in ("torch", "fastsafetensors", "runai_model_streamer", "instanttensor"):
         print(f"{m}: cannot import ({type(e).__name__}: {e})")
 PY
 df -h "$WORK" 2>/dev/null | tail -1
+# The disks' I/O schedulers: only some honour I/O classes (BLOOM_LOAD_PREFETCH_IO=idle).
+for f in /sys/block/*/queue/scheduler; do [ -e "$f" ] && echo "scheduler ${f#/sys/block/}: $(cat "$f")"; done
 drop=--drop-caches
 [ "${LOADERS_DROP:-1}" = 0 ] && drop=""
 variants=()

@@ -140,6 +140,10 @@ class Settings(BaseSettings):
     """fast backend, builtin loader: one sequential read of the weights from process start (while torch is imported)
     to the last byte, into the page cache, which the loader follows; off: the loader threads read the disk. A field
     loader reads without it."""
+    load_prefetch_io: Literal["normal", "idle"] = "normal"
+    """fast backend, builtin loader: the prefetch's I/O class. idle (Linux, where the disk's scheduler honours
+    classes): its reads wait while others are queued, so that torch's import, faulting its libraries in from the
+    same disk, goes first. Under test (docs/results/cold-start.md); normal until measured."""
     load_throttle_mbps: float | None = Field(None, gt=0)
     """Limit weight reads to this many MB/s (tests and rehearsals of a slow volume only)."""
     loader: Loader = "auto"

@@ -36,7 +36,8 @@ def start_prefetch(settings: Settings, model_dir: ModelDir, progress: LoadProgre
         return
     throttle = ReadThrottle(settings.load_throttle_mbps) if settings.load_throttle_mbps else None
     start(model_dir.path, rank=rank, world=world, threads=settings.load_prefetch_threads,
-          chunk_bytes=max(4096, int(settings.load_chunk_mb * 2**20)), progress=progress, throttle=throttle)  # fmt: skip
+          chunk_bytes=max(4096, int(settings.load_chunk_mb * 2**20)), progress=progress, throttle=throttle,
+          idle_io=settings.load_prefetch_io == "idle")  # fmt: skip
 
 
 def start_kernel_compile(settings: Settings, model_dir: ModelDir, local_rank_flag: int | None = None,

@@ -7,8 +7,10 @@ Standard library only, so the composition root can start reading before torch is
 from __future__ import annotations
 
 import bisect
+import ctypes
 import logging
 import os
+import platform
 import threading
 import time
 from collections.abc import Sequence
@@ -22,6 +24,35 @@ if TYPE_CHECKING:
     from bloom_server.progress import LoadProgress
 
 log = logging.getLogger(__name__)
+
+
+# ioprio_set / ioprio_get syscall numbers (Linux; the others have none), and the idle class: its reads go to the disk
+# only when no other reads of normal priority wait (the import's page faults, during a cold start).
+_IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31)}
+IOPRIO_CLASS_IDLE = 3
+_IOPRIO_WHO_PROCESS = 1  # with id 0: the calling thread
+
+
+def _ioprio_syscall(get: bool, value: int = 0) -> int:
+    nums = _IOPRIO_SYSCALLS.get(platform.machine()) if platform.system() == "Linux" else None
+    if nums is None:
+        return -1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if get:
+        return int(libc.syscall(nums[1], _IOPRIO_WHO_PROCESS, 0))
+    return int(libc.syscall(nums[0], _IOPRIO_WHO_PROCESS, 0, value))
+
+
+def idle_io_priority() -> bool:
+    """The calling thread's reads take the idle I/O class (Linux; where the disk's scheduler honours classes). False
+    where it cannot be set."""
+    return _ioprio_syscall(False, IOPRIO_CLASS_IDLE << 13) == 0
+
+
+def io_priority_class() -> int | None:
+    """The calling thread's I/O class (0: none set, 1 real time, 2 best effort, 3 idle), or None where unknown."""
+    got = _ioprio_syscall(True)
+    return None if got < 0 else got >> 13
 
 
 class ReadThrottle:
@@ -80,8 +111,10 @@ class Prefetcher:
 
     def __init__(self, paths: Sequence[Path], chunks: Sequence[Chunk], *, threads: int = 1,
                  progress: LoadProgress | None = None, throttle: ReadThrottle | None = None,
-                 budget: int | None = None):  # fmt: skip
+                 budget: int | None = None, idle_io: bool = False):  # fmt: skip
         self.paths = [Path(p) for p in paths]
+        self.idle_io = idle_io  # the readers' I/O in the idle class (load_prefetch_io)
+        self.io_classes: list[int | None] = []  # each reader's I/O class once it runs
         self.chunks = list(chunks)
         self.threads = max(1, threads)
         self.progress = progress
@@ -185,6 +218,10 @@ class Prefetcher:
         # thread holds for long stretches while it imports torch; few large reads keep the disk busy through that.
         buf = bytearray(max((c.length for c in self.chunks), default=0) or 1)
         view = memoryview(buf)
+        if self.idle_io and not idle_io_priority():
+            log.info("prefetch: the idle I/O class could not be set; reading at normal priority")
+        with self._cv:
+            self.io_classes.append(io_priority_class())
         try:
             while (i := self._take()) is not None:
                 c = self.chunks[i]
@@ -266,7 +303,7 @@ class Prefetcher:
 
 def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chunk_bytes: int,
                    progress: LoadProgress, throttle: ReadThrottle | None = None,
-                   budget: int | None = None) -> Prefetcher | None:  # fmt: skip
+                   budget: int | None = None, idle_io: bool = False) -> Prefetcher | None:  # fmt: skip
     """Start reading this rank's weight bytes for the fast backend (`progress.prefetcher` is then the Prefetcher,
     which the loader follows), or None when there is nothing to read ahead (several ranks slicing a plain
     checkpoint, pickles, or anything unexpected: the loader will say what)."""
@@ -281,7 +318,9 @@ def start_prefetch(model_dir: Path, *, rank: int, world: int, threads: int, chun
     except (ModelDirError, OSError) as e:
         log.debug("no prefetch: %s", e)
         return None
-    p = Prefetcher(list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget)
+    p = Prefetcher(
+        list(src.files), chunks, threads=threads, progress=progress, throttle=throttle, budget=budget, idle_io=idle_io
+    )
     progress.prefetcher = p
     progress.set_phase("prefetching")
     progress.note_since_start("prefetch started")

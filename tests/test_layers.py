@@ -41,7 +41,7 @@ FORBIDDEN = {
 }
 # storage sits on the standard library (and third-party packages); of ours only the leaf modules below.
 STORAGE_MAY = ("errors", "storage", "")  # "": the package itself (its __version__)
-LEAVES = ("errors", "types", "progress", "settings")  # import nothing of ours (outside TYPE_CHECKING)
+LEAVES = ("errors", "types", "progress", "settings", "host")  # import nothing of ours (outside TYPE_CHECKING)
 
 
 def _module_name(path: pathlib.Path) -> str:

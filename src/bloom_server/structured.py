@@ -18,12 +18,12 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-import os
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bloom_server import host
 from bloom_server.errors import InvalidRequest
 from bloom_server.types import Grammar
 
@@ -85,7 +85,7 @@ class Grammars:
         self._cache: collections.OrderedDict[Grammar, tuple[str, str]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._executor: Any = None
-        self.threads = max(1, min(32, len(os.sched_getaffinity(0))))  # the fill pool's: as many as this process's CPUs
+        self.threads = min(32, host.cpus_per_rank())  # the fill pool's: this rank's share of the CPUs
         self.templates = templates or self.threads  # independent matchers kept per grammar
         self._templates: collections.OrderedDict[Grammar, tuple[list[Any], Any]] = collections.OrderedDict()
 
@@ -156,8 +156,8 @@ class Grammars:
         return template.deep_copy()
 
     def _pool(self) -> Any:
-        """llguidance's thread pool, one per process: as many threads as this process may run on (its default
-        takes 80% of them, which leaves a 2-core host one thread, every row in turn)."""
+        """llguidance's thread pool, one per process: as many threads as this rank's share of the CPUs (its default
+        takes 80% of the affinity mask, which leaves a 2-core host one thread, and ignores a container's quota)."""
         import llguidance
 
         if self._executor is None:

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
+    from bloom_server import host
     from bloom_server.errors import BloomServerError
     from bloom_server.fast.coldstart import precompile as pc
 
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         print("bloom-server precompile: --tp must be at least 1", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(model_dir) / pc.SEED_DIRNAME
-    workers = args.workers if args.workers else max(1, min(16, pc.available_cpus()))
+    workers = args.workers if args.workers else max(1, min(16, host.available_cpus()))
     report = pc.precompile(Path(model_dir), out, targets=targets, world=tp, dtype=dtype,
                            max_batch=settings.max_batch_size, max_seq=settings.total_tokens_limit,
                            workers=workers, fast_decode=settings.fast_decode,

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bloom_server.host import available_cpus, ranks_on_host
+
 log = logging.getLogger(__name__)
 
 
@@ -185,36 +187,6 @@ RESERVED_CPUS = 4
 MAX_WORKERS = 4
 
 
-def _cgroup_cpu_limit() -> float | None:
-    """CPUs a cgroup quota allows (a container's CPU limit: cgroup v2 cpu.max, v1 cfs quota), None when unlimited."""
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max" and int(period) > 0:
-            return int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        if quota_us > 0 and period_us > 0:
-            return quota_us / period_us
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask (taskset, cpusets), bounded by a cgroup CPU quota."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    limit = _cgroup_cpu_limit()
-    if limit is not None:
-        n = min(n, int(limit))
-    return max(1, n)
-
-
 def worker_count(setting: str) -> int:
     """Compile worker processes for this rank: the fast_precompile setting's number when it gives one (0: none), else
     the CPUs available over the ranks of this host, less RESERVED_CPUS, at least 1 and at most MAX_WORKERS
@@ -225,8 +197,7 @@ def worker_count(setting: str) -> int:
             return max(0, int(raw))
         except ValueError:
             return 0
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1))
-    return max(1, min(MAX_WORKERS, available_cpus() // ranks_here - RESERVED_CPUS))
+    return max(1, min(MAX_WORKERS, available_cpus() // ranks_on_host() - RESERVED_CPUS))
 
 
 def gpu_likely() -> bool:

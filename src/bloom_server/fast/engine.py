@@ -204,8 +204,12 @@ class FastEngine:
         # Asynchronous copies (to_device): a blocking one would wait for the decode the continuous batcher queued ahead.
         at = to_device(index, self.device)
         lengths = to_device(lengths_host, self.device)
-        slots = to_device(list(slot_ids), self.device)
-        packed = Packed(at[1], at[2], n, L) if len(cols) < n * L else None  # padding to skip
+        s0 = slot_ids[0]
+        # Consecutive slots (a burst into free slots): a slice, so the K/V writes are plain copies, not index kernels.
+        slots = (
+            slice(s0, s0 + n) if list(slot_ids) == list(range(s0, s0 + n)) else to_device(list(slot_ids), self.device)
+        )
+        packed = Packed(at[1], at[2], n, L, at[1] * L + at[2]) if len(cols) < n * L else None  # padding to skip
         tokens = at[0] if packed is not None else at[0].view(n, L)
         if starts is None:
             chunk, bias = None, m.prefill_bias(lengths, L)

@@ -70,13 +70,16 @@ class ChunkIndex(NamedTuple):
 
 class Packed(NamedTuple):
     """A prefill's real tokens, packed: x is [T, h] where token t is row `row[t]`, column `col[t]` of the padded
-    [n, L] batch. Everything but attention runs on the T tokens, so the GEMMs skip the padding (a burst of prompts
-    of mixed lengths is about half padding: docs/results/fast-engine.md); attention scatters into [n, L] and back."""
+    [n, L] batch, `flat[t]` = row * L + col. Everything but attention runs on the T tokens, so the GEMMs skip the
+    padding (a burst of prompts of mixed lengths is about half padding: docs/results/fast-engine.md); attention
+    scatters into [n, L] and back, as whole rows of the flattened batch (index_copy_ / index_select: row copies; the
+    generic index_put_ kernels these replace took 15% of a wave's device time on the H100)."""
 
     row: torch.Tensor
     col: torch.Tensor
     n: int
     L: int
+    flat: torch.Tensor
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -238,7 +241,7 @@ class BloomRankModel:
         bias: torch.Tensor,
         k_cache: torch.Tensor | None,
         v_cache: torch.Tensor | None,
-        slots: torch.Tensor | None,
+        slots: torch.Tensor | slice | None,
         chunk: ChunkIndex | None = None,
         packed: Packed | None = None,
     ) -> torch.Tensor:
@@ -255,17 +258,21 @@ class BloomRankModel:
         qkv = self._lin(ln, lw.qkv_w, lw.qkv_s, lw.qkv_b)
         if packed is not None:  # zeros at the padding, not garbage: a NaN key or value there would reach real rows
             # through its -inf bias and its zero probability
-            padded = qkv.new_zeros((n, L, qkv.shape[-1]))
-            padded[packed.row, packed.col] = qkv
-            qkv = padded
+            padded = qkv.new_zeros((n * L, qkv.shape[-1]))
+            padded.index_copy_(0, packed.flat, qkv)
+            qkv = padded.view(n, L, -1)
         qkv = qkv.view(n, L, self.hp, 3, self.D)
         # [n, L, hp, D] -> [n, hp, L, D]
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
         S = L
         if k_cache is not None and v_cache is not None and slots is not None:
-            if chunk is None:
-                k_cache[slots, :, :L] = k
-                v_cache[slots, :, :L] = v
+            if chunk is None:  # whole rows into their slots: row copies (a slice when the slots are consecutive)
+                if isinstance(slots, slice):
+                    k_cache[slots, :, :L] = k
+                    v_cache[slots, :, :L] = v
+                else:
+                    k_cache[:, :, :L].index_copy_(0, slots, k)
+                    v_cache[:, :, :L].index_copy_(0, slots, v)
             elif chunk.single is not None:  # one row: slices of its slot, written then read in place
                 s, start = chunk.single
                 S = chunk.keys
@@ -284,7 +291,7 @@ class BloomRankModel:
             ctx = self._attend(q.reshape(N, L, self.D), k.reshape(N, S, self.D), v.reshape(N, S, self.D), bias)
         ctx = ctx.view(n, self.hp, L, self.D).transpose(1, 2).reshape(n, L, self.hp * self.D)
         if packed is not None:
-            ctx = ctx[packed.row, packed.col]
+            ctx = ctx.view(n * L, -1).index_select(0, packed.flat)
         x = self._row_parallel(ctx, lw.dense_w, lw.dense_b, lw.dense_s) + residual
         return self._mlp(lw, x)
 

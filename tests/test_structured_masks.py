@@ -48,6 +48,16 @@ def _allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     return ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab].bool()
 
 
+def _masks_as_alone(rows, alone: dict, keys: list, vocab: int) -> torch.Tensor:
+    """The rows' masks filled together, checked equal, bit for bit, to each matcher in `alone` filled on its own."""
+    par = rows.masks(keys)
+    one = torch.empty((len(keys), structured.bitmask_words(vocab)), dtype=torch.int32)
+    for j, k in enumerate(keys):
+        llg_torch.fill_next_token_bitmask(alone[k], one, j)
+    assert torch.equal(par, one)
+    return par
+
+
 def test_apply_bitmask_blocks_exactly_the_zero_bits_in_place():
     """Token t is bit t % 32 of word t // 32: every row (rows None) or the given rows get -inf exactly where their
     bit is 0, other rows untouched; the vocabulary need not fill the last word."""
@@ -79,17 +89,12 @@ def test_parallel_fill_equals_per_row_fill(grammars):
         rows.add(i, g)
         alone[i] = grammars.matcher(g)
     rng = random.Random(0)
-    words = structured.bitmask_words(grammars.vocab_size)
     steps_compared = 0
     for _ in range(40):
         keys = rows.active(list(range(n)))
         if not keys:
             break
-        par = rows.masks(keys)
-        one = torch.empty((len(keys), words), dtype=torch.int32)
-        for j, k in enumerate(keys):
-            llg_torch.fill_next_token_bitmask(alone[k], one, j)
-        assert torch.equal(par, one)
+        par = _masks_as_alone(rows, alone, keys, grammars.vocab_size)
         steps_compared += 1
         allowed = _allowed(par, grammars.vocab_size)
         fed = []
@@ -124,16 +129,11 @@ def test_rows_of_one_grammar_copy_its_kept_matchers_in_turn_and_stay_independent
         rows.add(i, g)
         alone[i] = llguidance.LLMatcher(grammars.tokenizer, text)
     rng = random.Random(1)
-    words = structured.bitmask_words(grammars.vocab_size)
     for _ in range(6):
         keys = rows.active(list(range(5)))
         if not keys:
             break
-        par = rows.masks(keys)
-        one = torch.empty((len(keys), words), dtype=torch.int32)
-        for j, k in enumerate(keys):
-            llg_torch.fill_next_token_bitmask(alone[k], one, j)
-        assert torch.equal(par, one)
+        par = _masks_as_alone(rows, alone, keys, grammars.vocab_size)
         allowed = _allowed(par, grammars.vocab_size)
         fed = [(k, rng.choice(allowed[j].nonzero().flatten().tolist())) for j, k in enumerate(keys)]
         rows.advance(fed)

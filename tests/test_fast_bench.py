@@ -69,7 +69,10 @@ def test_server_overhead_measures_every_server(tmp_path):
                "4", "--json", str(tmp_path / "o.json")], timeout=180)  # fmt: skip
     (results,) = json.loads((tmp_path / "o.json").read_text())["rounds"]
     assert [r["variant"] for r in results] == ["bare", "app", "app-wait5"]
-    assert all(r["rps"] > 0 and r["p50_ms"] > 0 and r["cpu_us_per_request"] > 0 for r in results)
+    assert all(r["rps"] > 0 and r["p50_ms"] > 0 for r in results)
+    # The server's CPU time comes in 10 ms ticks (/proc), and 60 requests of the bare server can fit in none: measured
+    # (a number), not necessarily above zero.
+    assert all(r["cpu_us_per_request"] is not None and r["cpu_us_per_request"] >= 0 for r in results)
     assert "p50 added vs bare" in out
 
 

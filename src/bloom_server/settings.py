@@ -166,7 +166,8 @@ class Settings(BaseSettings):
     fast_prefill_attention: Literal["eager", "sdpa"] = "sdpa"
     """fast backend: the prefill's attention: sdpa, the default (torch's fused scaled_dot_product_attention with the
     ALiBi bias as its mask: no score matrices written), or eager (baddbmm, softmax, bmm: transformers' BLOOM
-    numbers). sdpa measured faster on a GPU and on a CPU (docs/results/fast-engine.md "The prefill's own speed")."""
+    numbers). sdpa measured faster on an H100 and on a CPU (docs/results/fast-engine.md, "H100 run ... tree at
+    3fa6f3f")."""
     # Chunking stays off: at 512 tokens a step it made the first token later under load; the prefix cache is on by
     # default on a GPU (docs/results/fast-engine.md "Chunked prefill and the prefix cache").
     prefill_step_tokens: int = Field(0, ge=0)

@@ -213,11 +213,12 @@ class GrammarMask:
             bitmask = self.matchers.masks(active).to(scores.device)
             rows = torch.tensor(active, dtype=torch.long, device=scores.device)
             structured.apply_bitmask(scores, rows, bitmask)
-        for i in self.rows:
-            # Given up on while filling its mask (which lets only EOS through) or while taking its last token (the
-            # matcher is then done, and no mask would hold the row): EOS now, and the listener is told first.
-            if i in self.matchers.failed and self.eos_ids:
-                eos = torch.tensor(self.eos_ids, dtype=torch.long, device=scores.device)
+        # Rows given up on while filling their mask (which lets only EOS through) or while taking their last token
+        # (the matcher is then done, and no mask would hold the row): EOS now, and the listener is told first.
+        failed = [i for i in self.rows if i in self.matchers.failed] if self.eos_ids else []
+        if failed:
+            eos = torch.tensor(self.eos_ids, dtype=torch.long, device=scores.device)
+            for i in failed:
                 kept = scores[i].index_select(0, eos)
                 scores[i] = float("-inf")
                 scores[i].index_copy_(0, eos, kept)

@@ -432,13 +432,13 @@ class RowScheduler:
                 and r.rid not in self._matchers.done]  # fmt: skip
         if live:
             slots = to_device([r.slot for r, _ in live], e.device)
-            if all(r.greedy for r, _ in live):  # the usual case: masked in the logits' dtype, one argmax (same tokens)
-                scores = logits.index_select(0, slots)
-                self._mask(scores, None, [r.rid for r, _ in live])
+            all_greedy = all(r.greedy for r, _ in live)  # the usual case: the logits' dtype, one argmax (same tokens)
+            scores = logits.index_select(0, slots)
+            scores = scores if all_greedy else scores.float()
+            self._mask(scores, None, [r.rid for r, _ in live])
+            if all_greedy:
                 e.tok[slots] = scores.argmax(-1)
             else:
-                scores = logits.index_select(0, slots).float()
-                self._mask(scores, None, [r.rid for r, _ in live])
                 greedy = [j for j, (r, _) in enumerate(live) if r.greedy]
                 if greedy:  # one argmax for every greedy constrained row
                     idx = to_device(greedy, e.device)

@@ -36,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=["tiny", "560m", "7b1"], default="7b1")
+    p.add_argument("--layers", type=int, default=None, help="this many layers of the shape (default: all)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="then each case's aten calls once (torch.profiler on the host): the kernels it launches")  # fmt: skip
     p.add_argument("--cases", default="wave,stepwave,long,chunk512,chunk256,chunk128,linear")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="then the top kernels of one wave and one long prefill")
@@ -62,6 +65,8 @@ def main() -> int:
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
     shape = PRESETS[args.shape] if args.shape in PRESETS else BloomShape(2048, 64, 2, 4)  # tiny: the embedded model's
+    if args.layers:
+        shape = BloomShape(shape.vocab_size, shape.hidden_size, args.layers, shape.n_head)
     t0 = time.perf_counter()
     w = random_weights(shape, None, dtype=dtype, device=dev, seed=0)
     eng = FastEngine(w, shape, max_batch=64, max_seq=1600)
@@ -190,6 +195,23 @@ def main() -> int:
             print(f"wave's last logits, {attentions[1]} against {attentions[0]}: max abs diff "
                   f"{(a - b).abs().max().item():.4g}, argmax agreement {agree:.3f}")  # fmt: skip
         eng.model.prefill_attention = attentions[0]
+        if args.count_ops:
+            from torch.profiler import ProfilerActivity, profile
+
+            views = ("view", "as_strided", "transpose", "reshape", "select", "expand", "t", "permute", "slice",
+                     "unsqueeze", "resolve_conj", "detach_", "lift_fresh", "alias", "_unsafe_view", "empty",
+                     "empty_strided", "empty_like", "linear", "layer_norm", "index_put_", "matmul", "to", "_to_copy",
+                     "scaled_dot_product_attention")  # fmt: skip  # wrappers and views: no kernel of their own
+            for case in args.cases.split(","):
+                if case.startswith("step"):
+                    continue
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    runs[case][0]()
+                    sync()
+                counts = {e.key[6:]: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+                kernels = {k: v for k, v in counts.items() if k not in views}
+                top = ", ".join(f"{k} {v}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
+                print(f"ops {case}: {sum(counts.values())} aten calls, {sum(kernels.values())} computing ({top})")
         if args.profile and cuda:
             from torch.profiler import ProfilerActivity, profile
 

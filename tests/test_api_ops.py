@@ -622,3 +622,21 @@ def test_gateway_counts_a_client_that_leaves_as_499():
     assert 'bloom_server_requests_total{method="POST",route="unmatched",status="499"} 1.0' in text
     assert 'bloom_server_requests_total{method="POST",route="unmatched",status="200"} 1.0' in text
     assert "bloom_server_in_flight_requests 0.0" in text
+
+
+def test_the_engines_decode_graph_counters_are_exported():
+    from bloom_server.api.metrics import Metrics
+
+    metrics = Metrics()
+    zero = lambda: 0.0  # noqa: E731
+    stats = {"decode_graphs": {"graphs": 12, "capture_seconds": 1.5, "eager_steps": 40},
+             "prefix_cache": {"hits": 3}}  # fmt: skip
+    metrics.bind(queue_depth=zero, queue_tokens=zero, running=zero, ready=zero, load_seconds=zero,
+                 engine_stats=lambda: stats)  # fmt: skip
+    text = metrics.render()[0].decode()
+    assert "bloom_server_decode_graphs 12.0" in text
+    assert "bloom_server_decode_graph_capture_seconds_total 1.5" in text
+    assert "bloom_server_decode_eager_steps_total 40.0" in text
+    assert "bloom_server_prefix_cache_hits_total 3.0" in text
+    stats.clear()  # a CPU engine reports no graphs: no series
+    assert "decode_graphs" not in metrics.render()[0].decode()

@@ -248,3 +248,84 @@ def test_each_decode_is_queued_before_the_previous_steps_tokens_are_read(engine,
     assert all(s == ("decode", "read") for s in per_step[1:-1]), per_step
     assert per_step[-1] == ("read",)  # the last tokens: nothing left to decode
     assert (a.wait_steps, a.prefill_steps, b.wait_steps, b.prefill_steps) == (0, 1, 0, 1)
+
+
+class _CPUGraphs:
+    """A stand-in for CUDA graph capture on the CPU: a "graph" replays the step eagerly into its own output, and
+    every capture is recorded, so the engine's choice of when to capture can be watched."""
+
+    def __init__(self, monkeypatch):
+        self.captured: list[tuple[int, int]] = []
+        fake = self
+
+        def graph(engine, B, S):
+            if (B, S) not in engine._graphs:
+                fake.captured.append((B, S))
+                out = torch.empty(B, engine.shape.vocab_size)
+
+                class Replay:
+                    def replay(self):
+                        out.copy_(engine._step(B, S))
+
+                engine._graphs[B, S] = (Replay(), out)
+                engine.graph_stats["graphs"] = len(engine._graphs)
+            return engine._graphs[B, S]
+
+        monkeypatch.setattr(FastEngine, "_graph", graph)
+
+
+def test_the_continuous_batch_runs_a_new_shape_eagerly_then_captures_it_and_idle_time_captures_the_rest(
+    tiny_model_dir, monkeypatch
+):
+    from bloom_server.fast import rows as sch
+
+    shape = BloomShape.from_dir(tiny_model_dir)
+    e = FastEngine(from_checkpoint(tiny_model_dir, shape, dtype=torch.float32), shape, max_batch=4, max_seq=300)
+    reqs = [Request("a", (5, 17, 99), 70), Request("b", (42, 7), 9)]
+    alone = {r.rid: e.generate([r.prompt], r.max_new_tokens, SamplingConfig()).tokens[0] for r in reqs}
+    graphs = _CPUGraphs(monkeypatch)
+    e.cuda_graphs = True
+    monkeypatch.setattr(sch, "GRAPH_AFTER_EAGER_STEPS", 3)
+    sched = RowScheduler(e)
+    for r in reqs:
+        sched.add(r)
+    sched.run()
+    assert [r.tokens for r in reqs] == [alone["a"], alone["b"]]  # eager steps and replays give the same tokens
+    # (2, 64) then, once b is done, (1, 64) and (1, 128): each run eagerly 3 times before its capture, none before.
+    assert graphs.captured == [(2, 64), (1, 64), (1, 128)]
+    assert e.graph_stats["eager_steps"] == 9
+
+    # A static generate captures at once (it replays one shape for every token).
+    e.generate([(8, 9)] * 3, 3, SamplingConfig())
+    assert graphs.captured[-1] == (4, 64) and e.graph_stats["eager_steps"] == 9
+
+    # Idle: the rest of the shapes, one a call, until every (batch, key) bucket is held.
+    assert e.graph_shapes() == [(B, S) for S in (64, 128, 256, 300) for B in (1, 2, 4)]
+    calls = 1
+    while e.capture_next():
+        calls += 1
+        assert calls < 20
+    assert sorted(graphs.captured) == sorted(e.graph_shapes()) and calls == 12 - 4
+    assert not e.capture_next()
+    # Idle work never runs under a live row (its slot buffers are in use).
+    e.live[0] = True
+    e._graphs.clear()
+    assert not e.capture_next()
+    e.live[0] = False
+
+
+def test_idle_capture_takes_the_shapes_run_eagerly_first(tiny_model_dir, monkeypatch):
+    from bloom_server.fast import rows as sch
+
+    shape = BloomShape.from_dir(tiny_model_dir)
+    e = FastEngine(from_checkpoint(tiny_model_dir, shape, dtype=torch.float32), shape, max_batch=4, max_seq=300)
+    graphs = _CPUGraphs(monkeypatch)
+    e.cuda_graphs = True
+    monkeypatch.setattr(sch, "GRAPH_AFTER_EAGER_STEPS", 1000)
+    sched = RowScheduler(e)
+    for i in range(3):
+        sched.add(Request(i, tuple(range(10, 150)), 4))  # three rows of 140 keys: the (4, 256) bucket
+    sched.run()
+    assert graphs.captured == [] and e.graph_stats["eager_steps"] > 0
+    e.capture_next()
+    assert graphs.captured == [(4, 256)]

@@ -54,7 +54,7 @@ def serve_wrapped(argv: list[str]) -> int:
     if os.environ.get("BREAKDOWN_SWITCH_S"):  # the interpreter's GIL switch interval (CPython's default: 5 ms)
         sys.setswitchinterval(float(os.environ["BREAKDOWN_SWITCH_S"]))
     times: dict[str, dict[str, float]] = {}
-    steps: list[tuple[float, float]] = []
+    steps: list[tuple[float, float, int, int]] = []
     captures: list[tuple[float, float, int, int]] = []  # (start, end, B, S) of each decode graph captured
     cstep, submit, take, deliver, add_token = (fast.FastBackend.cstep, cb.ContinuousBatcher.submit,
                                                cb.ContinuousBatcher.take, cb.ContinuousBatcher.deliver,
@@ -63,12 +63,14 @@ def serve_wrapped(argv: list[str]) -> int:
 
     def timed_cstep(self, step, rank0=False):
         t0 = time.monotonic()
+        stats = getattr(self.engine, "graph_stats", {})  # (an engine without idle capture has none)
+        eager = stats.get("eager_steps", 0)
         if step_s:
             time.sleep(step_s)
         try:
             return cstep(self, step, rank0)
-        finally:
-            steps.append((t0, time.monotonic(), len(step.joins)))
+        finally:  # with the decodes it ran without a graph (their shape not captured yet)
+            steps.append((t0, time.monotonic(), len(step.joins), stats.get("eager_steps", 0) - eager))
 
     def timed_graph(self, B, S):
         if (B, S) in self._graphs:
@@ -131,16 +133,17 @@ def first_wave(wave: list[dict], steps: list, client: list[dict], captures: list
         xs = [r[b] - r[a] for r in wave]
         print(f"| {name} | {1e3 * statistics.median(xs):.1f} / {1e3 * max(xs):.1f} |")
     print(
-        "| step from the first arrival: start ms | length ms | requests taken | first tokens delivered |\n|---|---|---|---|"
+        "| step from the first arrival: start ms | length ms | requests taken | first tokens delivered | eager decodes "
+        "|\n|---|---|---|---|---|"
     )
     delivered = [0] * len(steps)
     for r in wave:  # a step's tokens are delivered once it has returned: the latest step ended by then
-        ended = [i for i, (_, b, _) in enumerate(steps) if b <= r["deliver"]]
+        ended = [i for i, (_, b, _, _) in enumerate(steps) if b <= r["deliver"]]
         if ended:
             delivered[ended[-1]] += 1
-    for i, (a, b, joins) in enumerate(steps):
+    for i, (a, b, joins, eager) in enumerate(steps):
         if t0 - 0.05 <= b and a <= t1:
-            print(f"| {1e3 * (a - t0):.1f} | {1e3 * (b - a):.1f} | {joins} | {delivered[i]} |")
+            print(f"| {1e3 * (a - t0):.1f} | {1e3 * (b - a):.1f} | {joins} | {delivered[i]} | {eager} |")
     during = [c for c in captures if t0 - 0.05 <= c[1] and c[0] <= t1]
     print("decode graphs captured during the wave: " + (", ".join(
         f"B={B} S={S} at {1e3 * (a - t0):.1f} ms for {1e3 * (b - a):.1f} ms" for a, b, B, S in during) or "none"))  # fmt: skip
@@ -157,6 +160,12 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=None, help="a BLOOM directory (default: a tiny random one)")
     p.add_argument("--dtype", default="fp32", help="the server's --dtype (fp16 on a GPU)")
     p.add_argument("--warmup", type=float, default=0.0, help="seconds of the same load before the measured one")
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        help="seconds the server sits idle before the measured load (after the warm-up load if any)",
+    )
     p.add_argument("--switch-interval-ms", type=float, default=None,
                    help="the server's GIL switch interval (default: CPython's 5 ms): how long the engine thread may "
                         "wait for the GIL while the event loop parses, tokenizes and streams")  # fmt: skip
@@ -200,6 +209,7 @@ def main() -> int:
 
         if args.warmup:
             load(args.warmup, 1, work / "warmup.json")
+        time.sleep(args.idle)
         started = time.time()
         load(args.duration, 0, client)
     finally:
@@ -218,11 +228,12 @@ def main() -> int:
         wave, [s for s in server["steps"] if s[0] >= t_start - 1.0], firsts[: args.concurrency], server["captures"]
     )
     later = [c for c in server["captures"] if c[0] >= t_start]
+    eager = sum(s[3] for s in server["steps"] if s[0] >= t_start)
     print(f"decode graphs captured during the measured load: {len(later)}, {1e3 * sum(b - a for a, b, _, _ in later):.0f} "
-          f"ms in all; before it: {len(server['captures']) - len(later)}")  # fmt: skip
+          f"ms in all; before it: {len(server['captures']) - len(later)}; decode steps run eagerly during it: {eager}")  # fmt: skip
     steps = [s for s in server["steps"] if s[0] >= t_start]
     steps = steps[len(steps) // 4 :]
-    print(f"engine step {ms([b - a for a, b, _ in steps])} ms (median / mean; {args.step_ms:g} ms of it the sleep), "
+    print(f"engine step {ms([b - a for a, b, _, _ in steps])} ms (median / mean; {args.step_ms:g} ms of it the sleep), "
           f"{len(after)} requests after the first wave")  # fmt: skip
     print("| stage | ms, median / mean |\n|---|---|")
     for name, a, b in STAGES:

@@ -12,7 +12,9 @@
 # int8 (int8.sh), prefill (prefill.sh), noisefloor (load_check.sh's greedy-vs-batch-size bench alone), loaders
 # (loaders.sh, .whl16 carried), loadcheck (load_check.sh with the LOADCHECK_* variables as given, e.g.
 # LOADCHECK_CASES), ttft (scripts/bench/ttft_breakdown.py on random
-# 7b1 weights, prefill.sh's when it ran first: the first wave and the steady state's first tokens, stage by stage).
+# 7b1 weights, prefill.sh's when it ran first: the first wave and the steady state's first tokens, stage by stage;
+# TTFT_ARGS adds flags, e.g. "--idle 10"; TTFT_BASE=DIR runs the same load again from an older tree's src and scripts
+# unpacked there, `git archive SHA src scripts | tar -x -C DIR; echo SHA > DIR/COMMIT`, carried: the baseline).
 # prefillprof (scripts/bench/prefill_profile.py: the engine's prefill alone per case, with its top kernels, and the
 # wave through one scheduler step; PREFILLPROF_ARGS replaces "--shape 7b1 --profile").
 # The structured job ends each schema's run with one traced constrained run (`--timeline`).
@@ -60,7 +62,12 @@ for job in ${GPU_JOBS:-structured int8}; do
       [ -f $m/config.json ] || python3 scripts/bench/make_random_bloom.py $m --shape 7b1 --dtype fp16 --init-device cuda \
         > "$o/make.log" 2>&1
       timeout $(( $(left) - 5 )) python3 scripts/bench/ttft_breakdown.py --step-ms 0 --model $m --dtype fp16 \
-        --warmup 8 --duration 20 > "$o/summary.md" 2>&1; rc=$? ;;
+        --warmup 8 --duration 20 ${TTFT_ARGS:-} > "$o/summary.md" 2>&1; rc=$?
+      if [ -n "${TTFT_BASE:-}" ] && [ "$(left)" -gt 100 ]; then  # the same load on an older tree: the same-run baseline
+        { echo; echo "## baseline: the tree in $TTFT_BASE ($(cat "$TTFT_BASE/COMMIT" 2>/dev/null))"
+          timeout $(( $(left) - 5 )) python3 "$TTFT_BASE/scripts/bench/ttft_breakdown.py" --step-ms 0 --model $m \
+            --dtype fp16 --warmup 8 --duration 20 2>&1; } >> "$o/summary.md"
+      fi ;;
     prefillprof) timeout $(( $(left) - 5 )) python3 scripts/bench/prefill_profile.py ${PREFILLPROF_ARGS:---shape 7b1 --profile} \
         > "$o/summary.md" 2>&1; rc=$? ;;
     loadcheck) LOADCHECK_BUDGET_S=$(( $(left) - 10 )) OUT=$o timeout $(( $(left) - 5 )) bash scripts/gpu/load_check.sh > /dev/null 2>&1; rc=$? ;;

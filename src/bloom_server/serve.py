@@ -172,6 +172,7 @@ def _leader(settings: Settings, model_dir: ModelDir, ctx: RankContext, progress:
             progress.set_phase("warming up")  # the first generate (on GPUs it captures its CUDA graph)
             with warmup_report(backend, progress):
                 engine.warmup()
+            leader.allow_idle_work()  # e.g. the fast engine's decode graphs, captured while no request runs
             progress.set_phase("ready")
             log.info("ready: %s loaded in %.1f s (%d rank(s)); load phases: %s", model_dir.model_id,
                      engine.load_seconds, ctx.world_size, progress.summary())  # fmt: skip

@@ -121,7 +121,7 @@ class Metrics:
         load_seconds: Callable[[], float],
         engine_stats: Callable[[], dict] | None = None,
     ) -> None:
-        """Gauges read at scrape time; `engine_stats`: the engine's own counters (the prefix cache's), also read at
+        """Gauges read at scrape time; `engine_stats`: the engine's own counters (prefix cache, decode graphs), also read at
         scrape time."""
         if engine_stats is not None:
             self._engine_stats = engine_stats
@@ -210,6 +210,19 @@ PREFIX_CACHE = {
 }
 
 
+# The fast engine's decode CUDA graphs (fast/engine.py graph_stats), same form.
+DECODE_GRAPHS = {
+    "graphs": ("decode_graphs", "gauge", "Decode CUDA graphs captured (one per batch and key bucket; rank 0)."),
+    "capture_seconds": ("decode_graph_capture_seconds", "counter", "Seconds spent capturing decode graphs."),
+    "eager_steps": (
+        "decode_eager_steps",
+        "counter",
+        "Continuous-batching decode steps run without a graph: their shape was not captured yet.",
+    ),
+}
+ENGINE_TABLES = {"prefix_cache": PREFIX_CACHE, "decode_graphs": DECODE_GRAPHS}
+
+
 class _EngineCollector:
     """The engine's counters, read at scrape time from the engine (it never imports this layer); nothing is exported
     while the engine reports none (another backend, the cache off, or not loaded yet)."""
@@ -222,10 +235,12 @@ class _EngineCollector:
 
     def collect(self) -> Any:
         try:
-            stats = self.read().get("prefix_cache") or {}
+            groups = self.read()
         except Exception:  # noqa: BLE001 - a scrape never fails for the engine's counters
-            stats = {}
-        for key, (name, kind, doc) in PREFIX_CACHE.items():
-            if key in stats:
-                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                yield family(f"{PREFIX}_{name}", doc, value=stats[key])
+            groups = {}
+        for group, table in ENGINE_TABLES.items():
+            stats = groups.get(group) or {}
+            for key, (name, kind, doc) in table.items():
+                if key in stats:
+                    family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                    yield family(f"{PREFIX}_{name}", doc, value=stats[key])

@@ -75,7 +75,7 @@ class FastBackend(Backend):
         """Weights straight from disk into this rank's tensors at the disk's speed (bloom_server.fast.weights
         read_safetensors: large parallel sequential reads, pinned buffers and overlapped device copies on GPUs; a
         pre-sharded directory gives each rank one file of exactly its tensors), then the KV cache. CUDA graphs are
-        captured later, per shape on first use (the warm-up captures its own)."""
+        captured later: the warm-up's own, then the rest while the engine is idle (`idle_work`)."""
         import torch
 
         t_load = time.perf_counter()
@@ -337,10 +337,22 @@ class FastBackend(Backend):
         return auto_capacity(int(free.item()))
 
     def engine_stats(self) -> dict[str, Any]:
-        """Counters of the continuous batch's prefix cache ({} when it is off or not made yet): read by rank 0's
-        /metrics from the event loop while the engine thread updates them (plain ints)."""
+        """Counters of the continuous batch's prefix cache (when it is on and made) and of the decode graphs (on
+        CUDA): read by rank 0's /metrics from the event loop while the engine thread updates them (plain numbers)."""
+        out: dict[str, Any] = {}
         cache = self._batcher.prefix_cache if self._batcher is not None else None
-        return {"prefix_cache": cache.stats()} if cache is not None else {}
+        if cache is not None:
+            out["prefix_cache"] = cache.stats()
+        if self.engine is not None and self.engine.cuda_graphs:
+            out["decode_graphs"] = dict(self.engine.graph_stats)
+        return out
+
+    def idle_work(self) -> bool:
+        """The lockstep loop's idle step (nothing live or queued; every rank runs it alike): capture one decode graph
+        the engine does not hold yet. True while more remain."""
+        if self.engine is None or (self._batcher is not None and not self._batcher.idle):
+            return False
+        return self.engine.capture_next()
 
     def forward_nll(self, batch: ForwardBatch) -> float:
         assert self.engine is not None, "load() first"

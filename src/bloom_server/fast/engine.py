@@ -16,10 +16,16 @@ next position, which its next chunk writes again before anything reads it. Keys 
 bucket S, not the whole cache, so a short sequence does not pay for max_seq.
 
 Any slot list that is not a prefix takes an eager path that gathers its rows (correct, slower).
+
+When to capture: a static generate captures its shape on first use (it replays it for every token). The continuous
+batch passes `capture_after`: a shape it meets before its graph exists runs eagerly instead of stalling every live
+row for a capture, and the engine's idle moments capture the missing shapes one at a time (`capture_next`, run by
+the lockstep loop on every rank when nothing is live or queued).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Sequence
@@ -42,6 +48,10 @@ PREFILL_SCORE_BUDGET = 256 << 20
 EOS_CHECK_EVERY = 16
 # EOS ids the captured step can suppress at once (a call with more falls back to the eager sampler).
 EOS_SLOTS = 4
+# The continuous batch's decode runs a shape eagerly this many times before capturing it inside a step: a capture
+# stalls every live row for ~60-150 ms (an eager step costs a few ms more than a replay), and idle moments capture
+# the missing shapes first (docs/results/fast-engine.md "Decode graphs captured when idle").
+GRAPH_AFTER_EAGER_STEPS = 64
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -113,6 +123,10 @@ class FastEngine:
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        self._eager: collections.Counter[tuple[int, int]] = collections.Counter()  # uncaptured shapes run eagerly
+        # Plain numbers for /metrics (read from the event loop): graphs held, seconds spent capturing them, and decode
+        # steps of the continuous batch that ran eagerly because their shape had no graph yet.
+        self.graph_stats: dict[str, float] = {"graphs": 0, "capture_seconds": 0.0, "eager_steps": 0}
         self.last_logits: torch.Tensor | None = None  # [n, V] of the latest prefill/decode (valid until the next)
 
     # ---- memory facts ----
@@ -292,8 +306,37 @@ class FastEngine:
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self._step(B, S)
             self._graphs[key] = (graph, out)
-            log.debug("captured decode graph B=%d S=%d in %.0f ms", B, S, 1e3 * (time.perf_counter() - t0))
+            took = time.perf_counter() - t0
+            self.graph_stats["graphs"] = len(self._graphs)
+            self.graph_stats["capture_seconds"] += took
+            log.debug("captured decode graph B=%d S=%d in %.0f ms", B, S, 1e3 * took)
         return self._graphs[key]
+
+    def graph_shapes(self) -> list[tuple[int, int]]:
+        """Every (batch bucket, key bucket) a decode over slot prefixes can take, shortest keys first."""
+        needs = (1, 65, 129, *range(257, self.max_seq, 256), self.max_seq)
+        keys = sorted({seq_bucket(need, self.max_seq) for need in needs})
+        return [(B, S) for S in keys for B in batch_buckets(self.max_batch)]
+
+    @torch.inference_mode()
+    def capture_next(self) -> bool:
+        """Idle work (no row live): capture one decode graph not held yet, the shapes already run eagerly first (most
+        used first), then `graph_shapes` in order. True while more remain after it; False at once without graphs."""
+        if not self.cuda_graphs or any(self.live):
+            return False
+        todo = [k for k, _ in self._eager.most_common() if k not in self._graphs]
+        todo += [k for k in self.graph_shapes() if k not in self._graphs and k not in todo]
+        if not todo:
+            return False
+        # No row is live: every slot's buffers are free to use. Position 0 keeps the warm-up steps' K/V writes inside
+        # the cache whatever the slots held before.
+        self.tok.zero_()
+        self.pos.zero_()
+        self._graph(*todo[0])
+        if len(todo) == 1:
+            log.info("decode graphs: all %d shapes captured (%.1f s in all)", len(self._graphs),
+                     self.graph_stats["capture_seconds"])  # fmt: skip
+        return len(todo) > 1
 
     def _bucket_batch(self, n: int) -> int:
         for b in batch_buckets(self.max_batch):
@@ -301,8 +344,9 @@ class FastEngine:
                 return b
         raise ValueError(f"{n} rows; the engine holds {self.max_batch}")
 
-    def _prefix_step(self, n: int) -> torch.Tensor:
-        """Decode slots [0, n) from the step buffers. Returns logits [n, V]; self.tok[:n] holds the argmax."""
+    def _prefix_step(self, n: int, capture_after: int = 0) -> torch.Tensor:
+        """Decode slots [0, n) from the step buffers. Returns logits [n, V]; self.tok[:n] holds the argmax. A shape
+        with no graph yet runs eagerly its first `capture_after` times (module docstring), then is captured."""
         need = max(self.host_pos[:n]) + 1
         if need > self.max_seq:
             raise ValueError(f"a slot is full: {self.max_seq} positions")
@@ -313,11 +357,14 @@ class FastEngine:
             held = [s for s in range(n, B) if self.live[s]]
             if held:  # a row whose prompt is going in: its next position, which its next chunk writes before use
                 self.pos[to_device(held, self.device)] = to_device([self.host_pos[s] for s in held], self.device)
-        if self.cuda_graphs:
+        if self.cuda_graphs and ((B, S) in self._graphs or self._eager[B, S] >= capture_after):
             graph, out = self._graph(B, S)
             graph.replay()
             logits = out[:n]
         else:
+            if self.cuda_graphs:
+                self._eager[B, S] += 1
+                self.graph_stats["eager_steps"] += 1
             logits = self._step(B, S)[:n]
         for i in range(n):
             self.host_pos[i] += 1
@@ -350,16 +397,18 @@ class FastEngine:
         last_tokens: torch.Tensor | None = None,
         sampler: Sampler | None = None,
         step: int = 0,
+        capture_after: int = 0,
     ) -> torch.Tensor:
         """Feed each slot its last token (default: the one the previous step chose, already in the step buffer) and
         return the next tokens [n] (long, on the device; a view of the step buffer, valid until the next step).
-        `step` is the index of the token being chosen, for the sampler (min_length, history)."""
+        `step` is the index of the token being chosen, for the sampler (min_length, history). `capture_after`: run
+        a shape that has no CUDA graph yet eagerly that many times before capturing it (0: capture at once)."""
         n = len(slot_ids)
         prefix = list(slot_ids) == list(range(n))
         if prefix:
             if last_tokens is not None:
                 self.tok[:n].copy_(last_tokens)
-            logits = self._prefix_step(n)
+            logits = self._prefix_step(n, capture_after)
             chosen = self.tok[:n]
         else:
             rows = torch.tensor(list(slot_ids), dtype=torch.long, device=self.device)

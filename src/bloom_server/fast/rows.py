@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from bloom_server.fast.engine import FastEngine
+from bloom_server.fast.engine import GRAPH_AFTER_EAGER_STEPS, FastEngine
 from bloom_server.fast.prefix_cache import PrefixCache
 from bloom_server.fast.sampling import Sampler, SamplingConfig, to_device
 from bloom_server.types import FinishReason, row_end
@@ -391,7 +391,7 @@ class RowScheduler:
         e = self.engine
         n = len(self.live)
         e.suppress_eos((), False)  # per-row EOS rules are the rows' own samplers' business
-        e.decode(list(range(n)))  # greedy argmax of every live row now sits in e.tok[:n]
+        e.decode(list(range(n)), capture_after=GRAPH_AFTER_EAGER_STEPS)  # every live row's greedy argmax: e.tok[:n]
         logits = e.last_logits
         assert logits is not None
         rows: list[Request | None] = []

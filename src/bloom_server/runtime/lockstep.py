@@ -7,6 +7,10 @@ handing each step's result back to it (the source carries them to the event loop
 (forward, generate, noop) run between two csteps. When nothing is live it waits on its queue again (heartbeats).
 Followers need nothing special: a cstep is one more kind of step.
 
+Idle work: once the server is ready (`allow_idle_work`), while its queue is empty the Leader runs "idle" steps, each
+one piece of the backend's `idle_work` (the fast engine captures one missing decode graph), until the backend says
+none is left; any step queued meanwhile waits for at most that one piece. After real work it looks again.
+
 Any exception inside a step, a disagreement between ranks, or a peer that disappears is fatal: the other ranks may
 be blocked in a collective, so the process exits non-zero and Kubernetes restarts the pod.
 """
@@ -25,7 +29,7 @@ from typing import Any
 
 from bloom_server.errors import EngineDead
 from bloom_server.runtime.distributed import ControlChannel
-from bloom_server.runtime.protocol import CSTEP, FORWARD, GENERATE, NOOP, SHUTDOWN, Step
+from bloom_server.runtime.protocol import CSTEP, FORWARD, GENERATE, IDLE, NOOP, SHUTDOWN, Step
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,9 @@ def execute(backend: Any, step: Step, listener: Any = None, stops: ChannelStops 
         return backend.forward_nll(step.payload)
     if step.kind == CSTEP:  # rank 0 delivers the tokens: it alone computes their log-probabilities
         return backend.cstep(step.payload, rank0=listener is not None)
+    if step.kind == IDLE:
+        work = getattr(backend, "idle_work", None)
+        return bool(work()) if work is not None else False
     return None
 
 
@@ -106,12 +113,20 @@ class Leader:
         self.supports_continuous = bool(getattr(backend, "supports_continuous", False))
         self._source: Any = None  # the engine's continuous batcher (take / deliver / fail)
         self._continuous = False  # the engine thread is running csteps back to back
+        self._idle_allowed = False  # the server is ready and the backend has idle work to offer
+        self._idle_work = False  # run idle steps while the queue is empty (the backend's last answer)
 
     def attach_continuous(self, source: Any) -> None:
         """The engine's continuous source: `take()` -> the next cstep's payload or None (nothing live or waiting),
         `deliver(payload, result)` after each cstep, `fail(exc)` when the engine dies. Engine thread only, except
         fail (also from the watchdog)."""
         self._source = source
+
+    def allow_idle_work(self) -> None:
+        """Thread-safe: from now on, an empty queue runs the backend's idle work (after the warm-up: it never delays
+        readiness)."""
+        self._idle_allowed = self._idle_work = callable(getattr(self.backend, "idle_work", None))
+        self._queue.put(_WAKE)  # type: ignore[arg-type]  # out of a heartbeat's wait
 
     def wake(self) -> None:
         """Thread-safe: the source has rows to join (or leaves): start or keep running csteps."""
@@ -163,9 +178,9 @@ class Leader:
                     continue
             else:
                 try:
-                    item = self._queue.get(timeout=self.heartbeat_s)
+                    item = self._queue.get_nowait() if self._idle_work else self._queue.get(timeout=self.heartbeat_s)
                 except queue.Empty:
-                    item = (Step(NOOP), None, None)
+                    item = (Step(IDLE if self._idle_work else NOOP), None, None)
             if item is _WAKE:
                 self._continuous = self._source is not None
                 continue
@@ -191,6 +206,10 @@ class Leader:
                 self._fail(f"{step.kind} step failed: {type(exc).__name__}: {exc}", fut)
                 return
             self._current = None
+            if step.kind == IDLE:
+                self._idle_work = bool(result)
+            elif step.kind != NOOP:  # real work may have left new idle work (a shape run without its graph)
+                self._idle_work = self._idle_allowed
             if fut is not None:
                 fut.set_result(result)
 
@@ -201,6 +220,7 @@ class Leader:
             payload = source.take() if source is not None else None
             if payload is None:
                 self._continuous = False
+                self._idle_work = self._idle_allowed
                 return True
             step = Step(CSTEP, payload)
             self._broadcast(step)

@@ -4,7 +4,7 @@ use the request-level types of types.py). Plain dataclasses: importing this modu
 
   noop      nothing (heartbeat)                      generate  GenerateBatch -> GenerateOutput
   forward   ForwardBatch -> float (NLL)              cstep     CStep -> CStepResult (continuous batching)
-  shutdown  every rank leaves its loop
+  idle      the backend's idle work -> bool (more)   shutdown  every rank leaves its loop
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from bloom_server.types import FinishReason, Grammar, SamplingParams
 
-NOOP, GENERATE, FORWARD, SHUTDOWN, CSTEP = "noop", "generate", "forward", "shutdown", "cstep"
+NOOP, GENERATE, FORWARD, SHUTDOWN, CSTEP, IDLE = "noop", "generate", "forward", "shutdown", "cstep", "idle"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
 #   joiner    63 live rows decoding, then a 1,500-token prompt joins: the live rows' largest gap between two tokens
 #             while it goes in, against their median gap
 #   shared    64 clients, prompts of one shared 1,000-token prefix and a 32-token tail of their own: TTFT p50, tokens/s
-# after a short warm-up load (the CUDA graphs of the buckets the loads reach are captured before any measurement).
+# after the idle server's decode graph captures (polled in /metrics) and a short warm-up load.
 # Then, with the time left, the engine's bs-1 decode ms/step and its fraction of the memory floor
 # (scripts/bench/benchmark.py; the settings do not reach the static path it times: a check that nothing else moved).
 # Run from the repo root on the lent machine with the project's wheels carried (.whl/):
@@ -76,6 +76,16 @@ load() {  # name config timeout load_test-flags...
   [ $rc -eq 0 ] || FAILED=1
 }
 
+graphs_settle() {  # the idle server captures its decode graphs (fast/engine.py capture_next): wait until it is done
+  local n=-1 m same=0 t=$(date +%s)
+  while [ $(( $(date +%s) - t )) -lt 30 ] && [ $same -lt 3 ]; do
+    m=$(curl -fsS "http://127.0.0.1:$PORT/metrics" 2>/dev/null | awk '/^bloom_server_decode_graphs /{print int($2)}')
+    if [ "${m:-0}" = "$n" ]; then same=$(( same + 1 )); else same=0; n=${m:-0}; fi
+    sleep 0.5
+  done
+  echo "   decode graphs held: $n, $(( $(date +%s) - t ))s after ready"
+}
+
 FAILED=0
 serve_and_measure() {  # config serve-flags...
   local cfg=$1 log="$RAW/server-$1.log" pid need; shift
@@ -93,6 +103,7 @@ serve_and_measure() {  # config serve-flags...
     sleep 0.5
   done
   echo "   ready after $(( $(date +%s) - t ))s"
+  graphs_settle
   load warmup "$cfg" $(( WARM + DRAIN + 60 )) --workload standard --concurrency $CONC --prompt-tokens $PROMPT \
     --new-tokens $NEW --requests 100000 --duration $WARM --drain $DRAIN --seed 1
   load bs1 "$cfg" 120 --stream --concurrency 1 --prompt-tokens 16 --new-tokens $BS1_NEW --requests 3 --seed 2
@@ -103,7 +114,7 @@ serve_and_measure() {  # config serve-flags...
   load shared "$cfg" $(( SHARED_DUR + DRAIN + 60 )) --workload shared-prefix --stream --concurrency $CONC \
     --prefix-tokens $PREFIX --tail-tokens $TAIL --new-tokens $NEW --requests 100000 --duration $SHARED_DUR \
     --drain $DRAIN --seed 4
-  curl -fsS "http://127.0.0.1:$PORT/metrics" 2>/dev/null | grep -E '^bloom_server_prefix_cache' > "$RAW/metrics-$cfg.txt"
+  curl -fsS "http://127.0.0.1:$PORT/metrics" 2>/dev/null | grep -E '^bloom_server_(prefix_cache|decode_)' > "$RAW/metrics-$cfg.txt"
   sed 's/^/   /' "$RAW/metrics-$cfg.txt"
   kill -TERM -- -$pid 2>/dev/null
   for _ in $(seq 1 100); do kill -0 $pid 2>/dev/null || break; sleep 0.2; done

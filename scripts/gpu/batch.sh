@@ -13,7 +13,7 @@
 # (loaders.sh, .whl16 carried), loadcheck (load_check.sh with the LOADCHECK_* variables as given, e.g.
 # LOADCHECK_CASES), ttft (scripts/bench/ttft_breakdown.py on random
 # 7b1 weights, prefill.sh's when it ran first: the first wave and the steady state's first tokens, stage by stage;
-# TTFT_ARGS adds flags, e.g. "--idle 10"; TTFT_BASE=DIR runs the same load again from an older tree's src and scripts
+# TTFT_ARGS adds flags, e.g. "--idle 10"; TTFT_ALSO="FLAGS" runs it again with those instead; TTFT_BASE=DIR runs the same load again from an older tree's src and scripts
 # unpacked there, `git archive SHA src scripts | tar -x -C DIR; echo SHA > DIR/COMMIT`, carried: the baseline).
 # prefillprof (scripts/bench/prefill_profile.py: the engine's prefill alone per case, with its top kernels, and the
 # wave through one scheduler step; PREFILLPROF_ARGS replaces "--shape 7b1 --profile").
@@ -63,6 +63,11 @@ for job in ${GPU_JOBS:-structured int8}; do
         > "$o/make.log" 2>&1
       timeout $(( $(left) - 5 )) python3 scripts/bench/ttft_breakdown.py --step-ms 0 --model $m --dtype fp16 \
         --warmup 8 --duration 20 ${TTFT_ARGS:-} > "$o/summary.md" 2>&1; rc=$?
+      if [ -n "${TTFT_ALSO:-}" ] && [ "$(left)" -gt 100 ]; then  # the current tree again with other flags
+        { echo; echo "## again with: $TTFT_ALSO"
+          timeout $(( $(left) - 5 )) python3 scripts/bench/ttft_breakdown.py --step-ms 0 --model $m --dtype fp16 \
+            --warmup 8 --duration 20 $TTFT_ALSO 2>&1; } >> "$o/summary.md"
+      fi
       if [ -n "${TTFT_BASE:-}" ] && [ "$(left)" -gt 100 ]; then  # the same load on an older tree: the same-run baseline
         { echo; echo "## baseline: the tree in $TTFT_BASE ($(cat "$TTFT_BASE/COMMIT" 2>/dev/null))"
           timeout $(( $(left) - 5 )) python3 "$TTFT_BASE/scripts/bench/ttft_breakdown.py" --step-ms 0 --model $m \

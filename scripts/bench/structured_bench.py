@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--templates", type=int, default=None,
                    help="independent matchers kept per grammar, rows copies of them in turn (default: the server's, "
                         "the fill pool's threads; 1: every row a copy of one, sharing one lexer)")  # fmt: skip
+    p.add_argument("--switch-interval-ms", type=float, default=None,
+                   help="the process's GIL switch interval (default: CPython's 5 ms): how long the engine thread may "
+                        "wait for the GIL held by a fill thread")  # fmt: skip
     p.add_argument(
         "--timeline",
         action="store_true",
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     from bloom_server.fast.weights import random_weights
 
     args = parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     t_start = time.monotonic()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

@@ -89,7 +89,7 @@ graphs_settle() {  # the idle server captures its decode graphs (fast/engine.py 
 FAILED=0
 serve_and_measure() {  # config serve-flags...
   local cfg=$1 log="$RAW/server-$1.log" pid need; shift
-  need=$(( WARM + DUR + SHARED_DUR + 4 * DRAIN + 120 ))
+  need=$(( WARM + DUR + SHARED_DUR + 4 * DRAIN + 60 ))  # + start-up, graph settling and the joiner
   if [ "$(left)" -lt "$need" ]; then echo "== $cfg: SKIPPED ($(left) s left, $need needed)"; FAILED=1; return; fi
   echo "== $cfg: serve $*"
   local t=$(date +%s)

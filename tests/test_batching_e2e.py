@@ -71,6 +71,12 @@ class _Tok:
     def decode(self, ids):
         return "".join(f"<{i}>" for i in ids)
 
+    def incremental(self):
+        return self  # its text(ids): the whole decode, as TextTokenizer's is for any decoder
+
+    def text(self, ids):
+        return self.decode(ids)
+
 
 def _request(max_new, streaming=False, prompts=((5, 6),)):
     from bloom_server.frontend.requests import GenRequest

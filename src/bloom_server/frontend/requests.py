@@ -23,7 +23,7 @@ from bloom_server.types import FinishReason, cut_row, row_end
 MIN_LOGPROB = -9999.0
 
 if TYPE_CHECKING:
-    from bloom_server.frontend.tokenizer import TextTokenizer
+    from bloom_server.frontend.tokenizer import IncrementalText, TextTokenizer
     from bloom_server.frontend.validation import GenerateSpec
 
 STOP_SEQUENCE = "stop_sequence"  # finish reason of a row cut by one of the request's stop strings
@@ -79,6 +79,7 @@ class _Row:
     reason: str | None = None
     stop: str | None = None
     cut: int | None = None  # text length at the stop sequence's start
+    detok: IncrementalText | None = None  # the streamed text's decoder (made at the first token)
 
 
 class GenRequest:
@@ -218,7 +219,7 @@ class GenRequest:
         if row.done:
             return
         if list(token_ids[: len(row.ids)]) != row.ids:  # the stream disagreed: the final output is the truth
-            row.ids, row.logprobs, row.top, row.text, row.emitted = [], [], [], "", 0
+            row.ids, row.logprobs, row.top, row.text, row.emitted, row.detok = [], [], [], "", 0, None
         if not self.incremental:
             self._settle_bulk(r, row, token_ids[len(row.ids) :])
         else:
@@ -275,7 +276,9 @@ class GenRequest:
         return self.loop.time() + (monotonic_deadline - time.monotonic())
 
     def _advance_text(self, r: int, row: _Row, token_id: int, logprob: float | None, special: bool, top) -> None:
-        text = self.tok.decode(row.ids)
+        if row.detok is None:
+            row.detok = self.tok.incremental()
+        text = row.detok.text(row.ids)
         if row.cut is None and self.stops:
             for s in self.stops:
                 # From what was already streamed: the text after it may still change (an unfinished character).

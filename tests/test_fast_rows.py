@@ -329,3 +329,46 @@ def test_idle_capture_takes_the_shapes_run_eagerly_first(tiny_model_dir, monkeyp
     assert graphs.captured == [] and e.graph_stats["eager_steps"] > 0
     e.capture_next()
     assert graphs.captured == [(4, 256)]
+
+
+def test_a_burst_of_plain_greedy_rows_gets_its_first_tokens_from_one_argmax(engine, monkeypatch):
+    """Admission picks the plain greedy rows' first tokens together (no per-row sampler call: one kernel for a burst),
+    the other rows' from their own samplers, and every row's tokens equal its tokens alone."""
+    from bloom_server.fast import sampling
+
+    reqs = [Request(i, (5 + i, 17, 99 - i), 3) for i in range(3)]
+    reqs.append(Request("pen", (42, 43, 44), 3, SamplingConfig(repetition_penalty=1.3)))
+    alone = {r.rid: engine.generate([r.prompt], r.max_new_tokens, r.cfg).tokens[0] for r in reqs}
+    calls: list[int] = []
+    call = sampling.Sampler.__call__
+    monkeypatch.setattr(
+        sampling.Sampler, "__call__", lambda self, *a, **k: (calls.append(a[1]), call(self, *a, **k))[1]
+    )
+    sched = RowScheduler(engine)
+    for r in reqs:
+        sched.add(r)
+    sched.step()
+    assert len(sched.out_firsts) == 4 and calls.count(0) == 1  # first tokens: the penalty row's sampler only
+    sched.run()
+    assert {r.rid: r.tokens for r in reqs} == alone
+
+
+def test_rows_whose_prompt_is_in_and_a_partial_chunk_share_a_prefill(tiny_model_dir):
+    """A step's prefill holds rows whose prompts finish and, last, a row whose prompt goes on in the next step: only the
+    finished rows get first tokens (all plain greedy: one argmax over their rows), and every row's tokens equal its
+    tokens alone."""
+    shape = BloomShape.from_dir(tiny_model_dir)
+    e = FastEngine(from_checkpoint(tiny_model_dir, shape, dtype=torch.float32), shape, max_batch=4, max_seq=128)
+    live = Request("live", (3, 4), 12)
+    short = Request("short", (5, 6, 7), 4)
+    long = Request("long", tuple(range(20, 60)), 4)
+    alone = {r.rid: e.generate([r.prompt], r.max_new_tokens, r.cfg).tokens[0] for r in (live, short, long)}
+    sched = RowScheduler(e, step_tokens=16)
+    sched.add(live)
+    sched.step()
+    sched.add(short)
+    sched.add(long)
+    sched.step()  # budget 16 - 1 decoding row: short's 3 tokens (+1 for its decode), then 11 of long's 40
+    assert [r.rid for r in sched.out_firsts] == ["short"] and long.prefilled == 11
+    sched.run()
+    assert {r.rid: r.tokens for r in (live, short, long)} == alone

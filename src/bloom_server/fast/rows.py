@@ -323,11 +323,13 @@ class RowScheduler:
             req = self.waiting.popleft()
             req.slot = len(self.live) + len(self.joining)
             req.admitted_step = self.steps
-            req.sampler = self._sampler(req)
             req.plain, req.greedy = _plain_greedy(req.cfg), _greedy(req.cfg)
             if req.grammar is not None:
                 req.plain = False
                 self._matcher_set().add(req.rid, req.grammar)
+            # A plain greedy row never calls its sampler (the argmaxes of admission and decode are its tokens): none is
+            # made, which spares a burst of them per-row device work (the EOS ids' copy) at admission.
+            req.sampler = None if req.plain else self._sampler(req)
             self.joining.append(req)
         budget = bool(self.step_tokens and decoded)
         left = self.step_tokens - decoded if budget else None
@@ -377,12 +379,28 @@ class RowScheduler:
         if constrained:  # the grammars' first masks (nothing consumed yet: no wait on the device), on a copy: the
             scores = logits.clone()  # log-probabilities are the raw logits', as the decode's are
             self._mask(scores, constrained, [new[i].rid for i in constrained])
-        firsts = torch.cat([r.sampler(scores[i : i + 1], 0) for i, r in enumerate(new)])  # type: ignore[misc]
+        firsts = self._first_tokens(new, scores)
         e.tok[new[0].slot : new[0].slot + len(new)] = firsts  # type: ignore[index,operator]
         self.live.extend(new)
         base = into.add(list(new), firsts, _chosen_logprobs(logits, firsts) if logprobs else None)
         if logprobs:
             self._want_tops(into, [(base + i, r, logits[i]) for i, r in enumerate(new) if r.top_n])
+
+    def _first_tokens(self, new: list[Request], scores: torch.Tensor) -> torch.Tensor:
+        """The admitted rows' first tokens [n] from their prompts' last scores (rows [0, n) of `scores`; a partial
+        chunk's row may follow): the plain greedy rows' in one argmax (a burst of them is one kernel, not one call per
+        row), the others from their own samplers."""
+        plain = [i for i, r in enumerate(new) if r.plain]
+        if len(plain) == len(new):
+            return scores[: len(new)].argmax(-1)
+        firsts = torch.empty(len(new), dtype=torch.long, device=scores.device)
+        if plain:
+            at = to_device(plain, scores.device)
+            firsts[at] = scores[at].argmax(-1)
+        for i, r in enumerate(new):
+            if not r.plain:
+                firsts[i : i + 1] = r.sampler(scores[i : i + 1], 0)  # type: ignore[misc]
+        return firsts
 
     def _decode(self, into: _Pending, logprobs: bool) -> tuple:
         """One token for every live slot [0, n); rows already finished (or whose finish is not read yet) ride along

@@ -315,15 +315,42 @@ def test_eviction_takes_the_least_recent_chain_from_its_tail(engine):
     cache = PrefixCache(engine, 4 * PrefixCache(engine, 1 << 20, block=4).page_bytes, block=4)
     a, b, c = tuple(range(100, 113)), tuple(range(200, 209)), tuple(range(300, 309))  # 3, 2 and 2 full blocks
     engine.prefill([0, 1, 2], [a, b, c])
-    cache.insert(0, a)
+    cache.insert([(0, a)])
     assert cache.stats()["bytes"] == 3 * cache.page_bytes
-    cache.insert(1, b)  # 4 pages: b's second block evicts a's last
+    cache.insert([(1, b)])  # 4 pages: b's second block evicts a's last
     assert cache.stats()["evictions"] == 1
     assert cache.load(3, b) == 8 and cache.load(3, a) == 8  # a kept its head; now b is the least recent
-    cache.insert(2, c)  # c's 2 blocks evict b's
+    cache.insert([(2, c)])  # c's 2 blocks evict b's
     assert cache.stats()["evictions"] == 3
     assert cache.load(3, b) == 0 and cache.load(3, c) == 8 and cache.load(3, a) == 8
     torch.testing.assert_close(engine.k_cache[:, 3, :, :8], engine.k_cache[:, 0, :, :8])
+    for s in range(4):
+        engine.release(s)
+
+
+def test_rows_inserted_together_are_cached_as_if_one_by_one(engine):
+    """A step's rows go into the cache in one call (one gather and one copy each for K and V): the same blocks, pages
+    and contents as inserting them one at a time, also when a later row evicts an earlier row's new block before
+    the copy, and when two rows of the call share a prefix."""
+    page = PrefixCache(engine, 1 << 20, block=4).page_bytes
+    a, b = tuple(range(100, 113)), tuple(range(200, 209))  # 3 and 2 full blocks
+    c = a[:8] + (7, 7, 7, 7, 9)  # a's first two blocks, then one of its own
+    engine.prefill([0, 1, 2], [a, b, c])
+
+    def cached(cache):
+        return {key: (cache.k[:, :, blk.page * 4 : blk.page * 4 + 4].clone(), cache.v[:, :, blk.page * 4 : blk.page * 4 + 4].clone())
+                for key, blk in cache._index.items()}  # fmt: skip
+
+    for pages in (8, 4):  # room for all; then b's blocks evict a's tail within the call
+        together, alone = PrefixCache(engine, pages * page, block=4), PrefixCache(engine, pages * page, block=4)
+        together.insert([(0, a), (1, b), (2, c)])
+        for row in ((0, a), (1, b), (2, c)):
+            alone.insert([row])
+        want, got = cached(alone), cached(together)
+        assert got.keys() == want.keys() and together.stats() == alone.stats()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+        assert together.load(3, c) == alone.load(3, c)
     for s in range(4):
         engine.release(s)
 

@@ -127,37 +127,46 @@ class PrefixCache:
         self.hit_tokens += P
         return P
 
-    def insert(self, slot: int, prompt: Sequence[int]) -> None:
-        """The prompt is in the slot (positions [0, len)): its full blocks not cached yet are copied out, evicting
-        the least recently used blocks when the pages are full (never one of this prompt's own chain)."""
+    def insert(self, rows: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Each (slot, prompt) is in its slot (positions [0, len)): its full blocks not cached yet are copied out,
+        evicting the least recently used blocks when the pages are full (never one of that prompt's own chain). The
+        rows of one step go in order (a later row finds an earlier row's blocks) and are copied out together: one
+        gather and one copy for K and for V, whatever the number of rows."""
         n = self.block
-        full = len(prompt) // n
-        chain = self._chain(prompt, full)
-        self._touch(chain)
-        mine = {blk.id for blk in chain}
-        new: list[_Block] = []
-        parent = chain[-1].id if chain else 0
-        for b in range(len(chain), full):
-            if self._free:
-                page = self._free.pop()
-            else:
-                victim = next(iter(self._lru.values()))
-                if victim.id in mine:
-                    break  # the cache is this prompt's own chain: keep it
-                del self._lru[victim.id], self._index[victim.key]
-                self.evictions += 1
-                page = victim.page
-            blk = _Block(next(self._ids), (parent, tuple(prompt[b * n : (b + 1) * n])), page)
-            self._index[blk.key] = blk
-            self._lru[blk.id] = blk
-            mine.add(blk.id)
-            new.append(blk)
-            parent = blk.id
-        if not new:
+        writes: dict[int, tuple[int, int]] = {}  # page -> (slot, first position): a page reused later keeps the last
+        for slot, prompt in rows:
+            full = len(prompt) // n
+            chain = self._chain(prompt, full)
+            self._touch(chain)
+            mine = {blk.id for blk in chain}
+            parent = chain[-1].id if chain else 0
+            new: list[_Block] = []
+            for b in range(len(chain), full):
+                if self._free:
+                    page = self._free.pop()
+                else:
+                    victim = next(iter(self._lru.values()))
+                    if victim.id in mine:
+                        break  # the cache is this prompt's own chain: keep it
+                    del self._lru[victim.id], self._index[victim.key]
+                    self.evictions += 1
+                    page = victim.page  # maybe an earlier row's block of this call: its write is replaced below
+                blk = _Block(next(self._ids), (parent, tuple(prompt[b * n : (b + 1) * n])), page)
+                self._index[blk.key] = blk
+                self._lru[blk.id] = blk
+                mine.add(blk.id)
+                new.append(blk)
+                writes[page] = (slot, b * n)
+                parent = blk.id
+            self._touch(chain + new)
+        if not writes:
             return
-        self._touch(chain + new)
-        a, b = len(chain) * n, (len(chain) + len(new)) * n
-        at = self._positions(new)
+        pages = list(writes)
+        t = range(n)
+        dst = to_device([p * n + i for p in pages for i in t], self.k.device)
+        src_slot = to_device([writes[p][0] for p in pages for _ in t], self.k.device)
+        src_pos = to_device([writes[p][1] + i for p in pages for i in t], self.k.device)
         e = self.engine
-        self.k.index_copy_(2, at, e.k_cache[:, slot, :, a:b])
-        self.v.index_copy_(2, at, e.v_cache[:, slot, :, a:b])
+        # [tokens, layers, heads, D] (separated index dims go first) -> the pages' layout [layers, heads, tokens, D]
+        self.k.index_copy_(2, dst, e.k_cache[:, src_slot, :, src_pos].permute(1, 2, 0, 3))
+        self.v.index_copy_(2, dst, e.v_cache[:, src_slot, :, src_pos].permute(1, 2, 0, 3))

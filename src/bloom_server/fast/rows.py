@@ -372,8 +372,8 @@ class RowScheduler:
         del self.joining[: len(new)]
         for r in new:
             r.issued = 1
-            if self.prefix_cache is not None:
-                self.prefix_cache.insert(r.slot, r.prompt)  # type: ignore[arg-type]
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert([(r.slot, r.prompt) for r in new])  # type: ignore[misc]
         constrained = [i for i, r in enumerate(new) if r.grammar is not None]
         scores = logits
         if constrained:  # the grammars' first masks (nothing consumed yet: no wait on the device), on a copy: the

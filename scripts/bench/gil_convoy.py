@@ -41,7 +41,7 @@ def main() -> int:
         hog.start()
         time.sleep(0.05)
         took: list[float] = []
-        t = threading.Thread(target=lambda: took.append(calls(args.calls)))
+        t = threading.Thread(target=lambda out=took: out.append(calls(args.calls)))
         t.start()
         t.join()
         stop.set()

@@ -372,3 +372,36 @@ def test_rows_whose_prompt_is_in_and_a_partial_chunk_share_a_prefill(tiny_model_
     assert [r.rid for r in sched.out_firsts] == ["short"] and long.prefilled == 11
     sched.run()
     assert {r.rid: r.tokens for r in (live, short, long)} == alone
+
+
+def test_a_shape_whose_capture_runs_out_of_memory_runs_eagerly_for_good(tiny_model_dir, monkeypatch):
+    """Idle capture takes every shape, some of which a server may never need: one that runs out of device memory is
+    not retried and runs eagerly from then on (in a step too), with the same tokens; the other shapes are captured."""
+    from bloom_server.fast import rows as sch
+
+    shape = BloomShape.from_dir(tiny_model_dir)
+    e = FastEngine(from_checkpoint(tiny_model_dir, shape, dtype=torch.float32), shape, max_batch=2, max_seq=100)
+    req = Request("a", (5, 17, 99), 8)
+    alone = e.generate([req.prompt], req.max_new_tokens, SamplingConfig()).tokens[0]
+    graphs = _CPUGraphs(monkeypatch)
+    stand_in = FastEngine._graph
+    tries: list[tuple[int, int]] = []
+
+    def graph(engine, B, S):
+        if (B, S) == (1, 64) and (B, S) not in engine._graphs:
+            tries.append((B, S))
+            engine.tok.fill_(7)  # a capture that fails half way must leave the step buffers as they were
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return stand_in(engine, B, S)
+
+    monkeypatch.setattr(FastEngine, "_graph", graph)
+    e.cuda_graphs = True
+    monkeypatch.setattr(sch, "GRAPH_AFTER_EAGER_STEPS", 2)
+    while e.capture_next():
+        pass
+    assert tries == [(1, 64)] and sorted(graphs.captured) == sorted(set(e.graph_shapes()) - {(1, 64)})
+    sched = RowScheduler(e)
+    sched.add(req)
+    sched.run()
+    assert req.tokens == alone and tries == [(1, 64)]  # (1, 64) ran eagerly past the limit, never tried again
+    assert e.graph_stats["eager_steps"] >= 3 and not e.capture_next()

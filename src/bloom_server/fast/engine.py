@@ -124,6 +124,7 @@ class FastEngine:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self._eager: collections.Counter[tuple[int, int]] = collections.Counter()  # uncaptured shapes run eagerly
+        self._no_graph: set[tuple[int, int]] = set()  # shapes whose capture ran out of device memory: eager for good
         # Plain numbers for /metrics (read from the event loop): graphs held, seconds spent capturing them, and decode
         # steps of the continuous batch that ran eagerly because their shape had no graph yet.
         self.graph_stats: dict[str, float] = {"graphs": 0, "capture_seconds": 0.0, "eager_steps": 0}
@@ -312,6 +313,25 @@ class FastEngine:
             log.debug("captured decode graph B=%d S=%d in %.0f ms", B, S, 1e3 * took)
         return self._graphs[key]
 
+    def _try_graph(self, B: int, S: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """The shape's graph, captured now if need be; None where its capture ran out of device memory: the shape then
+        runs eagerly for good (every rank alike: the ranks hold the same shapes and memory), and no step or idle
+        moment fails for a graph it can do without."""
+        if (B, S) in self._graphs:
+            return self._graphs[B, S]
+        if (B, S) in self._no_graph:
+            return None
+        saved = (self.tok.clone(), self.pos.clone())
+        try:
+            return self._graph(B, S)
+        except torch.cuda.OutOfMemoryError:
+            self.tok.copy_(saved[0])
+            self.pos.copy_(saved[1])
+            self._no_graph.add((B, S))
+            log.warning("decode graph B=%d S=%d: out of device memory while capturing it; this shape runs without a "
+                        "graph", B, S)  # fmt: skip
+            return None
+
     def graph_shapes(self) -> list[tuple[int, int]]:
         """Every (batch bucket, key bucket) a decode over slot prefixes can take, shortest keys first."""
         needs = (1, 65, 129, *range(257, self.max_seq, 256), self.max_seq)
@@ -324,15 +344,16 @@ class FastEngine:
         used first), then `graph_shapes` in order. True while more remain after it; False at once without graphs."""
         if not self.cuda_graphs or any(self.live):
             return False
-        todo = [k for k, _ in self._eager.most_common() if k not in self._graphs]
-        todo += [k for k in self.graph_shapes() if k not in self._graphs and k not in todo]
+        tried = self._graphs.keys() | self._no_graph
+        todo = [k for k, _ in self._eager.most_common() if k not in tried]
+        todo += [k for k in self.graph_shapes() if k not in tried and k not in todo]
         if not todo:
             return False
         # No row is live: every slot's buffers are free to use. Position 0 keeps the warm-up steps' K/V writes inside
         # the cache whatever the slots held before.
         self.tok.zero_()
         self.pos.zero_()
-        self._graph(*todo[0])
+        self._try_graph(*todo[0])
         if len(todo) == 1:
             log.info("decode graphs: all %d shapes captured (%.1f s in all)", len(self._graphs),
                      self.graph_stats["capture_seconds"])  # fmt: skip
@@ -357,8 +378,11 @@ class FastEngine:
             held = [s for s in range(n, B) if self.live[s]]
             if held:  # a row whose prompt is going in: its next position, which its next chunk writes before use
                 self.pos[to_device(held, self.device)] = to_device([self.host_pos[s] for s in held], self.device)
+        entry = None
         if self.cuda_graphs and ((B, S) in self._graphs or self._eager[B, S] >= capture_after):
-            graph, out = self._graph(B, S)
+            entry = self._try_graph(B, S)
+        if entry is not None:
+            graph, out = entry
             graph.replay()
             logits = out[:n]
         else:

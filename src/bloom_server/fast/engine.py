@@ -49,8 +49,8 @@ EOS_CHECK_EVERY = 16
 # EOS ids the captured step can suppress at once (a call with more falls back to the eager sampler).
 EOS_SLOTS = 4
 # The continuous batch's decode runs a shape eagerly this many times before capturing it inside a step: a capture
-# stalls every live row for ~60-150 ms (an eager step costs a few ms more than a replay), and idle moments capture
-# the missing shapes first (docs/results/fast-engine.md "Decode graphs captured when idle").
+# stalls every live row (an eager step only launches its kernels one by one), and idle moments capture the missing
+# shapes first (docs/results/fast-engine.md "Decode graphs captured when idle").
 GRAPH_AFTER_EAGER_STEPS = 64
 
 
